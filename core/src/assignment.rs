@@ -1,0 +1,1 @@
+//! Sticky, balanced assignment of partitions to stream-mode members.

@@ -1,0 +1,189 @@
+//! Dead letters: the record a failed message becomes, and redrive.
+//!
+//! Written once for every backend: [`dead_letter_record`] builds the DLQ
+//! record with the contract's headers; [`redrive`] moves DLQ messages back
+//! through the public [`Broker`] API (a queue-mode group on the DLQ topic,
+//! appending before acking), so a crash may duplicate but never lose.
+
+use crate::broker::Broker;
+use crate::config::{GroupConfig, RetryBackoff};
+use crate::error::{Error, ErrorKind, Result};
+use crate::record::{Header, Record};
+use bytes::Bytes;
+use std::time::Duration;
+
+/// Header prefix of the DLQ headers.
+pub const DLQ_HEADER_PREFIX: &str = "conveyor.dlq.";
+/// Original topic.
+pub const HEADER_TOPIC: &str = "conveyor.dlq.topic";
+/// Original partition.
+pub const HEADER_PARTITION: &str = "conveyor.dlq.partition";
+/// Original offset.
+pub const HEADER_OFFSET: &str = "conveyor.dlq.offset";
+/// The group that failed it.
+pub const HEADER_GROUP: &str = "conveyor.dlq.group";
+/// Deliveries made.
+pub const HEADER_ATTEMPTS: &str = "conveyor.dlq.attempts";
+/// Reason given to the last nack (empty if none).
+pub const HEADER_ERROR: &str = "conveyor.dlq.error";
+/// When it was dead-lettered, ms since the epoch.
+pub const HEADER_FAILED_AT: &str = "conveyor.dlq.failed_at";
+/// Kept on redriven records for audit: the attempts made before redrive.
+pub const HEADER_REDRIVE_ATTEMPTS: &str = "conveyor.redrive.attempts";
+/// The group redrive uses on a DLQ topic.
+pub const REDRIVE_GROUP: &str = "conveyor.redrive";
+
+/// What failed: the message's origin and why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter<'a> {
+    /// Original topic.
+    pub topic: &'a str,
+    /// Original partition.
+    pub partition: u32,
+    /// Original offset.
+    pub offset: u64,
+    /// Group that gave up.
+    pub group: &'a str,
+    /// Deliveries made.
+    pub attempts: u32,
+    /// Reason of the last failure, if given.
+    pub error: Option<&'a str>,
+    /// Time of failure, ms since the epoch.
+    pub failed_at: u64,
+}
+
+/// The DLQ record for a failed message: its key, value and headers plus the
+/// `conveyor.dlq.*` headers.
+pub fn dead_letter_record(
+    key: Option<Bytes>,
+    value: Bytes,
+    headers: &[Header],
+    dead: &DeadLetter<'_>,
+) -> Record {
+    let mut record = Record::new(value);
+    record.key = key;
+    record.headers = headers.to_vec();
+    let mut push = |name: &str, v: String| record.headers.push(Header::new(name, v));
+    push(HEADER_TOPIC, dead.topic.to_string());
+    push(HEADER_PARTITION, dead.partition.to_string());
+    push(HEADER_OFFSET, dead.offset.to_string());
+    push(HEADER_GROUP, dead.group.to_string());
+    push(HEADER_ATTEMPTS, dead.attempts.to_string());
+    push(HEADER_ERROR, dead.error.unwrap_or("").to_string());
+    push(HEADER_FAILED_AT, dead.failed_at.to_string());
+    record
+}
+
+/// The record redrive appends for a DLQ message: DLQ headers removed,
+/// `conveyor.redrive.attempts` added; returns it with its original topic.
+pub fn redrive_record(
+    key: Option<Bytes>,
+    value: Bytes,
+    headers: &[Header],
+) -> Result<(String, Record)> {
+    let find = |name: &str| {
+        headers
+            .iter()
+            .rev()
+            .find(|h| h.name == name)
+            .and_then(|h| std::str::from_utf8(&h.value).ok())
+    };
+    let topic = find(HEADER_TOPIC)
+        .ok_or_else(|| Error::invalid(format!("DLQ message has no `{HEADER_TOPIC}` header")))?
+        .to_string();
+    let attempts = find(HEADER_ATTEMPTS).unwrap_or("0").to_string();
+    let mut record = Record::new(value);
+    record.key = key;
+    record.headers = headers
+        .iter()
+        .filter(|h| !h.name.starts_with(DLQ_HEADER_PREFIX) && h.name != HEADER_REDRIVE_ATTEMPTS)
+        .cloned()
+        .collect();
+    record
+        .headers
+        .push(Header::new(HEADER_REDRIVE_ATTEMPTS, attempts));
+    Ok((topic, record))
+}
+
+/// Move up to `max` (all if `None`) messages of `dlq_topic` back to their
+/// original topics. Each is appended to its topic before it is acked in the
+/// DLQ (group `conveyor.redrive`), so nothing is dropped; a crash between the
+/// two may leave a duplicate. Messages that cannot be redriven (no origin
+/// header, origin topic deleted) stop the redrive with an error and stay in
+/// the DLQ.
+pub async fn redrive<B: Broker + ?Sized>(
+    broker: &B,
+    dlq_topic: &str,
+    max: Option<usize>,
+) -> Result<usize> {
+    let config = GroupConfig::queue()
+        .with_visibility_timeout(Duration::from_secs(60))
+        .with_retry_backoff(RetryBackoff::none())
+        .with_dlq(crate::config::DlqPolicy::new(u32::MAX));
+    let consumer = broker.consumer(REDRIVE_GROUP, &[dlq_topic], config).await?;
+    let producer = broker.producer().await?;
+    let limit = max.unwrap_or(usize::MAX);
+    let mut moved = 0usize;
+    let result: Result<()> = async {
+        while moved < limit {
+            let want = (limit - moved).min(256);
+            let batch = consumer.poll(want, Duration::from_millis(50)).await?;
+            if batch.is_empty() {
+                break;
+            }
+            for message in batch {
+                let (topic, record) =
+                    redrive_record(message.key.clone(), message.value.clone(), &message.headers)
+                        .map_err(|e| {
+                            Error::new(
+                                e.kind(),
+                                format!("redrive {}: {}", message.position(), e.message()),
+                            )
+                        })?;
+                if let Err(e) = producer.send(&topic, record).await {
+                    let _ = consumer.nack(&message, Some(Duration::ZERO), None).await;
+                    return Err(Error::new(
+                        e.kind(),
+                        format!("redrive {} to `{topic}`: {}", message.position(), e.message()),
+                    ));
+                }
+                match consumer.ack(&message).await {
+                    Ok(()) => moved += 1,
+                    // Another redrive took it over: it was appended twice at worst.
+                    Err(e) if e.kind() == ErrorKind::LeaseExpired => moved += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    consumer.close().await?;
+    result.map(|()| moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_then_redrive_restores_headers() {
+        let headers = vec![Header::new("a", "1"), Header::new("a", "2")];
+        let dead = DeadLetter {
+            topic: "orders",
+            partition: 3,
+            offset: 17,
+            group: "email",
+            attempts: 5,
+            error: Some("smtp 550"),
+            failed_at: 1000,
+        };
+        let r = dead_letter_record(Some(Bytes::from_static(b"k")), Bytes::from_static(b"v"), &headers, &dead);
+        assert_eq!(r.headers.len(), 9);
+        let (topic, back) = redrive_record(r.key.clone(), r.value.clone(), &r.headers).unwrap();
+        assert_eq!(topic, "orders");
+        assert_eq!(&back.headers[..2], &headers[..]);
+        assert_eq!(back.headers[2], Header::new(HEADER_REDRIVE_ATTEMPTS, "5"));
+        assert_eq!(back.key.as_deref(), Some(&b"k"[..]));
+    }
+}

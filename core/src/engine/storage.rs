@@ -1,0 +1,148 @@
+//! The small storage trait embedded backends implement.
+//!
+//! [`LogStorage`] is only storage: partition logs and a key-value table of
+//! state. All delivery rules (groups, assignment, leases, DLQ moves, dedup,
+//! validation) live in [`crate::engine::Engine`], which calls this trait. A
+//! storage must not validate names or configs (the engine has), and must
+//! not interpret state values (they are opaque bytes).
+
+use crate::broker::Capabilities;
+use crate::config::Retention;
+use crate::error::Result;
+use crate::record::{Header, Receipt};
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// A record as the engine hands it to storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Key, if any.
+    pub key: Option<Bytes>,
+    /// Value.
+    pub value: Bytes,
+    /// Headers in order.
+    pub headers: Vec<Header>,
+    /// The producer's idempotency key, kept so the dedup window can be
+    /// rebuilt at open ([`LogStorage::idempotency_keys_since`]).
+    pub idempotency_key: Option<String>,
+}
+
+/// A record as storage returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Offset in the partition.
+    pub offset: u64,
+    /// Append time, ms since the epoch.
+    pub timestamp: u64,
+    /// Key.
+    pub key: Option<Bytes>,
+    /// Value.
+    pub value: Bytes,
+    /// Headers in order.
+    pub headers: Vec<Header>,
+}
+
+/// Bounds of a partition log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PartitionBounds {
+    /// First retained offset.
+    pub log_start: u64,
+    /// Offset of the next record.
+    pub log_end: u64,
+    /// Bytes the partition takes.
+    pub bytes: u64,
+}
+
+/// Where an appended batch landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Offset of the first record of the batch; the rest follow densely.
+    pub base_offset: u64,
+    /// The batch's timestamp (all records of a batch share it).
+    pub timestamp: u64,
+}
+
+/// Partition logs plus a key-value state table.
+///
+/// Rules a storage must keep:
+/// - `append` is atomic per call (all records or none), assigns dense
+///   offsets starting at the log end, sets a timestamp that never goes below
+///   the partition's previous one, is safe to call concurrently (calls for
+///   one partition are serialised), and returns only when the batch is
+///   visible to `read` and as durable as the storage's durability setting
+///   says. A reader never sees offset N+1 before offset N.
+/// - `read` from below the log start reads from the log start; from the log
+///   end or beyond returns nothing.
+/// - Offsets are never reused, even across restarts, retention and
+///   `drop_topic` followed by recreation is allowed to restart at 0.
+/// - `put_state` applies its whole batch atomically and durably (per the
+///   durability setting) before returning; `load_state` returns the latest
+///   value of every key.
+#[async_trait]
+pub trait LogStorage: Send + Sync + 'static {
+    /// Whether the storage persists (`persistent`) and is a local store
+    /// owned by one process (`embedded`).
+    fn capabilities(&self) -> Capabilities;
+
+    /// Every state key and its latest value, read at open.
+    async fn load_state(&self) -> Result<Vec<(String, Bytes)>>;
+
+    /// Set (`Some`) or delete (`None`) state keys, atomically.
+    async fn put_state(&self, changes: Vec<(String, Option<Bytes>)>) -> Result<()>;
+
+    /// Make sure partitions `0..partitions` of `topic` exist (creating empty
+    /// logs for missing ones). Called on create, on growth and at open.
+    async fn ensure_partitions(&self, topic: &str, partitions: u32) -> Result<()>;
+
+    /// Remove a topic's logs.
+    async fn drop_topic(&self, topic: &str) -> Result<()>;
+
+    /// Append a batch to one partition (see the trait rules).
+    async fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<StoredRecord>,
+    ) -> Result<Appended>;
+
+    /// Up to `max_records` records from `from`, stopping early once
+    /// `max_bytes` of values are read (always at least one record if any).
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>>;
+
+    /// Log start, log end and bytes of a partition (cheap; no I/O).
+    fn bounds(&self, topic: &str, partition: u32) -> Result<PartitionBounds>;
+
+    /// Offset of the first record with timestamp >= `timestamp`, or the log
+    /// end if there is none.
+    async fn offset_for_timestamp(&self, topic: &str, partition: u32, timestamp: u64)
+        -> Result<u64>;
+
+    /// Remove whole records (or segments) from the head that `retention`
+    /// no longer keeps at time `now_ms`. Never touches the log end.
+    async fn enforce_retention(
+        &self,
+        topic: &str,
+        partition: u32,
+        retention: &Retention,
+        now_ms: u64,
+    ) -> Result<()>;
+
+    /// Idempotency keys of records appended to `topic` at or after
+    /// `since_ms`, with their receipts (used to rebuild dedup windows at
+    /// open). A non-persistent storage returns nothing.
+    async fn idempotency_keys_since(&self, topic: &str, since_ms: u64)
+        -> Result<Vec<(String, Receipt)>>;
+
+    /// Make everything appended and put so far durable.
+    async fn flush(&self) -> Result<()>;
+
+    /// Flush and release files and locks.
+    async fn close(&self) -> Result<()>;
+}

@@ -1,0 +1,162 @@
+//! The one error type of Conveyor.
+//!
+//! Every fallible call returns [`Error`], whose [`Error::kind`] says what class
+//! of failure it was (the contract's `ErrorKind`s) and whose message names the
+//! topic, partition, offset or group at fault. Backend errors are kept as the
+//! [`std::error::Error::source`].
+
+use std::fmt;
+
+/// The class of an [`Error`]. New kinds may be added, so match with a `_` arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Bad input: an invalid name, config value, or argument.
+    InvalidArgument,
+    /// The topic does not exist (and auto-create is off).
+    TopicNotFound,
+    /// The topic exists with a different config.
+    TopicExists,
+    /// The consumer group does not exist.
+    GroupNotFound,
+    /// The group exists with another delivery mode.
+    GroupModeMismatch,
+    /// The partition is outside the topic's partition range.
+    PartitionOutOfRange,
+    /// The record is larger than the topic's `max_message_bytes`.
+    MessageTooLarge,
+    /// A stale member (older generation, or no longer the owner) tried to
+    /// commit, deliver, or settle.
+    Fenced,
+    /// The message's lease expired and was taken by another delivery.
+    LeaseExpired,
+    /// The operation does not apply in the group's delivery mode.
+    WrongMode,
+    /// Stored data is damaged before the tail of a log.
+    Corrupt,
+    /// Another process owns the embedded store.
+    Locked,
+    /// The server is unreachable; retry later.
+    Unavailable,
+    /// The broker or consumer has been closed.
+    Closed,
+    /// The URL scheme names a backend whose cargo feature is off, or the
+    /// backend lacks the capability.
+    Unsupported,
+    /// An I/O error of the local file system.
+    Io,
+    /// A bug or an unexpected state; please report it.
+    Internal,
+}
+
+impl ErrorKind {
+    /// A short lower-case name for the kind, as used in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid argument",
+            ErrorKind::TopicNotFound => "topic not found",
+            ErrorKind::TopicExists => "topic exists",
+            ErrorKind::GroupNotFound => "group not found",
+            ErrorKind::GroupModeMismatch => "group mode mismatch",
+            ErrorKind::PartitionOutOfRange => "partition out of range",
+            ErrorKind::MessageTooLarge => "message too large",
+            ErrorKind::Fenced => "fenced",
+            ErrorKind::LeaseExpired => "lease expired",
+            ErrorKind::WrongMode => "wrong delivery mode",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Locked => "locked",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Closed => "closed",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Io => "i/o error",
+            ErrorKind::Internal => "internal error",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A Conveyor error: a [`kind`](Error::kind) and a message that names what
+/// was wrong and where.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// `Result` with Conveyor's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A new error of `kind` with a message naming what was wrong.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attach the underlying cause.
+    pub fn with_source(
+        mut self,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The class of the error.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message, without the kind prefix.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether retrying the same call later may succeed (the server was
+    /// unreachable, or a lock was busy).
+    pub fn is_retriable(&self) -> bool {
+        matches!(self.kind, ErrorKind::Unavailable)
+    }
+
+    /// Shorthand for [`ErrorKind::InvalidArgument`].
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::InvalidArgument, message)
+    }
+
+    /// Shorthand for [`ErrorKind::TopicNotFound`] naming the topic.
+    pub fn topic_not_found(topic: &str) -> Self {
+        Error::new(
+            ErrorKind::TopicNotFound,
+            format!("topic `{topic}` does not exist"),
+        )
+    }
+
+    /// Shorthand for [`ErrorKind::PartitionOutOfRange`].
+    pub fn partition_out_of_range(topic: &str, partition: u32, partitions: u32) -> Self {
+        Error::new(
+            ErrorKind::PartitionOutOfRange,
+            format!("topic `{topic}`: partition {partition} out of range (topic has {partitions})"),
+        )
+    }
+
+    /// Shorthand for [`ErrorKind::Internal`].
+    pub fn internal(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Internal, message)
+    }
+
+    /// An [`ErrorKind::Io`] error with context.
+    pub fn io(context: impl Into<String>, err: std::io::Error) -> Self {
+        Error::new(ErrorKind::Io, format!("{}: {err}", context.into())).with_source(err)
+    }
+}

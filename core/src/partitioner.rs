@@ -1,0 +1,88 @@
+//! Kafka's default partitioner: murmur2 of the key bytes, made positive,
+//! modulo the partition count. A key lands where Kafka would put it.
+
+/// Kafka's murmur2 (as `org.apache.kafka.common.utils.Utils.murmur2`),
+/// returning the same signed 32-bit value as the Java client.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    let mut h: u32 = SEED ^ (len as u32);
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= (rest[2] as u32) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= (rest[1] as u32) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= rest[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// Kafka's `toPositive`: clears the sign bit.
+pub fn to_positive(n: i32) -> u32 {
+    (n as u32) & 0x7fff_ffff
+}
+
+/// The partition Kafka's default partitioner picks for `key` among
+/// `partitions` partitions (`partitions` must be at least 1).
+///
+/// ```
+/// assert_eq!(conveyor_core::partition_for_key(b"foobar", 50), 16);
+/// ```
+pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    to_positive(murmur2(key)) % partitions.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Apache Kafka's `UtilsTest.testMurmur2` vectors.
+    #[test]
+    fn murmur2_matches_kafka_vectors() {
+        let cases: [(&[u8], i32); 6] = [
+            (b"21", -973_932_308),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            (b"abc", 479_470_107),
+        ];
+        for (key, want) in cases {
+            assert_eq!(murmur2(key), want, "{}", String::from_utf8_lossy(key));
+        }
+    }
+
+    #[test]
+    fn to_positive_clears_sign_bit_only() {
+        assert_eq!(to_positive(-790_332_482), 1_357_151_166);
+        assert_eq!(to_positive(5), 5);
+        assert_eq!(to_positive(i32::MIN), 0);
+    }
+
+    #[test]
+    fn partition_is_positive_hash_modulo_count() {
+        assert_eq!(partition_for_key(b"foobar", 50), 1_357_151_166 % 50);
+        assert_eq!(partition_for_key(b"anything", 1), 0);
+    }
+}
