@@ -66,7 +66,7 @@ impl std::fmt::Display for TopicPartition {
 /// use conveyor_core::{Broker, GroupConfig, Record, TopicConfig};
 /// use std::time::Duration;
 ///
-/// let broker = conveyor_memory::MemoryBroker::open_default();
+/// let broker = conveyor_memory::open_default();
 /// broker.create_topic("orders", TopicConfig::new(3)).await?;
 ///
 /// let producer = broker.producer().await?;
