@@ -135,8 +135,12 @@ pub trait Broker: Send + Sync + 'static {
 
     /// The offset of the first record with timestamp >= `timestamp` (the
     /// log end if none).
-    async fn offset_for_timestamp(&self, topic: &str, partition: u32, timestamp: u64)
-        -> Result<u64>;
+    async fn offset_for_timestamp(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp: u64,
+    ) -> Result<u64>;
 
     /// The backend's idempotency store for consumers.
     fn idempotency_store(&self) -> Arc<dyn IdempotencyStore>;
@@ -194,8 +198,12 @@ pub trait Consumer: Send + Sync {
     /// dead-lettered if it used its last allowed attempt. `reason` goes to
     /// the DLQ header `conveyor.dlq.error`. Stream mode rewinds the
     /// partition to the message.
-    async fn nack(&self, message: &Message, delay: Option<Duration>, reason: Option<&str>)
-        -> Result<()>;
+    async fn nack(
+        &self,
+        message: &Message,
+        delay: Option<Duration>,
+        reason: Option<&str>,
+    ) -> Result<()>;
 
     /// Queue mode: prolong the message's lease to `by` from now.
     async fn extend(&self, message: &Message, by: Duration) -> Result<()>;
@@ -230,17 +238,20 @@ pub trait Consumer: Send + Sync {
     fn stream(&self, batch: usize) -> BoxStream<'_, Result<Message>> {
         use futures::StreamExt;
         let batch = batch.max(1);
-        futures::stream::unfold(std::collections::VecDeque::new(), move |mut buf| async move {
-            loop {
-                if let Some(m) = buf.pop_front() {
-                    return Some((Ok(m), buf));
+        futures::stream::unfold(
+            std::collections::VecDeque::new(),
+            move |mut buf| async move {
+                loop {
+                    if let Some(m) = buf.pop_front() {
+                        return Some((Ok(m), buf));
+                    }
+                    match self.poll(batch, Duration::from_secs(1)).await {
+                        Ok(ms) => buf.extend(ms),
+                        Err(e) => return Some((Err(e), buf)),
+                    }
                 }
-                match self.poll(batch, Duration::from_secs(1)).await {
-                    Ok(ms) => buf.extend(ms),
-                    Err(e) => return Some((Err(e), buf)),
-                }
-            }
-        })
+            },
+        )
         .boxed()
     }
 }

@@ -144,7 +144,11 @@ pub async fn redrive<B: Broker + ?Sized>(
                     let _ = consumer.nack(&message, Some(Duration::ZERO), None).await;
                     return Err(Error::new(
                         e.kind(),
-                        format!("redrive {} to `{topic}`: {}", message.position(), e.message()),
+                        format!(
+                            "redrive {} to `{topic}`: {}",
+                            message.position(),
+                            e.message()
+                        ),
                     ));
                 }
                 match consumer.ack(&message).await {
@@ -178,7 +182,12 @@ mod tests {
             error: Some("smtp 550"),
             failed_at: 1000,
         };
-        let r = dead_letter_record(Some(Bytes::from_static(b"k")), Bytes::from_static(b"v"), &headers, &dead);
+        let r = dead_letter_record(
+            Some(Bytes::from_static(b"k")),
+            Bytes::from_static(b"v"),
+            &headers,
+            &dead,
+        );
         assert_eq!(r.headers.len(), 9);
         let (topic, back) = redrive_record(r.key.clone(), r.value.clone(), &r.headers).unwrap();
         assert_eq!(topic, "orders");

@@ -177,7 +177,10 @@ impl Message {
 
     /// The first header with this name.
     pub fn header(&self, name: &str) -> Option<&Bytes> {
-        self.headers.iter().find(|h| h.name == name).map(|h| &h.value)
+        self.headers
+            .iter()
+            .find(|h| h.name == name)
+            .map(|h| &h.value)
     }
 
     /// The first header with this name, as UTF-8 text.

@@ -32,9 +32,7 @@ fn check_name(what: &str, name: &str) -> Result<()> {
         )));
     }
     if name == "." || name == ".." {
-        return Err(Error::invalid(format!(
-            "{what} name `{name}` is reserved"
-        )));
+        return Err(Error::invalid(format!("{what} name `{name}` is reserved")));
     }
     Ok(())
 }
@@ -106,7 +104,12 @@ pub fn group_config(group: &str, config: &GroupConfig) -> Result<()> {
 /// A record bound for `topic` with `partitions` partitions and this size
 /// limit: explicit partition in range, size within `max_message_bytes`,
 /// idempotency key non-empty.
-pub fn record(topic: &str, record: &Record, partitions: u32, max_message_bytes: usize) -> Result<()> {
+pub fn record(
+    topic: &str,
+    record: &Record,
+    partitions: u32,
+    max_message_bytes: usize,
+) -> Result<()> {
     if let Some(p) = record.partition {
         if p >= partitions {
             return Err(Error::partition_out_of_range(topic, p, partitions));

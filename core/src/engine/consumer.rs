@@ -105,7 +105,11 @@ impl<S: LogStorage> EngineConsumer<S> {
             return Vec::new();
         }
         let start = self.rotate.fetch_add(1, Ordering::Relaxed) % items.len();
-        items[start..].iter().chain(&items[..start]).cloned().collect()
+        items[start..]
+            .iter()
+            .chain(&items[..start])
+            .cloned()
+            .collect()
     }
 
     /// One stream-mode attempt: read from owned partitions at their
@@ -124,7 +128,9 @@ impl<S: LogStorage> EngineConsumer<S> {
             let owned = g.owned_by(self.member);
             let mut plan = Vec::new();
             for (tp, owner) in self.rotated(&owned) {
-                let Ok(b) = self.inner.bounds(&tp) else { continue };
+                let Ok(b) = self.inner.bounds(&tp) else {
+                    continue;
+                };
                 let part = g.stream.entry(tp.clone()).or_default();
                 let pos = part
                     .position
@@ -133,7 +139,8 @@ impl<S: LogStorage> EngineConsumer<S> {
                 part.position = Some(pos);
                 if let Some(r) = part.retries.get(&pos) {
                     if r.not_before_ms > now {
-                        next_due = Some(next_due.map_or(r.not_before_ms, |d| d.min(r.not_before_ms)));
+                        next_due =
+                            Some(next_due.map_or(r.not_before_ms, |d| d.min(r.not_before_ms)));
                         continue;
                     }
                 }
@@ -154,7 +161,13 @@ impl<S: LogStorage> EngineConsumer<S> {
             let found = self
                 .inner
                 .storage
-                .read(&tp.topic, tp.partition, pos, max - out.len(), MAX_POLL_BYTES)
+                .read(
+                    &tp.topic,
+                    tp.partition,
+                    pos,
+                    max - out.len(),
+                    MAX_POLL_BYTES,
+                )
                 .await?;
             let Some(last) = found.last().map(|m| m.offset) else {
                 continue;
@@ -202,7 +215,9 @@ impl<S: LogStorage> EngineConsumer<S> {
             let visibility = g.config.visibility_timeout.as_millis() as u64;
             let max_deliveries = g.config.dlq.max_deliveries;
             for tp in self.rotated(&parts) {
-                let Ok(b) = self.inner.bounds(&tp) else { continue };
+                let Ok(b) = self.inner.bounds(&tp) else {
+                    continue;
+                };
                 let table = g
                     .queue
                     .entry(tp.clone())
@@ -261,7 +276,13 @@ impl<S: LogStorage> EngineConsumer<S> {
                 let found = self
                     .inner
                     .storage
-                    .read(&tp.topic, tp.partition, run[0].offset, run.len(), usize::MAX)
+                    .read(
+                        &tp.topic,
+                        tp.partition,
+                        run[0].offset,
+                        run.len(),
+                        usize::MAX,
+                    )
                     .await?;
                 let mut found = found.into_iter().peekable();
                 for r in run {
@@ -300,7 +321,12 @@ impl<S: LogStorage> EngineConsumer<S> {
     }
 
     /// Move a nacked message to the DLQ, then settle it.
-    async fn dead_letter_nacked(&self, m: &Message, attempts: u32, reason: Option<&str>) -> Result<()> {
+    async fn dead_letter_nacked(
+        &self,
+        m: &Message,
+        attempts: u32,
+        reason: Option<&str>,
+    ) -> Result<()> {
         let config = self
             .inner
             .state
@@ -428,10 +454,14 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
             if elapsed >= timeout {
                 return Ok(Vec::new());
             }
-            let mut wait = (timeout - elapsed).min(session / 4).max(Duration::from_millis(1));
+            let mut wait = (timeout - elapsed)
+                .min(session / 4)
+                .max(Duration::from_millis(1));
             if let Some(due) = due {
                 let now = now_ms();
-                wait = wait.min(Duration::from_millis(min_due(Some(due), now + 10_000) - now.min(due)));
+                wait = wait.min(Duration::from_millis(
+                    min_due(Some(due), now + 10_000) - now.min(due),
+                ));
                 wait = wait.max(Duration::from_millis(1));
             }
             let _ = tokio::time::timeout(wait, changes.changed()).await;
@@ -492,12 +522,18 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                         .get(&tp)
                         .and_then(|t| t.attempts.get(&m.offset).copied())
                         .unwrap_or(m.attempt);
-                    let delay = delay.unwrap_or_else(|| g.config.retry_backoff.delay_after(attempts));
+                    let delay =
+                        delay.unwrap_or_else(|| g.config.retry_backoff.delay_after(attempts));
                     let t = g.queue.get_mut(&tp).ok_or_else(|| {
                         Error::new(ErrorKind::LeaseExpired, format!("{what}: no lease held"))
                     })?;
-                    let (attempts, last) =
-                        t.nack(m.offset, m.token.lease, now + delay.as_millis() as u64, max, &what)?;
+                    let (attempts, last) = t.nack(
+                        m.offset,
+                        m.token.lease,
+                        now + delay.as_millis() as u64,
+                        max,
+                        &what,
+                    )?;
                     self.inner.mark_dirty([key_leases(&self.group, &tp)]);
                     last.then_some(attempts)
                 }
@@ -506,7 +542,8 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                     if m.attempt >= max {
                         Some(m.attempt)
                     } else {
-                        let delay = delay.unwrap_or_else(|| g.config.retry_backoff.delay_after(m.attempt));
+                        let delay =
+                            delay.unwrap_or_else(|| g.config.retry_backoff.delay_after(m.attempt));
                         let part = g.stream.entry(tp.clone()).or_default();
                         part.position = Some(m.offset);
                         part.retries.insert(
@@ -546,7 +583,12 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
             .queue
             .get_mut(&tp)
             .ok_or_else(|| Error::new(ErrorKind::LeaseExpired, format!("{what}: no lease held")))?;
-        t.extend(m.offset, m.token.lease, now_ms() + by.as_millis() as u64, &what)
+        t.extend(
+            m.offset,
+            m.token.lease,
+            now_ms() + by.as_millis() as u64,
+            &what,
+        )
     }
 
     async fn commit(&self, topic: &str, partition: u32, offset: u64) -> Result<()> {
@@ -628,7 +670,12 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
             DeliveryMode::Stream => Ok(guard
                 .groups
                 .get(&self.group)
-                .map(|g| g.owned_by(self.member).into_iter().map(|(tp, _)| tp).collect())
+                .map(|g| {
+                    g.owned_by(self.member)
+                        .into_iter()
+                        .map(|(tp, _)| tp)
+                        .collect()
+                })
                 .unwrap_or_default()),
             DeliveryMode::Queue => Ok(guard.partitions_of(&self.topics)),
         }

@@ -173,7 +173,12 @@ impl Group {
 
     /// Check that `member` owns `tp` (and, with `epoch`, got it in that
     /// generation): the fencing rule.
-    pub fn check_owner(&self, member: u64, tp: &TopicPartition, epoch: Option<u64>) -> Result<Owner> {
+    pub fn check_owner(
+        &self,
+        member: u64,
+        tp: &TopicPartition,
+        epoch: Option<u64>,
+    ) -> Result<Owner> {
         if !self.members.contains_key(&member) {
             return Err(Error::new(
                 ErrorKind::Fenced,

@@ -230,7 +230,13 @@ impl LeaseTable {
     }
 
     /// Extend a lease to `deadline_ms`.
-    pub fn extend(&mut self, offset: u64, lease_id: u64, deadline_ms: u64, what: &str) -> Result<()> {
+    pub fn extend(
+        &mut self,
+        offset: u64,
+        lease_id: u64,
+        deadline_ms: u64,
+        what: &str,
+    ) -> Result<()> {
         self.check(offset, lease_id, what)?;
         if let Some(l) = self.inflight.get_mut(&offset) {
             l.deadline_ms = deadline_ms;
@@ -271,7 +277,11 @@ impl LeaseTable {
                         || self.delayed.get(o).is_some_and(|t| *t > now_ms))
             })
             .count() as u64;
-        (unsettled, in_flight, unsettled.saturating_sub(in_flight + waiting))
+        (
+            unsettled,
+            in_flight,
+            unsettled.saturating_sub(in_flight + waiting),
+        )
     }
 
     /// Move the cursor to `offset` for the whole group, dropping all state.
@@ -304,7 +314,10 @@ mod tests {
         assert_eq!(t.floor, 0);
         t.ack(0, 100, "x").unwrap();
         assert_eq!(t.floor, 2);
-        assert_eq!(t.ack(0, 100, "x").unwrap_err().kind(), ErrorKind::LeaseExpired);
+        assert_eq!(
+            t.ack(0, 100, "x").unwrap_err().kind(),
+            ErrorKind::LeaseExpired
+        );
         assert_eq!(t.lag(3, 0), (1, 1, 0));
     }
 
@@ -315,9 +328,18 @@ mod tests {
         assert!(t.expire(10, 2).is_empty());
         assert_eq!(t.available(10, 1, 10), vec![0]);
         assert_eq!(t.lease(0, lease(2, 2, 20)), 2);
-        assert_eq!(t.ack(0, 1, "x").unwrap_err().kind(), ErrorKind::LeaseExpired);
+        assert_eq!(
+            t.ack(0, 1, "x").unwrap_err().kind(),
+            ErrorKind::LeaseExpired
+        );
         let dead = t.expire(20, 2);
-        assert_eq!(dead, vec![Expired { offset: 0, attempts: 2 }]);
+        assert_eq!(
+            dead,
+            vec![Expired {
+                offset: 0,
+                attempts: 2
+            }]
+        );
         assert!(t.available(30, 1, 10).is_empty());
         t.settle(0);
         assert_eq!(t.floor, 1);

@@ -410,12 +410,18 @@ impl<S: LogStorage> Inner<S> {
                 ),
             ));
         }
-        self.storage.ensure_partitions(name, config.partitions).await?;
+        self.storage
+            .ensure_partitions(name, config.partitions)
+            .await?;
         self.state.lock().topics.insert(name.to_string(), config);
         self.dedup.lock().remove(name);
         self.mark_dirty([key_topic(name)]);
         self.persist().await?;
-        tracing::debug!(topic = name, partitions = config.partitions, "topic created");
+        tracing::debug!(
+            topic = name,
+            partitions = config.partitions,
+            "topic created"
+        );
         Ok(())
     }
 
@@ -690,7 +696,11 @@ impl<S: LogStorage> Inner<S> {
         for (tp, job) in jobs {
             let result = self.dead_letter_one_expired(group, &tp, job).await;
             let mut state = self.state.lock();
-            if let Some(table) = state.groups.get_mut(group).and_then(|g| g.queue.get_mut(&tp)) {
+            if let Some(table) = state
+                .groups
+                .get_mut(group)
+                .and_then(|g| g.queue.get_mut(&tp))
+            {
                 match &result {
                     Ok(()) => table.settle(job.offset),
                     Err(_) => table.abort_dead_letter(job.offset),
@@ -751,7 +761,11 @@ impl<S: LogStorage> Inner<S> {
             let state = &mut *guard;
             let names: Vec<String> = state.groups.keys().cloned().collect();
             for name in names {
-                let gone = state.groups.get_mut(&name).expect("listed").expire_members(now);
+                let gone = state
+                    .groups
+                    .get_mut(&name)
+                    .expect("listed")
+                    .expire_members(now);
                 if !gone.is_empty() {
                     tracing::debug!(group = %name, members = ?gone, "session timeout");
                     state.rebalance(&name);
@@ -802,7 +816,12 @@ impl<S: LogStorage> Inner<S> {
         Ok(())
     }
 
-    fn message(tp: &TopicPartition, m: StoredMessage, attempt: u32, token: DeliveryToken) -> Message {
+    fn message(
+        tp: &TopicPartition,
+        m: StoredMessage,
+        attempt: u32,
+        token: DeliveryToken,
+    ) -> Message {
         Message::new(
             tp.topic.clone(),
             tp.partition,
@@ -920,7 +939,10 @@ impl<S: LogStorage> Inner<S> {
         let mut guard = self.state.lock();
         let state = &mut *guard;
         let g = state.groups.get_mut(group).ok_or_else(|| {
-            Error::new(ErrorKind::GroupNotFound, format!("group `{group}` does not exist"))
+            Error::new(
+                ErrorKind::GroupNotFound,
+                format!("group `{group}` does not exist"),
+            )
         })?;
         let mut partitions = Vec::new();
         for topic in g.topics.clone() {

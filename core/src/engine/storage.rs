@@ -121,8 +121,12 @@ pub trait LogStorage: Send + Sync + 'static {
 
     /// Offset of the first record with timestamp >= `timestamp`, or the log
     /// end if there is none.
-    async fn offset_for_timestamp(&self, topic: &str, partition: u32, timestamp: u64)
-        -> Result<u64>;
+    async fn offset_for_timestamp(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp: u64,
+    ) -> Result<u64>;
 
     /// Remove whole records (or segments) from the head that `retention`
     /// no longer keeps at time `now_ms`. Never touches the log end.
@@ -137,8 +141,11 @@ pub trait LogStorage: Send + Sync + 'static {
     /// Idempotency keys of records appended to `topic` at or after
     /// `since_ms`, with their receipts (used to rebuild dedup windows at
     /// open). A non-persistent storage returns nothing.
-    async fn idempotency_keys_since(&self, topic: &str, since_ms: u64)
-        -> Result<Vec<(String, Receipt)>>;
+    async fn idempotency_keys_since(
+        &self,
+        topic: &str,
+        since_ms: u64,
+    ) -> Result<Vec<(String, Receipt)>>;
 
     /// Make everything appended and put so far durable.
     async fn flush(&self) -> Result<()>;
