@@ -34,6 +34,16 @@ impl Capabilities {
     }
 }
 
+/// What a [`Consumer::nack`] did with the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NackOutcome {
+    /// It will be delivered again (after the delay), attempt number raised.
+    Redeliver,
+    /// It had used its last allowed attempt: it was appended to the DLQ
+    /// topic and settled for the group.
+    DeadLettered,
+}
+
 /// A topic and partition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TopicPartition {
@@ -197,13 +207,14 @@ pub trait Consumer: Send + Sync {
     /// group's retry backoff if `None`) with its attempt number raised, or
     /// dead-lettered if it used its last allowed attempt. `reason` goes to
     /// the DLQ header `conveyor.dlq.error`. Stream mode rewinds the
-    /// partition to the message.
+    /// partition to the message (unless it was dead-lettered: then the
+    /// position stays). Says which happened.
     async fn nack(
         &self,
         message: &Message,
         delay: Option<Duration>,
         reason: Option<&str>,
-    ) -> Result<()>;
+    ) -> Result<NackOutcome>;
 
     /// Queue mode: prolong the message's lease to `by` from now.
     async fn extend(&self, message: &Message, by: Duration) -> Result<()>;

@@ -23,7 +23,9 @@ pub mod record;
 pub mod runner;
 pub mod validate;
 
-pub use broker::{Broker, Capabilities, Consumer, IdempotencyStore, Producer, TopicPartition};
+pub use broker::{
+    Broker, Capabilities, Consumer, IdempotencyStore, NackOutcome, Producer, TopicPartition,
+};
 pub use config::{
     BrokerOptions, DeliveryMode, DlqPolicy, Durability, GroupConfig, Retention, RetryBackoff,
     SeekTo, StartFrom, TopicConfig,

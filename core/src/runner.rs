@@ -44,11 +44,13 @@
 //! # });
 //! ```
 
-use crate::broker::{Consumer, IdempotencyStore};
+use crate::broker::{Consumer, IdempotencyStore, NackOutcome};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::Message;
 use async_trait::async_trait;
-use std::collections::BTreeMap;
+use futures::future::{FutureExt, Shared};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -222,6 +224,8 @@ impl Runner {
         let mut tasks = tokio::task::JoinSet::new();
         let mut last_message = Instant::now();
         let mut failure: Option<Error> = None;
+        let mut chains: HashMap<(String, u32), Chain> = HashMap::new();
+        let rewinds: Rewinds = Arc::new(Mutex::new(HashMap::new()));
         tokio::pin!(shutdown);
         loop {
             // Reap finished tasks so errors surface.
@@ -266,6 +270,7 @@ impl Runner {
                 }
             };
             if messages.is_empty() {
+                chains.retain(|_, c| c.peek().is_none());
                 continue;
             }
             last_message = Instant::now();
@@ -278,9 +283,24 @@ impl Runner {
                 let consumer = self.consumer.clone();
                 let handler = handler.clone();
                 let counters = counters.clone();
+                let rewinds = rewinds.clone();
+                // Stream mode: a partition's lanes run one after another, in
+                // the order they were polled.
+                let (done, previous) = match lane.first() {
+                    Some(m) if m.token.lease == 0 => {
+                        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                        let key = (m.topic.clone(), m.partition);
+                        (Some(tx), chains.insert(key, rx.shared()))
+                    }
+                    _ => (None, None),
+                };
                 tasks.spawn(async move {
                     let _permit = permit;
-                    run_lane(&*consumer, &*handler, lane, &counters).await;
+                    if let Some(previous) = previous {
+                        let _ = previous.await;
+                    }
+                    run_lane(&*consumer, &*handler, lane, &counters, &rewinds).await;
+                    drop(done);
                 });
             }
         }
@@ -320,13 +340,34 @@ fn lanes(messages: Vec<Message>) -> Vec<Vec<Message>> {
         .collect()
 }
 
+/// The end of the last lane of a partition, awaited by the next one.
+type Chain = Shared<tokio::sync::oneshot::Receiver<()>>;
+/// Stream mode: partitions rewound by a nack, and the offset redelivery
+/// restarts from; messages polled before the rewind above it are skipped.
+type Rewinds = Arc<Mutex<HashMap<(String, u32), u64>>>;
+
 async fn run_lane(
     consumer: &dyn Consumer,
     handler: &dyn Handler,
     lane: Vec<Message>,
     counters: &Counters,
+    rewinds: &Rewinds,
 ) {
+    let stream = lane.first().is_some_and(|m| m.token.lease == 0);
     for message in lane {
+        if stream {
+            let key = (message.topic.clone(), message.partition);
+            let mut rewound = rewinds.lock();
+            match rewound.get(&key) {
+                // Polled before the rewind: it comes again after the
+                // redelivery of the nacked message.
+                Some(at) if message.offset > *at => continue,
+                Some(_) => {
+                    rewound.remove(&key);
+                }
+                None => {}
+            }
+        }
         match handler.handle(message.clone()).await {
             Ok(()) => match consumer.ack(&message).await {
                 Ok(()) => {
@@ -343,16 +384,29 @@ async fn run_lane(
             Err(failure) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(message = %message.position(), attempt = message.attempt, reason = %failure, "handler failed");
-                if let Err(e) = consumer
+                match consumer
                     .nack(&message, failure.retry_after, Some(&failure.reason))
                     .await
                 {
-                    counters.settle_refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(message = %message.position(), error = %e, "nack refused");
+                    Ok(NackOutcome::Redeliver) if stream => {
+                        // The partition restarts at this message: what was
+                        // polled after it comes again, so skip it now.
+                        rewinds
+                            .lock()
+                            .insert((message.topic.clone(), message.partition), message.offset);
+                        return;
+                    }
+                    // Dead-lettered: the position stayed; go on with the lane.
+                    Ok(_) => {}
+                    Err(e) => {
+                        counters.settle_refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(message = %message.position(), error = %e, "nack refused");
+                        if stream {
+                            // Fenced or closed: the new owner redelivers.
+                            return;
+                        }
+                    }
                 }
-                // The partition was rewound (stream mode): the rest of the
-                // lane comes again.
-                return;
             }
         }
     }

@@ -8,7 +8,7 @@
 use super::group::{Member, Retry};
 use super::lease::{Lease, LeaseTable};
 use super::{key_commit, key_leases, Inner, LogStorage, MAX_POLL_BYTES};
-use crate::broker::{Consumer, TopicPartition};
+use crate::broker::{Consumer, NackOutcome, TopicPartition};
 use crate::config::{DeliveryMode, SeekTo};
 use crate::dlq::DeadLetter;
 use crate::error::{Error, ErrorKind, Result};
@@ -502,7 +502,12 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
         self.inner.persist().await
     }
 
-    async fn nack(&self, m: &Message, delay: Option<Duration>, reason: Option<&str>) -> Result<()> {
+    async fn nack(
+        &self,
+        m: &Message,
+        delay: Option<Duration>,
+        reason: Option<&str>,
+    ) -> Result<NackOutcome> {
         self.check_open()?;
         let tp = self.subscribed(&m.topic, m.partition)?;
         let now = now_ms();
@@ -559,11 +564,14 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
             }
         };
         match last_attempt {
-            Some(attempts) => self.dead_letter_nacked(m, attempts, reason).await,
+            Some(attempts) => {
+                self.dead_letter_nacked(m, attempts, reason).await?;
+                Ok(NackOutcome::DeadLettered)
+            }
             None => {
                 self.inner.persist().await?;
                 self.inner.notify();
-                Ok(())
+                Ok(NackOutcome::Redeliver)
             }
         }
     }

@@ -1,0 +1,662 @@
+//! The notification system from every system-design interview, built on
+//! Conveyor.
+//!
+//! An order service publishes a Black Friday burst of events (order placed,
+//! payment failed, shipment updated), keyed by order id, into
+//! `orders.events`. It never waits for the slow channels: the queue absorbs
+//! the spike. Three channel services (email, SMS, push) are queue-mode
+//! groups with several workers each, sending through simulated providers of
+//! different speeds; the SMS provider fails some sends transiently (retried
+//! with backoff) and rejects a few numbers outright (dead-lettered after
+//! `max_deliveries`). Handlers are idempotent through the backend's
+//! `IdempotencyStore`; workers that crash after sending but before acking
+//! are injected, and no customer gets a notification twice. A loyalty
+//! service reads in stream mode and keeps per-customer points in order.
+//! When the burst drains, the DLQ is inspected, the "bug" is fixed, the DLQ
+//! is redriven, and everything is delivered.
+//!
+//! ```text
+//! cargo run --release --example notification_system
+//! cargo run --release --example notification_system -- --url memory:// --events 20000
+//! ```
+//!
+//! Exits non-zero if any notification was lost or sent twice.
+
+use clap::Parser;
+use conveyor::runner::{Handler, HandlerError, Idempotent, Runner, RunnerConfig};
+use conveyor::{
+    Broker, DlqPolicy, GroupConfig, IdempotencyStore, Message, Record, RetryBackoff, TopicConfig,
+};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TOPIC: &str = "orders.events";
+
+/// Run the notification system on any Conveyor backend.
+#[derive(Parser, Debug, Clone)]
+#[command(about, long_about = None)]
+struct Args {
+    /// Broker URL (`memory://`, `mmap:///dir`, ...). Default: the embedded
+    /// default backend in a temporary directory.
+    #[arg(long, env = "CONVEYOR_URL")]
+    url: Option<String>,
+    /// Events the order service publishes in its burst.
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    /// Partitions of `orders.events`.
+    #[arg(long, default_value_t = 8)]
+    partitions: u32,
+    /// Workers per channel service.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Share of SMS sends that fail transiently (then succeed on retry).
+    #[arg(long, default_value_t = 0.05)]
+    sms_transient_failure_rate: f64,
+    /// Share of SMS events whose number the provider rejects until the bug
+    /// is fixed (dead-lettered, then redriven).
+    #[arg(long, default_value_t = 0.002)]
+    sms_permanent_failure_rate: f64,
+    /// Worker crashes to inject (after sending, before acking).
+    #[arg(long, default_value_t = 20)]
+    crashes: u32,
+    /// Random seed (events, failures).
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No live view.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+enum Kind {
+    OrderPlaced,
+    PaymentFailed,
+    ShipmentUpdated,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::OrderPlaced => "order_placed",
+            Kind::PaymentFailed => "payment_failed",
+            Kind::ShipmentUpdated => "shipment_updated",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Event {
+    id: u64,
+    order: u64,
+    customer: u32,
+    kind: Kind,
+    /// Position of the event within its order (0, 1, ...).
+    seq: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Channel {
+    Email,
+    Sms,
+    Push,
+}
+
+impl Channel {
+    const ALL: [Channel; 3] = [Channel::Email, Channel::Sms, Channel::Push];
+    fn group(self) -> &'static str {
+        match self {
+            Channel::Email => "email",
+            Channel::Sms => "sms",
+            Channel::Push => "push",
+        }
+    }
+    fn wants(self, kind: Kind) -> bool {
+        match self {
+            Channel::Email => true,
+            Channel::Sms => matches!(kind, Kind::PaymentFailed | Kind::ShipmentUpdated),
+            Channel::Push => matches!(kind, Kind::OrderPlaced | Kind::ShipmentUpdated),
+        }
+    }
+    fn latency(self) -> Duration {
+        match self {
+            Channel::Email => Duration::from_millis(2),
+            Channel::Sms => Duration::from_millis(3),
+            Channel::Push => Duration::from_millis(1),
+        }
+    }
+}
+
+/// A simulated notification provider: it records what it delivered.
+struct Provider {
+    channel: Channel,
+    transient_rate: f64,
+    permanent_rate: f64,
+    fixed: Arc<AtomicBool>,
+    delivered: Mutex<HashMap<u64, u32>>,
+}
+
+/// A stable pseudo-random number in [0, 1) for an event id.
+fn unit(id: u64, salt: u64) -> f64 {
+    let mut z = id.wrapping_add(salt).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as f64 / u64::MAX as f64
+}
+
+impl Provider {
+    fn rejects(&self, event: &Event) -> bool {
+        self.channel == Channel::Sms && unit(event.id, 1) < self.permanent_rate
+    }
+
+    async fn send(&self, event: &Event) -> Result<(), HandlerError> {
+        tokio::time::sleep(self.channel.latency()).await;
+        if self.rejects(event) && !self.fixed.load(Ordering::Acquire) {
+            return Err(HandlerError::new(format!(
+                "provider rejected customer {}: invalid phone number",
+                event.customer
+            )));
+        }
+        if self.channel == Channel::Sms && rand::thread_rng().gen_bool(self.transient_rate) {
+            return Err(HandlerError::new("provider timeout"));
+        }
+        *self.delivered.lock().unwrap().entry(event.id).or_insert(0) += 1;
+        Ok(())
+    }
+}
+
+fn decode(message: &Message) -> Result<Event, HandlerError> {
+    serde_json::from_slice(&message.value)
+        .map_err(|e| HandlerError::new(format!("bad event at {}: {e}", message.position())))
+}
+
+fn event_key(channel: Channel) -> impl Fn(&Message) -> Option<String> + Send + Sync + 'static {
+    move |m: &Message| {
+        let id = m.header_str("event-id")?;
+        Some(format!("{}:{id}", channel.group()))
+    }
+}
+
+/// The channel service's handler: send if the channel wants the event.
+fn channel_handler(provider: Arc<Provider>) -> impl Handler {
+    move |message: Message| {
+        let provider = provider.clone();
+        async move {
+            let event = decode(&message)?;
+            if provider.channel.wants(event.kind) {
+                provider.send(&event).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A worker that takes a few messages, sends them, and dies before acking.
+async fn crash_once(
+    broker: &Arc<dyn Broker>,
+    store: &Arc<dyn IdempotencyStore>,
+    provider: &Provider,
+    config: GroupConfig,
+) -> conveyor::Result<()> {
+    let consumer = broker
+        .consumer(provider.channel.group(), &[TOPIC], config)
+        .await?;
+    let key = event_key(provider.channel);
+    for message in consumer.poll(8, Duration::from_millis(50)).await? {
+        let Ok(event) = decode(&message) else {
+            continue;
+        };
+        if !provider.channel.wants(event.kind) {
+            continue;
+        }
+        let id = key(&message).expect("events carry an id");
+        if store.first_seen(&id, Duration::from_secs(3600)).await?
+            && provider.send(&event).await.is_err()
+        {
+            store.forget(&id).await?;
+        }
+    }
+    drop(consumer); // crash: no ack, no nack; the leases come back
+    Ok(())
+}
+
+/// The loyalty service: per-customer points, applied in per-order sequence.
+#[derive(Default)]
+struct Loyalty {
+    points: Mutex<HashMap<u32, i64>>,
+    last_seq: Mutex<HashMap<u64, u32>>,
+    out_of_order: AtomicU64,
+}
+
+fn points(kind: Kind) -> i64 {
+    match kind {
+        Kind::OrderPlaced => 10,
+        Kind::PaymentFailed => -10,
+        Kind::ShipmentUpdated => 1,
+    }
+}
+
+fn loyalty_handler(loyalty: Arc<Loyalty>) -> impl Handler {
+    move |message: Message| {
+        let loyalty = loyalty.clone();
+        async move {
+            let event = decode(&message)?;
+            let mut last = loyalty.last_seq.lock().unwrap();
+            let expected = last.get(&event.order).map_or(0, |s| s + 1);
+            if event.seq < expected {
+                return Ok(()); // seen before (redelivery or redrive)
+            }
+            if event.seq > expected {
+                loyalty.out_of_order.fetch_add(1, Ordering::Relaxed);
+            }
+            last.insert(event.order, event.seq);
+            *loyalty
+                .points
+                .lock()
+                .unwrap()
+                .entry(event.customer)
+                .or_insert(0) += points(event.kind);
+            Ok(())
+        }
+    }
+}
+
+fn generate(args: &Args) -> Vec<Event> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let customers = (args.events / 20).max(1) as u32;
+    let mut events = Vec::with_capacity(args.events as usize);
+    let mut order = 0u64;
+    while (events.len() as u64) < args.events {
+        order += 1;
+        let customer = rng.gen_range(0..customers);
+        let mut kinds = vec![Kind::OrderPlaced];
+        if rng.gen_bool(0.1) {
+            kinds.push(Kind::PaymentFailed);
+        }
+        kinds.push(Kind::ShipmentUpdated);
+        if rng.gen_bool(0.5) {
+            kinds.push(Kind::ShipmentUpdated);
+        }
+        for (seq, kind) in kinds.into_iter().enumerate() {
+            if events.len() as u64 == args.events {
+                break;
+            }
+            events.push(Event {
+                id: events.len() as u64,
+                order,
+                customer,
+                kind,
+                seq: seq as u32,
+            });
+        }
+    }
+    events
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Summary {
+    url: String,
+    events_produced: u64,
+    produce_seconds: f64,
+    produce_rate: f64,
+    sent_email: u64,
+    sent_sms: u64,
+    sent_push: u64,
+    expected_email: u64,
+    expected_sms: u64,
+    expected_push: u64,
+    sent_twice: u64,
+    lost: u64,
+    duplicates_suppressed: u64,
+    crashes_injected: u64,
+    dead_lettered: u64,
+    redriven: u64,
+    peak_lag: u64,
+    loyalty_points_match: bool,
+    loyalty_out_of_order: u64,
+    wall_seconds: f64,
+    ok: bool,
+}
+
+struct Lags {
+    per_group: Vec<(String, u64)>,
+    total: u64,
+    in_flight: u64,
+}
+
+async fn lags(broker: &Arc<dyn Broker>) -> conveyor::Result<Lags> {
+    let mut per_group = Vec::new();
+    let (mut total, mut in_flight) = (0, 0);
+    for g in ["email", "sms", "push", "loyalty"] {
+        let lag = broker.group_lag(g).await?;
+        total += lag.total_lag();
+        in_flight += lag.total_in_flight();
+        per_group.push((g.to_string(), lag.total_lag()));
+    }
+    Ok(Lags {
+        per_group,
+        total,
+        in_flight,
+    })
+}
+
+async fn dlq_size(broker: &Arc<dyn Broker>, dlq: &str) -> conveyor::Result<u64> {
+    match broker.describe_topic(dlq).await {
+        Ok(d) => Ok(d.partitions.iter().map(|p| p.log_end).sum()),
+        Err(e) if e.kind() == conveyor::ErrorKind::TopicNotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+fn default_url() -> (String, Option<tempfile::TempDir>) {
+    // The embedded default backend once it is compiled in; memory until then.
+    ("memory://".to_string(), None)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(summary) if summary.ok => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("notification_system: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> conveyor::Result<Summary> {
+    let started = Instant::now();
+    let (url, _tmp) = match &args.url {
+        Some(u) => (u.clone(), None),
+        None => default_url(),
+    };
+    let broker = conveyor::open(&url).await?;
+    broker
+        .create_topic(TOPIC, TopicConfig::new(args.partitions))
+        .await?;
+    let store = broker.idempotency_store();
+    let fixed = Arc::new(AtomicBool::new(false));
+    let channel_config = GroupConfig::queue()
+        .with_visibility_timeout(Duration::from_secs(10))
+        .with_retry_backoff(RetryBackoff::exponential(
+            Duration::from_millis(5),
+            Duration::from_millis(100),
+        ))
+        .with_dlq(DlqPolicy::new(4));
+    let dlq = channel_config.dlq.topic_for(TOPIC, "sms");
+
+    // The services start before the burst, like real ones.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut providers = HashMap::new();
+    let mut suppressed = Vec::new();
+    let mut services = tokio::task::JoinSet::new();
+    for channel in Channel::ALL {
+        let provider = Arc::new(Provider {
+            channel,
+            transient_rate: args.sms_transient_failure_rate.clamp(0.0, 0.5),
+            permanent_rate: args.sms_permanent_failure_rate.clamp(0.0, 1.0),
+            fixed: fixed.clone(),
+            delivered: Mutex::new(HashMap::new()),
+        });
+        providers.insert(channel, provider.clone());
+        for _ in 0..args.workers.max(1) {
+            let consumer = broker
+                .consumer(channel.group(), &[TOPIC], channel_config.clone())
+                .await?;
+            let handler = Idempotent::new(
+                store.clone(),
+                Duration::from_secs(3600),
+                event_key(channel),
+                channel_handler(provider.clone()),
+            );
+            suppressed.push(handler.duplicates());
+            let runner = Runner::new(
+                consumer,
+                RunnerConfig::default().with_concurrency(16).with_batch(64),
+            );
+            services.spawn(runner.run(handler, shutdown()));
+        }
+    }
+    let loyalty = Arc::new(Loyalty::default());
+    for _ in 0..2 {
+        let consumer = broker
+            .consumer("loyalty", &[TOPIC], GroupConfig::stream())
+            .await?;
+        let runner = Runner::new(
+            consumer,
+            RunnerConfig::default().with_concurrency(8).with_batch(256),
+        );
+        services.spawn(runner.run(loyalty_handler(loyalty.clone()), shutdown()));
+    }
+
+    // The burst: as fast as the order service can, in batches.
+    let events = generate(&args);
+    let producer = broker.producer().await?;
+    let produce_started = Instant::now();
+    let burst = {
+        let producer = producer.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            for chunk in events.chunks(500) {
+                let records = chunk
+                    .iter()
+                    .map(|e| {
+                        Record::new(serde_json::to_vec(e).expect("event serialises"))
+                            .with_key(format!("order-{}", e.order))
+                            .with_header("event-id", e.id.to_string())
+                            .with_header("event-kind", e.kind.name())
+                            .with_idempotency_key(format!("evt-{}", e.id))
+                    })
+                    .collect();
+                producer.send_batch(TOPIC, records).await?;
+            }
+            Ok::<_, conveyor::Error>(produce_started.elapsed())
+        })
+    };
+
+    // Crashing workers, during the burst.
+    let crashes = {
+        let broker = broker.clone();
+        let store = store.clone();
+        let providers = providers.clone();
+        let config = channel_config.clone();
+        let n = args.crashes;
+        tokio::spawn(async move {
+            let mut done = 0u64;
+            for i in 0..n {
+                let channel = Channel::ALL[i as usize % 2]; // email and SMS workers crash
+                crash_once(&broker, &store, &providers[&channel], config.clone()).await?;
+                done += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok::<_, conveyor::Error>(done)
+        })
+    };
+
+    // Live view until the burst is produced and every group has drained.
+    let mut peak_lag = 0;
+    let mut produce_time = None;
+    let mut redriven = 0u64;
+    let mut rounds = 0;
+    let mut burst = Some(burst);
+    let mut last_print = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if burst.as_ref().is_some_and(|b| b.is_finished()) {
+            let took = burst
+                .take()
+                .expect("present")
+                .await
+                .map_err(|e| conveyor::Error::internal(e.to_string()))??;
+            produce_time = Some(took);
+        }
+        let lag = lags(&broker).await?;
+        peak_lag = peak_lag.max(lag.total);
+        let dead = dlq_size(&broker, &dlq).await?;
+        if !args.quiet && last_print.elapsed() >= Duration::from_millis(500) {
+            last_print = Instant::now();
+            let produced: u64 = broker
+                .describe_topic(TOPIC)
+                .await?
+                .partitions
+                .iter()
+                .map(|p| p.log_end)
+                .sum();
+            let secs = started.elapsed().as_secs_f64();
+            let groups: Vec<String> = lag
+                .per_group
+                .iter()
+                .map(|(g, l)| format!("{g} {l}"))
+                .collect();
+            println!(
+                "[{secs:6.1}s] produced {produced:>7} | lag {} | in flight {:>4} | dlq {}",
+                groups.join(", "),
+                lag.in_flight,
+                dead.saturating_sub(redriven)
+            );
+        }
+        if produce_time.is_none() || lag.total > 0 {
+            continue;
+        }
+        // Drained. Anything in the DLQ that was not redriven yet?
+        if dead > redriven && rounds < 3 {
+            rounds += 1;
+            if rounds == 1 {
+                let sample = broker.fetch(&dlq, 0, 0, 3).await?;
+                if !args.quiet {
+                    println!("DLQ `{dlq}` holds {dead} messages, e.g.:");
+                    for m in &sample {
+                        println!(
+                            "  event {} after {} attempts: {}",
+                            m.header_str("event-id").unwrap_or("?"),
+                            m.header_str("conveyor.dlq.attempts").unwrap_or("?"),
+                            m.header_str("conveyor.dlq.error").unwrap_or("?"),
+                        );
+                    }
+                    println!("fixing the phone-number bug and redriving the DLQ");
+                }
+                fixed.store(true, Ordering::Release);
+            }
+            redriven += broker.redrive(&dlq, None).await? as u64;
+            continue;
+        }
+        break;
+    }
+    let crashes_injected = crashes
+        .await
+        .map_err(|e| conveyor::Error::internal(e.to_string()))??;
+    let _ = stop_tx.send(true);
+    while let Some(done) = services.join_next().await {
+        done.map_err(|e| conveyor::Error::internal(e.to_string()))??;
+    }
+
+    // Check: every wanted notification sent exactly once; loyalty in order.
+    let mut summary = Summary {
+        url: url.clone(),
+        events_produced: events.len() as u64,
+        ..Summary::default()
+    };
+    for channel in Channel::ALL {
+        let delivered = providers[&channel].delivered.lock().unwrap();
+        let expected: Vec<&Event> = events.iter().filter(|e| channel.wants(e.kind)).collect();
+        let sent = delivered.len() as u64;
+        summary.sent_twice += delivered.values().filter(|n| **n > 1).count() as u64;
+        summary.lost += expected
+            .iter()
+            .filter(|e| !delivered.contains_key(&e.id))
+            .count() as u64;
+        let exp = expected.len() as u64;
+        match channel {
+            Channel::Email => (summary.sent_email, summary.expected_email) = (sent, exp),
+            Channel::Sms => (summary.sent_sms, summary.expected_sms) = (sent, exp),
+            Channel::Push => (summary.sent_push, summary.expected_push) = (sent, exp),
+        }
+    }
+    let mut expected_points: HashMap<u32, i64> = HashMap::new();
+    for e in &events {
+        *expected_points.entry(e.customer).or_insert(0) += points(e.kind);
+    }
+    summary.loyalty_points_match = *loyalty.points.lock().unwrap() == expected_points;
+    summary.loyalty_out_of_order = loyalty.out_of_order.load(Ordering::Relaxed);
+    summary.duplicates_suppressed = suppressed.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    summary.crashes_injected = crashes_injected;
+    summary.dead_lettered = dlq_size(&broker, &dlq).await?;
+    summary.redriven = redriven;
+    summary.peak_lag = peak_lag;
+    let produce = produce_time.unwrap_or_default().as_secs_f64();
+    summary.produce_seconds = produce;
+    summary.produce_rate = events.len() as f64 / produce.max(1e-9);
+    summary.wall_seconds = started.elapsed().as_secs_f64();
+    summary.ok = summary.lost == 0
+        && summary.sent_twice == 0
+        && summary.loyalty_points_match
+        && summary.loyalty_out_of_order == 0
+        && summary.redriven >= summary.dead_lettered;
+    broker.close().await?;
+    print_summary(&summary, args.json);
+    Ok(summary)
+}
+
+fn print_summary(s: &Summary, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(s).expect("summary serialises"));
+        return;
+    }
+    println!();
+    println!("== notification system on {} ==", s.url);
+    println!(
+        "events produced        {:>10}  in {:.2}s ({:.0}/s; producers never waited)",
+        s.events_produced, s.produce_seconds, s.produce_rate
+    );
+    println!(
+        "email sent             {:>10}  of {}",
+        s.sent_email, s.expected_email
+    );
+    println!(
+        "sms sent               {:>10}  of {}",
+        s.sent_sms, s.expected_sms
+    );
+    println!(
+        "push sent              {:>10}  of {}",
+        s.sent_push, s.expected_push
+    );
+    println!(
+        "duplicates suppressed  {:>10}  ({} worker crashes injected)",
+        s.duplicates_suppressed, s.crashes_injected
+    );
+    println!("dead-lettered          {:>10}", s.dead_lettered);
+    println!("redriven               {:>10}", s.redriven);
+    println!("peak lag (all groups)  {:>10}", s.peak_lag);
+    println!(
+        "loyalty points         {:>10}",
+        if s.loyalty_points_match {
+            "match"
+        } else {
+            "MISMATCH"
+        }
+    );
+    println!("wall time              {:>9.2}s", s.wall_seconds);
+    if s.ok {
+        println!("OK: every notification sent exactly once");
+    } else {
+        println!(
+            "FAILED: {} lost, {} sent twice, {} out of order",
+            s.lost, s.sent_twice, s.loyalty_out_of_order
+        );
+    }
+}
