@@ -164,6 +164,11 @@ pub async fn open(url: &str) -> Result<Arc<dyn Broker>> {
     }
 }
 
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 #[cfg(test)]
 mod tests {
     use super::*;
