@@ -1,20 +1,62 @@
 //! # conveyor-conformance
 //!
-//! The delivery contract as executable cases. Each case is an async function
-//! taking a [`Backend`]; a backend's `tests/conformance.rs` runs them all
-//! with one macro call, which expands to one `#[tokio::test]` per case:
+//! The delivery contract (`CONTRACT.md`) as executable cases. Each case is a
+//! plain `pub async fn case(backend: &dyn Backend) -> Result<()>` in a module
+//! named after the contract section it checks ([`topics`], [`produce`],
+//! [`records`], [`stream`], [`queue`], [`dlq`], [`retention`], [`errors`],
+//! [`persistence`], [`idempotency`], [`lag`], [`model`]). A backend's
+//! `tests/conformance.rs` runs them all with one macro call, which expands
+//! to one `#[tokio::test]` per case, named `section::case`:
 //!
 //! ```ignore
-//! conveyor_conformance::suite!(async { MyBackend::new().await });
+//! struct MyBackend { /* a temp dir, a key prefix, ... */ }
+//!
+//! #[async_trait::async_trait]
+//! impl conveyor_conformance::Backend for MyBackend {
+//!     async fn open(&self, options: BrokerOptions) -> Result<Arc<dyn Broker>> { ... }
+//!     async fn cleanup(&self) { ... }
+//! }
+//!
+//! conveyor_conformance::suite!(|| async { MyBackend::new() });
 //! ```
 //!
+//! The argument of [`suite!`] is an expression `factory` such that
+//! `factory().await` is a value implementing [`Backend`] (typically a
+//! closure returning an `async` block). It is called once per case, so every
+//! case gets a fresh backend; [`Backend::cleanup`] runs at the end of every
+//! case, passed or failed. Cases also use unique topic and group names, so
+//! backends that share a server stay isolated. The calling crate needs
+//! `tokio` (features `macros`, `rt-multi-thread`) as a dev-dependency; call
+//! `suite!` once per test file.
+//!
 //! Cases skip only what a backend's [`Capabilities`](conveyor_core::Capabilities)
-//! say it lacks (`persistent`, `embedded`), and say so on stderr.
+//! say it lacks (`persistent`, `embedded`), and say so on stderr. Time-based
+//! cases configure short timeouts (tens of milliseconds) and wait on
+//! conditions with [`eventually`], never on bare sleeps where an event can
+//! be awaited. Every case runs under a 60 s deadline.
 #![deny(missing_docs)]
 
+pub mod dlq;
+pub mod errors;
+pub mod idempotency;
+pub mod lag;
+pub mod model;
+pub mod persistence;
+pub mod produce;
+pub mod queue;
+pub mod records;
+pub mod retention;
+pub mod stream;
+pub mod topics;
+
 use async_trait::async_trait;
-use conveyor_core::{Broker, BrokerOptions, Result};
+use conveyor_core::{
+    Broker, BrokerOptions, Consumer, Error, ErrorKind, Message, Producer, Result, TopicConfig,
+};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// A store under test: something that can open (and, if persistent,
 /// reopen) one isolated broker.
@@ -28,4 +70,287 @@ pub trait Backend: Send + Sync + 'static {
     /// Remove everything this backend instance created (files, keys,
     /// schemas). Called at the end of each case.
     async fn cleanup(&self) {}
+}
+
+/// The generous deadline used when waiting for something that must happen.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// Longest a single case may run before it fails as hung.
+pub const CASE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Wait until `check` yields `Some`, polling every few milliseconds, and
+/// return its value; panic with `what` if `deadline` passes first.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Assert that `result` failed with `kind`; returns the error.
+#[track_caller]
+pub fn expect_kind<T>(result: Result<T>, kind: ErrorKind) -> Error {
+    match result {
+        Ok(_) => panic!(
+            "expected ErrorKind::{kind:?}, got Ok(<{}>)",
+            std::any::type_name::<T>()
+        ),
+        Err(e) => {
+            assert_eq!(e.kind(), kind, "expected ErrorKind::{kind:?}, got `{e}`");
+            e
+        }
+    }
+}
+
+/// Print that a case is skipped and why (to stderr, as the suite promises).
+pub fn skip(case: &str, why: &str) {
+    eprintln!("conveyor-conformance: SKIP {case}: {why}");
+}
+
+static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+/// A name unique to this process and call: `{base}-{pid}-{n}-{random}`.
+pub fn unique(base: &str) -> String {
+    let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+    let r: u32 = rand::random();
+    format!("{base}-{}-{n}-{r:08x}", std::process::id())
+}
+
+/// One case's broker and helpers.
+pub struct Ctx<'a> {
+    /// The backend under test.
+    pub backend: &'a dyn Backend,
+    /// The open broker.
+    pub broker: Arc<dyn Broker>,
+}
+
+impl<'a> Ctx<'a> {
+    /// Open the backend with default options.
+    pub async fn open(backend: &'a dyn Backend) -> Result<Ctx<'a>> {
+        Self::open_with(backend, BrokerOptions::default()).await
+    }
+
+    /// Open the backend with these options.
+    pub async fn open_with(backend: &'a dyn Backend, options: BrokerOptions) -> Result<Ctx<'a>> {
+        let broker = backend.open(options).await?;
+        Ok(Ctx { backend, broker })
+    }
+
+    /// Close the broker and open the store again (same data if persistent).
+    pub async fn reopen(&mut self) -> Result<()> {
+        self.broker.close().await?;
+        self.broker = self.backend.open(BrokerOptions::default()).await?;
+        Ok(())
+    }
+
+    /// Create a topic with a unique name from `base` and this config.
+    pub async fn topic_with(&self, base: &str, config: TopicConfig) -> Result<String> {
+        let name = unique(base);
+        self.broker.create_topic(&name, config).await?;
+        Ok(name)
+    }
+
+    /// Create a topic with a unique name from `base` and `partitions`.
+    pub async fn topic(&self, base: &str, partitions: u32) -> Result<String> {
+        self.topic_with(base, TopicConfig::new(partitions)).await
+    }
+
+    /// A producer.
+    pub async fn producer(&self) -> Result<Arc<dyn Producer>> {
+        self.broker.producer().await
+    }
+
+    /// Log start and log end of a partition.
+    pub async fn bounds(&self, topic: &str, partition: u32) -> Result<(u64, u64)> {
+        let d = self.broker.describe_topic(topic).await?;
+        let p = d
+            .partitions
+            .iter()
+            .find(|p| p.partition == partition)
+            .unwrap_or_else(|| panic!("describe_topic({topic}) lacks partition {partition}"));
+        Ok((p.log_start, p.log_end))
+    }
+
+    /// Log end of every partition of a topic.
+    pub async fn log_ends(&self, topic: &str) -> Result<Vec<u64>> {
+        let d = self.broker.describe_topic(topic).await?;
+        Ok(d.partitions.iter().map(|p| p.log_end).collect())
+    }
+
+    /// All records of a partition from its log start, via `fetch`.
+    pub async fn read_all(&self, topic: &str, partition: u32) -> Result<Vec<Message>> {
+        let mut out: Vec<Message> = Vec::new();
+        let mut from = 0;
+        loop {
+            let batch = self.broker.fetch(topic, partition, from, 1000).await?;
+            let Some(last) = batch.last() else {
+                return Ok(out);
+            };
+            from = last.offset + 1;
+            out.extend(batch);
+        }
+    }
+}
+
+/// Poll `consumer` until it has returned `n` messages in total or
+/// `deadline` passes; returns what it got (possibly fewer).
+pub async fn poll_n(consumer: &dyn Consumer, n: usize, deadline: Duration) -> Result<Vec<Message>> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let left = deadline.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let got = consumer
+            .poll(n - out.len(), left.min(Duration::from_millis(200)))
+            .await?;
+        out.extend(got);
+    }
+    Ok(out)
+}
+
+/// Poll `consumer` until exactly `n` messages came (panics on fewer within
+/// [`WAIT`]), then check nothing more arrives for `quiet`.
+pub async fn poll_exactly(
+    consumer: &dyn Consumer,
+    n: usize,
+    quiet: Duration,
+) -> Result<Vec<Message>> {
+    let got = poll_n(consumer, n, WAIT).await?;
+    assert_eq!(got.len(), n, "expected {n} messages, got {}", got.len());
+    if !quiet.is_zero() {
+        let more = consumer.poll(16, quiet).await?;
+        assert!(
+            more.is_empty(),
+            "expected no more messages, got {:?}",
+            more.iter().map(Message::position).collect::<Vec<_>>()
+        );
+    }
+    Ok(got)
+}
+
+/// Values of messages as UTF-8 strings (lossy), for readable asserts.
+pub fn values(messages: &[Message]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.value).into_owned())
+        .collect()
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use futures::FutureExt;
+    use std::any::Any;
+
+    /// A case, boxed so one signature fits every case.
+    pub type Case = for<'a> fn(
+        &'a dyn crate::Backend,
+    ) -> futures::future::BoxFuture<'a, conveyor_core::Result<()>>;
+
+    /// Run one case: fresh backend, the case under a deadline, cleanup
+    /// whatever happened, then report.
+    pub async fn run<B: crate::Backend>(backend: B, name: &str, case: Case) {
+        let outcome = std::panic::AssertUnwindSafe(tokio::time::timeout(
+            crate::CASE_DEADLINE,
+            case(&backend),
+        ))
+        .catch_unwind()
+        .await;
+        crate::Backend::cleanup(&backend).await;
+        drop(backend);
+        match outcome {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => panic!("case {name} failed: {e}"),
+            Ok(Err(_)) => panic!("case {name} hung: over {:?}", crate::CASE_DEADLINE),
+            Err(p) => std::panic::resume_unwind(p as Box<dyn Any + Send>),
+        }
+    }
+}
+
+/// Expand to one `#[tokio::test]` per conformance case, each running
+/// against a fresh backend from `factory` (an expression such that
+/// `factory().await` implements [`Backend`], e.g.
+/// `|| async { MemoryBackend::new() }`). Tests are named `section::case`.
+/// Call it once per test file; the file's crate needs `tokio` with the
+/// `macros` and `rt-multi-thread` features.
+#[macro_export]
+macro_rules! suite {
+    ($factory:expr $(,)?) => {
+        #[allow(dead_code)]
+        async fn __conveyor_conformance_backend() -> impl $crate::Backend {
+            ($factory)().await
+        }
+        $crate::__for_each_case!($crate::__suite_section);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __suite_section {
+    ($section:ident: $($case:ident),* $(,)?) => {
+        mod $section {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    $crate::__private::run(
+                        super::__conveyor_conformance_backend().await,
+                        concat!(stringify!($section), "::", stringify!($case)),
+                        |b| $crate::__private::FutureExt::boxed($crate::$section::$case(b)),
+                    )
+                    .await;
+                }
+            )*
+        }
+    };
+}
+
+/// The list of every case, by section. One place to add a case.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __for_each_case {
+    ($m:path) => {
+        $m!(topics:
+            create_and_describe,
+            create_same_config_is_noop,
+            create_other_config_is_topic_exists,
+            invalid_topic_names,
+            partition_count_bounds,
+            add_partitions_grows_never_shrinks,
+            unknown_topic_is_topic_not_found,
+            list_topics_sorted,
+            delete_topic,
+            auto_create_when_enabled,
+        );
+        $m!(records:
+            round_trip_byte_exact,
+            empty_value_and_empty_key,
+            one_mib_record_round_trip,
+            duplicate_headers_keep_order,
+            timestamps_set_by_broker,
+        );
+        $m!(produce:
+            dense_offsets,
+            receipt_means_visible,
+            keyed_partitioning_matches_kafka,
+            same_key_same_partition,
+            round_robin_without_key,
+            explicit_partition_wins,
+            batch_receipts_in_input_order,
+            batch_with_bad_record_writes_nothing,
+            concurrent_batches_stay_contiguous,
+            order_under_concurrent_producers,
+            no_late_lower_offsets,
+        );
+    };
 }
