@@ -412,6 +412,9 @@ async fn run_lane(
     }
 }
 
+/// Extracts an event id from a message.
+type EventId = dyn Fn(&Message) -> Option<String> + Send + Sync;
+
 /// A handler that runs at most once per event id within `ttl`, through an
 /// [`IdempotencyStore`]. Duplicates are acked without running the handler;
 /// a failed run forgets the id so the retry runs again.
@@ -421,7 +424,7 @@ async fn run_lane(
 pub struct Idempotent<H> {
     store: Arc<dyn IdempotencyStore>,
     ttl: Duration,
-    key: Box<dyn Fn(&Message) -> Option<String> + Send + Sync>,
+    key: Box<EventId>,
     inner: H,
     duplicates: Arc<AtomicU64>,
 }

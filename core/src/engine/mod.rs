@@ -277,7 +277,7 @@ async fn sweeper<S: LogStorage>(inner: Weak<Inner<S>>) {
             return;
         }
         ticks += 1;
-        if let Err(e) = inner.sweep(ticks % 20 == 0).await {
+        if let Err(e) = inner.sweep(ticks.is_multiple_of(20)).await {
             tracing::warn!(error = %e, "sweep failed");
         }
     }
