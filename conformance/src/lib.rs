@@ -352,5 +352,45 @@ macro_rules! __for_each_case {
             order_under_concurrent_producers,
             no_late_lower_offsets,
         );
+        $m!(idempotency:
+            duplicate_send_returns_original_receipt,
+            concurrent_duplicates_append_once,
+            duplicate_within_batch_appends_once,
+            keys_are_per_topic,
+            appends_again_after_dedup_window,
+            store_first_seen_atomic,
+            store_ttl_expires,
+            store_forget,
+        );
+        $m!(stream:
+            fan_out_across_groups,
+            start_earliest_vs_latest,
+            commit_and_resume,
+            redelivered_after_drop_without_commit,
+            commit_is_cumulative,
+            seek_beginning_end_offset,
+            seek_timestamp,
+            rebalance_on_join,
+            rebalance_on_leave,
+            rebalance_on_session_timeout,
+            balance_and_stickiness,
+            partition_owned_by_one_member,
+            stale_commit_is_fenced,
+            nack_rewinds_and_raises_attempt,
+            nack_waits_for_backoff,
+        );
+        $m!(queue:
+            competing_consumers_each_once,
+            parallel_beyond_partitions,
+            offered_in_offset_order,
+            no_second_lease_while_held,
+            ack_settles_forever,
+            nack_with_delay,
+            lease_expiry_redelivers,
+            extend_prevents_redelivery,
+            ack_after_expiry_is_lease_expired,
+            attempt_counts_survive_members,
+            close_releases_leases,
+        );
     };
 }

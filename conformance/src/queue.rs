@@ -1,1 +1,322 @@
-//! Cases of the contract: queue.
+//! Contract §4b, queue mode: competing consumers, leases, ack, nack with
+//! delay, lease expiry, extend, `LeaseExpired`, attempt counts.
+
+use crate::{expect_kind, poll_exactly, poll_n, unique, Backend, Ctx, WAIT};
+use conveyor_core::{ErrorKind, GroupConfig, Record, Result, RetryBackoff};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+async fn send_n(ctx: &Ctx<'_>, topic: &str, n: usize) -> Result<()> {
+    let records = (0..n).map(|i| Record::new(format!("m{i}"))).collect();
+    ctx.producer().await?.send_batch(topic, records).await?;
+    Ok(())
+}
+
+fn queue_cfg(visibility: Duration) -> GroupConfig {
+    GroupConfig::queue()
+        .with_visibility_timeout(visibility)
+        .with_retry_backoff(RetryBackoff::none())
+}
+
+/// "within a group each record is handed to one member at a time
+/// (competing consumers)": three members polling concurrently receive every
+/// record, each exactly once when nothing fails.
+pub async fn competing_consumers_each_once(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("compete", 2).await?;
+    send_n(&ctx, &topic, 300).await?;
+    let group = unique("g");
+    let acked = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let c = ctx
+            .broker
+            .consumer(&group, &[&topic], queue_cfg(Duration::from_secs(30)))
+            .await?;
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            let start = Instant::now();
+            while acked.load(Ordering::Acquire) < 300 && start.elapsed() < WAIT {
+                for m in c.poll(7, Duration::from_millis(20)).await? {
+                    c.ack(&m).await?;
+                    assert_eq!(m.attempt, 1);
+                    got.push((m.partition, m.offset));
+                    acked.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+            c.close().await?;
+            Ok::<_, conveyor_core::Error>(got)
+        }));
+    }
+    let mut seen: BTreeMap<(u32, u64), usize> = BTreeMap::new();
+    for t in tasks {
+        for k in t.await.expect("task")? {
+            *seen.entry(k).or_default() += 1;
+        }
+    }
+    assert_eq!(seen.len(), 300, "all delivered");
+    assert!(seen.values().all(|n| *n == 1), "none delivered twice");
+    let lag = ctx.broker.group_lag(&group).await?;
+    assert_eq!(lag.total_lag(), 0);
+    Ok(())
+}
+
+/// "Any member may receive any record; parallelism is not bounded by the
+/// partition count": two members hold leases on one partition at once.
+pub async fn parallel_beyond_partitions(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("par", 1).await?;
+    send_n(&ctx, &topic, 4).await?;
+    let group = unique("g");
+    let cfg = queue_cfg(Duration::from_secs(30));
+    let a = ctx.broker.consumer(&group, &[&topic], cfg.clone()).await?;
+    let b = ctx.broker.consumer(&group, &[&topic], cfg).await?;
+    let ma = poll_exactly(a.as_ref(), 1, Duration::ZERO).await?;
+    let mb = poll_exactly(b.as_ref(), 1, Duration::ZERO).await?;
+    assert_ne!(ma[0].offset, mb[0].offset);
+    let lag = ctx.broker.group_lag(&group).await?;
+    assert_eq!(lag.partitions[0].in_flight, 2);
+    a.ack(&ma[0]).await?;
+    b.ack(&mb[0]).await?;
+    Ok(())
+}
+
+/// "Records are offered in offset order per partition".
+pub async fn offered_in_offset_order(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("qorder", 3).await?;
+    let p = ctx.producer().await?;
+    for i in 0..30u32 {
+        p.send(&topic, Record::new(format!("{i}")).with_partition(i % 3))
+            .await?;
+    }
+    let c = ctx
+        .broker
+        .consumer(&unique("g"), &[&topic], queue_cfg(Duration::from_secs(30)))
+        .await?;
+    let mut last: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut n = 0;
+    while n < 30 {
+        let got = poll_n(c.as_ref(), 1 + n % 4, WAIT).await?;
+        assert!(!got.is_empty());
+        for m in got {
+            if let Some(prev) = last.insert(m.partition, m.offset) {
+                assert_eq!(m.offset, prev + 1, "partition {} in order", m.partition);
+            } else {
+                assert_eq!(m.offset, 0);
+            }
+            c.ack(&m).await?;
+            n += 1;
+        }
+    }
+    Ok(())
+}
+
+/// "No message is in flight to two members at once while its lease
+/// holds": while A holds every lease, B gets nothing.
+pub async fn no_second_lease_while_held(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("held", 2).await?;
+    send_n(&ctx, &topic, 6).await?;
+    let group = unique("g");
+    let cfg = queue_cfg(Duration::from_secs(30));
+    let a = ctx.broker.consumer(&group, &[&topic], cfg.clone()).await?;
+    let b = ctx.broker.consumer(&group, &[&topic], cfg).await?;
+    let held = poll_exactly(a.as_ref(), 6, Duration::ZERO).await?;
+    assert!(b.poll(10, Duration::from_millis(300)).await?.is_empty());
+    assert_eq!(ctx.broker.group_lag(&group).await?.total_in_flight(), 6);
+    for m in &held {
+        a.ack(m).await?;
+    }
+    Ok(())
+}
+
+/// "`ack` settles it for the group forever": an acked message is not
+/// redelivered after its visibility timeout would have run out.
+pub async fn ack_settles_forever(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("acked", 1).await?;
+    send_n(&ctx, &topic, 3).await?;
+    let group = unique("g");
+    let cfg = queue_cfg(Duration::from_millis(100));
+    let a = ctx.broker.consumer(&group, &[&topic], cfg.clone()).await?;
+    let got = poll_exactly(a.as_ref(), 3, Duration::ZERO).await?;
+    for m in &got {
+        a.ack(m).await?;
+    }
+    let b = ctx.broker.consumer(&group, &[&topic], cfg).await?;
+    assert!(b.poll(10, Duration::from_millis(400)).await?.is_empty());
+    assert!(a.poll(10, Duration::from_millis(50)).await?.is_empty());
+    expect_kind(a.ack(&got[0]).await, ErrorKind::LeaseExpired);
+    let lag = ctx.broker.group_lag(&group).await?;
+    assert_eq!((lag.total_lag(), lag.partitions[0].committed), (0, 3));
+    Ok(())
+}
+
+/// "`nack(delay)` makes it available again after `delay`" (not before),
+/// with the attempt number raised; without a delay, the group's retry
+/// backoff applies.
+pub async fn nack_with_delay(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("qnack", 1).await?;
+    send_n(&ctx, &topic, 1).await?;
+    let cfg = queue_cfg(Duration::from_secs(30))
+        .with_retry_backoff(RetryBackoff::fixed(Duration::from_millis(250)));
+    let c = ctx.broker.consumer(&unique("g"), &[&topic], cfg).await?;
+    let mut m = poll_exactly(c.as_ref(), 1, Duration::ZERO).await?.remove(0);
+    for (delay, attempt) in [(Some(Duration::from_millis(250)), 2), (None, 3)] {
+        let at = Instant::now();
+        c.nack(&m, delay, None).await?;
+        assert!(
+            c.poll(10, Duration::from_millis(100)).await?.is_empty(),
+            "too early"
+        );
+        m = poll_n(c.as_ref(), 1, WAIT).await?.remove(0);
+        assert!(
+            at.elapsed() >= Duration::from_millis(250),
+            "waited the delay"
+        );
+        assert_eq!((m.offset, m.attempt), (0, attempt));
+    }
+    c.ack(&m).await?;
+    Ok(())
+}
+
+/// "An expired lease makes it available again", with attempt + 1.
+pub async fn lease_expiry_redelivers(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("expiry", 1).await?;
+    send_n(&ctx, &topic, 1).await?;
+    let group = unique("g");
+    let cfg = queue_cfg(Duration::from_millis(200));
+    let a = ctx.broker.consumer(&group, &[&topic], cfg.clone()).await?;
+    let b = ctx.broker.consumer(&group, &[&topic], cfg).await?;
+    let at = Instant::now();
+    let first = poll_exactly(a.as_ref(), 1, Duration::ZERO).await?;
+    let again = poll_n(b.as_ref(), 1, WAIT).await?;
+    assert!(
+        at.elapsed() >= Duration::from_millis(200),
+        "not before the timeout"
+    );
+    assert_eq!(again[0].offset, first[0].offset);
+    assert_eq!(again[0].attempt, 2);
+    b.ack(&again[0]).await?;
+    Ok(())
+}
+
+/// "`extend(message, d)` prolongs a lease (SQS ChangeMessageVisibility)":
+/// a lease kept extended is not redelivered past its original timeout.
+pub async fn extend_prevents_redelivery(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("extend", 1).await?;
+    send_n(&ctx, &topic, 1).await?;
+    let group = unique("g");
+    let cfg = queue_cfg(Duration::from_millis(200));
+    let a = ctx.broker.consumer(&group, &[&topic], cfg.clone()).await?;
+    let b = ctx.broker.consumer(&group, &[&topic], cfg).await?;
+    let m = poll_exactly(a.as_ref(), 1, Duration::ZERO).await?.remove(0);
+    a.extend(&m, Duration::from_secs(30)).await?;
+    assert!(
+        b.poll(10, Duration::from_millis(500)).await?.is_empty(),
+        "extended"
+    );
+    a.extend(&m, Duration::from_millis(100)).await?;
+    // Shortened again: now it expires and is redelivered.
+    let again = poll_n(b.as_ref(), 1, WAIT).await?;
+    assert_eq!((again[0].offset, again[0].attempt), (0, 2));
+    b.ack(&again[0]).await?;
+    Ok(())
+}
+
+/// "Acking a message whose lease expired and was re-leased is
+/// `ErrorKind::LeaseExpired` and does not settle the new lease"; the new
+/// lease still acks fine.
+pub async fn ack_after_expiry_is_lease_expired(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("expired", 1).await?;
+    send_n(&ctx, &topic, 1).await?;
+    let group = unique("g");
+    let cfg = queue_cfg(Duration::from_millis(300));
+    let a = ctx.broker.consumer(&group, &[&topic], cfg.clone()).await?;
+    let b = ctx.broker.consumer(&group, &[&topic], cfg).await?;
+    let old = poll_exactly(a.as_ref(), 1, Duration::ZERO).await?.remove(0);
+    let new = poll_n(b.as_ref(), 1, WAIT).await?.remove(0);
+    b.extend(&new, Duration::from_secs(30)).await?;
+    assert_eq!((new.offset, new.attempt), (old.offset, 2));
+    let e = expect_kind(a.ack(&old).await, ErrorKind::LeaseExpired);
+    assert!(e.message().contains(&topic), "message names the topic: {e}");
+    expect_kind(
+        a.extend(&old, Duration::from_secs(1)).await,
+        ErrorKind::LeaseExpired,
+    );
+    expect_kind(a.nack(&old, None, None).await, ErrorKind::LeaseExpired);
+    let lag = ctx.broker.group_lag(&group).await?;
+    assert_eq!(
+        (lag.total_lag(), lag.total_in_flight()),
+        (1, 1),
+        "new lease intact"
+    );
+    b.ack(&new).await?;
+    let lag = ctx.broker.group_lag(&group).await?;
+    assert_eq!(lag.total_lag(), 0);
+    Ok(())
+}
+
+/// "The attempt number (SQS ApproximateReceiveCount) is stored by the
+/// backend and survives restarts of consumers": it counts every delivery,
+/// across members that come and go.
+pub async fn attempt_counts_survive_members(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("attempts", 1).await?;
+    send_n(&ctx, &topic, 2).await?;
+    let group = unique("g");
+    let cfg = queue_cfg(Duration::from_secs(30));
+    for attempt in 1..=4u32 {
+        let c = ctx.broker.consumer(&group, &[&topic], cfg.clone()).await?;
+        let want = if attempt == 1 { 2 } else { 1 };
+        let got = poll_exactly(c.as_ref(), want, Duration::ZERO).await?;
+        for m in &got {
+            if m.offset == 1 {
+                assert_eq!(m.attempt, 1);
+                c.ack(m).await?;
+            }
+        }
+        let m = got.iter().find(|m| m.offset == 0).expect("offset 0");
+        assert_eq!(m.attempt, attempt);
+        if attempt % 2 == 0 {
+            c.nack(m, Some(Duration::ZERO), None).await?;
+            c.close().await?;
+        } else {
+            drop(c); // leaves with the lease held: released, still counted
+        }
+    }
+    let c = ctx.broker.consumer(&group, &[&topic], cfg).await?;
+    let got = poll_exactly(c.as_ref(), 1, Duration::from_millis(50)).await?;
+    assert_eq!((got[0].offset, got[0].attempt), (0, 5));
+    c.ack(&got[0]).await?;
+    Ok(())
+}
+
+/// "Leaving (`close`) removes it at once" and its unacked leases are
+/// released: another member gets them long before the visibility timeout.
+pub async fn close_releases_leases(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("release", 2).await?;
+    send_n(&ctx, &topic, 5).await?;
+    let group = unique("g");
+    let cfg = queue_cfg(Duration::from_secs(60));
+    let a = ctx.broker.consumer(&group, &[&topic], cfg.clone()).await?;
+    let b = ctx.broker.consumer(&group, &[&topic], cfg).await?;
+    let held = poll_exactly(a.as_ref(), 5, Duration::ZERO).await?;
+    a.close().await?;
+    let got = poll_exactly(b.as_ref(), 5, Duration::from_millis(50)).await?;
+    let want: BTreeSet<(u32, u64)> = held.iter().map(|m| (m.partition, m.offset)).collect();
+    let have: BTreeSet<(u32, u64)> = got.iter().map(|m| (m.partition, m.offset)).collect();
+    assert_eq!(have, want);
+    assert!(got.iter().all(|m| m.attempt == 2));
+    expect_kind(a.ack(&held[0]).await, ErrorKind::Closed);
+    Ok(())
+}
