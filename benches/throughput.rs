@@ -1,0 +1,151 @@
+//! Throughput and latency of a backend, through the public API.
+//!
+//! `CONVEYOR_BENCH_URL` picks the backend (default `memory://`; a `{tmp}`
+//! in it is replaced by a fresh temporary directory, e.g.
+//! `mmap://{tmp}`). Values are 100 bytes.
+//!
+//! ```text
+//! cargo bench --bench throughput
+//! CONVEYOR_BENCH_URL='mmap://{tmp}?durability=always' cargo bench --bench throughput
+//! ```
+
+use conveyor::{Broker, GroupConfig, Record, TopicConfig};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const VALUE: usize = 100;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+struct Fixture {
+    broker: Arc<dyn Broker>,
+    _dir: tempfile::TempDir,
+}
+
+fn open(rt: &tokio::runtime::Runtime) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = std::env::var("CONVEYOR_BENCH_URL").unwrap_or_else(|_| "memory://".into());
+    let url = url.replace("{tmp}", &dir.path().display().to_string());
+    let broker = rt
+        .block_on(conveyor::open(&url))
+        .unwrap_or_else(|e| panic!("open {url}: {e}"));
+    Fixture { broker, _dir: dir }
+}
+
+fn append(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("append");
+    for batch in [1usize, 100] {
+        let f = open(&rt);
+        let topic = format!("append.{batch}");
+        rt.block_on(f.broker.create_topic(&topic, TopicConfig::new(1)))
+            .unwrap();
+        let producer = rt.block_on(f.broker.producer()).unwrap();
+        let value = bytes::Bytes::from(vec![7u8; VALUE]);
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(BenchmarkId::new("batch", batch), &batch, |b, &batch| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        let records = (0..batch).map(|_| Record::new(value.clone())).collect();
+                        producer.send_batch(&topic, records).await.unwrap();
+                    }
+                    started.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn read(c: &mut Criterion) {
+    let rt = runtime();
+    let f = open(&rt);
+    let records: u64 = std::env::var("CONVEYOR_BENCH_READ_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    rt.block_on(async {
+        f.broker
+            .create_topic("read", TopicConfig::new(1))
+            .await
+            .unwrap();
+        let producer = f.broker.producer().await.unwrap();
+        let value = bytes::Bytes::from(vec![7u8; VALUE]);
+        let mut sent = 0;
+        while sent < records {
+            let n = (records - sent).min(1000);
+            let batch = (0..n).map(|_| Record::new(value.clone())).collect();
+            producer.send_batch("read", batch).await.unwrap();
+            sent += n;
+        }
+    });
+    let mut group = c.benchmark_group("read");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(records));
+    group.bench_function(BenchmarkId::new("from_start", records), |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iters {
+                    let mut at = 0;
+                    while at < records {
+                        let batch = f.broker.fetch("read", 0, at, 10_000).await.unwrap();
+                        at = batch.last().expect("records").offset + 1;
+                    }
+                }
+                started.elapsed()
+            })
+        })
+    });
+    group.finish();
+}
+
+fn produce_to_consume(c: &mut Criterion) {
+    let rt = runtime();
+    let f = open(&rt);
+    let (producer, consumer) = rt.block_on(async {
+        f.broker
+            .create_topic("latency", TopicConfig::new(1))
+            .await
+            .unwrap();
+        let consumer = f
+            .broker
+            .consumer("latency", &["latency"], GroupConfig::stream())
+            .await
+            .unwrap();
+        (f.broker.producer().await.unwrap(), consumer)
+    });
+    let value = bytes::Bytes::from(vec![7u8; VALUE]);
+    let mut group = c.benchmark_group("latency");
+    group.bench_function("produce_to_consume", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let started = Instant::now();
+                    producer
+                        .send("latency", Record::new(value.clone()))
+                        .await
+                        .unwrap();
+                    let got = consumer.poll(1, Duration::from_secs(5)).await.unwrap();
+                    total += started.elapsed();
+                    consumer.ack(&got[0]).await.unwrap();
+                }
+                total
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, append, read, produce_to_consume);
+criterion_main!(benches);
