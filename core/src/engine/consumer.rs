@@ -7,7 +7,7 @@
 
 use super::group::{Member, Retry};
 use super::lease::{Lease, LeaseTable};
-use super::{key_commit, key_leases, Inner, LogStorage, MAX_POLL_BYTES};
+use super::{key_commit, key_leases, millis, Inner, LogStorage, MAX_POLL_BYTES};
 use crate::broker::{Consumer, NackOutcome, TopicPartition};
 use crate::config::{DeliveryMode, SeekTo};
 use crate::dlq::DeadLetter;
@@ -212,7 +212,7 @@ impl<S: LogStorage> EngineConsumer<S> {
                 .groups
                 .get_mut(&self.group)
                 .ok_or_else(|| Error::internal("group vanished"))?;
-            let visibility = g.config.visibility_timeout.as_millis() as u64;
+            let visibility = millis(g.config.visibility_timeout);
             let max_deliveries = g.config.dlq.max_deliveries;
             for tp in self.rotated(&parts) {
                 let Ok(b) = self.inner.bounds(&tp) else {
@@ -236,7 +236,7 @@ impl<S: LogStorage> EngineConsumer<S> {
                         let lease = Lease {
                             member: self.member,
                             id: state.next_lease,
-                            deadline_ms: now + visibility,
+                            deadline_ms: now.saturating_add(visibility),
                         };
                         let attempt = table.lease(offset, lease);
                         reserved.push(Reserved {
@@ -535,7 +535,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                     let (attempts, last) = t.nack(
                         m.offset,
                         m.token.lease,
-                        now + delay.as_millis() as u64,
+                        now.saturating_add(millis(delay)),
                         max,
                         &what,
                     )?;
@@ -555,7 +555,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                             m.offset,
                             Retry {
                                 attempt: m.attempt + 1,
-                                not_before_ms: now + delay.as_millis() as u64,
+                                not_before_ms: now.saturating_add(millis(delay)),
                             },
                         );
                         None
@@ -594,7 +594,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
         t.extend(
             m.offset,
             m.token.lease,
-            now_ms() + by.as_millis() as u64,
+            now_ms().saturating_add(millis(by)),
             &what,
         )
     }

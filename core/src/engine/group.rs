@@ -92,7 +92,7 @@ impl Group {
 
     /// Remove members silent past the session timeout; true if any left.
     pub fn expire_members(&mut self, now_ms: u64) -> Vec<u64> {
-        let timeout = self.config.session_timeout.as_millis() as u64;
+        let timeout = super::millis(self.config.session_timeout);
         let gone: Vec<u64> = self
             .members
             .iter()

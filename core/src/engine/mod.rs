@@ -79,6 +79,12 @@ impl State {
     }
 }
 
+/// A duration in whole milliseconds, saturating at `u64::MAX` (so
+/// `Duration::MAX` means "forever", never an overflow).
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn key_topic(topic: &str) -> String {
     format!("t/{topic}")
 }
@@ -570,9 +576,11 @@ impl<S: LogStorage> Inner<S> {
         let now = now_ms();
         if guard.is_none() {
             let mut w = DedupWindow::default();
-            let since = now.saturating_sub(config.dedup_window.as_millis() as u64);
+            let since = now.saturating_sub(millis(config.dedup_window));
             for (key, receipt) in self.storage.idempotency_keys_since(topic, since).await? {
-                let expires = receipt.timestamp + config.dedup_window.as_millis() as u64;
+                let expires = receipt
+                    .timestamp
+                    .saturating_add(millis(config.dedup_window));
                 w.insert(key, receipt, expires);
             }
             *guard = Some(w);
@@ -600,7 +608,7 @@ impl<S: LogStorage> Inner<S> {
         let appended = self
             .append_by_partition(topic, &config, records, &targets, &keep)
             .await?;
-        let expires_in = config.dedup_window.as_millis() as u64;
+        let expires_in = millis(config.dedup_window);
         let mut receipts = Vec::with_capacity(keep.len());
         for i in 0..keep.len() {
             let receipt = match (known[i], same_as[i]) {
@@ -609,7 +617,7 @@ impl<S: LogStorage> Inner<S> {
                 (None, None) => {
                     let r = appended[i].expect("appended");
                     if let Some(k) = &keys[i] {
-                        w.insert(k.clone(), r, r.timestamp + expires_in);
+                        w.insert(k.clone(), r, r.timestamp.saturating_add(expires_in));
                     }
                     r
                 }
@@ -1024,7 +1032,7 @@ impl<S: LogStorage> Inner<S> {
             match map.get(key) {
                 Some(exp) if *exp > now => false,
                 _ => {
-                    map.insert(key.to_string(), now + ttl.as_millis() as u64);
+                    map.insert(key.to_string(), now.saturating_add(millis(ttl)));
                     true
                 }
             }
