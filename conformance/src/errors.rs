@@ -1,1 +1,273 @@
-//! Cases of the contract: errors.
+//! Contract §7, bad input and failure: every bad input gives its
+//! `ErrorKind`, names what was wrong, writes nothing, and never panics; a
+//! closed broker says `Closed`; a group keeps its mode.
+
+use crate::{expect_kind, poll_n, unique, Backend, Ctx, WAIT};
+use conveyor_core::{
+    DlqPolicy, ErrorKind, GroupConfig, Record, Result, RetryBackoff, SeekTo, TopicConfig,
+};
+use std::time::Duration;
+
+/// "oversize record ... is refused before anything is written" with
+/// `MessageTooLarge`: key + value + headers (names and values) count; the
+/// exact limit is fine, one byte over is not.
+pub async fn oversize_is_message_too_large(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx
+        .topic_with("size", TopicConfig::new(1).with_max_message_bytes(100))
+        .await?;
+    let p = ctx.producer().await?;
+    let exact = Record::new(vec![1u8; 60])
+        .with_key(vec![2u8; 20])
+        .with_header("hh", vec![3u8; 18]);
+    assert_eq!(exact.size(), 100);
+    p.send(&topic, exact).await?;
+    let over = [
+        Record::new(vec![1u8; 101]),
+        Record::new(vec![1u8; 61]).with_key(vec![2u8; 40]),
+        Record::new(vec![1u8; 60])
+            .with_key(vec![2u8; 20])
+            .with_header("hhh", vec![3u8; 18]),
+        Record::new(vec![1u8; 60])
+            .with_key(vec![2u8; 20])
+            .with_header("hh", vec![3u8; 19]),
+    ];
+    for r in over {
+        let e = expect_kind(p.send(&topic, r).await, ErrorKind::MessageTooLarge);
+        assert!(e.message().contains(&topic), "names the topic: {e}");
+    }
+    assert_eq!(ctx.log_ends(&topic).await?, vec![1], "nothing written");
+    // The default limit is 1 MiB.
+    let default = ctx.topic("size-default", 1).await?;
+    expect_kind(
+        p.send(&default, Record::new(vec![0u8; 1024 * 1024 + 1]))
+            .await,
+        ErrorKind::MessageTooLarge,
+    );
+    assert_eq!(ctx.log_ends(&default).await?, vec![0]);
+    Ok(())
+}
+
+/// "partition out of range" is `PartitionOutOfRange`, names topic and
+/// partition, and writes nothing (send, fetch, offset_for_timestamp,
+/// commit, seek).
+pub async fn partition_out_of_range(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("range", 2).await?;
+    let p = ctx.producer().await?;
+    let e = expect_kind(
+        p.send(&topic, Record::new("x").with_partition(2)).await,
+        ErrorKind::PartitionOutOfRange,
+    );
+    assert!(
+        e.message().contains(&topic) && e.message().contains('2'),
+        "{e}"
+    );
+    expect_kind(
+        p.send(&topic, Record::new("x").with_partition(u32::MAX))
+            .await,
+        ErrorKind::PartitionOutOfRange,
+    );
+    expect_kind(
+        ctx.broker.fetch(&topic, 2, 0, 1).await,
+        ErrorKind::PartitionOutOfRange,
+    );
+    expect_kind(
+        ctx.broker.offset_for_timestamp(&topic, 9, 0).await,
+        ErrorKind::PartitionOutOfRange,
+    );
+    let c = ctx
+        .broker
+        .consumer(&unique("g"), &[&topic], GroupConfig::stream())
+        .await?;
+    expect_kind(c.commit(&topic, 2, 0).await, ErrorKind::PartitionOutOfRange);
+    expect_kind(
+        c.seek(&topic, 5, SeekTo::Beginning).await,
+        ErrorKind::PartitionOutOfRange,
+    );
+    assert_eq!(ctx.log_ends(&topic).await?, vec![0, 0]);
+    Ok(())
+}
+
+/// "invalid names" for groups (the rules of topics) and invalid group
+/// configs are `InvalidArgument`; no group is created.
+pub async fn invalid_group_input(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("ginput", 1).await?;
+    let long = "g".repeat(250);
+    for bad in ["", long.as_str(), "a b", "g/1", "ü"] {
+        expect_kind(
+            ctx.broker
+                .consumer(bad, &[&topic], GroupConfig::stream())
+                .await,
+            ErrorKind::InvalidArgument,
+        );
+        expect_kind(ctx.broker.group_lag(bad).await, ErrorKind::InvalidArgument);
+    }
+    let group = unique("g");
+    let bad_configs = [
+        GroupConfig::queue().with_dlq(DlqPolicy::new(0)),
+        GroupConfig::queue().with_visibility_timeout(Duration::ZERO),
+        GroupConfig::stream().with_session_timeout(Duration::ZERO),
+        GroupConfig::queue().with_dlq(DlqPolicy::new(3).with_topic("bad topic")),
+    ];
+    for config in bad_configs {
+        expect_kind(
+            ctx.broker.consumer(&group, &[&topic], config).await,
+            ErrorKind::InvalidArgument,
+        );
+    }
+    expect_kind(
+        ctx.broker
+            .consumer(&group, &[], GroupConfig::stream())
+            .await,
+        ErrorKind::InvalidArgument,
+    );
+    assert!(
+        !ctx.broker.list_groups().await?.contains(&group),
+        "no group created"
+    );
+    let bad_topic = "a".repeat(250);
+    expect_kind(
+        ctx.broker
+            .consumer(&group, &[&bad_topic], GroupConfig::stream())
+            .await,
+        ErrorKind::InvalidArgument,
+    );
+    Ok(())
+}
+
+/// "unknown ... group" is `GroupNotFound` for `group_lag`.
+pub async fn unknown_group_is_group_not_found(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let group = unique("nobody");
+    let e = expect_kind(ctx.broker.group_lag(&group).await, ErrorKind::GroupNotFound);
+    assert!(e.message().contains(&group), "names the group: {e}");
+    Ok(())
+}
+
+/// "A group has one delivery mode, fixed when it is first created; joining
+/// with another mode is `ErrorKind::GroupModeMismatch`" (both ways, also
+/// after every member left).
+pub async fn group_mode_mismatch(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("mode", 1).await?;
+    let (s, q) = (unique("gs"), unique("gq"));
+    let cs = ctx
+        .broker
+        .consumer(&s, &[&topic], GroupConfig::stream())
+        .await?;
+    let cq = ctx
+        .broker
+        .consumer(&q, &[&topic], GroupConfig::queue())
+        .await?;
+    let e = expect_kind(
+        ctx.broker
+            .consumer(&s, &[&topic], GroupConfig::queue())
+            .await,
+        ErrorKind::GroupModeMismatch,
+    );
+    assert!(e.message().contains(&s), "names the group: {e}");
+    expect_kind(
+        ctx.broker
+            .consumer(&q, &[&topic], GroupConfig::stream())
+            .await,
+        ErrorKind::GroupModeMismatch,
+    );
+    cs.close().await?;
+    cq.close().await?;
+    expect_kind(
+        ctx.broker
+            .consumer(&s, &[&topic], GroupConfig::queue())
+            .await,
+        ErrorKind::GroupModeMismatch,
+    );
+    Ok(())
+}
+
+/// `close`: "Later calls fail with `Closed`" (and closing twice is fine).
+pub async fn closed_broker_returns_closed(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("closed", 1).await?;
+    let p = ctx.producer().await?;
+    let c = ctx
+        .broker
+        .consumer(&unique("g"), &[&topic], GroupConfig::queue())
+        .await?;
+    p.send(&topic, Record::new("x")).await?;
+    let m = poll_n(c.as_ref(), 1, WAIT).await?.remove(0);
+    let store = ctx.broker.idempotency_store();
+    let b = ctx.broker.clone();
+    b.close().await?;
+    b.close().await?;
+    let k = ErrorKind::Closed;
+    expect_kind(b.create_topic(&unique("t"), TopicConfig::new(1)).await, k);
+    expect_kind(b.describe_topic(&topic).await, k);
+    expect_kind(b.list_topics().await, k);
+    expect_kind(b.list_groups().await, k);
+    expect_kind(b.producer().await, k);
+    expect_kind(
+        b.consumer(&unique("g"), &[&topic], GroupConfig::stream())
+            .await,
+        k,
+    );
+    expect_kind(b.fetch(&topic, 0, 0, 1).await, k);
+    expect_kind(b.offset_for_timestamp(&topic, 0, 0).await, k);
+    expect_kind(b.add_partitions(&topic, 2).await, k);
+    expect_kind(b.delete_topic(&topic).await, k);
+    expect_kind(p.send(&topic, Record::new("y")).await, k);
+    expect_kind(c.poll(1, Duration::from_millis(10)).await, k);
+    expect_kind(c.ack(&m).await, k);
+    expect_kind(store.first_seen("k", Duration::from_secs(1)).await, k);
+    Ok(())
+}
+
+/// "No input makes the library panic": extreme durations and offsets are
+/// accepted or refused with an error, never a panic.
+pub async fn extreme_values_do_not_panic(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx
+        .topic_with(
+            "extreme",
+            TopicConfig::new(1).with_dedup_window(Duration::MAX),
+        )
+        .await?;
+    let p = ctx.producer().await?;
+    p.send(&topic, Record::new("a").with_idempotency_key("k"))
+        .await?;
+    p.send(&topic, Record::new("a").with_idempotency_key("k"))
+        .await?;
+    p.send(&topic, Record::new("b")).await?;
+    let _ = ctx.broker.fetch(&topic, 0, u64::MAX, usize::MAX).await?;
+    let _ = ctx.broker.fetch(&topic, 0, 0, 0).await?;
+    let _ = ctx.broker.offset_for_timestamp(&topic, 0, u64::MAX).await?;
+    let store = ctx.broker.idempotency_store();
+    let _ = store.first_seen(&unique("k"), Duration::MAX).await;
+    let q = ctx
+        .broker
+        .consumer(
+            &unique("g"),
+            &[&topic],
+            GroupConfig::queue()
+                .with_visibility_timeout(Duration::MAX)
+                .with_session_timeout(Duration::MAX)
+                .with_retry_backoff(RetryBackoff::exponential(Duration::MAX, Duration::MAX)),
+        )
+        .await?;
+    assert!(q.poll(0, Duration::ZERO).await?.is_empty());
+    let got = poll_n(q.as_ref(), 2, WAIT).await?;
+    let _ = q.extend(&got[0], Duration::MAX).await;
+    let _ = q.nack(&got[0], Some(Duration::MAX), None).await;
+    let _ = q.nack(&got[1], None, None).await;
+    let s = ctx
+        .broker
+        .consumer(&unique("g"), &[&topic], GroupConfig::stream())
+        .await?;
+    let _ = s.seek(&topic, 0, SeekTo::Offset(u64::MAX)).await;
+    let _ = s.seek(&topic, 0, SeekTo::Timestamp(u64::MAX)).await;
+    let _ = s.commit(&topic, 0, u64::MAX).await;
+    let _ = s.poll(10, Duration::from_millis(10)).await?;
+    ctx.broker.describe_topic(&topic).await?;
+    ctx.broker.list_groups().await?;
+    Ok(())
+}

@@ -392,5 +392,42 @@ macro_rules! __for_each_case {
             attempt_counts_survive_members,
             close_releases_leases,
         );
+        $m!(dlq:
+            nack_path_dead_letters,
+            lease_expiry_path_dead_letters,
+            stream_nack_dead_letters,
+            custom_dlq_topic,
+            redrive_delivers_again,
+            groups_independent,
+        );
+        $m!(retention:
+            by_age,
+            by_bytes,
+            group_before_log_start_continues,
+            seek_and_fetch_below_log_start,
+        );
+        $m!(errors:
+            oversize_is_message_too_large,
+            partition_out_of_range,
+            invalid_group_input,
+            unknown_group_is_group_not_found,
+            group_mode_mismatch,
+            closed_broker_returns_closed,
+            extreme_values_do_not_panic,
+        );
+        $m!(lag:
+            describe_topic_bounds,
+            stream_group_lag,
+            queue_group_lag,
+            list_groups_sorted,
+            fetch_without_group,
+        );
+        $m!(persistence:
+            reopen_keeps_records,
+            reopen_keeps_committed_offsets,
+            reopen_keeps_attempts_and_dlq,
+            reopen_keeps_idempotency_keys,
+            reopen_after_retention_never_reuses_offsets,
+        );
     };
 }
