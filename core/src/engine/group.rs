@@ -117,12 +117,13 @@ impl Group {
     }
 
     /// Recompute stream-mode ownership over `partitions` (all partitions of
-    /// the topics members read) and bump the generation.
+    /// the topics members read) and bump the generation. Queue-mode groups
+    /// have no assignment and stay at generation 0.
     pub fn rebalance(&mut self, partitions: &[TopicPartition]) {
-        self.generation += 1;
         if self.mode() != DeliveryMode::Stream {
             return;
         }
+        self.generation += 1;
         let current: BTreeMap<TopicPartition, u64> = self
             .owners
             .iter()
