@@ -105,6 +105,31 @@ pub fn redrive_record(
     Ok((topic, record))
 }
 
+/// Validate a record bound for `topic` (see [`crate::validate::record`]),
+/// not counting the `conveyor.redrive.attempts` audit header against
+/// `max_message_bytes`: redrive adds it to a record that fit when it was
+/// first sent, and a record that fit must be redriven (contract §5:
+/// nothing is dropped). Backends call this before appending.
+pub fn validate_record(
+    topic: &str,
+    record: &Record,
+    partitions: u32,
+    max_message_bytes: usize,
+) -> Result<()> {
+    if !record
+        .headers
+        .iter()
+        .any(|h| h.name == HEADER_REDRIVE_ATTEMPTS)
+    {
+        return crate::validate::record(topic, record, partitions, max_message_bytes);
+    }
+    let mut counted = record.clone(); // cheap: `Bytes` are shared
+    counted
+        .headers
+        .retain(|h| h.name != HEADER_REDRIVE_ATTEMPTS);
+    crate::validate::record(topic, &counted, partitions, max_message_bytes)
+}
+
 /// Move up to `max` (all if `None`) messages of `dlq_topic` back to their
 /// original topics. Each is appended to its topic before it is acked in the
 /// DLQ (group `conveyor.redrive`), so nothing is dropped; a crash between the

@@ -547,7 +547,12 @@ impl<S: LogStorage> Inner<S> {
         self.check_open()?;
         let config = self.topic_or_create(topic).await?;
         for record in &records {
-            validate::record(topic, record, config.partitions, config.max_message_bytes)?;
+            crate::dlq::validate_record(
+                topic,
+                record,
+                config.partitions,
+                config.max_message_bytes,
+            )?;
         }
         if records.is_empty() {
             return Ok(Vec::new());
