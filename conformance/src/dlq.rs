@@ -305,3 +305,67 @@ pub async fn groups_independent(backend: &dyn Backend) -> Result<()> {
     );
     Ok(())
 }
+
+/// "Nothing is dropped silently, ever": a record of exactly
+/// `max_message_bytes` is dead-lettered (its DLQ headers on top) and
+/// redriven (its audit header on top) like any other, and delivered again.
+pub async fn max_size_record_dead_letters_and_redrives(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("dlqbig", 1).await?;
+    let limit = 1024 * 1024;
+    let record = Record::new(vec![9u8; limit - 3]).with_key("key");
+    assert_eq!(record.size(), limit);
+    ctx.producer().await?.send(&topic, record).await?;
+    let group = unique("g");
+    let c = ctx.broker.consumer(&group, &[&topic], queue_cfg(1)).await?;
+    let m = poll_n(c.as_ref(), 1, WAIT).await?.remove(0);
+    assert_eq!(
+        c.nack(&m, None, Some("too big to fail")).await?,
+        NackOutcome::DeadLettered
+    );
+    let dlq = format!("{topic}.{group}.dlq");
+    let dead = dlq_messages(&ctx, &dlq).await?;
+    assert_eq!(dead.len(), 1);
+    check_dead_letter(&dead[0], &m, &group, 1, "too big to fail", 0);
+    assert_eq!(ctx.broker.redrive(&dlq, None).await?, 1);
+    let back = poll_n(c.as_ref(), 1, WAIT).await?.remove(0);
+    assert_eq!((back.offset, back.value.len()), (1, limit - 3));
+    assert_eq!(back.header_str(HEADER_REDRIVE_ATTEMPTS), Some("1"));
+    c.ack(&back).await?;
+    Ok(())
+}
+
+/// Lease expiry dead-letters "when a message fails its last allowed
+/// attempt" even when no member polls any more (the broker does it).
+pub async fn lease_expiry_dead_letters_without_polling(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("dlqidle", 1).await?;
+    ctx.producer().await?.send(&topic, original()).await?;
+    let group = unique("g");
+    let cfg = queue_cfg(1).with_visibility_timeout(Duration::from_millis(100));
+    let c = ctx.broker.consumer(&group, &[&topic], cfg.clone()).await?;
+    let m = poll_n(c.as_ref(), 1, WAIT).await?.remove(0);
+    let dlq = format!("{topic}.{group}.dlq");
+    let dead = eventually("the expired lease dead-lettered", WAIT, || {
+        let ctx = &ctx;
+        let dlq = dlq.clone();
+        async move {
+            match dlq_messages(ctx, &dlq).await {
+                Ok(d) if !d.is_empty() => Some(d),
+                Ok(_) => None,
+                Err(e) if e.kind() == ErrorKind::TopicNotFound => None,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    let error = dead[0]
+        .header_str(HEADER_ERROR)
+        .unwrap_or_default()
+        .to_string();
+    check_dead_letter(&dead[0], &m, &group, 1, &error, 0);
+    let lag = ctx.broker.group_lag(&group).await?;
+    assert_eq!((lag.total_lag(), lag.total_in_flight()), (0, 0));
+    drop(c);
+    Ok(())
+}

@@ -378,6 +378,8 @@ macro_rules! __for_each_case {
             stale_commit_is_fenced,
             nack_rewinds_and_raises_attempt,
             nack_waits_for_backoff,
+            stale_message_after_regain_is_fenced,
+            added_partitions_are_consumed,
         );
         $m!(queue:
             competing_consumers_each_once,
@@ -399,6 +401,8 @@ macro_rules! __for_each_case {
             custom_dlq_topic,
             redrive_delivers_again,
             groups_independent,
+            max_size_record_dead_letters_and_redrives,
+            lease_expiry_dead_letters_without_polling,
         );
         $m!(retention:
             by_age,
@@ -428,6 +432,10 @@ macro_rules! __for_each_case {
             reopen_keeps_attempts_and_dlq,
             reopen_keeps_idempotency_keys,
             reopen_after_retention_never_reuses_offsets,
+        );
+        $m!(model:
+            model_check_stream,
+            model_check_queue,
         );
     };
 }

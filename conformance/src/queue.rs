@@ -77,6 +77,7 @@ pub async fn parallel_beyond_partitions(backend: &dyn Backend) -> Result<()> {
     let ma = poll_exactly(a.as_ref(), 1, Duration::ZERO).await?;
     let mb = poll_exactly(b.as_ref(), 1, Duration::ZERO).await?;
     assert_ne!(ma[0].offset, mb[0].offset);
+    assert_eq!(a.generation().await?, 0, "queue mode has no generations");
     let lag = ctx.broker.group_lag(&group).await?;
     assert_eq!(lag.partitions[0].in_flight, 2);
     a.ack(&ma[0]).await?;

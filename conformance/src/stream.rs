@@ -560,3 +560,80 @@ pub async fn nack_waits_for_backoff(backend: &dyn Backend) -> Result<()> {
     }
     Ok(())
 }
+
+/// "A commit or delivery carrying an older generation is refused with
+/// `ErrorKind::Fenced`" even when the member owns the partition again: a
+/// message delivered before it lost the partition stays stale after it
+/// regains it.
+pub async fn stale_message_after_regain_is_fenced(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("regain", 2).await?;
+    send_n(&ctx, &topic, 6, "m").await?;
+    let group = unique("g");
+    let a = ctx.broker.consumer(&group, &[&topic], stream_cfg()).await?;
+    let old = poll_exactly(a.as_ref(), 6, Duration::ZERO).await?;
+    let b = ctx.broker.consumer(&group, &[&topic], stream_cfg()).await?;
+    let moved = owned(b.as_ref())
+        .await?
+        .into_iter()
+        .next()
+        .expect("B got one");
+    b.close().await?;
+    assert_eq!(owned(a.as_ref()).await?.len(), 2, "A owns both again");
+    let stale = old
+        .iter()
+        .find(|m| m.partition == moved.partition)
+        .expect("msg");
+    expect_kind(a.ack(stale).await, ErrorKind::Fenced);
+    assert_eq!(
+        ctx.broker
+            .group_lag(&group)
+            .await?
+            .partitions
+            .iter()
+            .map(|p| p.committed)
+            .sum::<u64>(),
+        0
+    );
+    // Fresh deliveries of the regained partition commit fine.
+    let fresh = poll_n(a.as_ref(), 3, WAIT).await?;
+    let m = fresh
+        .iter()
+        .find(|m| m.partition == moved.partition)
+        .expect("redelivered");
+    assert_eq!(m.offset, 0, "resumes at the committed offset");
+    a.ack(m).await?;
+    Ok(())
+}
+
+/// "Partitions may be added later": a group reading the topic picks the
+/// new partitions up (stream: they are assigned; queue: they are offered).
+pub async fn added_partitions_are_consumed(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("added", 1).await?;
+    let s = ctx
+        .broker
+        .consumer(&unique("gs"), &[&topic], stream_cfg())
+        .await?;
+    let q = ctx
+        .broker
+        .consumer(&unique("gq"), &[&topic], GroupConfig::queue())
+        .await?;
+    assert!(s.poll(1, Duration::from_millis(20)).await?.is_empty());
+    ctx.broker.add_partitions(&topic, 3).await?;
+    let p = ctx.producer().await?;
+    for part in 0..3 {
+        p.send(&topic, Record::new("x").with_partition(part))
+            .await?;
+    }
+    for c in [&s, &q] {
+        let got = poll_exactly(c.as_ref(), 3, Duration::from_millis(50)).await?;
+        let parts: BTreeSet<u32> = got.iter().map(|m| m.partition).collect();
+        assert_eq!(parts, BTreeSet::from([0, 1, 2]));
+        for m in &got {
+            c.ack(m).await?;
+        }
+    }
+    assert_eq!(owned(s.as_ref()).await?.len(), 3);
+    Ok(())
+}
