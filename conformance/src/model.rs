@@ -55,7 +55,7 @@ async fn produce(
     producers: u64,
     per: u64,
     seed: u64,
-) -> Result<Vec<tokio::task::JoinHandle<Result<Vec<(u32, u64, String)>>>>> {
+) -> Result<Vec<ProducerTask>> {
     let mut tasks = Vec::new();
     for t in 0..producers {
         let p: Arc<dyn Producer> = ctx.producer().await?;
@@ -97,6 +97,9 @@ async fn produce(
     Ok(tasks)
 }
 
+/// A producer task: its receipts with the values sent.
+type ProducerTask = tokio::task::JoinHandle<Result<Vec<(u32, u64, String)>>>;
+
 /// One event of the history.
 #[derive(Debug, Clone)]
 enum Event {
@@ -135,9 +138,7 @@ fn delivered(h: &History, session: u64, m: &Message) {
     });
 }
 
-async fn collect(
-    tasks: Vec<tokio::task::JoinHandle<Result<Vec<(u32, u64, String)>>>>,
-) -> Result<BTreeMap<(u32, u64), String>> {
+async fn collect(tasks: Vec<ProducerTask>) -> Result<BTreeMap<(u32, u64), String>> {
     let mut all = BTreeMap::new();
     for t in tasks {
         for (p, o, v) in t.await.expect("producer task")? {
