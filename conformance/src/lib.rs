@@ -29,6 +29,9 @@
 //! `tokio` (features `macros`, `rt-multi-thread`) as a dev-dependency; call
 //! `suite!` once per test file.
 //!
+//! The [`model`] cases are randomized: their seed is printed on start and
+//! on failure, and `CONVEYOR_SEED=<n>` replays the same random choices.
+//!
 //! Cases skip only what a backend's [`Capabilities`](conveyor_core::Capabilities)
 //! say it lacks (`persistent`, `embedded`), and say so on stderr. Time-based
 //! cases configure short timeouts (tens of milliseconds) and wait on
@@ -351,6 +354,7 @@ macro_rules! __for_each_case {
             concurrent_batches_stay_contiguous,
             order_under_concurrent_producers,
             no_late_lower_offsets,
+            durability_settings,
         );
         $m!(idempotency:
             duplicate_send_returns_original_receipt,

@@ -2,7 +2,10 @@
 //! atomic batches, order under concurrency, no late lower offsets.
 
 use crate::{expect_kind, poll_n, unique, Backend, Ctx, WAIT};
-use conveyor_core::{partition_for_key, ErrorKind, GroupConfig, Record, Result, TopicConfig};
+use conveyor_core::{
+    partition_for_key, BrokerOptions, Durability, ErrorKind, GroupConfig, Record, Result,
+    TopicConfig,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -447,6 +450,38 @@ pub async fn no_late_lower_offsets(backend: &dyn Backend) -> Result<()> {
     let seen = group_reader.await.expect("group reader")?;
     for (part, end) in ends.iter().enumerate() {
         assert_eq!(seen.get(&(part as u32)).copied().unwrap_or(0), *end);
+    }
+    Ok(())
+}
+
+/// "**Durability** is set when the broker is opened: `None`, `Interval(d)`,
+/// `Always`": a broker opened with each setting accepts sends, `flush`, and
+/// reads back what it stored.
+pub async fn durability_settings(backend: &dyn Backend) -> Result<()> {
+    for durability in [
+        Durability::Always,
+        Durability::Interval(Duration::from_millis(20)),
+        Durability::None,
+    ] {
+        let ctx = Ctx::open_with(
+            backend,
+            BrokerOptions::default().with_durability(durability),
+        )
+        .await?;
+        let topic = ctx.topic("durable", 2).await?;
+        let p = ctx.producer().await?;
+        let rs = p
+            .send_batch(
+                &topic,
+                (0..10).map(|i| Record::new(format!("{i}"))).collect(),
+            )
+            .await?;
+        p.flush().await?;
+        for r in rs {
+            let m = ctx.broker.fetch(&topic, r.partition, r.offset, 1).await?;
+            assert_eq!(m.len(), 1, "{durability:?}: stored and visible");
+        }
+        ctx.broker.close().await?;
     }
     Ok(())
 }
