@@ -5,7 +5,7 @@
 //! reads records from storage outside the lock, and persists before
 //! returning.
 
-use super::group::{Member, Retry};
+use super::group::{Group, Member, Retry};
 use super::lease::{Lease, LeaseTable};
 use super::{key_commit, key_leases, millis, Inner, LogStorage, MAX_POLL_BYTES};
 use crate::broker::{Consumer, NackOutcome, TopicPartition};
@@ -98,6 +98,15 @@ impl<S: LogStorage> EngineConsumer<S> {
             state.rebalance(&self.group);
         }
         changed
+    }
+
+    /// Heartbeat, then this member's group in the locked state.
+    fn member_group<'a>(&self, state: &'a mut super::State, rejoin: bool) -> Result<&'a mut Group> {
+        self.heartbeat(state, rejoin);
+        state
+            .groups
+            .get_mut(&self.group)
+            .ok_or_else(|| Error::internal(format!("group `{}` vanished", self.group)))
     }
 
     fn rotated<T: Clone>(&self, items: &[T]) -> Vec<T> {
@@ -420,6 +429,13 @@ impl<S: LogStorage> Drop for EngineConsumer<S> {
     }
 }
 
+/// The lease table of `tp`, or `LeaseExpired` if none was ever leased.
+fn leases<'a>(g: &'a mut Group, tp: &TopicPartition, what: &str) -> Result<&'a mut LeaseTable> {
+    g.queue
+        .get_mut(tp)
+        .ok_or_else(|| Error::new(ErrorKind::LeaseExpired, format!("{what}: no lease held")))
+}
+
 fn min_due(a: Option<u64>, b: u64) -> u64 {
     a.map_or(b, |x| x.min(b))
 }
@@ -474,17 +490,11 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
         let tp = self.subscribed(&m.topic, m.partition)?;
         {
             let mut guard = self.inner.state.lock();
-            self.heartbeat(&mut guard, false);
-            let g = guard
-                .groups
-                .get_mut(&self.group)
-                .ok_or_else(|| Error::internal("group vanished"))?;
+            let g = self.member_group(&mut guard, false)?;
             match self.mode {
                 DeliveryMode::Queue => {
                     let what = self.what(m);
-                    let t = g.queue.get_mut(&tp).ok_or_else(|| {
-                        Error::new(ErrorKind::LeaseExpired, format!("{what}: no lease held"))
-                    })?;
+                    let t = leases(g, &tp, &what)?;
                     t.ack(m.offset, m.token.lease, &what)?;
                     self.inner.mark_dirty([key_leases(&self.group, &tp)]);
                 }
@@ -513,11 +523,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
         let now = now_ms();
         let last_attempt = {
             let mut guard = self.inner.state.lock();
-            self.heartbeat(&mut guard, false);
-            let g = guard
-                .groups
-                .get_mut(&self.group)
-                .ok_or_else(|| Error::internal("group vanished"))?;
+            let g = self.member_group(&mut guard, false)?;
             let max = g.config.dlq.max_deliveries;
             match self.mode {
                 DeliveryMode::Queue => {
@@ -529,9 +535,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                         .unwrap_or(m.attempt);
                     let delay =
                         delay.unwrap_or_else(|| g.config.retry_backoff.delay_after(attempts));
-                    let t = g.queue.get_mut(&tp).ok_or_else(|| {
-                        Error::new(ErrorKind::LeaseExpired, format!("{what}: no lease held"))
-                    })?;
+                    let t = leases(g, &tp, &what)?;
                     let (attempts, last) = t.nack(
                         m.offset,
                         m.token.lease,
@@ -580,17 +584,10 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
         self.check_open()?;
         let tp = self.subscribed(&m.topic, m.partition)?;
         let mut guard = self.inner.state.lock();
-        self.heartbeat(&mut guard, false);
-        let g = guard
-            .groups
-            .get_mut(&self.group)
-            .ok_or_else(|| Error::internal("group vanished"))?;
+        let g = self.member_group(&mut guard, false)?;
         g.require_mode(DeliveryMode::Queue, "extend")?;
         let what = self.what(m);
-        let t = g
-            .queue
-            .get_mut(&tp)
-            .ok_or_else(|| Error::new(ErrorKind::LeaseExpired, format!("{what}: no lease held")))?;
+        let t = leases(g, &tp, &what)?;
         t.extend(
             m.offset,
             m.token.lease,
@@ -605,11 +602,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
         let b = self.inner.bounds(&tp)?;
         {
             let mut guard = self.inner.state.lock();
-            self.heartbeat(&mut guard, false);
-            let g = guard
-                .groups
-                .get_mut(&self.group)
-                .ok_or_else(|| Error::internal("group vanished"))?;
+            let g = self.member_group(&mut guard, false)?;
             g.require_mode(DeliveryMode::Stream, "commit")?;
             g.check_owner(self.member, &tp, None)?;
             if offset > b.log_end {
@@ -644,11 +637,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
         .clamp(b.log_start, b.log_end.max(b.log_start));
         {
             let mut guard = self.inner.state.lock();
-            self.heartbeat(&mut guard, true);
-            let g = guard
-                .groups
-                .get_mut(&self.group)
-                .ok_or_else(|| Error::internal("group vanished"))?;
+            let g = self.member_group(&mut guard, true)?;
             match self.mode {
                 DeliveryMode::Stream => {
                     g.check_owner(self.member, &tp, None)?;
