@@ -28,3 +28,370 @@
 #![deny(missing_docs)]
 
 pub mod format;
+mod partition;
+mod segment;
+mod state;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use conveyor_core::engine::{
+    Appended, Engine, LogStorage, PartitionBounds, StoredMessage, StoredRecord,
+};
+use conveyor_core::{
+    BrokerOptions, Capabilities, Durability, Error, ErrorKind, Receipt, Result, Retention,
+};
+use parking_lot::{Mutex, RwLock};
+use partition::Partition;
+use state::StateLog;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// Settings of the segment log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MmapOptions {
+    /// Roll to a new segment file once the active one would pass this size
+    /// (default 64 MiB). Retention deletes whole segments.
+    pub segment_bytes: u64,
+    /// When appends and state changes are synced (overridden by the
+    /// broker options' durability when opened through [`open`]).
+    pub durability: Durability,
+}
+
+impl Default for MmapOptions {
+    fn default() -> Self {
+        MmapOptions {
+            segment_bytes: 64 * 1024 * 1024,
+            durability: Durability::None,
+        }
+    }
+}
+
+impl MmapOptions {
+    /// Set the segment size (at least 4 KiB is sensible; 1 byte rolls per batch).
+    pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
+        self.segment_bytes = bytes.max(1);
+        self
+    }
+    /// Set the durability.
+    pub fn with_durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+}
+
+/// The broker over a segment log.
+pub type MmapBroker = Engine<MmapStorage>;
+
+/// Open (or create) a store in `path` and the broker over it. The broker
+/// options' durability applies to the log.
+pub async fn open(
+    path: impl AsRef<Path>,
+    options: BrokerOptions,
+    mmap: MmapOptions,
+) -> Result<MmapBroker> {
+    let path = path.as_ref().to_path_buf();
+    let mmap = mmap.with_durability(options.durability);
+    let storage = tokio::task::spawn_blocking(move || MmapStorage::open(path, mmap))
+        .await
+        .map_err(|e| Error::internal(format!("open task: {e}")))??;
+    Engine::open(storage, options).await
+}
+
+type Topic = Arc<RwLock<Vec<Arc<Partition>>>>;
+
+struct Shared {
+    root: PathBuf,
+    options: MmapOptions,
+    lock: Mutex<Option<File>>,
+    topics: RwLock<HashMap<String, Topic>>,
+    state: StateLog,
+    closed: AtomicBool,
+}
+
+/// A segment log in a directory, owned by this process while open.
+pub struct MmapStorage {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MmapStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmapStorage")
+            .field("root", &self.shared.root)
+            .field("options", &self.shared.options)
+            .finish_non_exhaustive()
+    }
+}
+
+fn topic_dir(root: &Path, topic: &str) -> PathBuf {
+    root.join("topics").join(topic)
+}
+
+impl MmapStorage {
+    /// Open (or create) the store in `path`: lock it (a second open is
+    /// `ErrorKind::Locked`), replay the state log, cutting torn tails.
+    /// Partition logs are opened (and their tails recovered) when the
+    /// engine asks for them.
+    pub fn open(path: impl AsRef<Path>, options: MmapOptions) -> Result<MmapStorage> {
+        let root = path.as_ref().to_path_buf();
+        std::fs::create_dir_all(root.join("topics"))
+            .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
+        let lock_path = root.join("LOCK");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("open {}", lock_path.display()), e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::new(
+                    ErrorKind::Locked,
+                    format!(
+                        "store {} is open in another process (or another broker of this one)",
+                        root.display()
+                    ),
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::io(format!("lock {}", lock_path.display()), e))
+            }
+        }
+        let state = StateLog::open(&root, options.durability)?;
+        let shared = Arc::new(Shared {
+            root,
+            options,
+            lock: Mutex::new(Some(lock)),
+            topics: RwLock::new(HashMap::new()),
+            state,
+            closed: AtomicBool::new(false),
+        });
+        if let Durability::Interval(every) = options.durability {
+            let weak = Arc::downgrade(&shared);
+            std::thread::Builder::new()
+                .name("conveyor-mmap-flush".into())
+                .spawn(move || flusher(weak, every))
+                .map_err(|e| Error::io("start the flusher thread", e))?;
+        }
+        Ok(MmapStorage { shared })
+    }
+
+    /// The store's directory.
+    pub fn path(&self) -> &Path {
+        &self.shared.root
+    }
+
+    fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>> {
+        let topics = self.shared.topics.read();
+        let parts = topics
+            .get(topic)
+            .ok_or_else(|| Error::topic_not_found(topic))?;
+        let parts = parts.read();
+        parts
+            .get(partition as usize)
+            .cloned()
+            .ok_or_else(|| Error::partition_out_of_range(topic, partition, parts.len() as u32))
+    }
+
+    fn all_partitions(&self) -> Vec<Arc<Partition>> {
+        self.shared
+            .topics
+            .read()
+            .values()
+            .flat_map(|t| t.read().clone())
+            .collect()
+    }
+}
+
+/// Syncs everything every `every` until the store is dropped or closed.
+fn flusher(shared: Weak<Shared>, every: Duration) {
+    loop {
+        std::thread::sleep(every);
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let parts: Vec<Arc<Partition>> = shared
+            .topics
+            .read()
+            .values()
+            .flat_map(|t| t.read().clone())
+            .collect();
+        for p in parts {
+            if let Err(e) = p.flush_blocking() {
+                tracing::warn!(error = %e, "interval flush failed");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl LogStorage for MmapStorage {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(true, true)
+    }
+
+    async fn load_state(&self) -> Result<Vec<(String, Bytes)>> {
+        Ok(self.shared.state.entries())
+    }
+
+    async fn put_state(&self, changes: Vec<(String, Option<Bytes>)>) -> Result<()> {
+        self.shared.state.put(changes).await
+    }
+
+    async fn ensure_partitions(&self, topic: &str, partitions: u32) -> Result<()> {
+        let existing = self.shared.topics.read().get(topic).cloned();
+        let parts = match existing {
+            Some(p) => p,
+            None => self
+                .shared
+                .topics
+                .write()
+                .entry(topic.to_string())
+                .or_default()
+                .clone(),
+        };
+        let have = parts.read().len() as u32;
+        let mut opened = Vec::new();
+        for p in have..partitions {
+            let dir = topic_dir(&self.shared.root, topic).join(p.to_string());
+            let (segment_bytes, durability) = (
+                self.shared.options.segment_bytes,
+                self.shared.options.durability,
+            );
+            let part = tokio::task::spawn_blocking(move || {
+                Partition::open(dir, segment_bytes, durability)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("open partition task: {e}")))??;
+            opened.push(Arc::new(part));
+        }
+        let mut parts = parts.write();
+        for part in opened {
+            if (parts.len() as u32) < partitions {
+                parts.push(part);
+            }
+        }
+        Ok(())
+    }
+
+    async fn drop_topic(&self, topic: &str) -> Result<()> {
+        self.shared.topics.write().remove(topic);
+        let dir = topic_dir(&self.shared.root, topic);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("delete {}", dir.display()), e)),
+        }
+    }
+
+    async fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<StoredRecord>,
+    ) -> Result<Appended> {
+        let part = self.partition(topic, partition)?;
+        let records: Vec<format::RecordData> = records
+            .into_iter()
+            .map(|r| format::RecordData {
+                key: r.key,
+                value: r.value,
+                idempotency_key: r.idempotency_key,
+                headers: r.headers,
+            })
+            .collect();
+        let (appended, seq) = part.append(&records, conveyor_core::now_ms())?;
+        if self.shared.options.durability == Durability::Always {
+            part.sync_to(seq).await?;
+        }
+        Ok(appended)
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        self.partition(topic, partition)?
+            .read(from, max_records, max_bytes)
+    }
+
+    fn bounds(&self, topic: &str, partition: u32) -> Result<PartitionBounds> {
+        Ok(self.partition(topic, partition)?.bounds())
+    }
+
+    async fn offset_for_timestamp(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp: u64,
+    ) -> Result<u64> {
+        self.partition(topic, partition)?
+            .offset_for_timestamp(timestamp)
+    }
+
+    async fn enforce_retention(
+        &self,
+        topic: &str,
+        partition: u32,
+        retention: &Retention,
+        now_ms: u64,
+    ) -> Result<()> {
+        self.partition(topic, partition)?
+            .enforce_retention(retention, now_ms)
+    }
+
+    async fn idempotency_keys_since(
+        &self,
+        topic: &str,
+        since_ms: u64,
+    ) -> Result<Vec<(String, Receipt)>> {
+        let parts = match self.shared.topics.read().get(topic) {
+            Some(t) => t.read().clone(),
+            None => return Ok(Vec::new()),
+        };
+        let mut out = Vec::new();
+        for (p, part) in parts.iter().enumerate() {
+            for (key, offset, timestamp) in part.idempotency_keys_since(since_ms)? {
+                out.push((
+                    key,
+                    Receipt {
+                        partition: p as u32,
+                        offset,
+                        timestamp,
+                    },
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn flush(&self) -> Result<()> {
+        for p in self.all_partitions() {
+            p.flush().await?;
+        }
+        self.shared.state.flush().await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let flushed = self.flush().await;
+        self.shared.topics.write().clear();
+        // Release the directory lock so the store can be opened again.
+        self.shared.lock.lock().take();
+        flushed
+    }
+}
