@@ -355,9 +355,14 @@ async fn dlq_size(broker: &Arc<dyn Broker>, dlq: &str) -> conveyor::Result<u64> 
     }
 }
 
+/// The embedded default backend in a temporary directory (removed at exit).
 fn default_url() -> (String, Option<tempfile::TempDir>) {
-    // The embedded default backend once it is compiled in; memory until then.
-    ("memory://".to_string(), None)
+    if cfg!(feature = "mmap") {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        (format!("mmap://{}", dir.path().display()), Some(dir))
+    } else {
+        ("memory://".to_string(), None)
+    }
 }
 
 #[tokio::main]

@@ -53,6 +53,8 @@ pub use conveyor_core::*;
 
 #[cfg(feature = "memory")]
 pub use conveyor_memory as memory;
+#[cfg(feature = "mmap")]
+pub use conveyor_mmap as mmap;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -154,7 +156,16 @@ pub async fn open(url: &str) -> Result<Arc<dyn Broker>> {
                 Err(feature_off("memory", "memory"))
             }
         }
-        "mmap" => Err(feature_off("mmap", "mmap")),
+        "mmap" => {
+            #[cfg(feature = "mmap")]
+            {
+                open_mmap(url, &parsed).await
+            }
+            #[cfg(not(feature = "mmap"))]
+            {
+                Err(feature_off("mmap", "mmap"))
+            }
+        }
         "rocksdb" => Err(feature_off("rocksdb", "rocksdb")),
         "redis" | "rediss" => Err(feature_off("redis", "redis")),
         "postgres" | "postgresql" => Err(feature_off("postgres", "postgres")),
@@ -168,6 +179,39 @@ pub async fn open(url: &str) -> Result<Arc<dyn Broker>> {
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// `mmap:///absolute/dir` or `mmap://relative/dir`, option `segment_bytes`.
+#[cfg(feature = "mmap")]
+async fn open_mmap(raw: &str, parsed: &ParsedUrl) -> Result<Arc<dyn Broker>> {
+    let rest = &raw["mmap://".len().min(raw.len())..];
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() {
+        return Err(Error::invalid(format!(
+            "broker URL `{raw}` names no directory: use mmap:///absolute/dir or mmap://relative/dir"
+        )));
+    }
+    let mut mmap = conveyor_mmap::MmapOptions::default();
+    for (k, v) in parsed.url.query_pairs() {
+        match k.as_ref() {
+            "segment_bytes" => {
+                let n: u64 = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "broker URL option segment_bytes=`{v}`: expected a number of bytes above 0"
+                    ))
+                })?;
+                mmap = mmap.with_segment_bytes(n);
+            }
+            other => {
+                return Err(Error::invalid(format!(
+                    "broker URL option `{other}` is not known to the mmap backend \
+                     (known: durability, auto_create, segment_bytes)"
+                )))
+            }
+        }
+    }
+    let broker = conveyor_mmap::open(path, parsed.options.clone(), mmap).await?;
+    Ok(Arc::new(broker))
+}
 
 #[cfg(test)]
 mod tests {
@@ -209,6 +253,36 @@ mod tests {
         let err = open("rocksdb:///tmp/x").await.err().expect("refused");
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert!(err.to_string().contains("`rocksdb` feature"), "{err}");
+    }
+
+    #[cfg(feature = "mmap")]
+    #[tokio::test]
+    async fn mmap_url_opens_reopens_and_rejects_unknown_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "mmap://{}?segment_bytes=4096&auto_create=true",
+            dir.path().display()
+        );
+        let b = open(&url).await.unwrap();
+        let r = b
+            .producer()
+            .await
+            .unwrap()
+            .send("kept", Record::new("x"))
+            .await
+            .unwrap();
+        // The store is owned by the open broker.
+        let err = open(&url).await.err().expect("locked");
+        assert_eq!(err.kind(), ErrorKind::Locked);
+        b.close().await.unwrap();
+        let b = open(&url).await.unwrap();
+        assert_eq!(
+            &b.fetch("kept", 0, r.offset, 1).await.unwrap()[0].value[..],
+            b"x"
+        );
+        let bad = format!("mmap://{}?segmentbytes=1", dir.path().display());
+        let err = open(&bad).await.err().expect("refused");
+        assert!(err.to_string().contains("segmentbytes"), "{err}");
     }
 
     #[tokio::test]

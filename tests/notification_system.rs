@@ -16,13 +16,16 @@ fn example_binary() -> PathBuf {
         "notification_system{}",
         std::env::consts::EXE_SUFFIX
     ));
-    if !bin.exists() {
-        // `cargo test --test notification_system` does not build examples.
+    {
+        // `cargo test --test notification_system` does not build examples,
+        // and an old binary would test old code: always let cargo decide.
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--example", "notification_system"])
-            .status()
-            .expect("cargo runs");
+        let mut build = Command::new(cargo);
+        build.args(["build", "--example", "notification_system"]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo runs");
         assert!(status.success(), "building the example failed");
     }
     assert!(bin.exists(), "{} was not built", bin.display());
@@ -88,4 +91,11 @@ fn check(summary: &serde_json::Value) {
 #[test]
 fn notification_system_on_memory() {
     check(&run("memory://"));
+}
+
+#[test]
+fn notification_system_on_mmap() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let summary = run(&format!("mmap://{}", dir.path().display()));
+    check(&summary);
 }
