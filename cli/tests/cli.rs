@@ -114,3 +114,269 @@ fn every_command_has_an_example_in_help() {
             .stdout(predicate::str::contains("Example"));
     }
 }
+
+/// A store in a temporary directory, shared by several invocations.
+struct Store {
+    dir: tempfile::TempDir,
+}
+
+impl Store {
+    fn new() -> Self {
+        Store {
+            dir: tempfile::tempdir().expect("temporary directory"),
+        }
+    }
+    fn url(&self) -> String {
+        format!("mmap://{}", self.dir.path().display())
+    }
+    fn run(&self) -> Command {
+        conveyor(&self.url())
+    }
+}
+
+#[test]
+fn produce_then_consume_round_trip_across_invocations() {
+    let store = Store::new();
+    store
+        .run()
+        .args(["topic", "create", "orders", "--partitions", "3"])
+        .assert()
+        .success();
+    store
+        .run()
+        .args(["produce", "orders", "--key-separator", ":"])
+        .write_stdin("order-1:placed\norder-2:placed\norder-1:shipped\n")
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("sent 3 records"));
+    let out = store
+        .run()
+        .args([
+            "consume",
+            "orders",
+            "--from",
+            "beginning",
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    // Same key, same partition, in order.
+    let order1: Vec<&serde_json::Value> = lines.iter().filter(|m| m["key"] == "order-1").collect();
+    assert_eq!(order1.len(), 2);
+    assert_eq!(order1[0]["partition"], order1[1]["partition"]);
+    assert_eq!(order1[0]["value"], "placed");
+    assert_eq!(order1[1]["value"], "shipped");
+    store
+        .run()
+        .args(["topic", "describe", "orders"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("log end"));
+}
+
+#[test]
+fn group_consume_commits_and_lag_shows_it() {
+    let store = Store::new();
+    store
+        .run()
+        .args(["topic", "create", "events", "--partitions", "2"])
+        .assert()
+        .success();
+    let input: String = (0..10).map(|i| format!("event {i}\n")).collect();
+    store
+        .run()
+        .args(["produce", "events"])
+        .write_stdin(input)
+        .assert()
+        .success();
+    // Read 4 through a stream-mode group: they are committed.
+    let out = store
+        .run()
+        .args(["consume", "events", "--group", "audit", "--max", "4"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 4);
+    store
+        .run()
+        .args(["group", "lag", "audit"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("total lag 6"));
+    // The rest, then nothing is left.
+    let out = store
+        .run()
+        .args(["consume", "events", "--group", "audit", "--wait-ms", "200"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 6);
+    store
+        .run()
+        .args(["group", "lag", "audit"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("total lag 0"));
+    store
+        .run()
+        .args(["group", "list"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("audit"));
+    // Replay: reset to the beginning, and everything comes again.
+    store
+        .run()
+        .args([
+            "group",
+            "reset-offsets",
+            "audit",
+            "events",
+            "--to",
+            "earliest",
+        ])
+        .assert()
+        .success();
+    store
+        .run()
+        .args(["group", "lag", "audit"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("total lag 10"));
+}
+
+#[test]
+fn queue_group_consume_acks() {
+    let store = Store::new();
+    store
+        .run()
+        .args(["topic", "create", "jobs", "--partitions", "2"])
+        .assert()
+        .success();
+    store
+        .run()
+        .args(["produce", "jobs"])
+        .write_stdin("a\nb\nc\n")
+        .assert()
+        .success();
+    store
+        .run()
+        .args([
+            "consume",
+            "jobs",
+            "--group",
+            "workers",
+            "--mode",
+            "queue",
+            "--wait-ms",
+            "200",
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::function(|s: &str| s.lines().count() == 3));
+    store
+        .run()
+        .args(["group", "lag", "workers"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("total lag 0").and(predicate::str::contains("in flight")));
+}
+
+#[test]
+fn dlq_list_and_redrive() {
+    let store = Store::new();
+    // Make a dead letter through the library: a queue group that gives up.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use conveyor::{DlqPolicy, GroupConfig, Record, TopicConfig};
+        use std::time::Duration;
+        let broker = conveyor::open(&store.url()).await.unwrap();
+        broker
+            .create_topic("mail", TopicConfig::new(1))
+            .await
+            .unwrap();
+        broker
+            .producer()
+            .await
+            .unwrap()
+            .send("mail", Record::new("to: nobody").with_key("k1"))
+            .await
+            .unwrap();
+        let c = broker
+            .consumer(
+                "sender",
+                &["mail"],
+                GroupConfig::queue().with_dlq(DlqPolicy::new(1)),
+            )
+            .await
+            .unwrap();
+        let m = c.poll(1, Duration::from_secs(5)).await.unwrap();
+        c.nack(&m[0], None, Some("mailbox unavailable"))
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+        broker.close().await.unwrap();
+    });
+    store
+        .run()
+        .args(["dlq", "list", "mail.sender.dlq"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("mailbox unavailable")
+                .and(predicate::str::contains("mail/0@0"))
+                .and(predicate::str::contains("waiting")),
+        );
+    store
+        .run()
+        .args(["dlq", "redrive", "mail.sender.dlq"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("redrove 1 messages"));
+    store
+        .run()
+        .args(["dlq", "list", "mail.sender.dlq"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("redriven"));
+    // Back in the original topic, with the audit header.
+    store
+        .run()
+        .args(["consume", "mail", "--offset", "1", "--format", "json"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("to: nobody")
+                .and(predicate::str::contains("conveyor.redrive.attempts")),
+        );
+}
+
+#[test]
+fn second_open_of_a_store_is_locked_and_named() {
+    let store = Store::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let broker = rt.block_on(conveyor::open(&store.url())).unwrap();
+    store
+        .run()
+        .args(["topic", "list"])
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("locked").and(predicate::str::contains(
+                store.dir.path().display().to_string(),
+            )),
+        );
+    rt.block_on(broker.close()).unwrap();
+}
