@@ -30,6 +30,34 @@ struct Inner {
     bytes: u64,
     /// Bytes written in this session (the group-commit sequence).
     written: u64,
+    /// Sealed segments recently read, most recent last (at most
+    /// `MAPPED_SEALED`); other sealed segments are unmapped after each
+    /// operation, so reading through a long log keeps RSS bounded.
+    recent: std::collections::VecDeque<u64>,
+}
+
+/// Sealed segments kept mapped per partition.
+const MAPPED_SEALED: usize = 2;
+
+impl Inner {
+    /// Note that the segment at `base` was just read.
+    fn touch(&mut self, base: u64) {
+        self.recent.retain(|b| *b != base);
+        self.recent.push_back(base);
+        while self.recent.len() > MAPPED_SEALED {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Unmap every sealed segment not read recently.
+    fn trim_maps(&mut self) {
+        let active = *self.segments.keys().next_back().expect("active segment");
+        for (base, seg) in self.segments.iter_mut() {
+            if *base != active && seg.is_mapped() && !self.recent.contains(base) {
+                seg.unmap();
+            }
+        }
+    }
 }
 
 pub(crate) struct Partition {
@@ -152,6 +180,7 @@ impl Partition {
                 last_timestamp,
                 bytes,
                 written: 0,
+                recent: std::collections::VecDeque::new(),
             }),
             synced: tokio::sync::Mutex::new(0),
         })
@@ -281,7 +310,7 @@ impl Partition {
                 if at >= g.next_offset {
                     break;
                 }
-                let Some((_, seg)) = g.segments.range_mut(..=at).next_back() else {
+                let Some((&base, seg)) = g.segments.range_mut(..=at).next_back() else {
                     break;
                 };
                 seg.ensure_indexed()?;
@@ -289,12 +318,15 @@ impl Partition {
                     at = seg.next_offset;
                     continue;
                 }
-                (
+                let found = (
                     seg.bytes()?,
                     seg.position_for(at),
                     seg.path.clone(),
                     seg.next_offset,
-                )
+                );
+                g.touch(base);
+                g.trim_maps();
+                found
             };
             let mut p = pos as usize;
             while p < data.len() && !full(&out, value_bytes) {
@@ -351,7 +383,10 @@ impl Partition {
     }
 
     pub fn offset_for_timestamp(&self, ts: u64) -> Result<u64> {
-        Self::offset_for_timestamp_locked(&mut self.inner.lock(), ts)
+        let mut g = self.inner.lock();
+        let found = Self::offset_for_timestamp_locked(&mut g, ts);
+        g.trim_maps();
+        found
     }
 
     /// Move the log start per `retention`, delete segments wholly below it
@@ -361,7 +396,9 @@ impl Partition {
         let mut start = g.log_start;
         if let Some(age) = retention.max_age {
             let cutoff = now_ms.saturating_sub(age.as_millis().min(u64::MAX as u128) as u64);
-            start = start.max(Self::offset_for_timestamp_locked(&mut g, cutoff)?);
+            let found = Self::offset_for_timestamp_locked(&mut g, cutoff);
+            g.trim_maps();
+            start = start.max(found?);
         }
         if let Some(max) = retention.max_bytes {
             let mut total = g.bytes;
@@ -424,6 +461,7 @@ impl Partition {
                     seg.path.clone(),
                 ));
             }
+            g.trim_maps();
         }
         let mut out = Vec::new();
         for (data, pos, path) in batches {

@@ -145,6 +145,17 @@ impl Segment {
         Ok(map)
     }
 
+    /// Drop this segment's mapping (messages already handed out keep their
+    /// own reference until dropped).
+    pub fn unmap(&mut self) {
+        self.map = None;
+    }
+
+    /// Whether the segment is mapped now.
+    pub fn is_mapped(&self) -> bool {
+        self.map.is_some()
+    }
+
     /// The segment's bytes as shared `Bytes` (zero copy), up to `len`.
     pub fn bytes(&mut self) -> Result<Bytes> {
         if self.len == 0 {
