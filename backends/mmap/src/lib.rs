@@ -25,6 +25,68 @@
 //! # Ok::<(), conveyor_core::Error>(())
 //! # });
 //! ```
+//!
+//! # Design
+//!
+//! - A directory per partition (`topics/<topic>/<partition>/`), segment
+//!   files named by base offset and rolled at [`MmapOptions::segment_bytes`];
+//!   records framed in CRC32C-checked batches ([`format`]).
+//! - **Write path: `write(2)` appends to the page cache, reads through
+//!   read-only `mmap`.** Measured on this 2-core machine: sequential
+//!   `write`+`fdatasync` of 116 KB batches ran at 194 MB/s, and on a
+//!   preallocated file 202 MB/s (+4%), the same as `dd oflag=dsync`; an
+//!   mmap write path would add `fallocate`, SIGBUS handling on a full disk
+//!   and remapping for a gain under that noise, so appends use `write`, and
+//!   a full disk is an `Io` error after the partial batch is cut off.
+//! - Reads hand out `Bytes` slices of the mapping: a record's bytes are not
+//!   copied between the file and the consumer. At most two sealed segments
+//!   per partition stay mapped, so reading a long log keeps RSS bounded.
+//! - A sparse index (an entry per 4 KiB) of offset, position and timestamp
+//!   per segment, rebuilt from the log: the active segment's at open, older
+//!   ones when first read. An index is a cache, never the truth.
+//! - Durability: `None` (page cache), `Interval(d)` (a flusher thread owned
+//!   by the store syncs every `d`), `Always` (`fdatasync` before `append`
+//!   returns, off the async runtime; concurrent producers share one sync:
+//!   group commit). Rolling a segment under `Always` syncs the old one first.
+//! - Recovery runs on every open and is short: the last segment of each
+//!   partition is scanned and checked; a torn tail (an incomplete or damaged
+//!   last batch) is cut off; damage followed by more data is
+//!   `ErrorKind::Corrupt` naming the file and byte position. Older segments
+//!   are checked (CRC) as they are read: damage there is `Corrupt` at read,
+//!   never skipped.
+//! - Retention moves a persisted log start (`start` file) and deletes whole
+//!   segments wholly below it (mappings are dropped before unlinking).
+//! - Group state, dedup keys and topic metadata live in `state.log`, an
+//!   append-only log of checksummed frames (one per state change), replayed
+//!   at open with the same torn-tail rules and compacted when mostly dead.
+//! - One process owns a store: an advisory lock on `<dir>/LOCK`; a second
+//!   open is `ErrorKind::Locked`.
+//!
+//! # Measured
+//!
+//! 100-byte values, one partition, release build, on the 2-core, 24 GiB
+//! development machine (another build running beside it for the criterion
+//! figures):
+//!
+//! | what | setup | result | target |
+//! |---|---|---|---|
+//! | append | durability none, batches of 1 | 372,000 msg/s | ≥ 300,000 |
+//! | append | durability none, batches of 100 | 1.89 M msg/s | ≥ 2 M (missed by 6%) |
+//! | append | durability none, batches of 1,000 | 2.56 M msg/s | |
+//! | read from start | 2 M records (`fetch`, 10,000 a call) | 5.24 M msg/s | ≥ 5 M |
+//! | append | durability always, batches of 1,000 | 917,000 msg/s = 107 MB/s, 57% of `dd oflag=dsync` (186–205 MB/s) | ≥ 80% (missed) |
+//! | produce → consume latency | 10,000 msg/s, durability none | p50 83 µs, p99 289 µs, p99.9 830 µs | p99 < 1 ms |
+//! | open | 886 MB log after a clean close | 0.05 s (process start included) | < 200 ms |
+//! | open | 1 GiB log after SIGKILL mid-append | 0.13 s | < 2 s |
+//! | RSS reading through | 1 GiB log | 173 MB (bounded by two mapped 64 MiB segments, whatever the log size) | < 256 MiB for 5 GiB |
+//!
+//! Why `Always` misses: one sequential producer does ~0.53 µs of CPU work
+//! per record (validation, partitioning, encoding) and then waits for its
+//! sync; the two do not overlap, so a 1,000-record batch costs ~0.53 ms of
+//! work plus ~0.6 ms of sync. Concurrent producers overlap through group
+//! commit; for one producer, a cheaper per-record path (encoding straight
+//! from `Record`s, partitioning a batch once) is what would close it.
+//! Batches of 100 miss 2 M/s by the same per-record cost.
 #![deny(missing_docs)]
 
 pub mod format;
