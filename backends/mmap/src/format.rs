@@ -54,18 +54,9 @@ pub const STATE_MAGIC: u32 = 0x3154_5343;
 pub const STATE_HEADER: usize = 16;
 const NONE: u32 = u32::MAX;
 
-/// One record of a batch, as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecordData {
-    /// Key.
-    pub key: Option<Bytes>,
-    /// Value.
-    pub value: Bytes,
-    /// The producer's idempotency key.
-    pub idempotency_key: Option<String>,
-    /// Headers in order.
-    pub headers: Vec<Header>,
-}
+/// One record of a batch, as stored: the engine's record, encoded as is
+/// (no conversion on the append path).
+pub type RecordData = conveyor_core::engine::StoredRecord;
 
 /// A batch header, read without decoding records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,7 +144,7 @@ pub fn encode_batch(
     if len > u32::MAX as usize || records.is_empty() || records.len() > u32::MAX as usize {
         return Err(DecodeError::BadLength);
     }
-    let mut b = BytesMut::with_capacity(len);
+    let mut b: Vec<u8> = Vec::with_capacity(len);
     b.put_u32_le(BATCH_MAGIC);
     b.put_u32_le(len as u32);
     b.put_u32_le(0); // crc, filled below
@@ -187,7 +178,7 @@ pub fn encode_batch(
     }
     let crc = crc32c::crc32c(&b[12..]);
     b[8..12].copy_from_slice(&crc.to_le_bytes());
-    Ok(b.to_vec())
+    Ok(b)
 }
 
 /// Read and check a batch header at the start of `bytes` (no CRC check).

@@ -529,6 +529,36 @@ impl<S: LogStorage> Inner<S> {
         Ok(appended)
     }
 
+    /// Partitions for a batch: explicit, else Kafka's partitioner on the
+    /// key, else round robin (the counter is taken once per batch).
+    fn pick_partitions(&self, topic: &str, records: &[Record], partitions: u32) -> Vec<u32> {
+        let unkeyed = records
+            .iter()
+            .filter(|r| r.partition.is_none() && r.key.is_none())
+            .count() as u32;
+        let mut next = if unkeyed > 0 {
+            let mut state = self.state.lock();
+            let counter = state.round_robin.entry(topic.to_string()).or_insert(0);
+            let first = *counter;
+            *counter = counter.wrapping_add(unkeyed);
+            first
+        } else {
+            0
+        };
+        records
+            .iter()
+            .map(|r| match (r.partition, &r.key) {
+                (Some(p), _) => p,
+                (None, Some(key)) => partitioner::partition_for_key(key, partitions),
+                (None, None) => {
+                    let p = next % partitions;
+                    next = next.wrapping_add(1);
+                    p
+                }
+            })
+            .collect()
+    }
+
     fn pick_partition(&self, topic: &str, record: &Record, partitions: u32) -> u32 {
         if let Some(p) = record.partition {
             return p;
@@ -557,10 +587,7 @@ impl<S: LogStorage> Inner<S> {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        let targets: Vec<u32> = records
-            .iter()
-            .map(|r| self.pick_partition(topic, r, config.partitions))
-            .collect();
+        let targets = self.pick_partitions(topic, &records, config.partitions);
         if records.iter().all(|r| r.idempotency_key.is_none()) {
             let keep = vec![true; records.len()];
             return self
@@ -642,6 +669,28 @@ impl<S: LogStorage> Inner<S> {
         targets: &[u32],
         keep: &[bool],
     ) -> Result<Vec<Option<Receipt>>> {
+        let stored = |r: Record| StoredRecord {
+            key: r.key,
+            value: r.value,
+            headers: r.headers,
+            idempotency_key: r.idempotency_key,
+        };
+        // One partition (explicit, single-partition topic, one key): no grouping.
+        if keep.iter().all(|k| *k) && targets.windows(2).all(|w| w[0] == w[1]) {
+            let partition = targets[0];
+            let n = records.len();
+            let recs = records.into_iter().map(stored).collect();
+            let a = self.append(topic, partition, recs, config).await?;
+            return Ok((0..n)
+                .map(|i| {
+                    Some(Receipt {
+                        partition,
+                        offset: a.base_offset + i as u64,
+                        timestamp: a.timestamp,
+                    })
+                })
+                .collect());
+        }
         let mut by_partition: BTreeMap<u32, (Vec<usize>, Vec<StoredRecord>)> = BTreeMap::new();
         for (i, r) in records.into_iter().enumerate() {
             if !keep[i] {
@@ -649,12 +698,7 @@ impl<S: LogStorage> Inner<S> {
             }
             let entry = by_partition.entry(targets[i]).or_default();
             entry.0.push(i);
-            entry.1.push(StoredRecord {
-                key: r.key,
-                value: r.value,
-                headers: r.headers,
-                idempotency_key: r.idempotency_key,
-            });
+            entry.1.push(stored(r));
         }
         let appends = by_partition.into_iter().map(|(p, (idx, recs))| async move {
             let a = self.append(topic, p, recs, config).await?;
