@@ -251,6 +251,59 @@ pub fn values(messages: &[Message]) -> Vec<String> {
         .collect()
 }
 
+/// A [`Backend`] over an `open` function: while the broker it opened is
+/// open, `open` returns that same broker (an embedded store is locked by
+/// it); once the broker was closed, `open` is called again, which for a
+/// persistent store reopens the same data. `cleanup` closes it. `keep`
+/// holds whatever must live as long as the backend (a temporary directory).
+pub struct Reopening<F> {
+    open: F,
+    current: std::sync::Mutex<Option<Arc<dyn Broker>>>,
+    _keep: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl<F, Fut> Reopening<F>
+where
+    F: Fn(BrokerOptions) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Arc<dyn Broker>>> + Send,
+{
+    /// A backend calling `open` for each (re)open, keeping `keep` alive.
+    pub fn new(open: F, keep: impl std::any::Any + Send + Sync) -> Self {
+        Reopening {
+            open,
+            current: std::sync::Mutex::new(None),
+            _keep: Box::new(keep),
+        }
+    }
+}
+
+#[async_trait]
+impl<F, Fut> Backend for Reopening<F>
+where
+    F: Fn(BrokerOptions) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Arc<dyn Broker>>> + Send,
+{
+    async fn open(&self, options: BrokerOptions) -> Result<Arc<dyn Broker>> {
+        let existing = self.current.lock().expect("lock").clone();
+        if let Some(broker) = existing {
+            match broker.list_topics().await {
+                Err(e) if e.kind() == conveyor_core::ErrorKind::Closed => {}
+                _ => return Ok(broker),
+            }
+        }
+        let broker = (self.open)(options).await?;
+        *self.current.lock().expect("lock") = Some(broker.clone());
+        Ok(broker)
+    }
+
+    async fn cleanup(&self) {
+        let broker = self.current.lock().expect("lock").take();
+        if let Some(broker) = broker {
+            let _ = broker.close().await;
+        }
+    }
+}
+
 #[doc(hidden)]
 pub mod __private {
     pub use futures::FutureExt;

@@ -23,13 +23,11 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use conveyor_core::engine::{
-    Appended, Engine, LogStorage, PartitionBounds, StoredMessage, StoredRecord,
+    Appended, Engine, LogStorage, PartitionBounds, PartitionMap, StoredMessage, StoredRecord,
 };
-use conveyor_core::{
-    now_ms, BrokerOptions, Capabilities, Error, Header, Receipt, Result, Retention,
-};
-use parking_lot::{Mutex, RwLock};
-use std::collections::{HashMap, VecDeque};
+use conveyor_core::{now_ms, BrokerOptions, Capabilities, Header, Receipt, Result, Retention};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// The in-memory broker: the engine over [`MemoryStorage`].
@@ -79,25 +77,15 @@ impl PartitionLog {
     }
 }
 
-type Partitions = Arc<RwLock<Vec<Arc<Mutex<PartitionLog>>>>>;
-
 /// Partition logs and state in memory.
 #[derive(Debug, Default)]
 pub struct MemoryStorage {
-    topics: RwLock<HashMap<String, Partitions>>,
+    partitions: PartitionMap<Mutex<PartitionLog>>,
 }
 
 impl MemoryStorage {
     fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Mutex<PartitionLog>>> {
-        let topics = self.topics.read();
-        let parts = topics
-            .get(topic)
-            .ok_or_else(|| Error::topic_not_found(topic))?;
-        let parts = parts.read();
-        parts
-            .get(partition as usize)
-            .cloned()
-            .ok_or_else(|| Error::partition_out_of_range(topic, partition, parts.len() as u32))
+        self.partitions.get(topic, partition)
     }
 }
 
@@ -116,21 +104,13 @@ impl LogStorage for MemoryStorage {
     }
 
     async fn ensure_partitions(&self, topic: &str, partitions: u32) -> Result<()> {
-        let parts = self
-            .topics
-            .write()
-            .entry(topic.to_string())
-            .or_default()
-            .clone();
-        let mut parts = parts.write();
-        while parts.len() < partitions as usize {
-            parts.push(Arc::default());
-        }
-        Ok(())
+        self.partitions
+            .grow(topic, partitions, |_| async { Ok(Mutex::default()) })
+            .await
     }
 
     async fn drop_topic(&self, topic: &str) -> Result<()> {
-        self.topics.write().remove(topic);
+        self.partitions.remove(topic);
         Ok(())
     }
 
@@ -246,11 +226,7 @@ impl LogStorage for MemoryStorage {
     ) -> Result<Vec<(String, Receipt)>> {
         // The engine keeps the window itself; a fresh in-memory store is
         // empty, but answer truthfully from the log anyway.
-        let parts = match self.topics.read().get(topic) {
-            Some(p) => p.clone(),
-            None => return Ok(Vec::new()),
-        };
-        let parts = parts.read();
+        let parts = self.partitions.topic(topic);
         let mut out = Vec::new();
         for (p, log) in parts.iter().enumerate() {
             let log = log.lock();

@@ -99,15 +99,14 @@ mod state;
 use async_trait::async_trait;
 use bytes::Bytes;
 use conveyor_core::engine::{
-    Appended, Engine, LogStorage, PartitionBounds, StoredMessage, StoredRecord,
+    Appended, Engine, LogStorage, PartitionBounds, PartitionMap, StoredMessage, StoredRecord,
 };
 use conveyor_core::{
     BrokerOptions, Capabilities, Durability, Error, ErrorKind, Receipt, Result, Retention,
 };
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use partition::Partition;
 use state::StateLog;
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -166,13 +165,11 @@ pub async fn open(
     Engine::open(storage, options).await
 }
 
-type Topic = Arc<RwLock<Vec<Arc<Partition>>>>;
-
 struct Shared {
     root: PathBuf,
     options: MmapOptions,
     lock: Mutex<Option<File>>,
-    topics: RwLock<HashMap<String, Topic>>,
+    partitions: PartitionMap<Partition>,
     state: StateLog,
     closed: AtomicBool,
 }
@@ -231,7 +228,7 @@ impl MmapStorage {
             root,
             options,
             lock: Mutex::new(Some(lock)),
-            topics: RwLock::new(HashMap::new()),
+            partitions: PartitionMap::default(),
             state,
             closed: AtomicBool::new(false),
         });
@@ -251,24 +248,7 @@ impl MmapStorage {
     }
 
     fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>> {
-        let topics = self.shared.topics.read();
-        let parts = topics
-            .get(topic)
-            .ok_or_else(|| Error::topic_not_found(topic))?;
-        let parts = parts.read();
-        parts
-            .get(partition as usize)
-            .cloned()
-            .ok_or_else(|| Error::partition_out_of_range(topic, partition, parts.len() as u32))
-    }
-
-    fn all_partitions(&self) -> Vec<Arc<Partition>> {
-        self.shared
-            .topics
-            .read()
-            .values()
-            .flat_map(|t| t.read().clone())
-            .collect()
+        self.shared.partitions.get(topic, partition)
     }
 }
 
@@ -282,12 +262,7 @@ fn flusher(shared: Weak<Shared>, every: Duration) {
         if shared.closed.load(Ordering::Acquire) {
             return;
         }
-        let parts: Vec<Arc<Partition>> = shared
-            .topics
-            .read()
-            .values()
-            .flat_map(|t| t.read().clone())
-            .collect();
+        let parts = shared.partitions.all();
         for p in parts {
             if let Err(e) = p.flush_blocking() {
                 tracing::warn!(error = %e, "interval flush failed");
@@ -311,43 +286,28 @@ impl LogStorage for MmapStorage {
     }
 
     async fn ensure_partitions(&self, topic: &str, partitions: u32) -> Result<()> {
-        let existing = self.shared.topics.read().get(topic).cloned();
-        let parts = match existing {
-            Some(p) => p,
-            None => self
-                .shared
-                .topics
-                .write()
-                .entry(topic.to_string())
-                .or_default()
-                .clone(),
-        };
-        let have = parts.read().len() as u32;
-        let mut opened = Vec::new();
-        for p in have..partitions {
-            let dir = topic_dir(&self.shared.root, topic).join(p.to_string());
-            let (segment_bytes, durability) = (
-                self.shared.options.segment_bytes,
-                self.shared.options.durability,
-            );
-            let part = tokio::task::spawn_blocking(move || {
-                Partition::open(dir, segment_bytes, durability)
+        let dir = topic_dir(&self.shared.root, topic);
+        let (segment_bytes, durability) = (
+            self.shared.options.segment_bytes,
+            self.shared.options.durability,
+        );
+        self.shared
+            .partitions
+            .grow(topic, partitions, |p| {
+                let dir = dir.join(p.to_string());
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        Partition::open(dir, segment_bytes, durability)
+                    })
+                    .await
+                    .map_err(|e| Error::internal(format!("open partition task: {e}")))?
+                }
             })
             .await
-            .map_err(|e| Error::internal(format!("open partition task: {e}")))??;
-            opened.push(Arc::new(part));
-        }
-        let mut parts = parts.write();
-        for part in opened {
-            if (parts.len() as u32) < partitions {
-                parts.push(part);
-            }
-        }
-        Ok(())
     }
 
     async fn drop_topic(&self, topic: &str) -> Result<()> {
-        self.shared.topics.write().remove(topic);
+        self.shared.partitions.remove(topic);
         let dir = topic_dir(&self.shared.root, topic);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
@@ -412,10 +372,7 @@ impl LogStorage for MmapStorage {
         topic: &str,
         since_ms: u64,
     ) -> Result<Vec<(String, Receipt)>> {
-        let parts = match self.shared.topics.read().get(topic) {
-            Some(t) => t.read().clone(),
-            None => return Ok(Vec::new()),
-        };
+        let parts = self.shared.partitions.topic(topic);
         let mut out = Vec::new();
         for (p, part) in parts.iter().enumerate() {
             for (key, offset, timestamp) in part.idempotency_keys_since(since_ms)? {
@@ -433,7 +390,7 @@ impl LogStorage for MmapStorage {
     }
 
     async fn flush(&self) -> Result<()> {
-        for p in self.all_partitions() {
+        for p in self.shared.partitions.all() {
             p.flush().await?;
         }
         self.shared.state.flush().await
@@ -444,7 +401,7 @@ impl LogStorage for MmapStorage {
             return Ok(());
         }
         let flushed = self.flush().await;
-        self.shared.topics.write().clear();
+        self.shared.partitions.clear();
         // Release the directory lock so the store can be opened again.
         self.shared.lock.lock().take();
         flushed

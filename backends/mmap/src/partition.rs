@@ -74,7 +74,8 @@ fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(context, e)
 }
 
-fn open_append(path: &Path) -> Result<File> {
+/// Open a file for appending (and reading), creating it if missing.
+pub(crate) fn open_append(path: &Path) -> Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)

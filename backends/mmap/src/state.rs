@@ -4,6 +4,7 @@
 //! Owns `state.log` and nothing else; it does not interpret keys or values.
 
 use crate::format::{self, DecodeError};
+use crate::partition::open_append;
 use bytes::Bytes;
 use conveyor_core::{Durability, Error, Result};
 use parking_lot::Mutex;
@@ -35,15 +36,6 @@ pub(crate) struct StateLog {
 
 fn entry_size(k: &str, v: &Bytes) -> u64 {
     (9 + k.len() + v.len()) as u64
-}
-
-fn open_append(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .read(true)
-        .open(path)
-        .map_err(|e| Error::io(format!("open {}", path.display()), e))
 }
 
 impl StateLog {

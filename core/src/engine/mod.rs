@@ -12,8 +12,10 @@ mod consumer;
 mod dedup;
 mod group;
 mod lease;
+mod partitions;
 mod storage;
 
+pub use partitions::PartitionMap;
 pub use storage::{Appended, LogStorage, PartitionBounds, StoredMessage, StoredRecord};
 
 use crate::broker::{Broker, Capabilities, Consumer, IdempotencyStore, Producer, TopicPartition};
