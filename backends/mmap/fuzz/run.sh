@@ -44,7 +44,7 @@ case "$mode" in
       -artifact_prefix=artifacts/decode/ corpus/decode
     ;;
   cargo-fuzz)
-    cargo +nightly fuzz run decode -- -max_total_time="${secs:-300}" -max_len=4096
+    cd .. && cargo +nightly fuzz run decode -- -max_total_time="${secs:-300}" -max_len=4096
     ;;
   *)
     echo "usage: $0 [build | smoke [seconds] | cargo-fuzz [seconds]]" >&2

@@ -113,11 +113,18 @@ fn kill_child() {
 }
 
 async fn child(dir: &Path, mode: &str, seed: u64) {
-    let broker = match open_store(dir, Durability::Always).await {
-        Ok(b) => b,
-        Err(e) => {
-            emit(&format!("@@ X open: {e}\n"));
-            return;
+    // The parent has closed the store before starting this child, but a
+    // process the parent forks at that moment (the other test's child)
+    // holds a copy of its lock's descriptor until it execs: wait for the
+    // lock to be free rather than fail.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let broker = loop {
+        match open_store(dir, Durability::Always).await {
+            Ok(b) => break b,
+            Err(e) if e.kind() == ErrorKind::Locked && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err(e) => return emit(&format!("@@ X open: {e}\n")),
         }
     };
     broker.create_topic(TOPIC, topic_config()).await.unwrap();
