@@ -5,7 +5,7 @@
 //! batches of its own file. Writing is done by the partition, which owns
 //! the file handle for appends.
 
-use crate::format::{self, BatchHeader, DecodeError};
+use crate::format::{self, BatchHeader};
 use bytes::Bytes;
 use conveyor_core::{Error, ErrorKind, Result};
 use memmap2::Mmap;
@@ -272,7 +272,7 @@ pub(crate) fn recover(base: u64, path: &Path) -> Result<(Segment, Option<u64>)> 
                 ))
             }
             Err(e) => {
-                if is_torn_tail(rest, e) {
+                if is_torn_tail(rest) {
                     torn_at = Some(pos);
                     break;
                 }
@@ -295,24 +295,19 @@ pub(crate) fn recover(base: u64, path: &Path) -> Result<(Segment, Option<u64>)> 
 
 /// Whether a bad batch at the start of `rest` is the end of the file's
 /// writes (a torn tail) rather than damage with data after it.
-fn is_torn_tail(rest: &[u8], err: DecodeError) -> bool {
-    match err {
-        DecodeError::Incomplete => true,
-        _ => {
-            // A complete-looking batch that fails its checksum is torn only
-            // if it is the last thing in the file (its pages were not all
-            // written); zeros after a crash are torn too.
-            let declared = format::read_header(rest)
-                .map(|h| h.length as usize)
-                .ok()
-                .or_else(|| {
-                    (rest.len() >= 8)
-                        .then(|| u32::from_le_bytes(rest[4..8].try_into().expect("4")) as usize)
-                });
-            match declared {
-                Some(n) if n >= format::BATCH_HEADER && n >= rest.len() => true,
-                _ => rest.iter().all(|b| *b == 0),
-            }
-        }
-    }
+///
+/// The checksum does not cover the length field, so a damaged length can
+/// make a middle batch look incomplete. A torn write leaves only a prefix
+/// of the last batch, so the rule is: torn if and only if no valid batch
+/// starts anywhere after the bad one. (This scan runs only on the error
+/// path.)
+fn is_torn_tail(rest: &[u8]) -> bool {
+    !valid_batch_follows(rest)
+}
+
+/// Whether a batch that passes its checksum starts after byte 0 of `rest`.
+fn valid_batch_follows(rest: &[u8]) -> bool {
+    let magic = format::BATCH_MAGIC.to_le_bytes();
+    (1..rest.len().saturating_sub(format::BATCH_HEADER - 1))
+        .any(|i| rest[i..i + 4] == magic && format::check_batch(&rest[i..]).is_ok())
 }

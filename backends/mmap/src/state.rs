@@ -3,7 +3,7 @@
 //!
 //! Owns `state.log` and nothing else; it does not interpret keys or values.
 
-use crate::format::{self, DecodeError};
+use crate::format;
 use crate::partition::open_append;
 use bytes::Bytes;
 use conveyor_core::{Durability, Error, Result};
@@ -62,12 +62,13 @@ impl StateLog {
                     pos += len;
                 }
                 Err(e) => {
+                    // Torn only if no valid frame follows (the checksum
+                    // does not cover the length: see segment::is_torn_tail).
                     let rest = &data[pos..];
-                    let declared = (rest.len() >= 8)
-                        .then(|| u32::from_le_bytes(rest[4..8].try_into().expect("4")) as usize);
-                    let torn = matches!(e, DecodeError::Incomplete)
-                        || declared.is_some_and(|n| n >= rest.len())
-                        || rest.iter().all(|b| *b == 0);
+                    let magic = format::STATE_MAGIC.to_le_bytes();
+                    let torn = !(1..rest.len().saturating_sub(3)).any(|i| {
+                        rest[i..i + 4] == magic && format::decode_state_frame(&rest[i..]).is_ok()
+                    });
                     if !torn {
                         return Err(crate::segment::corrupt(
                             &path,

@@ -428,7 +428,6 @@ async fn damage_before_the_tail_of_the_last_segment_is_corrupt() {
 /// batch look like a torn write: recovery truncates the file there and the
 /// acknowledged records after it are lost without an error.
 #[tokio::test]
-#[ignore = "conveyor-mmap bug (reported): a grown length field before the tail is taken for a torn tail and later batches are truncated away (segment.rs is_torn_tail)"]
 async fn damaged_length_before_the_tail_of_the_last_segment_is_corrupt() {
     assert_no_problems(flip_every_byte_of_a_middle_batch(usize::MAX, is_length_field).await);
 }
@@ -717,7 +716,6 @@ async fn damaged_state_frame_before_the_tail_is_corrupt() {
 /// length grown past the end of the file is taken for a torn frame, the
 /// file is truncated there and the later commits are lost silently.
 #[tokio::test]
-#[ignore = "conveyor-mmap bug (reported): a grown length field in a state frame before the tail is taken for a torn frame and later frames are truncated away (state.rs StateLog::open)"]
 async fn damaged_state_frame_length_before_the_tail_is_corrupt() {
     assert_no_problems(flip_state_frame(is_length_field).await);
 }
