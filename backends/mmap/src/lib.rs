@@ -49,11 +49,14 @@
 //!   returns, off the async runtime; concurrent producers share one sync:
 //!   group commit). Rolling a segment under `Always` syncs the old one first.
 //! - Recovery runs on every open and is short: the last segment of each
-//!   partition is scanned and checked; a torn tail (an incomplete or damaged
-//!   last batch) is cut off; damage followed by more data is
-//!   `ErrorKind::Corrupt` naming the file and byte position. Older segments
-//!   are checked (CRC) as they are read: damage there is `Corrupt` at read,
-//!   never skipped.
+//!   partition is scanned and checked. A bad batch is a torn tail, cut off,
+//!   only if no valid batch follows it anywhere in the file (a torn write
+//!   leaves a prefix of the last batch; the checksum does not cover the
+//!   length field, so a damaged length must not pass for one). Otherwise
+//!   it is `ErrorKind::Corrupt` naming the file and byte position. Older
+//!   segments are checked (CRC) as they are read: damage there is
+//!   `Corrupt` at read, never skipped. Bit rot inside the very last batch
+//!   cannot be told from a torn write and is cut.
 //! - Retention moves a persisted log start (`start` file) and deletes whole
 //!   segments wholly below it (mappings are dropped before unlinking).
 //! - Group state, dedup keys and topic metadata live in `state.log`, an
