@@ -1,11 +1,12 @@
 //! Throughput and latency of a backend, through the public API.
 //!
-//! `CONVEYOR_BENCH_URL` picks the backend (default `memory://`; a `{tmp}`
-//! in it is replaced by a fresh temporary directory, e.g.
-//! `mmap://{tmp}`). Values are 100 bytes.
+//! `CONVEYOR_BENCH_URL` picks the backend (default `mmap://{tmp}`, the
+//! embedded default; a `{tmp}` in it is replaced by a fresh temporary
+//! directory). Values are 100 bytes.
 //!
 //! ```text
 //! cargo bench --bench throughput
+//! CONVEYOR_BENCH_URL=memory:// cargo bench --bench throughput
 //! CONVEYOR_BENCH_URL='mmap://{tmp}?durability=always' cargo bench --bench throughput
 //! ```
 
@@ -31,7 +32,7 @@ struct Fixture {
 
 fn open(rt: &tokio::runtime::Runtime) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    let url = std::env::var("CONVEYOR_BENCH_URL").unwrap_or_else(|_| "memory://".into());
+    let url = std::env::var("CONVEYOR_BENCH_URL").unwrap_or_else(|_| "mmap://{tmp}".into());
     let url = url.replace("{tmp}", &dir.path().display().to_string());
     let broker = rt
         .block_on(conveyor::open(&url))
