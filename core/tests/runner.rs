@@ -1,0 +1,224 @@
+//! The handler runner: retries, dead letters, per-partition order in
+//! stream mode across polls and rewinds, graceful shutdown, idempotency.
+
+use conveyor_core::runner::{HandlerError, Idempotent, Runner, RunnerConfig};
+use conveyor_core::{Broker, DlqPolicy, GroupConfig, Message, Record, RetryBackoff, TopicConfig};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+async fn broker_with(topic: &str, partitions: u32, n: u64) -> conveyor_memory::MemoryBroker {
+    let broker = conveyor_memory::open_default();
+    broker
+        .create_topic(topic, TopicConfig::new(partitions))
+        .await
+        .unwrap();
+    let producer = broker.producer().await.unwrap();
+    let records = (0..n)
+        .map(|i| Record::new(i.to_string()).with_key(format!("k{}", i % 13)))
+        .collect();
+    producer.send_batch(topic, records).await.unwrap();
+    broker
+}
+
+fn number(m: &Message) -> u64 {
+    std::str::from_utf8(&m.value).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_mode_retries_transient_failures_and_dead_letters_poison() {
+    let broker = broker_with("jobs", 3, 200).await;
+    let config = GroupConfig::queue()
+        .with_retry_backoff(RetryBackoff::fixed(Duration::from_millis(5)))
+        .with_dlq(DlqPolicy::new(3));
+    let consumer = broker.consumer("workers", &["jobs"], config).await.unwrap();
+    let done = Arc::new(Mutex::new(BTreeMap::<u64, u32>::new()));
+    let handler = {
+        let done = done.clone();
+        move |m: Message| {
+            let done = done.clone();
+            async move {
+                let n = number(&m);
+                if n % 50 == 7 {
+                    return Err(HandlerError::new(format!("poison {n}")));
+                }
+                if n % 5 == 0 && m.attempt == 1 {
+                    return Err(HandlerError::new("transient"));
+                }
+                *done.lock().unwrap().entry(n).or_insert(0) += 1;
+                Ok(())
+            }
+        }
+    };
+    let stats = Runner::new(consumer, RunnerConfig::default().with_concurrency(8))
+        .run_until_idle(handler, Duration::from_millis(300))
+        .await
+        .unwrap();
+    let done = done.lock().unwrap();
+    let poison: Vec<u64> = (0..200).filter(|n| n % 50 == 7).collect();
+    for n in 0..200 {
+        if poison.contains(&n) {
+            assert!(!done.contains_key(&n));
+        } else {
+            assert_eq!(done.get(&n), Some(&1), "message {n} handled once");
+        }
+    }
+    assert_eq!(stats.succeeded, 200 - poison.len() as u64);
+    // Each poison message failed 3 times, then went to the DLQ.
+    let dlq = broker.describe_topic("jobs.workers.dlq").await.unwrap();
+    assert_eq!(dlq.partitions[0].log_end, poison.len() as u64);
+    let lag = broker.group_lag("workers").await.unwrap();
+    assert_eq!(lag.total_lag(), 0, "everything settled: {lag:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_mode_keeps_partition_order_across_polls_and_rewinds() {
+    let broker = broker_with("events", 4, 1000).await;
+    let config = GroupConfig::stream()
+        .with_retry_backoff(RetryBackoff::fixed(Duration::from_millis(2)))
+        .with_dlq(DlqPolicy::new(10));
+    let consumer = broker
+        .consumer("ordered", &["events"], config)
+        .await
+        .unwrap();
+    let seen = Arc::new(Mutex::new(HashMap::<u32, Vec<u64>>::new()));
+    let handler = {
+        let seen = seen.clone();
+        move |m: Message| {
+            let seen = seen.clone();
+            async move {
+                // Slow enough that later polls of the same partition
+                // arrive while earlier lanes are still running.
+                if m.offset % 10 == 3 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                if m.offset % 7 == 0 && m.attempt == 1 {
+                    return Err(HandlerError::new("try again"));
+                }
+                seen.lock()
+                    .unwrap()
+                    .entry(m.partition)
+                    .or_default()
+                    .push(m.offset);
+                Ok(())
+            }
+        }
+    };
+    let config = RunnerConfig::default().with_concurrency(8).with_batch(16);
+    Runner::new(consumer, config)
+        .run_until_idle(handler, Duration::from_millis(300))
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    let describe = broker.describe_topic("events").await.unwrap();
+    for p in describe.partitions {
+        let offsets = seen.get(&p.partition).cloned().unwrap_or_default();
+        let expected: Vec<u64> = (0..p.log_end).collect();
+        assert_eq!(
+            offsets, expected,
+            "partition {} handled in order, once",
+            p.partition
+        );
+    }
+    let lag = broker.group_lag("ordered").await.unwrap();
+    assert_eq!(lag.total_lag(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_in_flight_handlers_and_settles_them() {
+    let broker = broker_with("slow", 1, 20).await;
+    let consumer = broker
+        .consumer("slow", &["slow"], GroupConfig::queue())
+        .await
+        .unwrap();
+    let started = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let handler = {
+        let (started, finished) = (started.clone(), finished.clone());
+        move |_m: Message| {
+            let (started, finished) = (started.clone(), finished.clone());
+            async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                finished.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    };
+    let run = tokio::spawn(
+        Runner::new(
+            consumer,
+            RunnerConfig::default().with_concurrency(4).with_batch(4),
+        )
+        .run(handler, async move {
+            let _ = stop_rx.await;
+        }),
+    );
+    while started.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    stop_tx.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    let (s, f) = (
+        started.load(Ordering::SeqCst),
+        finished.load(Ordering::SeqCst),
+    );
+    assert_eq!(s, f, "every started handler finished before run returned");
+    assert_eq!(stats.succeeded, f);
+    assert!(f < 20, "stopped early ({f} of 20 handled)");
+    let lag = broker.group_lag("slow").await.unwrap();
+    assert_eq!(lag.total_lag(), 20 - f, "what was handled was acked");
+    assert_eq!(lag.total_in_flight(), 0, "nothing left leased");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_handler_runs_once_per_event_id() {
+    let broker = conveyor_memory::open_default();
+    broker
+        .create_topic("evts", TopicConfig::new(2))
+        .await
+        .unwrap();
+    let producer = broker.producer().await.unwrap();
+    // The same event twice (an upstream retry without idempotent produce).
+    for id in ["a", "b", "a", "c", "b"] {
+        producer
+            .send("evts", Record::new(id).with_header("event-id", id))
+            .await
+            .unwrap();
+    }
+    let runs = Arc::new(Mutex::new(Vec::<String>::new()));
+    let inner = {
+        let runs = runs.clone();
+        move |m: Message| {
+            let runs = runs.clone();
+            async move {
+                runs.lock()
+                    .unwrap()
+                    .push(m.header_str("event-id").unwrap().to_string());
+                Ok(())
+            }
+        }
+    };
+    let handler = Idempotent::new(
+        broker.idempotency_store(),
+        Duration::from_secs(60),
+        |m: &Message| m.header_str("event-id").map(str::to_string),
+        inner,
+    );
+    let duplicates = handler.duplicates();
+    let consumer = broker
+        .consumer("mailer", &["evts"], GroupConfig::queue())
+        .await
+        .unwrap();
+    let stats = Runner::new(consumer, RunnerConfig::default())
+        .run_until_idle(handler, Duration::from_millis(200))
+        .await
+        .unwrap();
+    let mut runs = runs.lock().unwrap().clone();
+    runs.sort();
+    assert_eq!(runs, vec!["a", "b", "c"]);
+    assert_eq!(duplicates.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.succeeded, 5, "duplicates are acked too");
+}
