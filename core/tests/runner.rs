@@ -43,7 +43,7 @@ async fn queue_mode_retries_transient_failures_and_dead_letters_poison() {
                 if n % 50 == 7 {
                     return Err(HandlerError::new(format!("poison {n}")));
                 }
-                if n % 5 == 0 && m.attempt == 1 {
+                if n.is_multiple_of(5) && m.attempt == 1 {
                     return Err(HandlerError::new("transient"));
                 }
                 *done.lock().unwrap().entry(n).or_insert(0) += 1;
@@ -55,7 +55,7 @@ async fn queue_mode_retries_transient_failures_and_dead_letters_poison() {
         .run_until_idle(handler, Duration::from_millis(300))
         .await
         .unwrap();
-    let done = done.lock().unwrap();
+    let done = done.lock().unwrap().clone();
     let poison: Vec<u64> = (0..200).filter(|n| n % 50 == 7).collect();
     for n in 0..200 {
         if poison.contains(&n) {
@@ -93,7 +93,7 @@ async fn stream_mode_keeps_partition_order_across_polls_and_rewinds() {
                 if m.offset % 10 == 3 {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                if m.offset % 7 == 0 && m.attempt == 1 {
+                if m.offset.is_multiple_of(7) && m.attempt == 1 {
                     return Err(HandlerError::new("try again"));
                 }
                 seen.lock()
@@ -110,7 +110,7 @@ async fn stream_mode_keeps_partition_order_across_polls_and_rewinds() {
         .run_until_idle(handler, Duration::from_millis(300))
         .await
         .unwrap();
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     let describe = broker.describe_topic("events").await.unwrap();
     for p in describe.partitions {
         let offsets = seen.get(&p.partition).cloned().unwrap_or_default();
