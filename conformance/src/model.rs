@@ -148,6 +148,43 @@ async fn collect(tasks: Vec<ProducerTask>) -> Result<BTreeMap<(u32, u64), String
     Ok(all)
 }
 
+/// Members join `group` one after another for `CHURN`: each lives
+/// `life_ms` (random in the range) running `member`, the next joins
+/// `gap_ms` later. Waits for all of them; returns the number of sessions
+/// started. Every random choice comes from `seed`.
+#[allow(clippy::too_many_arguments)]
+async fn churn<F, Fut>(
+    ctx: &Ctx<'_>,
+    group: &str,
+    topic: &str,
+    config: &GroupConfig,
+    seed: u64,
+    life_ms: std::ops::Range<u64>,
+    gap_ms: std::ops::Range<u64>,
+    member: F,
+) -> Result<u64>
+where
+    F: Fn(Arc<dyn Consumer>, u64, Duration, StdRng) -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut members = Vec::new();
+    let mut session = 0u64;
+    while started.elapsed() < CHURN {
+        session += 1;
+        let c = ctx.broker.consumer(group, &[topic], config.clone()).await?;
+        let member_rng = StdRng::seed_from_u64(rng.gen());
+        let life = Duration::from_millis(rng.gen_range(life_ms.clone()));
+        members.push(tokio::spawn(member(c, session, life, member_rng)));
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(gap_ms.clone()))).await;
+    }
+    for m in members {
+        m.await.expect("member task")?;
+    }
+    Ok(session)
+}
+
 /// Stream mode under churn: members join, commit, nack, close or vanish
 /// (dropped without commit). Checks: nothing lost; within one member's
 /// ownership of a partition (session, generation) offsets come in order,
@@ -166,28 +203,21 @@ pub async fn model_check_stream(backend: &dyn Backend) -> Result<()> {
     let config = GroupConfig::stream()
         .with_retry_backoff(RetryBackoff::none())
         .with_dlq(DlqPolicy::new(u32::MAX));
-    let started = Instant::now();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut members = Vec::new();
-    let mut session = 0u64;
-    while started.elapsed() < CHURN {
-        session += 1;
-        let c = ctx
-            .broker
-            .consumer(&group, &[&topic], config.clone())
-            .await?;
-        let mut mrng = StdRng::seed_from_u64(rng.gen());
-        let h = history.clone();
-        let life = Duration::from_millis(rng.gen_range(50..600));
-        members.push(tokio::spawn(async move {
-            stream_member(c, session, life, &mut mrng, &h).await
-        }));
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..200))).await;
-    }
+    let mut session = churn(
+        &ctx,
+        &group,
+        &topic,
+        &config,
+        seed,
+        50..600,
+        20..200,
+        |c, session, life, mut rng| {
+            let h = history.clone();
+            async move { stream_member(c, session, life, &mut rng, &h).await }
+        },
+    )
+    .await?;
     let receipts = collect(producers).await?;
-    for m in members {
-        m.await.expect("member task")?;
-    }
     // Drain: one last member commits everything.
     session += 1;
     let last = ctx.broker.consumer(&group, &[&topic], config).await?;
@@ -425,28 +455,21 @@ pub async fn model_check_queue(backend: &dyn Backend) -> Result<()> {
         .with_visibility_timeout(Duration::from_millis(150))
         .with_retry_backoff(RetryBackoff::none())
         .with_dlq(DlqPolicy::new(MAX));
-    let started = Instant::now();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut members = Vec::new();
-    let mut session = 0u64;
-    while started.elapsed() < CHURN {
-        session += 1;
-        let c = ctx
-            .broker
-            .consumer(&group, &[&topic], config.clone())
-            .await?;
-        let mut mrng = StdRng::seed_from_u64(rng.gen());
-        let h = history.clone();
-        let life = Duration::from_millis(rng.gen_range(50..700));
-        members.push(tokio::spawn(async move {
-            queue_member(c, session, life, &mut mrng, &h).await
-        }));
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..150))).await;
-    }
+    let mut session = churn(
+        &ctx,
+        &group,
+        &topic,
+        &config,
+        seed,
+        50..700,
+        20..150,
+        |c, session, life, mut rng| {
+            let h = history.clone();
+            async move { queue_member(c, session, life, &mut rng, &h).await }
+        },
+    )
+    .await?;
     let receipts = collect(producers).await?;
-    for m in members {
-        m.await.expect("member task")?;
-    }
     let poison: BTreeSet<(u32, u64)> = receipts
         .iter()
         .filter(|(_, v)| is_poison(v))
