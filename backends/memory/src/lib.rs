@@ -23,7 +23,8 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use conveyor_core::engine::{
-    Appended, Engine, LogStorage, PartitionBounds, PartitionMap, StoredMessage, StoredRecord,
+    Appended, Engine, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage,
+    StoredRecord,
 };
 use conveyor_core::{now_ms, BrokerOptions, Capabilities, Header, Receipt, Result, Retention};
 use parking_lot::Mutex;
@@ -51,6 +52,7 @@ struct Entry {
     value: Bytes,
     headers: Vec<Header>,
     idempotency_key: Option<String>,
+    deliver_at: Option<u64>,
     size: u64,
 }
 
@@ -135,6 +137,7 @@ impl LogStorage for MemoryStorage {
                 value: r.value,
                 headers: r.headers,
                 idempotency_key: r.idempotency_key,
+                deliver_at: r.deliver_at,
                 size,
             });
         }
@@ -148,18 +151,16 @@ impl LogStorage for MemoryStorage {
         &self,
         topic: &str,
         partition: u32,
-        from: u64,
-        max_records: usize,
-        max_bytes: usize,
+        range: ReadRange,
     ) -> Result<Vec<StoredMessage>> {
         let log = self.partition(topic, partition)?;
         let log = log.lock();
-        let first = from.max(log.start);
+        let first = range.from.max(log.start);
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let skip = (first - log.start) as usize;
         for (i, e) in log.records.iter().enumerate().skip(skip) {
-            if out.len() >= max_records || (!out.is_empty() && bytes >= max_bytes) {
+            if range.is_full(out.len(), bytes) {
                 break;
             }
             bytes += e.value.len();
@@ -169,6 +170,8 @@ impl LogStorage for MemoryStorage {
                 key: e.key.clone(),
                 value: e.value.clone(),
                 headers: e.headers.clone(),
+                idempotency_key: e.idempotency_key.clone(),
+                deliver_at: e.deliver_at,
             });
         }
         Ok(out)

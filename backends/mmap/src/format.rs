@@ -276,6 +276,7 @@ pub fn decode_batch(data: &Bytes) -> Result<(BatchHeader, Vec<RecordData>), Deco
             value,
             idempotency_key,
             headers,
+            deliver_at: None,
         });
     }
     if at != end {
@@ -377,12 +378,14 @@ mod tests {
                     Header::new("a", Bytes::from_static(&[0, 255])),
                     Header::new("a", "2"),
                 ],
+                deliver_at: None,
             },
             RecordData {
                 key: None,
                 value: Bytes::from(vec![9u8; 1000]),
                 idempotency_key: None,
                 headers: vec![],
+                deliver_at: None,
             },
         ]
     }

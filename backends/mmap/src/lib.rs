@@ -102,7 +102,8 @@ mod state;
 use async_trait::async_trait;
 use bytes::Bytes;
 use conveyor_core::engine::{
-    Appended, Engine, LogStorage, PartitionBounds, PartitionMap, StoredMessage, StoredRecord,
+    Appended, Engine, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage,
+    StoredRecord,
 };
 use conveyor_core::{
     BrokerOptions, Capabilities, Durability, Error, ErrorKind, Receipt, Result, Retention,
@@ -337,12 +338,9 @@ impl LogStorage for MmapStorage {
         &self,
         topic: &str,
         partition: u32,
-        from: u64,
-        max_records: usize,
-        max_bytes: usize,
+        range: ReadRange,
     ) -> Result<Vec<StoredMessage>> {
-        self.partition(topic, partition)?
-            .read(from, max_records, max_bytes)
+        self.partition(topic, partition)?.read(range)
     }
 
     fn bounds(&self, topic: &str, partition: u32) -> Result<PartitionBounds> {

@@ -8,7 +8,7 @@
 use crate::format::{self, RecordData};
 use crate::segment::{self, corrupt, Segment};
 use crate::state::sync_file;
-use conveyor_core::engine::{Appended, PartitionBounds, StoredMessage};
+use conveyor_core::engine::{Appended, PartitionBounds, ReadRange, StoredMessage};
 use conveyor_core::{Durability, Error, Result, Retention};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -292,18 +292,11 @@ impl Partition {
         Ok(())
     }
 
-    pub fn read(
-        &self,
-        from: u64,
-        max_records: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>> {
+    pub fn read(&self, range: ReadRange) -> Result<Vec<StoredMessage>> {
         let mut out = Vec::new();
         let mut value_bytes = 0usize;
-        let mut at = from;
-        let full = |out: &Vec<StoredMessage>, b: usize| {
-            out.len() >= max_records || (!out.is_empty() && b >= max_bytes)
-        };
+        let mut at = range.from;
+        let full = |out: &Vec<StoredMessage>, b: usize| range.is_full(out.len(), b);
         while !full(&out, value_bytes) {
             let (data, pos, path, seg_end) = {
                 let mut g = self.inner.lock();
@@ -345,6 +338,8 @@ impl Partition {
                         key: r.key,
                         value: r.value,
                         headers: r.headers,
+                        idempotency_key: r.idempotency_key,
+                        deliver_at: r.deliver_at,
                     });
                 }
                 p += header.length as usize;

@@ -48,6 +48,7 @@ fn record() -> impl Strategy<Value = RecordData> {
             value,
             idempotency_key,
             headers,
+            deliver_at: None,
         })
 }
 
@@ -289,6 +290,7 @@ fn empty_batch_and_oversize_fields_are_refused() {
             value: Bytes::new(),
             idempotency_key: None,
             headers: vec![],
+            deliver_at: None,
         }],
     )
     .unwrap();
@@ -304,6 +306,7 @@ fn empty_batch_and_oversize_fields_are_refused() {
                 value: Bytes::from_static(b"v"),
                 idempotency_key: Some("i".into()),
                 headers: vec![Header::new("h", "x")],
+                deliver_at: None,
             }],
         )
         .unwrap();

@@ -7,7 +7,7 @@
 
 use super::group::{Group, Member, Retry};
 use super::lease::{Lease, LeaseTable};
-use super::{key_commit, key_leases, millis, Inner, LogStorage, MAX_POLL_BYTES};
+use super::{key_commit, key_leases, millis, Inner, LogStorage, ReadRange, MAX_POLL_BYTES};
 use crate::broker::{Consumer, NackOutcome, TopicPartition};
 use crate::config::{DeliveryMode, SeekTo};
 use crate::dlq::DeadLetter;
@@ -173,9 +173,9 @@ impl<S: LogStorage> EngineConsumer<S> {
                 .read(
                     &tp.topic,
                     tp.partition,
-                    pos,
-                    max - out.len(),
-                    MAX_POLL_BYTES,
+                    ReadRange::from(pos)
+                        .with_max_records(max - out.len())
+                        .with_max_bytes(MAX_POLL_BYTES),
                 )
                 .await?;
             let Some(last) = found.last().map(|m| m.offset) else {
@@ -288,9 +288,7 @@ impl<S: LogStorage> EngineConsumer<S> {
                     .read(
                         &tp.topic,
                         tp.partition,
-                        run[0].offset,
-                        run.len(),
-                        usize::MAX,
+                        ReadRange::from(run[0].offset).with_max_records(run.len()),
                     )
                     .await?;
                 let mut found = found.into_iter().peekable();

@@ -16,7 +16,9 @@ mod partitions;
 mod storage;
 
 pub use partitions::PartitionMap;
-pub use storage::{Appended, LogStorage, PartitionBounds, StoredMessage, StoredRecord};
+pub use storage::{
+    Appended, LogStorage, PartitionBounds, ReadRange, StoredMessage, StoredRecord,
+};
 
 use crate::broker::{Broker, Capabilities, Consumer, IdempotencyStore, Producer, TopicPartition};
 use crate::config::{BrokerOptions, DeliveryMode, GroupConfig, StartFrom, TopicConfig};
@@ -676,6 +678,7 @@ impl<S: LogStorage> Inner<S> {
             value: r.value,
             headers: r.headers,
             idempotency_key: r.idempotency_key,
+            deliver_at: None,
         };
         // One partition (explicit, single-partition topic, one key): no grouping.
         if keep.iter().all(|k| *k) && targets.windows(2).all(|w| w[0] == w[1]) {
@@ -737,6 +740,7 @@ impl<S: LogStorage> Inner<S> {
             value: record.value,
             headers: record.headers,
             idempotency_key: None,
+            deliver_at: None,
         };
         self.append(&dlq, partition, vec![stored], &dlq_config)
             .await?;
@@ -791,7 +795,11 @@ impl<S: LogStorage> Inner<S> {
         };
         let found = self
             .storage
-            .read(&tp.topic, tp.partition, job.offset, 1, 1)
+            .read(
+                &tp.topic,
+                tp.partition,
+                ReadRange::from(job.offset).with_max_records(1).with_max_bytes(1),
+            )
             .await?;
         let Some(m) = found.into_iter().find(|m| m.offset == job.offset) else {
             return Ok(()); // removed by retention meanwhile
@@ -1227,7 +1235,13 @@ impl<S: LogStorage> Broker for Engine<S> {
         let found = self
             .inner
             .storage
-            .read(topic, partition, offset, max, MAX_POLL_BYTES)
+            .read(
+                topic,
+                partition,
+                ReadRange::from(offset)
+                    .with_max_records(max)
+                    .with_max_bytes(MAX_POLL_BYTES),
+            )
             .await?;
         Ok(found
             .into_iter()

@@ -23,8 +23,13 @@ pub struct StoredRecord {
     /// Headers in order.
     pub headers: Vec<Header>,
     /// The producer's idempotency key, kept so the dedup window can be
-    /// rebuilt at open ([`LogStorage::idempotency_keys_since`]).
+    /// rebuilt at open ([`LogStorage::idempotency_keys_since`]), and so
+    /// consumers see it on the [`crate::Message`].
     pub idempotency_key: Option<String>,
+    /// Delayed delivery: no queue-mode group is offered the record before
+    /// this time (ms since the epoch). Stored as is; storage never acts on
+    /// it.
+    pub deliver_at: Option<u64>,
 }
 
 /// A record as storage returns it.
@@ -40,6 +45,59 @@ pub struct StoredMessage {
     pub value: Bytes,
     /// Headers in order.
     pub headers: Vec<Header>,
+    /// The producer's idempotency key, as appended.
+    pub idempotency_key: Option<String>,
+    /// The delivery time, as appended (ms since the epoch).
+    pub deliver_at: Option<u64>,
+}
+
+/// Which records a [`LogStorage::read`] returns: from `from`, at most
+/// `max_records`, stopping early once `max_bytes` of values are read
+/// (always at least one record if any).
+///
+/// ```
+/// use conveyor_core::engine::ReadRange;
+/// let range = ReadRange::from(42).with_max_records(10).with_max_bytes(1 << 20);
+/// assert_eq!((range.from, range.max_records, range.max_bytes), (42, 10, 1 << 20));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReadRange {
+    /// First offset wanted (below the log start reads from the log start).
+    pub from: u64,
+    /// At most this many records.
+    pub max_records: usize,
+    /// Stop once this many value bytes are read (at least one record).
+    pub max_bytes: usize,
+}
+
+impl ReadRange {
+    /// Everything from `offset` on, unbounded (narrow it with `with_*`).
+    pub fn from(offset: u64) -> Self {
+        ReadRange {
+            from: offset,
+            max_records: usize::MAX,
+            max_bytes: usize::MAX,
+        }
+    }
+
+    /// At most `n` records.
+    pub fn with_max_records(mut self, n: usize) -> Self {
+        self.max_records = n;
+        self
+    }
+
+    /// Stop once `n` value bytes are read (always at least one record).
+    pub fn with_max_bytes(mut self, n: usize) -> Self {
+        self.max_bytes = n;
+        self
+    }
+
+    /// Whether a read that has `records` records and `value_bytes` bytes
+    /// of values so far is done.
+    pub fn is_full(&self, records: usize, value_bytes: usize) -> bool {
+        records >= self.max_records || (records > 0 && value_bytes >= self.max_bytes)
+    }
 }
 
 /// Bounds of a partition log.
@@ -105,15 +163,12 @@ pub trait LogStorage: Send + Sync + 'static {
         records: Vec<StoredRecord>,
     ) -> Result<Appended>;
 
-    /// Up to `max_records` records from `from`, stopping early once
-    /// `max_bytes` of values are read (always at least one record if any).
+    /// The records of `range`, in offset order (see [`ReadRange`]).
     async fn read(
         &self,
         topic: &str,
         partition: u32,
-        from: u64,
-        max_records: usize,
-        max_bytes: usize,
+        range: ReadRange,
     ) -> Result<Vec<StoredMessage>>;
 
     /// Log start, log end and bytes of a partition (cheap; no I/O).
