@@ -7,7 +7,7 @@
 
 use super::group::{Group, Member, Retry};
 use super::lease::{Lease, LeaseTable};
-use super::{key_commit, key_leases, millis, Inner, LogStorage, ReadRange, MAX_POLL_BYTES};
+use super::{millis, Inner, LogStorage, ReadRange, StateKey, MAX_POLL_BYTES};
 use crate::broker::{Consumer, NackOutcome, TopicPartition};
 use crate::config::{DeliveryMode, SeekTo};
 use crate::dlq::DeadLetter;
@@ -238,7 +238,7 @@ impl<S: LogStorage> EngineConsumer<S> {
                 if reserved.len() < max {
                     let offsets = table.available(now, b.log_end, max - reserved.len());
                     if !offsets.is_empty() {
-                        dirty.push(key_leases(&self.group, &tp));
+                        dirty.push(StateKey::Leases(self.group.clone(), tp.clone()));
                     }
                     for offset in offsets {
                         state.next_lease += 1;
@@ -383,8 +383,8 @@ impl<S: LogStorage> EngineConsumer<S> {
             }
         }
         self.inner.mark_dirty([match self.mode {
-            DeliveryMode::Queue => key_leases(&self.group, &tp),
-            DeliveryMode::Stream => key_commit(&self.group, &tp),
+            DeliveryMode::Queue => StateKey::Leases(self.group.clone(), tp.clone()),
+            DeliveryMode::Stream => StateKey::Commit(self.group.clone(), tp.clone()),
         }]);
         self.inner.persist().await?;
         self.inner.notify();
@@ -494,7 +494,8 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                     let what = self.what(m);
                     let t = leases(g, &tp, &what)?;
                     t.ack(m.offset, m.token.lease, &what)?;
-                    self.inner.mark_dirty([key_leases(&self.group, &tp)]);
+                    self.inner
+                        .mark_dirty([StateKey::Leases(self.group.clone(), tp.clone())]);
                 }
                 DeliveryMode::Stream => {
                     g.check_owner(self.member, &tp, Some(m.token.generation))?;
@@ -503,7 +504,8 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                         part.committed = Some(m.offset + 1);
                     }
                     part.retries = part.retries.split_off(&(m.offset + 1));
-                    self.inner.mark_dirty([key_commit(&self.group, &tp)]);
+                    self.inner
+                        .mark_dirty([StateKey::Commit(self.group.clone(), tp.clone())]);
                 }
             }
         }
@@ -541,7 +543,8 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                         max,
                         &what,
                     )?;
-                    self.inner.mark_dirty([key_leases(&self.group, &tp)]);
+                    self.inner
+                        .mark_dirty([StateKey::Leases(self.group.clone(), tp.clone())]);
                     last.then_some(attempts)
                 }
                 DeliveryMode::Stream => {
@@ -613,7 +616,8 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
             part.committed = Some(offset);
             part.retries = part.retries.split_off(&offset);
         }
-        self.inner.mark_dirty([key_commit(&self.group, &tp)]);
+        self.inner
+            .mark_dirty([StateKey::Commit(self.group.clone(), tp.clone())]);
         self.inner.persist().await
     }
 
@@ -648,7 +652,8 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                         .entry(tp.clone())
                         .or_insert_with(|| LeaseTable::starting_at(target))
                         .reset(target);
-                    self.inner.mark_dirty([key_leases(&self.group, &tp)]);
+                    self.inner
+                        .mark_dirty([StateKey::Leases(self.group.clone(), tp.clone())]);
                 }
             }
         }

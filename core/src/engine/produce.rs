@@ -1,0 +1,240 @@
+//! Producing: partition choice (one picker), idempotent dedup, and
+//! appends grouped by partition (each group atomic, in input order).
+
+use super::*;
+
+impl<S: LogStorage> Inner<S> {
+    /// Append to one partition, then wake pollers and apply retention.
+    pub(super) async fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<StoredRecord>,
+        config: &TopicConfig,
+    ) -> Result<Appended> {
+        let appended = self.storage.append(topic, partition, records).await?;
+        self.notify();
+        if config.retention.is_limited() {
+            self.storage
+                .enforce_retention(topic, partition, &config.retention, now_ms())
+                .await?;
+        }
+        Ok(appended)
+    }
+
+    /// Partitions for a batch: explicit, else Kafka's partitioner on the
+    /// key, else round robin (the counter is taken once per batch).
+    pub(super) fn pick_partitions(
+        &self,
+        topic: &str,
+        records: &[Record],
+        partitions: u32,
+    ) -> Vec<u32> {
+        let unkeyed = records
+            .iter()
+            .filter(|r| r.partition.is_none() && r.key.is_none())
+            .count() as u32;
+        let mut next = if unkeyed > 0 {
+            let mut state = self.state.lock();
+            let counter = state.round_robin.entry(topic.to_string()).or_insert(0);
+            let first = *counter;
+            *counter = counter.wrapping_add(unkeyed);
+            first
+        } else {
+            0
+        };
+        records
+            .iter()
+            .map(|r| match (r.partition, &r.key) {
+                (Some(p), _) => p,
+                (None, Some(key)) => partitioner::partition_for_key(key, partitions),
+                (None, None) => {
+                    let p = next % partitions;
+                    next = next.wrapping_add(1);
+                    p
+                }
+            })
+            .collect()
+    }
+
+    pub(super) fn pick_partition(&self, topic: &str, record: &Record, partitions: u32) -> u32 {
+        if let Some(p) = record.partition {
+            return p;
+        }
+        if let Some(key) = &record.key {
+            return partitioner::partition_for_key(key, partitions);
+        }
+        let mut state = self.state.lock();
+        let counter = state.round_robin.entry(topic.to_string()).or_insert(0);
+        let p = *counter % partitions;
+        *counter = counter.wrapping_add(1);
+        p
+    }
+
+    pub(super) async fn send_batch(
+        &self,
+        topic: &str,
+        records: Vec<Record>,
+    ) -> Result<Vec<Receipt>> {
+        self.check_open()?;
+        let config = self.topic_or_create(topic).await?;
+        for record in &records {
+            crate::dlq::validate_record(
+                topic,
+                record,
+                config.partitions,
+                config.max_message_bytes,
+            )?;
+        }
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let targets = self.pick_partitions(topic, &records, config.partitions);
+        if records.iter().all(|r| r.idempotency_key.is_none()) {
+            let keep = vec![true; records.len()];
+            return self
+                .append_by_partition(topic, &config, records, &targets, &keep)
+                .await
+                .map(|r| r.into_iter().map(|x| x.expect("all appended")).collect());
+        }
+
+        // Idempotent produce: check, append and remember under the topic's
+        // dedup lock, so concurrent duplicates append exactly once.
+        let window = self
+            .dedup
+            .lock()
+            .entry(topic.to_string())
+            .or_default()
+            .clone();
+        let mut guard = window.lock().await;
+        let now = now_ms();
+        if guard.is_none() {
+            let mut w = DedupWindow::default();
+            let since = now.saturating_sub(millis(config.dedup_window));
+            for (key, receipt) in self.storage.idempotency_keys_since(topic, since).await? {
+                let expires = receipt
+                    .timestamp
+                    .saturating_add(millis(config.dedup_window));
+                w.insert(key, receipt, expires);
+            }
+            *guard = Some(w);
+        }
+        let w = guard.as_mut().expect("loaded");
+        w.prune(now);
+        let mut first_of: HashMap<&str, usize> = HashMap::new();
+        let mut known: Vec<Option<Receipt>> = vec![None; records.len()];
+        let mut same_as: Vec<Option<usize>> = vec![None; records.len()];
+        for (i, r) in records.iter().enumerate() {
+            if let Some(k) = r.idempotency_key.as_deref() {
+                if let Some(receipt) = w.get(k, now) {
+                    known[i] = Some(receipt);
+                } else if let Some(&j) = first_of.get(k) {
+                    same_as[i] = Some(j);
+                } else {
+                    first_of.insert(k, i);
+                }
+            }
+        }
+        let keep: Vec<bool> = (0..records.len())
+            .map(|i| known[i].is_none() && same_as[i].is_none())
+            .collect();
+        let keys: Vec<Option<String>> = records.iter().map(|r| r.idempotency_key.clone()).collect();
+        let appended = self
+            .append_by_partition(topic, &config, records, &targets, &keep)
+            .await?;
+        let expires_in = millis(config.dedup_window);
+        let mut receipts = Vec::with_capacity(keep.len());
+        for i in 0..keep.len() {
+            let receipt = match (known[i], same_as[i]) {
+                (Some(r), _) => r,
+                (None, Some(j)) => appended[j].expect("first occurrence appended"),
+                (None, None) => {
+                    let r = appended[i].expect("appended");
+                    if let Some(k) = &keys[i] {
+                        w.insert(k.clone(), r, r.timestamp.saturating_add(expires_in));
+                    }
+                    r
+                }
+            };
+            receipts.push(receipt);
+        }
+        Ok(receipts)
+    }
+
+    /// Append the kept records, grouped by partition (each group atomic, in
+    /// input order); receipts by input index.
+    pub(super) async fn append_by_partition(
+        &self,
+        topic: &str,
+        config: &TopicConfig,
+        records: Vec<Record>,
+        targets: &[u32],
+        keep: &[bool],
+    ) -> Result<Vec<Option<Receipt>>> {
+        let stored = |r: Record| StoredRecord {
+            key: r.key,
+            value: r.value,
+            headers: r.headers,
+            idempotency_key: r.idempotency_key,
+            deliver_at: None,
+        };
+        // One partition (explicit, single-partition topic, one key): no grouping.
+        if keep.iter().all(|k| *k) && targets.windows(2).all(|w| w[0] == w[1]) {
+            let partition = targets[0];
+            let n = records.len();
+            let recs = records.into_iter().map(stored).collect();
+            let a = self.append(topic, partition, recs, config).await?;
+            return Ok((0..n)
+                .map(|i| {
+                    Some(Receipt {
+                        partition,
+                        offset: a.base_offset + i as u64,
+                        timestamp: a.timestamp,
+                    })
+                })
+                .collect());
+        }
+        let mut by_partition: BTreeMap<u32, (Vec<usize>, Vec<StoredRecord>)> = BTreeMap::new();
+        for (i, r) in records.into_iter().enumerate() {
+            if !keep[i] {
+                continue;
+            }
+            let entry = by_partition.entry(targets[i]).or_default();
+            entry.0.push(i);
+            entry.1.push(stored(r));
+        }
+        let appends = by_partition.into_iter().map(|(p, (idx, recs))| async move {
+            let a = self.append(topic, p, recs, config).await?;
+            Ok::<_, Error>((p, idx, a))
+        });
+        let done = futures::future::try_join_all(appends).await?;
+        let mut receipts = vec![None; keep.len()];
+        for (partition, idx, a) in done {
+            for (n, i) in idx.into_iter().enumerate() {
+                receipts[i] = Some(Receipt {
+                    partition,
+                    offset: a.base_offset + n as u64,
+                    timestamp: a.timestamp,
+                });
+            }
+        }
+        Ok(receipts)
+    }
+}
+
+/// A producer of an [`Engine`].
+pub(super) struct EngineProducer<S: LogStorage> {
+    pub(super) inner: Arc<Inner<S>>,
+}
+
+#[async_trait]
+impl<S: LogStorage> Producer for EngineProducer<S> {
+    async fn send_batch(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Receipt>> {
+        self.inner.send_batch(topic, records).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.check_open()?;
+        self.inner.storage.flush().await
+    }
+}
