@@ -10,6 +10,7 @@
 //! CONVEYOR_BENCH_URL='mmap://{tmp}?durability=always' cargo bench --bench throughput
 //! ```
 
+use conveyor::prelude::*;
 use conveyor::{Broker, GroupConfig, Record, TopicConfig};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::sync::Arc;

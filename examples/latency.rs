@@ -8,6 +8,7 @@
 //! 5 s, 100-byte values, durability none, one partition, a stream-mode
 //! consumer polling as messages arrive.
 
+use conveyor::prelude::*;
 use conveyor::{GroupConfig, Record, TopicConfig};
 use std::time::{Duration, Instant};
 

@@ -23,7 +23,8 @@
 //! Exits non-zero if any notification was lost or sent twice.
 
 use clap::Parser;
-use conveyor::runner::{Handler, HandlerError, Idempotent, Runner, RunnerConfig};
+use conveyor::prelude::*;
+use conveyor::runner::{event_id, Handler, HandlerError, Idempotent, Runner, RunnerConfig};
 use conveyor::{
     Broker, DlqPolicy, GroupConfig, IdempotencyStore, Message, Record, RetryBackoff, TopicConfig,
 };
@@ -177,13 +178,6 @@ fn decode(message: &Message) -> Result<Event, HandlerError> {
         .map_err(|e| HandlerError::new(format!("bad event at {}: {e}", message.position())))
 }
 
-fn event_key(channel: Channel) -> impl Fn(&Message) -> Option<String> + Send + Sync + 'static {
-    move |m: &Message| {
-        let id = m.header_str("event-id")?;
-        Some(format!("{}:{id}", channel.group()))
-    }
-}
-
 /// The channel service's handler: send if the channel wants the event.
 fn channel_handler(provider: Arc<Provider>) -> impl Handler {
     move |message: Message| {
@@ -208,7 +202,6 @@ async fn crash_once(
     let consumer = broker
         .consumer(provider.channel.group(), &[TOPIC], config)
         .await?;
-    let key = event_key(provider.channel);
     for message in consumer.poll(8, Duration::from_millis(50)).await? {
         let Ok(event) = decode(&message) else {
             continue;
@@ -216,7 +209,7 @@ async fn crash_once(
         if !provider.channel.wants(event.kind) {
             continue;
         }
-        let id = key(&message).expect("events carry an id");
+        let id = event_id(provider.channel.group(), &message).expect("events carry an id");
         if store.first_seen(&id, Duration::from_secs(3600)).await?
             && provider.send(&event).await.is_err()
         {
@@ -423,10 +416,12 @@ async fn run(args: Args) -> conveyor::Result<Summary> {
             let consumer = broker
                 .consumer(channel.group(), &[TOPIC], channel_config.clone())
                 .await?;
-            let handler = Idempotent::new(
+            // The producer's idempotency key is the event id: each channel
+            // handles an event once, however often it is delivered.
+            let handler = Idempotent::by_idempotency_key(
                 store.clone(),
                 Duration::from_secs(3600),
-                event_key(channel),
+                channel.group(),
                 channel_handler(provider.clone()),
             );
             suppressed.push(handler.duplicates());
@@ -463,7 +458,6 @@ async fn run(args: Args) -> conveyor::Result<Summary> {
                     .map(|e| {
                         Record::new(serde_json::to_vec(e).expect("event serialises"))
                             .with_key(format!("order-{}", e.order))
-                            .with_header("event-id", e.id.to_string())
                             .with_header("event-kind", e.kind.name())
                             .with_idempotency_key(format!("evt-{}", e.id))
                     })
@@ -548,7 +542,7 @@ async fn run(args: Args) -> conveyor::Result<Summary> {
                     for m in &sample {
                         println!(
                             "  event {} after {} attempts: {}",
-                            m.header_str("event-id").unwrap_or("?"),
+                            m.idempotency_key.as_deref().unwrap_or("?"),
                             m.header_str("conveyor.dlq.attempts").unwrap_or("?"),
                             m.header_str("conveyor.dlq.error").unwrap_or("?"),
                         );

@@ -9,8 +9,9 @@
 //! Pick a backend with a cargo feature and open it by URL:
 //!
 //! ```
-//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-//! use conveyor::{GroupConfig, Record, TopicConfig};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> conveyor::Result<()> {
+//! use conveyor::prelude::*;
 //! use std::time::Duration;
 //!
 //! let broker = conveyor::open("memory://").await?;
@@ -28,8 +29,8 @@
 //!     email.ack(message).await?;
 //! }
 //! assert_eq!(batch.len(), 1);
-//! # Ok::<(), conveyor::Error>(())
-//! # });
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! ## URLs
@@ -47,131 +48,123 @@
 //!   may return relative to stable storage;
 //! - `auto_create=true|false` (default `false`): create missing topics on
 //!   produce or subscribe.
+//!
+//! Each backend owns the rest of its URL and refuses options it does not
+//! know (`mmap`: `segment_bytes`); the facade only dispatches on the
+//! scheme, through one table of the compiled-in backends.
+//!
+//! ## What is where
+//!
+//! Everything an application uses is here: the traits and their
+//! conveniences ([`prelude`]), records and messages, configs, errors, the
+//! [`runner`], and [`dlq`]'s header names. What backend authors need (the
+//! embedded engine, `LogStorage`, validation) is in
+//! `conveyor_core::backend`, not re-exported.
 #![deny(missing_docs)]
 
-pub use conveyor_core::*;
+pub use conveyor_core::backend::BrokerUrl;
+pub use conveyor_core::{
+    dlq, partitioner, prelude, runner, Broker, BrokerExt, BrokerOptions, Capabilities, Consumer,
+    ConsumerExt, DeliveryMode, DeliveryToken, DlqPolicy, Durability, Error, ErrorKind, GroupConfig,
+    GroupLag, Header, IdempotencyStore, Message, NackOptions, NackOutcome, PartitionDescription,
+    PartitionLag, Producer, ProducerExt, Receipt, Record, Result, Retention, RetryBackoff, SeekTo,
+    StartFrom, TopicConfig, TopicDescription, TopicPartition, MAX_REDELIVERY_DELAY,
+};
 
 #[cfg(feature = "memory")]
 pub use conveyor_memory as memory;
 #[cfg(feature = "mmap")]
 pub use conveyor_mmap as mmap;
 
+use futures::future::BoxFuture;
 use std::sync::Arc;
-use std::time::Duration;
 
-/// The options a URL carries, parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParsedUrl {
-    /// The scheme (`memory`, `mmap`, ...).
-    pub scheme: String,
-    /// The URL without the common query options.
-    pub url: url::Url,
-    /// Broker options from the query.
-    pub options: BrokerOptions,
+/// How the facade opens one backend: its schemes, the cargo feature that
+/// compiles it in, and its `open_url` (`None` when the feature is off).
+struct Driver {
+    name: &'static str,
+    feature: &'static str,
+    schemes: &'static [&'static str],
+    open: Option<for<'a> fn(&'a BrokerUrl) -> BoxFuture<'a, Result<Arc<dyn Broker>>>>,
 }
 
-/// Parse a broker URL and its common query options (`durability`,
-/// `auto_create`). Unknown options are left in the URL for the backend.
-pub fn parse_url(url: &str) -> Result<ParsedUrl> {
-    let mut parsed = url::Url::parse(url)
-        .map_err(|e| Error::invalid(format!("broker URL `{url}` is not a URL: {e}")))?;
-    let mut options = BrokerOptions::default();
-    let mut rest = Vec::new();
-    for (k, v) in parsed.query_pairs() {
-        match k.as_ref() {
-            "durability" => options.durability = parse_durability(&v)?,
-            "auto_create" => {
-                options.auto_create_topics = match v.as_ref() {
-                    "true" | "1" | "yes" => true,
-                    "false" | "0" | "no" => false,
-                    other => {
-                        return Err(Error::invalid(format!(
-                            "broker URL option auto_create=`{other}`: expected true or false"
-                        )))
-                    }
-                }
-            }
-            _ => rest.push((k.into_owned(), v.into_owned())),
-        }
-    }
-    if rest.is_empty() {
-        parsed.set_query(None);
-    } else {
-        parsed.query_pairs_mut().clear().extend_pairs(rest);
-    }
-    Ok(ParsedUrl {
-        scheme: parsed.scheme().to_string(),
-        url: parsed,
-        options,
-    })
-}
-
-/// Parse `none`, `always` or `interval:<ms>`.
-pub fn parse_durability(v: &str) -> Result<Durability> {
-    match v {
-        "none" => Ok(Durability::None),
-        "always" => Ok(Durability::Always),
-        other => match other.strip_prefix("interval:") {
-            Some(ms) => ms
-                .trim_end_matches("ms")
-                .parse::<u64>()
-                .ok()
-                .filter(|ms| *ms > 0)
-                .map(|ms| Durability::Interval(Duration::from_millis(ms)))
-                .ok_or_else(|| {
-                    Error::invalid(format!(
-                        "durability `{other}`: expected interval:<milliseconds above 0>"
-                    ))
-                }),
-            None => Err(Error::invalid(format!(
-                "durability `{other}`: expected none, always or interval:<ms>"
-            ))),
-        },
-    }
-}
-
-fn feature_off(scheme: &str, feature: &str) -> Error {
-    Error::new(
-        ErrorKind::Unsupported,
-        format!(
-            "the `{scheme}://` backend is not compiled in: enable the `{feature}` feature of the \
-             `conveyor` crate"
-        ),
-    )
-}
+/// Every backend Conveyor knows, compiled in or not.
+const DRIVERS: &[Driver] = &[
+    Driver {
+        name: "memory",
+        feature: "memory",
+        schemes: &["memory"],
+        #[cfg(feature = "memory")]
+        open: Some(|url| Box::pin(conveyor_memory::open_url(url))),
+        #[cfg(not(feature = "memory"))]
+        open: None,
+    },
+    Driver {
+        name: "mmap",
+        feature: "mmap",
+        schemes: &["mmap"],
+        #[cfg(feature = "mmap")]
+        open: Some(|url| Box::pin(conveyor_mmap::open_url(url))),
+        #[cfg(not(feature = "mmap"))]
+        open: None,
+    },
+    Driver {
+        name: "rocksdb",
+        feature: "rocksdb",
+        schemes: &["rocksdb"],
+        open: None,
+    },
+    Driver {
+        name: "redis",
+        feature: "redis",
+        schemes: &["redis", "rediss", "redis+cluster"],
+        open: None,
+    },
+    Driver {
+        name: "postgres",
+        feature: "postgres",
+        schemes: &["postgres", "postgresql"],
+        open: None,
+    },
+];
 
 /// Open a broker by URL (see the [crate docs](crate#urls)). The scheme
-/// picks the backend; a backend whose feature is off is an
-/// `ErrorKind::Unsupported` error naming the feature.
+/// picks the backend, which parses the rest of the URL.
+///
+/// # Errors
+/// `InvalidArgument` for a malformed URL, an unknown scheme or an option
+/// the backend does not know; `Unsupported` naming the cargo feature for a
+/// backend that is not compiled in; then the backend's own errors
+/// (`Locked`, `Corrupt`, `Io`, `Unavailable`).
+///
+/// # Cancel safety
+/// Cancel safe: dropped before it returns, nothing stays open.
 pub async fn open(url: &str) -> Result<Arc<dyn Broker>> {
-    let parsed = parse_url(url)?;
-    match parsed.scheme.as_str() {
-        "memory" => {
-            #[cfg(feature = "memory")]
-            {
-                Ok(Arc::new(conveyor_memory::open(parsed.options)))
-            }
-            #[cfg(not(feature = "memory"))]
-            {
-                Err(feature_off("memory", "memory"))
-            }
-        }
-        "mmap" => {
-            #[cfg(feature = "mmap")]
-            {
-                open_mmap(url, &parsed).await
-            }
-            #[cfg(not(feature = "mmap"))]
-            {
-                Err(feature_off("mmap", "mmap"))
-            }
-        }
-        "rocksdb" => Err(feature_off("rocksdb", "rocksdb")),
-        "redis" | "rediss" => Err(feature_off("redis", "redis")),
-        "postgres" | "postgresql" => Err(feature_off("postgres", "postgres")),
-        other => Err(Error::invalid(format!(
-            "unknown broker URL scheme `{other}`: expected memory, mmap, rocksdb, redis or postgres"
-        ))),
+    let url = BrokerUrl::parse(url)?;
+    let scheme = url.scheme();
+    let driver = DRIVERS
+        .iter()
+        .find(|d| d.schemes.contains(&scheme))
+        .ok_or_else(|| {
+            let known: Vec<&str> = DRIVERS
+                .iter()
+                .flat_map(|d| d.schemes.iter().copied())
+                .collect();
+            Error::invalid(format!(
+                "unknown broker URL scheme `{scheme}`: expected one of {}",
+                known.join(", ")
+            ))
+        })?;
+    match driver.open {
+        Some(open) => open(&url).await,
+        None => Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the `{scheme}://` backend ({}) is not compiled in: enable the `{}` feature of \
+                 the `conveyor` crate",
+                driver.name, driver.feature
+            ),
+        )),
     }
 }
 
@@ -180,69 +173,31 @@ pub async fn open(url: &str) -> Result<Arc<dyn Broker>> {
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
-/// `mmap:///absolute/dir` or `mmap://relative/dir`, option `segment_bytes`.
-#[cfg(feature = "mmap")]
-async fn open_mmap(raw: &str, parsed: &ParsedUrl) -> Result<Arc<dyn Broker>> {
-    let rest = &raw["mmap://".len().min(raw.len())..];
-    let path = rest.split('?').next().unwrap_or_default();
-    if path.is_empty() {
-        return Err(Error::invalid(format!(
-            "broker URL `{raw}` names no directory: use mmap:///absolute/dir or mmap://relative/dir"
-        )));
-    }
-    let mut mmap = conveyor_mmap::MmapOptions::default();
-    for (k, v) in parsed.url.query_pairs() {
-        match k.as_ref() {
-            "segment_bytes" => {
-                let n: u64 = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                    Error::invalid(format!(
-                        "broker URL option segment_bytes=`{v}`: expected a number of bytes above 0"
-                    ))
-                })?;
-                mmap = mmap.with_segment_bytes(n);
-            }
-            other => {
-                return Err(Error::invalid(format!(
-                    "broker URL option `{other}` is not known to the mmap backend \
-                     (known: durability, auto_create, segment_bytes)"
-                )))
-            }
-        }
-    }
-    let broker = conveyor_mmap::open(path, parsed.options.clone(), mmap).await?;
-    Ok(Arc::new(broker))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn url_options() {
-        let p = parse_url("mmap:///tmp/q?durability=always&auto_create=true&segment_bytes=1024")
-            .unwrap();
-        assert_eq!(p.scheme, "mmap");
-        assert_eq!(p.options.durability, Durability::Always);
-        assert!(p.options.auto_create_topics);
-        assert_eq!(p.url.query(), Some("segment_bytes=1024"));
-        assert_eq!(p.url.path(), "/tmp/q");
-        let p = parse_url("memory://?durability=interval:50").unwrap();
-        assert_eq!(
-            p.options.durability,
-            Durability::Interval(Duration::from_millis(50))
-        );
-        for bad in [
-            "memory://?durability=sometimes",
-            "memory://?durability=interval:0",
-            "memory://?auto_create=maybe",
-            "not a url",
-        ] {
-            assert_eq!(
-                parse_url(bad).unwrap_err().kind(),
-                ErrorKind::InvalidArgument,
-                "{bad}"
-            );
+    fn every_scheme_has_one_driver() {
+        let mut seen = std::collections::BTreeSet::new();
+        for d in DRIVERS {
+            for s in d.schemes {
+                assert!(seen.insert(*s), "scheme `{s}` claimed twice");
+            }
         }
+        #[cfg(feature = "mmap")]
+        assert_eq!(
+            DRIVERS.iter().find(|d| d.name == "mmap").map(|d| d.schemes),
+            Some(conveyor_mmap::URL_SCHEMES)
+        );
+        #[cfg(feature = "memory")]
+        assert_eq!(
+            DRIVERS
+                .iter()
+                .find(|d| d.name == "memory")
+                .map(|d| d.schemes),
+            Some(conveyor_memory::URL_SCHEMES)
+        );
     }
 
     #[tokio::test]
@@ -250,6 +205,12 @@ mod tests {
         let err = open("kafka://localhost").await.err().expect("refused");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         assert!(err.to_string().contains("kafka"));
+        let err = open("memory://?segment_bytes=1")
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("segment_bytes"), "{err}");
         let err = open("rocksdb:///tmp/x").await.err().expect("refused");
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert!(err.to_string().contains("`rocksdb` feature"), "{err}");

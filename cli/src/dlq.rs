@@ -7,6 +7,7 @@ use conveyor::dlq::{
     HEADER_ATTEMPTS, HEADER_ERROR, HEADER_GROUP, HEADER_OFFSET, HEADER_PARTITION, HEADER_TOPIC,
     REDRIVE_GROUP,
 };
+use conveyor::prelude::*;
 use conveyor::Broker;
 use std::sync::Arc;
 

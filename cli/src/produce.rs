@@ -7,6 +7,7 @@
 use crate::output::table;
 use crate::CliResult;
 use clap::Args;
+use conveyor::prelude::*;
 use conveyor::{Broker, Record};
 use serde::Deserialize;
 use serde_json::Value;

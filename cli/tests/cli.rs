@@ -4,6 +4,8 @@
 //! backend in a temporary directory; the others use `memory://`.
 
 use assert_cmd::Command;
+use conveyor::prelude::*;
+use conveyor::NackOptions;
 use predicates::prelude::*;
 
 fn conveyor(url: &str) -> Command {
@@ -320,7 +322,7 @@ fn dlq_list_and_redrive() {
             .await
             .unwrap();
         let m = c.poll(1, Duration::from_secs(5)).await.unwrap();
-        c.nack(&m[0], None, Some("mailbox unavailable"))
+        c.nack(&m[0], NackOptions::new().with_reason("mailbox unavailable"))
             .await
             .unwrap();
         c.close().await.unwrap();

@@ -5,8 +5,10 @@
 use crate::{eventually, poll_exactly, poll_n, unique, Backend, Ctx, WAIT};
 use conveyor_core::dlq::{
     HEADER_ATTEMPTS, HEADER_ERROR, HEADER_FAILED_AT, HEADER_GROUP, HEADER_OFFSET, HEADER_PARTITION,
-    HEADER_REDRIVE_ATTEMPTS, HEADER_TOPIC,
+    HEADER_REDRIVE_ATTEMPTS, HEADER_REDRIVE_GROUP, HEADER_TOPIC,
 };
+use conveyor_core::prelude::*;
+use conveyor_core::NackOptions;
 use conveyor_core::{
     now_ms, DlqPolicy, ErrorKind, GroupConfig, Header, Message, NackOutcome, Record, Result,
     RetryBackoff,
@@ -88,7 +90,14 @@ pub async fn nack_path_dead_letters(backend: &dyn Backend) -> Result<()> {
     for attempt in 1..=3u32 {
         let m = poll_n(c.as_ref(), 1, WAIT).await?.remove(0);
         assert_eq!(m.attempt, attempt);
-        let outcome = c.nack(&m, Some(Duration::ZERO), Some("smtp 550")).await?;
+        let outcome = c
+            .nack(
+                &m,
+                NackOptions::new()
+                    .with_delay(Duration::ZERO)
+                    .with_reason("smtp 550"),
+            )
+            .await?;
         let want = if attempt < 3 {
             NackOutcome::Redeliver
         } else {
@@ -171,11 +180,15 @@ pub async fn stream_nack_dead_letters(backend: &dyn Backend) -> Result<()> {
         .with_dlq(DlqPolicy::new(2));
     let c = ctx.broker.consumer(&group, &[&topic], cfg).await?;
     let m = poll_n(c.as_ref(), 1, WAIT).await?.remove(0);
-    assert_eq!(c.nack(&m, None, Some("bad")).await?, NackOutcome::Redeliver);
+    assert_eq!(
+        c.nack(&m, NackOptions::new().with_reason("bad")).await?,
+        NackOutcome::Redeliver
+    );
     let again = poll_n(c.as_ref(), 1, WAIT).await?.remove(0);
     assert_eq!((again.offset, again.attempt), (0, 2));
     assert_eq!(
-        c.nack(&again, None, Some("bad")).await?,
+        c.nack(&again, NackOptions::new().with_reason("bad"))
+            .await?,
         NackOutcome::DeadLettered
     );
     let dead = dlq_messages(&ctx, &format!("{topic}.{group}.dlq")).await?;
@@ -203,7 +216,10 @@ pub async fn custom_dlq_topic(backend: &dyn Backend) -> Result<()> {
     let cfg = queue_cfg(1).with_dlq(DlqPolicy::new(1).with_topic(custom.clone()));
     let c = ctx.broker.consumer(&group, &[&topic], cfg).await?;
     let m = poll_n(c.as_ref(), 1, WAIT).await?.remove(0);
-    assert_eq!(c.nack(&m, None, None).await?, NackOutcome::DeadLettered);
+    assert_eq!(
+        c.nack(&m, NackOptions::new()).await?,
+        NackOutcome::DeadLettered
+    );
     let dead = dlq_messages(&ctx, &custom).await?;
     assert_eq!(dead.len(), 1);
     check_dead_letter(&dead[0], &m, &group, 1, "", 0);
@@ -229,7 +245,7 @@ pub async fn redrive_delivers_again(backend: &dyn Backend) -> Result<()> {
     let mut failed = Vec::new();
     while failed.len() < 3 {
         for m in poll_n(c.as_ref(), 3, WAIT).await? {
-            if c.nack(&m, None, Some("x")).await? == NackOutcome::DeadLettered {
+            if c.nack(&m, NackOptions::new().with_reason("x")).await? == NackOutcome::DeadLettered {
                 failed.push(m);
             }
         }
@@ -281,7 +297,10 @@ pub async fn groups_independent(backend: &dyn Backend) -> Result<()> {
     let b = ctx.broker.consumer(&gb, &[&topic], queue_cfg(1)).await?;
     for m in poll_exactly(a.as_ref(), 3, Duration::ZERO).await? {
         if m.offset == 0 {
-            assert_eq!(a.nack(&m, None, None).await?, NackOutcome::DeadLettered);
+            assert_eq!(
+                a.nack(&m, NackOptions::new()).await?,
+                NackOutcome::DeadLettered
+            );
         } else {
             a.ack(&m).await?;
         }
@@ -320,7 +339,8 @@ pub async fn max_size_record_dead_letters_and_redrives(backend: &dyn Backend) ->
     let c = ctx.broker.consumer(&group, &[&topic], queue_cfg(1)).await?;
     let m = poll_n(c.as_ref(), 1, WAIT).await?.remove(0);
     assert_eq!(
-        c.nack(&m, None, Some("too big to fail")).await?,
+        c.nack(&m, NackOptions::new().with_reason("too big to fail"))
+            .await?,
         NackOutcome::DeadLettered
     );
     let dlq = format!("{topic}.{group}.dlq");
@@ -367,5 +387,66 @@ pub async fn lease_expiry_dead_letters_without_polling(backend: &dyn Backend) ->
     let lag = ctx.broker.group_lag(&group).await?;
     assert_eq!((lag.total_lag(), lag.total_in_flight()), (0, 0));
     drop(c);
+    Ok(())
+}
+
+/// §5: "Redrive delivers DLQ messages again to the group that dead-lettered
+/// them, and to no other group [...]: the other groups of the original
+/// topic already handled those records and must not see them twice."
+/// Fan-out: `sms` (queue) dead-letters, `email` (queue) and `audit`
+/// (stream) handled everything; after the redrive only `sms` receives the
+/// records again, and the others' lag returns to zero once they poll.
+pub async fn redrive_reaches_only_the_failing_group(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("fanout", 2).await?;
+    let p = ctx.producer().await?;
+    for i in 0..4 {
+        p.send(&topic, original().with_header("i", format!("{i}")))
+            .await?;
+    }
+    let (sms, email, audit) = (unique("sms"), unique("email"), unique("audit"));
+    let sms_c = ctx.broker.consumer(&sms, &[&topic], queue_cfg(1)).await?;
+    let email_c = ctx.broker.consumer(&email, &[&topic], queue_cfg(5)).await?;
+    let audit_c = ctx
+        .broker
+        .consumer(&audit, &[&topic], GroupConfig::stream())
+        .await?;
+    for m in poll_exactly(email_c.as_ref(), 4, Duration::ZERO).await? {
+        email_c.ack(&m).await?;
+    }
+    for m in poll_exactly(audit_c.as_ref(), 4, Duration::ZERO).await? {
+        audit_c.ack(&m).await?;
+    }
+    for m in poll_exactly(sms_c.as_ref(), 4, Duration::ZERO).await? {
+        let outcome = sms_c
+            .nack(&m, NackOptions::new().with_reason("no route"))
+            .await?;
+        assert_eq!(outcome, NackOutcome::DeadLettered);
+    }
+    let dlq = format!("{topic}.{sms}.dlq");
+    assert_eq!(ctx.broker.redrive(&dlq, None).await?, 4);
+
+    let again = poll_exactly(sms_c.as_ref(), 4, Duration::from_millis(50)).await?;
+    for m in &again {
+        assert_eq!(m.header_str(HEADER_REDRIVE_GROUP), Some(sms.as_str()));
+        sms_c.ack(m).await?;
+    }
+    let email_more = email_c.poll(16, Duration::from_millis(100)).await?;
+    assert!(
+        email_more.is_empty(),
+        "email got redriven records: {email_more:?}"
+    );
+    let audit_more = audit_c.poll(16, Duration::from_millis(100)).await?;
+    assert!(
+        audit_more.is_empty(),
+        "audit got redriven records: {audit_more:?}"
+    );
+    assert_eq!(ctx.broker.group_lag(&sms).await?.total_lag(), 0);
+    assert_eq!(ctx.broker.group_lag(&email).await?.total_lag(), 0);
+    // A late-joining group never sees them either (it reads from the start).
+    let late = unique("late");
+    let late_c = ctx.broker.consumer(&late, &[&topic], queue_cfg(5)).await?;
+    let got = poll_n(late_c.as_ref(), 16, Duration::from_millis(300)).await?;
+    assert_eq!(got.len(), 4, "only the original four: {got:?}");
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! closed broker says `Closed`; a group keeps its mode.
 
 use crate::{expect_kind, poll_n, unique, Backend, Ctx, WAIT};
+use conveyor_core::prelude::*;
+use conveyor_core::NackOptions;
 use conveyor_core::{
     DlqPolicy, ErrorKind, GroupConfig, Record, Result, RetryBackoff, SeekTo, TopicConfig,
 };
@@ -257,8 +259,10 @@ pub async fn extreme_values_do_not_panic(backend: &dyn Backend) -> Result<()> {
     assert!(q.poll(0, Duration::ZERO).await?.is_empty());
     let got = poll_n(q.as_ref(), 2, WAIT).await?;
     let _ = q.extend(&got[0], Duration::MAX).await;
-    let _ = q.nack(&got[0], Some(Duration::MAX), None).await;
-    let _ = q.nack(&got[1], None, None).await;
+    let _ = q
+        .nack(&got[0], NackOptions::new().with_delay(Duration::MAX))
+        .await;
+    let _ = q.nack(&got[1], NackOptions::new()).await;
     let s = ctx
         .broker
         .consumer(&unique("g"), &[&topic], GroupConfig::stream())
@@ -269,5 +273,79 @@ pub async fn extreme_values_do_not_panic(backend: &dyn Backend) -> Result<()> {
     let _ = s.poll(10, Duration::from_millis(10)).await?;
     ctx.broker.describe_topic(&topic).await?;
     ctx.broker.list_groups().await?;
+    Ok(())
+}
+
+/// §4: "Groups are independent: one group's progress [...] never affect[s]
+/// another's", and §7 bad input: a message can be settled only by the
+/// group it was delivered to. Another group's member acking it, or anyone
+/// acking a message read with `fetch`, is `InvalidArgument` and moves
+/// nothing; so is a message whose position or attempt was changed after
+/// delivery (an offset of `u64::MAX` must not overflow a commit).
+pub async fn settling_is_bound_to_the_delivery(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("bound", 1).await?;
+    let p = ctx.producer().await?;
+    for v in ["a", "b"] {
+        p.send(&topic, Record::new(v)).await?;
+    }
+    for config in [GroupConfig::stream(), GroupConfig::queue()] {
+        let (mine, theirs) = (unique("mine"), unique("theirs"));
+        let a = ctx
+            .broker
+            .consumer(&mine, &[&topic], config.clone())
+            .await?;
+        let b = ctx
+            .broker
+            .consumer(&theirs, &[&topic], config.clone())
+            .await?;
+        let got = poll_n(a.as_ref(), 2, WAIT).await?;
+        assert_eq!(got.len(), 2);
+        let e = expect_kind(b.ack(&got[1]).await, ErrorKind::InvalidArgument);
+        assert!(
+            e.to_string().contains(&mine),
+            "names the receiving group: {e}"
+        );
+        expect_kind(
+            b.nack(&got[1], NackOptions::new()).await,
+            ErrorKind::InvalidArgument,
+        );
+        let lag = ctx.broker.group_lag(&theirs).await?;
+        assert_eq!(
+            lag.total_lag(),
+            2,
+            "the other group's position did not move"
+        );
+
+        let fetched = ctx.broker.fetch(&topic, 0, 0, 1).await?;
+        expect_kind(a.ack(&fetched[0]).await, ErrorKind::InvalidArgument);
+
+        let mut past_end = got[1].clone();
+        past_end.offset = u64::MAX;
+        expect_kind(a.ack(&past_end).await, ErrorKind::InvalidArgument);
+        let mut last_try = got[0].clone();
+        last_try.attempt = u32::MAX;
+        expect_kind(
+            a.nack(&last_try, NackOptions::new()).await,
+            ErrorKind::InvalidArgument,
+        );
+        assert_eq!(
+            ctx.broker.group_lag(&mine).await?.total_lag(),
+            2,
+            "nothing was settled by the refused calls"
+        );
+        for m in &got {
+            a.ack(m).await?;
+        }
+        assert_eq!(ctx.broker.group_lag(&mine).await?.total_lag(), 0);
+        assert!(
+            ctx.broker
+                .list_topics()
+                .await?
+                .iter()
+                .all(|t| !t.ends_with(".dlq")),
+            "nothing was dead-lettered"
+        );
+    }
     Ok(())
 }

@@ -3,12 +3,15 @@
 //! `IdempotencyStore`.
 
 use crate::{eventually, Backend, Ctx, WAIT};
-use conveyor_core::{Record, Result, TopicConfig};
+use conveyor_core::prelude::*;
+use conveyor_core::{partition_for_key, Record, Result, TopicConfig};
 use std::time::Duration;
 
-/// "a record with an idempotency key that was already appended to the same
-/// topic within the topic's dedup window is not appended again; `send`
-/// returns the original receipt."
+/// §3: "a record with an idempotency key that was already appended to the
+/// same partition within the topic's dedup window is not appended again
+/// [...]; `send` returns the original receipt", and "with an idempotency
+/// key, murmur2 of the idempotency key (so a retry lands where the first
+/// try did)".
 pub async fn duplicate_send_returns_original_receipt(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("idem", 4).await?;
@@ -16,17 +19,29 @@ pub async fn duplicate_send_returns_original_receipt(backend: &dyn Backend) -> R
     let first = p
         .send(&topic, Record::new("a").with_idempotency_key("evt-1"))
         .await?;
+    assert_eq!(
+        first.partition,
+        partition_for_key(b"evt-1", 4),
+        "an unkeyed record is routed by its idempotency key"
+    );
     p.send(&topic, Record::new("other")).await?;
-    // Same key with another value and partition: still the original.
+    // A retry with another value: the original receipt, nothing appended.
     let again = p
-        .send(
-            &topic,
-            Record::new("b")
-                .with_idempotency_key("evt-1")
-                .with_partition((first.partition + 1) % 4),
-        )
+        .send(&topic, Record::new("b").with_idempotency_key("evt-1"))
         .await?;
     assert_eq!(again, first);
+    // The same key sent to another partition on purpose: dedup is per
+    // partition, so it is appended there.
+    let elsewhere = (first.partition + 1) % 4;
+    let other = p
+        .send(
+            &topic,
+            Record::new("e")
+                .with_idempotency_key("evt-1")
+                .with_partition(elsewhere),
+        )
+        .await?;
+    assert_eq!(other.partition, elsewhere);
     let batch = p
         .send_batch(
             &topic,
@@ -39,8 +54,8 @@ pub async fn duplicate_send_returns_original_receipt(backend: &dyn Backend) -> R
     assert_eq!(batch[0], first);
     assert_eq!(
         ctx.log_ends(&topic).await?.iter().sum::<u64>(),
-        3,
-        "evt-1 appended once"
+        4,
+        "evt-1 appended once per partition it was sent to"
     );
     let m = ctx
         .broker

@@ -3,6 +3,8 @@
 //! `offset_for_timestamp`.
 
 use crate::{poll_exactly, poll_n, unique, Backend, Ctx, WAIT};
+use conveyor_core::prelude::*;
+use conveyor_core::NackOptions;
 use conveyor_core::{DeliveryMode, GroupConfig, Record, Result, RetryBackoff};
 use std::time::Duration;
 
@@ -90,7 +92,11 @@ pub async fn queue_group_lag(backend: &dyn Backend) -> Result<()> {
     assert_eq!(row(&lag), (10, 3, 7));
     c.ack(&got[1]).await?;
     assert_eq!(row(&ctx.broker.group_lag(&group).await?), (9, 2, 7));
-    c.nack(&got[2], Some(Duration::from_secs(60)), None).await?;
+    c.nack(
+        &got[2],
+        NackOptions::new().with_delay(Duration::from_secs(60)),
+    )
+    .await?;
     assert_eq!(
         row(&ctx.broker.group_lag(&group).await?),
         (9, 1, 7),

@@ -2,7 +2,7 @@
 //!
 //! The delivery contract (`CONTRACT.md`) as executable cases. Each case is a
 //! plain `pub async fn case(backend: &dyn Backend) -> Result<()>` in a module
-//! named after the contract section it checks ([`topics`], [`produce`],
+//! named after the contract section it checks ([`topics`], [`produce`], [`delayed`],
 //! [`records`], [`stream`], [`queue`], [`dlq`], [`retention`], [`errors`],
 //! [`persistence`], [`idempotency`], [`lag`], [`model`]). A backend's
 //! `tests/conformance.rs` runs them all with one macro call, which expands
@@ -39,6 +39,7 @@
 //! be awaited. Every case runs under a 60 s deadline.
 #![deny(missing_docs)]
 
+pub mod delayed;
 pub mod dlq;
 pub mod errors;
 pub mod idempotency;
@@ -243,6 +244,13 @@ pub async fn poll_exactly(
     Ok(got)
 }
 
+/// Nack options with this delay (the group's backoff if `None`).
+pub fn nack_options(delay: Option<std::time::Duration>) -> conveyor_core::NackOptions {
+    let mut options = conveyor_core::NackOptions::new();
+    options.delay = delay;
+    options
+}
+
 /// Values of messages as UTF-8 strings (lossy), for readable asserts.
 pub fn values(messages: &[Message]) -> Vec<String> {
     messages
@@ -419,6 +427,11 @@ macro_rules! __for_each_case {
             store_ttl_expires,
             store_forget,
         );
+        $m!(delayed:
+            queue_mode_waits_for_delivery_time,
+            stream_mode_reads_without_waiting,
+            delivery_time_survives_reopen,
+        );
         $m!(stream:
             fan_out_across_groups,
             start_earliest_vs_latest,
@@ -460,6 +473,7 @@ macro_rules! __for_each_case {
             groups_independent,
             max_size_record_dead_letters_and_redrives,
             lease_expiry_dead_letters_without_polling,
+            redrive_reaches_only_the_failing_group,
         );
         $m!(retention:
             by_age,
@@ -475,6 +489,7 @@ macro_rules! __for_each_case {
             group_mode_mismatch,
             closed_broker_returns_closed,
             extreme_values_do_not_panic,
+            settling_is_bound_to_the_delivery,
         );
         $m!(lag:
             describe_topic_bounds,

@@ -8,6 +8,7 @@
 //! seconds of churn plus a drain.
 
 use crate::{unique, Backend, Ctx, WAIT};
+use conveyor_core::NackOptions;
 use conveyor_core::{
     Consumer, DlqPolicy, ErrorKind, GroupConfig, Message, NackOutcome, Producer, Record, Result,
     RetryBackoff,
@@ -134,7 +135,7 @@ fn delivered(h: &History, session: u64, m: &Message) {
         partition: m.partition,
         offset: m.offset,
         attempt: m.attempt,
-        generation: m.token.generation,
+        generation: m.token().generation(),
     });
 }
 
@@ -278,7 +279,7 @@ fn ack_event(h: &History, _session: u64, m: &Message) {
         partition: m.partition,
         offset: m.offset,
         attempt: m.attempt,
-        generation: m.token.generation,
+        generation: m.token().generation(),
     });
 }
 
@@ -304,12 +305,20 @@ async fn stream_member(
                 continue; // rewound or fenced: the rest comes again
             }
             if rng.gen_bool(0.05) {
-                match c.nack(m, Some(Duration::ZERO), Some("model")).await {
+                match c
+                    .nack(
+                        m,
+                        NackOptions::new()
+                            .with_delay(Duration::ZERO)
+                            .with_reason("model"),
+                    )
+                    .await
+                {
                     Ok(outcome) => h.lock().expect("history").push(Event::Nacked {
                         session,
                         partition: m.partition,
                         offset: m.offset,
-                        generation: m.token.generation,
+                        generation: m.token().generation(),
                         attempt: m.attempt,
                         dead: outcome == NackOutcome::DeadLettered,
                     }),
@@ -483,7 +492,9 @@ pub async fn model_check_queue(backend: &dyn Backend) -> Result<()> {
         for m in last.poll(100, Duration::from_millis(50)).await? {
             delivered(&history, session, &m);
             if poison.contains(&(m.partition, m.offset)) {
-                let outcome = last.nack(&m, None, Some("poison")).await;
+                let outcome = last
+                    .nack(&m, NackOptions::new().with_reason("poison"))
+                    .await;
                 record_nack(&history, session, &m, outcome)?;
             } else if last.ack(&m).await.is_ok() {
                 ack_event(&history, session, &m);
@@ -580,7 +591,9 @@ async fn queue_member(
             let roll: f64 = rng.gen();
             if is_poison(&value) || roll < 0.05 {
                 let delay = Duration::from_millis(rng.gen_range(0..30));
-                let outcome = c.nack(m, Some(delay), Some("model")).await;
+                let outcome = c
+                    .nack(m, NackOptions::new().with_delay(delay).with_reason("model"))
+                    .await;
                 record_nack(h, session, m, outcome)?;
             } else if roll < 0.07 {
                 // Abandon: the lease expires and the record comes back.

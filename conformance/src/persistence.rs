@@ -5,6 +5,8 @@
 //! on stderr.
 
 use crate::{poll_exactly, poll_n, skip, unique, Backend, Ctx, WAIT};
+use conveyor_core::prelude::*;
+use conveyor_core::NackOptions;
 use conveyor_core::{
     DlqPolicy, GroupConfig, NackOutcome, Record, Result, Retention, RetryBackoff, TopicConfig,
 };
@@ -124,7 +126,8 @@ pub async fn reopen_keeps_attempts_and_dlq(backend: &dyn Backend) -> Result<()> 
     let c = ctx.broker.consumer(&group, &[&topic], cfg.clone()).await?;
     for m in poll_exactly(c.as_ref(), 2, Duration::ZERO).await? {
         if m.offset == 1 {
-            c.nack(&m, None, Some("b failed")).await?;
+            c.nack(&m, NackOptions::new().with_reason("b failed"))
+                .await?;
         }
     }
     // Offset 0 leased (attempt 1), offset 1 nacked once; fail 1 twice more.
@@ -142,7 +145,8 @@ pub async fn reopen_keeps_attempts_and_dlq(backend: &dyn Backend) -> Result<()> 
         );
         if m.offset == 1 {
             assert_eq!(
-                c.nack(m, None, Some("b failed")).await?,
+                c.nack(m, NackOptions::new().with_reason("b failed"))
+                    .await?,
                 NackOutcome::DeadLettered
             );
         }

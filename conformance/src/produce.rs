@@ -2,6 +2,7 @@
 //! atomic batches, order under concurrency, no late lower offsets.
 
 use crate::{expect_kind, poll_n, unique, Backend, Ctx, WAIT};
+use conveyor_core::prelude::*;
 use conveyor_core::{
     partition_for_key, BrokerOptions, Durability, ErrorKind, GroupConfig, Record, Result,
     TopicConfig,

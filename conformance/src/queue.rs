@@ -1,7 +1,9 @@
 //! Contract §4b, queue mode: competing consumers, leases, ack, nack with
 //! delay, lease expiry, extend, `LeaseExpired`, attempt counts.
 
-use crate::{expect_kind, poll_exactly, poll_n, unique, Backend, Ctx, WAIT};
+use crate::{expect_kind, nack_options, poll_exactly, poll_n, unique, Backend, Ctx, WAIT};
+use conveyor_core::prelude::*;
+use conveyor_core::NackOptions;
 use conveyor_core::{ErrorKind, GroupConfig, Record, Result, RetryBackoff};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -170,7 +172,7 @@ pub async fn nack_with_delay(backend: &dyn Backend) -> Result<()> {
     let mut m = poll_exactly(c.as_ref(), 1, Duration::ZERO).await?.remove(0);
     for (delay, attempt) in [(Some(Duration::from_millis(250)), 2), (None, 3)] {
         let at = Instant::now();
-        c.nack(&m, delay, None).await?;
+        c.nack(&m, nack_options(delay)).await?;
         assert!(
             c.poll(10, Duration::from_millis(100)).await?.is_empty(),
             "too early"
@@ -253,7 +255,10 @@ pub async fn ack_after_expiry_is_lease_expired(backend: &dyn Backend) -> Result<
         a.extend(&old, Duration::from_secs(1)).await,
         ErrorKind::LeaseExpired,
     );
-    expect_kind(a.nack(&old, None, None).await, ErrorKind::LeaseExpired);
+    expect_kind(
+        a.nack(&old, NackOptions::new()).await,
+        ErrorKind::LeaseExpired,
+    );
     let lag = ctx.broker.group_lag(&group).await?;
     assert_eq!(
         (lag.total_lag(), lag.total_in_flight()),
@@ -288,7 +293,8 @@ pub async fn attempt_counts_survive_members(backend: &dyn Backend) -> Result<()>
         let m = got.iter().find(|m| m.offset == 0).expect("offset 0");
         assert_eq!(m.attempt, attempt);
         if attempt % 2 == 0 {
-            c.nack(m, Some(Duration::ZERO), None).await?;
+            c.nack(m, NackOptions::new().with_delay(Duration::ZERO))
+                .await?;
             c.close().await?;
         } else {
             drop(c); // leaves with the lease held: released, still counted

@@ -3,6 +3,7 @@
 
 use crate::{poll_exactly, unique, Backend, Ctx};
 use bytes::Bytes;
+use conveyor_core::prelude::*;
 use conveyor_core::{now_ms, GroupConfig, Header, Message, Record, Result, TopicConfig};
 use std::time::Duration;
 

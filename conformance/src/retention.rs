@@ -7,6 +7,7 @@
 //! readable and dense (no exact byte count).
 
 use crate::{eventually, poll_n, unique, Backend, Ctx, WAIT};
+use conveyor_core::prelude::*;
 use conveyor_core::{GroupConfig, Record, Result, Retention, SeekTo, TopicConfig};
 use std::time::Duration;
 

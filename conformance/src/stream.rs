@@ -2,7 +2,11 @@
 //! position, commit and resume, seek, rebalance (join, leave, session
 //! timeout), balance, stickiness, generations, fencing, nack.
 
-use crate::{eventually, expect_kind, poll_exactly, poll_n, unique, values, Backend, Ctx, WAIT};
+use crate::{
+    eventually, expect_kind, nack_options, poll_exactly, poll_n, unique, values, Backend, Ctx, WAIT,
+};
+use conveyor_core::prelude::*;
+use conveyor_core::NackOptions;
 use conveyor_core::{
     Consumer, ErrorKind, GroupConfig, Record, Result, RetryBackoff, SeekTo, StartFrom,
     TopicPartition,
@@ -482,7 +486,7 @@ pub async fn stale_commit_is_fenced(backend: &dyn Backend) -> Result<()> {
         a.commit(&topic, moved.partition, 5).await,
         ErrorKind::Fenced,
     );
-    expect_kind(a.nack(stale, None, None).await, ErrorKind::Fenced);
+    expect_kind(a.nack(stale, NackOptions::new()).await, ErrorKind::Fenced);
     expect_kind(
         a.seek(&topic, moved.partition, SeekTo::End).await,
         ErrorKind::Fenced,
@@ -520,7 +524,13 @@ pub async fn nack_rewinds_and_raises_attempt(backend: &dyn Backend) -> Result<()
         .await?;
     let got = poll_exactly(c.as_ref(), 5, Duration::ZERO).await?;
     c.ack(&got[1]).await?;
-    c.nack(&got[2], Some(Duration::ZERO), Some("boom")).await?;
+    c.nack(
+        &got[2],
+        NackOptions::new()
+            .with_delay(Duration::ZERO)
+            .with_reason("boom"),
+    )
+    .await?;
     let again = poll_exactly(c.as_ref(), 3, Duration::from_millis(30)).await?;
     assert_eq!(
         again.iter().map(|m| m.offset).collect::<Vec<_>>(),
@@ -528,7 +538,8 @@ pub async fn nack_rewinds_and_raises_attempt(backend: &dyn Backend) -> Result<()
     );
     assert_eq!(again[0].attempt, 2, "attempt raised");
     assert_eq!(again[0].value, got[2].value);
-    c.nack(&again[0], Some(Duration::ZERO), None).await?;
+    c.nack(&again[0], NackOptions::new().with_delay(Duration::ZERO))
+        .await?;
     let third = poll_n(c.as_ref(), 1, WAIT).await?;
     assert_eq!((third[0].offset, third[0].attempt), (2, 3));
     Ok(())
@@ -547,7 +558,7 @@ pub async fn nack_waits_for_backoff(backend: &dyn Backend) -> Result<()> {
     let mut m = got[0].clone();
     for delay in [Some(Duration::from_millis(250)), None] {
         let at = Instant::now();
-        c.nack(&m, delay, None).await?;
+        c.nack(&m, nack_options(delay)).await?;
         let early = c.poll(10, Duration::from_millis(100)).await?;
         assert!(early.is_empty(), "redelivered before the delay: {early:?}");
         let again = poll_n(c.as_ref(), 2, WAIT).await?;

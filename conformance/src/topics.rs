@@ -2,6 +2,7 @@
 //! growth, `TopicNotFound`, listing and deletion.
 
 use crate::{expect_kind, unique, Backend, Ctx};
+use conveyor_core::prelude::*;
 use conveyor_core::{
     BrokerOptions, ErrorKind, GroupConfig, Record, Result, Retention, TopicConfig,
 };

@@ -26,7 +26,7 @@ pub struct MemberSubscription<M> {
 /// eligible member (a partition of a topic no member reads stays out).
 ///
 /// ```
-/// use conveyor_core::assignment::{assign, MemberSubscription};
+/// use conveyor_core::backend::{assign, MemberSubscription};
 /// use conveyor_core::TopicPartition;
 /// use std::collections::{BTreeMap, BTreeSet};
 ///

@@ -1,9 +1,16 @@
 //! The four traits every backend implements: [`Broker`], [`Producer`],
 //! [`Consumer`] and [`IdempotencyStore`].
 //!
-//! They are dyn-compatible (`Arc<dyn Broker>`), keep the required methods
-//! few, and build conveniences (`send`, `commit_message`, `stream`,
-//! `redrive`) as provided methods on top of them.
+//! They are dyn-compatible (`Arc<dyn Broker>`) and keep the required
+//! methods few. Conveniences (`send`, `commit_message`, `stream`,
+//! `redrive`) live in blanket extension traits ([`ProducerExt`],
+//! [`ConsumerExt`], [`BrokerExt`]), as object_store's `ObjectStoreExt`
+//! does, so no backend can implement them differently. Bring them into
+//! scope with `use conveyor_core::prelude::*`.
+//!
+//! Each method's `# Errors` section lists the [`crate::ErrorKind`]s the
+//! contract gives it, and its `# Cancel safety` section what a dropped
+//! future leaves behind.
 
 use crate::config::{GroupConfig, SeekTo, TopicConfig};
 use crate::describe::{GroupLag, TopicDescription};
@@ -15,6 +22,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// What a backend may lack, as the contract allows (nothing else).
+///
+/// ```
+/// use conveyor_core::Capabilities;
+/// assert!(Capabilities::EMBEDDED.persistent && Capabilities::EMBEDDED.embedded);
+/// assert!(!Capabilities::IN_MEMORY.persistent);
+/// assert!(Capabilities::SERVER.persistent && !Capabilities::SERVER.embedded);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Capabilities {
@@ -25,14 +39,74 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    /// Capabilities with both flags set as given.
-    pub fn new(persistent: bool, embedded: bool) -> Self {
-        Capabilities {
-            persistent,
-            embedded,
-        }
+    /// A local store on disk, owned by one process (mmap, RocksDB).
+    pub const EMBEDDED: Capabilities = Capabilities {
+        persistent: true,
+        embedded: true,
+    };
+    /// Gone with the process (the memory backend).
+    pub const IN_MEMORY: Capabilities = Capabilities {
+        persistent: false,
+        embedded: false,
+    };
+    /// A server shared by many processes (Redis, PostgreSQL).
+    pub const SERVER: Capabilities = Capabilities {
+        persistent: true,
+        embedded: false,
+    };
+}
+
+/// How to fail a message in [`Consumer::nack`].
+///
+/// ```
+/// use conveyor_core::NackOptions;
+/// use std::time::Duration;
+/// let options = NackOptions::new()
+///     .with_delay(Duration::from_secs(30))
+///     .with_reason("smtp 451: try again later");
+/// assert_eq!(options.reason.as_deref(), Some("smtp 451: try again later"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NackOptions {
+    /// Redeliver after this delay; `None` uses the group's retry backoff.
+    /// Capped at [`MAX_REDELIVERY_DELAY`] (12 hours), so a message is never
+    /// parked forever.
+    pub delay: Option<Duration>,
+    /// Why it failed; goes to the DLQ header `conveyor.dlq.error` if this
+    /// was the last allowed attempt.
+    pub reason: Option<String>,
+}
+
+impl NackOptions {
+    /// The group's retry backoff, no reason.
+    pub fn new() -> Self {
+        NackOptions::default()
+    }
+
+    /// Redeliver after `delay` (capped at [`MAX_REDELIVERY_DELAY`]).
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// Say why it failed (the DLQ's `conveyor.dlq.error` header).
+    pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    /// The delay to apply: the given one or `backoff`, capped at
+    /// [`MAX_REDELIVERY_DELAY`].
+    pub fn delay_or(&self, backoff: Duration) -> Duration {
+        self.delay.unwrap_or(backoff).min(MAX_REDELIVERY_DELAY)
     }
 }
+
+/// The longest a `nack` delay or an `extend` may be: 12 hours (SQS's
+/// maximum visibility timeout). Longer values are capped, so no message is
+/// parked forever.
+pub const MAX_REDELIVERY_DELAY: Duration = Duration::from_secs(12 * 60 * 60);
 
 /// What a [`Consumer::nack`] did with the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,9 +145,19 @@ impl std::fmt::Display for TopicPartition {
 
 /// A storage engine holding topics and consumer groups.
 ///
+/// The required methods are storage; conveniences built on them live in
+/// [`BrokerExt`] (blanket-implemented, so every backend behaves the same).
+///
+/// Every method may also fail with [`ErrorKind::Closed`] after
+/// [`close`](Broker::close), [`ErrorKind::Unavailable`] when a server
+/// backend cannot reach its server (retriable), and [`ErrorKind::Io`] or
+/// [`ErrorKind::Corrupt`] when storage fails; the `# Errors` sections list
+/// what each call adds to those.
+///
 /// ```
-/// # tokio_test_block_on(async {
-/// use conveyor_core::{Broker, GroupConfig, Record, TopicConfig};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> conveyor_core::Result<()> {
+/// use conveyor_core::prelude::*;
 /// use std::time::Duration;
 ///
 /// let broker = conveyor_memory::open_default();
@@ -86,38 +170,93 @@ impl std::fmt::Display for TopicPartition {
 /// let messages = consumer.poll(10, Duration::from_secs(1)).await?;
 /// assert_eq!(messages[0].offset, receipt.offset);
 /// consumer.ack(&messages[0]).await?;
-/// # Ok::<(), conveyor_core::Error>(())
-/// # });
-/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
-/// #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+/// # Ok(())
 /// # }
 /// ```
+///
+/// [`ErrorKind::Closed`]: crate::ErrorKind::Closed
+/// [`ErrorKind::Unavailable`]: crate::ErrorKind::Unavailable
+/// [`ErrorKind::Io`]: crate::ErrorKind::Io
+/// [`ErrorKind::Corrupt`]: crate::ErrorKind::Corrupt
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// What this backend may lack.
     fn capabilities(&self) -> Capabilities;
 
-    /// Create a topic. Same config again: no-op; another config:
-    /// `TopicExists`.
+    /// Create a topic. Same config again: no-op.
+    ///
+    /// # Errors
+    /// `TopicExists` if it exists with another config; `InvalidArgument`
+    /// for a bad name or config (zero or more than 10,000 partitions, zero
+    /// `max_message_bytes`, ...).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the topic may or may not exist;
+    /// calling again with the same config settles it.
     async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<()>;
 
-    /// Delete a topic and its records.
+    /// Delete a topic and its records, and forget every group's state for
+    /// it.
+    ///
+    /// # Errors
+    /// `TopicNotFound`; `InvalidArgument` for a bad name.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the topic may be half removed;
+    /// call again.
     async fn delete_topic(&self, name: &str) -> Result<()>;
 
     /// Names of all topics, sorted.
+    ///
+    /// # Errors
+    /// Only the common ones (see the trait docs).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it changes nothing.
     async fn list_topics(&self) -> Result<Vec<String>>;
 
     /// Config and per partition log start, log end and bytes.
+    ///
+    /// # Errors
+    /// `TopicNotFound`; `InvalidArgument` for a bad name.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it changes nothing a caller can observe.
     async fn describe_topic(&self, name: &str) -> Result<TopicDescription>;
 
-    /// Grow a topic to `partitions` partitions (never shrink).
+    /// Grow a topic to `partitions` partitions (never shrink; the same
+    /// count is a no-op).
+    ///
+    /// # Errors
+    /// `TopicNotFound`; `InvalidArgument` for fewer partitions than now or
+    /// more than 10,000.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the topic may or may not have
+    /// grown; call again.
     async fn add_partitions(&self, name: &str, partitions: u32) -> Result<()>;
 
     /// A producer (cheap; share it).
+    ///
+    /// # Errors
+    /// Only the common ones (see the trait docs).
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
     async fn producer(&self) -> Result<Arc<dyn Producer>>;
 
     /// Join `group` for `topics` as a new member. Creates the group on first
-    /// use with `config`; a different delivery mode is `GroupModeMismatch`.
+    /// use with `config`; later joiners' settings apply, except mode and
+    /// start.
+    ///
+    /// # Errors
+    /// `GroupModeMismatch` if the group exists in the other mode;
+    /// `TopicNotFound` (unless auto-create is on); `InvalidArgument` for a
+    /// bad group name or config, or no topics.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, a member may have joined and will
+    /// be removed after the session timeout.
     async fn consumer(
         &self,
         group: &str,
@@ -126,15 +265,33 @@ pub trait Broker: Send + Sync + 'static {
     ) -> Result<Arc<dyn Consumer>>;
 
     /// Names of all groups, sorted.
+    ///
+    /// # Errors
+    /// Only the common ones (see the trait docs).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it changes nothing.
     async fn list_groups(&self) -> Result<Vec<String>>;
 
     /// Per partition committed offset, log end and lag (plus in-flight and
     /// available counts in queue mode).
+    ///
+    /// # Errors
+    /// `GroupNotFound`; `InvalidArgument` for a bad name.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it changes nothing a caller can observe.
     async fn group_lag(&self, group: &str) -> Result<GroupLag>;
 
     /// Read up to `max` records of a partition from `offset` without a
     /// group (offsets below the log start read from the log start).
-    /// Messages have attempt 1.
+    /// Messages have attempt 1 and cannot be acked.
+    ///
+    /// # Errors
+    /// `TopicNotFound`, `PartitionOutOfRange`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it changes nothing.
     async fn fetch(
         &self,
         topic: &str,
@@ -145,6 +302,12 @@ pub trait Broker: Send + Sync + 'static {
 
     /// The offset of the first record with timestamp >= `timestamp` (the
     /// log end if none).
+    ///
+    /// # Errors
+    /// `TopicNotFound`, `PartitionOutOfRange`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it changes nothing.
     async fn offset_for_timestamp(
         &self,
         topic: &str,
@@ -155,30 +318,89 @@ pub trait Broker: Send + Sync + 'static {
     /// The backend's idempotency store for consumers.
     fn idempotency_store(&self) -> Arc<dyn IdempotencyStore>;
 
-    /// Flush and release resources. Later calls fail with `Closed`.
+    /// Flush and release resources. Later calls fail with `Closed`;
+    /// closing twice is a no-op.
+    ///
+    /// # Errors
+    /// `Io` if the final flush fails.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the broker is closed but may not
+    /// have flushed (what `Durability` promised still holds).
     async fn close(&self) -> Result<()>;
+}
 
-    /// Move up to `max` messages (all if `None`) of a DLQ topic back to
-    /// their original topics; returns how many were moved. See
-    /// [`crate::dlq::redrive`].
+/// Conveniences over [`Broker`], implemented once for every backend.
+#[async_trait]
+pub trait BrokerExt: Broker {
+    /// Move up to `max` messages (all if `None`) of a DLQ topic back to the
+    /// group that dead-lettered them (and to no other group); returns how
+    /// many were moved. See [`crate::dlq::redrive`].
+    ///
+    /// # Errors
+    /// `TopicNotFound` for the DLQ topic; `InvalidArgument` for a message
+    /// without its origin headers (it stays in the DLQ); the errors of
+    /// `send` for the origin topic (the message stays in the DLQ).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, a message may have been appended
+    /// to its origin and not yet settled in the DLQ; it is redriven again
+    /// (a duplicate, never a loss).
     async fn redrive(&self, dlq_topic: &str, max: Option<usize>) -> Result<usize> {
         crate::dlq::redrive(self, dlq_topic, max).await
     }
 }
 
+impl<B: Broker + ?Sized> BrokerExt for B {}
+
 /// Appends records to topics.
+///
+/// The one required method is [`send_batch`](Producer::send_batch);
+/// [`ProducerExt::send`] is built on it.
 #[async_trait]
 pub trait Producer: Send + Sync {
     /// Append `records` to `topic`. Records for one partition are appended
     /// contiguously and atomically, in the order given; receipts come back
     /// in input order. Returns only once the records are stored per the
-    /// broker's durability and visible to consumers.
+    /// broker's durability and visible to consumers. A record with an
+    /// idempotency key already appended to its partition within the dedup
+    /// window is not appended again: its receipt is the original one.
+    ///
+    /// # Errors
+    /// `TopicNotFound` (unless auto-create is on); `PartitionOutOfRange`
+    /// for an explicit partition; `MessageTooLarge`; `InvalidArgument` for
+    /// a bad topic name, header name or idempotency key. Bad input is
+    /// refused before anything is written. A storage error (`Io`,
+    /// `Unavailable`) during a batch spanning several partitions may leave
+    /// some partitions appended and others not; each partition is all or
+    /// nothing, and a retry with idempotency keys appends each record once.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the records may or may not have
+    /// been appended. Use idempotency keys and send again.
     async fn send_batch(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Receipt>>;
 
     /// Make everything sent so far durable now.
+    ///
+    /// # Errors
+    /// `Io` if the sync fails (an embedded store then refuses writes until
+    /// reopened).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it only stops waiting.
     async fn flush(&self) -> Result<()>;
+}
 
-    /// Append one record.
+/// Conveniences over [`Producer`], implemented once for every backend.
+#[async_trait]
+pub trait ProducerExt: Producer {
+    /// Append one record (see [`Producer::send_batch`]).
+    ///
+    /// # Errors
+    /// As [`Producer::send_batch`].
+    ///
+    /// # Cancel safety
+    /// As [`Producer::send_batch`]: not cancel safe.
     async fn send(&self, topic: &str, record: Record) -> Result<Receipt> {
         let mut receipts = self.send_batch(topic, vec![record]).await?;
         receipts
@@ -187,65 +409,161 @@ pub trait Producer: Send + Sync {
     }
 }
 
+impl<P: Producer + ?Sized> ProducerExt for P {}
+
 /// A member of a consumer group.
 ///
 /// Every call is a heartbeat; `poll` keeps heartbeating while it waits. A
 /// member not heard from for the session timeout is removed; dropping the
 /// last handle or calling [`close`](Consumer::close) leaves at once.
+///
+/// Every method may also fail with `Closed` (this consumer or its broker
+/// was closed), `Unavailable` (server backends, retriable) and `Io`.
+/// Settling calls (`ack`, `nack`, `extend`) take a message this consumer's
+/// group received, unchanged: a message of another group, one read with
+/// `fetch`, or one whose topic, partition or offset was changed is
+/// `InvalidArgument`.
 #[async_trait]
 pub trait Consumer: Send + Sync {
     /// Up to `max` messages, waiting up to `timeout` for the first one.
-    /// Returns an empty vector on timeout.
+    /// Returns an empty vector on timeout. Queue mode leases what it
+    /// returns (one attempt each); stream mode advances this member's
+    /// position.
+    ///
+    /// # Errors
+    /// Only the common ones (see the trait docs). A member removed by a
+    /// session timeout rejoins here.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: if the future is dropped (a `select!` branch that lost,
+    /// a timeout), no message was taken: no lease stays held, no attempt
+    /// count is raised, and no position moves.
     async fn poll(&self, max: usize, timeout: Duration) -> Result<Vec<Message>>;
 
-    /// Settle a message. Queue mode: ends its lease for good
-    /// (`LeaseExpired` if the lease was lost). Stream mode: commits
-    /// `offset + 1` for its partition.
+    /// Settle a message. Queue mode: ends its lease for good. Stream mode:
+    /// commits `offset + 1` for its partition (never backwards).
+    ///
+    /// # Errors
+    /// Queue mode: `LeaseExpired` if the lease was lost (it expired and the
+    /// message may have been re-leased; the new lease is not settled).
+    /// Stream mode: `Fenced` if the partition was reassigned since
+    /// delivery. `InvalidArgument` for a message not delivered to this
+    /// group (see the trait docs).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the message may or may not be
+    /// settled. Acking again is safe (`LeaseExpired` if it was).
     async fn ack(&self, message: &Message) -> Result<()>;
 
-    /// Report a failure: the message is redelivered after `delay` (the
-    /// group's retry backoff if `None`) with its attempt number raised, or
-    /// dead-lettered if it used its last allowed attempt. `reason` goes to
-    /// the DLQ header `conveyor.dlq.error`. Stream mode rewinds the
-    /// partition to the message (unless it was dead-lettered: then the
-    /// position stays). Says which happened.
-    async fn nack(
-        &self,
-        message: &Message,
-        delay: Option<Duration>,
-        reason: Option<&str>,
-    ) -> Result<NackOutcome>;
+    /// Report a failure: the message is redelivered after
+    /// [`NackOptions::delay`] (the group's retry backoff if `None`) with
+    /// its attempt number raised, or dead-lettered if it used its last
+    /// allowed attempt (the reason goes to the DLQ header
+    /// `conveyor.dlq.error`). Stream mode rewinds the partition to the
+    /// message (unless it was dead-lettered: then the position stays).
+    /// Says which happened.
+    ///
+    /// # Errors
+    /// As [`ack`](Consumer::ack); plus the errors of appending to the DLQ
+    /// topic (then the message is not settled and comes again).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the nack may or may not have
+    /// taken effect; a DLQ move that started completes (or is retried)
+    /// on its own, so nothing is lost.
+    async fn nack(&self, message: &Message, options: NackOptions) -> Result<NackOutcome>;
 
-    /// Queue mode: prolong the message's lease to `by` from now.
+    /// Queue mode: prolong the message's lease to `by` from now (capped at
+    /// [`MAX_REDELIVERY_DELAY`]).
+    ///
+    /// # Errors
+    /// `LeaseExpired` if the lease was lost; `WrongMode` in stream mode.
+    ///
+    /// # Cancel safety
+    /// Cancel safe on the embedded backends (nothing to wait for); on
+    /// server backends the lease may or may not have been extended.
     async fn extend(&self, message: &Message, by: Duration) -> Result<()>;
 
     /// Stream mode: commit `offset` (the next to read) for a partition.
-    /// Cumulative. `Fenced` if this member does not own the partition in
-    /// the current generation.
+    /// Cumulative; may move backwards (an explicit reset).
+    ///
+    /// # Errors
+    /// `Fenced` if this member does not own the partition in the current
+    /// generation; `InvalidArgument` for an offset past the log end or a
+    /// topic this consumer does not read; `PartitionOutOfRange`;
+    /// `WrongMode` in queue mode.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the commit may or may not be
+    /// stored. Committing again is safe.
     async fn commit(&self, topic: &str, partition: u32, offset: u64) -> Result<()>;
 
     /// Stream mode: move this member's position in a partition it owns.
     /// Queue mode: move the group's cursor for the partition (all members).
+    ///
+    /// # Errors
+    /// `Fenced` (stream mode) if this member does not own the partition;
+    /// `PartitionOutOfRange`; `InvalidArgument` for a topic this consumer
+    /// does not read.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the position may or may not have
+    /// moved. Seeking again is safe.
     async fn seek(&self, topic: &str, partition: u32, to: SeekTo) -> Result<()>;
 
     /// Stream mode: the partitions this member owns now (after applying
     /// any pending rebalance). Queue mode: every partition of its topics.
+    ///
+    /// # Errors
+    /// Only the common ones (see the trait docs).
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
     async fn assignment(&self) -> Result<Vec<TopicPartition>>;
 
     /// The group's current generation (stream mode; 0 in queue mode).
+    ///
+    /// # Errors
+    /// Only the common ones (see the trait docs).
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
     async fn generation(&self) -> Result<u64>;
 
-    /// Leave the group now; unacked queue-mode leases are released.
+    /// Leave the group now; unacked queue-mode leases are released (their
+    /// messages come again, attempt raised); stream-mode partitions move to
+    /// the other members.
+    ///
+    /// # Errors
+    /// `Io` if persisting the departure fails (the member is gone anyway).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the member leaves at the first poll of the future.
     async fn close(&self) -> Result<()>;
+}
 
-    /// Commit `message.offset + 1` for its partition (stream mode), checking
-    /// the message's generation.
+/// Conveniences over [`Consumer`], implemented once for every backend.
+#[async_trait]
+pub trait ConsumerExt: Consumer {
+    /// Stream mode: commit `message.offset + 1` for its partition, checking
+    /// the message's generation (the same as [`Consumer::ack`] there).
+    ///
+    /// # Errors
+    /// As [`Consumer::ack`].
+    ///
+    /// # Cancel safety
+    /// As [`Consumer::ack`]: not cancel safe; committing again is safe.
     async fn commit_message(&self, message: &Message) -> Result<()> {
         self.ack(message).await
     }
 
     /// The messages as a stream, polling in batches of `batch`. Errors end
     /// nothing: they are yielded and polling goes on.
+    ///
+    /// Dropping the stream between items is cancel safe, as `poll` is;
+    /// messages already polled but not yet yielded are not lost: queue
+    /// mode redelivers them after their lease expires (attempt raised),
+    /// stream mode after a restart from the committed offset.
     fn stream(&self, batch: usize) -> BoxStream<'_, Result<Message>> {
         use futures::StreamExt;
         let batch = batch.max(1);
@@ -267,13 +585,29 @@ pub trait Consumer: Send + Sync {
     }
 }
 
+impl<C: Consumer + ?Sized> ConsumerExt for C {}
+
 /// Remembers which event ids a consumer has handled.
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync {
     /// Atomically record `key` for `ttl`; `true` if it was not already
     /// recorded (the caller should do the work), `false` if it was.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for an empty key or a zero ttl; `Unavailable`,
+    /// `Io`.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the key may or may not be
+    /// recorded; `forget` it if the work was not done.
     async fn first_seen(&self, key: &str, ttl: Duration) -> Result<bool>;
 
     /// Forget `key` (so a failed handler can run again).
+    ///
+    /// # Errors
+    /// `Unavailable`, `Io`.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: the key may or may not be forgotten; call again.
     async fn forget(&self, key: &str) -> Result<()>;
 }

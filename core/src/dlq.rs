@@ -5,7 +5,7 @@
 //! through the public [`Broker`] API (a queue-mode group on the DLQ topic,
 //! appending before acking), so a crash may duplicate but never lose.
 
-use crate::broker::Broker;
+use crate::broker::{Broker, NackOptions, ProducerExt};
 use crate::config::{GroupConfig, RetryBackoff};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{Header, Record};
@@ -30,6 +30,10 @@ pub const HEADER_ERROR: &str = "conveyor.dlq.error";
 pub const HEADER_FAILED_AT: &str = "conveyor.dlq.failed_at";
 /// Kept on redriven records for audit: the attempts made before redrive.
 pub const HEADER_REDRIVE_ATTEMPTS: &str = "conveyor.redrive.attempts";
+/// On redriven records: the one group the record is addressed to (the
+/// group that dead-lettered it). Every other group of the topic settles
+/// the record without delivering it (contract §5).
+pub const HEADER_REDRIVE_GROUP: &str = "conveyor.redrive.group";
 /// The group redrive uses on a DLQ topic.
 pub const REDRIVE_GROUP: &str = "conveyor.redrive";
 
@@ -91,47 +95,53 @@ pub fn redrive_record(
     let topic = find(HEADER_TOPIC)
         .ok_or_else(|| Error::invalid(format!("DLQ message has no `{HEADER_TOPIC}` header")))?
         .to_string();
+    let group = find(HEADER_GROUP)
+        .ok_or_else(|| Error::invalid(format!("DLQ message has no `{HEADER_GROUP}` header")))?
+        .to_string();
     let attempts = find(HEADER_ATTEMPTS).unwrap_or("0").to_string();
     let mut record = Record::new(value);
     record.key = key;
     record.headers = headers
         .iter()
-        .filter(|h| !h.name.starts_with(DLQ_HEADER_PREFIX) && h.name != HEADER_REDRIVE_ATTEMPTS)
+        .filter(|h| !h.name.starts_with(DLQ_HEADER_PREFIX) && !is_redrive_header(&h.name))
         .cloned()
         .collect();
     record
         .headers
         .push(Header::new(HEADER_REDRIVE_ATTEMPTS, attempts));
+    record
+        .headers
+        .push(Header::new(HEADER_REDRIVE_GROUP, group));
     Ok((topic, record))
 }
 
-/// Validate a record bound for `topic` (see [`crate::validate::record`]),
-/// not counting the `conveyor.redrive.attempts` audit header against
-/// `max_message_bytes`: redrive adds it to a record that fit when it was
-/// first sent, and a record that fit must be redriven (contract §5:
-/// nothing is dropped). Backends call this before appending.
-pub fn validate_record(
-    topic: &str,
-    record: &Record,
-    partitions: u32,
-    max_message_bytes: usize,
-) -> Result<()> {
-    if !record
-        .headers
+/// Whether `name` is one of the headers redrive adds (not counted against
+/// `max_message_bytes`: a record that fit when first sent must be
+/// redriven, contract §5).
+pub fn is_redrive_header(name: &str) -> bool {
+    name == HEADER_REDRIVE_ATTEMPTS || name == HEADER_REDRIVE_GROUP
+}
+
+/// The group a redriven record is addressed to, if it is one. Backends
+/// settle such a record unseen for every other group.
+pub fn addressed_to(headers: &[Header]) -> Option<&str> {
+    headers
         .iter()
-        .any(|h| h.name == HEADER_REDRIVE_ATTEMPTS)
-    {
-        return crate::validate::record(topic, record, partitions, max_message_bytes);
-    }
-    let mut counted = record.clone(); // cheap: `Bytes` are shared
-    counted
-        .headers
-        .retain(|h| h.name != HEADER_REDRIVE_ATTEMPTS);
-    crate::validate::record(topic, &counted, partitions, max_message_bytes)
+        .rev()
+        .find(|h| h.name == HEADER_REDRIVE_GROUP)
+        .and_then(|h| std::str::from_utf8(&h.value).ok())
+}
+
+/// Whether `group` should be handed a record with these headers: every
+/// record, except redriven ones addressed to another group.
+pub fn is_for_group(headers: &[Header], group: &str) -> bool {
+    addressed_to(headers).is_none_or(|g| g == group)
 }
 
 /// Move up to `max` (all if `None`) messages of `dlq_topic` back to their
-/// original topics. Each is appended to its topic before it is acked in the
+/// original topics, addressed to the group that dead-lettered each (see
+/// [`HEADER_REDRIVE_GROUP`]): that group receives them again, the other
+/// groups of the topic never do. Each is appended to its topic before it is acked in the
 /// DLQ (group `conveyor.redrive`), so nothing is dropped; a crash between the
 /// two may leave a duplicate. Messages that cannot be redriven (no origin
 /// header, origin topic deleted) stop the redrive with an error and stay in
@@ -166,7 +176,9 @@ pub async fn redrive<B: Broker + ?Sized>(
                             )
                         })?;
                 if let Err(e) = producer.send(&topic, record).await {
-                    let _ = consumer.nack(&message, Some(Duration::ZERO), None).await;
+                    let _ = consumer
+                        .nack(&message, NackOptions::new().with_delay(Duration::ZERO))
+                        .await;
                     return Err(Error::new(
                         e.kind(),
                         format!(
@@ -218,6 +230,24 @@ mod tests {
         assert_eq!(topic, "orders");
         assert_eq!(&back.headers[..2], &headers[..]);
         assert_eq!(back.headers[2], Header::new(HEADER_REDRIVE_ATTEMPTS, "5"));
+        assert_eq!(back.headers[3], Header::new(HEADER_REDRIVE_GROUP, "email"));
         assert_eq!(back.key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(addressed_to(&back.headers), Some("email"));
+        assert!(is_for_group(&back.headers, "email"));
+        assert!(!is_for_group(&back.headers, "sms"));
+        assert!(
+            is_for_group(&headers, "sms"),
+            "ordinary records are for every group"
+        );
+
+        // Dead-lettered again and redriven again: one set of redrive headers.
+        let dead = DeadLetter {
+            attempts: 2,
+            ..dead
+        };
+        let again = dead_letter_record(back.key.clone(), back.value.clone(), &back.headers, &dead);
+        let (_, twice) = redrive_record(again.key, again.value, &again.headers).unwrap();
+        assert_eq!(twice.headers.len(), 4, "{:?}", twice.headers);
+        assert_eq!(twice.headers[2], Header::new(HEADER_REDRIVE_ATTEMPTS, "2"));
     }
 }

@@ -5,26 +5,67 @@
 //! (validation, partitioning, group assignment, leases, dead letters, dedup)
 //! are written here once.
 //!
-//! - [`Broker`], [`Producer`], [`Consumer`], [`IdempotencyStore`]: the API.
-//! - [`engine::Engine`]: the whole contract over a small
-//!   [`engine::LogStorage`] trait, used by the embedded backends.
+//! - [`Broker`], [`Producer`], [`Consumer`], [`IdempotencyStore`]: the API,
+//!   with conveniences in [`BrokerExt`], [`ProducerExt`], [`ConsumerExt`]
+//!   (all in the [`prelude`]).
 //! - [`runner`]: the consume-process-settle loop with retries and DLQ.
+//! - [`backend`]: for backend authors only: the embedded
+//!   [`Engine`](backend::Engine) over a small
+//!   [`LogStorage`](backend::LogStorage) trait, validation, assignment.
+//!   Applications never need it.
 #![deny(missing_docs)]
 
-pub mod assignment;
+mod assignment;
 pub mod broker;
 pub mod config;
 pub mod describe;
 pub mod dlq;
-pub mod engine;
+mod engine;
 pub mod error;
 pub mod partitioner;
 pub mod record;
 pub mod runner;
-pub mod validate;
+mod url;
+mod validate;
+
+pub mod backend {
+    //! What backend authors need and applications do not: the embedded
+    //! [`Engine`] (the whole contract over a [`LogStorage`]), the pure
+    //! rule functions server backends reuse ([`assign`], [`validate`]),
+    //! and the storage-level record types.
+    //!
+    //! A new embedded backend implements [`LogStorage`] and wraps it in an
+    //! [`Engine`]; a server backend implements [`crate::Broker`] directly and
+    //! calls [`validate`], [`assign`] and [`crate::dlq`]'s record builders
+    //! inside its own transactions or scripts. Either way it runs the
+    //! conformance suite (`conveyor-conformance`).
+    pub use crate::assignment::*;
+    pub use crate::engine::{
+        Appended, Engine, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage,
+        StoredRecord,
+    };
+    pub use crate::url::{parse_bool, parse_durability, BrokerUrl};
+
+    pub mod validate {
+        //! Validation of names, configs and records, written once: every
+        //! backend refuses bad input before writing anything (contract §7).
+        pub use crate::validate::*;
+    }
+}
+
+pub mod prelude {
+    //! The traits an application calls methods of, in one import:
+    //! `use conveyor_core::prelude::*;` (or `conveyor::prelude::*`).
+    pub use crate::broker::{
+        Broker, BrokerExt, Consumer, ConsumerExt, IdempotencyStore, Producer, ProducerExt,
+    };
+    pub use crate::config::{GroupConfig, TopicConfig};
+    pub use crate::record::{Message, Record};
+}
 
 pub use broker::{
-    Broker, Capabilities, Consumer, IdempotencyStore, NackOutcome, Producer, TopicPartition,
+    Broker, BrokerExt, Capabilities, Consumer, ConsumerExt, IdempotencyStore, NackOptions,
+    NackOutcome, Producer, ProducerExt, TopicPartition, MAX_REDELIVERY_DELAY,
 };
 pub use config::{
     BrokerOptions, DeliveryMode, DlqPolicy, Durability, GroupConfig, Retention, RetryBackoff,

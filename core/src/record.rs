@@ -3,8 +3,13 @@
 //! This module owns the payload types and their size accounting; it knows
 //! nothing of storage or delivery rules.
 
+use crate::config::DeliveryMode;
+use crate::engine::StoredMessage;
+use crate::error::{Error, Result};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A header: a `String` name and a bytes value. Names may repeat; order is kept.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -47,8 +52,15 @@ pub struct Record {
     pub headers: Vec<Header>,
     /// An explicit partition, overriding the key.
     pub partition: Option<u32>,
-    /// Deduplicates sends within the topic's dedup window.
+    /// Deduplicates sends to its partition within the topic's dedup
+    /// window; without a key or partition, it also picks the partition
+    /// (murmur2 of the idempotency key), so a retry lands where the first
+    /// try did.
     pub idempotency_key: Option<String>,
+    /// Delayed delivery: no queue-mode group is offered the record before
+    /// this time (ms since the Unix epoch). Stream-mode groups read it in
+    /// offset order without waiting.
+    pub deliver_at: Option<u64>,
 }
 
 impl Record {
@@ -84,6 +96,26 @@ impl Record {
         self
     }
 
+    /// Deliver to queue-mode groups no earlier than `delay` from when it is
+    /// sent (SQS message timers, Pulsar delayed delivery). The record is
+    /// stored at once and gets its offset; stream-mode groups read it in
+    /// offset order without waiting.
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.deliver_at = Some(crate::now_ms().saturating_add(ms));
+        self
+    }
+
+    /// Deliver to queue-mode groups no earlier than `at` (see
+    /// [`Record::with_delay`]). A time in the past means "now".
+    pub fn with_deliver_at(mut self, at: SystemTime) -> Self {
+        let ms = at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.deliver_at = Some(ms);
+        self
+    }
+
     /// Size counted against `max_message_bytes`: key + value + headers
     /// (names and values).
     pub fn size(&self) -> usize {
@@ -112,16 +144,77 @@ pub struct Receipt {
     pub timestamp: u64,
 }
 
-/// How a message was handed out; used by `ack`, `nack`, `extend` and
-/// `commit` to check that the caller still holds it. Backends fill it in;
-/// users pass messages back unchanged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// How a message was handed out: the group and mode that received it, the
+/// generation (stream mode), and what the backend needs to settle it.
+///
+/// Opaque to users: they pass messages back unchanged. Backends build one
+/// per delivery ([`DeliveryToken::stream`], [`DeliveryToken::queue`]) and
+/// read it back in `ack`/`nack`/`extend` through [`Message::delivery`],
+/// which also refuses a message of another group, a message that was
+/// fetched without a group, and a message whose topic, partition, offset or
+/// attempt was changed after delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct DeliveryToken {
+    group: Option<Arc<str>>,
+    mode: Option<DeliveryMode>,
+    generation: u64,
+    data: Bytes,
+    /// A digest of topic, partition, offset and attempt as delivered.
+    origin: u64,
+}
+
+impl DeliveryToken {
+    /// A stream-mode delivery to `group`, made while this member owned the
+    /// partition in `generation`.
+    pub fn stream(group: impl Into<Arc<str>>, generation: u64) -> Self {
+        DeliveryToken {
+            group: Some(group.into()),
+            mode: Some(DeliveryMode::Stream),
+            generation,
+            ..DeliveryToken::default()
+        }
+    }
+
+    /// A queue-mode delivery to `group` under a lease the backend
+    /// identifies by `lease` (any bytes: a number, a stream entry id, a
+    /// row id).
+    pub fn queue(group: impl Into<Arc<str>>, lease: impl Into<Bytes>) -> Self {
+        DeliveryToken {
+            group: Some(group.into()),
+            mode: Some(DeliveryMode::Queue),
+            data: lease.into(),
+            ..DeliveryToken::default()
+        }
+    }
+
+    /// The group that received the message (`None` for `fetch`).
+    pub fn group(&self) -> Option<&str> {
+        self.group.as_deref()
+    }
+
+    /// The mode of the group that received the message.
+    pub fn mode(&self) -> Option<DeliveryMode> {
+        self.mode
+    }
+
     /// Stream mode: the generation in which the partition was assigned to
-    /// the member that received the message.
-    pub generation: u64,
-    /// Queue mode: the lease this delivery holds (unique per delivery).
-    pub lease: u64,
+    /// the member that received the message (0 in queue mode).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Queue mode: the backend's lease identifier, as given to
+    /// [`DeliveryToken::queue`].
+    pub fn lease(&self) -> &Bytes {
+        &self.data
+    }
+}
+
+fn origin(topic: &str, partition: u32, offset: u64, attempt: u32) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (topic, partition, offset, attempt).hash(&mut h);
+    h.finish()
 }
 
 /// What a consumer receives.
@@ -144,34 +237,78 @@ pub struct Message {
     pub timestamp: u64,
     /// Delivery attempt: 1 on first delivery.
     pub attempt: u32,
-    /// How it was delivered (for `ack`/`nack`/`commit`).
-    pub token: DeliveryToken,
+    /// The producer's idempotency key, if it set one: the natural event id
+    /// for [`crate::runner::Idempotent`].
+    pub idempotency_key: Option<String>,
+    /// When the producer asked for it to be delivered (delayed delivery),
+    /// ms since the epoch.
+    pub deliver_at: Option<u64>,
+    token: DeliveryToken,
 }
 
 impl Message {
-    /// Build a message (for backends and tests).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    /// A message as a backend delivers it: `stored`, read from
+    /// `topic`/`partition`, on delivery `attempt`, settled with `token`
+    /// ([`DeliveryToken::default`] for reads without a group).
+    pub fn from_stored(
         topic: impl Into<String>,
         partition: u32,
-        offset: u64,
-        key: Option<Bytes>,
-        value: Bytes,
-        headers: Vec<Header>,
-        timestamp: u64,
+        stored: StoredMessage,
         attempt: u32,
-        token: DeliveryToken,
+        mut token: DeliveryToken,
     ) -> Self {
+        let topic = topic.into();
+        token.origin = origin(&topic, partition, stored.offset, attempt);
         Message {
-            topic: topic.into(),
+            topic,
             partition,
-            offset,
-            key,
-            value,
-            headers,
-            timestamp,
+            offset: stored.offset,
+            key: stored.key,
+            value: stored.value,
+            headers: stored.headers,
+            timestamp: stored.timestamp,
             attempt,
+            idempotency_key: stored.idempotency_key,
+            deliver_at: stored.deliver_at,
             token,
+        }
+    }
+
+    /// How it was delivered (for backends).
+    pub fn token(&self) -> &DeliveryToken {
+        &self.token
+    }
+
+    /// The delivery token, if this message was delivered to `group` and
+    /// still names the topic, partition and offset it was delivered with.
+    /// Backends call this first in every settling call.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] naming the group that received it (or
+    /// saying it was fetched without a group), or saying that its position
+    /// was changed after delivery.
+    pub fn delivery(&self, group: &str) -> Result<&DeliveryToken> {
+        match self.token.group() {
+            None => Err(Error::invalid(format!(
+                "group `{group}`: {} was read without a group (fetch); only messages a \
+                 group's consumer received can be settled",
+                self.position()
+            ))),
+            Some(g) if g != group => Err(Error::invalid(format!(
+                "group `{group}`: {} was delivered to group `{g}`, not to this group",
+                self.position()
+            ))),
+            Some(_)
+                if self.token.origin
+                    != origin(&self.topic, self.partition, self.offset, self.attempt) =>
+            {
+                Err(Error::invalid(format!(
+                    "group `{group}`: {} is not the position this message was delivered \
+                     with (its topic, partition, offset or attempt was changed)",
+                    self.position()
+                )))
+            }
+            Some(_) => Ok(&self.token),
         }
     }
 

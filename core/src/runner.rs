@@ -17,9 +17,10 @@
 //! twice.
 //!
 //! ```
-//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> conveyor_core::Result<()> {
 //! use conveyor_core::runner::{HandlerError, Runner, RunnerConfig};
-//! use conveyor_core::{Broker, GroupConfig, Message, Record, TopicConfig};
+//! use conveyor_core::prelude::*;
 //! use std::time::Duration;
 //!
 //! let broker = conveyor_memory::open_default();
@@ -40,11 +41,12 @@
 //!     )
 //!     .await?;
 //! assert_eq!(stats.succeeded, 10);
-//! # Ok::<(), conveyor_core::Error>(())
-//! # });
+//! # Ok(())
+//! # }
 //! ```
 
-use crate::broker::{Consumer, IdempotencyStore, NackOutcome};
+use crate::broker::{Consumer, IdempotencyStore, NackOptions, NackOutcome};
+use crate::config::DeliveryMode;
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::Message;
 use async_trait::async_trait;
@@ -287,7 +289,7 @@ impl Runner {
                 // Stream mode: a partition's lanes run one after another, in
                 // the order they were polled.
                 let (done, previous) = match lane.first() {
-                    Some(m) if m.token.lease == 0 => {
+                    Some(m) if m.token().mode() == Some(DeliveryMode::Stream) => {
                         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
                         let key = (m.topic.clone(), m.partition);
                         (Some(tx), chains.insert(key, rx.shared()))
@@ -320,7 +322,9 @@ impl Runner {
 /// Split a batch into lanes: in stream mode (messages carry no lease) one
 /// lane per partition in offset order; in queue mode one lane per message.
 fn lanes(messages: Vec<Message>) -> Vec<Vec<Message>> {
-    let stream = messages.iter().all(|m| m.token.lease == 0);
+    let stream = messages
+        .iter()
+        .all(|m| m.token().mode() == Some(DeliveryMode::Stream));
     if !stream {
         return messages.into_iter().map(|m| vec![m]).collect();
     }
@@ -353,7 +357,9 @@ async fn run_lane(
     counters: &Counters,
     rewinds: &Rewinds,
 ) {
-    let stream = lane.first().is_some_and(|m| m.token.lease == 0);
+    let stream = lane
+        .first()
+        .is_some_and(|m| m.token().mode() == Some(DeliveryMode::Stream));
     for message in lane {
         if stream {
             let key = (message.topic.clone(), message.partition);
@@ -385,7 +391,13 @@ async fn run_lane(
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(message = %message.position(), attempt = message.attempt, reason = %failure, "handler failed");
                 match consumer
-                    .nack(&message, failure.retry_after, Some(&failure.reason))
+                    .nack(&message, {
+                        let options = NackOptions::new().with_reason(failure.reason.clone());
+                        match failure.retry_after {
+                            Some(d) => options.with_delay(d),
+                            None => options,
+                        }
+                    })
                     .await
                 {
                     Ok(NackOutcome::Redeliver) if stream => {
@@ -410,6 +422,16 @@ async fn run_lane(
             }
         }
     }
+}
+
+/// The id [`Idempotent::by_idempotency_key`] records for `message` within
+/// `scope`: `{scope}:{idempotency key}`, or `None` if it was sent without
+/// one. For code that checks the store by hand in the same scope.
+pub fn event_id(scope: &str, message: &Message) -> Option<String> {
+    message
+        .idempotency_key
+        .as_ref()
+        .map(|k| format!("{scope}:{k}"))
 }
 
 /// Extracts an event id from a message.
@@ -445,6 +467,42 @@ impl<H: Handler> Idempotent<H> {
             inner,
             duplicates: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Wrap `inner`, keyed on the producer's idempotency key
+    /// ([`Message::idempotency_key`]) within `scope` (use the group name:
+    /// the store is shared, and each group must handle an event once).
+    /// Messages sent without an idempotency key run every time.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> conveyor_core::Result<()> {
+    /// use conveyor_core::prelude::*;
+    /// use conveyor_core::runner::{HandlerError, Idempotent};
+    /// use std::time::Duration;
+    ///
+    /// let broker = conveyor_memory::open_default();
+    /// let handler = Idempotent::by_idempotency_key(
+    ///     broker.idempotency_store(),
+    ///     Duration::from_secs(3600),
+    ///     "email",
+    ///     |m: Message| async move {
+    ///         println!("emailing about {:?}", m.idempotency_key);
+    ///         Ok::<(), HandlerError>(())
+    ///     },
+    /// );
+    /// # let _ = handler;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn by_idempotency_key(
+        store: Arc<dyn IdempotencyStore>,
+        ttl: Duration,
+        scope: impl Into<String>,
+        inner: H,
+    ) -> Self {
+        let scope = scope.into();
+        Self::new(store, ttl, move |m: &Message| event_id(&scope, m), inner)
     }
 
     /// A counter of duplicates skipped, shared with the handler.

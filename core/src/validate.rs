@@ -103,7 +103,9 @@ pub fn group_config(group: &str, config: &GroupConfig) -> Result<()> {
 
 /// A record bound for `topic` with `partitions` partitions and this size
 /// limit: explicit partition in range, size within `max_message_bytes`,
-/// idempotency key non-empty.
+/// idempotency key non-empty. The headers redrive adds
+/// ([`crate::dlq::is_redrive_header`]) are not counted: a record that fit
+/// when it was first sent can always be redriven (contract §5).
 pub fn record(
     topic: &str,
     record: &Record,
@@ -115,7 +117,13 @@ pub fn record(
             return Err(Error::partition_out_of_range(topic, p, partitions));
         }
     }
-    let size = record.size();
+    let audit: usize = record
+        .headers
+        .iter()
+        .filter(|h| crate::dlq::is_redrive_header(&h.name))
+        .map(|h| h.name.len() + h.value.len())
+        .sum();
+    let size = record.size() - audit;
     if size > max_message_bytes {
         return Err(Error::new(
             ErrorKind::MessageTooLarge,

@@ -1,6 +1,7 @@
 //! The handler runner: retries, dead letters, per-partition order in
 //! stream mode across polls and rewinds, graceful shutdown, idempotency.
 
+use conveyor_core::prelude::*;
 use conveyor_core::runner::{HandlerError, Idempotent, Runner, RunnerConfig};
 use conveyor_core::{Broker, DlqPolicy, GroupConfig, Message, Record, RetryBackoff, TopicConfig};
 use std::collections::{BTreeMap, HashMap};

@@ -6,23 +6,27 @@
 //! the contract holds, checked by the conformance suite.
 //!
 //! It is only storage ([`MemoryStorage`]): the rules come from
-//! [`conveyor_core::engine::Engine`].
+//! [`conveyor_core::backend::Engine`].
 //!
 //! ```
-//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-//! use conveyor_core::{Broker, Record, TopicConfig};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> conveyor_core::Result<()> {
+//! use conveyor_core::prelude::*;
 //! let broker = conveyor_memory::open_default();
 //! broker.create_topic("orders", TopicConfig::new(2)).await?;
 //! let receipt = broker.producer().await?.send("orders", Record::new("hi")).await?;
 //! assert_eq!(receipt.offset, 0);
-//! # Ok::<(), conveyor_core::Error>(())
-//! # });
+//! # Ok(())
+//! # }
 //! ```
 #![deny(missing_docs)]
 
+mod url;
+pub use url::{open_url, URL_SCHEMES};
+
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_core::engine::{
+use conveyor_core::backend::{
     Appended, Engine, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage,
     StoredRecord,
 };
@@ -94,7 +98,7 @@ impl MemoryStorage {
 #[async_trait]
 impl LogStorage for MemoryStorage {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(false, false)
+        Capabilities::IN_MEMORY
     }
 
     async fn load_state(&self) -> Result<Vec<(String, Bytes)>> {

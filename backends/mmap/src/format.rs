@@ -56,7 +56,7 @@ const NONE: u32 = u32::MAX;
 
 /// One record of a batch, as stored: the engine's record, encoded as is
 /// (no conversion on the append path).
-pub type RecordData = conveyor_core::engine::StoredRecord;
+pub type RecordData = conveyor_core::backend::StoredRecord;
 
 /// A batch header, read without decoding records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,13 +4,15 @@
 //! files, crash-safe, owned by one process. `conveyor::open("mmap:///dir")`.
 //!
 //! This crate is only storage ([`MmapStorage`], a
-//! [`LogStorage`](conveyor_core::engine::LogStorage)); the delivery rules
-//! come from [`conveyor_core::engine::Engine`]. The byte layout is in
+//! [`LogStorage`](conveyor_core::backend::LogStorage)); the delivery rules
+//! come from [`conveyor_core::backend::Engine`]. The byte layout is in
 //! [`format`].
 //!
 //! ```
-//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-//! use conveyor_core::{Broker, BrokerOptions, Durability, Record, TopicConfig};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> conveyor_core::Result<()> {
+//! use conveyor_core::prelude::*;
+//! use conveyor_core::{BrokerOptions, Durability};
 //! let dir = tempfile::tempdir().unwrap();
 //! let options = BrokerOptions::default().with_durability(Durability::Always);
 //! let broker = conveyor_mmap::open(dir.path(), options, conveyor_mmap::MmapOptions::default()).await?;
@@ -22,8 +24,8 @@
 //! let broker = conveyor_mmap::open(dir.path(), BrokerOptions::default(), Default::default()).await?;
 //! let back = broker.fetch("orders", receipt.partition, receipt.offset, 1).await?;
 //! assert_eq!(&back[0].value[..], b"placed");
-//! # Ok::<(), conveyor_core::Error>(())
-//! # });
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! # Design
@@ -99,9 +101,12 @@ mod partition;
 mod segment;
 mod state;
 
+mod url;
+pub use url::{open_url, URL_OPTIONS, URL_SCHEMES};
+
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_core::engine::{
+use conveyor_core::backend::{
     Appended, Engine, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage,
     StoredRecord,
 };
@@ -278,7 +283,7 @@ fn flusher(shared: Weak<Shared>, every: Duration) {
 #[async_trait]
 impl LogStorage for MmapStorage {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(true, true)
+        Capabilities::EMBEDDED
     }
 
     async fn load_state(&self) -> Result<Vec<(String, Bytes)>> {

@@ -8,7 +8,7 @@
 use crate::format::{self, RecordData};
 use crate::segment::{self, corrupt, Segment};
 use crate::state::sync_file;
-use conveyor_core::engine::{Appended, PartitionBounds, ReadRange, StoredMessage};
+use conveyor_core::backend::{Appended, PartitionBounds, ReadRange, StoredMessage};
 use conveyor_core::{Durability, Error, Result, Retention};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;

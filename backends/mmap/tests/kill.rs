@@ -23,6 +23,7 @@
 //! `CONVEYOR_KILL_ROUNDS=<n>` changes the number of kills (20).
 
 use bytes::Bytes;
+use conveyor_core::prelude::*;
 use conveyor_core::{
     Broker, BrokerOptions, Durability, ErrorKind, GroupConfig, Record, TopicConfig,
 };

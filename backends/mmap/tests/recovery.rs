@@ -13,6 +13,7 @@
 //!   it survives.
 
 use bytes::Bytes;
+use conveyor_core::prelude::*;
 use conveyor_core::{
     Broker, BrokerOptions, Durability, ErrorKind, GroupConfig, Message, Record, TopicConfig,
 };

@@ -8,21 +8,23 @@
 use super::group::{Group, Member, Retry};
 use super::lease::{Lease, LeaseTable};
 use super::{millis, Inner, LogStorage, ReadRange, StateKey, MAX_POLL_BYTES};
-use crate::broker::{Consumer, NackOutcome, TopicPartition};
+use crate::broker::{Consumer, NackOptions, NackOutcome, TopicPartition, MAX_REDELIVERY_DELAY};
 use crate::config::{DeliveryMode, SeekTo};
-use crate::dlq::DeadLetter;
+use crate::dlq::{self, DeadLetter};
 use crate::error::{Error, ErrorKind, Result};
 use crate::now_ms;
 use crate::record::{DeliveryToken, Message};
 use async_trait::async_trait;
-use std::collections::{BTreeMap, BTreeSet};
+use bytes::Bytes;
+use std::collections::BTreeSet;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) struct EngineConsumer<S: LogStorage> {
     inner: Arc<Inner<S>>,
-    group: String,
+    group: Arc<str>,
     member: u64,
     topics: BTreeSet<String>,
     mode: DeliveryMode,
@@ -30,12 +32,61 @@ pub(crate) struct EngineConsumer<S: LogStorage> {
     closed: AtomicBool,
 }
 
-/// A queue-mode reservation: a leased offset waiting to be read.
-struct Reserved {
-    tp: TopicPartition,
-    offset: u64,
-    attempt: u32,
-    lease: u64,
+/// Leases taken by a queue-mode poll that has not returned yet: (partition,
+/// offset, lease id, attempts before). Dropped while not empty (the poll
+/// failed or its future was dropped), it gives them back, so a dropped
+/// poll leaves no lease held and no attempt raised.
+struct Taken<'a, S: LogStorage> {
+    inner: &'a Inner<S>,
+    group: &'a str,
+    leases: Vec<(TopicPartition, u64, u64, u32)>,
+}
+
+impl<S: LogStorage> Drop for Taken<'_, S> {
+    fn drop(&mut self) {
+        if self.leases.is_empty() {
+            return;
+        }
+        let mut dirty = BTreeSet::new();
+        {
+            let mut state = self.inner.state.lock();
+            if let Some(g) = state.groups.get_mut(self.group) {
+                for (tp, offset, lease, before) in self.leases.drain(..) {
+                    if let Some(t) = g.queue.get_mut(&tp) {
+                        t.unlease(offset, lease, before);
+                        dirty.insert(tp);
+                    }
+                }
+            }
+        }
+        self.inner.mark_dirty(
+            dirty
+                .into_iter()
+                .map(|tp| StateKey::Leases(self.group.to_string(), tp)),
+        );
+        self.inner.notify();
+    }
+}
+
+/// Sorted offsets as contiguous ranges, one storage read each.
+fn contiguous_runs(offsets: &[u64]) -> Vec<Range<u64>> {
+    let mut sorted = offsets.to_vec();
+    sorted.sort_unstable();
+    let mut runs: Vec<Range<u64>> = Vec::new();
+    for o in sorted {
+        match runs.last_mut() {
+            Some(r) if r.end == o => r.end = o + 1,
+            _ => runs.push(o..o + 1),
+        }
+    }
+    runs
+}
+
+/// The lease id a queue-mode token carries.
+fn lease_id(token: &DeliveryToken, what: &str) -> Result<u64> {
+    <[u8; 8]>::try_from(token.lease().as_ref())
+        .map(u64::from_le_bytes)
+        .map_err(|_| Error::invalid(format!("{what}: the message carries no queue-mode lease")))
 }
 
 impl<S: LogStorage> EngineConsumer<S> {
@@ -48,7 +99,7 @@ impl<S: LogStorage> EngineConsumer<S> {
     ) -> Self {
         EngineConsumer {
             inner,
-            group: group.to_string(),
+            group: Arc::from(group),
             member,
             topics,
             mode,
@@ -68,6 +119,14 @@ impl<S: LogStorage> EngineConsumer<S> {
         Ok(())
     }
 
+    fn group(&self) -> &str {
+        &self.group
+    }
+
+    fn vanished(&self) -> Error {
+        Error::internal(format!("group `{}` vanished", self.group))
+    }
+
     fn what(&self, m: &Message) -> String {
         format!("group `{}`: {}", self.group, m.position())
     }
@@ -76,7 +135,7 @@ impl<S: LogStorage> EngineConsumer<S> {
     /// again (as a new generation). Also expires silent members.
     fn heartbeat(&self, state: &mut super::State, rejoin: bool) -> bool {
         let now = now_ms();
-        let Some(g) = state.groups.get_mut(&self.group) else {
+        let Some(g) = state.groups.get_mut(self.group()) else {
             return false;
         };
         let mut changed = !g.expire_members(now).is_empty();
@@ -95,7 +154,7 @@ impl<S: LogStorage> EngineConsumer<S> {
             None => {}
         }
         if changed {
-            state.rebalance(&self.group);
+            state.rebalance(self.group());
         }
         changed
     }
@@ -105,8 +164,8 @@ impl<S: LogStorage> EngineConsumer<S> {
         self.heartbeat(state, rejoin);
         state
             .groups
-            .get_mut(&self.group)
-            .ok_or_else(|| Error::internal(format!("group `{}` vanished", self.group)))
+            .get_mut(self.group())
+            .ok_or_else(|| self.vanished())
     }
 
     fn rotated<T: Clone>(&self, items: &[T]) -> Vec<T> {
@@ -123,7 +182,12 @@ impl<S: LogStorage> EngineConsumer<S> {
 
     /// One stream-mode attempt: read from owned partitions at their
     /// positions. Returns messages and the earliest time a paused
-    /// partition resumes.
+    /// partition resumes (now, if records addressed to other groups were
+    /// passed and the caller should look again at once).
+    ///
+    /// Cancel safe: every read happens first; positions move only after
+    /// the last one, under the lock, with no `.await` between that and
+    /// returning.
     async fn poll_stream(&self, max: usize) -> Result<(Vec<Message>, Option<u64>)> {
         let now = now_ms();
         let mut next_due: Option<u64> = None;
@@ -132,8 +196,8 @@ impl<S: LogStorage> EngineConsumer<S> {
             let changed = self.heartbeat(&mut guard, true);
             let g = guard
                 .groups
-                .get_mut(&self.group)
-                .ok_or_else(|| Error::internal("group vanished"))?;
+                .get_mut(self.group())
+                .ok_or_else(|| self.vanished())?;
             let owned = g.owned_by(self.member);
             let mut plan = Vec::new();
             for (tp, owner) in self.rotated(&owned) {
@@ -148,13 +212,12 @@ impl<S: LogStorage> EngineConsumer<S> {
                 part.position = Some(pos);
                 if let Some(r) = part.retries.get(&pos) {
                     if r.not_before_ms > now {
-                        next_due =
-                            Some(next_due.map_or(r.not_before_ms, |d| d.min(r.not_before_ms)));
+                        next_due = Some(min_due(next_due, r.not_before_ms));
                         continue;
                     }
                 }
                 if pos < b.log_end {
-                    plan.push((tp, pos, owner.epoch));
+                    plan.push((tp, pos, owner.generation, b.log_start));
                 }
             }
             (plan, changed)
@@ -162,9 +225,10 @@ impl<S: LogStorage> EngineConsumer<S> {
         if changed {
             self.inner.notify();
         }
-        let mut out = Vec::new();
-        for (tp, pos, epoch) in plan {
-            if out.len() >= max {
+        let mut reads = Vec::with_capacity(plan.len());
+        let mut planned = 0usize;
+        for (tp, pos, generation, log_start) in plan {
+            if planned >= max {
                 break;
             }
             let found = self
@@ -174,44 +238,176 @@ impl<S: LogStorage> EngineConsumer<S> {
                     &tp.topic,
                     tp.partition,
                     ReadRange::from(pos)
-                        .with_max_records(max - out.len())
+                        .with_max_records(max - planned)
                         .with_max_bytes(MAX_POLL_BYTES),
                 )
                 .await?;
-            let Some(last) = found.last().map(|m| m.offset) else {
-                continue;
-            };
+            planned += found.len();
+            reads.push((tp, pos, generation, log_start, found));
+        }
+        let mut out = Vec::new();
+        let mut commits = Vec::new();
+        {
             let mut guard = self.inner.state.lock();
-            let Some(g) = guard.groups.get_mut(&self.group) else {
-                break;
+            let Some(g) = guard.groups.get_mut(self.group()) else {
+                return Err(self.vanished());
             };
-            if g.check_owner(self.member, &tp, Some(epoch)).is_err() {
-                continue;
-            }
-            let part = g.stream.entry(tp.clone()).or_default();
-            if part.position != Some(pos) {
-                continue; // a seek or nack moved it meanwhile
-            }
-            part.position = Some(last + 1);
-            for m in found {
-                let attempt = part.retries.get(&m.offset).map_or(1, |r| r.attempt);
-                let token = DeliveryToken {
-                    generation: epoch,
-                    lease: 0,
+            for (tp, pos, generation, log_start, found) in reads {
+                let Some(last) = found.last().map(|m| m.offset) else {
+                    continue;
                 };
-                out.push(Inner::<S>::message(&tp, m, attempt, token));
+                if g.check_owner(self.member, &tp, Some(generation)).is_err() {
+                    continue;
+                }
+                let part = g.stream.entry(tp.clone()).or_default();
+                if part.position != Some(pos) {
+                    continue; // a seek or nack moved it meanwhile
+                }
+                part.position = Some(last.saturating_add(1));
+                let mut passed = false;
+                for m in found {
+                    if !dlq::is_for_group(&m.headers, self.group()) {
+                        // Redriven to another group (contract §5): passed
+                        // unseen, and committed over once reached.
+                        let next = m.offset.saturating_add(1);
+                        let start = part
+                            .skipped
+                            .iter()
+                            .find(|(_, end)| **end == m.offset)
+                            .map_or(m.offset, |(s, _)| *s);
+                        part.skipped.insert(start, next);
+                        passed = true;
+                        continue;
+                    }
+                    let attempt = part.retries.get(&m.offset).map_or(1, |r| r.attempt);
+                    let token = DeliveryToken::stream(self.group.clone(), generation);
+                    out.push(Message::from_stored(
+                        tp.topic.clone(),
+                        tp.partition,
+                        m,
+                        attempt,
+                        token,
+                    ));
+                }
+                if passed {
+                    next_due = Some(now); // look again at once
+                    let base = part.committed.unwrap_or(log_start);
+                    if part.commit_through(base) {
+                        commits.push(StateKey::Commit(self.group.to_string(), tp));
+                    }
+                }
             }
         }
+        self.inner.mark_dirty(commits);
         Ok((out, next_due))
     }
 
-    /// One queue-mode attempt: expire leases, lease what is available, read it.
+    /// One queue-mode attempt, in three steps so that a dropped poll takes
+    /// nothing (contract §4b; `Consumer::poll` is cancel safe):
+    ///
+    /// 1. under the lock, plan: expire leases (DLQ moves run in a task of
+    ///    their own, which a dropped poll cannot stop) and list the offsets
+    ///    available now, changing nothing else;
+    /// 2. without the lock, read those records;
+    /// 3. under the lock, lease each record still available (another poll
+    ///    may have taken it meanwhile): records addressed to another group
+    ///    are settled unseen, records whose delivery time has not come are
+    ///    deferred to it, the rest are leased. Then persist; if that fails
+    ///    or the future is dropped before it returns, [`Taken`] gives the
+    ///    leases back and restores the attempt counts.
     async fn poll_queue(&self, max: usize) -> Result<(Vec<Message>, Option<u64>)> {
+        let (plan, mut next_due) = self.plan_queue(max)?;
+        let mut runs = Vec::with_capacity(plan.len());
+        for (tp, offsets) in plan {
+            for run in contiguous_runs(&offsets) {
+                let found = self
+                    .inner
+                    .storage
+                    .read(
+                        &tp.topic,
+                        tp.partition,
+                        ReadRange::from(run.start).with_max_records((run.end - run.start) as usize),
+                    )
+                    .await?;
+                runs.push((tp.clone(), found));
+            }
+        }
+        let mut taken = Taken {
+            inner: &self.inner,
+            group: self.group(),
+            leases: Vec::new(),
+        };
+        let mut out = Vec::new();
+        let mut dirty = BTreeSet::new();
+        {
+            let now = now_ms();
+            let mut guard = self.inner.state.lock();
+            let state = &mut *guard;
+            let Some(g) = state.groups.get_mut(self.group()) else {
+                return Err(self.vanished());
+            };
+            let visibility = millis(g.config.visibility_timeout);
+            for (tp, found) in runs {
+                let Some(table) = g.queue.get_mut(&tp) else {
+                    continue;
+                };
+                for m in found {
+                    if !table.can_lease(m.offset, now) {
+                        continue;
+                    }
+                    dirty.insert(tp.clone());
+                    if !dlq::is_for_group(&m.headers, self.group()) {
+                        table.skip(m.offset); // redriven to another group (§5)
+                        next_due = Some(now);
+                        continue;
+                    }
+                    if let Some(at) = m.deliver_at.filter(|at| *at > now) {
+                        table.defer(m.offset, at); // delayed delivery (§3)
+                        next_due = Some(min_due(next_due, at));
+                        continue;
+                    }
+                    state.next_lease += 1;
+                    let lease = Lease {
+                        member: self.member,
+                        id: state.next_lease,
+                        deadline_ms: now.saturating_add(visibility),
+                    };
+                    let before = table.attempts.get(&m.offset).copied().unwrap_or(0);
+                    let attempt = table.lease(m.offset, lease);
+                    taken.leases.push((tp.clone(), m.offset, lease.id, before));
+                    let token = DeliveryToken::queue(
+                        self.group.clone(),
+                        Bytes::copy_from_slice(&lease.id.to_le_bytes()),
+                    );
+                    out.push(Message::from_stored(
+                        tp.topic.clone(),
+                        tp.partition,
+                        m,
+                        attempt,
+                        token,
+                    ));
+                }
+            }
+        }
+        self.inner.mark_dirty(
+            dirty
+                .into_iter()
+                .map(|tp| StateKey::Leases(self.group.to_string(), tp)),
+        );
+        self.inner.persist().await?;
+        taken.leases.clear(); // delivered: the caller has them now
+        Ok((out, next_due))
+    }
+
+    /// Step 1 of [`poll_queue`](Self::poll_queue): the offsets to read per
+    /// partition, and when to look again.
+    #[allow(clippy::type_complexity)]
+    fn plan_queue(&self, max: usize) -> Result<(Vec<(TopicPartition, Vec<u64>)>, Option<u64>)> {
         let now = now_ms();
         let mut next_due: Option<u64> = None;
         let mut dead_jobs = Vec::new();
-        let mut reserved: Vec<Reserved> = Vec::new();
-        let mut dirty = Vec::new();
+        let mut plan = Vec::new();
+        let mut planned = 0usize;
         {
             let mut guard = self.inner.state.lock();
             self.heartbeat(&mut guard, true);
@@ -219,9 +415,8 @@ impl<S: LogStorage> EngineConsumer<S> {
             let parts = state.partitions_of(&self.topics);
             let g = state
                 .groups
-                .get_mut(&self.group)
-                .ok_or_else(|| Error::internal("group vanished"))?;
-            let visibility = millis(g.config.visibility_timeout);
+                .get_mut(self.group())
+                .ok_or_else(|| self.vanished())?;
             let max_deliveries = g.config.dlq.max_deliveries;
             for tp in self.rotated(&parts) {
                 let Ok(b) = self.inner.bounds(&tp) else {
@@ -235,160 +430,43 @@ impl<S: LogStorage> EngineConsumer<S> {
                 for e in table.expire(now, max_deliveries) {
                     dead_jobs.push((tp.clone(), e));
                 }
-                if reserved.len() < max {
-                    let offsets = table.available(now, b.log_end, max - reserved.len());
+                if planned < max {
+                    let offsets = table.available(now, b.log_end, max - planned);
+                    planned += offsets.len();
                     if !offsets.is_empty() {
-                        dirty.push(StateKey::Leases(self.group.clone(), tp.clone()));
-                    }
-                    for offset in offsets {
-                        state.next_lease += 1;
-                        let lease = Lease {
-                            member: self.member,
-                            id: state.next_lease,
-                            deadline_ms: now.saturating_add(visibility),
-                        };
-                        let attempt = table.lease(offset, lease);
-                        reserved.push(Reserved {
-                            tp: tp.clone(),
-                            offset,
-                            attempt,
-                            lease: lease.id,
-                        });
+                        plan.push((tp.clone(), offsets));
                     }
                 }
                 if let Some(due) = table.next_due() {
-                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                    next_due = Some(min_due(next_due, due));
                 }
             }
         }
         if !dead_jobs.is_empty() {
-            if let Err(e) = self.inner.dead_letter_expired(&self.group, dead_jobs).await {
-                tracing::warn!(group = %self.group, error = %e, "dead-letter move failed");
-            }
-        }
-        // Read what was leased: contiguous runs per partition.
-        let mut by_tp: BTreeMap<TopicPartition, Vec<&Reserved>> = BTreeMap::new();
-        for r in &reserved {
-            by_tp.entry(r.tp.clone()).or_default().push(r);
-        }
-        let mut out = Vec::with_capacity(reserved.len());
-        let mut missing = Vec::new();
-        for (tp, mut rs) in by_tp {
-            rs.sort_by_key(|r| r.offset);
-            let mut i = 0;
-            while i < rs.len() {
-                let mut j = i + 1;
-                while j < rs.len() && rs[j].offset == rs[j - 1].offset + 1 {
-                    j += 1;
+            // Their own task: a dropped poll must not strand them half-moved.
+            let inner = self.inner.clone();
+            let group = self.group.to_string();
+            tokio::spawn(async move {
+                if let Err(e) = inner.dead_letter_expired(&group, dead_jobs).await {
+                    tracing::warn!(group, error = %e, "dead-letter move failed");
                 }
-                let run = &rs[i..j];
-                let found = self
-                    .inner
-                    .storage
-                    .read(
-                        &tp.topic,
-                        tp.partition,
-                        ReadRange::from(run[0].offset).with_max_records(run.len()),
-                    )
-                    .await?;
-                let mut found = found.into_iter().peekable();
-                for r in run {
-                    while found.peek().is_some_and(|m| m.offset < r.offset) {
-                        found.next();
-                    }
-                    match found.peek() {
-                        Some(m) if m.offset == r.offset => {
-                            let m = found.next().expect("peeked");
-                            let token = DeliveryToken {
-                                generation: 0,
-                                lease: r.lease,
-                            };
-                            out.push(Inner::<S>::message(&tp, m, r.attempt, token));
-                        }
-                        _ => missing.push((tp.clone(), r.offset)),
-                    }
-                }
-                i = j;
-            }
+            });
         }
-        if !missing.is_empty() {
-            // Removed by retention between leasing and reading.
-            let mut guard = self.inner.state.lock();
-            if let Some(g) = guard.groups.get_mut(&self.group) {
-                for (tp, offset) in missing {
-                    if let Some(t) = g.queue.get_mut(&tp) {
-                        t.settle(offset);
-                    }
-                }
-            }
-        }
-        self.inner.mark_dirty(dirty);
-        self.inner.persist().await?;
-        Ok((out, next_due))
+        Ok((plan, next_due))
     }
 
-    /// Move a nacked message to the DLQ, then settle it.
-    async fn dead_letter_nacked(
-        &self,
-        m: &Message,
-        attempts: u32,
-        reason: Option<&str>,
-    ) -> Result<()> {
-        let config = self
-            .inner
-            .state
-            .lock()
-            .groups
-            .get(&self.group)
-            .map(|g| g.config.clone())
-            .ok_or_else(|| Error::internal("group vanished"))?;
-        let dead = DeadLetter {
-            topic: &m.topic,
-            partition: m.partition,
-            offset: m.offset,
-            group: &self.group,
-            attempts,
-            error: reason,
-            failed_at: now_ms(),
-        };
-        let data = (m.key.clone(), m.value.clone(), m.headers.clone());
-        let tp = TopicPartition::new(m.topic.clone(), m.partition);
-        let result = self
-            .inner
-            .append_dead_letter(&self.group, &config, data, dead)
-            .await;
-        {
-            let mut guard = self.inner.state.lock();
-            let Some(g) = guard.groups.get_mut(&self.group) else {
-                return result;
-            };
-            match self.mode {
-                DeliveryMode::Queue => {
-                    if let Some(t) = g.queue.get_mut(&tp) {
-                        match &result {
-                            Ok(()) => t.settle(m.offset),
-                            Err(_) => t.abort_dead_letter(m.offset),
-                        }
-                    }
-                }
-                DeliveryMode::Stream => {
-                    if result.is_ok() {
-                        let part = g.stream.entry(tp.clone()).or_default();
-                        part.retries.remove(&m.offset);
-                        if part.committed.is_none_or(|c| c <= m.offset) {
-                            part.committed = Some(m.offset + 1);
-                        }
-                    }
-                }
-            }
+    /// Stream mode: the offset after `m`, which must be below the log end
+    /// (a commit past the log end would skip records produced later).
+    fn next_offset(&self, m: &Message, tp: &TopicPartition) -> Result<u64> {
+        let log_end = self.inner.bounds(tp)?.log_end;
+        match m.offset.checked_add(1) {
+            Some(next) if next <= log_end => Ok(next),
+            _ => Err(Error::invalid(format!(
+                "{}: offset {} is at or past the log end ({log_end})",
+                self.what(m),
+                m.offset
+            ))),
         }
-        self.inner.mark_dirty([match self.mode {
-            DeliveryMode::Queue => StateKey::Leases(self.group.clone(), tp.clone()),
-            DeliveryMode::Stream => StateKey::Commit(self.group.clone(), tp.clone()),
-        }]);
-        self.inner.persist().await?;
-        self.inner.notify();
-        result
     }
 
     fn subscribed(&self, topic: &str, partition: u32) -> Result<TopicPartition> {
@@ -410,10 +488,10 @@ impl<S: LogStorage> EngineConsumer<S> {
         let mut state = self.inner.state.lock();
         let left = state
             .groups
-            .get_mut(&self.group)
+            .get_mut(self.group())
             .is_some_and(|g| g.remove_member(self.member, now_ms()));
         if left {
-            state.rebalance(&self.group);
+            state.rebalance(self.group());
         }
         drop(state);
         self.inner.notify();
@@ -425,6 +503,81 @@ impl<S: LogStorage> Drop for EngineConsumer<S> {
     fn drop(&mut self) {
         self.leave();
     }
+}
+
+/// Move a nacked message to the DLQ, then settle it for the group; if the
+/// append fails the message is given back (queue mode) or stays where it
+/// is (stream mode), so it comes again.
+async fn dead_letter_nacked<S: LogStorage>(
+    inner: Arc<Inner<S>>,
+    group: String,
+    mode: DeliveryMode,
+    m: Message,
+    attempts: u32,
+    reason: Option<String>,
+) -> Result<()> {
+    let config = inner
+        .state
+        .lock()
+        .groups
+        .get(&group)
+        .map(|g| g.config.clone())
+        .ok_or_else(|| Error::internal(format!("group `{group}` vanished")))?;
+    let dead = DeadLetter {
+        topic: &m.topic,
+        partition: m.partition,
+        offset: m.offset,
+        group: &group,
+        attempts,
+        error: reason.as_deref(),
+        failed_at: now_ms(),
+    };
+    let tp = TopicPartition::new(m.topic.clone(), m.partition);
+    let data = (m.key.clone(), m.value.clone(), m.headers.clone());
+    let result = inner.append_dead_letter(&group, &config, data, dead).await;
+    let key = {
+        let mut guard = inner.state.lock();
+        let Some(g) = guard.groups.get_mut(&group) else {
+            return result;
+        };
+        match mode {
+            DeliveryMode::Queue => {
+                if let Some(t) = g.queue.get_mut(&tp) {
+                    match &result {
+                        Ok(()) => t.settle(m.offset),
+                        Err(_) => t.abort_dead_letter(m.offset),
+                    }
+                }
+                StateKey::Leases(group.clone(), tp)
+            }
+            DeliveryMode::Stream => {
+                let part = g.stream.entry(tp.clone()).or_default();
+                match &result {
+                    Ok(()) => {
+                        part.retries.remove(&m.offset);
+                        part.commit_through(m.offset.saturating_add(1));
+                    }
+                    // Not in the DLQ: rewind to it, so it comes again (on
+                    // its last attempt, so the next nack tries the DLQ again).
+                    Err(_) => {
+                        part.position = Some(m.offset);
+                        part.retries.insert(
+                            m.offset,
+                            Retry {
+                                attempt: m.attempt,
+                                not_before_ms: 0,
+                            },
+                        );
+                    }
+                }
+                StateKey::Commit(group.clone(), tp)
+            }
+        }
+    };
+    inner.mark_dirty([key]);
+    inner.persist().await?;
+    inner.notify();
+    result
 }
 
 /// The lease table of `tp`, or `LeaseExpired` if none was ever leased.
@@ -452,7 +605,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
             .state
             .lock()
             .groups
-            .get(&self.group)
+            .get(self.group())
             .map(|g| g.config.session_timeout)
             .unwrap_or(Duration::from_secs(10));
         loop {
@@ -485,116 +638,118 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
 
     async fn ack(&self, m: &Message) -> Result<()> {
         self.check_open()?;
+        let token = m.delivery(self.group())?;
         let tp = self.subscribed(&m.topic, m.partition)?;
-        {
-            let mut guard = self.inner.state.lock();
-            let g = self.member_group(&mut guard, false)?;
-            match self.mode {
-                DeliveryMode::Queue => {
-                    let what = self.what(m);
-                    let t = leases(g, &tp, &what)?;
-                    t.ack(m.offset, m.token.lease, &what)?;
-                    self.inner
-                        .mark_dirty([StateKey::Leases(self.group.clone(), tp.clone())]);
-                }
-                DeliveryMode::Stream => {
-                    g.check_owner(self.member, &tp, Some(m.token.generation))?;
-                    let part = g.stream.entry(tp.clone()).or_default();
-                    if part.committed.is_none_or(|c| c <= m.offset) {
-                        part.committed = Some(m.offset + 1);
-                    }
-                    part.retries = part.retries.split_off(&(m.offset + 1));
-                    self.inner
-                        .mark_dirty([StateKey::Commit(self.group.clone(), tp.clone())]);
-                }
+        let what = self.what(m);
+        let key = match self.mode {
+            DeliveryMode::Queue => {
+                let lease = lease_id(token, &what)?;
+                let mut guard = self.inner.state.lock();
+                let g = self.member_group(&mut guard, false)?;
+                leases(g, &tp, &what)?.ack(m.offset, lease, &what)?;
+                StateKey::Leases(self.group.to_string(), tp)
             }
-        }
+            DeliveryMode::Stream => {
+                let next = self.next_offset(m, &tp)?;
+                let mut guard = self.inner.state.lock();
+                let g = self.member_group(&mut guard, false)?;
+                g.check_owner(self.member, &tp, Some(token.generation()))?;
+                let part = g.stream.entry(tp.clone()).or_default();
+                part.commit_through(next);
+                let committed = part.committed.unwrap_or(next);
+                part.retries = part.retries.split_off(&committed);
+                StateKey::Commit(self.group.to_string(), tp)
+            }
+        };
+        self.inner.mark_dirty([key]);
         self.inner.persist().await
     }
 
-    async fn nack(
-        &self,
-        m: &Message,
-        delay: Option<Duration>,
-        reason: Option<&str>,
-    ) -> Result<NackOutcome> {
+    async fn nack(&self, m: &Message, options: NackOptions) -> Result<NackOutcome> {
         self.check_open()?;
+        let token = m.delivery(self.group())?;
         let tp = self.subscribed(&m.topic, m.partition)?;
+        let what = self.what(m);
         let now = now_ms();
-        let last_attempt = {
-            let mut guard = self.inner.state.lock();
-            let g = self.member_group(&mut guard, false)?;
-            let max = g.config.dlq.max_deliveries;
-            match self.mode {
-                DeliveryMode::Queue => {
-                    let what = self.what(m);
-                    let attempts = g
-                        .queue
-                        .get(&tp)
-                        .and_then(|t| t.attempts.get(&m.offset).copied())
-                        .unwrap_or(m.attempt);
-                    let delay =
-                        delay.unwrap_or_else(|| g.config.retry_backoff.delay_after(attempts));
-                    let t = leases(g, &tp, &what)?;
-                    let (attempts, last) = t.nack(
+        let last_attempt = match self.mode {
+            DeliveryMode::Queue => {
+                let lease = lease_id(token, &what)?;
+                let mut guard = self.inner.state.lock();
+                let g = self.member_group(&mut guard, false)?;
+                let max = g.config.dlq.max_deliveries;
+                let attempts = g
+                    .queue
+                    .get(&tp)
+                    .and_then(|t| t.attempts.get(&m.offset).copied())
+                    .unwrap_or(m.attempt);
+                let delay = options.delay_or(g.config.retry_backoff.delay_after(attempts));
+                let t = leases(g, &tp, &what)?;
+                let (attempts, last) = t.nack(
+                    m.offset,
+                    lease,
+                    now.saturating_add(millis(delay)),
+                    max,
+                    &what,
+                )?;
+                self.inner
+                    .mark_dirty([StateKey::Leases(self.group.to_string(), tp.clone())]);
+                last.then_some(attempts)
+            }
+            DeliveryMode::Stream => {
+                self.next_offset(m, &tp)?;
+                let mut guard = self.inner.state.lock();
+                let g = self.member_group(&mut guard, false)?;
+                let max = g.config.dlq.max_deliveries;
+                g.check_owner(self.member, &tp, Some(token.generation()))?;
+                if m.attempt >= max {
+                    Some(m.attempt)
+                } else {
+                    let delay = options.delay_or(g.config.retry_backoff.delay_after(m.attempt));
+                    let part = g.stream.entry(tp.clone()).or_default();
+                    part.position = Some(m.offset);
+                    part.retries.insert(
                         m.offset,
-                        m.token.lease,
-                        now.saturating_add(millis(delay)),
-                        max,
-                        &what,
-                    )?;
-                    self.inner
-                        .mark_dirty([StateKey::Leases(self.group.clone(), tp.clone())]);
-                    last.then_some(attempts)
-                }
-                DeliveryMode::Stream => {
-                    g.check_owner(self.member, &tp, Some(m.token.generation))?;
-                    if m.attempt >= max {
-                        Some(m.attempt)
-                    } else {
-                        let delay =
-                            delay.unwrap_or_else(|| g.config.retry_backoff.delay_after(m.attempt));
-                        let part = g.stream.entry(tp.clone()).or_default();
-                        part.position = Some(m.offset);
-                        part.retries.insert(
-                            m.offset,
-                            Retry {
-                                attempt: m.attempt + 1,
-                                not_before_ms: now.saturating_add(millis(delay)),
-                            },
-                        );
-                        None
-                    }
+                        Retry {
+                            attempt: m.attempt.saturating_add(1),
+                            not_before_ms: now.saturating_add(millis(delay)),
+                        },
+                    );
+                    None
                 }
             }
         };
-        match last_attempt {
-            Some(attempts) => {
-                self.dead_letter_nacked(m, attempts, reason).await?;
-                Ok(NackOutcome::DeadLettered)
-            }
-            None => {
-                self.inner.persist().await?;
-                self.inner.notify();
-                Ok(NackOutcome::Redeliver)
-            }
-        }
+        let Some(attempts) = last_attempt else {
+            self.inner.persist().await?;
+            self.inner.notify();
+            return Ok(NackOutcome::Redeliver);
+        };
+        // The DLQ move runs in a task of its own: once started it completes
+        // (or gives the message back) even if this future is dropped.
+        let job = dead_letter_nacked(
+            self.inner.clone(),
+            self.group.to_string(),
+            self.mode,
+            m.clone(),
+            attempts,
+            options.reason,
+        );
+        tokio::spawn(job)
+            .await
+            .map_err(|e| Error::internal(format!("{what}: dead-letter task failed: {e}")))??;
+        Ok(NackOutcome::DeadLettered)
     }
 
     async fn extend(&self, m: &Message, by: Duration) -> Result<()> {
         self.check_open()?;
+        let token = m.delivery(self.group())?;
         let tp = self.subscribed(&m.topic, m.partition)?;
         let mut guard = self.inner.state.lock();
         let g = self.member_group(&mut guard, false)?;
         g.require_mode(DeliveryMode::Queue, "extend")?;
         let what = self.what(m);
-        let t = leases(g, &tp, &what)?;
-        t.extend(
-            m.offset,
-            m.token.lease,
-            now_ms().saturating_add(millis(by)),
-            &what,
-        )
+        let lease = lease_id(token, &what)?;
+        let deadline = now_ms().saturating_add(millis(by.min(MAX_REDELIVERY_DELAY)));
+        leases(g, &tp, &what)?.extend(m.offset, lease, deadline, &what)
     }
 
     async fn commit(&self, topic: &str, partition: u32, offset: u64) -> Result<()> {
@@ -617,7 +772,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
             part.retries = part.retries.split_off(&offset);
         }
         self.inner
-            .mark_dirty([StateKey::Commit(self.group.clone(), tp.clone())]);
+            .mark_dirty([StateKey::Commit(self.group.to_string(), tp.clone())]);
         self.inner.persist().await
     }
 
@@ -653,7 +808,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                         .or_insert_with(|| LeaseTable::starting_at(target))
                         .reset(target);
                     self.inner
-                        .mark_dirty([StateKey::Leases(self.group.clone(), tp.clone())]);
+                        .mark_dirty([StateKey::Leases(self.group.to_string(), tp.clone())]);
                 }
             }
         }
@@ -669,7 +824,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
         match self.mode {
             DeliveryMode::Stream => Ok(guard
                 .groups
-                .get(&self.group)
+                .get(self.group())
                 .map(|g| {
                     g.owned_by(self.member)
                         .into_iter()
@@ -685,7 +840,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
         self.check_open()?;
         let mut guard = self.inner.state.lock();
         self.heartbeat(&mut guard, true);
-        Ok(guard.groups.get(&self.group).map_or(0, |g| g.generation))
+        Ok(guard.groups.get(self.group()).map_or(0, |g| g.generation))
     }
 
     async fn close(&self) -> Result<()> {

@@ -23,7 +23,7 @@ pub(crate) struct Member {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Owner {
     pub member: u64,
-    pub epoch: u64,
+    pub generation: u64,
 }
 
 /// A nacked stream-mode offset waiting to be redelivered.
@@ -42,6 +42,27 @@ pub(crate) struct StreamPart {
     pub position: Option<u64>,
     /// Nacked offsets and their next attempt number.
     pub retries: BTreeMap<u64, Retry>,
+    /// Runs of records addressed to another group (redriven, contract §5)
+    /// that this group passed unseen: start → end (exclusive). Kept in
+    /// memory only; after a restart they are read and passed again.
+    pub skipped: BTreeMap<u64, u64>,
+}
+
+impl StreamPart {
+    /// Commit `next` (never backwards), then carry the commit over runs of
+    /// records addressed to other groups that start where it ends: they
+    /// are settled for this group without being delivered. Returns whether
+    /// the committed offset moved.
+    pub fn commit_through(&mut self, next: u64) -> bool {
+        let before = self.committed;
+        let mut at = self.committed.map_or(next, |c| c.max(next));
+        while let Some(end) = self.skipped.get(&at) {
+            at = *end;
+        }
+        self.committed = Some(at);
+        self.skipped = self.skipped.split_off(&at);
+        self.committed != before
+    }
 }
 
 /// What of a group is persisted besides offsets and lease tables.
@@ -146,7 +167,7 @@ impl Group {
                     self.stream.entry(tp.clone()).or_default().position = None;
                     Owner {
                         member,
-                        epoch: self.generation,
+                        generation: self.generation,
                     }
                 }
             };
@@ -172,13 +193,13 @@ impl Group {
             .collect()
     }
 
-    /// Check that `member` owns `tp` (and, with `epoch`, got it in that
+    /// Check that `member` owns `tp` (and, with `generation`, got it in that
     /// generation): the fencing rule.
     pub fn check_owner(
         &self,
         member: u64,
         tp: &TopicPartition,
-        epoch: Option<u64>,
+        generation: Option<u64>,
     ) -> Result<Owner> {
         if !self.members.contains_key(&member) {
             return Err(Error::new(
@@ -191,13 +212,13 @@ impl Group {
             ));
         }
         match self.owners.get(tp) {
-            Some(o) if o.member == member => match epoch {
-                Some(e) if e != o.epoch => Err(Error::new(
+            Some(o) if o.member == member => match generation {
+                Some(g) if g != o.generation => Err(Error::new(
                     ErrorKind::Fenced,
                     format!(
-                        "group `{}`: {tp} was delivered in generation {e} but was reassigned in \
+                        "group `{}`: {tp} was delivered in generation {g} but was reassigned in \
                          generation {}",
-                        self.name, o.epoch
+                        self.name, o.generation
                     ),
                 )),
                 _ => Ok(*o),
@@ -225,5 +246,65 @@ impl Group {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owned(g: &mut Group, member: u64) -> Vec<TopicPartition> {
+        g.owned_by(member).into_iter().map(|(tp, _)| tp).collect()
+    }
+
+    #[test]
+    fn commit_carries_over_passed_runs_and_never_goes_back() {
+        let mut part = StreamPart::default();
+        part.skipped.insert(5, 8);
+        part.skipped.insert(8, 9);
+        part.skipped.insert(12, 13);
+        assert!(part.commit_through(5));
+        assert_eq!(part.committed, Some(9), "over both adjacent runs");
+        assert!(!part.commit_through(3), "never backwards");
+        assert_eq!(part.committed, Some(9));
+        assert!(part.commit_through(12));
+        assert_eq!(part.committed, Some(13));
+        assert!(part.skipped.is_empty());
+    }
+
+    #[test]
+    fn check_owner_fences_other_members_and_old_generations() {
+        let mut g = Group::new("g", GroupConfig::stream());
+        let parts: Vec<TopicPartition> = (0..2).map(|p| TopicPartition::new("t", p)).collect();
+        for m in [1, 2] {
+            g.members.insert(
+                m,
+                Member {
+                    topics: BTreeSet::from(["t".to_string()]),
+                    last_seen_ms: 0,
+                },
+            );
+        }
+        g.rebalance(&parts);
+        let mine = owned(&mut g, 1);
+        assert_eq!(mine.len(), 1);
+        let tp = mine[0].clone();
+        let at = g.check_owner(1, &tp, None).expect("owner").generation;
+        assert_eq!(
+            g.check_owner(2, &tp, None).unwrap_err().kind(),
+            ErrorKind::Fenced
+        );
+        assert_eq!(
+            g.check_owner(1, &tp, Some(at + 1)).unwrap_err().kind(),
+            ErrorKind::Fenced,
+            "a delivery from another generation"
+        );
+        assert!(g.remove_member(1, 0));
+        g.rebalance(&parts);
+        assert_eq!(
+            g.check_owner(1, &tp, Some(at)).unwrap_err().kind(),
+            ErrorKind::Fenced
+        );
+        assert_eq!(owned(&mut g, 2).len(), 2);
     }
 }

@@ -142,7 +142,8 @@ impl LeaseTable {
     }
 
     /// Offsets deliverable now, lowest first: redeliveries, then fresh ones
-    /// up to `log_end`; at most `max`.
+    /// up to `log_end`; at most `max`. Changes nothing: the caller reads
+    /// them, then leases each that [`LeaseTable::can_lease`] still allows.
     pub fn available(&self, now_ms: u64, log_end: u64, max: usize) -> Vec<u64> {
         let mut out: Vec<u64> = self
             .attempts
@@ -155,23 +156,70 @@ impl LeaseTable {
             })
             .take(max)
             .collect();
-        let mut o = self.next;
-        while out.len() < max && o < log_end {
-            out.push(o);
-            o += 1;
-        }
+        let fresh = log_end.saturating_sub(self.next);
+        let want = (max - out.len()) as u64;
+        out.extend(self.next..self.next + fresh.min(want));
         out
+    }
+
+    /// Whether `offset` can be leased now: not settled, leased or being
+    /// dead-lettered; a known redelivery whose delay passed, or the next
+    /// fresh offset. Checked again after the records were read, since
+    /// another poll may have taken them meanwhile.
+    pub fn can_lease(&self, offset: u64, now_ms: u64) -> bool {
+        if offset < self.floor
+            || self.settled.contains(&offset)
+            || self.inflight.contains_key(&offset)
+            || self.dead_lettering.contains(&offset)
+        {
+            return false;
+        }
+        if offset >= self.next {
+            return offset == self.next;
+        }
+        self.attempts.contains_key(&offset)
+            && self.delayed.get(&offset).is_none_or(|t| *t <= now_ms)
+    }
+
+    /// Delayed delivery: `offset` (fresh or not) is not offered before
+    /// `until_ms`. No attempt is counted.
+    pub fn defer(&mut self, offset: u64, until_ms: u64) {
+        if offset >= self.next {
+            self.next = offset.saturating_add(1);
+        }
+        self.attempts.entry(offset).or_insert(0);
+        self.delayed.insert(offset, until_ms);
+    }
+
+    /// Settle `offset` without delivering it (a record addressed to
+    /// another group).
+    pub fn skip(&mut self, offset: u64) {
+        if offset >= self.next {
+            self.next = offset.saturating_add(1);
+        }
+        self.settle(offset);
+    }
+
+    /// Undo [`LeaseTable::lease`] of a delivery the caller never received
+    /// (a poll dropped or failed after leasing): the lease ends and the
+    /// attempt count goes back to `attempts_before`, so the message is
+    /// available again as if never taken.
+    pub fn unlease(&mut self, offset: u64, lease_id: u64, attempts_before: u32) {
+        if self.inflight.get(&offset).is_some_and(|l| l.id == lease_id) {
+            self.inflight.remove(&offset);
+            self.attempts.insert(offset, attempts_before);
+        }
     }
 
     /// Lease `offset` to `member`; returns the attempt number of this delivery.
     pub fn lease(&mut self, offset: u64, lease: Lease) -> u32 {
         if offset >= self.next {
             debug_assert_eq!(offset, self.next);
-            self.next = offset + 1;
+            self.next = offset.saturating_add(1);
         }
         self.delayed.remove(&offset);
         let attempt = self.attempts.entry(offset).or_insert(0);
-        *attempt += 1;
+        *attempt = attempt.saturating_add(1);
         self.inflight.insert(offset, lease);
         *attempt
     }
@@ -343,6 +391,44 @@ mod tests {
         assert!(t.available(30, 1, 10).is_empty());
         t.settle(0);
         assert_eq!(t.floor, 1);
+    }
+
+    #[test]
+    fn unlease_restores_the_attempt_and_availability() {
+        let mut t = LeaseTable::starting_at(0);
+        assert!(t.can_lease(0, 0));
+        assert!(!t.can_lease(1, 0), "fresh offsets are leased in order");
+        assert_eq!(t.lease(0, lease(1, 7, 100)), 1);
+        assert!(!t.can_lease(0, 0));
+        t.unlease(0, 7, 0);
+        assert!(t.inflight.is_empty());
+        assert_eq!(t.available(0, 1, 10), vec![0]);
+        assert!(t.can_lease(0, 0));
+        assert_eq!(
+            t.lease(0, lease(1, 8, 100)),
+            1,
+            "the dropped delivery did not count"
+        );
+        t.unlease(0, 7, 0); // a stale lease id changes nothing
+        assert_eq!(t.inflight.get(&0).map(|l| l.id), Some(8));
+    }
+
+    #[test]
+    fn deferred_and_skipped_offsets() {
+        let mut t = LeaseTable::starting_at(0);
+        t.defer(0, 50);
+        t.skip(1);
+        assert_eq!(t.next, 2);
+        assert_eq!(t.available(49, 3, 10), vec![2]);
+        assert_eq!(t.available(50, 3, 10), vec![0, 2]);
+        assert_eq!(
+            t.lease(0, lease(1, 1, 100)),
+            1,
+            "a deferral is not an attempt"
+        );
+        assert_eq!(t.lag(3, 60), (2, 1, 1));
+        t.settle(0);
+        assert_eq!(t.floor, 2, "the skipped offset is settled");
     }
 
     #[test]

@@ -232,25 +232,6 @@ impl<S: LogStorage> Inner<S> {
         self.storage.bounds(&tp.topic, tp.partition)
     }
 
-    fn message(
-        tp: &TopicPartition,
-        m: StoredMessage,
-        attempt: u32,
-        token: DeliveryToken,
-    ) -> Message {
-        Message::new(
-            tp.topic.clone(),
-            tp.partition,
-            m.offset,
-            m.key,
-            m.value,
-            m.headers,
-            m.timestamp,
-            attempt,
-            token,
-        )
-    }
-
     fn check_partition(&self, topic: &str, partition: u32) -> Result<TopicConfig> {
         validate::topic_name(topic)?;
         let config = self.topic_config(topic)?;
@@ -345,7 +326,6 @@ impl<S: LogStorage> Broker for Engine<S> {
     ) -> Result<Vec<Message>> {
         self.inner.check_open()?;
         self.inner.check_partition(topic, partition)?;
-        let tp = TopicPartition::new(topic, partition);
         let found = self
             .inner
             .storage
@@ -359,7 +339,7 @@ impl<S: LogStorage> Broker for Engine<S> {
             .await?;
         Ok(found
             .into_iter()
-            .map(|m| Inner::<S>::message(&tp, m, 1, DeliveryToken::default()))
+            .map(|m| Message::from_stored(topic, partition, m, 1, DeliveryToken::default()))
             .collect())
     }
 

@@ -22,33 +22,36 @@ impl<S: LogStorage> Inner<S> {
         Ok(appended)
     }
 
-    /// Partitions for a batch: explicit, else Kafka's partitioner on the
-    /// key, else round robin (the counter is taken once per batch).
+    /// Partitions for a batch (contract §3): explicit, else Kafka's
+    /// partitioner on the key, else murmur2 of the idempotency key (so a
+    /// retry lands where the first try did), else round robin (the counter
+    /// is taken once per batch).
     pub(super) fn pick_partitions(
         &self,
         topic: &str,
         records: &[Record],
         partitions: u32,
     ) -> Vec<u32> {
-        let unkeyed = records
+        let unrouted = records
             .iter()
-            .filter(|r| r.partition.is_none() && r.key.is_none())
+            .filter(|r| r.partition.is_none() && r.key.is_none() && r.idempotency_key.is_none())
             .count() as u32;
-        let mut next = if unkeyed > 0 {
+        let mut next = if unrouted > 0 {
             let mut state = self.state.lock();
             let counter = state.round_robin.entry(topic.to_string()).or_insert(0);
             let first = *counter;
-            *counter = counter.wrapping_add(unkeyed);
+            *counter = counter.wrapping_add(unrouted);
             first
         } else {
             0
         };
         records
             .iter()
-            .map(|r| match (r.partition, &r.key) {
-                (Some(p), _) => p,
-                (None, Some(key)) => partitioner::partition_for_key(key, partitions),
-                (None, None) => {
+            .map(|r| match (r.partition, &r.key, &r.idempotency_key) {
+                (Some(p), _, _) => p,
+                (None, Some(key), _) => partitioner::partition_for_key(key, partitions),
+                (None, None, Some(id)) => partitioner::partition_for_key(id.as_bytes(), partitions),
+                (None, None, None) => {
                     let p = next % partitions;
                     next = next.wrapping_add(1);
                     p
@@ -57,18 +60,9 @@ impl<S: LogStorage> Inner<S> {
             .collect()
     }
 
+    /// The partition of one record (the same rule as a batch of one).
     pub(super) fn pick_partition(&self, topic: &str, record: &Record, partitions: u32) -> u32 {
-        if let Some(p) = record.partition {
-            return p;
-        }
-        if let Some(key) = &record.key {
-            return partitioner::partition_for_key(key, partitions);
-        }
-        let mut state = self.state.lock();
-        let counter = state.round_robin.entry(topic.to_string()).or_insert(0);
-        let p = *counter % partitions;
-        *counter = counter.wrapping_add(1);
-        p
+        self.pick_partitions(topic, std::slice::from_ref(record), partitions)[0]
     }
 
     pub(super) async fn send_batch(
@@ -79,12 +73,7 @@ impl<S: LogStorage> Inner<S> {
         self.check_open()?;
         let config = self.topic_or_create(topic).await?;
         for record in &records {
-            crate::dlq::validate_record(
-                topic,
-                record,
-                config.partitions,
-                config.max_message_bytes,
-            )?;
+            validate::record(topic, record, config.partitions, config.max_message_bytes)?;
         }
         if records.is_empty() {
             return Ok(Vec::new());
@@ -121,17 +110,17 @@ impl<S: LogStorage> Inner<S> {
         }
         let w = guard.as_mut().expect("loaded");
         w.prune(now);
-        let mut first_of: HashMap<&str, usize> = HashMap::new();
+        let mut first_of: HashMap<(u32, &str), usize> = HashMap::new();
         let mut known: Vec<Option<Receipt>> = vec![None; records.len()];
         let mut same_as: Vec<Option<usize>> = vec![None; records.len()];
         for (i, r) in records.iter().enumerate() {
             if let Some(k) = r.idempotency_key.as_deref() {
-                if let Some(receipt) = w.get(k, now) {
+                if let Some(receipt) = w.get(targets[i], k, now) {
                     known[i] = Some(receipt);
-                } else if let Some(&j) = first_of.get(k) {
+                } else if let Some(&j) = first_of.get(&(targets[i], k)) {
                     same_as[i] = Some(j);
                 } else {
-                    first_of.insert(k, i);
+                    first_of.insert((targets[i], k), i);
                 }
             }
         }
@@ -176,7 +165,7 @@ impl<S: LogStorage> Inner<S> {
             value: r.value,
             headers: r.headers,
             idempotency_key: r.idempotency_key,
-            deliver_at: None,
+            deliver_at: r.deliver_at,
         };
         // One partition (explicit, single-partition topic, one key): no grouping.
         if keep.iter().all(|k| *k) && targets.windows(2).all(|w| w[0] == w[1]) {

@@ -56,7 +56,7 @@ pub struct StoredMessage {
 /// (always at least one record if any).
 ///
 /// ```
-/// use conveyor_core::engine::ReadRange;
+/// use conveyor_core::backend::ReadRange;
 /// let range = ReadRange::from(42).with_max_records(10).with_max_bytes(1 << 20);
 /// assert_eq!((range.from, range.max_records, range.max_bytes), (42, 10, 1 << 20));
 /// ```
