@@ -41,13 +41,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Which calls a [`Fault`] counts: given a topic or a state key.
+type Predicate = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Which calls of one method fail, and how.
 #[derive(Clone)]
 pub struct Fault {
     nth: u64,
     and_after: bool,
     kind: ErrorKind,
-    matching: Option<Arc<dyn Fn(&str) -> bool + Send + Sync>>,
+    matching: Option<Predicate>,
 }
 
 impl std::fmt::Debug for Fault {

@@ -675,7 +675,7 @@ pub async fn concurrent_groups_over_many_topics(backend: &dyn Backend) -> Result
                 let batch: Vec<Record> = (0..5)
                     .map(|i| Record::new(format!("{topic}-{}", chunk * 5 + i)))
                     .collect();
-                let values: Vec<String> = batch.iter().map(|r| values_of(r)).collect();
+                let values: Vec<String> = batch.iter().map(values_of).collect();
                 let receipts = producer.send_batch(&topic, batch).await?;
                 for (r, v) in receipts.into_iter().zip(values) {
                     sent.insert((topic.clone(), r.partition, r.offset), v);
