@@ -105,6 +105,22 @@ where
     }
 }
 
+/// Drive `future` until it has been pending `pending` times (yielding to
+/// the runtime after each), then drop it: `None` if it was dropped,
+/// `Some(output)` if it finished first. Cuts a future at its `pending`th
+/// await point that waits, whatever the timer resolution (a `timeout`
+/// under a millisecond is rounded up to the next millisecond tick).
+pub async fn cut_after<F: Future>(future: F, pending: usize) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    for _ in 0..pending.max(1) {
+        if let std::task::Poll::Ready(out) = futures::poll!(future.as_mut()) {
+            return Some(out);
+        }
+        tokio::task::yield_now().await;
+    }
+    None
+}
+
 /// Assert that `result` failed with `kind`; returns the error.
 #[track_caller]
 pub fn expect_kind<T>(result: Result<T>, kind: ErrorKind) -> Error {

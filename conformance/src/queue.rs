@@ -379,9 +379,9 @@ pub async fn close_many_members_at_once(backend: &dyn Backend) -> Result<()> {
 /// number (SQS ApproximateReceiveCount) is stored by the backend": a
 /// `poll` future dropped before it returns delivered nothing, so it must
 /// leave no lease taken and no attempt counted (tokio's cancel safety).
-/// `poll` futures are cut at random points (seeded; the seed is printed)
-/// with a durable broker, so a persistent backend's state write is one of
-/// the points; after every cut the group has nothing in flight, and every
+/// `poll` futures are dropped at a random one of their first await points
+/// that wait ([`crate::cut_after`]; seeded, the seed is printed), with a
+/// durable broker, so a persistent backend's state write is one of them; after every cut the group has nothing in flight, and every
 /// record is finally delivered once, with attempt 1.
 pub async fn dropped_polls_leave_no_lease(backend: &dyn Backend) -> Result<()> {
     let guard = crate::model::seed_for("queue::dropped_polls_leave_no_lease");
@@ -389,7 +389,7 @@ pub async fn dropped_polls_leave_no_lease(backend: &dyn Backend) -> Result<()> {
     let options = BrokerOptions::default().with_durability(Durability::Always);
     let ctx = Ctx::open_with(backend, options).await?;
     let topic = ctx.topic("dropq", 2).await?;
-    const N: usize = 40;
+    const N: usize = 100;
     send_n(&ctx, &topic, N).await?;
     let group = unique("g");
     let c = ctx
@@ -399,10 +399,10 @@ pub async fn dropped_polls_leave_no_lease(backend: &dyn Backend) -> Result<()> {
     let mut got = BTreeSet::new();
     let (mut cuts, start) = (0usize, Instant::now());
     while got.len() < N && start.elapsed() < 2 * WAIT {
-        let cut = Duration::from_micros(rng.gen_range(0..3000));
+        let cut = rng.gen_range(1..=3);
         let max = rng.gen_range(1..=4);
-        match tokio::time::timeout(cut, c.poll(max, Duration::from_millis(20))).await {
-            Ok(messages) => {
+        match crate::cut_after(c.poll(max, Duration::from_millis(20)), cut).await {
+            Some(messages) => {
                 for m in messages? {
                     assert_eq!(
                         m.attempt,
@@ -415,13 +415,13 @@ pub async fn dropped_polls_leave_no_lease(backend: &dyn Backend) -> Result<()> {
                     got.insert((m.partition, m.offset));
                 }
             }
-            Err(_) => {
+            None => {
                 cuts += 1;
                 let lag = ctx.broker.group_lag(&group).await?;
                 assert_eq!(
                     lag.total_in_flight(),
                     0,
-                    "after dropped poll #{cuts} (cut at {cut:?}), leases are held by no one: {lag:?}"
+                    "after dropped poll #{cuts} (dropped after it was pending {cut} times), leases are held by no one: {lag:?}"
                 );
             }
         }

@@ -766,8 +766,9 @@ pub async fn close_many_members_at_once(backend: &dyn Backend) -> Result<()> {
 
 /// "Within a partition a member receives messages in offset order" and
 /// "delivery resumes at the committed offset": nothing is skipped when
-/// `poll` futures are dropped. They are cut at random points (seeded; the
-/// seed is printed) while one member reads three partitions, acking what
+/// `poll` futures are dropped. They are cut at a random one of their first
+/// await points that wait ([`crate::cut_after`]; seeded, the seed is
+/// printed) while one member reads three partitions, acking what
 /// it gets; every record must then arrive, each partition in order with no
 /// offset missing (a poll that moved a position and was dropped before
 /// returning would skip records).
@@ -785,9 +786,9 @@ pub async fn dropped_polls_skip_nothing(backend: &dyn Backend) -> Result<()> {
     let mut next: BTreeMap<u32, u64> = BTreeMap::new();
     let (mut cuts, mut got, start) = (0usize, 0u64, Instant::now());
     while got < N && start.elapsed() < 2 * WAIT {
-        let cut = Duration::from_micros(rng.gen_range(0..3000));
+        let cut = rng.gen_range(1..=3);
         let max = rng.gen_range(1..=8);
-        let Ok(messages) = tokio::time::timeout(cut, c.poll(max, Duration::from_millis(20))).await
+        let Some(messages) = crate::cut_after(c.poll(max, Duration::from_millis(20)), cut).await
         else {
             cuts += 1;
             continue;
