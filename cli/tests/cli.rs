@@ -126,6 +126,22 @@ impl Store {
             dir: tempfile::tempdir().expect("temporary directory"),
         }
     }
+    /// A new store holding one topic.
+    fn with_topic(name: &str, partitions: u32) -> Self {
+        let store = Store::new();
+        store
+            .run()
+            .args([
+                "topic",
+                "create",
+                name,
+                "--partitions",
+                &partitions.to_string(),
+            ])
+            .assert()
+            .success();
+        store
+    }
     fn url(&self) -> String {
         format!("mmap://{}", self.dir.path().display())
     }
@@ -417,12 +433,7 @@ fn produce_to_unknown_topic_is_one_line_and_stops() {
 
 #[test]
 fn produce_with_bad_partition_is_one_line_and_stops() {
-    let store = Store::new();
-    store
-        .run()
-        .args(["topic", "create", "two", "--partitions", "2"])
-        .assert()
-        .success();
+    let store = Store::with_topic("two", 2);
     store
         .run()
         .args(["produce", "two", "--partition", "9", "--batch", "2"])
@@ -458,12 +469,7 @@ fn non_utf8_line_is_reported_by_number_and_the_rest_is_sent() {
 
 #[test]
 fn reset_offsets_names_the_partition_out_of_range() {
-    let store = Store::new();
-    store
-        .run()
-        .args(["topic", "create", "two", "--partitions", "2"])
-        .assert()
-        .success();
+    let store = Store::with_topic("two", 2);
     store
         .run()
         .args(["consume", "two", "--group", "g", "--max", "0"])
