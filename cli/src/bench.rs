@@ -54,6 +54,13 @@ pub async fn run(broker: &Arc<dyn Broker>, args: BenchArgs) -> CliResult {
     if args.messages == 0 || args.batch == 0 {
         return Err("--messages and --batch must be at least 1".into());
     }
+    let max = TopicConfig::new(1).max_message_bytes;
+    if args.size > max {
+        return Err(format!(
+            "--size {} is larger than a record may be ({max} bytes)",
+            args.size
+        ));
+    }
     let topic = format!("conveyor.bench.{}", std::process::id());
     broker
         .create_topic(&topic, TopicConfig::new(args.partitions))

@@ -111,6 +111,17 @@ pub async fn run(broker: &Arc<dyn Broker>, command: GroupCommand) -> CliResult {
                     )
                 }
             };
+            let partitions = broker
+                .describe_topic(&topic)
+                .await
+                .map_err(fail)?
+                .config
+                .partitions;
+            if let Some(p) = partition.filter(|p| *p >= partitions) {
+                return Err(fail(conveyor::Error::partition_out_of_range(
+                    &topic, p, partitions,
+                )));
+            }
             let mode = broker.group_lag(&group).await.map_err(fail)?.mode;
             let config = match mode {
                 DeliveryMode::Stream => GroupConfig::stream(),
@@ -120,12 +131,6 @@ pub async fn run(broker: &Arc<dyn Broker>, command: GroupCommand) -> CliResult {
                 .consumer(&group, &[&topic], config)
                 .await
                 .map_err(fail)?;
-            let partitions = broker
-                .describe_topic(&topic)
-                .await
-                .map_err(fail)?
-                .config
-                .partitions;
             let wanted: Vec<u32> = match partition {
                 Some(p) => vec![p],
                 None => (0..partitions).collect(),
@@ -149,7 +154,12 @@ pub async fn run(broker: &Arc<dyn Broker>, command: GroupCommand) -> CliResult {
                     if mode == DeliveryMode::Stream {
                         // Commit the position the seek chose.
                         let d = broker.describe_topic(&topic).await.map_err(fail)?;
-                        let b = d.partitions[*p as usize];
+                        let b = d
+                            .partitions
+                            .iter()
+                            .find(|b| b.partition == *p)
+                            .copied()
+                            .ok_or_else(|| format!("topic `{topic}` lost partition {p}"))?;
                         let at = match target {
                             SeekTo::Beginning => b.log_start,
                             SeekTo::End => b.log_end,

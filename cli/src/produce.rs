@@ -1,8 +1,11 @@
 //! `conveyor produce TOPIC`: stdin lines, or JSON lines, to a topic.
 //!
-//! Records go out in batches. A line that cannot be read (malformed JSON)
-//! is reported with its line number and skipped; the lines after it are
-//! still sent, and the command exits non-zero at the end.
+//! Records go out in batches. A line that cannot be read (not UTF-8, or
+//! malformed JSON) or a record the broker refuses is reported with its line
+//! number and skipped; the lines after it are still sent, and the command
+//! exits non-zero at the end. An error that every line would hit (unknown
+//! topic, `--partition` out of range, broker closed) stops at once with one
+//! line.
 
 use crate::output::table;
 use crate::CliResult;
@@ -13,6 +16,16 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// How a refused batch ends the command: every later line would fail too.
+fn stops_everything(e: &conveyor::Error, forced_partition: bool) -> bool {
+    use conveyor::ErrorKind::*;
+    match e.kind() {
+        TopicNotFound | Closed => true,
+        PartitionOutOfRange => forced_partition,
+        _ => false,
+    }
+}
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  \
@@ -102,7 +115,8 @@ fn parse_json(line: &str) -> Result<Record, String> {
 
 pub async fn run(broker: &Arc<dyn Broker>, args: ProduceArgs) -> CliResult {
     let producer = broker.producer().await.map_err(crate::fail)?;
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin = BufReader::new(tokio::io::stdin());
+    let mut raw = Vec::new();
     let mut errors: Vec<String> = Vec::new();
     let mut batch: Vec<(usize, Record)> = Vec::new();
     let mut sent = 0usize;
@@ -111,12 +125,31 @@ pub async fn run(broker: &Arc<dyn Broker>, args: ProduceArgs) -> CliResult {
         .then(|| table(&["line", "partition", "offset", "timestamp"]));
     let mut number = 0usize;
     loop {
-        let line = lines
-            .next_line()
+        raw.clear();
+        let read = stdin
+            .read_until(b'\n', &mut raw)
             .await
-            .map_err(|e| format!("reading stdin: {e}"))?;
-        let Some(line) = line else { break };
+            .map_err(|e| format!("reading stdin after line {number}: {e}"))?;
+        if read == 0 {
+            break;
+        }
         number += 1;
+        if raw.last() == Some(&b'\n') {
+            raw.pop();
+            if raw.last() == Some(&b'\r') {
+                raw.pop();
+            }
+        }
+        let line = match std::str::from_utf8(&raw) {
+            Ok(line) => line.to_string(),
+            Err(e) => {
+                errors.push(format!(
+                    "line {number}: not valid UTF-8 (bad byte at column {})",
+                    e.valid_up_to() + 1
+                ));
+                continue;
+            }
+        };
         if args.json && line.trim().is_empty() {
             continue;
         }
@@ -144,24 +177,17 @@ pub async fn run(broker: &Arc<dyn Broker>, args: ProduceArgs) -> CliResult {
             Err(e) => errors.push(format!("line {number}: malformed JSON line: {e}")),
         }
         if batch.len() >= args.batch.max(1) {
-            sent += send(
-                &*producer,
-                &args.topic,
-                std::mem::take(&mut batch),
-                &mut errors,
-                receipts.as_mut(),
-            )
-            .await;
+            let full = std::mem::take(&mut batch);
+            match send(&*producer, &args, full, &mut errors, receipts.as_mut()).await {
+                Ok(n) => sent += n,
+                Err(stop) => return Err(stopped(&errors, stop, sent, &args.topic)),
+            }
         }
     }
-    sent += send(
-        &*producer,
-        &args.topic,
-        batch,
-        &mut errors,
-        receipts.as_mut(),
-    )
-    .await;
+    match send(&*producer, &args, batch, &mut errors, receipts.as_mut()).await {
+        Ok(n) => sent += n,
+        Err(stop) => return Err(stopped(&errors, stop, sent, &args.topic)),
+    }
     producer.flush().await.map_err(crate::fail)?;
     if let Some(t) = receipts {
         println!("{t}");
@@ -181,18 +207,34 @@ pub async fn run(broker: &Arc<dyn Broker>, args: ProduceArgs) -> CliResult {
     ))
 }
 
+/// The one line for an error that stopped the command: earlier line errors
+/// first, then this one with where it stopped and what was sent.
+fn stopped(
+    errors: &[String],
+    (line, e): (usize, conveyor::Error),
+    sent: usize,
+    topic: &str,
+) -> String {
+    for earlier in errors {
+        eprintln!("conveyor: error: {earlier}");
+    }
+    format!("{e} (stopped at line {line}; sent {sent} records to `{topic}`)")
+}
+
 /// Send a batch; if it is refused, send its records one by one so only the
-/// bad lines are reported and the others still go out.
+/// bad lines are reported and the others still go out. An error every line
+/// would hit is returned with the first line of the batch, to stop.
 async fn send(
     producer: &dyn conveyor::Producer,
-    topic: &str,
+    args: &ProduceArgs,
     batch: Vec<(usize, Record)>,
     errors: &mut Vec<String>,
     receipts: Option<&mut comfy_table::Table>,
-) -> usize {
-    if batch.is_empty() {
-        return 0;
-    }
+) -> Result<usize, (usize, conveyor::Error)> {
+    let topic = args.topic.as_str();
+    let Some(first) = batch.first().map(|(n, _)| *n) else {
+        return Ok(0);
+    };
     let (numbers, records): (Vec<usize>, Vec<Record>) = batch.into_iter().unzip();
     let results: Vec<(usize, Result<conveyor::Receipt, conveyor::Error>)> =
         match producer.send_batch(topic, records.clone()).await {
@@ -201,9 +243,7 @@ async fn send(
                 .copied()
                 .zip(rs.into_iter().map(Ok))
                 .collect(),
-            Err(e) if e.kind() == conveyor::ErrorKind::TopicNotFound => {
-                numbers.iter().map(|n| (*n, Err(e.clone_kind()))).collect()
-            }
+            Err(e) if stops_everything(&e, args.partition.is_some()) => return Err((first, e)),
             Err(_) => {
                 let mut out = Vec::with_capacity(records.len());
                 for (n, r) in numbers.iter().copied().zip(records) {
@@ -230,16 +270,5 @@ async fn send(
             Err(e) => errors.push(format!("line {n}: {e}")),
         }
     }
-    ok
-}
-
-/// Errors are not `Clone`; keep the kind and the message.
-trait CloneKind {
-    fn clone_kind(&self) -> conveyor::Error;
-}
-
-impl CloneKind for conveyor::Error {
-    fn clone_kind(&self) -> conveyor::Error {
-        conveyor::Error::new(self.kind(), self.message().to_string())
-    }
+    Ok(ok)
 }

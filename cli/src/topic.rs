@@ -68,7 +68,13 @@ pub async fn run(broker: &Arc<dyn Broker>, command: TopicCommand) -> CliResult {
         } => {
             let mut retention = Retention::forever();
             if let Some(h) = retention_hours {
-                retention = retention.with_max_age(Duration::from_secs(h * 3600));
+                let secs = h.checked_mul(3600).ok_or_else(|| {
+                    format!(
+                        "--retention-hours {h} is too large (at most {})",
+                        u64::MAX / 3600
+                    )
+                })?;
+                retention = retention.with_max_age(Duration::from_secs(secs));
             }
             if let Some(b) = retention_bytes {
                 retention = retention.with_max_bytes(b);

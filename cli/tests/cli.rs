@@ -128,6 +128,22 @@ impl Store {
             dir: tempfile::tempdir().expect("temporary directory"),
         }
     }
+    /// A new store holding one topic.
+    fn with_topic(name: &str, partitions: u32) -> Self {
+        let store = Store::new();
+        store
+            .run()
+            .args([
+                "topic",
+                "create",
+                name,
+                "--partitions",
+                &partitions.to_string(),
+            ])
+            .assert()
+            .success();
+        store
+    }
     fn url(&self) -> String {
         format!("mmap://{}", self.dir.path().display())
     }
@@ -381,4 +397,103 @@ fn second_open_of_a_store_is_locked_and_named() {
             )),
         );
     rt.block_on(broker.close()).unwrap();
+}
+
+#[test]
+fn huge_retention_hours_is_refused_not_a_panic() {
+    conveyor("memory://")
+        .args(["topic", "create", "t", "--retention-hours", "18446744073709551615"])
+        .assert()
+        .code(1)
+        .stderr(predicate::eq(
+            "conveyor: error: --retention-hours 18446744073709551615 is too large (at most 5124095576030431)\n",
+        ));
+    conveyor("memory://")
+        .args([
+            "topic",
+            "create",
+            "t",
+            "--retention-hours",
+            "5124095576030431",
+        ])
+        .assert()
+        .success();
+}
+
+#[test]
+fn produce_to_unknown_topic_is_one_line_and_stops() {
+    conveyor("memory://")
+        .args(["produce", "missing.topic", "--batch", "1"])
+        .write_stdin("a\nb\nc\n")
+        .assert()
+        .code(1)
+        .stderr(predicate::eq(
+            "conveyor: error: topic not found: topic `missing.topic` does not exist \
+             (stopped at line 1; sent 0 records to `missing.topic`)\n",
+        ));
+}
+
+#[test]
+fn produce_with_bad_partition_is_one_line_and_stops() {
+    let store = Store::with_topic("two", 2);
+    store
+        .run()
+        .args(["produce", "two", "--partition", "9", "--batch", "2"])
+        .write_stdin("a\nb\nc\nd\ne\n")
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("partition 9 out of range (topic has 2)")
+                .and(predicate::str::contains(
+                    "stopped at line 1; sent 0 records",
+                ))
+                .and(predicate::function(|s: &str| s.lines().count() == 1)),
+        );
+}
+
+#[test]
+fn non_utf8_line_is_reported_by_number_and_the_rest_is_sent() {
+    let mut input = b"one\n".to_vec();
+    input.extend_from_slice(b"t\xffo\n");
+    input.extend_from_slice(b"three\r\n");
+    conveyor("memory://?auto_create=true")
+        .args(["produce", "events", "--verbose"])
+        .write_stdin(input)
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("│ 1 ").and(predicate::str::contains("│ 3 ")))
+        .stderr(
+            predicate::str::contains("line 2: not valid UTF-8 (bad byte at column 2)")
+                .and(predicate::str::contains("sent 2 records"))
+                .and(predicate::str::contains("1 line not sent")),
+        );
+}
+
+#[test]
+fn reset_offsets_names_the_partition_out_of_range() {
+    let store = Store::with_topic("two", 2);
+    store
+        .run()
+        .args(["consume", "two", "--group", "g", "--max", "0"])
+        .assert()
+        .success();
+    store
+        .run()
+        .args(["group", "reset-offsets", "g", "two", "--to", "earliest", "--partition", "9"])
+        .assert()
+        .code(1)
+        .stderr(predicate::eq(
+            "conveyor: error: partition out of range: topic `two`: partition 9 out of range (topic has 2)\n",
+        ));
+}
+
+#[test]
+fn bench_with_a_huge_size_is_refused_not_a_panic() {
+    conveyor("memory://")
+        .args(["bench", "--size", "18446744073709551615", "--quiet"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "--size 18446744073709551615 is larger than a record may be",
+        ));
 }

@@ -29,6 +29,10 @@
 //! `tokio` (features `macros`, `rt-multi-thread`) as a dev-dependency; call
 //! `suite!` once per test file.
 //!
+//! [`faulty`] is not a section: it holds [`faulty::FaultyStorage`], a
+//! storage decorator that fails chosen calls, for testing the engine's
+//! error paths (`tests/faults.rs`).
+//!
 //! The [`model`] cases are randomized: their seed is printed on start and
 //! on failure, and `CONVEYOR_SEED=<n>` replays the same random choices.
 //!
@@ -42,6 +46,7 @@
 pub mod delayed;
 pub mod dlq;
 pub mod errors;
+pub mod faulty;
 pub mod idempotency;
 pub mod lag;
 pub mod model;
@@ -99,6 +104,22 @@ where
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Drive `future` until it has been pending `pending` times (yielding to
+/// the runtime after each), then drop it: `None` if it was dropped,
+/// `Some(output)` if it finished first. Cuts a future at its `pending`th
+/// await point that waits, whatever the timer resolution (a `timeout`
+/// under a millisecond is rounded up to the next millisecond tick).
+pub async fn cut_after<F: Future>(future: F, pending: usize) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    for _ in 0..pending.max(1) {
+        if let std::task::Poll::Ready(out) = futures::poll!(future.as_mut()) {
+            return Some(out);
+        }
+        tokio::task::yield_now().await;
+    }
+    None
 }
 
 /// Assert that `result` failed with `kind`; returns the error.
@@ -416,6 +437,7 @@ macro_rules! __for_each_case {
             order_under_concurrent_producers,
             no_late_lower_offsets,
             durability_settings,
+            producer_closed_mid_burst,
         );
         $m!(idempotency:
             duplicate_send_returns_original_receipt,
@@ -450,6 +472,9 @@ macro_rules! __for_each_case {
             nack_waits_for_backoff,
             stale_message_after_regain_is_fenced,
             added_partitions_are_consumed,
+            concurrent_groups_over_many_topics,
+            close_many_members_at_once,
+            dropped_polls_skip_nothing,
         );
         $m!(queue:
             competing_consumers_each_once,
@@ -463,6 +488,8 @@ macro_rules! __for_each_case {
             ack_after_expiry_is_lease_expired,
             attempt_counts_survive_members,
             close_releases_leases,
+            close_many_members_at_once,
+            dropped_polls_leave_no_lease,
         );
         $m!(dlq:
             nack_path_dead_letters,

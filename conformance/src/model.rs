@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 const CHURN: Duration = Duration::from_millis(2000);
 
 /// Prints the seed if the check panics.
-struct SeedGuard {
+pub(crate) struct SeedGuard {
     name: &'static str,
-    seed: u64,
+    pub(crate) seed: u64,
 }
 
 impl Drop for SeedGuard {
@@ -39,7 +39,9 @@ impl Drop for SeedGuard {
     }
 }
 
-fn seed_for(name: &'static str) -> SeedGuard {
+/// The seed for a randomized case: `CONVEYOR_SEED` or a random one,
+/// printed now and again if the case panics.
+pub(crate) fn seed_for(name: &'static str) -> SeedGuard {
     let seed = std::env::var("CONVEYOR_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

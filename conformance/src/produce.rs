@@ -486,3 +486,75 @@ pub async fn durability_settings(backend: &dyn Backend) -> Result<()> {
     }
     Ok(())
 }
+
+/// "`send` returns a **Receipt** … only after the record is stored per the
+/// broker's durability setting and visible to consumers" and "Closing and
+/// reopening a broker keeps every acknowledged record": four tasks send
+/// single records; one task is aborted mid-burst (its producer and its
+/// in-flight send dropped), then the broker is closed mid-burst. Every
+/// send either returned a receipt or failed with `Closed`; every receipt
+/// returned is readable at its offset with its bytes, before the close and
+/// (persistent backends) after reopening.
+pub async fn producer_closed_mid_burst(backend: &dyn Backend) -> Result<()> {
+    let mut ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("burst", 3).await?;
+    let receipts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (producer, topic, receipts) = (ctx.producer().await?, topic.clone(), receipts.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0u64.. {
+                let value = format!("t{t}-{i}");
+                match producer.send(&topic, Record::new(value.clone())).await {
+                    Ok(r) => receipts.lock().expect("lock").push((r, value)),
+                    Err(e) => return Some(e),
+                }
+                // A send that never waits must not starve the runtime.
+                tokio::task::yield_now().await;
+            }
+            None
+        }));
+    }
+    let count = || receipts.lock().expect("lock").len();
+    crate::eventually("50 receipts", WAIT, || async {
+        (count() >= 50).then_some(())
+    })
+    .await;
+    tasks[0].abort();
+    let check = |ctx: &Ctx<'_>| {
+        let receipts: Vec<_> = receipts.lock().expect("lock").clone();
+        let broker = ctx.broker.clone();
+        let topic = topic.clone();
+        async move {
+            for (r, value) in &receipts {
+                let got = broker.fetch(&topic, r.partition, r.offset, 1).await?;
+                let at = got.first().map(|m| (m.offset, m.value.clone()));
+                assert_eq!(at, Some((r.offset, value.clone().into())), "receipt {r:?}");
+            }
+            Ok::<_, conveyor_core::Error>(receipts.len())
+        }
+    };
+    check(&ctx).await?;
+    let before = count();
+    crate::eventually("more receipts", WAIT, || async {
+        (count() > before + 50).then_some(())
+    })
+    .await;
+    ctx.broker.close().await?;
+    for task in tasks.into_iter().skip(1) {
+        if let Some(e) = task.await.expect("producer task") {
+            assert_eq!(e.kind(), ErrorKind::Closed, "a send failed with `{e}`");
+        }
+    }
+    if !ctx.broker.capabilities().persistent {
+        crate::skip(
+            "produce::producer_closed_mid_burst (after reopen)",
+            "not persistent",
+        );
+        return Ok(());
+    }
+    ctx.reopen().await?;
+    let n = check(&ctx).await?;
+    assert!(n > 100, "only {n} receipts");
+    Ok(())
+}

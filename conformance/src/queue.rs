@@ -4,7 +4,11 @@
 use crate::{expect_kind, nack_options, poll_exactly, poll_n, unique, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;
 use conveyor_core::NackOptions;
-use conveyor_core::{ErrorKind, GroupConfig, Record, Result, RetryBackoff};
+use conveyor_core::{
+    BrokerOptions, Durability, ErrorKind, GroupConfig, Record, Result, RetryBackoff,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -325,5 +329,116 @@ pub async fn close_releases_leases(backend: &dyn Backend) -> Result<()> {
     assert_eq!(have, want);
     assert!(got.iter().all(|m| m.attempt == 2));
     expect_kind(a.ack(&held[0]).await, ErrorKind::Closed);
+    Ok(())
+}
+
+/// "Leaving (`close`) removes it at once" (§4) and "No message is in
+/// flight to two members at once while its lease holds": five members
+/// holding leases close at the same moment; a new member then gets every
+/// unacked record (released leases with attempt 2, never-delivered ones
+/// with attempt 1) long before the visibility timeout, and none that was
+/// acked.
+pub async fn close_many_members_at_once(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("closeall", 2).await?;
+    send_n(&ctx, &topic, 30).await?;
+    let group = unique("g");
+    let cfg = queue_cfg(Duration::from_secs(60));
+    let mut members = Vec::new();
+    for _ in 0..5 {
+        members.push(ctx.broker.consumer(&group, &[&topic], cfg.clone()).await?);
+    }
+    let mut acked = BTreeSet::new();
+    let mut leased = BTreeSet::new();
+    for m in &members {
+        let got = poll_exactly(m.as_ref(), 4, Duration::ZERO).await?;
+        for (i, msg) in got.iter().enumerate() {
+            if i < 2 {
+                m.ack(msg).await?;
+                acked.insert((msg.partition, msg.offset));
+            } else {
+                leased.insert((msg.partition, msg.offset));
+            }
+        }
+    }
+    futures::future::try_join_all(members.iter().map(|m| m.close())).await?;
+    assert_eq!(ctx.broker.group_lag(&group).await?.total_lag(), 20);
+    let fresh = ctx.broker.consumer(&group, &[&topic], cfg).await?;
+    let got = poll_exactly(fresh.as_ref(), 20, Duration::from_millis(50)).await?;
+    let have: BTreeSet<(u32, u64)> = got.iter().map(|m| (m.partition, m.offset)).collect();
+    assert_eq!(have.len(), 20, "a record delivered twice to the new member");
+    assert!(have.is_disjoint(&acked), "an acked record came back");
+    for m in &got {
+        let want = if leased.contains(&(m.partition, m.offset)) {
+            2
+        } else {
+            1
+        };
+        assert_eq!(m.attempt, want, "{}", m.position());
+        fresh.ack(m).await?;
+    }
+    assert_eq!(ctx.broker.group_lag(&group).await?.total_lag(), 0);
+    Ok(())
+}
+
+/// "A delivered message is **leased** to its member" and "The attempt
+/// number (SQS ApproximateReceiveCount) is stored by the backend": a
+/// `poll` future dropped before it returns delivered nothing, so it must
+/// leave no lease taken and no attempt counted (tokio's cancel safety).
+/// `poll` futures are dropped at a random one of their first await points
+/// that wait ([`crate::cut_after`]; seeded, the seed is printed), with a
+/// durable broker, so a persistent backend's state write is one of them; after every cut the group has nothing in flight, and every
+/// record is finally delivered once, with attempt 1.
+pub async fn dropped_polls_leave_no_lease(backend: &dyn Backend) -> Result<()> {
+    let guard = crate::model::seed_for("queue::dropped_polls_leave_no_lease");
+    let mut rng = StdRng::seed_from_u64(guard.seed);
+    let options = BrokerOptions::default().with_durability(Durability::Always);
+    let ctx = Ctx::open_with(backend, options).await?;
+    let topic = ctx.topic("dropq", 2).await?;
+    const N: usize = 100;
+    send_n(&ctx, &topic, N).await?;
+    let group = unique("g");
+    let c = ctx
+        .broker
+        .consumer(&group, &[&topic], queue_cfg(Duration::from_secs(60)))
+        .await?;
+    let mut got = BTreeSet::new();
+    let (mut cuts, start) = (0usize, Instant::now());
+    while got.len() < N && start.elapsed() < 2 * WAIT {
+        // Mostly cut early; now and then let a poll finish, so progress is
+        // possible even when every read waits (slow storage).
+        let cut = if rng.gen_bool(0.25) {
+            usize::MAX
+        } else {
+            rng.gen_range(1..=3)
+        };
+        let max = rng.gen_range(1..=4);
+        match crate::cut_after(c.poll(max, Duration::from_millis(20)), cut).await {
+            Some(messages) => {
+                for m in messages? {
+                    assert_eq!(
+                        m.attempt,
+                        1,
+                        "{} first returned with attempt {}: a dropped poll counted an attempt",
+                        m.position(),
+                        m.attempt
+                    );
+                    c.ack(&m).await?;
+                    got.insert((m.partition, m.offset));
+                }
+            }
+            None => {
+                cuts += 1;
+                let lag = ctx.broker.group_lag(&group).await?;
+                assert_eq!(
+                    lag.total_in_flight(),
+                    0,
+                    "after dropped poll #{cuts} (dropped after it was pending {cut} times), leases are held by no one: {lag:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(got.len(), N, "{cuts} polls dropped; not every record came");
+    eprintln!("conveyor-conformance: queue::dropped_polls_leave_no_lease: {cuts} polls dropped");
     Ok(())
 }

@@ -11,6 +11,8 @@ use conveyor_core::{
     Consumer, ErrorKind, GroupConfig, Record, Result, RetryBackoff, SeekTo, StartFrom,
     TopicPartition,
 };
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -646,5 +648,187 @@ pub async fn added_partitions_are_consumed(backend: &dyn Backend) -> Result<()> 
         }
     }
     assert_eq!(owned(s.as_ref()).await?.len(), 3);
+    Ok(())
+}
+
+/// "Every group sees every record of its topics"; "within a group each
+/// record is handed to one member at a time"; "Within a partition a member
+/// receives messages in offset order": three topics are produced to
+/// concurrently while two stream groups and a queue group (two members
+/// each, every member reading all three topics) consume concurrently.
+/// Every group gets every record with its bytes; each stream member sees
+/// each partition in increasing offset order.
+pub async fn concurrent_groups_over_many_topics(backend: &dyn Backend) -> Result<()> {
+    const PER_TOPIC: usize = 60;
+    let ctx = Ctx::open(backend).await?;
+    let mut topics = Vec::new();
+    for _ in 0..3 {
+        topics.push(ctx.topic("multi", 2).await?);
+    }
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let configs = [stream_cfg(), stream_cfg(), GroupConfig::queue()];
+    let mut members = Vec::new();
+    for config in configs {
+        let group = unique("g");
+        let delivered = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        for _ in 0..2 {
+            let c = ctx.broker.consumer(&group, &names, config.clone()).await?;
+            members.push((config.mode, c, delivered.clone()));
+        }
+    }
+    let total = topics.len() * PER_TOPIC;
+    let mut producers = Vec::new();
+    for topic in &topics {
+        let (producer, topic) = (ctx.producer().await?, topic.clone());
+        producers.push(tokio::spawn(async move {
+            let mut sent = BTreeMap::new();
+            for chunk in 0..PER_TOPIC / 5 {
+                let batch: Vec<Record> = (0..5)
+                    .map(|i| Record::new(format!("{topic}-{}", chunk * 5 + i)))
+                    .collect();
+                let values: Vec<String> = batch.iter().map(values_of).collect();
+                let receipts = producer.send_batch(&topic, batch).await?;
+                for (r, v) in receipts.into_iter().zip(values) {
+                    sent.insert((topic.clone(), r.partition, r.offset), v);
+                }
+            }
+            Ok::<_, conveyor_core::Error>(sent)
+        }));
+    }
+    let mut consumers = Vec::new();
+    for (mode, c, delivered) in members {
+        consumers.push(tokio::spawn(async move {
+            let mut last: BTreeMap<(String, u32), u64> = BTreeMap::new();
+            let start = Instant::now();
+            while delivered.lock().expect("lock").len() < total && start.elapsed() < 3 * WAIT {
+                for m in c.poll(16, Duration::from_millis(20)).await? {
+                    let key = (m.topic.clone(), m.partition);
+                    if mode == conveyor_core::DeliveryMode::Stream {
+                        if let Some(prev) = last.insert(key, m.offset) {
+                            assert!(prev < m.offset, "{} after offset {prev}", m.position());
+                        }
+                    }
+                    let value = String::from_utf8_lossy(&m.value).into_owned();
+                    let at = (m.topic.clone(), m.partition, m.offset);
+                    delivered.lock().expect("lock").insert(at, value);
+                    c.ack(&m).await?;
+                }
+            }
+            c.close().await?;
+            Ok::<_, conveyor_core::Error>(delivered)
+        }));
+    }
+    let mut sent = BTreeMap::new();
+    for p in producers {
+        sent.extend(p.await.expect("producer task")?);
+    }
+    assert_eq!(sent.len(), total);
+    for c in consumers {
+        let delivered = c.await.expect("consumer task")?;
+        let delivered = delivered.lock().expect("lock").clone();
+        assert_eq!(delivered, sent, "a group missed records or got other bytes");
+    }
+    Ok(())
+}
+
+fn values_of(r: &Record) -> String {
+    String::from_utf8_lossy(&r.value).into_owned()
+}
+
+/// "Leaving (`close`) removes it at once"; "After a restart or a
+/// reassignment, delivery resumes at the committed offset: uncommitted
+/// messages are delivered again": four members, one partition each, commit
+/// part of what they read and close at the same moment; a new member then
+/// owns every partition and gets exactly the uncommitted records.
+pub async fn close_many_members_at_once(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("closeall", 4).await?;
+    send_n(&ctx, &topic, 40, "m").await?;
+    let group = unique("g");
+    let mut members = Vec::new();
+    for _ in 0..4 {
+        members.push(ctx.broker.consumer(&group, &[&topic], stream_cfg()).await?);
+    }
+    let mut committed = BTreeMap::new();
+    for m in &members {
+        let got = poll_n(m.as_ref(), 5, WAIT).await?;
+        assert!(got.len() >= 2, "a member got {} records", got.len());
+        for msg in &got[..2] {
+            m.ack(msg).await?;
+            committed.insert(msg.partition, msg.offset + 1);
+        }
+    }
+    futures::future::try_join_all(members.iter().map(|m| m.close())).await?;
+    let lag = ctx.broker.group_lag(&group).await?;
+    for p in &lag.partitions {
+        let want = committed.get(&p.partition).copied().unwrap_or(0);
+        assert_eq!(p.committed, want, "partition {}", p.partition);
+    }
+    let want: BTreeSet<(u32, u64)> = (0..4u32)
+        .flat_map(|p| (committed.get(&p).copied().unwrap_or(0)..10).map(move |o| (p, o)))
+        .collect();
+    let fresh = ctx.broker.consumer(&group, &[&topic], stream_cfg()).await?;
+    assert_eq!(fresh.assignment().await?.len(), 4);
+    let got = poll_exactly(fresh.as_ref(), want.len(), Duration::from_millis(50)).await?;
+    let have: BTreeSet<(u32, u64)> = got.iter().map(|m| (m.partition, m.offset)).collect();
+    assert_eq!(have, want);
+    Ok(())
+}
+
+/// "Within a partition a member receives messages in offset order" and
+/// "delivery resumes at the committed offset": nothing is skipped when
+/// `poll` futures are dropped. They are cut at a random one of their first
+/// await points that wait ([`crate::cut_after`]; seeded, the seed is
+/// printed) while one member reads three partitions, acking what
+/// it gets; every record must then arrive, each partition in order with no
+/// offset missing (a poll that moved a position and was dropped before
+/// returning would skip records).
+pub async fn dropped_polls_skip_nothing(backend: &dyn Backend) -> Result<()> {
+    let guard = crate::model::seed_for("stream::dropped_polls_skip_nothing");
+    let mut rng = StdRng::seed_from_u64(guard.seed);
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("drops", 3).await?;
+    const N: u64 = 60;
+    send_n(&ctx, &topic, N as usize, "m").await?;
+    let c = ctx
+        .broker
+        .consumer(&unique("g"), &[&topic], stream_cfg())
+        .await?;
+    let mut next: BTreeMap<u32, u64> = BTreeMap::new();
+    let (mut cuts, mut got, start) = (0usize, 0u64, Instant::now());
+    while got < N && start.elapsed() < 2 * WAIT {
+        // Mostly cut early; now and then let a poll finish, so progress is
+        // possible even when every read waits (slow storage).
+        let cut = if rng.gen_bool(0.25) {
+            usize::MAX
+        } else {
+            rng.gen_range(1..=3)
+        };
+        let max = rng.gen_range(1..=8);
+        let Some(messages) = crate::cut_after(c.poll(max, Duration::from_millis(20)), cut).await
+        else {
+            cuts += 1;
+            continue;
+        };
+        for m in messages? {
+            let want = next.entry(m.partition).or_insert(0);
+            assert_eq!(
+                m.offset, *want,
+                "partition {}: offset {} came next; offsets {}..{} skipped after {cuts} dropped polls",
+                m.partition, m.offset, *want, m.offset
+            );
+            *want += 1;
+            got += 1;
+            c.ack(&m).await?;
+        }
+    }
+    let ends = ctx.log_ends(&topic).await?;
+    let delivered: Vec<u64> = (0..3).map(|p| next.get(&p).copied().unwrap_or(0)).collect();
+    assert_eq!(
+        delivered, ends,
+        "after {cuts} dropped polls, records at the end of a partition were skipped \
+         (delivered up to these offsets per partition; log ends on the right)"
+    );
+    eprintln!("conveyor-conformance: stream::dropped_polls_skip_nothing: {cuts} polls dropped");
     Ok(())
 }

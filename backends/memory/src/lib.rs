@@ -213,7 +213,10 @@ impl LogStorage for MemoryStorage {
         let log = self.partition(topic, partition)?;
         let mut log = log.lock();
         if let Some(age) = retention.max_age {
-            let cutoff = now_ms.saturating_sub(age.as_millis() as u64);
+            // Saturate: an age beyond u64::MAX ms keeps everything (a cast
+            // would wrap it to a few ms and delete fresh records).
+            let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+            let cutoff = now_ms.saturating_sub(age_ms);
             while log.records.front().is_some_and(|e| e.timestamp < cutoff) {
                 log.pop_front();
             }

@@ -55,7 +55,12 @@ impl<S: LogStorage> Inner<S> {
         self.state.lock().topics.insert(name.to_string(), config);
         self.dedup.lock().remove(name);
         self.mark_dirty([StateKey::Topic(name.to_string())]);
-        self.persist().await?;
+        if let Err(e) = self.persist().await {
+            // Not stored: not created (a retry writes it; the key stays
+            // dirty and now persists as a delete).
+            self.state.lock().topics.remove(name);
+            return Err(e);
+        }
         tracing::debug!(
             topic = name,
             partitions = config.partitions,

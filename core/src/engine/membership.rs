@@ -90,16 +90,19 @@ impl<S: LogStorage> Inner<S> {
             id
         };
         self.mark_dirty(dirty);
-        self.persist().await?;
-        self.notify();
-        tracing::debug!(group, member, ?topics, mode = ?config.mode, "member joined");
-        Ok(Arc::new(consumer::EngineConsumer::new(
+        // The member's handle exists before the await: if persisting fails
+        // or the call is dropped, dropping it makes the member leave.
+        let consumer = Arc::new(consumer::EngineConsumer::new(
             self.clone(),
             group,
             member,
             names,
             config.mode,
-        )))
+        ));
+        self.persist().await?;
+        self.notify();
+        tracing::debug!(group, member, ?topics, mode = ?config.mode, "member joined");
+        Ok(consumer)
     }
 
     pub(super) fn group_lag(&self, group: &str) -> Result<GroupLag> {

@@ -15,9 +15,15 @@ impl<S: LogStorage> Inner<S> {
         let appended = self.storage.append(topic, partition, records).await?;
         self.notify();
         if config.retention.is_limited() {
-            self.storage
+            // The records are stored: a retention failure must not turn the
+            // send into an error (the sweeper tries again).
+            if let Err(e) = self
+                .storage
                 .enforce_retention(topic, partition, &config.retention, now_ms())
-                .await?;
+                .await
+            {
+                tracing::warn!(topic, partition, error = %e, "retention failed after append");
+            }
         }
         Ok(appended)
     }
@@ -81,10 +87,16 @@ impl<S: LogStorage> Inner<S> {
         let targets = self.pick_partitions(topic, &records, config.partitions);
         if records.iter().all(|r| r.idempotency_key.is_none()) {
             let keep = vec![true; records.len()];
-            return self
+            let (appended, failed) = self
                 .append_by_partition(topic, &config, records, &targets, &keep)
-                .await
-                .map(|r| r.into_iter().map(|x| x.expect("all appended")).collect());
+                .await;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            return appended
+                .into_iter()
+                .map(|r| r.ok_or_else(|| Error::internal("a record got no receipt")))
+                .collect();
         }
 
         // Idempotent produce: check, append and remember under the topic's
@@ -128,30 +140,34 @@ impl<S: LogStorage> Inner<S> {
             .map(|i| known[i].is_none() && same_as[i].is_none())
             .collect();
         let keys: Vec<Option<String>> = records.iter().map(|r| r.idempotency_key.clone()).collect();
-        let appended = self
+        let (appended, failed) = self
             .append_by_partition(topic, &config, records, &targets, &keep)
-            .await?;
+            .await;
+        // Remember every key that was appended, even if another partition
+        // failed: a retry of the batch must not append those again.
         let expires_in = millis(config.dedup_window);
-        let mut receipts = Vec::with_capacity(keep.len());
-        for i in 0..keep.len() {
-            let receipt = match (known[i], same_as[i]) {
-                (Some(r), _) => r,
-                (None, Some(j)) => appended[j].expect("first occurrence appended"),
-                (None, None) => {
-                    let r = appended[i].expect("appended");
-                    if let Some(k) = &keys[i] {
-                        w.insert(k.clone(), r, r.timestamp.saturating_add(expires_in));
-                    }
-                    r
-                }
-            };
-            receipts.push(receipt);
+        for (i, r) in appended.iter().enumerate() {
+            if let (Some(r), Some(k)) = (r, &keys[i]) {
+                w.insert(k.clone(), *r, r.timestamp.saturating_add(expires_in));
+            }
         }
-        Ok(receipts)
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let missing = || Error::internal("a record got no receipt");
+        (0..keep.len())
+            .map(|i| match (known[i], same_as[i]) {
+                (Some(r), _) => Ok(r),
+                (None, Some(j)) => appended[j].ok_or_else(missing),
+                (None, None) => appended[i].ok_or_else(missing),
+            })
+            .collect()
     }
 
     /// Append the kept records, grouped by partition (each group atomic, in
-    /// input order); receipts by input index.
+    /// input order); receipts by input index. Every partition's append runs
+    /// to its end even if another fails, so the receipts say exactly what
+    /// was stored; the first error comes back beside them.
     pub(super) async fn append_by_partition(
         &self,
         topic: &str,
@@ -159,7 +175,7 @@ impl<S: LogStorage> Inner<S> {
         records: Vec<Record>,
         targets: &[u32],
         keep: &[bool],
-    ) -> Result<Vec<Option<Receipt>>> {
+    ) -> (Vec<Option<Receipt>>, Option<Error>) {
         let stored = |r: Record| StoredRecord {
             key: r.key,
             value: r.value,
@@ -172,16 +188,21 @@ impl<S: LogStorage> Inner<S> {
             let partition = targets[0];
             let n = records.len();
             let recs = records.into_iter().map(stored).collect();
-            let a = self.append(topic, partition, recs, config).await?;
-            return Ok((0..n)
-                .map(|i| {
-                    Some(Receipt {
-                        partition,
-                        offset: a.base_offset + i as u64,
-                        timestamp: a.timestamp,
-                    })
-                })
-                .collect());
+            return match self.append(topic, partition, recs, config).await {
+                Ok(a) => (
+                    (0..n)
+                        .map(|i| {
+                            Some(Receipt {
+                                partition,
+                                offset: a.base_offset + i as u64,
+                                timestamp: a.timestamp,
+                            })
+                        })
+                        .collect(),
+                    None,
+                ),
+                Err(e) => (vec![None; n], Some(e)),
+            };
         }
         let mut by_partition: BTreeMap<u32, (Vec<usize>, Vec<StoredRecord>)> = BTreeMap::new();
         for (i, r) in records.into_iter().enumerate() {
@@ -193,21 +214,28 @@ impl<S: LogStorage> Inner<S> {
             entry.1.push(stored(r));
         }
         let appends = by_partition.into_iter().map(|(p, (idx, recs))| async move {
-            let a = self.append(topic, p, recs, config).await?;
-            Ok::<_, Error>((p, idx, a))
+            (p, idx, self.append(topic, p, recs, config).await)
         });
-        let done = futures::future::try_join_all(appends).await?;
+        let done = futures::future::join_all(appends).await;
         let mut receipts = vec![None; keep.len()];
-        for (partition, idx, a) in done {
-            for (n, i) in idx.into_iter().enumerate() {
-                receipts[i] = Some(Receipt {
-                    partition,
-                    offset: a.base_offset + n as u64,
-                    timestamp: a.timestamp,
-                });
+        let mut failed = None;
+        for (partition, idx, result) in done {
+            match result {
+                Ok(a) => {
+                    for (n, i) in idx.into_iter().enumerate() {
+                        receipts[i] = Some(Receipt {
+                            partition,
+                            offset: a.base_offset + n as u64,
+                            timestamp: a.timestamp,
+                        });
+                    }
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
         }
-        Ok(receipts)
+        (receipts, failed)
     }
 }
 
