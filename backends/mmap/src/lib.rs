@@ -94,6 +94,7 @@
 //! the CRC, the copy into the page cache, and the engine's bookkeeping.
 #![deny(missing_docs)]
 
+#[deny(clippy::indexing_slicing)]
 pub mod format;
 mod partition;
 mod segment;

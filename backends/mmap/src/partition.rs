@@ -218,14 +218,15 @@ impl Partition {
         let mut g = self.inner.lock();
         let timestamp = now_ms.max(g.last_timestamp);
         let base = g.next_offset;
-        let data = format::encode_batch(base, timestamp, records).map_err(|_| {
+        let data = format::encode_batch(base, timestamp, records).map_err(|e| {
             Error::invalid(format!(
-                "{}: a batch of {} records is too large for one segment batch (4 GiB)",
+                "{}: a batch of {} records: {e}",
                 self.dir.display(),
                 records.len()
             ))
         })?;
-        let header = format::read_header(&data).expect("just encoded");
+        let header = format::read_header(&data)
+            .map_err(|e| Error::internal(format!("a batch just encoded does not read: {e}")))?;
         let active_len = g.segments.values().next_back().map_or(0, |s| s.len);
         if active_len > 0 && active_len + data.len() as u64 > self.segment_bytes {
             self.roll(&mut g)?;

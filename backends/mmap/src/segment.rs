@@ -307,7 +307,10 @@ fn is_torn_tail(rest: &[u8]) -> bool {
 
 /// Whether a batch that passes its checksum starts after byte 0 of `rest`.
 fn valid_batch_follows(rest: &[u8]) -> bool {
-    let magic = format::BATCH_MAGIC.to_le_bytes();
-    (1..rest.len().saturating_sub(format::BATCH_HEADER - 1))
-        .any(|i| rest[i..i + 4] == magic && format::check_batch(&rest[i..]).is_ok())
+    (1..rest.len().saturating_sub(format::BATCH_HEADER - 1)).any(|i| {
+        format::BATCH_MAGICS
+            .iter()
+            .any(|m| rest[i..i + 4] == m.to_le_bytes())
+            && format::check_batch(&rest[i..]).is_ok()
+    })
 }

@@ -117,7 +117,8 @@ impl StateLog {
         if changes.is_empty() {
             return Ok(());
         }
-        let frame = format::encode_state_frame(&changes);
+        let frame = format::encode_state_frame(&changes)
+            .map_err(|e| Error::invalid(format!("{}: state change: {e}", self.path.display())))?;
         let (file, compact) = {
             let mut inner = self.inner.lock();
             let before = inner.len;
@@ -169,7 +170,8 @@ impl StateLog {
             .iter()
             .map(|(k, v)| (k.clone(), Some(v.clone())))
             .collect();
-        let frame = format::encode_state_frame(&entries);
+        let frame = format::encode_state_frame(&entries)
+            .map_err(|e| Error::internal(format!("compact {}: {e}", self.path.display())))?;
         let swap = || -> std::io::Result<()> {
             let mut f = File::create(&tmp)?;
             f.write_all(&frame)?;
