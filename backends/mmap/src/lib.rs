@@ -94,11 +94,22 @@
 //! the CRC, the copy into the page cache, and the engine's bookkeeping.
 #![deny(missing_docs)]
 
+mod fail_stop;
 #[deny(clippy::indexing_slicing)]
 pub mod format;
+mod fs;
 mod partition;
+mod recovery;
+mod retention;
 mod segment;
 mod state;
+
+/// Test hooks, **not part of the API** (no stability promise; hidden from
+/// the docs): the seam through which tests make a sync fail.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::fs::fail_next_sync;
+}
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -164,9 +175,7 @@ pub async fn open(
 ) -> Result<MmapBroker> {
     let path = path.as_ref().to_path_buf();
     let mmap = mmap.with_durability(options.durability);
-    let storage = tokio::task::spawn_blocking(move || MmapStorage::open(path, mmap))
-        .await
-        .map_err(|e| Error::internal(format!("open task: {e}")))??;
+    let storage = fs::blocking(move || MmapStorage::open(path, mmap)).await?;
     Engine::open(storage, options).await
 }
 
@@ -292,21 +301,12 @@ impl LogStorage for MmapStorage {
 
     async fn ensure_partitions(&self, topic: &str, partitions: u32) -> Result<()> {
         let dir = topic_dir(&self.shared.root, topic);
-        let (segment_bytes, durability) = (
-            self.shared.options.segment_bytes,
-            self.shared.options.durability,
-        );
+        let segment_bytes = self.shared.options.segment_bytes;
         self.shared
             .partitions
             .grow(topic, partitions, |p| {
                 let dir = dir.join(p.to_string());
-                async move {
-                    tokio::task::spawn_blocking(move || {
-                        Partition::open(dir, segment_bytes, durability)
-                    })
-                    .await
-                    .map_err(|e| Error::internal(format!("open partition task: {e}")))?
-                }
+                fs::blocking(move || Partition::open(dir, segment_bytes))
             })
             .await
     }
@@ -314,11 +314,7 @@ impl LogStorage for MmapStorage {
     async fn drop_topic(&self, topic: &str) -> Result<()> {
         self.shared.partitions.remove(topic);
         let dir = topic_dir(&self.shared.root, topic);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("delete {}", dir.display()), e)),
-        }
+        fs::blocking(move || fs::remove_dir_all(&dir)).await
     }
 
     async fn append(
@@ -367,6 +363,7 @@ impl LogStorage for MmapStorage {
     ) -> Result<()> {
         self.partition(topic, partition)?
             .enforce_retention(retention, now_ms)
+            .await
     }
 
     async fn idempotency_keys_since(
@@ -376,8 +373,10 @@ impl LogStorage for MmapStorage {
     ) -> Result<Vec<(String, Receipt)>> {
         let parts = self.shared.partitions.topic(topic);
         let mut out = Vec::new();
-        for (p, part) in parts.iter().enumerate() {
-            for (key, offset, timestamp) in part.idempotency_keys_since(since_ms)? {
+        for (p, part) in parts.into_iter().enumerate() {
+            // A scan of the window's segments: file reads, off the runtime.
+            let keys = fs::blocking(move || part.idempotency_keys_since(since_ms)).await?;
+            for (key, offset, timestamp) in keys {
                 out.push((
                     key,
                     Receipt {
