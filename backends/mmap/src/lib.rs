@@ -45,25 +45,77 @@
 //!   per segment, rebuilt from the log: the active segment's at open, older
 //!   ones when first read. An index is a cache, never the truth.
 //! - Durability: `None` (page cache), `Interval(d)` (a flusher thread owned
-//!   by the store syncs every `d`), `Always` (`fdatasync` before `append`
-//!   returns, off the async runtime; concurrent producers share one sync:
-//!   group commit). Rolling a segment under `Always` syncs the old one first.
+//!   by the store syncs the partitions and the state log every `d`), `Always` (`fdatasync` before `append`
+//!   returns; concurrent producers share one sync: group commit). A
+//!   segment roll does not sync on the append path: under `Always` and
+//!   `Interval` the sealed segment and the directory entry of the new one
+//!   join the next sync (under `Always`, the one `append` waits for).
+//! - **No blocking file-system call on an async worker thread.** Every
+//!   `fsync`/`fdatasync`, rename, unlink, directory removal, directory
+//!   scan, partition open and the dedup window's key scan runs on tokio's
+//!   blocking pool (`fs::blocking`, object_store's `maybe_spawn_blocking`)
+//!   or on the flusher thread. An append is one `write(2)` of an encoded
+//!   batch to an already open file (page cache), made from the calling
+//!   task; reads are slices of a mapping.
+//! - **Fail-stop after a failed sync** (PostgreSQL's fsync lesson, redb's
+//!   `PreviousIo`): Linux may drop the dirty pages of a failed `fdatasync`
+//!   and report success on a retry, so once a sync of a partition (or of
+//!   the state log) fails, that partition refuses appends (the state log,
+//!   state changes) with an `ErrorKind::Io` error that says a previous
+//!   sync of the named file failed and the store must be reopened. Reads
+//!   go on; reopening rereads what really is on disk.
+//! - Format version 2 (`"CVB2"` batches) stores each record's delivery
+//!   time; version-1 batches are still read (a committed v1 store,
+//!   `tests/fixtures/v1`, proves it), and one segment may hold both.
 //! - Recovery runs on every open and is short: the last segment of each
-//!   partition is scanned and checked. A bad batch is a torn tail, cut off,
-//!   only if no valid batch follows it anywhere in the file (a torn write
-//!   leaves a prefix of the last batch; the checksum does not cover the
-//!   length field, so a damaged length must not pass for one). Otherwise
-//!   it is `ErrorKind::Corrupt` naming the file and byte position. Older
-//!   segments are checked (CRC) as they are read: damage there is
-//!   `Corrupt` at read, never skipped. Bit rot inside the very last batch
-//!   cannot be told from a torn write and is cut.
-//! - Retention moves a persisted log start (`start` file) and deletes whole
-//!   segments wholly below it (mappings are dropped before unlinking).
+//!   partition and `state.log` are scanned and checked under one torn-tail
+//!   rule (`recovery::tolerate_torn_tail`): a bad batch or frame is a torn
+//!   tail, cut off, only if no valid one follows it anywhere in the file (a
+//!   torn write leaves a prefix of the last one; the checksum does not
+//!   cover the length field, so a damaged length must not pass for one).
+//!   Otherwise it is `ErrorKind::Corrupt` naming the file and byte
+//!   position. Bit rot inside the very last batch cannot be told from a
+//!   torn write and is cut.
+//! - Retention is decided by a pure plan (`retention::retention_plan`:
+//!   the new log start and the whole sealed segments below it) under the
+//!   partition's lock, then carried out off it: the log start is persisted
+//!   (`start` file, written atomically), then the segments are unmapped and
+//!   deleted.
 //! - Group state, dedup keys and topic metadata live in `state.log`, an
 //!   append-only log of checksummed frames (one per state change), replayed
-//!   at open with the same torn-tail rules and compacted when mostly dead.
+//!   at open with the same torn-tail rule and compacted when mostly dead.
 //! - One process owns a store: an advisory lock on `<dir>/LOCK`; a second
 //!   open is `ErrorKind::Locked`.
+//!
+//! # When damage is detected
+//!
+//! - **At open:** torn tails (cut) and damage in the last segment of each
+//!   partition and in `state.log` (`Corrupt`), since open scans those.
+//! - **At read:** a flipped byte in a sealed (older) segment is found when
+//!   that segment is read, by a consumer, a `fetch`, a time lookup or
+//!   retention, and is `Corrupt` then, never skipped; as in Kafka, opening
+//!   does not read the whole log, so a store with a damaged old segment
+//!   opens.
+//! - **On demand:** [`verify`] (and `conveyor verify --url mmap:///dir`)
+//!   checks every batch of every segment and every state frame of a closed
+//!   store now, read-only, and reports counts, torn tails, or the first
+//!   `Corrupt` with file and byte position.
+//!
+//! # Safety and multiple processes
+//!
+//! Reads hand out slices of read-only memory maps (the crate's one
+//! `unsafe` block, in `segment.rs`). That is sound only while no one
+//! shrinks or rewrites a mapped file: this process only appends to
+//! segments and truncates one only at open (before mapping it) or back to
+//! the length already mapped after a failed write. Another process that
+//! truncated or rewrote a segment would make reads fault (`SIGBUS`) or see
+//! changing bytes. The advisory lock on `<dir>/LOCK` (`flock`) keeps a
+//! second Conveyor store (in this or another process) out, as `Locked`,
+//! but an advisory lock binds only those who take it: do not let other
+//! programs (or a copy, restore or cleanup job) write into a store's
+//! directory while it is open, and do not put a store on a network file
+//! system whose locks or mappings are not coherent. `verify` takes the
+//! same lock, shared, and refuses a store that is open.
 //!
 //! # Measured
 //!
@@ -103,6 +155,9 @@ mod recovery;
 mod retention;
 mod segment;
 mod state;
+mod verify;
+
+pub use verify::{verify, VerifyReport};
 
 /// Test hooks, **not part of the API** (no stability promise; hidden from
 /// the docs): the seam through which tests make a sync fail.
@@ -282,6 +337,10 @@ fn flusher(shared: Weak<Shared>, every: Duration) {
                 tracing::warn!(error = %e, "interval flush failed");
             }
         }
+        // State changes are held to the same interval as records.
+        if let Err(e) = shared.state.flush_blocking() {
+            tracing::warn!(error = %e, "interval flush of the state log failed");
+        }
     }
 }
 
@@ -301,12 +360,15 @@ impl LogStorage for MmapStorage {
 
     async fn ensure_partitions(&self, topic: &str, partitions: u32) -> Result<()> {
         let dir = topic_dir(&self.shared.root, topic);
-        let segment_bytes = self.shared.options.segment_bytes;
+        let (segment_bytes, durability) = (
+            self.shared.options.segment_bytes,
+            self.shared.options.durability,
+        );
         self.shared
             .partitions
             .grow(topic, partitions, |p| {
                 let dir = dir.join(p.to_string());
-                fs::blocking(move || Partition::open(dir, segment_bytes))
+                fs::blocking(move || Partition::open(dir, segment_bytes, durability))
             })
             .await
     }

@@ -11,7 +11,7 @@ use crate::fs::{self, corrupt, io};
 use crate::retention::{retention_plan, SegmentSpan};
 use crate::segment::{self, Segment};
 use conveyor_core::engine::{Appended, PartitionBounds, ReadRange, StoredMessage};
-use conveyor_core::{Error, Result, Retention};
+use conveyor_core::{Durability, Error, Result, Retention};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The file holding the log start (8 bytes LE + CRC32C of them).
-const START_FILE: &str = "start";
+pub(crate) const START_FILE: &str = "start";
 
 struct Inner {
     segments: BTreeMap<u64, Segment>,
@@ -70,6 +70,7 @@ impl Inner {
 pub(crate) struct Partition {
     dir: PathBuf,
     segment_bytes: u64,
+    durability: Durability,
     inner: Mutex<Inner>,
     /// Bytes of `written` known to be synced; held while syncing.
     synced: tokio::sync::Mutex<u64>,
@@ -106,7 +107,7 @@ impl SyncJob {
     }
 }
 
-fn read_start(dir: &Path) -> Result<Option<u64>> {
+pub(crate) fn read_start(dir: &Path) -> Result<Option<u64>> {
     let path = dir.join(START_FILE);
     match std::fs::read(&path) {
         Ok(b) if b.len() == 12 => {
@@ -132,7 +133,7 @@ fn write_start(dir: &Path, start: u64) -> Result<()> {
 impl Partition {
     /// Open (or create) the partition in `dir`, recovering its last segment
     /// (blocking: run it on the blocking pool).
-    pub fn open(dir: PathBuf, segment_bytes: u64) -> Result<Partition> {
+    pub fn open(dir: PathBuf, segment_bytes: u64, durability: Durability) -> Result<Partition> {
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         let mut bases: Vec<u64> = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(io("list", &dir))? {
@@ -184,6 +185,7 @@ impl Partition {
         Ok(Partition {
             dir,
             segment_bytes,
+            durability,
             inner: Mutex::new(Inner {
                 segments,
                 active,
@@ -212,9 +214,11 @@ impl Partition {
     }
 
     /// Start a new segment at the log end. Nothing is synced here (this
-    /// runs on the append path): the old segment and the directory entry of
-    /// the new one join the next sync ([`SyncJob`]), which `Always` runs
-    /// before `append` returns.
+    /// runs on the append path): with `Always` or `Interval`, the old
+    /// segment and the directory entry of the new one join the next sync
+    /// ([`SyncJob`]), which `Always` runs before `append` returns. (With
+    /// `None` nothing is tracked, so no file handles pile up between
+    /// flushes; the old segment is left to the page cache, as before.)
     fn roll(&self, g: &mut Inner) -> Result<()> {
         let base = g.next_offset;
         let path = self.dir.join(segment::file_name(base));
@@ -225,8 +229,10 @@ impl Partition {
             .next_back()
             .map_or_else(|| self.dir.clone(), |s| s.path.clone());
         let sealed = std::mem::replace(&mut g.active, Arc::new(file));
-        g.unsynced_sealed.push((sealed, sealed_path));
-        g.dir_unsynced = true;
+        if self.durability != Durability::None {
+            g.unsynced_sealed.push((sealed, sealed_path));
+            g.dir_unsynced = true;
+        }
         g.segments.insert(base, Segment::empty(base, path));
         Ok(())
     }

@@ -6,7 +6,7 @@
 use crate::fail_stop::FailStop;
 use crate::format;
 use crate::fs;
-use crate::recovery::{tolerate_torn_tail, Frame};
+use crate::recovery::{tolerate_torn_tail, Frame, Scanned};
 use bytes::Bytes;
 use conveyor_core::{Durability, Error, Result};
 use parking_lot::Mutex;
@@ -53,13 +53,21 @@ pub(crate) fn path_in(dir: &Path) -> PathBuf {
     dir.join("state.log")
 }
 
+/// State frames replayed from a file.
+pub(crate) struct Replayed {
+    /// The table: every key's latest value.
+    pub entries: BTreeMap<String, Bytes>,
+    /// Valid frames read.
+    pub frames: u64,
+    /// Where the valid frames end and whether a torn tail follows.
+    pub scanned: Scanned,
+}
+
 /// Replay state frames from `data` (the file at `path`) into a table,
-/// per the torn-tail rule; returns the table and the scan.
-pub(crate) fn replay(
-    path: &Path,
-    data: &[u8],
-) -> Result<(BTreeMap<String, Bytes>, crate::recovery::Scanned)> {
+/// per the torn-tail rule. Touches no file.
+pub(crate) fn replay(path: &Path, data: &[u8]) -> Result<Replayed> {
     let mut entries = BTreeMap::new();
+    let mut frames = 0;
     let scanned = tolerate_torn_tail(
         path,
         data,
@@ -73,6 +81,7 @@ pub(crate) fn replay(
                             None => entries.remove(&k),
                         };
                     }
+                    frames += 1;
                     Frame::Valid(len)
                 }
                 Err(e) => Frame::Bad(e),
@@ -80,7 +89,11 @@ pub(crate) fn replay(
         },
         |rest| format::decode_state_frame(rest).is_ok(),
     )?;
-    Ok((entries, scanned))
+    Ok(Replayed {
+        entries,
+        frames,
+        scanned,
+    })
 }
 
 impl StateLog {
@@ -93,7 +106,9 @@ impl StateLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(fs::io("read", &path)(e)),
         };
-        let (entries, scanned) = replay(&path, &data)?;
+        let Replayed {
+            entries, scanned, ..
+        } = replay(&path, &data)?;
         if let Some(at) = scanned.torn_at {
             tracing::warn!(path = %path.display(), at, "cutting torn state frame");
             fs::truncate(&path, at)?;
@@ -204,6 +219,15 @@ impl StateLog {
         })
         .await;
         self.failed.watch(&self.path, result)
+    }
+
+    /// The same, from a plain thread (the interval flusher).
+    pub fn flush_blocking(&self) -> Result<()> {
+        let _g = self.sync.blocking_lock();
+        self.failed.check()?;
+        let file = self.inner.lock().file.clone();
+        self.failed
+            .watch(&self.path, fs::sync_data(&file, &self.path))
     }
 
     /// Sync the state log now.
