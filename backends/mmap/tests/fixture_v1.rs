@@ -11,19 +11,25 @@
 //!
 //! # Regenerating
 //!
-//! `generate_fixture` (ignored) wrote the fixture:
+//! `generate_fixture` (ignored) wrote the fixture, from the workspace root
+//! (the path must be absolute: tests run in the crate's directory):
 //!
 //! ```text
-//! CONVEYOR_FIXTURE_OUT=backends/mmap/tests/fixtures/v1 \
+//! CONVEYOR_FIXTURE_OUT=$PWD/backends/mmap/tests/fixtures/v1 \
 //!     cargo test -p conveyor-mmap --test fixture_v1 -- --ignored generate_fixture
 //! ```
 //!
 //! It writes with the *current* encoder, so it reproduces the v1 files only
-//! when run at a commit whose encoder wrote v1 (`git log --
-//! backends/mmap/tests/fixtures/v1` names it). Never regenerate the v1
-//! fixture after the format moved on: it exists to prove old stores open.
+//! at a commit whose encoder wrote v1 (the one that added them:
+//! `git log --diff-filter=A -- backends/mmap/tests/fixtures/v1`). Never
+//! regenerate the v1 fixture after the format moved on: it exists to
+//! prove old stores open (the test checks every segment still says
+//! `CVB1`).
+
+mod common;
 
 use bytes::Bytes;
+use common::copy_dir;
 use conveyor_core::{
     Broker, BrokerOptions, DeliveryMode, GroupConfig, Header, Record, Retention, TopicConfig,
 };
@@ -89,19 +95,6 @@ async fn open(dir: &Path) -> conveyor_core::Result<MmapBroker> {
         MmapOptions::default().with_segment_bytes(SEGMENT_BYTES),
     )
     .await
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("create copy");
-    for entry in std::fs::read_dir(from).expect("list fixture") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("file type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy file");
-        }
-    }
 }
 
 #[tokio::test]

@@ -43,6 +43,19 @@ async fn store(dir: &Path) {
     broker.close().await.unwrap();
 }
 
+/// The first or last segment file of a partition directory (`topics/t/p`).
+fn segment_of(dir: &Path, partition: &str, last: bool) -> PathBuf {
+    let of_partition = segments(dir)
+        .into_iter()
+        .filter(|p| p.starts_with(dir.join(partition)));
+    if last {
+        of_partition.max()
+    } else {
+        of_partition.min()
+    }
+    .expect("a segment")
+}
+
 fn segments(dir: &Path) -> Vec<PathBuf> {
     let mut s: Vec<PathBuf> = snapshot(dir)
         .into_keys()
@@ -74,10 +87,7 @@ async fn clean_store_is_counted_and_left_untouched() {
 async fn flipped_byte_in_a_sealed_segment_is_corrupt_with_file_and_position() {
     let dir = tempfile::tempdir().unwrap();
     store(dir.path()).await;
-    let sealed = segments(dir.path())
-        .into_iter()
-        .find(|p| p.starts_with(dir.path().join("topics/a/1")))
-        .unwrap();
+    let sealed = segment_of(dir.path(), "topics/a/1", false);
     let mut bytes = std::fs::read(&sealed).unwrap();
     bytes[200] ^= 0x01;
     std::fs::write(&sealed, &bytes).unwrap();
@@ -100,10 +110,7 @@ async fn flipped_byte_in_a_sealed_segment_is_corrupt_with_file_and_position() {
 async fn torn_tail_is_reported_not_cut() {
     let dir = tempfile::tempdir().unwrap();
     store(dir.path()).await;
-    let last = segments(dir.path())
-        .into_iter()
-        .rfind(|p| p.starts_with(dir.path().join("topics/b/0")))
-        .unwrap();
+    let last = segment_of(dir.path(), "topics/b/0", true);
     let bytes = std::fs::read(&last).unwrap();
     let cut = bytes.len() - 3;
     std::fs::write(&last, &bytes[..cut]).unwrap();
