@@ -11,6 +11,7 @@ mod group;
 mod output;
 mod produce;
 mod topic;
+mod verify;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -47,6 +48,8 @@ enum Command {
     Dlq(dlq::DlqCommand),
     /// A quick producer/consumer throughput run.
     Bench(bench::BenchArgs),
+    /// Check every batch and state frame of an mmap:// store, read-only.
+    Verify(verify::VerifyArgs),
 }
 
 /// What a command returns: `Ok` or an error line for stderr.
@@ -68,14 +71,20 @@ async fn broker(url: Option<&str>) -> Result<Arc<dyn conveyor::Broker>, String> 
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = async {
+        // `verify` reads the files of a closed store: it opens no broker.
+        let command = match cli.command {
+            Command::Verify(a) => return verify::run(cli.url.as_deref(), a).await,
+            command => command,
+        };
         let broker = broker(cli.url.as_deref()).await?;
-        let outcome = match cli.command {
+        let outcome = match command {
             Command::Topic(c) => topic::run(&broker, c).await,
             Command::Produce(a) => produce::run(&broker, a).await,
             Command::Consume(a) => consume::run(&broker, a).await,
             Command::Group(c) => group::run(&broker, c).await,
             Command::Dlq(c) => dlq::run(&broker, c).await,
             Command::Bench(a) => bench::run(&broker, a).await,
+            Command::Verify(a) => verify::run(cli.url.as_deref(), a).await,
         };
         let closed = broker.close().await.map_err(fail);
         outcome.and(closed)

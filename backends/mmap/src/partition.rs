@@ -5,25 +5,32 @@
 //! Owns the files under `topics/<topic>/<partition>/`; knows nothing of
 //! groups or topics' configs beyond the retention it is handed.
 
+use crate::fail_stop::FailStop;
 use crate::format::{self, RecordData};
-use crate::segment::{self, corrupt, Segment};
-use crate::state::sync_file;
+use crate::fs::{self, corrupt, io};
+use crate::retention::{retention_plan, SegmentSpan};
+use crate::segment::{self, Segment};
 use conveyor_core::backend::{Appended, PartitionBounds, ReadRange, StoredMessage};
 use conveyor_core::{Durability, Error, Result, Retention};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The file holding the log start (8 bytes LE + CRC32C of them).
-const START_FILE: &str = "start";
+pub(crate) const START_FILE: &str = "start";
 
 struct Inner {
     segments: BTreeMap<u64, Segment>,
     /// Append handle of the last segment.
     active: Arc<File>,
+    /// Segments sealed by a roll whose last writes are not synced yet, and
+    /// whether the directory (their successor's entry) is: the next sync
+    /// covers them, off the runtime (a roll itself never syncs).
+    unsynced_sealed: Vec<(Arc<File>, PathBuf)>,
+    dir_unsynced: bool,
     log_start: u64,
     next_offset: u64,
     last_timestamp: u64,
@@ -67,30 +74,40 @@ pub(crate) struct Partition {
     inner: Mutex<Inner>,
     /// Bytes of `written` known to be synced; held while syncing.
     synced: tokio::sync::Mutex<u64>,
+    /// Tripped by a failed sync: appends are refused until reopened.
+    failed: FailStop,
+    /// One retention pass at a time (a pass drops the partition's lock
+    /// while it persists the log start and deletes files).
+    retention: tokio::sync::Mutex<()>,
 }
 
-fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
-    let context = format!("{what} {}", path.display());
-    move |e| Error::io(context, e)
+/// The files one sync makes durable, taken under the partition's lock and
+/// synced off it.
+struct SyncJob {
+    sealed: Vec<(Arc<File>, PathBuf)>,
+    dir: Option<PathBuf>,
+    active: Arc<File>,
+    active_path: PathBuf,
+    /// `written` when the job was taken.
+    target: u64,
 }
 
-/// Open a file for appending (and reading), creating it if missing.
-pub(crate) fn open_append(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .read(true)
-        .open(path)
-        .map_err(io("open", path))
+impl SyncJob {
+    /// Blocking: sealed segments first, then the directory, then the
+    /// active segment.
+    fn run(self) -> Result<u64> {
+        for (file, path) in &self.sealed {
+            fs::sync_data(file, path)?;
+        }
+        if let Some(dir) = &self.dir {
+            fs::sync_dir(dir)?;
+        }
+        fs::sync_data(&self.active, &self.active_path)?;
+        Ok(self.target)
+    }
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync directory", dir))
-}
-
-fn read_start(dir: &Path) -> Result<Option<u64>> {
+pub(crate) fn read_start(dir: &Path) -> Result<Option<u64>> {
     let path = dir.join(START_FILE);
     match std::fs::read(&path) {
         Ok(b) if b.len() == 12 => {
@@ -106,21 +123,16 @@ fn read_start(dir: &Path) -> Result<Option<u64>> {
     }
 }
 
+/// Persist the log start (blocking: write, sync, rename, sync directory).
 fn write_start(dir: &Path, start: u64) -> Result<()> {
-    let path = dir.join(START_FILE);
-    let tmp = dir.join("start.tmp");
     let mut b = start.to_le_bytes().to_vec();
     b.extend_from_slice(&crc32c::crc32c(&start.to_le_bytes()).to_le_bytes());
-    let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(&b)
-        .and_then(|()| f.sync_all())
-        .map_err(io("write", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
-    sync_dir(dir)
+    fs::write_atomic(&dir.join(START_FILE), &b)
 }
 
 impl Partition {
-    /// Open (or create) the partition in `dir`, recovering its last segment.
+    /// Open (or create) the partition in `dir`, recovering its last segment
+    /// (blocking: run it on the blocking pool).
     pub fn open(dir: PathBuf, segment_bytes: u64, durability: Durability) -> Result<Partition> {
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         let mut bases: Vec<u64> = Vec::new();
@@ -137,8 +149,8 @@ impl Partition {
         if bases.is_empty() {
             let base = stored_start.unwrap_or(0);
             let path = dir.join(segment::file_name(base));
-            open_append(&path)?;
-            sync_dir(&dir)?;
+            fs::open_append(&path)?;
+            fs::sync_dir(&dir)?;
             bases.push(base);
         }
         let mut segments = BTreeMap::new();
@@ -153,7 +165,8 @@ impl Partition {
             }
         }
         let last_base = *bases.last().expect("at least one segment");
-        let active = Arc::new(open_append(&dir.join(segment::file_name(last_base)))?);
+        let active_path = dir.join(segment::file_name(last_base));
+        let active = Arc::new(fs::open_append(&active_path)?);
         let next_offset = segments[&last_base].next_offset;
         let first_base = bases[0];
         let log_start = stored_start
@@ -176,6 +189,8 @@ impl Partition {
             inner: Mutex::new(Inner {
                 segments,
                 active,
+                unsynced_sealed: Vec::new(),
+                dir_unsynced: false,
                 log_start,
                 next_offset,
                 last_timestamp,
@@ -184,6 +199,8 @@ impl Partition {
                 recent: std::collections::VecDeque::new(),
             }),
             synced: tokio::sync::Mutex::new(0),
+            failed: FailStop::default(),
+            retention: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -196,36 +213,46 @@ impl Partition {
         }
     }
 
-    /// Start a new segment at the log end. With `Always`, the old one is
-    /// synced first so one sync of the active file covers every write.
+    /// Start a new segment at the log end. Nothing is synced here (this
+    /// runs on the append path): with `Always` or `Interval`, the old
+    /// segment and the directory entry of the new one join the next sync
+    /// ([`SyncJob`]), which `Always` runs before `append` returns. (With
+    /// `None` nothing is tracked, so no file handles pile up between
+    /// flushes; the old segment is left to the page cache, as before.)
     fn roll(&self, g: &mut Inner) -> Result<()> {
-        if self.durability == Durability::Always {
-            g.active.sync_data().map_err(io("sync", &self.dir))?;
-        }
         let base = g.next_offset;
         let path = self.dir.join(segment::file_name(base));
-        let file = open_append(&path)?;
-        if self.durability == Durability::Always {
-            sync_dir(&self.dir)?;
+        let file = fs::open_append(&path)?;
+        let sealed_path = g
+            .segments
+            .values()
+            .next_back()
+            .map_or_else(|| self.dir.clone(), |s| s.path.clone());
+        let sealed = std::mem::replace(&mut g.active, Arc::new(file));
+        if self.durability != Durability::None {
+            g.unsynced_sealed.push((sealed, sealed_path));
+            g.dir_unsynced = true;
         }
         g.segments.insert(base, Segment::empty(base, path));
-        g.active = Arc::new(file);
         Ok(())
     }
 
     /// Append a batch; returns where it landed and its group-commit sequence.
+    /// Refused once a sync of this partition failed (fail-stop).
     pub fn append(&self, records: &[RecordData], now_ms: u64) -> Result<(Appended, u64)> {
+        self.failed.check()?;
         let mut g = self.inner.lock();
         let timestamp = now_ms.max(g.last_timestamp);
         let base = g.next_offset;
-        let data = format::encode_batch(base, timestamp, records).map_err(|_| {
+        let data = format::encode_batch(base, timestamp, records).map_err(|e| {
             Error::invalid(format!(
-                "{}: a batch of {} records is too large for one segment batch (4 GiB)",
+                "{}: a batch of {} records: {e}",
                 self.dir.display(),
                 records.len()
             ))
         })?;
-        let header = format::read_header(&data).expect("just encoded");
+        let header = format::read_header(&data)
+            .map_err(|e| Error::internal(format!("a batch just encoded does not read: {e}")))?;
         let active_len = g.segments.values().next_back().map_or(0, |s| s.len);
         if active_len > 0 && active_len + data.len() as u64 > self.segment_bytes {
             self.roll(&mut g)?;
@@ -255,40 +282,56 @@ impl Partition {
         ))
     }
 
-    /// Sync until at least `seq` bytes of this session are durable. Callers
-    /// waiting together share one `fdatasync` (group commit).
+    /// What a sync now must cover (under the partition's lock).
+    fn sync_job(&self) -> SyncJob {
+        let mut g = self.inner.lock();
+        let active_path = g
+            .segments
+            .values()
+            .next_back()
+            .map_or_else(|| self.dir.clone(), |s| s.path.clone());
+        SyncJob {
+            sealed: std::mem::take(&mut g.unsynced_sealed),
+            dir: std::mem::take(&mut g.dir_unsynced).then(|| self.dir.clone()),
+            active: g.active.clone(),
+            active_path,
+            target: g.written,
+        }
+    }
+
+    /// Sync until at least `seq` bytes of this session are durable, on the
+    /// blocking pool. Callers waiting together share one `fdatasync` (group
+    /// commit). A failed sync trips the fail-stop, and is never retried:
+    /// every later call fails too.
     pub async fn sync_to(&self, seq: u64) -> Result<()> {
         let mut synced = self.synced.lock().await;
         if *synced >= seq {
             return Ok(());
         }
-        let (file, target) = {
-            let g = self.inner.lock();
-            (g.active.clone(), g.written)
-        };
-        sync_file(file, &self.dir).await?;
-        *synced = target;
+        self.failed.check()?;
+        let job = self.sync_job();
+        let path = job.active_path.clone();
+        let result = fs::blocking(move || job.run()).await;
+        *synced = self.failed.watch(&path, result)?;
         Ok(())
     }
 
-    /// Sync whatever was written (for `flush` and the interval flusher).
+    /// Sync whatever was written (for `flush` and `close`).
     pub async fn flush(&self) -> Result<()> {
         let written = self.inner.lock().written;
         self.sync_to(written).await
     }
 
-    /// The same, from a plain thread.
+    /// The same, from a plain thread (the interval flusher).
     pub fn flush_blocking(&self) -> Result<()> {
         let mut synced = self.synced.blocking_lock();
-        let (file, target) = {
-            let g = self.inner.lock();
-            (g.active.clone(), g.written)
-        };
-        if *synced >= target {
+        if *synced >= self.inner.lock().written {
             return Ok(());
         }
-        file.sync_data().map_err(io("sync", &self.dir))?;
-        *synced = target;
+        self.failed.check()?;
+        let job = self.sync_job();
+        let path = job.active_path.clone();
+        *synced = self.failed.watch(&path, job.run())?;
         Ok(())
     }
 
@@ -385,57 +428,63 @@ impl Partition {
         found
     }
 
-    /// Move the log start per `retention`, delete segments wholly below it
-    /// (mappings held by readers stay valid until dropped), persist it.
-    pub fn enforce_retention(&self, retention: &Retention, now_ms: u64) -> Result<()> {
-        let mut g = self.inner.lock();
-        let mut start = g.log_start;
-        if let Some(age) = retention.max_age {
-            let cutoff = now_ms.saturating_sub(age.as_millis().min(u64::MAX as u128) as u64);
-            let found = Self::offset_for_timestamp_locked(&mut g, cutoff);
-            g.trim_maps();
-            start = start.max(found?);
-        }
-        if let Some(max) = retention.max_bytes {
-            let mut total = g.bytes;
-            let sealed: Vec<(u64, u64)> = g
+    /// Move the log start per `retention` ([`retention_plan`], decided
+    /// under the lock), then off the lock and the runtime: persist it and
+    /// delete the segments wholly below it (their mappings are dropped
+    /// first; `Bytes` held by readers stay valid until dropped).
+    pub async fn enforce_retention(&self, retention: &Retention, now_ms: u64) -> Result<()> {
+        let _one_pass = self.retention.lock().await;
+        let (plan, current) = {
+            let mut g = self.inner.lock();
+            let spans: Vec<SegmentSpan> = g
                 .segments
                 .values()
-                .rev()
-                .skip(1)
-                .map(|s| (s.len, s.next_offset))
+                .map(|s| SegmentSpan {
+                    base: s.base,
+                    len: s.len,
+                    next_offset: s.next_offset,
+                })
                 .collect();
-            for (len, next) in sealed.into_iter().rev() {
-                if total <= max {
-                    break;
-                }
-                total -= len;
-                start = start.max(next);
-            }
-        }
-        let active_base = *g.segments.keys().next_back().expect("active");
-        let doomed: Vec<u64> = g
-            .segments
-            .iter()
-            .filter(|(base, s)| **base != active_base && s.next_offset <= start)
-            .map(|(b, _)| *b)
-            .collect();
-        if start == g.log_start && doomed.is_empty() {
+            let log_start = g.log_start;
+            let plan = retention_plan(&spans, log_start, retention, now_ms, |cutoff| {
+                Self::offset_for_timestamp_locked(&mut g, cutoff)
+            });
+            g.trim_maps();
+            (plan?, log_start)
+        };
+        if plan.is_noop(current) {
             return Ok(());
         }
-        if start != g.log_start {
-            write_start(&self.dir, start)?;
-            g.log_start = start;
+        if plan.log_start != current {
+            let (dir, start) = (self.dir.clone(), plan.log_start);
+            fs::blocking(move || write_start(&dir, start)).await?;
         }
-        for base in doomed {
-            let seg = g.segments.remove(&base).expect("listed");
-            g.bytes -= seg.len;
-            let path = seg.path.clone();
-            drop(seg); // unmap before unlink
-            std::fs::remove_file(&path).map_err(io("delete", &path))?;
-            tracing::debug!(path = %path.display(), "segment deleted by retention");
-        }
-        Ok(())
+        let doomed: Vec<PathBuf> = {
+            let mut g = self.inner.lock();
+            g.log_start = g.log_start.max(plan.log_start);
+            let active = g.segments.keys().next_back().copied();
+            let mut paths = Vec::new();
+            for base in plan.doomed {
+                if Some(base) == active {
+                    continue;
+                }
+                if let Some(seg) = g.segments.remove(&base) {
+                    g.bytes -= seg.len;
+                    g.recent.retain(|b| *b != base);
+                    paths.push(seg.path.clone());
+                    // `seg` drops here: unmapped before the unlink below.
+                }
+            }
+            paths
+        };
+        fs::blocking(move || {
+            for path in &doomed {
+                fs::remove_file(path)?;
+                tracing::debug!(path = %path.display(), "segment deleted by retention");
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Idempotency keys of records at or after `since_ms`.

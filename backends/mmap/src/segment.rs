@@ -6,8 +6,10 @@
 //! the file handle for appends.
 
 use crate::format::{self, BatchHeader};
+use crate::fs::{self, corrupt};
+use crate::recovery::{tolerate_torn_tail, Frame, Scanned};
 use bytes::Bytes;
-use conveyor_core::{Error, ErrorKind, Result};
+use conveyor_core::{Error, Result};
 use memmap2::Mmap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -36,13 +38,6 @@ impl AsRef<[u8]> for MapOwner {
 /// The file name of the segment starting at `base`.
 pub(crate) fn file_name(base: u64) -> String {
     format!("{base:020}.log")
-}
-
-pub(crate) fn corrupt(path: &Path, pos: u64, what: impl std::fmt::Display) -> Error {
-    Error::new(
-        ErrorKind::Corrupt,
-        format!("{}: byte {pos}: {what}", path.display()),
-    )
 }
 
 /// A segment file.
@@ -244,70 +239,45 @@ impl Segment {
 }
 
 /// Scan a segment file from the start, checking every batch: the recovery
-/// of the active segment at open. Returns the segment (with its index) and
-/// whether a torn tail was cut off. Damage followed by more data is
-/// `Corrupt`; an incomplete or damaged last batch is a torn tail and is
-/// truncated away.
+/// of the active segment at open (blocking; runs on the blocking pool).
+/// Returns the segment (with its index) and where a torn tail was cut off,
+/// per the one torn-tail rule ([`tolerate_torn_tail`]).
 pub(crate) fn recover(base: u64, path: &Path) -> Result<(Segment, Option<u64>)> {
-    let data = std::fs::read(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-    let file_len = data.len() as u64;
+    let data = std::fs::read(path).map_err(fs::io("read", path))?;
+    let (segment, scanned) = scan(base, path, &data)?;
+    if let Some(at) = scanned.torn_at {
+        let dropped = data.len() as u64 - at;
+        tracing::warn!(path = %path.display(), at, dropped, "cutting torn tail");
+        fs::truncate(path, at)?;
+    }
+    Ok((segment, scanned.torn_at))
+}
+
+/// Check every batch of a segment's bytes (starting at offset `base`) and
+/// index them, without touching the file: batches must check and follow
+/// each other's offsets; a bad last batch is a torn tail.
+pub(crate) fn scan(base: u64, path: &Path, data: &[u8]) -> Result<(Segment, Scanned)> {
     let mut segment = Segment::empty(base, path.to_path_buf());
-    let mut pos = 0u64;
-    let mut torn_at = None;
-    while pos < file_len {
-        let rest = &data[pos as usize..];
-        match format::check_batch(rest) {
+    let scanned = tolerate_torn_tail(
+        path,
+        data,
+        &format::BATCH_MAGICS,
+        |pos, rest| match format::check_batch(rest) {
             Ok(header) if header.base_offset == segment.next_offset => {
                 segment.note_append(pos, &header);
-                pos += header.length as u64;
+                Ok(Frame::Valid(header.length as usize))
             }
-            Ok(header) => {
-                return Err(corrupt(
-                    path,
-                    pos,
-                    format!(
-                        "batch starts at offset {} where {} was expected",
-                        header.base_offset, segment.next_offset
-                    ),
-                ))
-            }
-            Err(e) => {
-                if is_torn_tail(rest) {
-                    torn_at = Some(pos);
-                    break;
-                }
-                return Err(corrupt(path, pos, format!("{e}, and data follows it")));
-            }
-        }
-    }
-    if let Some(at) = torn_at {
-        tracing::warn!(path = %path.display(), at, dropped = file_len - at, "cutting torn tail");
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-        file.set_len(at)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| Error::io(format!("truncate {}", path.display()), e))?;
-    }
-    Ok((segment, torn_at))
-}
-
-/// Whether a bad batch at the start of `rest` is the end of the file's
-/// writes (a torn tail) rather than damage with data after it.
-///
-/// The checksum does not cover the length field, so a damaged length can
-/// make a middle batch look incomplete. A torn write leaves only a prefix
-/// of the last batch, so the rule is: torn if and only if no valid batch
-/// starts anywhere after the bad one. (This scan runs only on the error
-/// path.)
-fn is_torn_tail(rest: &[u8]) -> bool {
-    !valid_batch_follows(rest)
-}
-
-/// Whether a batch that passes its checksum starts after byte 0 of `rest`.
-fn valid_batch_follows(rest: &[u8]) -> bool {
-    let magic = format::BATCH_MAGIC.to_le_bytes();
-    (1..rest.len().saturating_sub(format::BATCH_HEADER - 1))
-        .any(|i| rest[i..i + 4] == magic && format::check_batch(&rest[i..]).is_ok())
+            Ok(header) => Err(corrupt(
+                path,
+                pos,
+                format!(
+                    "batch starts at offset {} where {} was expected",
+                    header.base_offset, segment.next_offset
+                ),
+            )),
+            Err(e) => Ok(Frame::Bad(e)),
+        },
+        |rest| format::check_batch(rest).is_ok(),
+    )?;
+    Ok((segment, scanned))
 }

@@ -3,13 +3,15 @@
 //!
 //! Owns `state.log` and nothing else; it does not interpret keys or values.
 
+use crate::fail_stop::FailStop;
 use crate::format;
-use crate::partition::open_append;
+use crate::fs;
+use crate::recovery::{tolerate_torn_tail, Frame, Scanned};
 use bytes::Bytes;
 use conveyor_core::{Durability, Error, Result};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,32 +28,52 @@ struct Inner {
     live: u64,
 }
 
+impl Inner {
+    fn wants_compaction(&self) -> bool {
+        self.len > COMPACT_MIN && self.len > COMPACT_FACTOR * self.live
+    }
+}
+
 pub(crate) struct StateLog {
-    path: PathBuf,
-    inner: Mutex<Inner>,
+    path: Arc<PathBuf>,
+    inner: Arc<Mutex<Inner>>,
     durability: Durability,
     /// Serialises syncs and compactions.
     sync: tokio::sync::Mutex<()>,
+    /// Tripped by a failed sync: puts are refused until reopened.
+    failed: Arc<FailStop>,
 }
 
 fn entry_size(k: &str, v: &Bytes) -> u64 {
     (9 + k.len() + v.len()) as u64
 }
 
-impl StateLog {
-    /// Replay `state.log` in `dir`: torn last frame cut, damage before it
-    /// is `Corrupt`.
-    pub fn open(dir: &Path, durability: Durability) -> Result<StateLog> {
-        let path = dir.join("state.log");
-        let data = match std::fs::read(&path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
-        };
-        let mut entries = BTreeMap::new();
-        let mut pos = 0usize;
-        while pos < data.len() {
-            match format::decode_state_frame(&data[pos..]) {
+/// The file of the state log in a store directory.
+pub(crate) fn path_in(dir: &Path) -> PathBuf {
+    dir.join("state.log")
+}
+
+/// State frames replayed from a file.
+pub(crate) struct Replayed {
+    /// The table: every key's latest value.
+    pub entries: BTreeMap<String, Bytes>,
+    /// Valid frames read.
+    pub frames: u64,
+    /// Where the valid frames end and whether a torn tail follows.
+    pub scanned: Scanned,
+}
+
+/// Replay state frames from `data` (the file at `path`) into a table,
+/// per the torn-tail rule. Touches no file.
+pub(crate) fn replay(path: &Path, data: &[u8]) -> Result<Replayed> {
+    let mut entries = BTreeMap::new();
+    let mut frames = 0;
+    let scanned = tolerate_torn_tail(
+        path,
+        data,
+        &[format::STATE_MAGIC],
+        |_, rest| {
+            Ok(match format::decode_state_frame(rest) {
                 Ok((changes, len)) => {
                     for (k, v) in changes {
                         match v {
@@ -59,47 +81,51 @@ impl StateLog {
                             None => entries.remove(&k),
                         };
                     }
-                    pos += len;
+                    frames += 1;
+                    Frame::Valid(len)
                 }
-                Err(e) => {
-                    // Torn only if no valid frame follows (the checksum
-                    // does not cover the length: see segment::is_torn_tail).
-                    let rest = &data[pos..];
-                    let magic = format::STATE_MAGIC.to_le_bytes();
-                    let torn = !(1..rest.len().saturating_sub(3)).any(|i| {
-                        rest[i..i + 4] == magic && format::decode_state_frame(&rest[i..]).is_ok()
-                    });
-                    if !torn {
-                        return Err(crate::segment::corrupt(
-                            &path,
-                            pos as u64,
-                            format!("{e}, and data follows it"),
-                        ));
-                    }
-                    tracing::warn!(path = %path.display(), at = pos, "cutting torn state frame");
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-                    f.set_len(pos as u64)
-                        .and_then(|()| f.sync_all())
-                        .map_err(|e| Error::io(format!("truncate {}", path.display()), e))?;
-                    break;
-                }
-            }
+                Err(e) => Frame::Bad(e),
+            })
+        },
+        |rest| format::decode_state_frame(rest).is_ok(),
+    )?;
+    Ok(Replayed {
+        entries,
+        frames,
+        scanned,
+    })
+}
+
+impl StateLog {
+    /// Replay `state.log` in `dir` (blocking): torn last frame cut, damage
+    /// before it is `Corrupt`.
+    pub fn open(dir: &Path, durability: Durability) -> Result<StateLog> {
+        let path = path_in(dir);
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(fs::io("read", &path)(e)),
+        };
+        let Replayed {
+            entries, scanned, ..
+        } = replay(&path, &data)?;
+        if let Some(at) = scanned.torn_at {
+            tracing::warn!(path = %path.display(), at, "cutting torn state frame");
+            fs::truncate(&path, at)?;
         }
         let live = entries.iter().map(|(k, v)| entry_size(k, v)).sum();
-        let file = Arc::new(open_append(&path)?);
+        let file = Arc::new(fs::open_append(&path)?);
         Ok(StateLog {
-            path,
-            inner: Mutex::new(Inner {
+            path: Arc::new(path),
+            inner: Arc::new(Mutex::new(Inner {
                 file,
-                len: pos as u64,
+                len: scanned.valid_len,
                 entries,
                 live,
-            }),
+            })),
             durability,
             sync: tokio::sync::Mutex::new(()),
+            failed: Arc::new(FailStop::default()),
         })
     }
 
@@ -113,18 +139,21 @@ impl StateLog {
     }
 
     /// Append one frame with all `changes`; durable per the durability.
+    /// Refused once a sync of the state log failed (fail-stop).
     pub async fn put(&self, changes: Vec<(String, Option<Bytes>)>) -> Result<()> {
         if changes.is_empty() {
             return Ok(());
         }
-        let frame = format::encode_state_frame(&changes);
+        self.failed.check()?;
+        let frame = format::encode_state_frame(&changes)
+            .map_err(|e| Error::invalid(format!("{}: state change: {e}", self.path.display())))?;
         let (file, compact) = {
             let mut inner = self.inner.lock();
             let before = inner.len;
             if let Err(e) = (&*inner.file).write_all(&frame) {
                 // Never leave half a frame before the next one.
                 let _ = inner.file.set_len(before);
-                return Err(Error::io(format!("write {}", self.path.display()), e));
+                return Err(fs::io("write", &self.path)(e));
             }
             inner.len += frame.len() as u64;
             for (k, v) in changes {
@@ -141,12 +170,11 @@ impl StateLog {
                     }
                 }
             }
-            let compact = inner.len > COMPACT_MIN && inner.len > COMPACT_FACTOR * inner.live;
-            (inner.file.clone(), compact)
+            (inner.file.clone(), inner.wants_compaction())
         };
         if self.durability == Durability::Always {
             let _g = self.sync.lock().await;
-            sync_file(file, &self.path).await?;
+            self.sync_file(file).await?;
         }
         if compact {
             self.compact().await?;
@@ -154,54 +182,58 @@ impl StateLog {
         Ok(())
     }
 
+    /// `fdatasync` the state log off the runtime; a failure trips the
+    /// fail-stop. Callers hold `self.sync`.
+    async fn sync_file(&self, file: Arc<File>) -> Result<()> {
+        self.failed.check()?;
+        let path = self.path.clone();
+        let result = fs::blocking(move || fs::sync_data(&file, &path)).await;
+        self.failed.watch(&self.path, result)
+    }
+
     /// Rewrite the live entries as one frame and swap it in atomically
-    /// (write a new file, sync, rename over, sync the directory). Rare, so
-    /// it runs under the lock: no frame can slip in between.
+    /// (`fs::write_atomic`), on the blocking pool. Rare, so it holds the
+    /// table's lock throughout: no frame can slip in between (puts wait
+    /// for it).
     async fn compact(&self) -> Result<()> {
         let _g = self.sync.lock().await;
-        let mut inner = self.inner.lock();
-        if !(inner.len > COMPACT_MIN && inner.len > COMPACT_FACTOR * inner.live) {
-            return Ok(());
-        }
-        let tmp = self.path.with_extension("log.compact");
-        let entries: Vec<(String, Option<Bytes>)> = inner
-            .entries
-            .iter()
-            .map(|(k, v)| (k.clone(), Some(v.clone())))
-            .collect();
-        let frame = format::encode_state_frame(&entries);
-        let swap = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&frame)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            if let Some(dir) = self.path.parent() {
-                File::open(dir)?.sync_all()?;
+        self.failed.check()?;
+        let (inner, path) = (self.inner.clone(), self.path.clone());
+        let result = fs::blocking(move || {
+            let mut inner = inner.lock();
+            if !inner.wants_compaction() {
+                return Ok(());
             }
+            let entries: Vec<(String, Option<Bytes>)> = inner
+                .entries
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                .collect();
+            let frame = format::encode_state_frame(&entries)
+                .map_err(|e| Error::internal(format!("compact {}: {e}", path.display())))?;
+            fs::write_atomic(&path, &frame)?;
+            inner.file = Arc::new(fs::open_append(&path)?);
+            inner.len = frame.len() as u64;
+            tracing::debug!(path = %path.display(), bytes = inner.len, "state log compacted");
             Ok(())
-        };
-        swap().map_err(|e| Error::io(format!("compact {}", self.path.display()), e))?;
-        inner.file = Arc::new(open_append(&self.path)?);
-        inner.len = frame.len() as u64;
-        tracing::debug!(path = %self.path.display(), bytes = inner.len, "state log compacted");
-        Ok(())
+        })
+        .await;
+        self.failed.watch(&self.path, result)
+    }
+
+    /// The same, from a plain thread (the interval flusher).
+    pub fn flush_blocking(&self) -> Result<()> {
+        let _g = self.sync.blocking_lock();
+        self.failed.check()?;
+        let file = self.inner.lock().file.clone();
+        self.failed
+            .watch(&self.path, fs::sync_data(&file, &self.path))
     }
 
     /// Sync the state log now.
     pub async fn flush(&self) -> Result<()> {
         let _g = self.sync.lock().await;
         let file = self.inner.lock().file.clone();
-        sync_file(file, &self.path).await
+        self.sync_file(file).await
     }
-}
-
-/// `fdatasync` off the async runtime.
-pub(crate) async fn sync_file(file: Arc<File>, path: &Path) -> Result<()> {
-    let result = match tokio::runtime::Handle::try_current() {
-        Ok(_) => tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .map_err(|e| Error::internal(format!("sync task: {e}")))?,
-        Err(_) => file.sync_data(),
-    };
-    result.map_err(|e| Error::io(format!("sync {}", path.display()), e))
 }

@@ -1,7 +1,8 @@
 //! Property tests of the on-disk format ([`conveyor_mmap::format`]).
 //!
 //! Round trips: any batch of 1..50 records (keys, values, headers with
-//! duplicate names, idempotency keys, all optional parts present or not)
+//! duplicate names, idempotency keys, delivery times, all optional parts
+//! present or not)
 //! and any state frame decode to exactly what was encoded. Robustness: the
 //! decoders (`decode_batch`, `check_batch`, `read_header`,
 //! `decode_state_frame`) return `Ok` or `Err` on arbitrary bytes, on valid
@@ -12,7 +13,8 @@ use bytes::Bytes;
 use conveyor_core::Header;
 use conveyor_mmap::format::{
     check_batch, decode_batch, decode_state_frame, encode_batch, encode_state_frame, read_header,
-    DecodeError, RecordData, BATCH_HEADER, BATCH_MAGIC, STATE_HEADER, STATE_MAGIC,
+    DecodeError, EncodeError, RecordData, BATCH_HEADER, BATCH_MAGIC_V1, BATCH_MAGIC_V2,
+    STATE_HEADER, STATE_MAGIC,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -42,14 +44,17 @@ fn record() -> impl Strategy<Value = RecordData> {
         prop_oneof![bytes_up_to(64), bytes_up_to(2048)],
         proptest::option::of(".{0,24}"),
         vec(header(), 0..5),
+        proptest::option::of(any::<u64>()),
     )
-        .prop_map(|(key, value, idempotency_key, headers)| RecordData {
-            key,
-            value,
-            idempotency_key,
-            headers,
-            deliver_at: None,
-        })
+        .prop_map(
+            |(key, value, idempotency_key, headers, deliver_at)| RecordData {
+                key,
+                value,
+                idempotency_key,
+                headers,
+                deliver_at,
+            },
+        )
 }
 
 fn batch() -> impl Strategy<Value = (u64, u64, Vec<RecordData>)> {
@@ -102,6 +107,23 @@ proptest! {
         prop_assert_eq!(&back, &records);
     }
 
+    /// A version-1 batch (written by the tests' own v1 encoder, as stores
+    /// written before delivery times hold them) decodes to its records
+    /// with no delivery time; its header says version 1.
+    #[test]
+    fn version_1_batch_decodes((base, timestamp, records) in batch()) {
+        let records: Vec<RecordData> = records
+            .into_iter()
+            .map(|r| RecordData { deliver_at: None, ..r })
+            .collect();
+        let enc = encode_v1(base, timestamp, &records);
+        let (h, back) = decode_batch(&Bytes::from(enc.clone())).expect("v1 decodes");
+        prop_assert_eq!(h.version, 1);
+        prop_assert_eq!(h.length as usize, enc.len());
+        prop_assert_eq!((h.base_offset, h.timestamp), (base, timestamp));
+        prop_assert_eq!(back, records);
+    }
+
     /// A batch followed by other bytes (the next batch of a segment)
     /// decodes the same: the decoder reads exactly `length` bytes.
     #[test]
@@ -138,7 +160,7 @@ proptest! {
     /// Any state frame decodes to its changes, in order, and its length.
     #[test]
     fn state_frame_round_trip(changes in state_changes(), trailing in vec(any::<u8>(), 0..32)) {
-        let enc = encode_state_frame(&changes);
+        let enc = encode_state_frame(&changes).expect("small frame encodes");
         let (back, len) = decode_state_frame(&enc).expect("decodes");
         prop_assert_eq!(len, enc.len());
         prop_assert_eq!(&back, &changes);
@@ -152,7 +174,7 @@ proptest! {
     /// Every strict prefix of a state frame is refused.
     #[test]
     fn every_prefix_of_a_state_frame_is_refused(changes in state_changes()) {
-        let enc = encode_state_frame(&changes);
+        let enc = encode_state_frame(&changes).expect("small frame encodes");
         for cut in 0..enc.len() {
             prop_assert!(decode_state_frame(&enc[..cut]).is_err(), "cut at {}", cut);
         }
@@ -168,12 +190,12 @@ proptest! {
     /// (so the decoders get past their first checks): none panics.
     #[test]
     fn arbitrary_bytes_behind_a_magic_never_panic(
-        batch_magic in any::<bool>(),
+        magic in prop_oneof![Just(BATCH_MAGIC_V1), Just(BATCH_MAGIC_V2), Just(STATE_MAGIC)],
         body in vec(any::<u8>(), 0..512),
         length_matches in any::<bool>(),
     ) {
         let mut bytes = Vec::with_capacity(body.len() + 8);
-        bytes.extend_from_slice(&if batch_magic { BATCH_MAGIC } else { STATE_MAGIC }.to_le_bytes());
+        bytes.extend_from_slice(&magic.to_le_bytes());
         let len = if length_matches { body.len() as u32 + 8 } else { body.len() as u32 / 2 + 8 };
         bytes.extend_from_slice(&len.to_le_bytes());
         bytes.extend_from_slice(&body);
@@ -238,7 +260,7 @@ proptest! {
         flips in vec((any::<prop::sample::Index>(), 1u8..=255), 1..4),
         fix_crc in any::<bool>(),
     ) {
-        let original = encode_state_frame(&changes);
+        let original = encode_state_frame(&changes).expect("small frame encodes");
         let mut enc = original.clone();
         for (at, xor) in &flips {
             let i = at.index(enc.len());
@@ -254,6 +276,49 @@ proptest! {
         }
         decode_everything(&enc);
     }
+}
+
+/// The version-1 batch layout, encoded independently of the crate (the
+/// layout table of `format` before version 2).
+fn encode_v1(base: u64, timestamp: u64, records: &[RecordData]) -> Vec<u8> {
+    let mut b = Vec::new();
+    let put32 = |b: &mut Vec<u8>, v: u32| b.extend_from_slice(&v.to_le_bytes());
+    put32(&mut b, BATCH_MAGIC_V1);
+    put32(&mut b, 0);
+    put32(&mut b, 0);
+    put32(&mut b, records.len() as u32);
+    b.extend_from_slice(&base.to_le_bytes());
+    b.extend_from_slice(&timestamp.to_le_bytes());
+    for r in records {
+        match &r.key {
+            Some(k) => {
+                put32(&mut b, k.len() as u32);
+                b.extend_from_slice(k);
+            }
+            None => put32(&mut b, u32::MAX),
+        }
+        put32(&mut b, r.value.len() as u32);
+        b.extend_from_slice(&r.value);
+        match &r.idempotency_key {
+            Some(k) => {
+                put32(&mut b, k.len() as u32);
+                b.extend_from_slice(k.as_bytes());
+            }
+            None => put32(&mut b, u32::MAX),
+        }
+        put32(&mut b, r.headers.len() as u32);
+        for h in &r.headers {
+            put32(&mut b, h.name.len() as u32);
+            b.extend_from_slice(h.name.as_bytes());
+            put32(&mut b, h.value.len() as u32);
+            b.extend_from_slice(&h.value);
+        }
+    }
+    let len = b.len() as u32;
+    b[4..8].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32c(&b[12..]);
+    b[8..12].copy_from_slice(&crc.to_le_bytes());
+    b
 }
 
 /// CRC32C (Castagnoli), bitwise: the tests' own, independent of the crate
@@ -280,7 +345,7 @@ fn own_crc32c_matches_the_standard_check_value() {
 
 #[test]
 fn empty_batch_and_oversize_fields_are_refused() {
-    assert_eq!(encode_batch(0, 0, &[]), Err(DecodeError::BadLength));
+    assert_eq!(encode_batch(0, 0, &[]), Err(EncodeError::Empty));
     // A header claiming more records than could fit in its length.
     let mut enc = encode_batch(
         0,

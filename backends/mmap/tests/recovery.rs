@@ -12,7 +12,10 @@
 //! - The state log's last frame is cut at every byte: every commit before
 //!   it survives.
 
+mod common;
+
 use bytes::Bytes;
+use common::copy_dir;
 use conveyor_core::prelude::*;
 use conveyor_core::{
     Broker, BrokerOptions, Durability, ErrorKind, GroupConfig, Message, Record, TopicConfig,
@@ -123,19 +126,6 @@ fn batches(file: &[u8]) -> Vec<(usize, usize, u64, u32)> {
         pos += h.length as usize;
     }
     out
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("list") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
 }
 
 /// A store with `TOPIC` (2 partitions) whose partition 0 got `sizes`

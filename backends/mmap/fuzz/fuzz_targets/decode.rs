@@ -1,9 +1,10 @@
 //! Fuzz target: conveyor-mmap's decoders on arbitrary bytes.
 //!
 //! Feeds the input to `decode_batch` (as a segment would hand it: a shared
-//! buffer), `read_header`, `check_batch` and `decode_state_frame`, and walks
-//! it as a segment and as a state log the way recovery does (batch after
-//! batch while they decode). Any panic, overflow or out-of-bounds read is a
+//! buffer; both batch versions, `"CVB1"` and `"CVB2"` with delivery
+//! times), `read_header`, `check_batch` and `decode_state_frame`, and
+//! walks it as a segment and as a state log the way recovery does (batch
+//! after batch while they decode). Any panic, overflow or out-of-bounds read is a
 //! bug: the decoder must return `Ok` or `Err` for every input.
 #![no_main]
 
@@ -18,6 +19,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok((header, records)) = decode_batch(&shared) {
         assert_eq!(header.count as usize, records.len());
         assert!(header.length as usize <= data.len());
+        assert!(header.version == 1 || header.version == 2);
+        if header.version == 1 {
+            assert!(records.iter().all(|r| r.deliver_at.is_none()));
+        }
     }
     // Walk as a segment: batch after batch.
     let mut pos = 0usize;
