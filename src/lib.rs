@@ -79,13 +79,16 @@ pub use conveyor_mmap as mmap;
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
+/// A backend's `open_url`.
+type OpenUrl = for<'a> fn(&'a BrokerUrl) -> BoxFuture<'a, Result<Arc<dyn Broker>>>;
+
 /// How the facade opens one backend: its schemes, the cargo feature that
 /// compiles it in, and its `open_url` (`None` when the feature is off).
 struct Driver {
     name: &'static str,
     feature: &'static str,
     schemes: &'static [&'static str],
-    open: Option<for<'a> fn(&'a BrokerUrl) -> BoxFuture<'a, Result<Arc<dyn Broker>>>>,
+    open: Option<OpenUrl>,
 }
 
 /// Every backend Conveyor knows, compiled in or not.
