@@ -10,6 +10,9 @@
 //! CONVEYOR_BENCH_URL='mmap://{tmp}?durability=always' cargo bench --bench throughput
 //! ```
 
+// A benchmark: a failed unwrap aborts the run, which is what we want.
+#![allow(clippy::unwrap_used)]
+
 use conveyor::prelude::*;
 use conveyor::{Broker, GroupConfig, Record, TopicConfig};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

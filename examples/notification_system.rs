@@ -168,7 +168,12 @@ impl Provider {
         if self.channel == Channel::Sms && rand::thread_rng().gen_bool(self.transient_rate) {
             return Err(HandlerError::new("provider timeout"));
         }
-        *self.delivered.lock().unwrap().entry(event.id).or_insert(0) += 1;
+        *self
+            .delivered
+            .lock()
+            .expect("no worker panicked holding the lock")
+            .entry(event.id)
+            .or_insert(0) += 1;
         Ok(())
     }
 }
@@ -241,7 +246,10 @@ fn loyalty_handler(loyalty: Arc<Loyalty>) -> impl Handler {
         let loyalty = loyalty.clone();
         async move {
             let event = decode(&message)?;
-            let mut last = loyalty.last_seq.lock().unwrap();
+            let mut last = loyalty
+                .last_seq
+                .lock()
+                .expect("no worker panicked holding the lock");
             let expected = last.get(&event.order).map_or(0, |s| s + 1);
             if event.seq < expected {
                 return Ok(()); // seen before (redelivery or redrive)
@@ -253,7 +261,7 @@ fn loyalty_handler(loyalty: Arc<Loyalty>) -> impl Handler {
             *loyalty
                 .points
                 .lock()
-                .unwrap()
+                .expect("no worker panicked holding the lock")
                 .entry(event.customer)
                 .or_insert(0) += points(event.kind);
             Ok(())
@@ -571,7 +579,10 @@ async fn run(args: Args) -> conveyor::Result<Summary> {
         ..Summary::default()
     };
     for channel in Channel::ALL {
-        let delivered = providers[&channel].delivered.lock().unwrap();
+        let delivered = providers[&channel]
+            .delivered
+            .lock()
+            .expect("no worker panicked holding the lock");
         let expected: Vec<&Event> = events.iter().filter(|e| channel.wants(e.kind)).collect();
         let sent = delivered.len() as u64;
         summary.sent_twice += delivered.values().filter(|n| **n > 1).count() as u64;
@@ -590,7 +601,11 @@ async fn run(args: Args) -> conveyor::Result<Summary> {
     for e in &events {
         *expected_points.entry(e.customer).or_insert(0) += points(e.kind);
     }
-    summary.loyalty_points_match = *loyalty.points.lock().unwrap() == expected_points;
+    summary.loyalty_points_match = *loyalty
+        .points
+        .lock()
+        .expect("no worker panicked holding the lock")
+        == expected_points;
     summary.loyalty_out_of_order = loyalty.out_of_order.load(Ordering::Relaxed);
     summary.duplicates_suppressed = suppressed.iter().map(|c| c.load(Ordering::Relaxed)).sum();
     summary.crashes_injected = crashes_injected;

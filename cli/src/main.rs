@@ -56,7 +56,7 @@ enum Command {
 pub(crate) type CliResult = Result<(), String>;
 
 pub(crate) fn fail(e: conveyor::Error) -> String {
-    e.to_string()
+    e.chain().to_string()
 }
 
 async fn broker(url: Option<&str>) -> Result<Arc<dyn conveyor::Broker>, String> {

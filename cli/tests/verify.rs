@@ -1,6 +1,8 @@
 //! `conveyor verify --url mmap:///dir`: a clean store exits 0 with its
 //! counts; a flipped byte in a sealed segment exits 1 with an error line
 //! naming the file; the store is not modified.
+// Test code: a failed unwrap is a failed test, with its line.
+#![allow(clippy::unwrap_used)]
 
 use assert_cmd::Command;
 use predicates::prelude::*;

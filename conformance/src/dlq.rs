@@ -401,8 +401,10 @@ pub async fn redrive_reaches_only_the_failing_group(backend: &dyn Backend) -> Re
     let topic = ctx.topic("fanout", 2).await?;
     let p = ctx.producer().await?;
     for i in 0..4 {
-        p.send(&topic, original().with_header("i", format!("{i}")))
-            .await?;
+        let r = original()
+            .with_header("i", format!("{i}"))
+            .with_idempotency_key(format!("evt-{i}"));
+        p.send(&topic, r).await?;
     }
     let (sms, email, audit) = (unique("sms"), unique("email"), unique("audit"));
     let sms_c = ctx.broker.consumer(&sms, &[&topic], queue_cfg(1)).await?;
@@ -429,6 +431,12 @@ pub async fn redrive_reaches_only_the_failing_group(backend: &dyn Backend) -> Re
     let again = poll_exactly(sms_c.as_ref(), 4, Duration::from_millis(50)).await?;
     for m in &again {
         assert_eq!(m.header_str(HEADER_REDRIVE_GROUP), Some(sms.as_str()));
+        let i = m.header_str("i").expect("original headers kept");
+        assert_eq!(
+            m.idempotency_key.as_deref(),
+            Some(format!("evt-{i}").as_str()),
+            "the producer's idempotency key survives the DLQ and the redrive (§8)"
+        );
         sms_c.ack(m).await?;
     }
     let email_more = email_c.poll(16, Duration::from_millis(100)).await?;

@@ -42,6 +42,8 @@
 //! conditions with [`eventually`], never on bare sleeps where an event can
 //! be awaited. Every case runs under a 60 s deadline.
 #![deny(missing_docs)]
+// The suite is test code: a failed unwrap is a failed case, with its line.
+#![allow(clippy::unwrap_used)]
 
 pub mod delayed;
 pub mod dlq;

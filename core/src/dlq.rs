@@ -28,12 +28,22 @@ pub const HEADER_ATTEMPTS: &str = "conveyor.dlq.attempts";
 pub const HEADER_ERROR: &str = "conveyor.dlq.error";
 /// When it was dead-lettered, ms since the epoch.
 pub const HEADER_FAILED_AT: &str = "conveyor.dlq.failed_at";
+/// The producer's idempotency key of the failed message, if it had one.
+/// Kept as a header, not as the DLQ record's own idempotency key: a
+/// message dead-lettered again after a redrive must be appended again, not
+/// deduplicated away.
+pub const HEADER_IDEMPOTENCY_KEY: &str = "conveyor.dlq.idempotency_key";
 /// Kept on redriven records for audit: the attempts made before redrive.
 pub const HEADER_REDRIVE_ATTEMPTS: &str = "conveyor.redrive.attempts";
 /// On redriven records: the one group the record is addressed to (the
 /// group that dead-lettered it). Every other group of the topic settles
 /// the record without delivering it (contract §5).
 pub const HEADER_REDRIVE_GROUP: &str = "conveyor.redrive.group";
+/// On redriven records: the producer's idempotency key of the original,
+/// which consumers see as [`crate::Message::idempotency_key`] (so an
+/// idempotent handler recognises the event), while the redriven record is
+/// not deduplicated against the original (it would be dropped).
+pub const HEADER_REDRIVE_IDEMPOTENCY_KEY: &str = "conveyor.redrive.idempotency_key";
 /// The group redrive uses on a DLQ topic.
 pub const REDRIVE_GROUP: &str = "conveyor.redrive";
 
@@ -54,6 +64,8 @@ pub struct DeadLetter<'a> {
     pub error: Option<&'a str>,
     /// Time of failure, ms since the epoch.
     pub failed_at: u64,
+    /// The producer's idempotency key of the failed message, if any.
+    pub idempotency_key: Option<&'a str>,
 }
 
 /// The DLQ record for a failed message: its key, value and headers plus the
@@ -75,6 +87,9 @@ pub fn dead_letter_record(
     push(HEADER_ATTEMPTS, dead.attempts.to_string());
     push(HEADER_ERROR, dead.error.unwrap_or("").to_string());
     push(HEADER_FAILED_AT, dead.failed_at.to_string());
+    if let Some(k) = dead.idempotency_key {
+        push(HEADER_IDEMPOTENCY_KEY, k.to_string());
+    }
     record
 }
 
@@ -112,6 +127,11 @@ pub fn redrive_record(
     record
         .headers
         .push(Header::new(HEADER_REDRIVE_GROUP, group));
+    if let Some(k) = find(HEADER_IDEMPOTENCY_KEY) {
+        record
+            .headers
+            .push(Header::new(HEADER_REDRIVE_IDEMPOTENCY_KEY, k.to_string()));
+    }
     Ok((topic, record))
 }
 
@@ -119,7 +139,20 @@ pub fn redrive_record(
 /// `max_message_bytes`: a record that fit when first sent must be
 /// redriven, contract §5).
 pub fn is_redrive_header(name: &str) -> bool {
-    name == HEADER_REDRIVE_ATTEMPTS || name == HEADER_REDRIVE_GROUP
+    name == HEADER_REDRIVE_ATTEMPTS
+        || name == HEADER_REDRIVE_GROUP
+        || name == HEADER_REDRIVE_IDEMPOTENCY_KEY
+}
+
+/// The producer's idempotency key a DLQ record or a redriven record
+/// carries in its headers (see [`HEADER_IDEMPOTENCY_KEY`],
+/// [`HEADER_REDRIVE_IDEMPOTENCY_KEY`]).
+pub fn carried_idempotency_key(headers: &[Header]) -> Option<&str> {
+    headers
+        .iter()
+        .rev()
+        .find(|h| h.name == HEADER_REDRIVE_IDEMPOTENCY_KEY || h.name == HEADER_IDEMPOTENCY_KEY)
+        .and_then(|h| std::str::from_utf8(&h.value).ok())
 }
 
 /// The group a redriven record is addressed to, if it is one. Backends
@@ -218,6 +251,7 @@ mod tests {
             attempts: 5,
             error: Some("smtp 550"),
             failed_at: 1000,
+            idempotency_key: Some("evt-1"),
         };
         let r = dead_letter_record(
             Some(Bytes::from_static(b"k")),
@@ -225,7 +259,8 @@ mod tests {
             &headers,
             &dead,
         );
-        assert_eq!(r.headers.len(), 9);
+        assert_eq!(r.headers.len(), 10);
+        assert_eq!(carried_idempotency_key(&r.headers), Some("evt-1"));
         let (topic, back) = redrive_record(r.key.clone(), r.value.clone(), &r.headers).unwrap();
         assert_eq!(topic, "orders");
         assert_eq!(&back.headers[..2], &headers[..]);
@@ -233,6 +268,11 @@ mod tests {
         assert_eq!(back.headers[3], Header::new(HEADER_REDRIVE_GROUP, "email"));
         assert_eq!(back.key.as_deref(), Some(&b"k"[..]));
         assert_eq!(addressed_to(&back.headers), Some("email"));
+        assert_eq!(
+            back.idempotency_key, None,
+            "never deduplicated against the original"
+        );
+        assert_eq!(carried_idempotency_key(&back.headers), Some("evt-1"));
         assert!(is_for_group(&back.headers, "email"));
         assert!(!is_for_group(&back.headers, "sms"));
         assert!(
@@ -247,7 +287,7 @@ mod tests {
         };
         let again = dead_letter_record(back.key.clone(), back.value.clone(), &back.headers, &dead);
         let (_, twice) = redrive_record(again.key, again.value, &again.headers).unwrap();
-        assert_eq!(twice.headers.len(), 4, "{:?}", twice.headers);
+        assert_eq!(twice.headers.len(), 5, "{:?}", twice.headers);
         assert_eq!(twice.headers[2], Header::new(HEADER_REDRIVE_ATTEMPTS, "2"));
     }
 }

@@ -123,8 +123,10 @@ impl Error {
         &self.message
     }
 
-    /// Whether retrying the same call later may succeed (the server was
-    /// unreachable, or a lock was busy).
+    /// Whether retrying the same call later may succeed: true only for
+    /// [`ErrorKind::Unavailable`] (a server backend could not reach its
+    /// server). Every other kind fails again the same way until something
+    /// changes (the input, the owner of a lock, a reopened store).
     pub fn is_retriable(&self) -> bool {
         matches!(self.kind, ErrorKind::Unavailable)
     }
@@ -155,8 +157,37 @@ impl Error {
         Error::new(ErrorKind::Internal, message)
     }
 
-    /// An [`ErrorKind::Io`] error with context.
+    /// An [`ErrorKind::Io`] error: `context` (what was being done, to
+    /// which file) is the message, `err` the [`source`](std::error::Error::source),
+    /// so a chain printer shows each once. [`Error::chain`] prints both.
     pub fn io(context: impl Into<String>, err: std::io::Error) -> Self {
-        Error::new(ErrorKind::Io, format!("{}: {err}", context.into())).with_source(err)
+        Error::new(ErrorKind::Io, context).with_source(err)
+    }
+
+    /// The error and every source under it, `: `-separated, for a log line
+    /// or a command-line tool:
+    ///
+    /// ```
+    /// use conveyor_core::Error;
+    /// let e = Error::io("open /q/LOCK", std::io::Error::other("permission denied"));
+    /// assert_eq!(e.to_string(), "i/o error: open /q/LOCK");
+    /// assert_eq!(e.chain().to_string(), "i/o error: open /q/LOCK: permission denied");
+    /// ```
+    pub fn chain(&self) -> impl fmt::Display + '_ {
+        Chain(self)
+    }
+}
+
+struct Chain<'a>(&'a Error);
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = std::error::Error::source(self.0);
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
     }
 }

@@ -238,7 +238,8 @@ pub struct Message {
     /// Delivery attempt: 1 on first delivery.
     pub attempt: u32,
     /// The producer's idempotency key, if it set one: the natural event id
-    /// for [`crate::runner::Idempotent`].
+    /// for [`crate::runner::Idempotent`]. Kept through dead-lettering and
+    /// redrive.
     pub idempotency_key: Option<String>,
     /// When the producer asked for it to be delivered (delayed delivery),
     /// ms since the epoch.
@@ -259,6 +260,11 @@ impl Message {
     ) -> Self {
         let topic = topic.into();
         token.origin = origin(&topic, partition, stored.offset, attempt);
+        // Dead-lettered and redriven records carry the original's key in a
+        // header (they must not be deduplicated against it).
+        let idempotency_key = stored
+            .idempotency_key
+            .or_else(|| crate::dlq::carried_idempotency_key(&stored.headers).map(str::to_string));
         Message {
             topic,
             partition,
@@ -268,7 +274,7 @@ impl Message {
             headers: stored.headers,
             timestamp: stored.timestamp,
             attempt,
-            idempotency_key: stored.idempotency_key,
+            idempotency_key,
             deliver_at: stored.deliver_at,
             token,
         }

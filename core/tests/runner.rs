@@ -1,6 +1,8 @@
 //! The handler runner: retries, dead letters, per-partition order in
 //! stream mode across polls and rewinds, graceful shutdown, idempotency.
 
+// Test code: a failed unwrap is a failed test, with its line.
+#![allow(clippy::unwrap_used)]
 use conveyor_core::prelude::*;
 use conveyor_core::runner::{HandlerError, Idempotent, Runner, RunnerConfig};
 use conveyor_core::{Broker, DlqPolicy, GroupConfig, Message, Record, RetryBackoff, TopicConfig};

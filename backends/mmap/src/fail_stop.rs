@@ -33,7 +33,7 @@ impl FailStop {
                 "a previous sync of {} failed ({}); writes are refused until the store is \
                  reopened (data not yet synced may be lost)",
                 file.display(),
-                e.message()
+                e.chain()
             ));
         }
         result

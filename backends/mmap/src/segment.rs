@@ -129,6 +129,7 @@ impl Segment {
         // no longer than the file's complete batches, so every mapped page
         // is backed by the file: no SIGBUS. Another process modifying the
         // files breaks the store's ownership contract (ErrorKind::Locked).
+        #[expect(unsafe_code, reason = "the one mapping of the crate; see SAFETY above")]
         let map = unsafe {
             memmap2::MmapOptions::new()
                 .len(self.len as usize)

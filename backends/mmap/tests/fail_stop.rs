@@ -53,7 +53,11 @@ async fn a_failed_partition_sync_stops_appends_until_reopen() {
         .await
         .expect_err("the sync failed");
     assert_eq!(e.kind(), ErrorKind::Io, "{e}");
-    assert!(e.message().contains("injected sync failure"), "{e}");
+    assert!(
+        e.chain().to_string().contains("injected sync failure"),
+        "the cause is the source: {}",
+        e.chain()
+    );
 
     // (b) Every later send to that partition fails with the fail-stop
     // error, naming the file: the sync is not retried as if nothing

@@ -21,6 +21,8 @@
 //! The kill delays (20–300 ms after the child starts) come from a seed
 //! printed at the start; `CONVEYOR_KILL_SEED=<n>` replays one, and
 //! `CONVEYOR_KILL_ROUNDS=<n>` changes the number of kills (20).
+// Test code: a failed unwrap is a failed test, with its line.
+#![allow(clippy::unwrap_used)]
 
 use bytes::Bytes;
 use conveyor_core::prelude::*;

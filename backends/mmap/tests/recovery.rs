@@ -11,6 +11,8 @@
 //!   is closed or dropped the store opens again.
 //! - The state log's last frame is cut at every byte: every commit before
 //!   it survives.
+// Test code: a failed unwrap is a failed test, with its line.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! clean store gives its counts; a flipped byte in a sealed segment (which
 //! opening does not read) is `Corrupt` naming the file and position; a
 //! torn tail is reported, not cut; a store open elsewhere is `Locked`.
+// Test code: a failed unwrap is a failed test, with its line.
+#![allow(clippy::unwrap_used)]
 
 use conveyor_core::prelude::*;
 use conveyor_core::{Broker, BrokerOptions, ErrorKind, Record, TopicConfig};

@@ -531,10 +531,13 @@ async fn dead_letter_nacked<S: LogStorage>(
         attempts,
         error: reason.as_deref(),
         failed_at: now_ms(),
+        idempotency_key: m.idempotency_key.as_deref(),
     };
     let tp = TopicPartition::new(m.topic.clone(), m.partition);
-    let data = (m.key.clone(), m.value.clone(), m.headers.clone());
-    let result = inner.append_dead_letter(&group, &config, data, dead).await;
+    let record = dlq::dead_letter_record(m.key.clone(), m.value.clone(), &m.headers, &dead);
+    let result = inner
+        .append_dead_letter(&group, &config, record, &dead)
+        .await;
     let key = {
         let mut guard = inner.state.lock();
         let Some(g) = guard.groups.get_mut(&group) else {

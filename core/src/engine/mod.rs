@@ -33,7 +33,7 @@ use crate::config::{BrokerOptions, DeliveryMode, GroupConfig, StartFrom, TopicCo
 use crate::describe::{GroupLag, PartitionDescription, PartitionLag, TopicDescription};
 use crate::dlq::{dead_letter_record, DeadLetter};
 use crate::error::{Error, ErrorKind, Result};
-use crate::record::{DeliveryToken, Header, Message, Receipt, Record};
+use crate::record::{DeliveryToken, Message, Receipt, Record};
 use crate::{now_ms, partitioner, validate};
 use async_trait::async_trait;
 use bytes::Bytes;

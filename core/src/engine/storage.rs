@@ -143,19 +143,53 @@ pub trait LogStorage: Send + Sync + 'static {
     fn capabilities(&self) -> Capabilities;
 
     /// Every state key and its latest value, read at open.
+    ///
+    /// # Errors
+    /// `Corrupt` naming the file and position for damaged state; `Io`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
     async fn load_state(&self) -> Result<Vec<(String, Bytes)>>;
 
     /// Set (`Some`) or delete (`None`) state keys, atomically.
+    ///
+    /// # Errors
+    /// `Io` (a storage that failed a sync refuses further writes until
+    /// reopened); `Closed`. On error nothing of the batch may be assumed
+    /// applied: the engine keeps the keys dirty and writes them again.
+    ///
+    /// # Cancel safety
+    /// Must be atomic even if dropped: all of the batch or none is stored.
     async fn put_state(&self, changes: Vec<(String, Option<Bytes>)>) -> Result<()>;
 
     /// Make sure partitions `0..partitions` of `topic` exist (creating empty
     /// logs for missing ones). Called on create, on growth and at open.
+    ///
+    /// # Errors
+    /// `Io`, `Closed`.
+    ///
+    /// # Cancel safety
+    /// Idempotent: dropped mid-call, calling again finishes the job.
     async fn ensure_partitions(&self, topic: &str, partitions: u32) -> Result<()>;
 
     /// Remove a topic's logs.
+    ///
+    /// # Errors
+    /// `Io`, `Closed`.
+    ///
+    /// # Cancel safety
+    /// Idempotent: dropped mid-call, calling again finishes the job.
     async fn drop_topic(&self, topic: &str) -> Result<()>;
 
     /// Append a batch to one partition (see the trait rules).
+    ///
+    /// # Errors
+    /// `Io` (after a failed sync, every later append too, until reopened);
+    /// `Closed`; `InvalidArgument` for a batch the format cannot hold.
+    ///
+    /// # Cancel safety
+    /// Atomic even if dropped: the batch is appended whole or not at all,
+    /// but a dropped call may have appended it without saying so.
     async fn append(
         &self,
         topic: &str,
@@ -164,6 +198,12 @@ pub trait LogStorage: Send + Sync + 'static {
     ) -> Result<Appended>;
 
     /// The records of `range`, in offset order (see [`ReadRange`]).
+    ///
+    /// # Errors
+    /// `Corrupt` naming the file and position of a damaged batch; `Io`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
     async fn read(
         &self,
         topic: &str,
@@ -172,10 +212,20 @@ pub trait LogStorage: Send + Sync + 'static {
     ) -> Result<Vec<StoredMessage>>;
 
     /// Log start, log end and bytes of a partition (cheap; no I/O).
+    ///
+    /// # Errors
+    /// `TopicNotFound` or `PartitionOutOfRange` for a log that does not
+    /// exist.
     fn bounds(&self, topic: &str, partition: u32) -> Result<PartitionBounds>;
 
     /// Offset of the first record with timestamp >= `timestamp`, or the log
     /// end if there is none.
+    ///
+    /// # Errors
+    /// `Corrupt`, `Io`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
     async fn offset_for_timestamp(
         &self,
         topic: &str,
@@ -185,6 +235,14 @@ pub trait LogStorage: Send + Sync + 'static {
 
     /// Remove whole records (or segments) from the head that `retention`
     /// no longer keeps at time `now_ms`. Never touches the log end.
+    ///
+    /// # Errors
+    /// `Io`. A failure leaves the log start where it was or moved forward,
+    /// never a hole.
+    ///
+    /// # Cancel safety
+    /// Dropped mid-call, the log start may have moved; records above it
+    /// are intact.
     async fn enforce_retention(
         &self,
         topic: &str,
@@ -196,6 +254,12 @@ pub trait LogStorage: Send + Sync + 'static {
     /// Idempotency keys of records appended to `topic` at or after
     /// `since_ms`, with their receipts (used to rebuild dedup windows at
     /// open). A non-persistent storage returns nothing.
+    ///
+    /// # Errors
+    /// `Corrupt`, `Io`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
     async fn idempotency_keys_since(
         &self,
         topic: &str,
@@ -203,8 +267,22 @@ pub trait LogStorage: Send + Sync + 'static {
     ) -> Result<Vec<(String, Receipt)>>;
 
     /// Make everything appended and put so far durable.
+    ///
+    /// # Errors
+    /// `Io` (and the storage fails stop: later writes are refused).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it only stops waiting.
     async fn flush(&self) -> Result<()>;
 
     /// Flush and release files and locks.
+    ///
+    /// # Errors
+    /// `Io` if the final flush fails; the files and locks are released
+    /// anyway.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the storage is closed but may not
+    /// be flushed.
     async fn close(&self) -> Result<()>;
 }

@@ -24,12 +24,11 @@ impl<S: LogStorage> Inner<S> {
         &self,
         group: &str,
         config: &GroupConfig,
-        data: (Option<Bytes>, Bytes, Vec<Header>),
-        dead: DeadLetter<'_>,
+        record: Record,
+        dead: &DeadLetter<'_>,
     ) -> Result<()> {
         let dlq = config.dlq.topic_for(dead.topic, group);
         let dlq_config = self.ensure_topic(&dlq, TopicConfig::new(1)).await?;
-        let record = dead_letter_record(data.0, data.1, &data.2, &dead);
         let partition = self.pick_partition(&dlq, &record, dlq_config.partitions);
         let stored = StoredRecord {
             key: record.key,
@@ -110,9 +109,10 @@ impl<S: LogStorage> Inner<S> {
             attempts: job.attempts,
             error: Some("visibility timeout expired"),
             failed_at: now_ms(),
+            idempotency_key: m.idempotency_key.as_deref(),
         };
-        self.append_dead_letter(group, &config, (m.key, m.value, m.headers), dead)
-            .await
+        let record = dead_letter_record(m.key, m.value, &m.headers, &dead);
+        self.append_dead_letter(group, &config, record, &dead).await
     }
 
     /// Session timeouts, expired leases, and (with `retention`) retention.
