@@ -405,7 +405,7 @@ pub trait ProducerExt: Producer {
         let mut receipts = self.send_batch(topic, vec![record]).await?;
         receipts
             .pop()
-            .ok_or_else(|| crate::Error::internal("send_batch returned no receipt"))
+            .ok_or_else(|| crate::Error::internal(format!("topic `{topic}`: send_batch returned no receipt")))
     }
 }
 
@@ -610,4 +610,32 @@ pub trait IdempotencyStore: Send + Sync {
     /// # Cancel safety
     /// Not cancel safe: the key may or may not be forgotten; call again.
     async fn forget(&self, key: &str) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nack_delays_are_capped_so_nothing_is_parked_forever() {
+        let backoff = Duration::from_secs(1);
+        assert_eq!(NackOptions::new().delay_or(backoff), backoff);
+        assert_eq!(
+            NackOptions::new()
+                .with_delay(Duration::from_millis(5))
+                .delay_or(backoff),
+            Duration::from_millis(5)
+        );
+        assert_eq!(
+            NackOptions::new()
+                .with_delay(Duration::MAX)
+                .delay_or(backoff),
+            MAX_REDELIVERY_DELAY
+        );
+        assert_eq!(
+            NackOptions::new().delay_or(Duration::MAX),
+            MAX_REDELIVERY_DELAY,
+            "a group backoff of Duration::MAX is capped too"
+        );
+    }
 }

@@ -95,7 +95,7 @@ impl<S: LogStorage> Inner<S> {
             }
             return appended
                 .into_iter()
-                .map(|r| r.ok_or_else(|| Error::internal("a record got no receipt")))
+                .map(|r| r.ok_or_else(|| Error::internal(format!("topic `{topic}`: a record got no receipt"))))
                 .collect();
         }
 
@@ -154,7 +154,7 @@ impl<S: LogStorage> Inner<S> {
         if let Some(e) = failed {
             return Err(e);
         }
-        let missing = || Error::internal("a record got no receipt");
+        let missing = || Error::internal(format!("topic `{topic}`: a record got no receipt"));
         (0..keep.len())
             .map(|i| match (known[i], same_as[i]) {
                 (Some(r), _) => Ok(r),
