@@ -403,9 +403,9 @@ pub trait ProducerExt: Producer {
     /// As [`Producer::send_batch`]: not cancel safe.
     async fn send(&self, topic: &str, record: Record) -> Result<Receipt> {
         let mut receipts = self.send_batch(topic, vec![record]).await?;
-        receipts
-            .pop()
-            .ok_or_else(|| crate::Error::internal(format!("topic `{topic}`: send_batch returned no receipt")))
+        receipts.pop().ok_or_else(|| {
+            crate::Error::internal(format!("topic `{topic}`: send_batch returned no receipt"))
+        })
     }
 }
 

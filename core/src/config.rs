@@ -1,7 +1,7 @@
 //! Configuration: topics, groups, durability and broker options.
 //!
 //! Plain structs with `Default` and `with_*` builders. Validation of these
-//! values lives in [`crate::validate`], run once before anything is written.
+//! values lives in [`crate::backend::validate`], run once before anything is written.
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

@@ -290,7 +290,7 @@ impl Message {
     /// Backends call this first in every settling call.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidArgument`] naming the group that received it (or
+    /// [`crate::ErrorKind::InvalidArgument`] naming the group that received it (or
     /// saying it was fetched without a group), or saying that its position
     /// was changed after delivery.
     pub fn delivery(&self, group: &str) -> Result<&DeliveryToken> {

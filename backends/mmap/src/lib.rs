@@ -4,7 +4,7 @@
 //! files, crash-safe, owned by one process. `conveyor::open("mmap:///dir")`.
 //!
 //! This crate is only storage ([`MmapStorage`], a
-//! [`LogStorage`](conveyor_core::backend::LogStorage)); the delivery rules
+//! [`LogStorage`]); the delivery rules
 //! come from [`conveyor_core::backend::Engine`]. The byte layout is in
 //! [`format`](mod@format).
 //!

@@ -95,7 +95,11 @@ impl<S: LogStorage> Inner<S> {
             }
             return appended
                 .into_iter()
-                .map(|r| r.ok_or_else(|| Error::internal(format!("topic `{topic}`: a record got no receipt"))))
+                .map(|r| {
+                    r.ok_or_else(|| {
+                        Error::internal(format!("topic `{topic}`: a record got no receipt"))
+                    })
+                })
                 .collect();
         }
 
