@@ -210,11 +210,19 @@ impl DeliveryToken {
     }
 }
 
+/// A digest of a delivery's position (FNV-1a over the topic, then the
+/// numbers): cheap, since every delivered message gets one. It guards
+/// against a changed message, not against forgery.
 fn origin(topic: &str, partition: u32, offset: u64, attempt: u32) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (topic, partition, offset, attempt).hash(&mut h);
-    h.finish()
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in topic.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+    }
+    for n in [u64::from(partition), offset, u64::from(attempt)] {
+        h = (h ^ n).wrapping_mul(PRIME);
+    }
+    h
 }
 
 /// What a consumer receives.
@@ -259,7 +267,9 @@ impl Message {
         mut token: DeliveryToken,
     ) -> Self {
         let topic = topic.into();
-        token.origin = origin(&topic, partition, stored.offset, attempt);
+        if token.group.is_some() {
+            token.origin = origin(&topic, partition, stored.offset, attempt);
+        }
         // Dead-lettered and redriven records carry the original's key in a
         // header (they must not be deduplicated against it).
         let idempotency_key = stored
