@@ -282,8 +282,8 @@ pub async fn extreme_values_do_not_panic(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// §4, §7: "Groups are independent: one group's progress [...] never affect[s]
-/// another's" (§4), and bad input is refused before anything moves (§7): a
+/// §4, §7: "Groups are independent: one group's progress, failures and DLQ
+/// never affect another's" (§4), and bad input is refused before anything moves (§7): a
 /// message can be settled only by the group it was delivered to. Another
 /// group's member acking it, or anyone acking a message read with `fetch`, is
 /// `InvalidArgument` and moves nothing; so is a message whose position or
