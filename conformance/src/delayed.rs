@@ -1,8 +1,12 @@
-//! Contract §3, delayed delivery: "a record may carry a delivery time (a
-//! delay or an absolute time). It is stored at once and gets its offset,
-//! but no queue-mode group is offered it before that time [...].
-//! Stream-mode groups read it in offset order without waiting [...]. The
-//! delivery time survives restarts like every other field."
+//! §3, delayed delivery: "a record may carry a delivery time (a delay or an
+//! absolute time). It is stored at once and gets its offset, but no queue-mode
+//! group is offered it before that time [...]. Stream-mode groups read it in
+//! offset order without waiting [...]. The delivery time survives restarts like
+//! every other field."
+//!
+//! `§N` names a section of `docs/semantics.md`, which is numbered as the
+//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
+//! comment starts with the sections it checks.
 
 use crate::{poll_exactly, poll_n, skip, unique, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;
@@ -11,8 +15,8 @@ use std::time::Duration;
 
 const DELAY: Duration = Duration::from_millis(600);
 
-/// Queue mode: the delayed record has its offset at once, later records
-/// overtake it, and it is offered (attempt 1) only once its time came.
+/// §3, §4b: Queue mode: the delayed record has its offset at once, later
+/// records overtake it, and it is offered (attempt 1) only once its time came.
 pub async fn queue_mode_waits_for_delivery_time(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("delayed-q", 1).await?;
@@ -57,7 +61,7 @@ pub async fn queue_mode_waits_for_delivery_time(backend: &dyn Backend) -> Result
     Ok(())
 }
 
-/// Stream mode reads a delayed record in offset order without waiting.
+/// §3, §4a: Stream mode reads a delayed record in offset order without waiting.
 pub async fn stream_mode_reads_without_waiting(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("delayed-s", 1).await?;
@@ -78,7 +82,7 @@ pub async fn stream_mode_reads_without_waiting(backend: &dyn Backend) -> Result<
     Ok(())
 }
 
-/// The delivery time survives a restart: after reopening, the record is
+/// §3, §7: The delivery time survives a restart: after reopening, the record is
 /// still not offered before its time.
 pub async fn delivery_time_survives_reopen(backend: &dyn Backend) -> Result<()> {
     let mut ctx = Ctx::open(backend).await?;

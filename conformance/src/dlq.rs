@@ -1,6 +1,10 @@
-//! Contract §5, dead letters: after `max_deliveries` (nack or lease expiry),
-//! the DLQ record with every header, default and custom DLQ topics,
-//! redrive, and groups' independence.
+//! §5, dead letters: after `max_deliveries` (nack or lease expiry), the DLQ
+//! record with every header, default and custom DLQ topics, redrive to the
+//! failing group only, and (§4) groups' independence.
+//!
+//! `§N` names a section of `docs/semantics.md`, which is numbered as the
+//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
+//! comment starts with the sections it checks.
 
 use crate::{eventually, poll_exactly, poll_n, unique, Backend, Ctx, WAIT};
 use conveyor_core::dlq::{
@@ -74,11 +78,11 @@ fn check_dead_letter(
     );
 }
 
-/// "When a message fails its last allowed attempt (nack ...), it is
+/// §5: "When a message fails its last allowed attempt (nack ...), it is
 /// appended to the DLQ topic (default `{topic}.{group}.dlq`) with its key,
 /// value and headers plus headers `conveyor.dlq.topic`, `.partition`,
-/// `.offset`, `.group`, `.attempts`, `.error` ... and `.failed_at`, and
-/// only then settled for the group."
+/// `.offset`, `.group`, `.attempts`, `.error` ... and `.failed_at`, and only
+/// then settled for the group."
 pub async fn nack_path_dead_letters(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("dlqnack", 2).await?;
@@ -119,7 +123,7 @@ pub async fn nack_path_dead_letters(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "When a message fails its last allowed attempt (... or lease expiry in
+/// §5: "When a message fails its last allowed attempt (... or lease expiry in
 /// queue mode)", it is dead-lettered the same way.
 pub async fn lease_expiry_path_dead_letters(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -166,8 +170,8 @@ pub async fn lease_expiry_path_dead_letters(backend: &dyn Backend) -> Result<()>
     Ok(())
 }
 
-/// Stream mode dead-letters on the last nack too, then moves on: the next
-/// record is delivered and the committed offset passes the dead one.
+/// §4a, §5: Stream mode dead-letters on the last nack too, then moves on: the
+/// next record is delivered and the committed offset passes the dead one.
 pub async fn stream_nack_dead_letters(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("dlqstream", 1).await?;
@@ -205,7 +209,7 @@ pub async fn stream_nack_dead_letters(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "the DLQ topic (default `{topic}.{group}.dlq`, created on demand)": a
+/// §5: "the DLQ topic (default `{topic}.{group}.dlq`, created on demand)": a
 /// configured DLQ topic is used instead, and the default one is not made.
 pub async fn custom_dlq_topic(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -228,10 +232,11 @@ pub async fn custom_dlq_topic(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "Redrive moves DLQ messages back to their original topic (the DLQ
-/// headers removed, an attempt header kept for audit), settling each in
-/// the DLQ only after it is appended": they are delivered again, and a
-/// second redrive finds nothing.
+/// §5: "Redrive delivers DLQ messages again to the group that dead-lettered
+/// them [...]. The DLQ headers are removed and an attempt header kept for
+/// audit; each is settled in the DLQ only after it is handed back": the failing
+/// group gets each again once, as a new record (attempt 1, original key, value
+/// and headers, same partition), and a second redrive finds nothing.
 pub async fn redrive_delivers_again(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("redrive", 3).await?;
@@ -283,8 +288,8 @@ pub async fn redrive_delivers_again(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "Groups are independent: one group's progress, failures and DLQ never
-/// affect another's."
+/// §4, §5: "Groups are independent: one group's progress, failures and DLQ
+/// never affect another's."
 pub async fn groups_independent(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("indep", 1).await?;
@@ -325,9 +330,9 @@ pub async fn groups_independent(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "Nothing is dropped silently, ever": a record of exactly
-/// `max_message_bytes` is dead-lettered (its DLQ headers on top) and
-/// redriven (its audit header on top) like any other, and delivered again.
+/// §5: "Nothing is dropped silently, ever": a record of exactly
+/// `max_message_bytes` is dead-lettered (its DLQ headers on top) and redriven
+/// (its audit header on top) like any other, and delivered again.
 pub async fn max_size_record_dead_letters_and_redrives(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("dlqbig", 1).await?;
@@ -355,7 +360,7 @@ pub async fn max_size_record_dead_letters_and_redrives(backend: &dyn Backend) ->
     Ok(())
 }
 
-/// Lease expiry dead-letters "when a message fails its last allowed
+/// §5: Lease expiry dead-letters "when a message fails its last allowed
 /// attempt" even when no member polls any more (the broker does it).
 pub async fn lease_expiry_dead_letters_without_polling(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -391,11 +396,11 @@ pub async fn lease_expiry_dead_letters_without_polling(backend: &dyn Backend) ->
 }
 
 /// §5: "Redrive delivers DLQ messages again to the group that dead-lettered
-/// them, and to no other group [...]: the other groups of the original
-/// topic already handled those records and must not see them twice."
-/// Fan-out: `sms` (queue) dead-letters, `email` (queue) and `audit`
-/// (stream) handled everything; after the redrive only `sms` receives the
-/// records again, and the others' lag returns to zero once they poll.
+/// them, and to no other group [...]: the other groups of the original topic
+/// already handled those records and must not see them twice." Fan-out: `sms`
+/// (queue) dead-letters, `email` (queue) and `audit` (stream) handled
+/// everything; after the redrive only `sms` receives the records again, and the
+/// others' lag returns to zero once they poll.
 pub async fn redrive_reaches_only_the_failing_group(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("fanout", 2).await?;

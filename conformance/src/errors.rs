@@ -1,6 +1,11 @@
-//! Contract §7, bad input and failure: every bad input gives its
-//! `ErrorKind`, names what was wrong, writes nothing, and never panics; a
-//! closed broker says `Closed`; a group keeps its mode.
+//! §7, bad input and failure: every bad input gives its `ErrorKind`, names
+//! what was wrong, writes nothing, and never panics; a closed broker says
+//! `Closed`; and two rules of §4: a group keeps its mode, and a message is
+//! settled only by the group it was delivered to.
+//!
+//! `§N` names a section of `docs/semantics.md`, which is numbered as the
+//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
+//! comment starts with the sections it checks.
 
 use crate::{expect_kind, poll_n, unique, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;
@@ -10,9 +15,9 @@ use conveyor_core::{
 };
 use std::time::Duration;
 
-/// "oversize record ... is refused before anything is written" with
-/// `MessageTooLarge`: key + value + headers (names and values) count; the
-/// exact limit is fine, one byte over is not.
+/// §1, §7: "oversize record ... is refused before anything is written" with
+/// `MessageTooLarge`: key + value + headers (names and values) count; the exact
+/// limit is fine, one byte over is not.
 pub async fn oversize_is_message_too_large(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx
@@ -50,9 +55,9 @@ pub async fn oversize_is_message_too_large(backend: &dyn Backend) -> Result<()> 
     Ok(())
 }
 
-/// "partition out of range" is `PartitionOutOfRange`, names topic and
-/// partition, and writes nothing (send, fetch, offset_for_timestamp,
-/// commit, seek).
+/// §7: "partition out of range" is `PartitionOutOfRange`, names topic and
+/// partition, and writes nothing (send, fetch, offset_for_timestamp, commit,
+/// seek).
 pub async fn partition_out_of_range(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("range", 2).await?;
@@ -91,7 +96,7 @@ pub async fn partition_out_of_range(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "invalid names" for groups (the rules of topics) and invalid group
+/// §4, §7: "invalid names" for groups (the rules of topics) and invalid group
 /// configs are `InvalidArgument`; no group is created.
 pub async fn invalid_group_input(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -139,7 +144,7 @@ pub async fn invalid_group_input(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "unknown ... group" is `GroupNotFound` for `group_lag`.
+/// §7: "unknown ... group" is `GroupNotFound` for `group_lag`.
 pub async fn unknown_group_is_group_not_found(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let group = unique("nobody");
@@ -148,9 +153,9 @@ pub async fn unknown_group_is_group_not_found(backend: &dyn Backend) -> Result<(
     Ok(())
 }
 
-/// "A group has one delivery mode, fixed when it is first created; joining
-/// with another mode is `ErrorKind::GroupModeMismatch`" (both ways, also
-/// after every member left).
+/// §4: "A group has one delivery mode, fixed when it is first created; joining
+/// with another mode is `ErrorKind::GroupModeMismatch`" (both ways, also after
+/// every member left).
 pub async fn group_mode_mismatch(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("mode", 1).await?;
@@ -187,7 +192,8 @@ pub async fn group_mode_mismatch(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// `close`: "Later calls fail with `Closed`" (and closing twice is fine).
+/// §7: Every call on a closed broker fails with `Closed` ("Later calls fail
+/// with `Closed`", `Broker::close`), and closing twice is fine.
 pub async fn closed_broker_returns_closed(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("closed", 1).await?;
@@ -224,7 +230,7 @@ pub async fn closed_broker_returns_closed(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "No input makes the library panic": extreme durations and offsets are
+/// §7: "No input makes the library panic": extreme durations and offsets are
 /// accepted or refused with an error, never a panic.
 pub async fn extreme_values_do_not_panic(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -276,12 +282,13 @@ pub async fn extreme_values_do_not_panic(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// §4: "Groups are independent: one group's progress [...] never affect[s]
-/// another's", and §7 bad input: a message can be settled only by the
-/// group it was delivered to. Another group's member acking it, or anyone
-/// acking a message read with `fetch`, is `InvalidArgument` and moves
-/// nothing; so is a message whose position or attempt was changed after
-/// delivery (an offset of `u64::MAX` must not overflow a commit).
+/// §4, §7: "Groups are independent: one group's progress, failures and DLQ
+/// never affect another's" (§4), and bad input is refused before anything moves (§7): a
+/// message can be settled only by the group it was delivered to. Another
+/// group's member acking it, or anyone acking a message read with `fetch`, is
+/// `InvalidArgument` and moves nothing; so is a message whose position or
+/// attempt was changed after delivery (an offset of `u64::MAX` must not
+/// overflow a commit).
 pub async fn settling_is_bound_to_the_delivery(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("bound", 1).await?;

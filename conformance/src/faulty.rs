@@ -8,9 +8,9 @@
 //! `append` stores nothing and a failed `put_state` writes nothing: what the
 //! engine does with the error is what the tests observe.
 //!
-//! Faults are armed at run time through [`Engine::storage`]
-//! (`conveyor_core::backend::Engine::storage`), counting from the moment they
-//! are armed, so a test sets up its topics and groups first and then says
+//! Faults are armed at run time through
+//! [`Engine::storage`](conveyor_core::backend::Engine::storage), counting
+//! from the moment they are armed, so a test sets up its topics and groups first and then says
 //! "fail the next commit's state write".
 //!
 //! ```

@@ -1,17 +1,19 @@
-//! Contract §3 idempotent produce and §8 idempotent consumers: dedup of
-//! producer idempotency keys within the window, and the atomic
-//! `IdempotencyStore`.
+//! §3 idempotent produce and §8 idempotent consumers: dedup of producer
+//! idempotency keys within the window, and the atomic `IdempotencyStore`.
+//!
+//! `§N` names a section of `docs/semantics.md`, which is numbered as the
+//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
+//! comment starts with the sections it checks.
 
 use crate::{eventually, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;
 use conveyor_core::{partition_for_key, Record, Result, TopicConfig};
 use std::time::Duration;
 
-/// §3: "a record with an idempotency key that was already appended to the
-/// same partition within the topic's dedup window is not appended again
-/// [...]; `send` returns the original receipt", and "with an idempotency
-/// key, murmur2 of the idempotency key (so a retry lands where the first
-/// try did)".
+/// §3: "a record with an idempotency key that was already appended to the same
+/// partition within the topic's dedup window is not appended again [...];
+/// `send` returns the original receipt", and "with an idempotency key, murmur2
+/// of the idempotency key (so a retry lands where the first try did)".
 pub async fn duplicate_send_returns_original_receipt(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("idem", 4).await?;
@@ -65,7 +67,7 @@ pub async fn duplicate_send_returns_original_receipt(backend: &dyn Backend) -> R
     Ok(())
 }
 
-/// "Concurrent sends of the same key append exactly once": 16 concurrent
+/// §3: "Concurrent sends of the same key append exactly once": 16 concurrent
 /// sends of one key get one receipt and one record.
 pub async fn concurrent_duplicates_append_once(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -93,7 +95,7 @@ pub async fn concurrent_duplicates_append_once(backend: &dyn Backend) -> Result<
     Ok(())
 }
 
-/// A key repeated inside one batch is appended once and both receipts are
+/// §3: A key repeated inside one batch is appended once and both receipts are
 /// the same (the second was "already appended" by the time it counts).
 pub async fn duplicate_within_batch_appends_once(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -115,8 +117,9 @@ pub async fn duplicate_within_batch_appends_once(backend: &dyn Backend) -> Resul
     Ok(())
 }
 
-/// "already appended to the same topic": the same key on another topic is
-/// independent and appended there.
+/// §3: Dedup looks only at what was "already appended to the same partition" of
+/// the same topic: the same key on another topic is independent and appended
+/// there.
 pub async fn keys_are_per_topic(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let a = ctx.topic("idema", 1).await?;
@@ -133,7 +136,7 @@ pub async fn keys_are_per_topic(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "within the topic's dedup window": after the window passes, the same key
+/// §3: "within the topic's dedup window": after the window passes, the same key
 /// appends again (a topic with a 200 ms window).
 pub async fn appends_again_after_dedup_window(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -173,9 +176,8 @@ pub async fn appends_again_after_dedup_window(backend: &dyn Backend) -> Result<(
     Ok(())
 }
 
-/// §8: "`first_seen(key, ttl)` is atomic": of 16 concurrent calls with one
-/// key exactly one is `true`; later calls are `false`; other keys are
-/// independent.
+/// §8: "`first_seen(key, ttl)` is atomic": of 16 concurrent calls with one key
+/// exactly one is `true`; later calls are `false`; other keys are independent.
 pub async fn store_first_seen_atomic(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let store = ctx.broker.idempotency_store();
@@ -202,7 +204,7 @@ pub async fn store_first_seen_atomic(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// §8 "within the TTL": once the TTL has passed, the key is new again.
+/// §8: "within the TTL": once the TTL has passed, the key is new again.
 pub async fn store_ttl_expires(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let store = ctx.broker.idempotency_store();
@@ -226,7 +228,7 @@ pub async fn store_ttl_expires(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// `forget(key)` makes a key new again ("so a failed handler can run
+/// §8: `forget(key)` makes a key new again ("so a failed handler can run
 /// again"); forgetting an unknown key is fine.
 pub async fn store_forget(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;

@@ -1,6 +1,9 @@
-//! Contract §9, observability, and the read-only calls: `describe_topic`,
-//! `group_lag` (stream and queue), `list_groups`, `fetch`,
-//! `offset_for_timestamp`.
+//! §9, observability, and the read-only calls: `describe_topic`, `group_lag`
+//! (stream and queue), `list_groups`, `fetch`, `offset_for_timestamp`.
+//!
+//! `§N` names a section of `docs/semantics.md`, which is numbered as the
+//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
+//! comment starts with the sections it checks.
 
 use crate::{poll_exactly, poll_n, unique, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;
@@ -8,7 +11,7 @@ use conveyor_core::NackOptions;
 use conveyor_core::{DeliveryMode, GroupConfig, Record, Result, RetryBackoff};
 use std::time::Duration;
 
-/// "`describe_topic`: per partition log start, log end, bytes": bounds
+/// §1, §9: "`describe_topic`: per partition log start, log end, bytes": bounds
 /// follow the writes and bytes grow with them.
 pub async fn describe_topic_bounds(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -33,7 +36,7 @@ pub async fn describe_topic_bounds(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "`group_lag(group)`: per partition committed offset, log end, lag"
+/// §9: "`group_lag(group)`: per partition committed offset, log end, lag"
 /// (stream mode).
 pub async fn stream_group_lag(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -67,7 +70,7 @@ pub async fn stream_group_lag(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "in queue mode also in-flight and available counts": leased, acked,
+/// §9: "in queue mode also in-flight and available counts": leased, acked,
 /// delayed by nack, and available records are counted apart.
 pub async fn queue_group_lag(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -110,7 +113,7 @@ pub async fn queue_group_lag(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// `list_groups`: "Names of all groups, sorted", including groups whose
+/// §9: `list_groups`: "Names of all groups, sorted", including groups whose
 /// members all left.
 pub async fn list_groups_sorted(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -132,8 +135,9 @@ pub async fn list_groups_sorted(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// `fetch` reads "up to `max` records of a partition from `offset` without
-/// a group"; messages have attempt 1; it moves no group.
+/// §9: The read-only calls beside §9's: `fetch` reads "up to `max` records of a
+/// partition from `offset` without a group"; messages have attempt 1; it moves
+/// no group.
 pub async fn fetch_without_group(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("fetch", 2).await?;

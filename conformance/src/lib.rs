@@ -1,12 +1,12 @@
 //! # conveyor-conformance
 //!
-//! The delivery contract (`CONTRACT.md`) as executable cases. Each case is a
-//! plain `pub async fn case(backend: &dyn Backend) -> Result<()>` in a module
-//! named after the contract section it checks ([`topics`], [`produce`], [`delayed`],
-//! [`records`], [`stream`], [`queue`], [`dlq`], [`retention`], [`errors`],
-//! [`persistence`], [`idempotency`], [`lag`], [`model`]). A backend's
-//! `tests/conformance.rs` runs them all with one macro call, which expands
-//! to one `#[tokio::test]` per case, named `section::case`:
+//! The delivery contract as executable cases. Each case is a plain
+//! `pub async fn case(backend: &dyn Backend) -> Result<()>` in a module
+//! named after the part of the contract it checks ([`topics`], [`produce`],
+//! [`delayed`], [`records`], [`stream`], [`queue`], [`dlq`], [`retention`],
+//! [`errors`], [`persistence`], [`idempotency`], [`lag`], [`model`]). A
+//! backend's `tests/conformance.rs` runs them all with one macro call, which
+//! expands to one `#[tokio::test]` per case, named `section::case`:
 //!
 //! ```ignore
 //! struct MyBackend { /* a temp dir, a key prefix, ... */ }
@@ -28,6 +28,16 @@
 //! backends that share a server stay isolated. The calling crate needs
 //! `tokio` (features `macros`, `rt-multi-thread`) as a dev-dependency; call
 //! `suite!` once per test file.
+//!
+//! **Citations.** Every case's doc comment starts with the sections it
+//! checks, as `§N` (e.g. `§4b: "..."`), and every module doc says which
+//! sections it covers. `§N` is a section of `docs/semantics.md`, the
+//! contract in users' words, whose numbering (§1 topics and partitions, §2
+//! records and messages, §3 producing, §4 consumer groups with §4a stream
+//! mode and §4b queue mode, §5 dead letters, §6 retention, §7 failure, bad
+//! input and persistence, §8 idempotent consumers, §9 observability) is
+//! that of the normative contract, `CONTRACT.md`; quoted text is the
+//! normative contract's.
 //!
 //! [`faulty`] is not a section: it holds [`faulty::FaultyStorage`], a
 //! storage decorator that fails chosen calls, for testing the engine's

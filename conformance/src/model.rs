@@ -1,6 +1,11 @@
-//! Randomized model checks: many producers and consumers (joins, leaves,
-//! drops, nacks, abandoned leases) against one topic, then the history is
-//! checked against a simple model of the contract.
+//! §4, §4a, §4b and §5, randomized model checks: many producers and
+//! consumers (joins, leaves, drops, nacks, abandoned leases) against one
+//! topic, then the history is checked against a simple model of the
+//! contract.
+//!
+//! `§N` names a section of `docs/semantics.md`, which is numbered as the
+//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
+//! comment starts with the sections it checks.
 //!
 //! Seeded: the seed is printed on start and on failure, and can be set with
 //! the `CONVEYOR_SEED` environment variable. The seed fixes every random
@@ -188,13 +193,13 @@ where
     Ok(session)
 }
 
-/// Stream mode under churn: members join, commit, nack, close or vanish
-/// (dropped without commit). Checks: nothing lost; within one member's
+/// §4, §4a: Stream mode under churn: members join, commit, nack, close or
+/// vanish (dropped without commit). Checks: nothing lost; within one member's
 /// ownership of a partition (session, generation) offsets come in order,
-/// densely, rewinding only to a nacked offset with its attempt raised; a
-/// record committed in generation g is never delivered again in a later
-/// ownership (duplicates only where at-least-once allows: uncommitted or
-/// nacked); at the end every record is committed.
+/// densely, rewinding only to a nacked offset with its attempt raised; a record
+/// committed in generation g is never delivered again in a later ownership
+/// (duplicates only where at-least-once allows: uncommitted or nacked); at the
+/// end every record is committed.
 pub async fn model_check_stream(backend: &dyn Backend) -> Result<()> {
     let guard = seed_for("model::model_check_stream");
     let seed = guard.seed;
@@ -445,14 +450,14 @@ fn check_stream_history(events: &[Event], receipts: &BTreeMap<(u32, u64), String
     }
 }
 
-/// Queue mode under churn: members join, ack, nack with delays, abandon
-/// leases (expiry), extend, close or vanish; every tenth record is poison
-/// and always fails. Checks: every record is settled exactly once (acked
-/// once, or dead-lettered once after `max_deliveries` failures); the
-/// attempts of a record are 1, 2, 3... with no number twice (no two
-/// deliveries under one count); an acked delivery is the record's last
-/// (no second lease while one held); each member sees first deliveries of
-/// a partition in offset order; at the end nothing is in flight or lagging.
+/// §4b, §5: Queue mode under churn: members join, ack, nack with delays,
+/// abandon leases (expiry), extend, close or vanish; every tenth record is
+/// poison and always fails. Checks: every record is settled exactly once (acked
+/// once, or dead-lettered once after `max_deliveries` failures); the attempts
+/// of a record are 1, 2, 3... with no number twice (no two deliveries under one
+/// count); an acked delivery is the record's last (no second lease while one
+/// held); each member sees first deliveries of a partition in offset order; at
+/// the end nothing is in flight or lagging.
 pub async fn model_check_queue(backend: &dyn Backend) -> Result<()> {
     const MAX: u32 = 4;
     let guard = seed_for("model::model_check_queue");

@@ -1,8 +1,12 @@
-//! Contract §7, persistence: "Closing and reopening a broker keeps every
-//! acknowledged record, committed offset, lease attempt count and DLQ
-//! record" (and topics, idempotency keys, and offsets never reused). Only
-//! for backends whose capabilities say `persistent`; others skip, saying so
-//! on stderr.
+//! §7, persistence (with §3's and §8's keys and §4b's attempt counts): "Closing
+//! and reopening a broker keeps every acknowledged record, committed offset,
+//! lease attempt count and DLQ record" (and topics, idempotency keys, and
+//! offsets never reused). Only for backends whose capabilities say
+//! `persistent`; others skip, saying so on stderr.
+//!
+//! `§N` names a section of `docs/semantics.md`, which is numbered as the
+//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
+//! comment starts with the sections it checks.
 
 use crate::{poll_exactly, poll_n, skip, unique, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;
@@ -21,7 +25,7 @@ async fn persistent<'a>(backend: &'a dyn Backend, case: &str) -> Result<Option<C
     Ok(Some(ctx))
 }
 
-/// Reopen keeps every record byte for byte, topic configs, and bounds.
+/// §7: Reopen keeps every record byte for byte, topic configs, and bounds.
 pub async fn reopen_keeps_records(backend: &dyn Backend) -> Result<()> {
     let Some(mut ctx) = persistent(backend, "persistence::reopen_keeps_records").await? else {
         return Ok(());
@@ -66,7 +70,7 @@ pub async fn reopen_keeps_records(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// Reopen keeps committed offsets (stream) and settled messages (queue).
+/// §7: Reopen keeps committed offsets (stream) and settled messages (queue).
 pub async fn reopen_keeps_committed_offsets(backend: &dyn Backend) -> Result<()> {
     let Some(mut ctx) = persistent(backend, "persistence::reopen_keeps_committed_offsets").await?
     else {
@@ -108,8 +112,8 @@ pub async fn reopen_keeps_committed_offsets(backend: &dyn Backend) -> Result<()>
     Ok(())
 }
 
-/// "The attempt number ... survives restarts ... of the broker", and so do
-/// DLQ records.
+/// §4b, §5, §7: "The attempt number ... survives restarts ... of the broker",
+/// and so do DLQ records.
 pub async fn reopen_keeps_attempts_and_dlq(backend: &dyn Backend) -> Result<()> {
     let Some(mut ctx) = persistent(backend, "persistence::reopen_keeps_attempts_and_dlq").await?
     else {
@@ -160,8 +164,8 @@ pub async fn reopen_keeps_attempts_and_dlq(backend: &dyn Backend) -> Result<()> 
     Ok(())
 }
 
-/// Idempotency keys survive a reopen: producer dedup within the window and
-/// the consumers' idempotency store.
+/// §3, §7, §8: Idempotency keys survive a reopen: producer dedup within the
+/// window and the consumers' idempotency store.
 pub async fn reopen_keeps_idempotency_keys(backend: &dyn Backend) -> Result<()> {
     let Some(mut ctx) = persistent(backend, "persistence::reopen_keeps_idempotency_keys").await?
     else {
@@ -197,7 +201,8 @@ pub async fn reopen_keeps_idempotency_keys(backend: &dyn Backend) -> Result<()> 
     Ok(())
 }
 
-/// "offsets ... never reused, even across restarts and after retention".
+/// §1, §6, §7: "offsets ... never reused, even across restarts and after
+/// retention".
 pub async fn reopen_after_retention_never_reuses_offsets(backend: &dyn Backend) -> Result<()> {
     let Some(mut ctx) = persistent(
         backend,

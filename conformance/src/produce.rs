@@ -1,5 +1,9 @@
-//! Contract §1 and §3, producing: dense offsets, visibility, partitioning,
-//! atomic batches, order under concurrency, no late lower offsets.
+//! §1 and §3, producing: dense offsets, visibility, partitioning, atomic
+//! batches, order under concurrency, no late lower offsets.
+//!
+//! `§N` names a section of `docs/semantics.md`, which is numbered as the
+//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
+//! comment starts with the sections it checks.
 
 use crate::{expect_kind, poll_n, unique, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;
@@ -12,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// "Offsets are `u64`, start at 0, and go up by exactly 1 per record:
+/// §1: "Offsets are `u64`, start at 0, and go up by exactly 1 per record:
 /// dense, no gaps".
 pub async fn dense_offsets(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -37,7 +41,7 @@ pub async fn dense_offsets(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "`send` returns a Receipt ... only after the record is stored ... and
+/// §3: "`send` returns a Receipt ... only after the record is stored ... and
 /// visible to consumers": the record is fetchable and pollable right after
 /// `send` returns, with no waiting.
 pub async fn receipt_means_visible(backend: &dyn Backend) -> Result<()> {
@@ -63,7 +67,7 @@ pub async fn receipt_means_visible(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "with a key, Kafka's default partitioner (murmur2 of the key bytes,
+/// §3: "with a key, Kafka's default partitioner (murmur2 of the key bytes,
 /// `toPositive(h) % n`), so a key lands in the same partition as it would in
 /// Kafka": checked against known Kafka results and `partition_for_key`.
 pub async fn keyed_partitioning_matches_kafka(backend: &dyn Backend) -> Result<()> {
@@ -100,7 +104,7 @@ pub async fn keyed_partitioning_matches_kafka(backend: &dyn Backend) -> Result<(
     Ok(())
 }
 
-/// "Same key, same partition, always": by `send` and by `send_batch`, and
+/// §3: "Same key, same partition, always": by `send` and by `send_batch`, and
 /// interleaved with other keys.
 pub async fn same_key_same_partition(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -128,9 +132,9 @@ pub async fn same_key_same_partition(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "else round robin": records with neither key nor partition spread
-/// evenly: a sequential producer sending `n * partitions` records puts `n`
-/// in each partition.
+/// §3: "else round robin": records with neither key nor partition spread
+/// evenly: a sequential producer sending `n * partitions` records puts `n` in
+/// each partition.
 pub async fn round_robin_without_key(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("rr", 4).await?;
@@ -153,7 +157,7 @@ pub async fn round_robin_without_key(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "explicit partition if given": it wins over the key.
+/// §3: "explicit partition if given": it wins over the key.
 pub async fn explicit_partition_wins(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("explicit", 50).await?;
@@ -172,7 +176,7 @@ pub async fn explicit_partition_wins(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "`send_batch` appends the records that go to one partition contiguously
+/// §3: "`send_batch` appends the records that go to one partition contiguously
 /// and atomically (all or none), in the order given. Receipts come back in
 /// input order."
 pub async fn batch_receipts_in_input_order(backend: &dyn Backend) -> Result<()> {
@@ -213,9 +217,9 @@ pub async fn batch_receipts_in_input_order(backend: &dyn Backend) -> Result<()> 
     Ok(())
 }
 
-/// "all or none" and "Bad input ... is refused before anything is
-/// written": a batch with one oversize record, or one out-of-range
-/// partition, writes nothing to any partition.
+/// §3, §7: "all or none" and "Bad input ... is refused before anything is
+/// written": a batch with one oversize record, or one out-of-range partition,
+/// writes nothing to any partition.
 pub async fn batch_with_bad_record_writes_nothing(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx
@@ -251,7 +255,7 @@ pub async fn batch_with_bad_record_writes_nothing(backend: &dyn Backend) -> Resu
     Ok(())
 }
 
-/// Batches sent concurrently to one partition each stay contiguous and in
+/// §3: Batches sent concurrently to one partition each stay contiguous and in
 /// order ("contiguously and atomically ... in the order given").
 pub async fn concurrent_batches_stay_contiguous(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -295,9 +299,9 @@ pub async fn concurrent_batches_stay_contiguous(backend: &dyn Backend) -> Result
     Ok(())
 }
 
-/// "Within a partition" order is append order under 8 concurrent
-/// producers: each producer's records of one key appear in the order it
-/// sent them, every receipt matches what is read back, nothing is lost.
+/// §3, §4a: "Within a partition" order is append order under 8 concurrent
+/// producers: each producer's records of one key appear in the order it sent
+/// them, every receipt matches what is read back, nothing is lost.
 pub async fn order_under_concurrent_producers(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("order8", 4).await?;
@@ -365,10 +369,10 @@ pub async fn order_under_concurrent_producers(backend: &dyn Backend) -> Result<(
     Ok(())
 }
 
-/// "A consumer that has read offset N of a partition never later finds a
-/// record at an offset below N that it did not see": readers polling while
-/// 6 producers write always find the log dense from where they are; every
-/// receipt is eventually read.
+/// §3: "A consumer that has read offset N of a partition never later finds a
+/// record at an offset below N that it did not see": readers polling while 6
+/// producers write always find the log dense from where they are; every receipt
+/// is eventually read.
 pub async fn no_late_lower_offsets(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("nolate", 2).await?;
@@ -455,7 +459,7 @@ pub async fn no_late_lower_offsets(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "**Durability** is set when the broker is opened: `None`, `Interval(d)`,
+/// §3: "**Durability** is set when the broker is opened: `None`, `Interval(d)`,
 /// `Always`": a broker opened with each setting accepts sends, `flush`, and
 /// reads back what it stored.
 pub async fn durability_settings(backend: &dyn Backend) -> Result<()> {
@@ -487,14 +491,14 @@ pub async fn durability_settings(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "`send` returns a **Receipt** … only after the record is stored per the
-/// broker's durability setting and visible to consumers" and "Closing and
-/// reopening a broker keeps every acknowledged record": four tasks send
-/// single records; one task is aborted mid-burst (its producer and its
-/// in-flight send dropped), then the broker is closed mid-burst. Every
-/// send either returned a receipt or failed with `Closed`; every receipt
-/// returned is readable at its offset with its bytes, before the close and
-/// (persistent backends) after reopening.
+/// §3, §7: "`send` returns a **Receipt** … only after the record is stored per
+/// the broker's durability setting and visible to consumers" and "Closing and
+/// reopening a broker keeps every acknowledged record": four tasks send single
+/// records; one task is aborted mid-burst (its producer and its in-flight send
+/// dropped), then the broker is closed mid-burst. Every send either returned a
+/// receipt or failed with `Closed`; every receipt returned is readable at its
+/// offset with its bytes, before the close and (persistent backends) after
+/// reopening.
 pub async fn producer_closed_mid_burst(backend: &dyn Backend) -> Result<()> {
     let mut ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("burst", 3).await?;

@@ -1,5 +1,10 @@
-//! Contract §4b, queue mode: competing consumers, leases, ack, nack with
-//! delay, lease expiry, extend, `LeaseExpired`, attempt counts.
+//! §4 and §4b, consumer groups in queue mode: competing consumers, leases,
+//! ack, nack with delay, lease expiry, extend, `LeaseExpired`, attempt
+//! counts, leaving, and `poll`'s cancel safety.
+//!
+//! `§N` names a section of `docs/semantics.md`, which is numbered as the
+//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
+//! comment starts with the sections it checks.
 
 use crate::{expect_kind, nack_options, poll_exactly, poll_n, unique, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;
@@ -26,7 +31,7 @@ fn queue_cfg(visibility: Duration) -> GroupConfig {
         .with_retry_backoff(RetryBackoff::none())
 }
 
-/// "within a group each record is handed to one member at a time
+/// §4, §4b: "within a group each record is handed to one member at a time
 /// (competing consumers)": three members polling concurrently receive every
 /// record, each exactly once when nothing fails.
 pub async fn competing_consumers_each_once(backend: &dyn Backend) -> Result<()> {
@@ -70,7 +75,7 @@ pub async fn competing_consumers_each_once(backend: &dyn Backend) -> Result<()> 
     Ok(())
 }
 
-/// "Any member may receive any record; parallelism is not bounded by the
+/// §4b: "Any member may receive any record; parallelism is not bounded by the
 /// partition count": two members hold leases on one partition at once.
 pub async fn parallel_beyond_partitions(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -91,7 +96,7 @@ pub async fn parallel_beyond_partitions(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "Records are offered in offset order per partition".
+/// §4b: "Records are offered in offset order per partition".
 pub async fn offered_in_offset_order(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("qorder", 3).await?;
@@ -122,8 +127,8 @@ pub async fn offered_in_offset_order(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "No message is in flight to two members at once while its lease
-/// holds": while A holds every lease, B gets nothing.
+/// §4b: "No message is in flight to two members at once while its lease holds":
+/// while A holds every lease, B gets nothing.
 pub async fn no_second_lease_while_held(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("held", 2).await?;
@@ -141,7 +146,7 @@ pub async fn no_second_lease_while_held(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "`ack` settles it for the group forever": an acked message is not
+/// §4b: "`ack` settles it for the group forever": an acked message is not
 /// redelivered after its visibility timeout would have run out.
 pub async fn ack_settles_forever(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -163,9 +168,9 @@ pub async fn ack_settles_forever(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "`nack(delay)` makes it available again after `delay`" (not before),
-/// with the attempt number raised; without a delay, the group's retry
-/// backoff applies.
+/// §4b: "`nack(delay)` makes it available again after `delay`" (not before),
+/// with the attempt number raised; without a delay, the group's retry backoff
+/// applies.
 pub async fn nack_with_delay(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("qnack", 1).await?;
@@ -192,7 +197,7 @@ pub async fn nack_with_delay(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "An expired lease makes it available again", with attempt + 1.
+/// §4b: "An expired lease makes it available again", with attempt + 1.
 pub async fn lease_expiry_redelivers(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("expiry", 1).await?;
@@ -214,7 +219,7 @@ pub async fn lease_expiry_redelivers(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "`extend(message, d)` prolongs a lease (SQS ChangeMessageVisibility)":
+/// §4b: "`extend(message, d)` prolongs a lease (SQS ChangeMessageVisibility)":
 /// a lease kept extended is not redelivered past its original timeout.
 pub async fn extend_prevents_redelivery(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -238,9 +243,9 @@ pub async fn extend_prevents_redelivery(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "Acking a message whose lease expired and was re-leased is
-/// `ErrorKind::LeaseExpired` and does not settle the new lease"; the new
-/// lease still acks fine.
+/// §4b: "Acking a message whose lease expired and was re-leased is
+/// `ErrorKind::LeaseExpired` and does not settle the new lease"; the new lease
+/// still acks fine.
 pub async fn ack_after_expiry_is_lease_expired(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("expired", 1).await?;
@@ -275,7 +280,7 @@ pub async fn ack_after_expiry_is_lease_expired(backend: &dyn Backend) -> Result<
     Ok(())
 }
 
-/// "The attempt number (SQS ApproximateReceiveCount) is stored by the
+/// §4b: "The attempt number (SQS ApproximateReceiveCount) is stored by the
 /// backend and survives restarts of consumers": it counts every delivery,
 /// across members that come and go.
 pub async fn attempt_counts_survive_members(backend: &dyn Backend) -> Result<()> {
@@ -311,7 +316,7 @@ pub async fn attempt_counts_survive_members(backend: &dyn Backend) -> Result<()>
     Ok(())
 }
 
-/// "Leaving (`close`) removes it at once" and its unacked leases are
+/// §4, §4b: "Leaving (`close`) removes it at once" and its unacked leases are
 /// released: another member gets them long before the visibility timeout.
 pub async fn close_releases_leases(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -332,12 +337,11 @@ pub async fn close_releases_leases(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "Leaving (`close`) removes it at once" (§4) and "No message is in
-/// flight to two members at once while its lease holds": five members
-/// holding leases close at the same moment; a new member then gets every
-/// unacked record (released leases with attempt 2, never-delivered ones
-/// with attempt 1) long before the visibility timeout, and none that was
-/// acked.
+/// §4, §4b: "Leaving (`close`) removes it at once" and "No message is in flight
+/// to two members at once while its lease holds": five members holding leases
+/// close at the same moment; a new member then gets every unacked record
+/// (released leases with attempt 2, never-delivered ones with attempt 1) long
+/// before the visibility timeout, and none that was acked.
 pub async fn close_many_members_at_once(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("closeall", 2).await?;
@@ -381,14 +385,15 @@ pub async fn close_many_members_at_once(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "A delivered message is **leased** to its member" and "The attempt
-/// number (SQS ApproximateReceiveCount) is stored by the backend": a
-/// `poll` future dropped before it returns delivered nothing, so it must
-/// leave no lease taken and no attempt counted (tokio's cancel safety).
-/// `poll` futures are dropped at a random one of their first await points
-/// that wait ([`crate::cut_after`]; seeded, the seed is printed), with a
-/// durable broker, so a persistent backend's state write is one of them; after every cut the group has nothing in flight, and every
-/// record is finally delivered once, with attempt 1.
+/// §4, §4b: "A delivered message is **leased** to its member" and "The attempt
+/// number (SQS ApproximateReceiveCount) is stored by the backend": a `poll`
+/// future dropped before it returns delivered nothing, so it must leave no
+/// lease taken and no attempt counted (tokio's cancel safety). `poll` futures
+/// are dropped at a random one of their first await points that wait
+/// ([`crate::cut_after`]; seeded, the seed is printed), with a durable broker,
+/// so a persistent backend's state write is one of them; after every cut the
+/// group has nothing in flight, and every record is finally delivered once,
+/// with attempt 1.
 pub async fn dropped_polls_leave_no_lease(backend: &dyn Backend) -> Result<()> {
     let guard = crate::model::seed_for("queue::dropped_polls_leave_no_lease");
     let mut rng = StdRng::seed_from_u64(guard.seed);

@@ -1,5 +1,9 @@
-//! Contract §2, records and messages: key, value and headers come back byte
-//! for byte; the broker sets the timestamp; the first attempt is 1.
+//! §2, records and messages: key, value and headers come back byte for byte;
+//! the broker sets the timestamp; the first attempt is 1.
+//!
+//! `§N` names a section of `docs/semantics.md`, which is numbered as the
+//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
+//! comment starts with the sections it checks.
 
 use crate::{poll_exactly, unique, Backend, Ctx};
 use bytes::Bytes;
@@ -43,9 +47,8 @@ fn all_bytes() -> Bytes {
     Bytes::from((0..=255u8).chain((0..=255u8).rev()).collect::<Vec<u8>>())
 }
 
-/// "Key, value and headers come back byte for byte as sent": every byte
-/// value in key, value and header values; header names with dots and
-/// dashes.
+/// §2: "Key, value and headers come back byte for byte as sent": every byte
+/// value in key, value and header values; header names with dots and dashes.
 pub async fn round_trip_byte_exact(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("bytes", 2).await?;
@@ -69,7 +72,7 @@ pub async fn round_trip_byte_exact(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "value (bytes, may be empty)"; an absent key stays absent and an empty
+/// §2: "value (bytes, may be empty)"; an absent key stays absent and an empty
 /// key stays an empty key; no headers stays no headers.
 pub async fn empty_value_and_empty_key(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -89,9 +92,9 @@ pub async fn empty_value_and_empty_key(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "`max_message_bytes` (default 1 MiB; key + value + headers)": a record
-/// of exactly 1 MiB counting key, value and headers is accepted and comes
-/// back intact.
+/// §1, §2: "`max_message_bytes` (default 1 MiB; key + value + headers)": a
+/// record of exactly 1 MiB counting key, value and headers is accepted and
+/// comes back intact.
 pub async fn one_mib_record_round_trip(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("big", 1).await?;
@@ -111,7 +114,7 @@ pub async fn one_mib_record_round_trip(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "ordered headers (`String` name, bytes value; duplicates allowed, order
+/// §2: "ordered headers (`String` name, bytes value; duplicates allowed, order
 /// kept)": repeated names come back in the order sent, interleaved as sent.
 pub async fn duplicate_headers_keep_order(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -142,7 +145,7 @@ pub async fn duplicate_headers_keep_order(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "The timestamp is the append time in milliseconds since the Unix epoch,
+/// §2: "The timestamp is the append time in milliseconds since the Unix epoch,
 /// set by the broker, non-decreasing within a partition."
 pub async fn timestamps_set_by_broker(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;

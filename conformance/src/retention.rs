@@ -1,6 +1,10 @@
-//! Contract §6, retention: by age and by bytes, whole records from the
-//! head, log start moves, log end untouched, offsets never reused, groups
-//! before the log start continue at the log start.
+//! §6, retention: by age and by bytes, whole records from the head, log start
+//! moves, log end untouched, offsets never reused, groups before the log start
+//! continue at the log start.
+//!
+//! `§N` names a section of `docs/semantics.md`, which is numbered as the
+//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
+//! comment starts with the sections it checks.
 //!
 //! Byte retention is checked the way a segment log can honour it too:
 //! the log start moved, and everything from the log start to the end is
@@ -40,9 +44,9 @@ async fn wait_log_start(ctx: &Ctx<'_>, topic: &str, at_least: u64) -> u64 {
     .await
 }
 
-/// "Retention by age ... removes whole records from the head of a
-/// partition; the log start offset moves forward; offsets are never
-/// reused"; "it never touches the log end".
+/// §6: "Retention by age ... removes whole records from the head of a
+/// partition; the log start offset moves forward; offsets are never reused";
+/// "it never touches the log end".
 pub async fn by_age(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let config = TopicConfig::new(1)
@@ -63,11 +67,11 @@ pub async fn by_age(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "Retention by ... bytes removes whole records from the head"; the log
-/// start moves, the tail stays readable and dense, the log end and the
-/// next offset are untouched. 4 MiB go into a partition kept to 64 KiB, so
-/// a segment log (which removes whole segments) must move its log start
-/// too, as long as its segments are smaller than 2 MiB.
+/// §6: "Retention by ... bytes removes whole records from the head"; the log
+/// start moves, the tail stays readable and dense, the log end and the next
+/// offset are untouched. 4 MiB go into a partition kept to 64 KiB, so a segment
+/// log (which removes whole segments) must move its log start too, as long as
+/// its segments are smaller than 2 MiB.
 pub async fn by_bytes(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let config = TopicConfig::new(1).with_retention(Retention::forever().with_max_bytes(64 * 1024));
@@ -97,8 +101,8 @@ pub async fn by_bytes(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "A group positioned before the log start continues at the log start",
-/// in stream mode (committed offset below it) and queue mode.
+/// §6: "A group positioned before the log start continues at the log start", in
+/// stream mode (committed offset below it) and queue mode.
 pub async fn group_before_log_start_continues(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let config = TopicConfig::new(1)
@@ -138,8 +142,8 @@ pub async fn group_before_log_start_continues(backend: &dyn Backend) -> Result<(
     Ok(())
 }
 
-/// "Seeking below the log start goes to the log start"; `fetch` below the
-/// log start reads from the log start.
+/// §4a, §6: "Seeking below the log start goes to the log start"; `fetch` below
+/// the log start reads from the log start.
 pub async fn seek_and_fetch_below_log_start(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let config = TopicConfig::new(1)

@@ -1,6 +1,11 @@
-//! Contract §4 and §4a, consumer groups in stream mode: fan-out, start
-//! position, commit and resume, seek, rebalance (join, leave, session
-//! timeout), balance, stickiness, generations, fencing, nack.
+//! §4 and §4a, consumer groups in stream mode: fan-out, start position,
+//! commit and resume, seek, rebalance (join, leave, session timeout),
+//! balance, stickiness, generations, fencing, nack, and `poll`'s cancel
+//! safety.
+//!
+//! `§N` names a section of `docs/semantics.md`, which is numbered as the
+//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
+//! comment starts with the sections it checks.
 
 use crate::{
     eventually, expect_kind, nack_options, poll_exactly, poll_n, unique, values, Backend, Ctx, WAIT,
@@ -29,7 +34,7 @@ fn stream_cfg() -> GroupConfig {
     GroupConfig::stream().with_retry_backoff(RetryBackoff::none())
 }
 
-/// "Every group sees every record of its topics (publish/subscribe across
+/// §4: "Every group sees every record of its topics (publish/subscribe across
 /// groups)": two stream groups and a queue group each get all 30 records.
 pub async fn fan_out_across_groups(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -51,9 +56,9 @@ pub async fn fan_out_across_groups(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "A new group starts at `earliest` (default) or `latest`, per partition":
-/// an earliest group reads what was there; a latest group only what comes
-/// after it was created (both modes).
+/// §4: "A new group starts at `earliest` (default) or `latest`, per partition":
+/// an earliest group reads what was there; a latest group only what comes after
+/// it was created (both modes).
 pub async fn start_earliest_vs_latest(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("start", 2).await?;
@@ -93,7 +98,7 @@ pub async fn start_earliest_vs_latest(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "The group's committed offset per partition is the next offset to read.
+/// §4a: "The group's committed offset per partition is the next offset to read.
 /// ... After a restart or a reassignment, delivery resumes at the committed
 /// offset": explicit `commit` and `commit_message`, then a new member.
 pub async fn commit_and_resume(backend: &dyn Backend) -> Result<()> {
@@ -117,7 +122,7 @@ pub async fn commit_and_resume(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "uncommitted messages are delivered again (at-least-once)": a member
+/// §4a: "uncommitted messages are delivered again (at-least-once)": a member
 /// dropped without committing leaves its messages to the next member.
 pub async fn redelivered_after_drop_without_commit(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -147,7 +152,7 @@ pub async fn redelivered_after_drop_without_commit(backend: &dyn Backend) -> Res
     Ok(())
 }
 
-/// "`commit` is ... cumulative": committing offset 5 covers 0..5 without
+/// §4a: "`commit` is ... cumulative": committing offset 5 covers 0..5 without
 /// acking each message.
 pub async fn commit_is_cumulative(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -168,9 +173,9 @@ pub async fn commit_is_cumulative(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "`seek(partition, Beginning | End | Offset(n))` moves the member's
-/// position ... Replay is a seek": beginning replays, an offset jumps,
-/// the end waits for new records; offsets past the end clamp to the end.
+/// §4a: "`seek(partition, Beginning | End | Offset(n))` moves the member's
+/// position ... Replay is a seek": beginning replays, an offset jumps, the end
+/// waits for new records; offsets past the end clamp to the end.
 pub async fn seek_beginning_end_offset(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("seek", 1).await?;
@@ -206,7 +211,7 @@ pub async fn seek_beginning_end_offset(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "`Timestamp(t)` goes to the first record with timestamp >= t", and
+/// §4a: "`Timestamp(t)` goes to the first record with timestamp >= t", and
 /// `offset_for_timestamp` agrees.
 pub async fn seek_timestamp(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -271,9 +276,9 @@ async fn check_balanced(
     Ok(sets)
 }
 
-/// "when a member joins, the others keep their partitions except those
-/// moved to it"; "Assignment is balanced"; "Each rebalance bumps the
-/// group's generation".
+/// §4a: "when a member joins, the others keep their partitions except those
+/// moved to it"; "Assignment is balanced"; "Each rebalance bumps the group's
+/// generation".
 pub async fn rebalance_on_join(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("join", 10).await?;
@@ -303,8 +308,8 @@ pub async fn rebalance_on_join(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "Leaving (`close`) removes it at once"; "when a member leaves, only its
-/// partitions move".
+/// §4, §4a: "Leaving (`close`) removes it at once"; "when a member leaves, only
+/// its partitions move".
 pub async fn rebalance_on_leave(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("leave", 7).await?;
@@ -325,8 +330,8 @@ pub async fn rebalance_on_leave(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "a member silent for the session timeout ... is removed": its partitions
-/// go to the live member, and its late commit is `Fenced`.
+/// §4, §4a: "a member silent for the session timeout ... is removed": its
+/// partitions go to the live member, and its late commit is `Fenced`.
 pub async fn rebalance_on_session_timeout(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("session", 4).await?;
@@ -365,8 +370,8 @@ pub async fn rebalance_on_session_timeout(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "partition counts differ by at most one" and stickiness through a mix of
-/// joins and leaves over two topics.
+/// §4a: "partition counts differ by at most one" and stickiness through a mix
+/// of joins and leaves over two topics.
 pub async fn balance_and_stickiness(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let t1 = ctx.topic("bal1", 5).await?;
@@ -413,9 +418,9 @@ pub async fn balance_and_stickiness(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "Each partition is assigned to at most one live member at a time":
-/// two members polling concurrently never both receive one partition, and
-/// together get everything once.
+/// §4a: "Each partition is assigned to at most one live member at a time": two
+/// members polling concurrently never both receive one partition, and together
+/// get everything once.
 pub async fn partition_owned_by_one_member(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("owned", 4).await?;
@@ -457,9 +462,9 @@ pub async fn partition_owned_by_one_member(backend: &dyn Backend) -> Result<()> 
     Ok(())
 }
 
-/// "A commit or delivery carrying an older generation is refused with
-/// `ErrorKind::Fenced`: a member that lost a partition can never commit
-/// over its new owner." Partitions it kept still commit fine.
+/// §4a: "A commit or delivery carrying an older generation is refused with
+/// `ErrorKind::Fenced`: a member that lost a partition can never commit over
+/// its new owner." Partitions it kept still commit fine.
 pub async fn stale_commit_is_fenced(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("fence", 2).await?;
@@ -514,7 +519,7 @@ pub async fn stale_commit_is_fenced(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "`nack(message)` rewinds the partition to that message and redelivers
+/// §4a: "`nack(message)` rewinds the partition to that message and redelivers
 /// it (and what follows it) ... with its attempt number raised."
 pub async fn nack_rewinds_and_raises_attempt(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -547,7 +552,7 @@ pub async fn nack_rewinds_and_raises_attempt(backend: &dyn Backend) -> Result<()
     Ok(())
 }
 
-/// "redelivers it ... after the retry backoff": not before the nack's
+/// §4a: "redelivers it ... after the retry backoff": not before the nack's
 /// delay, nor before the group's backoff when no delay is given.
 pub async fn nack_waits_for_backoff(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -574,10 +579,10 @@ pub async fn nack_waits_for_backoff(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "A commit or delivery carrying an older generation is refused with
+/// §4a: "A commit or delivery carrying an older generation is refused with
 /// `ErrorKind::Fenced`" even when the member owns the partition again: a
-/// message delivered before it lost the partition stays stale after it
-/// regains it.
+/// message delivered before it lost the partition stays stale after it regains
+/// it.
 pub async fn stale_message_after_regain_is_fenced(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("regain", 2).await?;
@@ -619,7 +624,7 @@ pub async fn stale_message_after_regain_is_fenced(backend: &dyn Backend) -> Resu
     Ok(())
 }
 
-/// "Partitions may be added later": a group reading the topic picks the
+/// §1, §4: "Partitions may be added later": a group reading the topic picks the
 /// new partitions up (stream: they are assigned; queue: they are offered).
 pub async fn added_partitions_are_consumed(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -651,13 +656,13 @@ pub async fn added_partitions_are_consumed(backend: &dyn Backend) -> Result<()> 
     Ok(())
 }
 
-/// "Every group sees every record of its topics"; "within a group each
+/// §4, §4a: "Every group sees every record of its topics"; "within a group each
 /// record is handed to one member at a time"; "Within a partition a member
 /// receives messages in offset order": three topics are produced to
-/// concurrently while two stream groups and a queue group (two members
-/// each, every member reading all three topics) consume concurrently.
-/// Every group gets every record with its bytes; each stream member sees
-/// each partition in increasing offset order.
+/// concurrently while two stream groups and a queue group (two members each,
+/// every member reading all three topics) consume concurrently. Every group
+/// gets every record with its bytes; each stream member sees each partition in
+/// increasing offset order.
 pub async fn concurrent_groups_over_many_topics(backend: &dyn Backend) -> Result<()> {
     const PER_TOPIC: usize = 60;
     let ctx = Ctx::open(backend).await?;
@@ -735,11 +740,11 @@ fn values_of(r: &Record) -> String {
     String::from_utf8_lossy(&r.value).into_owned()
 }
 
-/// "Leaving (`close`) removes it at once"; "After a restart or a
-/// reassignment, delivery resumes at the committed offset: uncommitted
-/// messages are delivered again": four members, one partition each, commit
-/// part of what they read and close at the same moment; a new member then
-/// owns every partition and gets exactly the uncommitted records.
+/// §4, §4a: "Leaving (`close`) removes it at once"; "After a restart or a
+/// reassignment, delivery resumes at the committed offset: uncommitted messages
+/// are delivered again": four members, one partition each, commit part of what
+/// they read and close at the same moment; a new member then owns every
+/// partition and gets exactly the uncommitted records.
 pub async fn close_many_members_at_once(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("closeall", 4).await?;
@@ -775,14 +780,13 @@ pub async fn close_many_members_at_once(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "Within a partition a member receives messages in offset order" and
-/// "delivery resumes at the committed offset": nothing is skipped when
-/// `poll` futures are dropped. They are cut at a random one of their first
-/// await points that wait ([`crate::cut_after`]; seeded, the seed is
-/// printed) while one member reads three partitions, acking what
-/// it gets; every record must then arrive, each partition in order with no
-/// offset missing (a poll that moved a position and was dropped before
-/// returning would skip records).
+/// §4, §4a: "Within a partition a member receives messages in offset order" and
+/// "delivery resumes at the committed offset": nothing is skipped when `poll`
+/// futures are dropped. They are cut at a random one of their first await
+/// points that wait ([`crate::cut_after`]; seeded, the seed is printed) while
+/// one member reads three partitions, acking what it gets; every record must
+/// then arrive, each partition in order with no offset missing (a poll that
+/// moved a position and was dropped before returning would skip records).
 pub async fn dropped_polls_skip_nothing(backend: &dyn Backend) -> Result<()> {
     let guard = crate::model::seed_for("stream::dropped_polls_skip_nothing");
     let mut rng = StdRng::seed_from_u64(guard.seed);

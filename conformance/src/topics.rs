@@ -1,5 +1,9 @@
-//! Contract §1, topics and partitions: names, partition counts, creation,
-//! growth, `TopicNotFound`, listing and deletion.
+//! §1, topics and partitions: names, partition counts, creation, growth,
+//! `TopicNotFound`, listing and deletion.
+//!
+//! `§N` names a section of `docs/semantics.md`, which is numbered as the
+//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
+//! comment starts with the sections it checks.
 
 use crate::{expect_kind, unique, Backend, Ctx};
 use conveyor_core::prelude::*;
@@ -8,9 +12,9 @@ use conveyor_core::{
 };
 use std::time::Duration;
 
-/// "A topic has ... a fixed number of partitions chosen at creation";
-/// "`describe_topic` reports both [log start and log end] per partition":
-/// a new topic has its partitions, each empty at 0..0, with its config.
+/// §1: "A topic has ... a fixed number of partitions chosen at creation";
+/// "`describe_topic` reports both [log start and log end] per partition": a new
+/// topic has its partitions, each empty at 0..0, with its config.
 pub async fn create_and_describe(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let config = TopicConfig::new(3)
@@ -28,7 +32,7 @@ pub async fn create_and_describe(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "Creating a topic that exists with the same config is a no-op": records
+/// §1: "Creating a topic that exists with the same config is a no-op": records
 /// already there stay.
 pub async fn create_same_config_is_noop(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -43,7 +47,7 @@ pub async fn create_same_config_is_noop(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "with a different config it is `ErrorKind::TopicExists`" (partitions,
+/// §1: "with a different config it is `ErrorKind::TopicExists`" (partitions,
 /// retention, size limit or dedup window), and the topic is unchanged.
 pub async fn create_other_config_is_topic_exists(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -66,8 +70,8 @@ pub async fn create_other_config_is_topic_exists(backend: &dyn Backend) -> Resul
     Ok(())
 }
 
-/// "A topic has a name of 1 to 249 characters from `[A-Za-z0-9._-]`": empty,
-/// 250 characters and other characters are `InvalidArgument` and create
+/// §1: "A topic has a name of 1 to 249 characters from `[A-Za-z0-9._-]`":
+/// empty, 250 characters and other characters are `InvalidArgument` and create
 /// nothing; 249 characters and every allowed character are fine.
 pub async fn invalid_topic_names(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -104,7 +108,7 @@ pub async fn invalid_topic_names(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "a fixed number of partitions (1 to 10,000)": 0 and 10,001 are
+/// §1: "a fixed number of partitions (1 to 10,000)": 0 and 10,001 are
 /// `InvalidArgument` and create nothing.
 pub async fn partition_count_bounds(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -124,7 +128,7 @@ pub async fn partition_count_bounds(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "Partitions may be added later, never removed": growing adds empty
+/// §1: "Partitions may be added later, never removed": growing adds empty
 /// usable partitions and keeps the old ones; the same count is a no-op;
 /// shrinking or going past 10,000 is `InvalidArgument` and changes nothing.
 pub async fn add_partitions_grows_never_shrinks(backend: &dyn Backend) -> Result<()> {
@@ -157,7 +161,7 @@ pub async fn add_partitions_grows_never_shrinks(backend: &dyn Backend) -> Result
     Ok(())
 }
 
-/// "Any operation on a missing topic is `ErrorKind::TopicNotFound` (no
+/// §1: "Any operation on a missing topic is `ErrorKind::TopicNotFound` (no
 /// auto-creation unless the broker was opened with auto-create on)".
 pub async fn unknown_topic_is_topic_not_found(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -190,8 +194,8 @@ pub async fn unknown_topic_is_topic_not_found(backend: &dyn Backend) -> Result<(
     Ok(())
 }
 
-/// "`list_topics`: names of all topics, sorted": created topics are listed,
-/// in order.
+/// §1: `list_topics` gives "names of all topics, sorted": created topics are
+/// listed, in order.
 pub async fn list_topics_sorted(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let base = unique("list");
@@ -219,7 +223,7 @@ pub async fn list_topics_sorted(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// `delete_topic` removes a topic and its records: afterwards it is
+/// §1: `delete_topic` removes a topic and its records: afterwards it is
 /// `TopicNotFound` and no longer listed.
 pub async fn delete_topic(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
@@ -238,8 +242,8 @@ pub async fn delete_topic(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// "no auto-creation unless the broker was opened with auto-create on": with
-/// it on, sending to or subscribing to a missing topic creates it.
+/// §1: "no auto-creation unless the broker was opened with auto-create on":
+/// with it on, sending to or subscribing to a missing topic creates it.
 pub async fn auto_create_when_enabled(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     ctx.broker.close().await?;
