@@ -23,7 +23,7 @@ pub enum DlqCommand {
         #[arg(long, default_value_t = 100)]
         max: usize,
     },
-    /// Move DLQ messages back to their original topics.
+    /// Move DLQ messages back to their original topics, for the group that dead-lettered each.
     #[command(after_help = "Example:\n  conveyor dlq redrive orders.events.sms.dlq --max 100")]
     Redrive {
         /// The DLQ topic.

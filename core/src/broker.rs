@@ -56,7 +56,7 @@ impl Capabilities {
     };
 }
 
-/// How to fail a message in [`Consumer::nack`].
+/// How to fail a message in [`Consumer::nack`] (contract §4a, §4b).
 ///
 /// ```
 /// use conveyor_core::NackOptions;
@@ -104,7 +104,7 @@ impl NackOptions {
 }
 
 /// The longest a `nack` delay or an `extend` may be: 12 hours (SQS's
-/// maximum visibility timeout). Longer values are capped, so no message is
+/// maximum visibility timeout; contract §4a, §4b). Longer values are capped, so no message is
 /// parked forever.
 pub const MAX_REDELIVERY_DELAY: Duration = Duration::from_secs(12 * 60 * 60);
 
@@ -335,7 +335,7 @@ pub trait Broker: Send + Sync + 'static {
 pub trait BrokerExt: Broker {
     /// Move up to `max` messages (all if `None`) of a DLQ topic back to the
     /// group that dead-lettered them (and to no other group); returns how
-    /// many were moved. See [`crate::dlq::redrive`].
+    /// many were moved (contract §5). See [`crate::dlq::redrive`].
     ///
     /// # Errors
     /// `TopicNotFound` for the DLQ topic; `InvalidArgument` for a message
@@ -359,7 +359,7 @@ impl<B: Broker + ?Sized> BrokerExt for B {}
 /// [`ProducerExt::send`] is built on it.
 #[async_trait]
 pub trait Producer: Send + Sync {
-    /// Append `records` to `topic`. Records for one partition are appended
+    /// Append `records` to `topic` (contract §3). Records for one partition are appended
     /// contiguously and atomically, in the order given; receipts come back
     /// in input order. Returns only once the records are stored per the
     /// broker's durability and visible to consumers. A record with an
@@ -419,10 +419,10 @@ impl<P: Producer + ?Sized> ProducerExt for P {}
 ///
 /// Every method may also fail with `Closed` (this consumer or its broker
 /// was closed), `Unavailable` (server backends, retriable) and `Io`.
-/// Settling calls (`ack`, `nack`, `extend`) take a message this consumer's
-/// group received, unchanged: a message of another group, one read with
-/// `fetch`, or one whose topic, partition or offset was changed is
-/// `InvalidArgument`.
+/// Settling calls (`ack`, `nack`, `extend`, `commit_message`) take a
+/// message this consumer's group received, unchanged: a message of another
+/// group, one read with `fetch`, or one whose topic, partition, offset or
+/// attempt was changed is `InvalidArgument` (contract §4, §7).
 #[async_trait]
 pub trait Consumer: Send + Sync {
     /// Up to `max` messages, waiting up to `timeout` for the first one.
@@ -435,7 +435,7 @@ pub trait Consumer: Send + Sync {
     /// session timeout rejoins here.
     ///
     /// # Cancel safety
-    /// Cancel safe: if the future is dropped (a `select!` branch that lost,
+    /// Cancel safe (contract §4): if the future is dropped (a `select!` branch that lost,
     /// a timeout), no message was taken: no lease stays held, no attempt
     /// count is raised, and no position moves.
     async fn poll(&self, max: usize, timeout: Duration) -> Result<Vec<Message>>;
@@ -455,7 +455,7 @@ pub trait Consumer: Send + Sync {
     /// settled. Acking again is safe (`LeaseExpired` if it was).
     async fn ack(&self, message: &Message) -> Result<()>;
 
-    /// Report a failure: the message is redelivered after
+    /// Report a failure (contract §4a, §4b, §5): the message is redelivered after
     /// [`NackOptions::delay`] (the group's retry backoff if `None`) with
     /// its attempt number raised, or dead-lettered if it used its last
     /// allowed attempt (the reason goes to the DLQ header
@@ -473,7 +473,7 @@ pub trait Consumer: Send + Sync {
     /// on its own, so nothing is lost.
     async fn nack(&self, message: &Message, options: NackOptions) -> Result<NackOutcome>;
 
-    /// Queue mode: prolong the message's lease to `by` from now (capped at
+    /// Queue mode (contract §4b): prolong the message's lease to `by` from now (capped at
     /// [`MAX_REDELIVERY_DELAY`]).
     ///
     /// # Errors
@@ -587,7 +587,7 @@ pub trait ConsumerExt: Consumer {
 
 impl<C: Consumer + ?Sized> ConsumerExt for C {}
 
-/// Remembers which event ids a consumer has handled.
+/// Remembers which event ids a consumer has handled (contract §8).
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync {
     /// Atomically record `key` for `ttl`; `true` if it was not already

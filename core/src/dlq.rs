@@ -137,7 +137,7 @@ pub fn redrive_record(
 
 /// Whether `name` is one of the headers redrive adds (not counted against
 /// `max_message_bytes`: a record that fit when first sent must be
-/// redriven, contract §5).
+/// redriven, contract §1, §5).
 pub fn is_redrive_header(name: &str) -> bool {
     name == HEADER_REDRIVE_ATTEMPTS
         || name == HEADER_REDRIVE_GROUP

@@ -13,6 +13,9 @@
 //!   [`Engine`](backend::Engine) over a small
 //!   [`LogStorage`](backend::LogStorage) trait, validation, assignment.
 //!   Applications never need it.
+//!
+//! "Contract §N" in these docs refers to the numbered sections of
+//! `docs/semantics.md`, which follow the normative delivery contract.
 #![deny(missing_docs)]
 
 mod assignment;

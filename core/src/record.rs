@@ -57,8 +57,8 @@ pub struct Record {
     /// (murmur2 of the idempotency key), so a retry lands where the first
     /// try did.
     pub idempotency_key: Option<String>,
-    /// Delayed delivery: no queue-mode group is offered the record before
-    /// this time (ms since the Unix epoch). Stream-mode groups read it in
+    /// Delayed delivery (contract §3): no queue-mode group is offered the
+    /// record before this time (ms since the Unix epoch). Stream-mode groups read it in
     /// offset order without waiting.
     pub deliver_at: Option<u64>,
 }
@@ -97,7 +97,7 @@ impl Record {
     }
 
     /// Deliver to queue-mode groups no earlier than `delay` from when it is
-    /// sent (SQS message timers, Pulsar delayed delivery). The record is
+    /// sent (contract §3; SQS message timers, Pulsar delayed delivery). The record is
     /// stored at once and gets its offset; stream-mode groups read it in
     /// offset order without waiting.
     pub fn with_delay(mut self, delay: Duration) -> Self {
@@ -297,7 +297,7 @@ impl Message {
 
     /// The delivery token, if this message was delivered to `group` and
     /// still names the topic, partition and offset it was delivered with.
-    /// Backends call this first in every settling call.
+    /// Backends call this first in every settling call (contract §4, §7).
     ///
     /// # Errors
     /// [`crate::ErrorKind::InvalidArgument`] naming the group that received it (or

@@ -442,7 +442,7 @@ type EventId = dyn Fn(&Message) -> Option<String> + Send + Sync;
 /// a failed run forgets the id so the retry runs again.
 ///
 /// A process that dies inside the handler leaves the id recorded, so the
-/// redelivery is skipped: at most once, by design (§8 of the contract).
+/// redelivery is skipped: at most once, by design (contract §8).
 pub struct Idempotent<H> {
     store: Arc<dyn IdempotencyStore>,
     ttl: Duration,

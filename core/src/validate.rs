@@ -105,7 +105,7 @@ pub fn group_config(group: &str, config: &GroupConfig) -> Result<()> {
 /// limit: explicit partition in range, size within `max_message_bytes`,
 /// idempotency key non-empty. The headers redrive adds
 /// ([`crate::dlq::is_redrive_header`]) are not counted: a record that fit
-/// when it was first sent can always be redriven (contract §5).
+/// when it was first sent can always be redriven (contract §1, §5).
 pub fn record(
     topic: &str,
     record: &Record,

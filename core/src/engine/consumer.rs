@@ -303,7 +303,7 @@ impl<S: LogStorage> EngineConsumer<S> {
     }
 
     /// One queue-mode attempt, in three steps so that a dropped poll takes
-    /// nothing (contract §4b; `Consumer::poll` is cancel safe):
+    /// nothing (contract §4: `Consumer::poll` is cancel safe; §4b: leases):
     ///
     /// 1. under the lock, plan: expire leases (DLQ moves run in a task of
     ///    their own, which a dropped poll cannot stop) and list the offsets
@@ -357,12 +357,12 @@ impl<S: LogStorage> EngineConsumer<S> {
                     }
                     dirty.insert(tp.clone());
                     if !dlq::is_for_group(&m.headers, self.group()) {
-                        table.skip(m.offset); // redriven to another group (§5)
+                        table.skip(m.offset); // redriven to another group (contract §5)
                         next_due = Some(now);
                         continue;
                     }
                     if let Some(at) = m.deliver_at.filter(|at| *at > now) {
-                        table.defer(m.offset, at); // delayed delivery (§3)
+                        table.defer(m.offset, at); // delayed delivery (contract §3)
                         next_due = Some(min_due(next_due, at));
                         continue;
                     }
