@@ -157,8 +157,14 @@
 //!
 //! The read figure depends on how the benchmark is run: with a filter
 //! (`cargo bench --bench throughput -- read`) this machine gave 11.5 M
-//! (before) against 4.1 M (after), repeatably, although the full run gives
-//! the same figure for both; not explained yet (see the session notes).
+//! (before) against 4.1 M (after), repeatably. `perf` shows the time going
+//! to page faults and `memmove` on fresh anonymous memory: each
+//! 10,000-message `fetch` allocates its result vectors (larger now: a
+//! `Message` carries its idempotency key, delivery time and token) above
+//! glibc's mmap threshold, so every call maps, faults in and unmaps them.
+//! In the full run the earlier benchmarks have already raised glibc's
+//! dynamic threshold; with `MALLOC_MMAP_THRESHOLD_=33554432` the filtered
+//! run gives 9.8 M. Reading in smaller fetches avoids it too.
 //! The open-time and RSS rows above were not re-measured.
 //!
 //! Why `Always` misses: one sequential producer does its CPU work per
