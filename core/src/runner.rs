@@ -103,6 +103,14 @@ impl From<Error> for HandlerError {
 pub trait Handler: Send + Sync + 'static {
     /// Handle a message; `Err` means it should be redelivered (or
     /// dead-lettered once out of attempts).
+    ///
+    /// # Errors
+    /// A [`HandlerError`] with the reason (it becomes the DLQ header
+    /// `conveyor.dlq.error`) and, optionally, when to retry.
+    ///
+    /// # Cancel safety
+    /// The runner never drops a running handler: at shutdown it waits for
+    /// in-flight handlers to finish and settles their messages.
     async fn handle(&self, message: Message) -> Result<(), HandlerError>;
 }
 
@@ -200,6 +208,18 @@ impl Runner {
 
     /// Run until `shutdown` completes, then finish in-flight handlers and
     /// leave the group.
+    ///
+    /// # Errors
+    /// The first poll error that is not retriable (`Unavailable` is
+    /// retried), a handler task that panicked, or the error of leaving the
+    /// group; the runner then stops as on shutdown. Refused settles are
+    /// counted in [`RunStats`] and logged, not returned. (Shutdown races a
+    /// `poll` in `select!`, which is fine because `poll` is cancel safe.)
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropping the future abandons in-flight handlers;
+    /// their messages come again (queue mode: after the visibility timeout;
+    /// stream mode: from the committed offset). Use `shutdown` to stop.
     pub async fn run<H: Handler>(
         self,
         handler: H,
@@ -208,7 +228,13 @@ impl Runner {
         self.drive(handler, shutdown, None).await
     }
 
-    /// Run until no message arrives for `idle`, or `shutdown`.
+    /// Run until no message arrives for `idle`.
+    ///
+    /// # Errors
+    /// As [`Runner::run`].
+    ///
+    /// # Cancel safety
+    /// As [`Runner::run`]: not cancel safe.
     pub async fn run_until_idle<H: Handler>(self, handler: H, idle: Duration) -> Result<RunStats> {
         self.drive(handler, std::future::pending(), Some(idle))
             .await
