@@ -245,7 +245,7 @@ impl<S: LogStorage> EngineConsumer<S> {
             planned += found.len();
             reads.push((tp, pos, generation, log_start, found));
         }
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(planned);
         let mut commits = Vec::new();
         {
             let mut guard = self.inner.state.lock();
@@ -337,7 +337,7 @@ impl<S: LogStorage> EngineConsumer<S> {
             group: self.group(),
             leases: Vec::new(),
         };
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(runs.iter().map(|(_, found)| found.len()).sum());
         let mut dirty = BTreeSet::new();
         {
             let now = now_ms();
