@@ -444,6 +444,39 @@ pub async fn redrive_reaches_only_the_failing_group(backend: &dyn Backend) -> Re
         );
         sms_c.ack(m).await?;
     }
+    // A redriven message that fails again goes back to the DLQ and is
+    // redriven again: the DLQ record must not stay addressed to the group,
+    // or the redrive would pass it unseen and it would be stuck there.
+    p.send(
+        &topic,
+        original()
+            .with_header("i", "9")
+            .with_idempotency_key("evt-9"),
+    )
+    .await?;
+    let first = poll_exactly(sms_c.as_ref(), 1, Duration::ZERO).await?;
+    let outcome = sms_c.nack(&first[0], NackOptions::new()).await?;
+    assert_eq!(outcome, NackOutcome::DeadLettered);
+    assert_eq!(ctx.broker.redrive(&dlq, None).await?, 1);
+    let back = poll_exactly(sms_c.as_ref(), 1, Duration::ZERO).await?;
+    let outcome = sms_c.nack(&back[0], NackOptions::new()).await?;
+    assert_eq!(outcome, NackOutcome::DeadLettered, "failed again");
+    assert_eq!(ctx.broker.redrive(&dlq, None).await?, 1, "redriven again");
+    let third = poll_exactly(sms_c.as_ref(), 1, Duration::from_millis(50)).await?;
+    assert_eq!(third[0].idempotency_key.as_deref(), Some("evt-9"));
+    assert_eq!(
+        third[0].header_str(HEADER_REDRIVE_GROUP),
+        Some(sms.as_str())
+    );
+    sms_c.ack(&third[0]).await?;
+    // The other groups get evt-9 itself, once.
+    for m in poll_exactly(email_c.as_ref(), 1, Duration::ZERO).await? {
+        email_c.ack(&m).await?;
+    }
+    for m in poll_exactly(audit_c.as_ref(), 1, Duration::ZERO).await? {
+        audit_c.ack(&m).await?;
+    }
+
     let email_more = email_c.poll(16, Duration::from_millis(100)).await?;
     assert!(
         email_more.is_empty(),
@@ -460,6 +493,6 @@ pub async fn redrive_reaches_only_the_failing_group(backend: &dyn Backend) -> Re
     let late = unique("late");
     let late_c = ctx.broker.consumer(&late, &[&topic], queue_cfg(5)).await?;
     let got = poll_n(late_c.as_ref(), 16, Duration::from_millis(300)).await?;
-    assert_eq!(got.len(), 4, "only the original four: {got:?}");
+    assert_eq!(got.len(), 5, "only the five originals: {got:?}");
     Ok(())
 }

@@ -76,9 +76,21 @@ pub fn dead_letter_record(
     headers: &[Header],
     dead: &DeadLetter<'_>,
 ) -> Record {
+    // A redriven message that fails again: its redrive headers go (the DLQ
+    // headers say the same, and a record in the DLQ addressed to a group
+    // would be passed unseen by the redrive group); the producer's
+    // idempotency key is carried on.
+    let idempotency_key = dead
+        .idempotency_key
+        .or_else(|| carried_idempotency_key(headers))
+        .map(str::to_string);
     let mut record = Record::new(value);
     record.key = key;
-    record.headers = headers.to_vec();
+    record.headers = headers
+        .iter()
+        .filter(|h| !is_redrive_header(&h.name))
+        .cloned()
+        .collect();
     let mut push = |name: &str, v: String| record.headers.push(Header::new(name, v));
     push(HEADER_TOPIC, dead.topic.to_string());
     push(HEADER_PARTITION, dead.partition.to_string());
@@ -87,8 +99,8 @@ pub fn dead_letter_record(
     push(HEADER_ATTEMPTS, dead.attempts.to_string());
     push(HEADER_ERROR, dead.error.unwrap_or("").to_string());
     push(HEADER_FAILED_AT, dead.failed_at.to_string());
-    if let Some(k) = dead.idempotency_key {
-        push(HEADER_IDEMPOTENCY_KEY, k.to_string());
+    if let Some(k) = idempotency_key {
+        push(HEADER_IDEMPOTENCY_KEY, k);
     }
     record
 }
@@ -280,12 +292,18 @@ mod tests {
             "ordinary records are for every group"
         );
 
-        // Dead-lettered again and redriven again: one set of redrive headers.
+        // Dead-lettered again and redriven again: one set of redrive headers,
+        // none of them in the DLQ record (the redrive group must see it),
+        // and the idempotency key carried even when the caller has none.
         let dead = DeadLetter {
             attempts: 2,
+            idempotency_key: None,
             ..dead
         };
         let again = dead_letter_record(back.key.clone(), back.value.clone(), &back.headers, &dead);
+        assert!(again.headers.iter().all(|h| !is_redrive_header(&h.name)));
+        assert_eq!(addressed_to(&again.headers), None);
+        assert_eq!(carried_idempotency_key(&again.headers), Some("evt-1"));
         let (_, twice) = redrive_record(again.key, again.value, &again.headers).unwrap();
         assert_eq!(twice.headers.len(), 5, "{:?}", twice.headers);
         assert_eq!(twice.headers[2], Header::new(HEADER_REDRIVE_ATTEMPTS, "2"));
