@@ -107,6 +107,46 @@
 //! the damaged file (e.g. `block checksum mismatch ... in
 //! /dir/000012.sst`); the rest is `Io` naming the operation.
 //!
+//! # Measured
+//!
+//! Release build, criterion (`CONVEYOR_BENCH_URL='rocksdb://{tmp}' cargo
+//! bench --features rocksdb --bench throughput -- --warm-up-time 2
+//! --measurement-time 5`), 100-byte values, one partition, medians, on the
+//! 2-core development machine shared with another engineer's builds:
+//!
+//! | what | setup | result | target |
+//! |---|---|---|---|
+//! | append | durability none, batches of 1 | 41.8 K msg/s | |
+//! | append | durability none, batches of 100 | 1.73 M msg/s | ≥ 500 K |
+//! | raw baseline | plain `WriteBatch`es of 100, same keys, no sync | 3.77 M msg/s | |
+//! | append vs raw | batches of 100 | 46% | ≥ 70% (missed by 24 points) |
+//! | append | durability none, batches of 1,000 | 2.50 M msg/s | |
+//! | append | durability always, batches of 1 | 6.6 K msg/s | |
+//! | append | durability always, batches of 100 | 399 K msg/s | |
+//! | append | durability always, batches of 1,000 | 1.68 M msg/s (mmap: 1.33 M) | |
+//! | read from start | 1 M records, `fetch` 10,000 a call | 4.11 M msg/s | ≥ 2 M |
+//! | produce → consume | criterion, one at a time | 50.6 µs (mmap: 18 µs) | |
+//!
+//! Why the ratio to raw RocksDB misses: the memory backend (no storage
+//! at all) appends batches of 100 in 25.8 µs on the same run, so the
+//! engine's own work (validation, partitioning, dedup, receipts) costs as
+//! much as RocksDB's write (26.5 µs raw); this backend adds ~5 µs (the
+//! hop to the blocking pool, encoding) on top: 57.8 µs. The storage is at
+//! ~84% of raw RocksDB; the rest is the engine, shared by every backend.
+//! Batches of 1 pay the blocking-pool hop on every send.
+//!
+//! The case RocksDB is for: 1,000 topics × 4 partitions × 10 records
+//! (`examples/many_topics.rs`, release, store closed, then opened in a
+//! fresh process):
+//!
+//! | | mmap | RocksDB |
+//! |---|---|---|
+//! | fill (create + 4,000 batches of 10) | 1.79 s | 0.38 s |
+//! | open (process start excluded) | 199–211 ms | 47–75 ms |
+//! | files | 4,002 (plus 5,000 directories) | 12–13 |
+//! | disk (`du`) | 36 MB | 0.96 MB |
+//! | peak RSS after open | 20 MiB | 15–19 MiB |
+//!
 //! # Build
 //!
 //! `rocksdb` is built with `default-features = false` and only `lz4` (plus
