@@ -8,7 +8,14 @@
 //! cargo bench --bench throughput
 //! CONVEYOR_BENCH_URL=memory:// cargo bench --bench throughput
 //! CONVEYOR_BENCH_URL='mmap://{tmp}?durability=always' cargo bench --bench throughput
+//! CONVEYOR_BENCH_URL='rocksdb://{tmp}' cargo bench --features rocksdb --bench throughput
 //! ```
+//!
+//! With a `rocksdb://` URL the `append` group also measures a raw
+//! baseline, `append/raw_rocksdb_batch/100`: the same 16-byte keys and
+//! 100-byte values written with plain `WriteBatch`es of 100 through the
+//! `rocksdb` crate (no sync, LZ4 like the backend's record family), so the
+//! backend's overhead over RocksDB itself is one ratio.
 
 // A benchmark: a failed unwrap aborts the run, which is what we want.
 #![allow(clippy::unwrap_used)]
@@ -47,7 +54,7 @@ fn open(rt: &tokio::runtime::Runtime) -> Fixture {
 fn append(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("append");
-    for batch in [1usize, 100] {
+    for batch in [1usize, 100, 1000] {
         let f = open(&rt);
         let topic = format!("append.{batch}");
         rt.block_on(f.broker.create_topic(&topic, TopicConfig::new(1)))
@@ -68,7 +75,44 @@ fn append(c: &mut Criterion) {
             })
         });
     }
+    #[cfg(feature = "rocksdb")]
+    raw_rocksdb(&mut group);
     group.finish();
+}
+
+/// The raw RocksDB baseline (see the module docs), only for `rocksdb://`.
+#[cfg(feature = "rocksdb")]
+fn raw_rocksdb(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    use conveyor::rocksdb::rocksdb::{DBCompressionType, Options, WriteBatch, DB};
+    let url = std::env::var("CONVEYOR_BENCH_URL").unwrap_or_default();
+    if !url.starts_with("rocksdb:") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.set_compression_type(DBCompressionType::Lz4);
+    let db = DB::open(&options, dir.path()).unwrap();
+    let value = vec![7u8; VALUE];
+    let mut offset = 0u64;
+    let batch = 100u64;
+    group.throughput(Throughput::Elements(batch));
+    group.bench_function(BenchmarkId::new("raw_rocksdb_batch", batch), |b| {
+        b.iter_custom(|iters| {
+            let started = Instant::now();
+            for _ in 0..iters {
+                let mut wb = WriteBatch::default();
+                for _ in 0..batch {
+                    let mut key = [0u8; 16];
+                    key[8..].copy_from_slice(&offset.to_be_bytes());
+                    wb.put(key, &value);
+                    offset += 1;
+                }
+                db.write(wb).unwrap();
+            }
+            started.elapsed()
+        })
+    });
 }
 
 fn read(c: &mut Criterion) {

@@ -75,6 +75,8 @@ pub use conveyor_core::{
 pub use conveyor_memory as memory;
 #[cfg(feature = "mmap")]
 pub use conveyor_mmap as mmap;
+#[cfg(feature = "rocksdb")]
+pub use conveyor_rocksdb as rocksdb;
 
 use futures::future::BoxFuture;
 use std::sync::Arc;
@@ -115,6 +117,9 @@ const DRIVERS: &[Driver] = &[
         name: "rocksdb",
         feature: "rocksdb",
         schemes: &["rocksdb"],
+        #[cfg(feature = "rocksdb")]
+        open: Some(|url| Box::pin(conveyor_rocksdb::open_url(url))),
+        #[cfg(not(feature = "rocksdb"))]
         open: None,
     },
     Driver {
@@ -193,6 +198,14 @@ mod tests {
             DRIVERS.iter().find(|d| d.name == "mmap").map(|d| d.schemes),
             Some(conveyor_mmap::URL_SCHEMES)
         );
+        #[cfg(feature = "rocksdb")]
+        assert_eq!(
+            DRIVERS
+                .iter()
+                .find(|d| d.name == "rocksdb")
+                .map(|d| d.schemes),
+            Some(conveyor_rocksdb::URL_SCHEMES)
+        );
         #[cfg(feature = "memory")]
         assert_eq!(
             DRIVERS
@@ -214,9 +227,12 @@ mod tests {
             .expect("refused");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         assert!(err.to_string().contains("segment_bytes"), "{err}");
-        let err = open("rocksdb:///tmp/x").await.err().expect("refused");
-        assert_eq!(err.kind(), ErrorKind::Unsupported);
-        assert!(err.to_string().contains("`rocksdb` feature"), "{err}");
+        #[cfg(not(feature = "rocksdb"))]
+        {
+            let err = open("rocksdb:///tmp/x").await.err().expect("refused");
+            assert_eq!(err.kind(), ErrorKind::Unsupported);
+            assert!(err.to_string().contains("`rocksdb` feature"), "{err}");
+        }
     }
 
     #[cfg(feature = "mmap")]
@@ -247,6 +263,37 @@ mod tests {
         let bad = format!("mmap://{}?segmentbytes=1", dir.path().display());
         let err = open(&bad).await.err().expect("refused");
         assert!(err.to_string().contains("segmentbytes"), "{err}");
+    }
+
+    #[cfg(feature = "rocksdb")]
+    #[tokio::test]
+    async fn rocksdb_url_opens_reopens_and_rejects_unknown_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "rocksdb://{}?durability=always&auto_create=true",
+            dir.path().display()
+        );
+        let b = open(&url).await.unwrap();
+        let r = b
+            .producer()
+            .await
+            .unwrap()
+            .send("kept", Record::new("x"))
+            .await
+            .unwrap();
+        let err = open(&url).await.err().expect("locked");
+        assert_eq!(err.kind(), ErrorKind::Locked);
+        b.close().await.unwrap();
+        let b = open(&url).await.unwrap();
+        assert_eq!(
+            &b.fetch("kept", 0, r.offset, 1).await.unwrap()[0].value[..],
+            b"x"
+        );
+        b.close().await.unwrap();
+        let bad = format!("rocksdb://{}?segment_bytes=1", dir.path().display());
+        let err = open(&bad).await.err().expect("refused");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("segment_bytes"), "{err}");
     }
 
     #[tokio::test]

@@ -43,6 +43,12 @@
 //! storage decorator that fails chosen calls, for testing the engine's
 //! error paths (`tests/faults.rs`).
 //!
+//! [`kill`] is not a section either: it is the SIGKILL harness every
+//! embedded backend runs from its own `tests/kill.rs` with
+//! [`kill_suite!`] (a child process producing and committing under
+//! `Durability::Always`, killed at random; every printed acknowledgement
+//! must be found after reopen).
+//!
 //! The [`model`] cases are randomized: their seed is printed on start and
 //! on failure, and `CONVEYOR_SEED=<n>` replays the same random choices.
 //!
@@ -60,6 +66,7 @@ pub mod dlq;
 pub mod errors;
 pub mod faulty;
 pub mod idempotency;
+pub mod kill;
 pub mod lag;
 pub mod model;
 pub mod persistence;
