@@ -23,6 +23,7 @@ pub mod broker;
 pub mod config;
 pub mod describe;
 pub mod dlq;
+mod embedded;
 mod engine;
 pub mod error;
 pub mod partitioner;
@@ -43,6 +44,7 @@ pub mod backend {
     //! inside its own transactions or scripts. Either way it runs the
     //! conformance suite (`conveyor-conformance`).
     pub use crate::assignment::*;
+    pub use crate::embedded::{blocking, spawn_interval_flusher};
     pub use crate::engine::{
         Appended, Engine, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage,
         StoredRecord,

@@ -102,24 +102,9 @@ pub(crate) fn remove_dir_all(dir: &Path) -> Result<()> {
     }
 }
 
-/// Run blocking file-system work off the async worker threads: on tokio's
-/// blocking pool when called inside a runtime (multi-thread or
-/// current-thread: both have a blocking pool, and a current-thread runtime
-/// keeps driving its other tasks while it waits), inline otherwise (object
-/// store's `maybe_spawn_blocking`).
-pub(crate) async fn blocking<T, F>(f: F) -> Result<T>
-where
-    F: FnOnce() -> Result<T> + Send + 'static,
-    T: Send + 'static,
-{
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => runtime
-            .spawn_blocking(f)
-            .await
-            .map_err(|e| Error::internal(format!("blocking file-system task: {e}")))?,
-        Err(_) => f(),
-    }
-}
+/// Run blocking file-system work off the async worker threads (the
+/// shared rule: [`conveyor_core::backend::blocking`]).
+pub(crate) use conveyor_core::backend::blocking;
 
 /// Make the next sync (`fdatasync`/`fsync`) of a file or directory under
 /// `path` fail with an I/O error, once.

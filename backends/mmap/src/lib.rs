@@ -220,8 +220,8 @@ pub use url::{open_url, URL_OPTIONS, URL_SCHEMES};
 use async_trait::async_trait;
 use bytes::Bytes;
 use conveyor_core::backend::{
-    Appended, Engine, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage,
-    StoredRecord,
+    spawn_interval_flusher, Appended, Engine, LogStorage, PartitionBounds, PartitionMap, ReadRange,
+    StoredMessage, StoredRecord,
 };
 use conveyor_core::{
     BrokerOptions, Capabilities, Durability, Error, ErrorKind, Receipt, Result, Retention,
@@ -232,8 +232,7 @@ use state::StateLog;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::Arc;
 
 /// Settings of the segment log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -353,11 +352,7 @@ impl MmapStorage {
             closed: AtomicBool::new(false),
         });
         if let Durability::Interval(every) = options.durability {
-            let weak = Arc::downgrade(&shared);
-            std::thread::Builder::new()
-                .name("conveyor-mmap-flush".into())
-                .spawn(move || flusher(weak, every))
-                .map_err(|e| Error::io("start the flusher thread", e))?;
+            spawn_interval_flusher("conveyor-mmap-flush", &shared, every, flush_all)?;
         }
         Ok(MmapStorage { shared })
     }
@@ -372,27 +367,22 @@ impl MmapStorage {
     }
 }
 
-/// Syncs everything every `every` until the store is dropped or closed.
-fn flusher(shared: Weak<Shared>, every: Duration) {
-    loop {
-        std::thread::sleep(every);
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        if shared.closed.load(Ordering::Acquire) {
-            return;
-        }
-        let parts = shared.partitions.all();
-        for p in parts {
-            if let Err(e) = p.flush_blocking() {
-                tracing::warn!(error = %e, "interval flush failed");
-            }
-        }
-        // State changes are held to the same interval as records.
-        if let Err(e) = shared.state.flush_blocking() {
-            tracing::warn!(error = %e, "interval flush of the state log failed");
+/// One tick of the interval flusher: sync every partition and the state
+/// log; `false` once the store is closed.
+fn flush_all(shared: &Shared) -> bool {
+    if shared.closed.load(Ordering::Acquire) {
+        return false;
+    }
+    for p in shared.partitions.all() {
+        if let Err(e) = p.flush_blocking() {
+            tracing::warn!(error = %e, "interval flush failed");
         }
     }
+    // State changes are held to the same interval as records.
+    if let Err(e) = shared.state.flush_blocking() {
+        tracing::warn!(error = %e, "interval flush of the state log failed");
+    }
+    true
 }
 
 #[async_trait]

@@ -156,7 +156,6 @@
 //! bindgen needs clang and libclang (`.ci/run` installs them).
 #![deny(missing_docs)]
 
-mod blocking;
 mod error;
 mod layout;
 mod partition;
@@ -170,9 +169,9 @@ pub use store::RocksStorage;
 pub use rocksdb;
 pub use url::{open_url, URL_OPTIONS, URL_SCHEMES};
 
-use conveyor_core::backend::Engine;
 #[cfg(doc)]
 use conveyor_core::backend::LogStorage;
+use conveyor_core::backend::{blocking, Engine};
 use conveyor_core::{BrokerOptions, Durability, Result};
 use std::path::Path;
 
@@ -213,6 +212,6 @@ pub async fn open(
 ) -> Result<RocksBroker> {
     let path = path.as_ref().to_path_buf();
     let rocks = rocks.with_durability(options.durability);
-    let storage = blocking::run(move || RocksStorage::open(path, rocks)).await?;
+    let storage = blocking(move || RocksStorage::open(path, rocks)).await?;
     Engine::open(storage, options).await
 }

@@ -3,7 +3,7 @@
 //!
 //! Owns the partition's locks and its in-memory bounds; opens no database
 //! and never runs on an async worker thread (every function here blocks:
-//! `lib.rs` calls them through `blocking::run`).
+//! `lib.rs` calls them through `blocking`).
 
 use crate::error::{corrupt, from_rocksdb};
 use crate::layout::{

@@ -4,9 +4,8 @@
 //! Owns the RocksDB instance (and so its `LOCK`) and the flusher thread of
 //! `Durability::Interval`; the per-partition rules live in `partition.rs`,
 //! the bytes in `layout.rs`. Every RocksDB call goes through
-//! [`blocking::run`](crate::blocking::run).
+//! [`blocking`](crate::blocking::run).
 
-use crate::blocking;
 use crate::error::{closed, corrupt, from_rocksdb};
 use crate::layout::{
     partition_meta_key, record_key, topic_id_key, CF_META, CF_RECORDS, CF_STATE, FORMAT,
@@ -16,6 +15,7 @@ use crate::partition::{cf, meta_or_empty, Partition};
 use crate::RocksOptions;
 use async_trait::async_trait;
 use bytes::Bytes;
+use conveyor_core::backend::{blocking, spawn_interval_flusher};
 use conveyor_core::backend::{
     Appended, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage, StoredRecord,
 };
@@ -28,7 +28,7 @@ use rocksdb::{
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 struct Shared {
@@ -157,11 +157,7 @@ impl RocksStorage {
             closed: AtomicBool::new(false),
         });
         if let Durability::Interval(every) = options.durability {
-            let weak = Arc::downgrade(&shared);
-            std::thread::Builder::new()
-                .name("conveyor-rocksdb-flush".into())
-                .spawn(move || flusher(weak, every))
-                .map_err(|e| Error::io("start the flusher thread", e))?;
+            spawn_interval_flusher("conveyor-rocksdb-flush", &shared, every, sync_wal)?;
         }
         Ok(RocksStorage { shared })
     }
@@ -183,27 +179,23 @@ impl RocksStorage {
     {
         let db = self.shared.db()?;
         let shared = self.shared.clone();
-        blocking::run(move || f(&db, &shared.path)).await
+        blocking(move || f(&db, &shared.path)).await
     }
 }
 
-/// `flush_wal(true)` every `every` until the store is dropped or closed.
-fn flusher(shared: Weak<Shared>, every: Duration) {
-    loop {
-        std::thread::sleep(every);
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        if shared.closed.load(Ordering::Acquire) {
-            return;
-        }
-        let Ok(db) = shared.db() else {
-            return;
-        };
-        if let Err(e) = db.flush_wal(true) {
-            tracing::warn!(error = %e, path = %shared.path.display(), "interval WAL sync failed");
-        }
+/// One tick of the interval flusher: sync the WAL; `false` once the store
+/// is closed.
+fn sync_wal(shared: &Shared) -> bool {
+    if shared.closed.load(Ordering::Acquire) {
+        return false;
     }
+    let Ok(db) = shared.db() else {
+        return false;
+    };
+    if let Err(e) = db.flush_wal(true) {
+        tracing::warn!(error = %e, path = %shared.path.display(), "interval WAL sync failed");
+    }
+    true
 }
 
 /// The topic's id, assigned (and persisted, synced) on first use.
@@ -462,7 +454,7 @@ impl LogStorage for RocksStorage {
         if let Some(db) = db {
             // Wait out calls still holding the handle (a flusher tick, a
             // read in flight), then close it, releasing `LOCK`.
-            blocking::run(move || {
+            blocking(move || {
                 let mut db = db;
                 for _ in 0..10_000 {
                     match Arc::try_unwrap(db) {
