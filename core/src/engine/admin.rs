@@ -87,10 +87,11 @@ impl<S: LogStorage> Inner<S> {
                 for p in 0..config.partitions {
                     let tp = TopicPartition::new(name, p);
                     g.stream.remove(&tp);
-                    g.queue.remove(&tp);
+                    if let Some(table) = g.queue.remove(&tp) {
+                        dirty.extend(persist::lease_table_deletes(&gname, &tp, &table));
+                    }
                     g.owners.remove(&tp);
                     dirty.push(StateKey::Commit(gname.to_string(), tp.clone()));
-                    dirty.push(StateKey::Leases(gname.to_string(), tp.clone()));
                 }
                 if had {
                     dirty.push(StateKey::Group(gname.clone()));

@@ -7,7 +7,7 @@
 
 use super::group::{Group, Member, Retry};
 use super::lease::{Lease, LeaseTable};
-use super::{millis, Inner, LogStorage, ReadRange, StateKey, MAX_POLL_BYTES};
+use super::{millis, persist, Inner, LogStorage, ReadRange, StateKey, MAX_POLL_BYTES};
 use crate::broker::{Consumer, NackOptions, NackOutcome, TopicPartition, MAX_REDELIVERY_DELAY};
 use crate::config::{DeliveryMode, SeekTo};
 use crate::dlq::{self, DeadLetter};
@@ -47,23 +47,19 @@ impl<S: LogStorage> Drop for Taken<'_, S> {
         if self.leases.is_empty() {
             return;
         }
-        let mut dirty = BTreeSet::new();
+        let mut dirty = Vec::new();
         {
             let mut state = self.inner.state.lock();
             if let Some(g) = state.groups.get_mut(self.group) {
                 for (tp, offset, lease, before) in self.leases.drain(..) {
                     if let Some(t) = g.queue.get_mut(&tp) {
                         t.unlease(offset, lease, before);
-                        dirty.insert(tp);
+                        dirty.extend(persist::lease_keys(self.group, &tp, t));
                     }
                 }
             }
         }
-        self.inner.mark_dirty(
-            dirty
-                .into_iter()
-                .map(|tp| StateKey::Leases(self.group.to_string(), tp)),
-        );
+        self.inner.mark_dirty(dirty);
         self.inner.notify();
     }
 }
@@ -338,7 +334,7 @@ impl<S: LogStorage> EngineConsumer<S> {
             leases: Vec::new(),
         };
         let mut out = Vec::with_capacity(runs.iter().map(|(_, found)| found.len()).sum());
-        let mut dirty = BTreeSet::new();
+        let mut dirty = Vec::new();
         {
             let now = now_ms();
             let mut guard = self.inner.state.lock();
@@ -355,7 +351,6 @@ impl<S: LogStorage> EngineConsumer<S> {
                     if !table.can_lease(m.offset, now) {
                         continue;
                     }
-                    dirty.insert(tp.clone());
                     if !dlq::is_for_group(&m.headers, self.group()) {
                         table.skip(m.offset); // redriven to another group (contract §5)
                         next_due = Some(now);
@@ -372,7 +367,7 @@ impl<S: LogStorage> EngineConsumer<S> {
                         id: state.next_lease,
                         deadline_ms: now.saturating_add(visibility),
                     };
-                    let before = table.attempts.get(&m.offset).copied().unwrap_or(0);
+                    let before = table.attempts_of(m.offset).unwrap_or(0);
                     let attempt = table.lease(m.offset, lease);
                     taken.leases.push((tp.clone(), m.offset, lease.id, before));
                     let token = DeliveryToken::queue(
@@ -387,13 +382,10 @@ impl<S: LogStorage> EngineConsumer<S> {
                         token,
                     ));
                 }
+                dirty.extend(persist::lease_keys(self.group(), &tp, table));
             }
         }
-        self.inner.mark_dirty(
-            dirty
-                .into_iter()
-                .map(|tp| StateKey::Leases(self.group.to_string(), tp)),
-        );
+        self.inner.mark_dirty(dirty);
         self.inner.persist().await?;
         taken.leases.clear(); // delivered: the caller has them now
         Ok((out, next_due))
@@ -550,8 +542,10 @@ async fn dead_letter_nacked<S: LogStorage>(
                         Ok(()) => t.settle(m.offset),
                         Err(_) => t.abort_dead_letter(m.offset),
                     }
+                    persist::lease_keys(&group, &tp, t)
+                } else {
+                    Vec::new()
                 }
-                StateKey::Leases(group.clone(), tp)
             }
             DeliveryMode::Stream => {
                 let part = g.stream.entry(tp.clone()).or_default();
@@ -573,11 +567,11 @@ async fn dead_letter_nacked<S: LogStorage>(
                         );
                     }
                 }
-                StateKey::Commit(group.clone(), tp)
+                vec![StateKey::Commit(group.clone(), tp)]
             }
         }
     };
-    inner.mark_dirty([key]);
+    inner.mark_dirty(key);
     inner.persist().await?;
     inner.notify();
     result
@@ -649,8 +643,9 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                 let lease = lease_id(token, &what)?;
                 let mut guard = self.inner.state.lock();
                 let g = self.member_group(&mut guard, false)?;
-                leases(g, &tp, &what)?.ack(m.offset, lease, &what)?;
-                StateKey::Leases(self.group.to_string(), tp)
+                let table = leases(g, &tp, &what)?;
+                table.ack(m.offset, lease, &what)?;
+                persist::lease_keys(self.group(), &tp, table)
             }
             DeliveryMode::Stream => {
                 let next = self.next_offset(m, &tp)?;
@@ -661,10 +656,10 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                 part.commit_through(next);
                 let committed = part.committed.unwrap_or(next);
                 part.retries = part.retries.split_off(&committed);
-                StateKey::Commit(self.group.to_string(), tp)
+                vec![StateKey::Commit(self.group.to_string(), tp)]
             }
         };
-        self.inner.mark_dirty([key]);
+        self.inner.mark_dirty(key);
         self.inner.persist().await
     }
 
@@ -683,7 +678,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                 let attempts = g
                     .queue
                     .get(&tp)
-                    .and_then(|t| t.attempts.get(&m.offset).copied())
+                    .and_then(|t| t.attempts_of(m.offset))
                     .unwrap_or(m.attempt);
                 let delay = options.delay_or(g.config.retry_backoff.delay_after(attempts));
                 let t = leases(g, &tp, &what)?;
@@ -694,8 +689,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                     max,
                     &what,
                 )?;
-                self.inner
-                    .mark_dirty([StateKey::Leases(self.group.to_string(), tp.clone())]);
+                self.inner.mark_dirty(persist::lease_keys(self.group(), &tp, t));
                 last.then_some(attempts)
             }
             DeliveryMode::Stream => {
@@ -806,12 +800,13 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                     part.retries.clear();
                 }
                 DeliveryMode::Queue => {
-                    g.queue
+                    let table = g
+                        .queue
                         .entry(tp.clone())
-                        .or_insert_with(|| LeaseTable::starting_at(target))
-                        .reset(target);
+                        .or_insert_with(|| LeaseTable::starting_at(target));
+                    table.reset(target);
                     self.inner
-                        .mark_dirty([StateKey::Leases(self.group.to_string(), tp.clone())]);
+                        .mark_dirty(persist::lease_keys(self.group(), &tp, table));
                 }
             }
         }

@@ -68,10 +68,11 @@ impl<S: LogStorage> Inner<S> {
                             }
                         }
                         DeliveryMode::Queue => {
-                            g.queue
+                            let table = g
+                                .queue
                                 .entry(tp.clone())
                                 .or_insert_with(|| LeaseTable::starting_at(at));
-                            dirty.push(StateKey::Leases(group.to_string(), tp.clone()));
+                            dirty.extend(persist::lease_keys(group, &tp, table));
                         }
                     }
                 }

@@ -153,11 +153,14 @@ impl<S: LogStorage> Engine<S> {
     /// lease attempt counts and the idempotency table from its state.
     pub async fn open(storage: S, options: BrokerOptions) -> Result<Self> {
         let entries = storage.load_state().await?;
-        let (state, idempotency) = persist::restore(entries, now_ms())?;
-        for (topic, config) in &state.topics {
+        let restored = persist::restore(entries, now_ms())?;
+        for (topic, config) in &restored.state.topics {
             storage.ensure_partitions(topic, config.partitions).await?;
         }
-        Ok(Self::from_parts(storage, options, state, idempotency))
+        let engine = Self::from_parts(storage, options, restored.state, restored.idempotency);
+        // Written with the next change (nothing is written at open).
+        engine.inner.mark_dirty(restored.rewrite);
+        Ok(engine)
     }
 
     /// An engine over a storage known to be empty (no state to load), for

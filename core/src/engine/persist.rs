@@ -23,17 +23,26 @@ fn json<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T> {
     serde_json::from_slice(value).map_err(|e| corrupt_state(key, e))
 }
 
+/// The engine's state as read back at open.
+pub(super) struct Restored {
+    pub state: State,
+    pub idempotency: HashMap<String, u64>,
+    /// Keys to write at the next persist: lease entries left stale (to
+    /// delete) and tables read in an earlier format (to rewrite).
+    pub rewrite: Vec<StateKey>,
+}
+
 /// Rebuild the engine's state from every persisted entry: topics and
 /// groups first, then what hangs off groups (commits, lease tables);
 /// entries of groups that no longer exist are ignored, idempotency entries
 /// already expired at `now` are dropped.
-pub(super) fn restore(
-    entries: Vec<(String, Bytes)>,
-    now: u64,
-) -> Result<(State, HashMap<String, u64>)> {
+pub(super) fn restore(entries: Vec<(String, Bytes)>, now: u64) -> Result<Restored> {
     let mut state = State::default();
     let mut idempotency = HashMap::new();
     let mut later = Vec::new();
+    let mut lease_entries: BTreeMap<(String, TopicPartition), BTreeMap<u64, Vec<u8>>> =
+        BTreeMap::new();
+    let mut rewrite = Vec::new();
     for (text, value) in entries {
         let key: StateKey = text.parse().map_err(|e| corrupt_state(&text, e))?;
         match key {
@@ -53,6 +62,12 @@ pub(super) fn restore(
                 }
             }
             StateKey::Commit(..) | StateKey::Leases(..) => later.push((text, key, value)),
+            StateKey::LeaseEntry(group, tp, offset) => {
+                lease_entries
+                    .entry((group, tp))
+                    .or_default()
+                    .insert(offset, value.to_vec());
+            }
         }
     }
     for (text, key, value) in later {
@@ -63,15 +78,83 @@ pub(super) fn restore(
                 }
             }
             StateKey::Leases(group, tp) => {
-                if let Some(g) = state.groups.get_mut(&group) {
-                    let p: PersistedLeases = json(&text, &value)?;
-                    g.queue.insert(tp, LeaseTable::restore(p));
-                }
+                let entries = lease_entries
+                    .remove(&(group.clone(), tp.clone()))
+                    .unwrap_or_default();
+                let Some(g) = state.groups.get_mut(&group) else {
+                    rewrite.push(StateKey::Leases(group.clone(), tp.clone()));
+                    rewrite.extend(
+                        entries
+                            .into_keys()
+                            .map(|o| StateKey::LeaseEntry(group.clone(), tp.clone(), o)),
+                    );
+                    continue;
+                };
+                let mut table = if value.first() == Some(&b'{') {
+                    LeaseTable::restore_legacy(json::<PersistedLeases>(&text, &value)?)
+                } else {
+                    let (table, stale) = LeaseTable::restore(&value, entries)
+                        .map_err(|e| corrupt_state(&text, e))?;
+                    rewrite.extend(
+                        stale
+                            .into_iter()
+                            .map(|o| StateKey::LeaseEntry(group.clone(), tp.clone(), o)),
+                    );
+                    table
+                };
+                rewrite.extend(lease_keys(&group, &tp, &mut table));
+                g.queue.insert(tp, table);
             }
             _ => {}
         }
     }
-    Ok((state, idempotency))
+    // Entries of a table without a header (its topic was deleted).
+    for ((group, tp), entries) in lease_entries {
+        rewrite.extend(
+            entries
+                .into_keys()
+                .map(|o| StateKey::LeaseEntry(group.clone(), tp.clone(), o)),
+        );
+    }
+    Ok(Restored {
+        state,
+        idempotency,
+        rewrite,
+    })
+}
+
+/// The state keys to write for what changed in `table` (the lease table
+/// of `group` on `tp`) since they were last taken: its header if it moved,
+/// and the entries that appeared, changed or went away. Called under the
+/// state lock right after the change; the values are read at persist time.
+pub(super) fn lease_keys(group: &str, tp: &TopicPartition, table: &mut LeaseTable) -> Vec<StateKey> {
+    let changes = table.take_changes();
+    let mut keys = Vec::with_capacity(changes.entries.len() + 1);
+    if changes.header {
+        keys.push(StateKey::Leases(group.to_string(), tp.clone()));
+    }
+    keys.extend(
+        changes
+            .entries
+            .into_iter()
+            .map(|o| StateKey::LeaseEntry(group.to_string(), tp.clone(), o)),
+    );
+    keys
+}
+
+/// The keys that delete a whole lease table: its header and every entry.
+pub(super) fn lease_table_deletes(
+    group: &str,
+    tp: &TopicPartition,
+    table: &LeaseTable,
+) -> Vec<StateKey> {
+    std::iter::once(StateKey::Leases(group.to_string(), tp.clone()))
+        .chain(
+            table
+                .stored_entries()
+                .map(|o| StateKey::LeaseEntry(group.to_string(), tp.clone(), o)),
+        )
+        .collect()
 }
 
 impl<S: LogStorage> Inner<S> {
@@ -111,8 +194,15 @@ impl<S: LogStorage> Inner<S> {
                 .get(group)?
                 .queue
                 .get(tp)
-                .and_then(|t| json(serde_json::to_vec(&t.persisted()))),
-            StateKey::Commit(..) | StateKey::Leases(..) => None,
+                .map(|t| Bytes::from(t.header_value())),
+            StateKey::LeaseEntry(group, tp, offset) if live(tp) => state
+                .groups
+                .get(group)?
+                .queue
+                .get(tp)?
+                .entry_value(*offset)
+                .map(Bytes::from),
+            StateKey::Commit(..) | StateKey::Leases(..) | StateKey::LeaseEntry(..) => None,
         }
     }
 

@@ -11,11 +11,12 @@
 //! | `t/{topic}` | the topic's config (JSON) |
 //! | `g/{group}` | the group's config and topics (JSON) |
 //! | `c/{group}/{topic}/{partition}` | the committed offset (decimal) |
-//! | `q/{group}/{topic}/{partition}` | the queue-mode lease table (JSON) |
+//! | `q/{group}/{topic}/{partition}` | the queue-mode lease table's header: `"{floor} {next}"` (JSON of the whole table before format 2; read, never written) |
+//! | `l/{group}/{topic}/{partition}/{offset}` | one offset's lease entry: `"s"`, `"{attempts}"` or `"{attempts} {not_before_ms}"` (see the lease module) |
 //! | `i/{key}` | an idempotency-store entry's expiry, ms (decimal) |
 //!
 //! Group and topic names cannot contain `/` (see [`crate::validate`]), so
-//! the last two fields of `c/` and `q/` keys split unambiguously;
+//! the fields of `c/`, `q/` and `l/` keys split unambiguously;
 //! idempotency keys may contain anything and take the rest of the key.
 
 use crate::broker::TopicPartition;
@@ -31,8 +32,10 @@ pub(crate) enum StateKey {
     Group(String),
     /// A stream-mode group's committed offset for one partition.
     Commit(String, TopicPartition),
-    /// A queue-mode group's lease table for one partition.
+    /// A queue-mode group's lease-table header for one partition.
     Leases(String, TopicPartition),
+    /// One offset's entry in a queue-mode group's lease table.
+    LeaseEntry(String, TopicPartition, u64),
     /// An entry of the consumer-side idempotency store.
     Idempotency(String),
 }
@@ -54,6 +57,9 @@ impl fmt::Display for StateKey {
             StateKey::Group(g) => write!(f, "g/{g}"),
             StateKey::Commit(g, tp) => write!(f, "c/{g}/{}/{}", tp.topic, tp.partition),
             StateKey::Leases(g, tp) => write!(f, "q/{g}/{}/{}", tp.topic, tp.partition),
+            StateKey::LeaseEntry(g, tp, o) => {
+                write!(f, "l/{g}/{}/{}/{o}", tp.topic, tp.partition)
+            }
             StateKey::Idempotency(k) => write!(f, "i/{k}"),
         }
     }
@@ -87,6 +93,16 @@ impl FromStr for StateKey {
                 let (g, tp) = group_partition(rest)?;
                 StateKey::Leases(g, tp)
             }
+            "l" => {
+                let (rest, offset) = rest
+                    .rsplit_once('/')
+                    .ok_or(BadStateKey("expected group/topic/partition/offset"))?;
+                let offset = offset
+                    .parse()
+                    .map_err(|_| BadStateKey("offset is not a number"))?;
+                let (g, tp) = group_partition(rest)?;
+                StateKey::LeaseEntry(g, tp, offset)
+            }
             _ => return Err(BadStateKey("unknown key kind")),
         })
     }
@@ -106,7 +122,14 @@ mod tests {
                 StateKey::Commit("email".into(), tp.clone()),
                 "c/email/orders.events/7",
             ),
-            (StateKey::Leases("sms".into(), tp), "q/sms/orders.events/7"),
+            (
+                StateKey::Leases("sms".into(), tp.clone()),
+                "q/sms/orders.events/7",
+            ),
+            (
+                StateKey::LeaseEntry("sms".into(), tp, 42),
+                "l/sms/orders.events/7/42",
+            ),
             (
                 StateKey::Idempotency("evt/with/slashes".into()),
                 "i/evt/with/slashes",
@@ -120,7 +143,17 @@ mod tests {
 
     #[test]
     fn malformed_keys_are_refused() {
-        for bad in ["", "t", "x/y", "c/g/t", "c/g/t/notanumber", "q/g"] {
+        for bad in [
+            "",
+            "t",
+            "x/y",
+            "c/g/t",
+            "c/g/t/notanumber",
+            "q/g",
+            "l/g/t/1",
+            "l/g/t/1/x",
+            "l/g/t/x/1",
+        ] {
             assert!(bad.parse::<StateKey>().is_err(), "{bad}");
         }
     }

@@ -63,9 +63,9 @@ impl<S: LogStorage> Inner<S> {
                     Ok(()) => table.settle(job.offset),
                     Err(_) => table.abort_dead_letter(job.offset),
                 }
+                self.mark_dirty(persist::lease_keys(group, &tp, table));
             }
             drop(state);
-            self.mark_dirty([StateKey::Leases(group.to_string(), tp.clone())]);
             if let Err(e) = result {
                 tracing::warn!(group, %tp, offset = job.offset, error = %e, "dead-letter move failed; will retry");
                 first_err.get_or_insert(e);
@@ -143,7 +143,7 @@ impl<S: LogStorage> Inner<S> {
                 let max = g.config.dlq.max_deliveries;
                 let mut group_jobs = Vec::new();
                 for (tp, table) in g.queue.iter_mut() {
-                    if table.inflight.values().any(|l| l.deadline_ms <= now) {
+                    if table.has_expired(now) {
                         rebalanced = true; // something became available
                         for e in table.expire(now, max) {
                             group_jobs.push((tp.clone(), e));
