@@ -64,11 +64,12 @@
 
 pub use conveyor_core::backend::BrokerUrl;
 pub use conveyor_core::{
-    dlq, partitioner, prelude, runner, Broker, BrokerExt, BrokerOptions, Capabilities, Consumer,
-    ConsumerExt, DeliveryMode, DeliveryToken, DlqPolicy, Durability, Error, ErrorKind, GroupConfig,
-    GroupLag, Header, IdempotencyStore, Message, NackOptions, NackOutcome, PartitionDescription,
-    PartitionLag, Producer, ProducerExt, Receipt, Record, Result, Retention, RetryBackoff, SeekTo,
-    StartFrom, TopicConfig, TopicDescription, TopicPartition, MAX_REDELIVERY_DELAY,
+    dlq, partitioner, prelude, runner, BatchAck, Broker, BrokerExt, BrokerOptions, Capabilities,
+    Consumer, ConsumerExt, DeliveryMode, DeliveryToken, DlqPolicy, Durability, Error, ErrorKind,
+    GroupConfig, GroupLag, Header, IdempotencyStore, Message, NackOptions, NackOutcome,
+    PartitionDescription, PartitionLag, Producer, ProducerExt, Receipt, Record, Result, Retention,
+    RetryBackoff, SeekTo, StartFrom, TopicConfig, TopicDescription, TopicPartition,
+    MAX_REDELIVERY_DELAY,
 };
 
 #[cfg(feature = "memory")]

@@ -494,6 +494,7 @@ macro_rules! __for_each_case {
             concurrent_groups_over_many_topics,
             close_many_members_at_once,
             dropped_polls_skip_nothing,
+            ack_batch_commits_per_partition,
         );
         $m!(queue:
             competing_consumers_each_once,
@@ -509,6 +510,8 @@ macro_rules! __for_each_case {
             close_releases_leases,
             close_many_members_at_once,
             dropped_polls_leave_no_lease,
+            ack_batch_settles_across_partitions,
+            ack_batch_reports_each_failure,
         );
         $m!(dlq:
             nack_path_dead_letters,
@@ -550,6 +553,7 @@ macro_rules! __for_each_case {
             reopen_keeps_attempts_and_dlq,
             reopen_keeps_idempotency_keys,
             reopen_after_retention_never_reuses_offsets,
+            reopen_keeps_out_of_order_acks,
         );
         $m!(model:
             model_check_stream,

@@ -14,6 +14,7 @@ use conveyor_core::NackOptions;
 use conveyor_core::{
     DlqPolicy, GroupConfig, NackOutcome, Record, Result, Retention, RetryBackoff, TopicConfig,
 };
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 async fn persistent<'a>(backend: &'a dyn Backend, case: &str) -> Result<Option<Ctx<'a>>> {
@@ -228,5 +229,59 @@ pub async fn reopen_after_retention_never_reuses_offsets(backend: &dyn Backend) 
     assert_eq!((start, end), (5, 5));
     let r = ctx.producer().await?.send(&topic, Record::new("5")).await?;
     assert_eq!(r.offset, 5);
+    Ok(())
+}
+
+/// §4b, §7: "Closing and reopening a broker keeps every acknowledged
+/// record ... lease attempt count": acks out of offset order (one by one
+/// and in a batch), a nack with a delay and raised attempt counts all
+/// survive a reopen.
+pub async fn reopen_keeps_out_of_order_acks(backend: &dyn Backend) -> Result<()> {
+    let Some(mut ctx) = persistent(backend, "persistence::reopen_keeps_out_of_order_acks").await?
+    else {
+        return Ok(());
+    };
+    let topic = ctx.topic("scattered", 2).await?;
+    let p = ctx.producer().await?;
+    let records = (0..40).map(|i| Record::new(format!("r{i}"))).collect();
+    p.send_batch(&topic, records).await?;
+    let group = unique("g");
+    let cfg = GroupConfig::queue().with_retry_backoff(RetryBackoff::none());
+    let c = ctx.broker.consumer(&group, &[&topic], cfg.clone()).await?;
+    let got = poll_exactly(c.as_ref(), 40, Duration::ZERO).await?;
+    // Ack every third one by one, every third + 1 in one batch; nack every
+    // third + 2 once (attempt 2 next), the last of them with a long delay.
+    let mut batch = Vec::new();
+    let mut delayed = None;
+    for (i, m) in got.iter().enumerate() {
+        match i % 3 {
+            0 => c.ack(m).await?,
+            1 => batch.push(m.clone()),
+            _ => {
+                let delay = if i == 38 {
+                    delayed = Some(m.position());
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::ZERO
+                };
+                c.nack(m, NackOptions::new().with_delay(delay)).await?;
+            }
+        }
+    }
+    assert!(c.ack_batch(&batch).await?.is_complete());
+    ctx.reopen().await?;
+    let c = ctx.broker.consumer(&group, &[&topic], cfg).await?;
+    let again = poll_n(c.as_ref(), 40, Duration::from_millis(500)).await?;
+    let want: BTreeSet<String> = got
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 == 2 && *i != 38)
+        .map(|(_, m)| m.position())
+        .collect();
+    let seen: BTreeSet<String> = again.iter().map(|m| m.position()).collect();
+    assert_eq!(seen, want, "exactly the nacked ones come back");
+    assert!(again.iter().all(|m| m.attempt == 2), "attempts survive");
+    let lag = ctx.broker.group_lag(&group).await?;
+    assert_eq!(lag.total_lag(), want.len() as u64 + 1, "{delayed:?} waits");
     Ok(())
 }

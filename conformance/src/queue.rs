@@ -447,3 +447,96 @@ pub async fn dropped_polls_leave_no_lease(backend: &dyn Backend) -> Result<()> {
     eprintln!("conveyor-conformance: queue::dropped_polls_leave_no_lease: {cuts} polls dropped");
     Ok(())
 }
+
+/// §4b: `ack_batch` settles every message of a batch, whatever partitions
+/// and polls they came from, as `ack` would one by one: nothing of it
+/// comes back, and the group's lag is 0.
+pub async fn ack_batch_settles_across_partitions(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("batch-ack", 3).await?;
+    send_n(&ctx, &topic, 30).await?;
+    let group = unique("g");
+    let cfg = queue_cfg(Duration::from_millis(300));
+    let a = ctx.broker.consumer(&group, &[&topic], cfg.clone()).await?;
+    let mut got = poll_exactly(a.as_ref(), 10, Duration::ZERO).await?;
+    got.extend(poll_exactly(a.as_ref(), 20, Duration::ZERO).await?);
+    let partitions: BTreeSet<u32> = got.iter().map(|m| m.partition).collect();
+    assert_eq!(partitions.len(), 3, "the batch spans every partition");
+    // Out of offset order: the last poll's messages first.
+    got.reverse();
+    let outcome = a.ack_batch(&got).await?;
+    assert_eq!(outcome.acked, 30);
+    assert!(outcome.is_complete(), "{:?}", outcome.failed);
+    let b = ctx.broker.consumer(&group, &[&topic], cfg).await?;
+    assert!(
+        b.poll(10, Duration::from_millis(600)).await?.is_empty(),
+        "an acked message came back"
+    );
+    let lag = ctx.broker.group_lag(&group).await?;
+    assert_eq!((lag.total_lag(), lag.total_in_flight()), (0, 0));
+    Ok(())
+}
+
+/// §4b: in `ack_batch` each message succeeds or fails on its own: an
+/// already settled one and one whose lease expired and was re-leased are
+/// `LeaseExpired` at their index (the new lease is not settled), a
+/// message of another group is `InvalidArgument`, and the rest are
+/// settled.
+pub async fn ack_batch_reports_each_failure(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("batch-fail", 1).await?;
+    send_n(&ctx, &topic, 5).await?;
+    let group = unique("g");
+    let a = ctx
+        .broker
+        .consumer(&group, &[&topic], queue_cfg(Duration::from_secs(30)))
+        .await?;
+    let short = ctx
+        .broker
+        .consumer(&group, &[&topic], queue_cfg(Duration::from_secs(30)))
+        .await?;
+    let got = poll_exactly(a.as_ref(), 4, Duration::ZERO).await?;
+    // got[1]: settled before the batch.
+    a.ack(&got[1]).await?;
+    // got[2]: its lease is lost (nacked back, then leased by `short`).
+    a.nack(&got[2], NackOptions::new()).await?;
+    let releases = poll_n(short.as_ref(), 2, WAIT).await?;
+    let re_leased = releases
+        .iter()
+        .find(|m| m.offset == got[2].offset)
+        .expect("offset 2 leased again")
+        .clone();
+    // A message of another group.
+    let other_group = unique("other");
+    let other = ctx
+        .broker
+        .consumer(&other_group, &[&topic], queue_cfg(Duration::from_secs(30)))
+        .await?;
+    let foreign = poll_n(other.as_ref(), 1, WAIT).await?.remove(0);
+    let batch = vec![
+        got[0].clone(),
+        got[1].clone(),
+        got[2].clone(),
+        foreign,
+        got[3].clone(),
+    ];
+    let outcome = a.ack_batch(&batch).await?;
+    assert_eq!(outcome.acked, 2, "got[0] and got[3] are settled");
+    let failed: Vec<(usize, ErrorKind)> =
+        outcome.failed.iter().map(|(i, e)| (*i, e.kind())).collect();
+    assert_eq!(
+        failed,
+        vec![
+            (1, ErrorKind::LeaseExpired),
+            (2, ErrorKind::LeaseExpired),
+            (3, ErrorKind::InvalidArgument),
+        ]
+    );
+    // The re-leased delivery is intact and still settles.
+    let lag = ctx.broker.group_lag(&group).await?;
+    assert_eq!(lag.total_in_flight(), releases.len() as u64);
+    short.ack(&re_leased).await?;
+    let again = a.ack_batch(&got[..1]).await?;
+    expect_kind(again.into_result(), ErrorKind::LeaseExpired);
+    Ok(())
+}

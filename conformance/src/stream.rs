@@ -836,3 +836,54 @@ pub async fn dropped_polls_skip_nothing(backend: &dyn Backend) -> Result<()> {
     eprintln!("conveyor-conformance: stream::dropped_polls_skip_nothing: {cuts} polls dropped");
     Ok(())
 }
+
+/// §4a: `ack_batch` in stream mode commits per partition (the highest
+/// acked offset of each counts); messages of a partition that moved to
+/// another member since delivery are `Fenced` at their index and commit
+/// nothing, the others commit.
+pub async fn ack_batch_commits_per_partition(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("batch-commit", 2).await?;
+    send_n(&ctx, &topic, 20, "m").await?;
+    let group = unique("g");
+    let a = ctx.broker.consumer(&group, &[&topic], stream_cfg()).await?;
+    let got = poll_exactly(a.as_ref(), 20, Duration::ZERO).await?;
+    let b = ctx.broker.consumer(&group, &[&topic], stream_cfg()).await?;
+    let moved = owned(b.as_ref())
+        .await?
+        .into_iter()
+        .next()
+        .expect("B got one");
+    // Only the first half of each partition's messages.
+    let mut batch = Vec::new();
+    for p in 0..2 {
+        let mine: Vec<&Message> = got.iter().filter(|m| m.partition == p).collect();
+        batch.extend(mine[..mine.len() / 2].iter().map(|m| (*m).clone()));
+    }
+    let outcome = a.ack_batch(&batch).await?;
+    for (i, e) in &outcome.failed {
+        assert_eq!(batch[*i].partition, moved.partition, "{e}");
+        assert_eq!(e.kind(), ErrorKind::Fenced);
+    }
+    let fenced = batch
+        .iter()
+        .filter(|m| m.partition == moved.partition)
+        .count();
+    assert_eq!(outcome.failed.len(), fenced);
+    assert_eq!(outcome.acked, batch.len() - fenced);
+    let lag = ctx.broker.group_lag(&group).await?;
+    for p in &lag.partitions {
+        let want = if p.partition == moved.partition {
+            0
+        } else {
+            batch
+                .iter()
+                .filter(|m| m.partition == p.partition)
+                .map(|m| m.offset + 1)
+                .max()
+                .unwrap_or(0)
+        };
+        assert_eq!(p.committed, want, "partition {}", p.partition);
+    }
+    Ok(())
+}

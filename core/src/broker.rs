@@ -14,7 +14,7 @@
 
 use crate::config::{GroupConfig, SeekTo, TopicConfig};
 use crate::describe::{GroupLag, TopicDescription};
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::record::{Message, Receipt, Record};
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -107,6 +107,36 @@ impl NackOptions {
 /// maximum visibility timeout; contract §4a, §4b). Longer values are capped, so no message is
 /// parked forever.
 pub const MAX_REDELIVERY_DELAY: Duration = Duration::from_secs(12 * 60 * 60);
+
+/// What [`Consumer::ack_batch`] did with a batch: how many messages it
+/// settled, and which it did not and why.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct BatchAck {
+    /// Messages settled by this call.
+    pub acked: usize,
+    /// The messages not settled: their index in the batch and the error
+    /// `ack` would have returned for them, in batch order.
+    pub failed: Vec<(usize, Error)>,
+}
+
+impl BatchAck {
+    /// Whether every message of the batch was settled.
+    pub fn is_complete(&self) -> bool {
+        self.failed.is_empty()
+    }
+
+    /// `Ok(acked)` if every message was settled, else the first failure.
+    ///
+    /// # Errors
+    /// The error of the first message not settled.
+    pub fn into_result(self) -> Result<usize> {
+        match self.failed.into_iter().next() {
+            None => Ok(self.acked),
+            Some((_, e)) => Err(e),
+        }
+    }
+}
 
 /// What a [`Consumer::nack`] did with the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -454,6 +484,63 @@ pub trait Consumer: Send + Sync {
     /// Not cancel safe: dropped mid-call, the message may or may not be
     /// settled. Acking again is safe (`LeaseExpired` if it was).
     async fn ack(&self, message: &Message) -> Result<()>;
+
+    /// Settle many messages in one call: each as [`ack`](Consumer::ack)
+    /// would, and all of them stored together (one write, and one sync
+    /// under `Durability::Always`, for the whole batch). The messages may
+    /// come from several partitions and polls.
+    ///
+    /// Each message succeeds or fails on its own: one whose lease was lost
+    /// or that was already settled (`LeaseExpired`), one of a partition
+    /// reassigned since delivery (`Fenced`), or one not delivered to this
+    /// group (`InvalidArgument`) is listed in [`BatchAck::failed`] and
+    /// does not stop the others. Stream mode commits per partition, as
+    /// `ack` does: the highest acked offset of each partition counts.
+    ///
+    /// The default implementation calls `ack` for each message; the
+    /// embedded backends do better.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> conveyor_core::Result<()> {
+    /// use conveyor_core::prelude::*;
+    /// use std::time::Duration;
+    ///
+    /// let broker = conveyor_memory::open_default();
+    /// broker.create_topic("orders", TopicConfig::new(2)).await?;
+    /// let producer = broker.producer().await?;
+    /// for i in 0..10 {
+    ///     producer.send("orders", Record::new(format!("order {i}"))).await?;
+    /// }
+    /// let consumer = broker.consumer("email", &["orders"], GroupConfig::queue()).await?;
+    /// let batch = consumer.poll(100, Duration::from_secs(1)).await?;
+    /// let outcome = consumer.ack_batch(&batch).await?;
+    /// assert_eq!(outcome.acked, batch.len());
+    /// assert!(outcome.failed.is_empty());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// Only for the call as a whole: the common ones (see the trait
+    /// docs), such as `Io` when the batch could not be stored. Then none
+    /// of the acks is known to be durable; acking them again is safe
+    /// (those already settled are `LeaseExpired` in [`BatchAck::failed`]).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, any subset of the batch may be
+    /// settled. Acking again is safe.
+    async fn ack_batch(&self, messages: &[Message]) -> Result<BatchAck> {
+        let mut outcome = BatchAck::default();
+        for (i, m) in messages.iter().enumerate() {
+            match self.ack(m).await {
+                Ok(()) => outcome.acked += 1,
+                Err(e) if matches!(e.kind(), ErrorKind::Closed) => return Err(e),
+                Err(e) => outcome.failed.push((i, e)),
+            }
+        }
+        Ok(outcome)
+    }
 
     /// Report a failure (contract §4a, §4b, §5): the message is redelivered after
     /// [`NackOptions::delay`] (the group's retry backoff if `None`) with

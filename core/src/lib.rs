@@ -69,8 +69,8 @@ pub mod prelude {
 }
 
 pub use broker::{
-    Broker, BrokerExt, Capabilities, Consumer, ConsumerExt, IdempotencyStore, NackOptions,
-    NackOutcome, Producer, ProducerExt, TopicPartition, MAX_REDELIVERY_DELAY,
+    BatchAck, Broker, BrokerExt, Capabilities, Consumer, ConsumerExt, IdempotencyStore,
+    NackOptions, NackOutcome, Producer, ProducerExt, TopicPartition, MAX_REDELIVERY_DELAY,
 };
 pub use config::{
     BrokerOptions, DeliveryMode, DlqPolicy, Durability, GroupConfig, Retention, RetryBackoff,

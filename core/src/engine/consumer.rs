@@ -6,9 +6,11 @@
 //! returning.
 
 use super::group::{Group, Member, Retry};
-use super::lease::{Lease, LeaseTable};
+use super::lease::{lease_lost, Lease, LeaseTable};
 use super::{millis, persist, Inner, LogStorage, ReadRange, StateKey, MAX_POLL_BYTES};
-use crate::broker::{Consumer, NackOptions, NackOutcome, TopicPartition, MAX_REDELIVERY_DELAY};
+use crate::broker::{
+    BatchAck, Consumer, NackOptions, NackOutcome, TopicPartition, MAX_REDELIVERY_DELAY,
+};
 use crate::config::{DeliveryMode, SeekTo};
 use crate::dlq::{self, DeadLetter};
 use crate::error::{Error, ErrorKind, Result};
@@ -79,6 +81,19 @@ fn contiguous_runs(offsets: &[u64]) -> Vec<Range<u64>> {
 }
 
 /// The lease id a queue-mode token carries.
+/// An ack checked against everything but the group state.
+enum PreparedAck {
+    Queue {
+        tp: TopicPartition,
+        lease: u64,
+    },
+    Stream {
+        tp: TopicPartition,
+        next: u64,
+        generation: u64,
+    },
+}
+
 fn lease_id(token: &DeliveryToken, what: &str) -> Result<u64> {
     <[u8; 8]>::try_from(token.lease().as_ref())
         .map(u64::from_le_bytes)
@@ -461,6 +476,60 @@ impl<S: LogStorage> EngineConsumer<S> {
         }
     }
 
+    /// The checks of an ack that need no group state: the delivery
+    /// belongs to this group, the topic is read here, and (stream mode)
+    /// the offset is below the log end.
+    fn prepare_ack(&self, m: &Message) -> Result<PreparedAck> {
+        let token = m.delivery(self.group())?;
+        let tp = self.subscribed(&m.topic, m.partition)?;
+        Ok(match self.mode {
+            DeliveryMode::Queue => PreparedAck::Queue {
+                lease: lease_id(token, &self.what(m))?,
+                tp,
+            },
+            DeliveryMode::Stream => PreparedAck::Stream {
+                next: self.next_offset(m, &tp)?,
+                generation: token.generation(),
+                tp,
+            },
+        })
+    }
+
+    /// Settle a prepared ack in the locked group; the state keys to write.
+    fn apply_ack(
+        &self,
+        g: &mut Group,
+        m: &Message,
+        prepared: PreparedAck,
+    ) -> Result<Vec<StateKey>> {
+        match prepared {
+            PreparedAck::Queue { tp, lease } => {
+                let Some(table) = g.queue.get_mut(&tp) else {
+                    return Err(Error::new(
+                        ErrorKind::LeaseExpired,
+                        format!("{}: no lease held", self.what(m)),
+                    ));
+                };
+                if !table.try_ack(m.offset, lease) {
+                    return Err(lease_lost(m.offset, &self.what(m)));
+                }
+                Ok(persist::lease_keys(self.group(), &tp, table))
+            }
+            PreparedAck::Stream {
+                tp,
+                next,
+                generation,
+            } => {
+                g.check_owner(self.member, &tp, Some(generation))?;
+                let part = g.stream.entry(tp.clone()).or_default();
+                part.commit_through(next);
+                let committed = part.committed.unwrap_or(next);
+                part.retries = part.retries.split_off(&committed);
+                Ok(vec![StateKey::Commit(self.group.to_string(), tp)])
+            }
+        }
+    }
+
     fn subscribed(&self, topic: &str, partition: u32) -> Result<TopicPartition> {
         let config = self.inner.check_partition(topic, partition)?;
         let _ = config;
@@ -635,32 +704,47 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
 
     async fn ack(&self, m: &Message) -> Result<()> {
         self.check_open()?;
-        let token = m.delivery(self.group())?;
-        let tp = self.subscribed(&m.topic, m.partition)?;
-        let what = self.what(m);
-        let key = match self.mode {
-            DeliveryMode::Queue => {
-                let lease = lease_id(token, &what)?;
-                let mut guard = self.inner.state.lock();
-                let g = self.member_group(&mut guard, false)?;
-                let table = leases(g, &tp, &what)?;
-                table.ack(m.offset, lease, &what)?;
-                persist::lease_keys(self.group(), &tp, table)
-            }
-            DeliveryMode::Stream => {
-                let next = self.next_offset(m, &tp)?;
-                let mut guard = self.inner.state.lock();
-                let g = self.member_group(&mut guard, false)?;
-                g.check_owner(self.member, &tp, Some(token.generation()))?;
-                let part = g.stream.entry(tp.clone()).or_default();
-                part.commit_through(next);
-                let committed = part.committed.unwrap_or(next);
-                part.retries = part.retries.split_off(&committed);
-                vec![StateKey::Commit(self.group.to_string(), tp)]
-            }
+        let prepared = self.prepare_ack(m)?;
+        let keys = {
+            let mut guard = self.inner.state.lock();
+            let g = self.member_group(&mut guard, false)?;
+            self.apply_ack(g, m, prepared)?
         };
-        self.inner.mark_dirty(key);
+        self.inner.mark_dirty(keys);
         self.inner.persist().await
+    }
+
+    async fn ack_batch(&self, messages: &[Message]) -> Result<BatchAck> {
+        self.check_open()?;
+        let mut outcome = BatchAck::default();
+        // The checks that read topic configs and log ends first: they take
+        // the state lock themselves.
+        let mut prepared = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            match self.prepare_ack(m) {
+                Ok(p) => prepared.push((i, m, p)),
+                Err(e) => outcome.failed.push((i, e)),
+            }
+        }
+        let mut keys = Vec::new();
+        {
+            let mut guard = self.inner.state.lock();
+            let g = self.member_group(&mut guard, false)?;
+            for (i, m, p) in prepared {
+                match self.apply_ack(g, m, p) {
+                    Ok(k) => {
+                        keys.extend(k);
+                        outcome.acked += 1;
+                    }
+                    Err(e) => outcome.failed.push((i, e)),
+                }
+            }
+        }
+        outcome.failed.sort_by_key(|(i, _)| *i);
+        // One write (one sync under `always`) for the whole batch.
+        self.inner.mark_dirty(keys);
+        self.inner.persist().await?;
+        Ok(outcome)
     }
 
     async fn nack(&self, m: &Message, options: NackOptions) -> Result<NackOutcome> {
@@ -689,7 +773,8 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                     max,
                     &what,
                 )?;
-                self.inner.mark_dirty(persist::lease_keys(self.group(), &tp, t));
+                self.inner
+                    .mark_dirty(persist::lease_keys(self.group(), &tp, t));
                 last.then_some(attempts)
             }
             DeliveryMode::Stream => {

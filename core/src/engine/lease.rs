@@ -107,6 +107,17 @@ pub(crate) struct Changes {
     pub entries: Vec<u64>,
 }
 
+/// The error for a settle under a lease no longer held.
+pub(crate) fn lease_lost(offset: u64, what: &str) -> Error {
+    Error::new(
+        ErrorKind::LeaseExpired,
+        format!(
+            "{what}: the lease on offset {offset} is no longer held (it expired and was \
+             released or re-leased, or the message was already settled)"
+        ),
+    )
+}
+
 /// A persisted header or entry that cannot be read.
 fn bad(what: &str) -> Error {
     Error::new(ErrorKind::Corrupt, format!("lease table: {what}"))
@@ -470,13 +481,7 @@ impl LeaseTable {
     fn check(&self, offset: u64, lease_id: u64, what: &str) -> Result<Lease> {
         match self.inflight.get(&offset) {
             Some(l) if l.id == lease_id => Ok(*l),
-            _ => Err(Error::new(
-                ErrorKind::LeaseExpired,
-                format!(
-                    "{what}: the lease on offset {offset} is no longer held (it expired and was \
-                     released or re-leased, or the message was already settled)"
-                ),
-            )),
+            _ => Err(lease_lost(offset, what)),
         }
     }
 
@@ -497,10 +502,21 @@ impl LeaseTable {
     }
 
     /// Ack under a lease.
+    #[cfg(test)]
     pub fn ack(&mut self, offset: u64, lease_id: u64, what: &str) -> Result<()> {
-        self.check(offset, lease_id, what)?;
-        self.settle(offset);
+        if !self.try_ack(offset, lease_id) {
+            return Err(lease_lost(offset, what));
+        }
         Ok(())
+    }
+
+    /// Ack under a lease if it is still held; whether it was.
+    pub fn try_ack(&mut self, offset: u64, lease_id: u64) -> bool {
+        if self.inflight.get(&offset).is_none_or(|l| l.id != lease_id) {
+            return false;
+        }
+        self.settle(offset);
+        true
     }
 
     /// Nack under a lease: returns the attempts made, and whether this was
@@ -563,10 +579,7 @@ impl LeaseTable {
     pub fn lag(&self, log_end: u64, now_ms: u64) -> (u64, u64, u64) {
         let unsettled = log_end.saturating_sub(self.floor) - self.settled.len() as u64;
         let in_flight = self.inflight.len() as u64;
-        let delayed = self
-            .wakeups
-            .range((now_ms.saturating_add(1), 0)..)
-            .count() as u64;
+        let delayed = self.wakeups.range((now_ms.saturating_add(1), 0)..).count() as u64;
         let waiting = self.dead_lettering.len() as u64 + delayed;
         (
             unsettled,
@@ -753,7 +766,13 @@ mod tests {
         for o in 0..100 {
             t.ack(o, o, "x").unwrap();
             let c = store.apply(&mut t);
-            assert_eq!(c, Changes { header: true, entries: vec![] });
+            assert_eq!(
+                c,
+                Changes {
+                    header: true,
+                    entries: vec![]
+                }
+            );
         }
         assert!(store.entries.is_empty());
         assert_eq!(store.header.as_deref(), Some("100 100"));
@@ -770,7 +789,13 @@ mod tests {
         for o in (1..10).rev() {
             t.ack(o, o, "x").unwrap();
             let c = store.apply(&mut t);
-            assert_eq!(c, Changes { header: false, entries: vec![o] });
+            assert_eq!(
+                c,
+                Changes {
+                    header: false,
+                    entries: vec![o]
+                }
+            );
         }
         assert_eq!(store.entries.len(), 9);
         assert_eq!(observable(&store.restore()), observable(&t));
@@ -806,13 +831,15 @@ mod tests {
                     }
                 }
                 4..=5 => {
-                    let held: Vec<(u64, Lease)> = t.inflight.iter().map(|(o, l)| (*o, *l)).collect();
+                    let held: Vec<(u64, Lease)> =
+                        t.inflight.iter().map(|(o, l)| (*o, *l)).collect();
                     if let Some((o, l)) = held.get(rng.gen_range(0..held.len().max(1))) {
                         t.ack(*o, l.id, "x").unwrap();
                     }
                 }
                 6 => {
-                    let held: Vec<(u64, Lease)> = t.inflight.iter().map(|(o, l)| (*o, *l)).collect();
+                    let held: Vec<(u64, Lease)> =
+                        t.inflight.iter().map(|(o, l)| (*o, *l)).collect();
                     if let Some((o, l)) = held.first() {
                         if let Ok((_, true)) = t.nack(*o, l.id, now + 20, 4, "x") {
                             t.settle(*o);
@@ -894,7 +921,9 @@ mod tests {
         assert!(store.entries.is_empty());
         let (_, stale) = LeaseTable::restore(
             b"2 4",
-            [(1, b"s".to_vec()), (7, b"2".to_vec())].into_iter().collect(),
+            [(1, b"s".to_vec()), (7, b"2".to_vec())]
+                .into_iter()
+                .collect(),
         )
         .unwrap();
         assert_eq!(stale, vec![1, 7]);

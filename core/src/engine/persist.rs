@@ -127,7 +127,11 @@ pub(super) fn restore(entries: Vec<(String, Bytes)>, now: u64) -> Result<Restore
 /// of `group` on `tp`) since they were last taken: its header if it moved,
 /// and the entries that appeared, changed or went away. Called under the
 /// state lock right after the change; the values are read at persist time.
-pub(super) fn lease_keys(group: &str, tp: &TopicPartition, table: &mut LeaseTable) -> Vec<StateKey> {
+pub(super) fn lease_keys(
+    group: &str,
+    tp: &TopicPartition,
+    table: &mut LeaseTable,
+) -> Vec<StateKey> {
     let changes = table.take_changes();
     let mut keys = Vec::with_capacity(changes.entries.len() + 1);
     if changes.header {
