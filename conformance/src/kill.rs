@@ -28,7 +28,10 @@
 //! every partition's offsets are dense from 0 and every record holds the
 //! value and key written at its offset; every printed receipt is there;
 //! every group's committed offset is at least the highest commit printed,
-//! and never lower than the parent saw after the previous kill. In the
+//! and never lower than the parent saw after the previous kill. In queue
+//! mode the parent drains the group after every kill: no acked message
+//! comes back, and every delivery's attempt number is higher than any the
+//! child or the parent saw before for that message. In the
 //! first round it also checks that a second open while the child owns the
 //! store is `Locked`.
 //!
@@ -41,11 +44,11 @@
 
 use bytes::Bytes;
 use conveyor_core::prelude::*;
-use conveyor_core::{Broker, Durability, ErrorKind, GroupConfig, Record, TopicConfig};
+use conveyor_core::{Broker, Durability, ErrorKind, GroupConfig, NackOptions, Record, TopicConfig};
 use futures::future::BoxFuture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -59,6 +62,7 @@ const CHILD_SEED_ENV: &str = "CONVEYOR_KILL_CHILD_SEED";
 const TOPIC: &str = "kill";
 const KEYED: &str = "keyed";
 const PARTITIONS: u32 = 3;
+const QUEUE_GROUP: &str = "q";
 
 /// How a backend opens its store in a directory with a durability (a
 /// backend with segments should pick small ones, so kills also land around
@@ -143,15 +147,20 @@ async fn child(dir: &Path, mode: &str, seed: u64, open: OpenStore) {
     broker.create_topic(KEYED, topic_config()).await.unwrap();
     emit("@@ READY\n");
     let mut tasks = Vec::new();
-    let producing: Vec<u32> = if mode == "groups" {
-        vec![0]
-    } else {
-        (0..PARTITIONS).collect()
+    let producing: Vec<u32> = match mode {
+        "groups" => vec![0],
+        "queue" => vec![],
+        _ => (0..PARTITIONS).collect(),
     };
     for p in producing {
         tasks.push(tokio::spawn(produce(broker.clone(), p, seed ^ p as u64)));
     }
-    if mode == "groups" {
+    if mode == "queue" {
+        // Two competing queue-mode members acking one by one and in
+        // batches, nacking some, leaving some leased.
+        tasks.push(tokio::spawn(queue_worker(broker.clone(), seed)));
+        tasks.push(tokio::spawn(queue_worker(broker.clone(), seed ^ 0x5eed)));
+    } else if mode == "groups" {
         // Two competing members (rebalances, fencing) and a group that
         // commits every message.
         tasks.push(tokio::spawn(commit_polled(broker.clone(), "g2")));
@@ -273,6 +282,77 @@ async fn commit_each(broker: Arc<dyn Broker>, group: &'static str) {
     }
 }
 
+/// The queue-mode group of the `queue` mode: no DLQ within reach (the
+/// parent's drains raise attempts too), redeliveries at once.
+fn queue_config() -> GroupConfig {
+    GroupConfig::queue()
+        .with_visibility_timeout(Duration::from_secs(30))
+        .with_retry_backoff(conveyor_core::RetryBackoff::none())
+        .with_dlq(conveyor_core::DlqPolicy::new(100_000))
+}
+
+/// A queue-mode member: per poll, acks some messages one by one, some in
+/// one `ack_batch`, nacks some and keeps the rest leased.
+async fn queue_worker(broker: Arc<dyn Broker>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let consumer = broker
+        .consumer(QUEUE_GROUP, &[TOPIC], queue_config())
+        .await
+        .unwrap();
+    loop {
+        let messages = match consumer
+            .poll(rng.gen_range(1..=30), Duration::from_millis(20))
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => return emit(&format!("@@ X poll: {e}\n")),
+        };
+        let mut lines = String::new();
+        for m in &messages {
+            if m.value != record_at(m.partition, m.offset).value {
+                lines.push_str(&format!(
+                    "@@ X queue read a wrong value at {}\n",
+                    m.position()
+                ));
+            }
+            lines.push_str(&format!(
+                "@@ D {} {} {}\n",
+                m.partition, m.offset, m.attempt
+            ));
+        }
+        emit(&lines);
+        let mut batch = Vec::new();
+        for m in &messages {
+            match rng.gen_range(0..10) {
+                0..=3 => match consumer.ack(m).await {
+                    Ok(()) => emit(&format!("@@ A {} {}\n", m.partition, m.offset)),
+                    Err(e) => return emit(&format!("@@ X ack: {e}\n")),
+                },
+                4..=7 => batch.push(m.clone()),
+                8 => {
+                    if let Err(e) = consumer.nack(m, NackOptions::new()).await {
+                        return emit(&format!("@@ X nack: {e}\n"));
+                    }
+                }
+                _ => {} // stays leased until the kill
+            }
+        }
+        match consumer.ack_batch(&batch).await {
+            Ok(outcome) => {
+                if let Some((i, e)) = outcome.failed.first() {
+                    return emit(&format!("@@ X ack_batch {}: {e}\n", batch[*i].position()));
+                }
+                let lines: String = batch
+                    .iter()
+                    .map(|m| format!("@@ A {} {}\n", m.partition, m.offset))
+                    .collect();
+                emit(&lines);
+            }
+            Err(e) => return emit(&format!("@@ X ack_batch: {e}\n")),
+        }
+    }
+}
+
 // --------------------------------------------------------------- parent --
 
 /// What the children acknowledged, over all rounds.
@@ -286,6 +366,11 @@ struct Acknowledged {
     commits: BTreeMap<(String, u32), u64>,
     /// Committed offsets the parent read after the previous kill.
     seen_committed: BTreeMap<(String, u32), u64>,
+    /// Queue mode: messages acked (printed by a child).
+    acked: BTreeSet<(u32, u64)>,
+    /// Queue mode: the highest attempt seen per message, by a child or
+    /// by the parent's drain.
+    attempts: BTreeMap<(u32, u64), u32>,
     lines: usize,
 }
 
@@ -311,6 +396,16 @@ impl Acknowledged {
                     .entry((f[1].to_string(), num(f[2]) as u32))
                     .or_default();
                 *e = (*e).max(num(f[3]));
+            }
+            Some(&"D") => {
+                let e = self
+                    .attempts
+                    .entry((num(f[1]) as u32, num(f[2])))
+                    .or_default();
+                *e = (*e).max(num(f[3]) as u32);
+            }
+            Some(&"A") => {
+                self.acked.insert((num(f[1]) as u32, num(f[2])));
             }
             Some(&"X") => panic!("round {round}: the child reported: {line}"),
             _ => return,
@@ -420,6 +515,7 @@ async fn read_partition(broker: &dyn Broker, topic: &str, p: u32) -> Vec<conveyo
 /// Reopen after a kill and check everything acknowledged so far.
 async fn check_store(
     dir: &Path,
+    mode: &str,
     acked: &mut Acknowledged,
     groups: &[&str],
     round: usize,
@@ -498,7 +594,55 @@ async fn check_store(
             acked.seen_committed.insert(key, part.committed);
         }
     }
+    if mode == "queue" {
+        check_queue(broker.as_ref(), acked, &at).await;
+    }
     broker.close().await.unwrap();
+}
+
+/// Drain the queue group: nothing acked comes back, every attempt number
+/// is above what was seen before for its message. The drain's leases end
+/// with the broker; its attempts stay (the next child sees them).
+async fn check_queue(broker: &dyn Broker, acked: &mut Acknowledged, at: &str) {
+    let consumer = broker
+        .consumer(QUEUE_GROUP, &[TOPIC], queue_config())
+        .await
+        .unwrap();
+    let mut drained = 0;
+    loop {
+        let got = consumer
+            .poll(1000, Duration::from_millis(30))
+            .await
+            .unwrap();
+        if got.is_empty() {
+            break;
+        }
+        for m in &got {
+            let key = (m.partition, m.offset);
+            assert!(
+                !acked.acked.contains(&key),
+                "{at}: {} was acked and came back (attempt {})",
+                m.position(),
+                m.attempt
+            );
+            let before = acked.attempts.get(&key).copied().unwrap_or(0);
+            assert!(
+                m.attempt > before,
+                "{at}: {} delivered with attempt {} after attempt {before} was seen",
+                m.position(),
+                m.attempt
+            );
+            acked.attempts.insert(key, m.attempt);
+        }
+        drained += got.len();
+    }
+    let total = PARTITIONS as usize * 600;
+    assert!(
+        drained + acked.acked.len() <= total,
+        "{at}: {drained} redelivered + {} acked > {total} records",
+        acked.acked.len()
+    );
+    consumer.close().await.unwrap();
 }
 
 fn seed() -> u64 {
@@ -536,7 +680,14 @@ fn kill_repeatedly(mode: &str, groups: &[&str], open: OpenStore, prepare: impl F
         for line in &lines {
             acked.take(line, round);
         }
-        rt.block_on(check_store(dir.path(), &mut acked, groups, round, open));
+        rt.block_on(check_store(
+            dir.path(),
+            mode,
+            &mut acked,
+            groups,
+            round,
+            open,
+        ));
     }
     eprintln!(
         "{mode}: {} kills, {} acknowledgements checked ({} receipts high-water {:?}, commits {:?}) in {:?}",
@@ -561,26 +712,37 @@ pub fn sigkill_keeps_every_acknowledged_record_and_commit(open: OpenStore) {
 /// per message in the other) on a prefilled topic: a committed offset
 /// printed before the kill is never lower after reopen.
 pub fn sigkill_never_loses_a_committed_offset(open: OpenStore) {
-    kill_repeatedly("groups", &["g2", "g3"], open, |dir| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let broker = open(dir.to_path_buf(), Durability::None).await.unwrap();
-            broker.create_topic(TOPIC, topic_config()).await.unwrap();
-            broker.create_topic(KEYED, topic_config()).await.unwrap();
-            let producer = broker.producer().await.unwrap();
-            for p in 0..PARTITIONS {
-                for chunk in (0..600u64).collect::<Vec<_>>().chunks(100) {
-                    producer
-                        .send_batch(TOPIC, chunk.iter().map(|o| record_at(p, *o)).collect())
-                        .await
-                        .unwrap();
-                }
+    kill_repeatedly("groups", &["g2", "g3"], open, |dir| prefill(dir, open));
+}
+
+/// SIGKILL while two queue-mode members ack (one by one and in batches),
+/// nack and hold leases on a prefilled topic (contract §4b, §7): after
+/// reopen no acked message is delivered again, and no delivery's attempt
+/// number is lower than one seen before.
+pub fn sigkill_never_brings_back_an_acked_message(open: OpenStore) {
+    kill_repeatedly("queue", &[], open, |dir| prefill(dir, open));
+}
+
+/// Create the topics and write 600 records to each partition of [`TOPIC`].
+fn prefill(dir: &Path, open: OpenStore) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let broker = open(dir.to_path_buf(), Durability::None).await.unwrap();
+        broker.create_topic(TOPIC, topic_config()).await.unwrap();
+        broker.create_topic(KEYED, topic_config()).await.unwrap();
+        let producer = broker.producer().await.unwrap();
+        for p in 0..PARTITIONS {
+            for chunk in (0..600u64).collect::<Vec<_>>().chunks(100) {
+                producer
+                    .send_batch(TOPIC, chunk.iter().map(|o| record_at(p, *o)).collect())
+                    .await
+                    .unwrap();
             }
-            broker.close().await.unwrap();
-        });
+        }
+        broker.close().await.unwrap();
     });
 }
 
@@ -610,6 +772,13 @@ macro_rules! kill_suite {
         #[test]
         fn sigkill_never_loses_a_committed_offset() {
             $crate::kill::sigkill_never_loses_a_committed_offset(__CONVEYOR_KILL_OPEN);
+        }
+
+        /// SIGKILL while queue-mode members ack: no acked message comes
+        /// back, attempt numbers never go back.
+        #[test]
+        fn sigkill_never_brings_back_an_acked_message() {
+            $crate::kill::sigkill_never_brings_back_an_acked_message(__CONVEYOR_KILL_OPEN);
         }
     };
 }
