@@ -38,10 +38,13 @@ pub enum ErrorKind {
     Locked,
     /// The server is unreachable; retry later.
     Unavailable,
+    /// The broker was opened read-only (`?read_only=true`): it describes,
+    /// shows lag and fetches, and refuses every write.
+    ReadOnly,
     /// The broker or consumer has been closed.
     Closed,
-    /// The URL scheme names a backend whose cargo feature is off, or the
-    /// backend lacks the capability.
+    /// The URL scheme names a backend that is not compiled in or not
+    /// available yet, or the backend lacks the capability.
     Unsupported,
     /// An I/O error of the local file system.
     Io,
@@ -66,6 +69,7 @@ impl ErrorKind {
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::Locked => "locked",
             ErrorKind::Unavailable => "unavailable",
+            ErrorKind::ReadOnly => "read-only",
             ErrorKind::Closed => "closed",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Io => "i/o error",
