@@ -65,6 +65,12 @@
 //! The semantics every backend keeps (delivery, ordering, leases, dead
 //! letters, retention) are in `docs/semantics.md`, section by section.
 //!
+//! ## The contract
+//!
+//! What every backend guarantees (ordering, at-least-once delivery,
+//! leases, dead letters, retention, crash behaviour) is the [`semantics`]
+//! page, numbered §1–§9; the API docs cite it as "contract §N".
+//!
 //! ## What is where
 //!
 //! Everything an application uses is here: the traits and their
@@ -196,6 +202,10 @@ pub async fn open(url: &str) -> Result<Arc<dyn Broker>> {
         )),
     }
 }
+
+/// The delivery contract every backend keeps (`docs/semantics.md`).
+#[doc = include_str!("../docs/semantics.md")]
+pub mod semantics {}
 
 /// The README's examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]
