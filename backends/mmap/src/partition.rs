@@ -137,21 +137,48 @@ fn write_start(dir: &Path, start: u64) -> Result<()> {
     fs::write_atomic(&dir.join(START_FILE), &b)
 }
 
+/// The base offsets of the segment files in `dir`, sorted (blocking).
+fn segment_bases(dir: &Path) -> Result<Vec<u64>> {
+    let mut bases: Vec<u64> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io("list", dir))? {
+        let entry = entry.map_err(io("list", dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if let Some(base) = name.strip_suffix(".log").and_then(|n| n.parse().ok()) {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+/// The segments at `bases`: sealed ones trusted to their file length, the
+/// last one read by `last` (recovered, or scanned read-only).
+fn segments_of(
+    dir: &Path,
+    bases: &[u64],
+    last: impl FnOnce(u64, &Path) -> Result<Segment>,
+) -> Result<BTreeMap<u64, Segment>> {
+    let mut segments = BTreeMap::new();
+    let Some((&last_base, sealed)) = bases.split_last() else {
+        return Ok(segments);
+    };
+    for (i, base) in sealed.iter().enumerate() {
+        let path = dir.join(segment::file_name(*base));
+        let len = std::fs::metadata(&path).map_err(io("stat", &path))?.len();
+        segments.insert(*base, Segment::sealed(*base, path, len, bases[i + 1]));
+    }
+    let path = dir.join(segment::file_name(last_base));
+    segments.insert(last_base, last(last_base, &path)?);
+    Ok(segments)
+}
+
 impl Partition {
     /// Open (or create) the partition in `dir`, recovering its last segment
     /// (blocking: run it on the blocking pool).
     pub fn open(dir: PathBuf, segment_bytes: u64, durability: Durability) -> Result<Partition> {
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        let mut bases: Vec<u64> = Vec::new();
-        for entry in std::fs::read_dir(&dir).map_err(io("list", &dir))? {
-            let entry = entry.map_err(io("list", &dir))?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if let Some(base) = name.strip_suffix(".log").and_then(|n| n.parse().ok()) {
-                bases.push(base);
-            }
-        }
-        bases.sort_unstable();
+        let mut bases = segment_bases(&dir)?;
         let stored_start = read_start(&dir)?;
         if bases.is_empty() {
             let base = stored_start.unwrap_or(0);
@@ -160,17 +187,9 @@ impl Partition {
             fs::sync_dir(&dir)?;
             bases.push(base);
         }
-        let mut segments = BTreeMap::new();
-        for (i, base) in bases.iter().enumerate() {
-            let path = dir.join(segment::file_name(*base));
-            if i + 1 < bases.len() {
-                let len = std::fs::metadata(&path).map_err(io("stat", &path))?.len();
-                segments.insert(*base, Segment::sealed(*base, path, len, bases[i + 1]));
-            } else {
-                let (seg, _torn) = segment::recover(*base, &path)?;
-                segments.insert(*base, seg);
-            }
-        }
+        let segments = segments_of(&dir, &bases, |base, path| {
+            segment::recover(base, path).map(|(seg, _torn)| seg)
+        })?;
         let last_base = *bases.last().expect("at least one segment");
         let active_path = dir.join(segment::file_name(last_base));
         let active = Some(Arc::new(fs::open_append(&active_path)?));
@@ -192,35 +211,15 @@ impl Partition {
     /// is an empty partition. Later reads follow the tail
     /// ([`Partition::follow_tail`]).
     pub fn open_read_only(dir: PathBuf, segment_bytes: u64) -> Result<Partition> {
-        let mut bases: Vec<u64> = Vec::new();
-        match std::fs::read_dir(&dir) {
-            Ok(entries) => {
-                for entry in entries {
-                    let entry = entry.map_err(io("list", &dir))?;
-                    let name = entry.file_name();
-                    let name = name.to_string_lossy();
-                    if let Some(base) = name.strip_suffix(".log").and_then(|n| n.parse().ok()) {
-                        bases.push(base);
-                    }
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("list", &dir)(e)),
-        }
-        bases.sort_unstable();
+        let bases = match dir.is_dir() {
+            true => segment_bases(&dir)?,
+            false => Vec::new(),
+        };
         let stored_start = read_start(&dir)?;
-        let mut segments = BTreeMap::new();
-        for (i, base) in bases.iter().enumerate() {
-            let path = dir.join(segment::file_name(*base));
-            if i + 1 < bases.len() {
-                let len = std::fs::metadata(&path).map_err(io("stat", &path))?.len();
-                segments.insert(*base, Segment::sealed(*base, path, len, bases[i + 1]));
-            } else {
-                let data = std::fs::read(&path).map_err(io("read", &path))?;
-                let (seg, _) = segment::scan(*base, &path, &data)?;
-                segments.insert(*base, seg);
-            }
-        }
+        let mut segments = segments_of(&dir, &bases, |base, path| {
+            let data = std::fs::read(path).map_err(io("read", path))?;
+            segment::scan(base, path, &data).map(|(seg, _torn)| seg)
+        })?;
         if segments.is_empty() {
             let base = stored_start.unwrap_or(0);
             segments.insert(
