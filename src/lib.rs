@@ -40,8 +40,9 @@
 //! | `memory://` | in memory, nothing persists | `memory` (default) |
 //! | `mmap:///path/to/dir` | embedded segment log | `mmap` |
 //! | `rocksdb:///path/to/dir` | RocksDB | `rocksdb` |
-//! | `redis://host:6379/?prefix=app` | Redis Streams | `redis` |
-//! | `postgres://user@host/db` | PostgreSQL | `postgres` |
+//!
+//! Redis (`redis://`) and PostgreSQL (`postgres://`) backends are planned,
+//! not available yet: opening those URLs is `ErrorKind::Unsupported`.
 //!
 //! Query options for every backend:
 //! - `durability=none|always|interval:<ms>` (default `none`): when `send`
@@ -50,8 +51,25 @@
 //!   produce or subscribe.
 //!
 //! Each backend owns the rest of its URL and refuses options it does not
-//! know (`mmap`: `segment_bytes`); the facade only dispatches on the
-//! scheme, through one table of the compiled-in backends.
+//! know; the facade only dispatches on the scheme, through one table of
+//! the compiled-in backends. `mmap` adds:
+//! - `segment_bytes=<n>` (default 64 MiB): segment file size;
+//! - `create=true|false` (default `true`): create the store if the
+//!   directory holds none; `false` makes a mistyped path an error instead
+//!   of a new empty store;
+//! - `read_only=true|false` (default `false`): open a store that another
+//!   process owns and is writing, without a lock; describe, lag, fetch and
+//!   list work, every write is `ErrorKind::ReadOnly`
+//!   (`conveyor::mmap::open` says what it sees).
+//!
+//! The semantics every backend keeps (delivery, ordering, leases, dead
+//! letters, retention) are in `docs/semantics.md`, section by section.
+//!
+//! ## The contract
+//!
+//! What every backend guarantees (ordering, at-least-once delivery,
+//! leases, dead letters, retention, crash behaviour) is the [`semantics`]
+//! page, numbered §1–§9; the API docs cite it as "contract §N".
 //!
 //! ## What is where
 //!
@@ -86,10 +104,11 @@ use std::sync::Arc;
 type OpenUrl = for<'a> fn(&'a BrokerUrl) -> BoxFuture<'a, Result<Arc<dyn Broker>>>;
 
 /// How the facade opens one backend: its schemes, the cargo feature that
-/// compiles it in, and its `open_url` (`None` when the feature is off).
+/// compiles it in (`None`: planned, not written yet), and its `open_url`
+/// (`None` when the feature is off or the backend does not exist yet).
 struct Driver {
     name: &'static str,
-    feature: &'static str,
+    feature: Option<&'static str>,
     schemes: &'static [&'static str],
     open: Option<OpenUrl>,
 }
@@ -98,7 +117,7 @@ struct Driver {
 const DRIVERS: &[Driver] = &[
     Driver {
         name: "memory",
-        feature: "memory",
+        feature: Some("memory"),
         schemes: &["memory"],
         #[cfg(feature = "memory")]
         open: Some(|url| Box::pin(conveyor_memory::open_url(url))),
@@ -107,7 +126,7 @@ const DRIVERS: &[Driver] = &[
     },
     Driver {
         name: "mmap",
-        feature: "mmap",
+        feature: Some("mmap"),
         schemes: &["mmap"],
         #[cfg(feature = "mmap")]
         open: Some(|url| Box::pin(conveyor_mmap::open_url(url))),
@@ -116,7 +135,7 @@ const DRIVERS: &[Driver] = &[
     },
     Driver {
         name: "rocksdb",
-        feature: "rocksdb",
+        feature: Some("rocksdb"),
         schemes: &["rocksdb"],
         #[cfg(feature = "rocksdb")]
         open: Some(|url| Box::pin(conveyor_rocksdb::open_url(url))),
@@ -125,13 +144,13 @@ const DRIVERS: &[Driver] = &[
     },
     Driver {
         name: "redis",
-        feature: "redis",
+        feature: None,
         schemes: &["redis", "rediss", "redis+cluster"],
         open: None,
     },
     Driver {
         name: "postgres",
-        feature: "postgres",
+        feature: None,
         schemes: &["postgres", "postgresql"],
         open: None,
     },
@@ -164,18 +183,30 @@ pub async fn open(url: &str) -> Result<Arc<dyn Broker>> {
                 known.join(", ")
             ))
         })?;
-    match driver.open {
-        Some(open) => open(&url).await,
-        None => Err(Error::new(
+    match (driver.open, driver.feature) {
+        (Some(open), _) => open(&url).await,
+        (None, Some(feature)) => Err(Error::new(
             ErrorKind::Unsupported,
             format!(
-                "the `{scheme}://` backend ({}) is not compiled in: enable the `{}` feature of \
-                 the `conveyor` crate",
-                driver.name, driver.feature
+                "the `{scheme}://` backend ({}) is not compiled in: enable the `{feature}` \
+                 feature of the `conveyor` crate",
+                driver.name
+            ),
+        )),
+        (None, None) => Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the `{scheme}://` backend ({}) is planned but not available yet; \
+                 use mmap:///path (embedded) or memory:// for now",
+                driver.name
             ),
         )),
     }
 }
+
+/// The delivery contract every backend keeps (`docs/semantics.md`).
+#[doc = include_str!("../docs/semantics.md")]
+pub mod semantics {}
 
 /// The README's examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]
@@ -228,6 +259,13 @@ mod tests {
             .expect("refused");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         assert!(err.to_string().contains("segment_bytes"), "{err}");
+        let err = open("redis://localhost").await.err().expect("refused");
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+        assert!(
+            err.to_string().contains("planned but not available yet")
+                && !err.to_string().contains("feature"),
+            "{err}"
+        );
         #[cfg(not(feature = "rocksdb"))]
         {
             let err = open("rocksdb:///tmp/x").await.err().expect("refused");

@@ -1,10 +1,20 @@
 //! `conveyor consume TOPIC`: through a group (either mode), acking or
-//! committing what it printed, or from a position without a group.
+//! committing what it printed, or from a position without a group (a
+//! read: an mmap:// store is opened read-only, so it works beside the
+//! service that owns it, and `--follow` follows its log).
+//!
+//! Through a group, a message is acked (queue mode) or committed (stream
+//! mode) once it is printed, never before. Ctrl-C, a closed stdout (`|
+//! head -1`) or `--max` stop it the same way: what was printed is settled,
+//! the member leaves the group, and messages polled but not printed come
+//! again to the group.
 
-use crate::output::{print_message, Format};
-use crate::{fail, CliResult};
+use crate::message::message_json;
+use crate::output::{out, progress, CliError, CliResult, Format};
+use crate::time::parse_timestamp;
+use crate::{fail, Access};
 use clap::{Args, ValueEnum};
-use conveyor::{Broker, GroupConfig, SeekTo, StartFrom};
+use conveyor::{Broker, Consumer, GroupConfig, Message, SeekTo, StartFrom};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +38,13 @@ pub enum From {
 #[command(after_help = "Examples:\n  \
     conveyor consume orders.events --from beginning --max 10\n  \
     conveyor consume orders.events --group email --mode queue --follow --format json\n  \
-    conveyor consume orders.events --partition 3 --offset 1200 --max 5 --verbose")]
+    conveyor consume orders.events --partition 3 --offset 1200 --max 5 --verbose\n  \
+    conveyor consume orders.events --timestamp 2024-05-01T12:00:00Z --format json \
+    | conveyor --url mmap:///backup produce orders.events --json\n\n\
+    --format json writes one object a line: topic, partition, offset, timestamp, attempt, \
+    key, value (embedded JSON, text or base64, named by key_encoding/value_encoding), \
+    headers ([name, value] or [name, value, \"base64\"]), idempotency_key; \
+    produce --json reads the same lines back.")]
 pub struct ConsumeArgs {
     /// Topic to read.
     topic: String,
@@ -45,8 +61,9 @@ pub struct ConsumeArgs {
     /// Start at this offset (of --partition, or of every partition).
     #[arg(long, conflicts_with_all = ["from", "timestamp"])]
     offset: Option<u64>,
-    /// Start at the first record at or after this time (ms since the epoch).
-    #[arg(long, conflicts_with = "from")]
+    /// Start at the first record at or after this time: milliseconds since
+    /// the epoch or RFC 3339 (2024-05-01T12:00:00Z).
+    #[arg(long, conflicts_with = "from", value_parser = parse_timestamp)]
     timestamp: Option<u64>,
     /// Read only this partition (without --group).
     #[arg(long)]
@@ -57,9 +74,6 @@ pub struct ConsumeArgs {
     /// Stop after this many messages.
     #[arg(long)]
     max: Option<u64>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    format: Format,
     /// Text format: also print position and key.
     #[arg(long)]
     verbose: bool,
@@ -80,14 +94,50 @@ impl ConsumeArgs {
     }
 }
 
-pub async fn run(broker: &Arc<dyn Broker>, args: ConsumeArgs) -> CliResult {
-    match args.group.clone() {
-        Some(group) => through_group(broker, &group, &args).await,
-        None => from_position(broker, &args).await,
+impl ConsumeArgs {
+    pub(crate) fn access(&self) -> Access {
+        match self.group {
+            Some(_) => Access::Write,
+            None => Access::Read,
+        }
     }
 }
 
-async fn through_group(broker: &Arc<dyn Broker>, group: &str, args: &ConsumeArgs) -> CliResult {
+/// Print a message in the chosen format.
+fn print_message(m: &Message, format: Format, verbose: bool) -> CliResult {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    match format {
+        Format::Json => out(message_json(m)),
+        Format::Text if verbose => out(format!(
+            "{} key={} {}",
+            m.position(),
+            m.key.as_ref().map_or("-".into(), |k| text(k)),
+            text(&m.value)
+        )),
+        Format::Text => out(text(&m.value)),
+    }
+}
+
+/// Completes on Ctrl-C (never, if the handler cannot be installed).
+async fn interrupted() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+pub async fn run(broker: &Arc<dyn Broker>, args: ConsumeArgs, format: Format) -> CliResult {
+    match args.group.clone() {
+        Some(group) => through_group(broker, &group, &args, format).await,
+        None => from_position(broker, &args, format).await,
+    }
+}
+
+async fn through_group(
+    broker: &Arc<dyn Broker>,
+    group: &str,
+    args: &ConsumeArgs,
+    format: Format,
+) -> CliResult {
     let config = match args.mode {
         Mode::Stream => GroupConfig::stream(),
         Mode::Queue => GroupConfig::queue(),
@@ -100,6 +150,14 @@ async fn through_group(broker: &Arc<dyn Broker>, group: &str, args: &ConsumeArgs
         .consumer(group, &[&args.topic], config)
         .await
         .map_err(fail)?;
+    let result = print_through(&*consumer, args, format).await;
+    // Leave the group whatever happened: unprinted queue-mode leases are
+    // released, stream-mode partitions move on from the last commit.
+    let left = consumer.close().await.map_err(|e| CliError::from(fail(e)));
+    result.and(left)
+}
+
+async fn print_through(consumer: &dyn Consumer, args: &ConsumeArgs, format: Format) -> CliResult {
     if let Some(to) = args.seek_to() {
         for tp in consumer.assignment().await.map_err(fail)? {
             if args.partition.is_none_or(|p| p == tp.partition) {
@@ -113,38 +171,46 @@ async fn through_group(broker: &Arc<dyn Broker>, group: &str, args: &ConsumeArgs
     let mut printed = 0u64;
     let limit = args.max.unwrap_or(u64::MAX);
     let wait = Duration::from_millis(args.wait_ms);
-    let result = async {
-        while printed < limit {
-            let want = (limit - printed).min(256) as usize;
-            let batch = consumer.poll(want, wait).await.map_err(fail)?;
-            if batch.is_empty() {
-                if args.follow {
-                    continue;
-                }
-                break;
+    let pb = progress("consumed", None);
+    let stop = interrupted();
+    tokio::pin!(stop);
+    while printed < limit {
+        let want = (limit - printed).min(256) as usize;
+        // `poll` is cancel safe: Ctrl-C while waiting takes nothing.
+        let batch = tokio::select! {
+            () = &mut stop => break,
+            batch = consumer.poll(want, wait) => batch.map_err(fail)?,
+        };
+        if batch.is_empty() {
+            if args.follow {
+                continue;
             }
-            for m in batch {
-                print_message(&m, args.format, args.verbose);
-                consumer.ack(&m).await.map_err(fail)?;
-                printed += 1;
-            }
+            break;
         }
-        Ok(())
+        for m in batch {
+            // Settled only once printed: a closed stdout stops here, and
+            // this message and the rest of the batch come again.
+            print_message(&m, format, args.verbose)?;
+            consumer.ack(&m).await.map_err(fail)?;
+            printed += 1;
+            pb.inc(1);
+        }
     }
-    .await;
-    consumer.close().await.map_err(fail)?;
-    result
+    pb.finish_and_clear();
+    Ok(())
 }
 
-async fn from_position(broker: &Arc<dyn Broker>, args: &ConsumeArgs) -> CliResult {
+async fn from_position(broker: &Arc<dyn Broker>, args: &ConsumeArgs, format: Format) -> CliResult {
     let description = broker.describe_topic(&args.topic).await.map_err(fail)?;
     let partitions: Vec<u32> = match args.partition {
         Some(p) => {
             if p >= description.config.partitions {
-                return Err(format!(
-                    "topic `{}`: partition {p} out of range (topic has {})",
-                    args.topic, description.config.partitions
-                ));
+                return Err(fail(conveyor::Error::partition_out_of_range(
+                    &args.topic,
+                    p,
+                    description.config.partitions,
+                ))
+                .into());
             }
             vec![p]
         }
@@ -166,8 +232,10 @@ async fn from_position(broker: &Arc<dyn Broker>, args: &ConsumeArgs) -> CliResul
     }
     let mut printed = 0u64;
     let limit = args.max.unwrap_or(u64::MAX);
-    let mut idle_since = std::time::Instant::now();
-    while printed < limit {
+    let pb = progress("read", None);
+    let stop = interrupted();
+    tokio::pin!(stop);
+    'reading: while printed < limit {
         let mut any = false;
         for (p, at) in positions.iter_mut() {
             let want = (limit - printed).min(256) as usize;
@@ -180,23 +248,24 @@ async fn from_position(broker: &Arc<dyn Broker>, args: &ConsumeArgs) -> CliResul
                 .map_err(fail)?;
             for m in batch {
                 *at = m.offset + 1;
-                print_message(&m, args.format, args.verbose);
+                print_message(&m, format, args.verbose)?;
                 printed += 1;
+                pb.inc(1);
                 any = true;
             }
         }
         if any {
-            idle_since = std::time::Instant::now();
             continue;
-        }
-        if !args.follow && idle_since.elapsed() >= Duration::from_millis(args.wait_ms) {
-            break;
         }
         if !args.follow {
             // Records already stored were all read: done.
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::select! {
+            () = &mut stop => break 'reading,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
     }
+    pb.finish_and_clear();
     Ok(())
 }

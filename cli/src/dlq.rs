@@ -1,7 +1,8 @@
 //! `conveyor dlq …`: inspect and redrive dead-letter topics.
 
-use crate::output::table;
-use crate::{fail, CliResult};
+use crate::message::message_json;
+use crate::output::{count, out, out_json, table, CliResult, Format};
+use crate::{fail, Access};
 use clap::Subcommand;
 use conveyor::dlq::{
     HEADER_ATTEMPTS, HEADER_ERROR, HEADER_GROUP, HEADER_OFFSET, HEADER_PARTITION, HEADER_TOPIC,
@@ -9,6 +10,7 @@ use conveyor::dlq::{
 };
 use conveyor::prelude::*;
 use conveyor::Broker;
+use serde_json::json;
 use std::sync::Arc;
 
 #[derive(Subcommand, Debug)]
@@ -34,7 +36,16 @@ pub enum DlqCommand {
     },
 }
 
-pub async fn run(broker: &Arc<dyn Broker>, command: DlqCommand) -> CliResult {
+impl DlqCommand {
+    pub(crate) fn access(&self) -> Access {
+        match self {
+            DlqCommand::List { .. } => Access::Read,
+            DlqCommand::Redrive { .. } => Access::Write,
+        }
+    }
+}
+
+pub async fn run(broker: &Arc<dyn Broker>, command: DlqCommand, format: Format) -> CliResult {
     match command {
         DlqCommand::List { dlq_topic, max } => {
             let d = broker.describe_topic(&dlq_topic).await.map_err(fail)?;
@@ -57,6 +68,7 @@ pub async fn run(broker: &Arc<dyn Broker>, command: DlqCommand) -> CliResult {
                 "value",
             ]);
             let mut shown = 0;
+            let mut entries = Vec::new();
             for p in &d.partitions {
                 let floor = redriven_below
                     .iter()
@@ -75,6 +87,17 @@ pub async fn run(broker: &Arc<dyn Broker>, command: DlqCommand) -> CliResult {
                         at = m.offset + 1;
                         shown += 1;
                         let h = |n: &str| m.header_str(n).unwrap_or("?").to_string();
+                        let state = if m.offset < floor {
+                            "redriven"
+                        } else {
+                            "waiting"
+                        };
+                        if format == Format::Json {
+                            let mut entry = message_json(&m);
+                            entry["state"] = json!(state);
+                            entries.push(entry);
+                            continue;
+                        }
                         let mut value = String::from_utf8_lossy(&m.value).into_owned();
                         if value.len() > 60 {
                             value.truncate(value.floor_char_boundary(57));
@@ -91,24 +114,32 @@ pub async fn run(broker: &Arc<dyn Broker>, command: DlqCommand) -> CliResult {
                             h(HEADER_GROUP),
                             h(HEADER_ATTEMPTS),
                             h(HEADER_ERROR),
-                            if m.offset < floor {
-                                "redriven"
-                            } else {
-                                "waiting"
-                            }
-                            .to_string(),
+                            state.to_string(),
                             value,
                         ]);
                     }
                 }
             }
             let total: u64 = d.partitions.iter().map(|p| p.log_end - p.log_start).sum();
-            println!("DLQ `{dlq_topic}`: {total} messages");
-            println!("{t}");
+            if format == Format::Json {
+                return out_json(&json!({
+                    "dlq_topic": dlq_topic,
+                    "total": total,
+                    "messages": entries,
+                }));
+            }
+            out(format!("DLQ `{dlq_topic}`: {}", count(total, "message")))?;
+            out(t)?;
         }
         DlqCommand::Redrive { dlq_topic, max } => {
             let moved = broker.redrive(&dlq_topic, max).await.map_err(fail)?;
-            println!("redrove {moved} messages from `{dlq_topic}`");
+            match format {
+                Format::Json => out_json(&json!({"dlq_topic": dlq_topic, "redriven": moved}))?,
+                Format::Text => out(format!(
+                    "redrove {} from `{dlq_topic}`",
+                    count(moved as u64, "message")
+                ))?,
+            }
         }
     }
     Ok(())

@@ -1,9 +1,11 @@
 //! `conveyor group …`
 
-use crate::output::table;
-use crate::{fail, CliResult};
+use crate::output::{out, out_json, table, thousands, CliResult, Format};
+use crate::time::parse_timestamp;
+use crate::{fail, Access};
 use clap::{Subcommand, ValueEnum};
-use conveyor::{Broker, DeliveryMode, GroupConfig, SeekTo};
+use conveyor::{Broker, DeliveryMode, GroupConfig, GroupLag, SeekTo};
+use serde_json::json;
 use std::sync::Arc;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,7 +37,8 @@ pub enum GroupCommand {
     /// cursor). Stop the group's members first.
     #[command(after_help = "Examples:\n  \
         conveyor group reset-offsets loyalty orders.events --to earliest\n  \
-        conveyor group reset-offsets loyalty orders.events --offset 1200 --partition 3")]
+        conveyor group reset-offsets loyalty orders.events --offset 1200 --partition 3\n  \
+        conveyor group reset-offsets loyalty orders.events --timestamp 2024-05-01T12:00:00Z --dry-run")]
     ResetOffsets {
         /// Group name.
         group: String,
@@ -47,50 +50,105 @@ pub enum GroupCommand {
         /// Reset to this offset.
         #[arg(long, conflicts_with = "timestamp")]
         offset: Option<u64>,
-        /// Reset to the first record at or after this time (ms since the epoch).
-        #[arg(long)]
+        /// Reset to the first record at or after this time: milliseconds
+        /// since the epoch or RFC 3339 (2024-05-01T12:00:00Z).
+        #[arg(long, value_parser = parse_timestamp)]
         timestamp: Option<u64>,
         /// Only this partition.
         #[arg(long)]
         partition: Option<u32>,
+        /// Show the positions it would set, change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
-pub async fn run(broker: &Arc<dyn Broker>, command: GroupCommand) -> CliResult {
+impl GroupCommand {
+    pub(crate) fn access(&self) -> Access {
+        match self {
+            GroupCommand::ResetOffsets { dry_run: false, .. } => Access::Write,
+            _ => Access::Read,
+        }
+    }
+}
+
+fn mode_name(mode: DeliveryMode) -> &'static str {
+    match mode {
+        DeliveryMode::Stream => "stream",
+        DeliveryMode::Queue => "queue",
+    }
+}
+
+/// A group's lag as JSON.
+fn lag_json(lag: &GroupLag) -> serde_json::Value {
+    json!({
+        "group": lag.group,
+        "mode": mode_name(lag.mode),
+        "total_lag": lag.total_lag(),
+        "total_in_flight": lag.total_in_flight(),
+        "partitions": lag.partitions.iter().map(|p| json!({
+            "topic": p.topic,
+            "partition": p.partition,
+            "committed": p.committed,
+            "log_end": p.log_end,
+            "lag": p.lag,
+            "in_flight": p.in_flight,
+            "available": p.available,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Where `target` puts a partition with these bounds.
+async fn position(
+    broker: &Arc<dyn Broker>,
+    topic: &str,
+    partition: u32,
+    target: SeekTo,
+) -> CliResult<u64> {
+    let d = broker.describe_topic(topic).await.map_err(fail)?;
+    let b = d
+        .partitions
+        .iter()
+        .find(|b| b.partition == partition)
+        .copied()
+        .ok_or_else(|| format!("topic `{topic}` lost partition {partition}"))?;
+    Ok(match target {
+        SeekTo::Beginning => b.log_start,
+        SeekTo::End => b.log_end,
+        SeekTo::Offset(o) => o.clamp(b.log_start, b.log_end),
+        SeekTo::Timestamp(t) => broker
+            .offset_for_timestamp(topic, partition, t)
+            .await
+            .map_err(fail)?,
+    })
+}
+
+pub async fn run(broker: &Arc<dyn Broker>, command: GroupCommand, format: Format) -> CliResult {
     match command {
         GroupCommand::List => {
-            for g in broker.list_groups().await.map_err(fail)? {
-                println!("{g}");
+            let groups = broker.list_groups().await.map_err(fail)?;
+            match format {
+                Format::Json => out_json(&json!(groups))?,
+                Format::Text => {
+                    for g in groups {
+                        out(g)?;
+                    }
+                }
             }
         }
-        GroupCommand::Describe { group } | GroupCommand::Lag { group } => {
+        GroupCommand::Describe { group } => describe(broker, &group, format).await?,
+        GroupCommand::Lag { group } => {
             let lag = broker.group_lag(&group).await.map_err(fail)?;
-            let queue = lag.mode == DeliveryMode::Queue;
-            let mut header = vec!["topic", "partition", "committed", "log end", "lag"];
-            if queue {
-                header.extend(["in flight", "available"]);
+            if format == Format::Json {
+                return out_json(&lag_json(&lag));
             }
-            let mut t = table(&header);
-            for p in &lag.partitions {
-                let mut row = vec![
-                    p.topic.clone(),
-                    p.partition.to_string(),
-                    p.committed.to_string(),
-                    p.log_end.to_string(),
-                    p.lag.to_string(),
-                ];
-                if queue {
-                    row.extend([p.in_flight.to_string(), p.available.to_string()]);
-                }
-                t.add_row(row);
-            }
-            println!(
-                "group `{}` ({:?} mode): total lag {}",
+            out(format!(
+                "group `{}`, {} mode: total lag {}",
                 lag.group,
-                lag.mode,
-                lag.total_lag()
-            );
-            println!("{t}");
+                mode_name(lag.mode),
+                thousands(lag.total_lag())
+            ))?;
+            out(lag_table(&lag))?;
         }
         GroupCommand::ResetOffsets {
             group,
@@ -99,6 +157,7 @@ pub async fn run(broker: &Arc<dyn Broker>, command: GroupCommand) -> CliResult {
             offset,
             timestamp,
             partition,
+            dry_run,
         } => {
             let target = match (to, offset, timestamp) {
                 (Some(ResetTo::Earliest), _, _) => SeekTo::Beginning,
@@ -107,7 +166,7 @@ pub async fn run(broker: &Arc<dyn Broker>, command: GroupCommand) -> CliResult {
                 (_, _, Some(t)) => SeekTo::Timestamp(t),
                 _ => {
                     return Err(
-                        "say where to: --to earliest|latest, --offset N or --timestamp MS".into(),
+                        "say where to: --to earliest|latest, --offset N or --timestamp TIME".into(),
                     )
                 }
             };
@@ -120,67 +179,163 @@ pub async fn run(broker: &Arc<dyn Broker>, command: GroupCommand) -> CliResult {
             if let Some(p) = partition.filter(|p| *p >= partitions) {
                 return Err(fail(conveyor::Error::partition_out_of_range(
                     &topic, p, partitions,
-                )));
+                ))
+                .into());
             }
-            let mode = broker.group_lag(&group).await.map_err(fail)?.mode;
-            let config = match mode {
-                DeliveryMode::Stream => GroupConfig::stream(),
-                DeliveryMode::Queue => GroupConfig::queue(),
-            };
-            let consumer = broker
-                .consumer(&group, &[&topic], config)
-                .await
-                .map_err(fail)?;
+            let lag = broker.group_lag(&group).await.map_err(fail)?;
+            let mode = lag.mode;
             let wanted: Vec<u32> = match partition {
                 Some(p) => vec![p],
                 None => (0..partitions).collect(),
             };
-            let owned: Vec<u32> = consumer
-                .assignment()
-                .await
-                .map_err(fail)?
-                .into_iter()
-                .filter(|tp| tp.topic == topic)
-                .map(|tp| tp.partition)
-                .collect();
-            let result = async {
-                if let Some(p) = wanted.iter().find(|p| !owned.contains(p)) {
-                    return Err(format!(
-                        "group `{group}` has active members holding {topic}/{p}: stop them first"
-                    ));
-                }
-                for p in &wanted {
-                    consumer.seek(&topic, *p, target).await.map_err(fail)?;
-                    if mode == DeliveryMode::Stream {
-                        // Commit the position the seek chose.
-                        let d = broker.describe_topic(&topic).await.map_err(fail)?;
-                        let b = d
-                            .partitions
-                            .iter()
-                            .find(|b| b.partition == *p)
-                            .copied()
-                            .ok_or_else(|| format!("topic `{topic}` lost partition {p}"))?;
-                        let at = match target {
-                            SeekTo::Beginning => b.log_start,
-                            SeekTo::End => b.log_end,
-                            SeekTo::Offset(o) => o.clamp(b.log_start, b.log_end),
-                            SeekTo::Timestamp(t) => broker
-                                .offset_for_timestamp(&topic, *p, t)
-                                .await
-                                .map_err(fail)?,
-                        };
-                        consumer.commit(&topic, *p, at).await.map_err(fail)?;
-                        println!("{topic}/{p}: committed offset {at}");
-                    } else {
-                        println!("{topic}/{p}: cursor moved");
-                    }
-                }
-                Ok(())
+            let mut rows = Vec::new();
+            for p in &wanted {
+                let now = lag
+                    .partitions
+                    .iter()
+                    .find(|l| l.topic == topic && l.partition == *p)
+                    .map(|l| l.committed);
+                rows.push((*p, now, position(broker, &topic, *p, target).await?));
             }
-            .await;
-            consumer.close().await.map_err(fail)?;
-            result?;
+            if !dry_run {
+                reset(broker, &group, &topic, mode, &wanted, target).await?;
+            }
+            print_reset(&group, &topic, mode, &rows, dry_run, format)?;
         }
     }
     Ok(())
+}
+
+fn lag_table(lag: &GroupLag) -> comfy_table::Table {
+    let queue = lag.mode == DeliveryMode::Queue;
+    let mut header = vec!["topic", "partition", "committed", "log end", "lag"];
+    if queue {
+        header.extend(["in flight", "available"]);
+    }
+    let mut t = table(&header);
+    for p in &lag.partitions {
+        let mut row = vec![
+            p.topic.clone(),
+            p.partition.to_string(),
+            p.committed.to_string(),
+            p.log_end.to_string(),
+            thousands(p.lag),
+        ];
+        if queue {
+            row.extend([thousands(p.in_flight), thousands(p.available)]);
+        }
+        t.add_row(row);
+    }
+    t
+}
+
+async fn describe(broker: &Arc<dyn Broker>, group: &str, format: Format) -> CliResult {
+    let lag = broker.group_lag(group).await.map_err(fail)?;
+    let mut topics: Vec<&str> = lag.partitions.iter().map(|p| p.topic.as_str()).collect();
+    topics.dedup();
+    if format == Format::Json {
+        let mut doc = lag_json(&lag);
+        doc["topics"] = json!(topics);
+        return out_json(&doc);
+    }
+    out(format!("group `{}`", lag.group))?;
+    out(format!("  mode:        {}", mode_name(lag.mode)))?;
+    out(format!("  topics:      {}", topics.join(", ")))?;
+    out(format!("  total lag:   {}", thousands(lag.total_lag())))?;
+    if lag.mode == DeliveryMode::Queue {
+        out(format!(
+            "  in flight:   {} (leased to members now)",
+            thousands(lag.total_in_flight())
+        ))?;
+    }
+    out(lag_table(&lag))
+}
+
+async fn reset(
+    broker: &Arc<dyn Broker>,
+    group: &str,
+    topic: &str,
+    mode: DeliveryMode,
+    wanted: &[u32],
+    target: SeekTo,
+) -> CliResult {
+    let config = match mode {
+        DeliveryMode::Stream => GroupConfig::stream(),
+        DeliveryMode::Queue => GroupConfig::queue(),
+    };
+    let consumer = broker
+        .consumer(group, &[topic], config)
+        .await
+        .map_err(fail)?;
+    let result = async {
+        let owned: Vec<u32> = consumer
+            .assignment()
+            .await
+            .map_err(fail)?
+            .into_iter()
+            .filter(|tp| tp.topic == topic)
+            .map(|tp| tp.partition)
+            .collect();
+        if let Some(p) = wanted.iter().find(|p| !owned.contains(p)) {
+            return Err(format!(
+                "group `{group}` has active members holding {topic}/{p}: stop them first"
+            )
+            .into());
+        }
+        for p in wanted {
+            consumer.seek(topic, *p, target).await.map_err(fail)?;
+            if mode == DeliveryMode::Stream {
+                // Commit the position the seek chose.
+                let at = position(broker, topic, *p, target).await?;
+                consumer.commit(topic, *p, at).await.map_err(fail)?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    consumer.close().await.map_err(fail)?;
+    result
+}
+
+fn print_reset(
+    group: &str,
+    topic: &str,
+    mode: DeliveryMode,
+    rows: &[(u32, Option<u64>, u64)],
+    dry_run: bool,
+    format: Format,
+) -> CliResult {
+    if format == Format::Json {
+        return out_json(&json!({
+            "group": group,
+            "topic": topic,
+            "mode": mode_name(mode),
+            "dry_run": dry_run,
+            "partitions": rows.iter().map(|(p, now, new)| json!({
+                "partition": p, "current": now, "new": new,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    let what = match mode {
+        DeliveryMode::Stream => "committed offset",
+        DeliveryMode::Queue => "cursor",
+    };
+    out(format!(
+        "group `{group}`, {} mode: {what} of `{topic}` {}",
+        mode_name(mode),
+        if dry_run {
+            "would move (dry run: nothing changed)"
+        } else {
+            "moved"
+        }
+    ))?;
+    let mut t = table(&["partition", "current", "new"]);
+    for (p, now, new) in rows {
+        t.add_row(vec![
+            p.to_string(),
+            now.map_or("-".to_string(), |n| n.to_string()),
+            new.to_string(),
+        ]);
+    }
+    out(t)
 }

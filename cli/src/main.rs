@@ -1,32 +1,44 @@
 //! `conveyor`: what `kafka-topics`, the console producer and consumer,
 //! `kcat` and the SQS console give people, on every Conveyor backend.
 //!
-//! Every command takes `--url` (or `CONVEYOR_URL`). Errors are one line on
-//! stderr and a non-zero exit.
+//! Every command takes `--url` (or `CONVEYOR_URL`) and `--format
+//! text|json`. Errors are one line on stderr and a non-zero exit; a closed
+//! stdout (`| head -1`) ends a command quietly.
 
 mod bench;
 mod consume;
 mod dlq;
 mod group;
+mod message;
 mod output;
 mod produce;
+mod time;
 mod topic;
 mod verify;
 
 use clap::{Parser, Subcommand};
+use output::{CliError, CliResult, Format};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 /// Topics, produce, consume, groups and dead letters on any Conveyor backend.
 #[derive(Parser, Debug)]
 #[command(name = "conveyor", version, about, long_about = None)]
-#[command(
-    after_help = "Example:\n  conveyor --url mmap:///var/lib/app/queue topic create orders.events --partitions 8"
-)]
+#[command(after_help = "Examples:\n  \
+    conveyor --url mmap:///var/lib/app/queue topic create orders.events --partitions 8\n  \
+    conveyor --url mmap:///var/lib/app/queue group lag email --format json\n\n\
+    Read commands (topic list/describe, group list/describe/lag, dlq list, consume without \
+    --group) open an mmap:// store read-only, so they work while a service owns it. \
+    Commands that change a store never create one at a mistyped path: only `topic create`, \
+    `bench` and produce with auto_create=true do (or add create=true to the URL).")]
 struct Cli {
-    /// Broker URL: mmap:///dir, rocksdb:///dir, redis://host, postgres://..., memory://
+    /// Broker URL: mmap:///dir (embedded), rocksdb:///dir (when built with
+    /// the rocksdb feature) or memory:// (gone when the command exits).
     #[arg(long, env = "CONVEYOR_URL", global = true)]
     url: Option<String>,
+    /// Output format of commands that print data.
+    #[arg(long, value_enum, global = true, default_value_t = Format::Text)]
+    format: Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,65 +48,164 @@ enum Command {
     /// Create, list, describe, delete topics and add partitions.
     #[command(subcommand)]
     Topic(topic::TopicCommand),
-    /// Append lines (or JSON lines) from stdin to a topic.
+    /// Append lines (text, JSON or base64) from stdin to a topic.
     Produce(produce::ProduceArgs),
     /// Print messages of a topic, through a group or from a position.
     Consume(consume::ConsumeArgs),
-    /// List groups, show their lag, reset their offsets.
+    /// List groups, show their members and lag, reset their offsets.
     #[command(subcommand)]
     Group(group::GroupCommand),
     /// Inspect and redrive dead-letter topics.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
-    /// A quick producer/consumer throughput run.
+    /// A producer/consumer throughput and latency run.
     Bench(bench::BenchArgs),
     /// Check every batch and state frame of an mmap:// store, read-only.
     Verify(verify::VerifyArgs),
 }
 
-/// What a command returns: `Ok` or an error line for stderr.
-pub(crate) type CliResult = Result<(), String>;
+/// What a command does to the store, which decides how it is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Only reads: an embedded store is opened read-only (it may be owned
+    /// by a running service), and a missing store is an error.
+    Read,
+    /// Changes a store that must exist already.
+    Write,
+    /// May create the store (and topics in it).
+    Create,
+}
+
+impl Command {
+    fn access(&self, url: &str) -> Access {
+        match self {
+            Command::Topic(c) => c.access(),
+            Command::Produce(_) if auto_create(url) => Access::Create,
+            Command::Produce(_) => Access::Write,
+            Command::Consume(a) => a.access(),
+            Command::Group(c) => c.access(),
+            Command::Dlq(c) => c.access(),
+            Command::Bench(_) => Access::Create,
+            Command::Verify(_) => Access::Read,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Topic(_) => "topic",
+            Command::Produce(_) => "produce",
+            Command::Consume(_) => "consume",
+            Command::Group(_) => "group",
+            Command::Dlq(_) => "dlq",
+            Command::Bench(_) => "bench",
+            Command::Verify(_) => "verify",
+        }
+    }
+}
+
+fn auto_create(url: &str) -> bool {
+    conveyor::BrokerUrl::parse(url).is_ok_and(|u| u.options().auto_create_topics)
+}
 
 pub(crate) fn fail(e: conveyor::Error) -> String {
     e.chain().to_string()
 }
 
-async fn broker(url: Option<&str>) -> Result<Arc<dyn conveyor::Broker>, String> {
-    let url = url.ok_or_else(|| {
+/// The URL to open for a command of `access`: for mmap:// stores, read
+/// commands add `read_only=true` and commands that change a store add
+/// `create=false`, unless the URL sets `read_only` or `create` itself.
+fn url_for(url: &str, access: Access) -> String {
+    let Ok(parsed) = conveyor::BrokerUrl::parse(url) else {
+        return url.to_string(); // open() names what is wrong with it
+    };
+    if parsed.scheme() != "mmap" {
+        return url.to_string();
+    }
+    let has = |name: &str| parsed.backend_options().iter().any(|(k, _)| k == name);
+    let option = match access {
+        // `create=...` asks for an owning open (which may create).
+        Access::Read if !has("read_only") && !has("create") => "read_only=true",
+        Access::Write if !has("create") => "create=false",
+        _ => return url.to_string(),
+    };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{option}")
+}
+
+async fn broker(url: &str, access: Access) -> Result<Arc<dyn conveyor::Broker>, String> {
+    conveyor::open(&url_for(url, access)).await.map_err(fail)
+}
+
+async fn run(cli: Cli) -> CliResult {
+    // `verify` reads the files of a closed store: it opens no broker.
+    let command = match cli.command {
+        Command::Verify(a) => return verify::run(cli.url.as_deref(), a).await,
+        command => command,
+    };
+    let url = cli.url.ok_or_else(|| {
         "no broker URL: pass --url (e.g. --url mmap:///var/lib/app/queue) or set CONVEYOR_URL"
             .to_string()
     })?;
-    conveyor::open(url).await.map_err(fail)
+    let access = command.access(&url);
+    if url.starts_with("memory:") && access != Access::Read && !matches!(command, Command::Bench(_))
+    {
+        eprintln!(
+            "conveyor: note: memory:// keeps nothing: what `{}` does here is gone when the \
+             command exits (use mmap:///path to keep it)",
+            command.name()
+        );
+    }
+    let broker = broker(&url, access).await?;
+    let format = cli.format;
+    let outcome = match command {
+        Command::Topic(c) => topic::run(&broker, c, format).await,
+        Command::Produce(a) => produce::run(&broker, a, format).await,
+        Command::Consume(a) => consume::run(&broker, a, format).await,
+        Command::Group(c) => group::run(&broker, c, format).await,
+        Command::Dlq(c) => dlq::run(&broker, c, format).await,
+        Command::Bench(a) => bench::run(&broker, a, format, &url).await,
+        Command::Verify(a) => verify::run(Some(&url), a).await,
+    };
+    let closed = broker.close().await.map_err(|e| CliError::from(fail(e)));
+    outcome.and(closed)
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = async {
-        // `verify` reads the files of a closed store: it opens no broker.
-        let command = match cli.command {
-            Command::Verify(a) => return verify::run(cli.url.as_deref(), a).await,
-            command => command,
-        };
-        let broker = broker(cli.url.as_deref()).await?;
-        let outcome = match command {
-            Command::Topic(c) => topic::run(&broker, c).await,
-            Command::Produce(a) => produce::run(&broker, a).await,
-            Command::Consume(a) => consume::run(&broker, a).await,
-            Command::Group(c) => group::run(&broker, c).await,
-            Command::Dlq(c) => dlq::run(&broker, c).await,
-            Command::Bench(a) => bench::run(&broker, a).await,
-            Command::Verify(a) => verify::run(cli.url.as_deref(), a).await,
-        };
-        let closed = broker.close().await.map_err(fail);
-        outcome.and(closed)
-    }
-    .await;
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+    match run(cli).await {
+        Ok(()) | Err(CliError::BrokenPipe) => ExitCode::SUCCESS,
+        Err(CliError::Message(message)) => {
             eprintln!("conveyor: error: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_commands_open_mmap_read_only_and_writes_never_create() {
+        assert_eq!(
+            url_for("mmap:///q", Access::Read),
+            "mmap:///q?read_only=true"
+        );
+        assert_eq!(
+            url_for("mmap:///q?segment_bytes=4096", Access::Write),
+            "mmap:///q?segment_bytes=4096&create=false"
+        );
+        assert_eq!(url_for("mmap:///q", Access::Create), "mmap:///q");
+        // The URL's own choice wins.
+        assert_eq!(
+            url_for("mmap:///q?read_only=false", Access::Read),
+            "mmap:///q?read_only=false"
+        );
+        assert_eq!(
+            url_for("mmap:///q?create=true", Access::Write),
+            "mmap:///q?create=true"
+        );
+        assert_eq!(url_for("memory://", Access::Read), "memory://");
     }
 }

@@ -1,49 +1,60 @@
-//! How messages and tables are printed: text, JSON lines, tables.
+//! How results reach the user: lines on stdout that end the command
+//! quietly when the reader went away (`conveyor consume ... | head -1`),
+//! tables or JSON, counts with correct plurals and thousands separators,
+//! rates and durations in human units.
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, ContentArrangement, Table};
-use conveyor::Message;
-use serde_json::{json, Value};
+use std::fmt::Display;
+use std::io::Write;
+use std::time::Duration;
 
-/// Output format of messages.
+/// Output format of every command that prints data.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
-    /// The value as text, one message a line.
+    /// Text for people: tables, one message value a line.
     Text,
-    /// One JSON object a line: topic, partition, offset, timestamp, key,
-    /// value, headers, attempt.
+    /// JSON for programs: one JSON object a line (messages), or one JSON
+    /// document (everything else).
     Json,
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+/// Why a command ended without success.
+#[derive(Debug)]
+pub enum CliError {
+    /// An error line for stderr.
+    Message(String),
+    /// Whoever read stdout closed it (`| head -1`): end quietly.
+    BrokenPipe,
 }
 
-/// A message as a JSON object.
-pub fn message_json(m: &Message) -> Value {
-    json!({
-        "topic": m.topic,
-        "partition": m.partition,
-        "offset": m.offset,
-        "timestamp": m.timestamp,
-        "key": m.key.as_ref().map(|k| text(k)),
-        "value": text(&m.value),
-        "headers": m.headers.iter().map(|h| json!([h.name, text(&h.value)])).collect::<Vec<_>>(),
-        "attempt": m.attempt,
+impl From<String> for CliError {
+    fn from(s: String) -> Self {
+        CliError::Message(s)
+    }
+}
+
+impl From<&str> for CliError {
+    fn from(s: &str) -> Self {
+        CliError::Message(s.to_string())
+    }
+}
+
+/// What a command returns.
+pub type CliResult<T = ()> = Result<T, CliError>;
+
+/// Print one line on stdout. A closed pipe is [`CliError::BrokenPipe`]
+/// (the command stops and exits quietly), never a panic.
+pub fn out(line: impl Display) -> CliResult {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}").map_err(|e| match e.kind() {
+        std::io::ErrorKind::BrokenPipe => CliError::BrokenPipe,
+        _ => CliError::Message(format!("writing to stdout: {e}")),
     })
 }
 
-/// Print a message in the chosen format.
-pub fn print_message(m: &Message, format: Format, verbose: bool) {
-    match format {
-        Format::Json => println!("{}", message_json(m)),
-        Format::Text if verbose => println!(
-            "{} key={} {}",
-            m.position(),
-            m.key.as_ref().map_or("-".into(), |k| text(k)),
-            text(&m.value)
-        ),
-        Format::Text => println!("{}", text(&m.value)),
-    }
+/// Print a JSON document on one line.
+pub fn out_json(value: &serde_json::Value) -> CliResult {
+    out(value)
 }
 
 /// A table with our look.
@@ -53,4 +64,114 @@ pub fn table(header: &[&str]) -> Table {
         .set_content_arrangement(ContentArrangement::Dynamic)
         .set_header(header.to_vec());
     t
+}
+
+/// A progress line on stderr for long work (`what`: "produced",
+/// "consumed"): a count and a human rate, drawn only when stderr is a
+/// terminal and stdout is not (so it never mixes with the data), and
+/// with a `len`, a bar.
+pub fn progress(what: &str, len: Option<u64>) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() || (len.is_none() && std::io::stdout().is_terminal()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let template = match len {
+        Some(_) => "{msg:>9} [{bar:40}] {human_pos}/{human_len} {rate} eta {eta}",
+        None => "{spinner} {msg} {human_pos} {rate}",
+    };
+    let style = indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .with_key(
+            "rate",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = w.write_str(&rate(state.pos(), state.elapsed()));
+            },
+        )
+        .progress_chars("=> ");
+    let pb = match len {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    pb.set_style(style);
+    pb.set_message(what.to_string());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+/// `14863` as `14,863`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `1 record`, `14,863 records`.
+pub fn count(n: u64, noun: &str) -> String {
+    match n {
+        1 => format!("1 {noun}"),
+        _ => format!("{} {noun}s", thousands(n)),
+    }
+}
+
+/// `n` things over `elapsed` as `14,863/s`.
+pub fn rate(n: u64, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64();
+    if secs <= 0.0 {
+        return "-".to_string();
+    }
+    format!("{}/s", thousands((n as f64 / secs).round() as u64))
+}
+
+/// A duration for people: `2 min`, `1.5 s`, `250 ms`, `87 µs`.
+pub fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs >= 86_400 && secs.is_multiple_of(86_400) {
+        return count(secs / 86_400, "day");
+    }
+    if secs >= 3_600 && secs.is_multiple_of(3_600) {
+        return format!("{} h", secs / 3_600);
+    }
+    if secs >= 60 && secs.is_multiple_of(60) {
+        return format!("{} min", secs / 60);
+    }
+    if secs >= 1 {
+        let n = format!("{:.3}", d.as_secs_f64());
+        return format!("{} s", n.trim_end_matches('0').trim_end_matches('.'));
+    }
+    let micros = d.as_micros();
+    if micros >= 1000 {
+        return format!("{:.1} ms", micros as f64 / 1000.0).replace(".0 ms", " ms");
+    }
+    format!("{micros} µs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_for_people() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(14_863), "14,863");
+        assert_eq!(thousands(1_000_000), "1,000,000");
+        assert_eq!(count(1, "record"), "1 record");
+        assert_eq!(count(0, "record"), "0 records");
+        assert_eq!(count(2_500, "message"), "2,500 messages");
+        assert_eq!(rate(14_863, Duration::from_secs(1)), "14,863/s");
+        assert_eq!(rate(10, Duration::from_millis(3)), "3,333/s");
+        assert_eq!(human_duration(Duration::from_secs(120)), "2 min");
+        assert_eq!(human_duration(Duration::from_secs(7200)), "2 h");
+        assert_eq!(human_duration(Duration::from_secs(86_400)), "1 day");
+        assert_eq!(human_duration(Duration::from_millis(1500)), "1.5 s");
+        assert_eq!(human_duration(Duration::from_secs(5)), "5 s");
+        assert_eq!(human_duration(Duration::from_millis(250)), "250 ms");
+        assert_eq!(human_duration(Duration::from_micros(87)), "87 µs");
+    }
 }

@@ -1,4 +1,5 @@
-//! `conveyor produce TOPIC`: stdin lines, or JSON lines, to a topic.
+//! `conveyor produce TOPIC`: stdin lines (text, JSON or base64) to a
+//! topic.
 //!
 //! Records go out in batches. A line that cannot be read (not UTF-8, or
 //! malformed JSON) or a record the broker refuses is reported with its line
@@ -7,13 +8,12 @@
 //! topic, `--partition` out of range, broker closed) stops at once with one
 //! line.
 
-use crate::output::table;
-use crate::CliResult;
+use crate::message::{base64_bytes, parse_json_record};
+use crate::output::{count, out, progress, table, CliError, CliResult, Format};
 use clap::Args;
 use conveyor::prelude::*;
 use conveyor::{Broker, Record};
-use serde::Deserialize;
-use serde_json::Value;
+use serde_json::json;
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -32,13 +32,20 @@ fn stops_everything(e: &conveyor::Error, forced_partition: bool) -> bool {
     echo 'order 42 placed' | conveyor produce orders.events\n  \
     printf 'order-42:placed\\n' | conveyor produce orders.events --key-separator :\n  \
     echo '{\"key\":\"order-42\",\"value\":{\"event\":\"placed\"},\"headers\":{\"source\":\"web\"}}' \
-    | conveyor produce orders.events --json --verbose")]
+    | conveyor produce orders.events --json --verbose\n  \
+    base64 < image.png | tr -d '\\n' | conveyor produce images --base64\n\n\
+    --json reads what consume --format json writes, so consume | produce copies records \
+    byte for byte (binary values as {\"value\":\"...\",\"value_encoding\":\"base64\"}).")]
 pub struct ProduceArgs {
     /// Topic to append to.
     topic: String,
-    /// Read JSON lines: {"key", "value", "headers", "partition", "idempotency_key"}.
-    #[arg(long)]
+    /// Read JSON lines: {"key", "value", "value_encoding", "headers",
+    /// "partition", "idempotency_key"}, as `consume --format json` writes them.
+    #[arg(long, conflicts_with = "base64")]
     json: bool,
+    /// Each line is the base64 of a value (for binary values).
+    #[arg(long)]
+    base64: bool,
     /// Text mode: split each line at the first SEP into key and value.
     #[arg(long, value_name = "SEP")]
     key_separator: Option<String>,
@@ -48,81 +55,29 @@ pub struct ProduceArgs {
     /// Records per batch.
     #[arg(long, default_value_t = 500)]
     batch: usize,
-    /// Print a receipt (partition, offset, timestamp) per record.
+    /// Print a receipt (line, partition, offset, timestamp) per record.
     #[arg(long)]
     verbose: bool,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonRecord {
-    #[serde(default)]
-    key: Option<String>,
-    #[serde(default)]
-    value: Value,
-    #[serde(default)]
-    headers: Value,
-    #[serde(default)]
-    partition: Option<u32>,
-    #[serde(default)]
-    idempotency_key: Option<String>,
+/// Receipts of `--verbose`: a table at the end, or a JSON line each.
+enum Receipts {
+    Table(comfy_table::Table),
+    Json,
 }
 
-fn parse_json(line: &str) -> Result<Record, String> {
-    let r: JsonRecord = serde_json::from_str(line).map_err(|e| e.to_string())?;
-    let value = match r.value {
-        Value::Null => Vec::new(),
-        Value::String(s) => s.into_bytes(),
-        other => other.to_string().into_bytes(),
-    };
-    let mut record = Record::new(value);
-    if let Some(k) = r.key {
-        record = record.with_key(k);
-    }
-    let header_value = |v: Value| match v {
-        Value::String(s) => Ok(s),
-        other => Err(format!("header values must be strings, got {other}")),
-    };
-    match r.headers {
-        Value::Null => {}
-        Value::Object(map) => {
-            for (name, v) in map {
-                record = record.with_header(name, header_value(v)?);
-            }
-        }
-        Value::Array(items) => {
-            for item in items {
-                match item {
-                    Value::Array(pair) if pair.len() == 2 => {
-                        let mut pair = pair.into_iter();
-                        let name = header_value(pair.next().expect("two"))?;
-                        record = record.with_header(name, header_value(pair.next().expect("two"))?);
-                    }
-                    other => return Err(format!("a header must be [name, value], got {other}")),
-                }
-            }
-        }
-        other => return Err(format!("headers must be an object or a list, got {other}")),
-    }
-    if let Some(p) = r.partition {
-        record = record.with_partition(p);
-    }
-    if let Some(k) = r.idempotency_key {
-        record = record.with_idempotency_key(k);
-    }
-    Ok(record)
-}
-
-pub async fn run(broker: &Arc<dyn Broker>, args: ProduceArgs) -> CliResult {
+pub async fn run(broker: &Arc<dyn Broker>, args: ProduceArgs, format: Format) -> CliResult {
     let producer = broker.producer().await.map_err(crate::fail)?;
     let mut stdin = BufReader::new(tokio::io::stdin());
     let mut raw = Vec::new();
     let mut errors: Vec<String> = Vec::new();
     let mut batch: Vec<(usize, Record)> = Vec::new();
-    let mut sent = 0usize;
-    let mut receipts = args
-        .verbose
-        .then(|| table(&["line", "partition", "offset", "timestamp"]));
+    let mut sent = 0u64;
+    let mut receipts = args.verbose.then(|| match format {
+        Format::Json => Receipts::Json,
+        Format::Text => Receipts::Table(table(&["line", "partition", "offset", "timestamp"])),
+    });
+    let pb = progress("produced", None);
     let mut number = 0usize;
     loop {
         raw.clear();
@@ -144,17 +99,20 @@ pub async fn run(broker: &Arc<dyn Broker>, args: ProduceArgs) -> CliResult {
             Ok(line) => line.to_string(),
             Err(e) => {
                 errors.push(format!(
-                    "line {number}: not valid UTF-8 (bad byte at column {})",
+                    "line {number}: not valid UTF-8 (bad byte at column {}), not sent; \
+                     for binary values use --base64, or --json with \"value_encoding\":\"base64\"",
                     e.valid_up_to() + 1
                 ));
                 continue;
             }
         };
-        if args.json && line.trim().is_empty() {
+        if (args.json || args.base64) && line.trim().is_empty() {
             continue;
         }
         let record = if args.json {
-            parse_json(&line)
+            parse_json_record(&line).map_err(|e| format!("malformed JSON line: {e}"))
+        } else if args.base64 {
+            base64_bytes("the line", &line).map(Record::new)
         } else {
             Ok(
                 match args
@@ -174,63 +132,67 @@ pub async fn run(broker: &Arc<dyn Broker>, args: ProduceArgs) -> CliResult {
                 }
                 batch.push((number, r));
             }
-            Err(e) => errors.push(format!("line {number}: malformed JSON line: {e}")),
+            Err(e) => errors.push(format!("line {number}: {e}")),
         }
         if batch.len() >= args.batch.max(1) {
             let full = std::mem::take(&mut batch);
             match send(&*producer, &args, full, &mut errors, receipts.as_mut()).await {
-                Ok(n) => sent += n,
-                Err(stop) => return Err(stopped(&errors, stop, sent, &args.topic)),
+                Ok(n) => {
+                    sent += n;
+                    pb.inc(n);
+                }
+                Err(CliError::Message(stop)) => {
+                    pb.finish_and_clear();
+                    return Err(stopped(&errors, stop, sent, &args.topic));
+                }
+                Err(pipe) => return Err(pipe),
             }
         }
     }
     match send(&*producer, &args, batch, &mut errors, receipts.as_mut()).await {
         Ok(n) => sent += n,
-        Err(stop) => return Err(stopped(&errors, stop, sent, &args.topic)),
+        Err(CliError::Message(stop)) => {
+            pb.finish_and_clear();
+            return Err(stopped(&errors, stop, sent, &args.topic));
+        }
+        Err(pipe) => return Err(pipe),
     }
+    pb.finish_and_clear();
     producer.flush().await.map_err(crate::fail)?;
-    if let Some(t) = receipts {
-        println!("{t}");
+    if let Some(Receipts::Table(t)) = receipts {
+        out(t)?;
     }
-    eprintln!("sent {sent} records to `{}`", args.topic);
+    eprintln!("sent {} to `{}`", count(sent, "record"), args.topic);
     if errors.is_empty() {
         return Ok(());
     }
     for e in &errors[..errors.len() - 1] {
         eprintln!("conveyor: error: {e}");
     }
-    Err(format!(
-        "{} ({} line{} not sent)",
-        errors.last().expect("non-empty"),
-        errors.len(),
-        if errors.len() == 1 { "" } else { "s" }
-    ))
+    let last = errors.last().cloned().unwrap_or_default();
+    Err(format!("{last} ({} not sent)", count(errors.len() as u64, "line")).into())
 }
 
 /// The one line for an error that stopped the command: earlier line errors
 /// first, then this one with where it stopped and what was sent.
-fn stopped(
-    errors: &[String],
-    (line, e): (usize, conveyor::Error),
-    sent: usize,
-    topic: &str,
-) -> String {
+fn stopped(errors: &[String], stop: String, sent: u64, topic: &str) -> CliError {
     for earlier in errors {
         eprintln!("conveyor: error: {earlier}");
     }
-    format!("{e} (stopped at line {line}; sent {sent} records to `{topic}`)")
+    format!("{stop}; sent {} to `{topic}`)", count(sent, "record")).into()
 }
 
 /// Send a batch; if it is refused, send its records one by one so only the
 /// bad lines are reported and the others still go out. An error every line
-/// would hit is returned with the first line of the batch, to stop.
+/// would hit stops the command: it comes back as the message "ERROR
+/// (stopped at line N" for [`stopped`] to finish.
 async fn send(
     producer: &dyn conveyor::Producer,
     args: &ProduceArgs,
     batch: Vec<(usize, Record)>,
     errors: &mut Vec<String>,
-    receipts: Option<&mut comfy_table::Table>,
-) -> Result<usize, (usize, conveyor::Error)> {
+    receipts: Option<&mut Receipts>,
+) -> CliResult<u64> {
     let topic = args.topic.as_str();
     let Some(first) = batch.first().map(|(n, _)| *n) else {
         return Ok(0);
@@ -243,7 +205,9 @@ async fn send(
                 .copied()
                 .zip(rs.into_iter().map(Ok))
                 .collect(),
-            Err(e) if stops_everything(&e, args.partition.is_some()) => return Err((first, e)),
+            Err(e) if stops_everything(&e, args.partition.is_some()) => {
+                return Err(format!("{e} (stopped at line {first}").into())
+            }
             Err(_) => {
                 let mut out = Vec::with_capacity(records.len());
                 for (n, r) in numbers.iter().copied().zip(records) {
@@ -253,18 +217,27 @@ async fn send(
             }
         };
     let mut ok = 0;
-    let mut table = receipts;
+    let mut receipts = receipts;
     for (n, result) in results {
         match result {
             Ok(r) => {
                 ok += 1;
-                if let Some(t) = table.as_deref_mut() {
-                    t.add_row(vec![
-                        n.to_string(),
-                        r.partition.to_string(),
-                        r.offset.to_string(),
-                        r.timestamp.to_string(),
-                    ]);
+                match receipts.as_deref_mut() {
+                    Some(Receipts::Table(t)) => {
+                        t.add_row(vec![
+                            n.to_string(),
+                            r.partition.to_string(),
+                            r.offset.to_string(),
+                            r.timestamp.to_string(),
+                        ]);
+                    }
+                    Some(Receipts::Json) => out(json!({
+                        "line": n,
+                        "partition": r.partition,
+                        "offset": r.offset,
+                        "timestamp": r.timestamp,
+                    }))?,
+                    None => {}
                 }
             }
             Err(e) => errors.push(format!("line {n}: {e}")),

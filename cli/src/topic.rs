@@ -1,9 +1,10 @@
 //! `conveyor topic …`
 
-use crate::output::table;
-use crate::{fail, CliResult};
+use crate::output::{count, human_duration, out, out_json, table, thousands, CliResult, Format};
+use crate::{fail, Access};
 use clap::Subcommand;
-use conveyor::{Broker, Retention, TopicConfig};
+use conveyor::{Broker, Retention, TopicConfig, TopicDescription};
+use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,7 +58,40 @@ pub enum TopicCommand {
     },
 }
 
-pub async fn run(broker: &Arc<dyn Broker>, command: TopicCommand) -> CliResult {
+impl TopicCommand {
+    pub(crate) fn access(&self) -> Access {
+        match self {
+            TopicCommand::Create { .. } => Access::Create,
+            TopicCommand::List | TopicCommand::Describe { .. } => Access::Read,
+            TopicCommand::Delete { .. } | TopicCommand::AddPartitions { .. } => Access::Write,
+        }
+    }
+}
+
+/// A topic's description as JSON (durations in milliseconds).
+fn description_json(d: &TopicDescription) -> serde_json::Value {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    json!({
+        "topic": d.name,
+        "partitions": d.config.partitions,
+        "max_message_bytes": d.config.max_message_bytes,
+        "dedup_window_ms": ms(d.config.dedup_window),
+        "retention": {
+            "max_age_ms": d.config.retention.max_age.map(ms),
+            "max_bytes": d.config.retention.max_bytes,
+        },
+        "records": d.partitions.iter().map(|p| p.log_end - p.log_start).sum::<u64>(),
+        "partition_bounds": d.partitions.iter().map(|p| json!({
+            "partition": p.partition,
+            "log_start": p.log_start,
+            "log_end": p.log_end,
+            "records": p.log_end - p.log_start,
+            "bytes": p.bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub async fn run(broker: &Arc<dyn Broker>, command: TopicCommand, format: Format) -> CliResult {
     match command {
         TopicCommand::Create {
             name,
@@ -84,41 +118,72 @@ pub async fn run(broker: &Arc<dyn Broker>, command: TopicCommand) -> CliResult {
                 config = config.with_max_message_bytes(m);
             }
             broker.create_topic(&name, config).await.map_err(fail)?;
-            println!("topic `{name}` ready with {partitions} partitions");
+            match format {
+                Format::Json => out_json(&json!({"topic": name, "partitions": partitions}))?,
+                Format::Text => out(format!(
+                    "topic `{name}` ready with {}",
+                    count(partitions.into(), "partition")
+                ))?,
+            }
         }
         TopicCommand::List => {
-            for t in broker.list_topics().await.map_err(fail)? {
-                println!("{t}");
+            let topics = broker.list_topics().await.map_err(fail)?;
+            match format {
+                Format::Json => out_json(&json!(topics))?,
+                Format::Text => {
+                    for t in topics {
+                        out(t)?;
+                    }
+                }
             }
         }
         TopicCommand::Describe { name } => {
             let d = broker.describe_topic(&name).await.map_err(fail)?;
+            if format == Format::Json {
+                return out_json(&description_json(&d));
+            }
             let mut t = table(&["partition", "log start", "log end", "records", "bytes"]);
             for p in &d.partitions {
                 t.add_row(vec![
                     p.partition.to_string(),
                     p.log_start.to_string(),
                     p.log_end.to_string(),
-                    (p.log_end - p.log_start).to_string(),
-                    p.bytes.to_string(),
+                    thousands(p.log_end - p.log_start),
+                    thousands(p.bytes),
                 ]);
             }
-            println!(
-                "topic `{}`: {} partitions, max message {} bytes, dedup window {:?}",
-                d.name, d.config.partitions, d.config.max_message_bytes, d.config.dedup_window
-            );
-            println!("{t}");
+            let retention = match (d.config.retention.max_age, d.config.retention.max_bytes) {
+                (None, None) => "kept forever".to_string(),
+                (Some(age), None) => format!("kept {}", human_duration(age)),
+                (None, Some(b)) => format!("at most {} a partition", count(b, "byte")),
+                (Some(age), Some(b)) => format!(
+                    "kept {}, at most {} a partition",
+                    human_duration(age),
+                    count(b, "byte")
+                ),
+            };
+            out(format!(
+                "topic `{}`: {}, max message {}, dedup window {}, records {retention}",
+                d.name,
+                count(d.config.partitions.into(), "partition"),
+                count(d.config.max_message_bytes as u64, "byte"),
+                human_duration(d.config.dedup_window)
+            ))?;
+            out(t)?;
         }
         TopicCommand::Delete { name } => {
             broker.delete_topic(&name).await.map_err(fail)?;
-            println!("topic `{name}` deleted");
+            out(format!("topic `{name}` deleted"))?;
         }
         TopicCommand::AddPartitions { name, partitions } => {
             broker
                 .add_partitions(&name, partitions)
                 .await
                 .map_err(fail)?;
-            println!("topic `{name}` has {partitions} partitions");
+            out(format!(
+                "topic `{name}` has {}",
+                count(partitions.into(), "partition")
+            ))?;
         }
     }
     Ok(())

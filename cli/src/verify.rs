@@ -3,7 +3,7 @@
 //! ([`conveyor::mmap::verify`]). Exit 0 with the counts; damage is an
 //! error line naming the file and byte position, and exit 1.
 
-use crate::CliResult;
+use crate::output::{out, CliResult};
 use std::path::PathBuf;
 
 /// Arguments of `verify` (the store is `--url mmap:///dir`).
@@ -34,7 +34,7 @@ pub async fn run(url: Option<&str>, _args: VerifyArgs) -> CliResult {
         .await
         .map_err(|e| format!("verify task: {e}"))?
         .map_err(crate::fail)?;
-    println!(
+    out(format!(
         "{shown}: ok: {} partitions, {} segments, {} batches, {} records, {} bytes; \
          state.log: {} frames",
         report.partitions,
@@ -43,12 +43,12 @@ pub async fn run(url: Option<&str>, _args: VerifyArgs) -> CliResult {
         report.records,
         report.bytes,
         report.state_frames
-    );
+    ))?;
     for (file, at) in &report.torn_tails {
-        println!(
+        out(format!(
             "{}: torn tail at byte {at} (an interrupted write; the next open cuts it)",
             file.display()
-        );
+        ))?;
     }
     Ok(())
 }

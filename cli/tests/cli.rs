@@ -87,7 +87,12 @@ fn bench_prints_a_result_table() {
         .args(["bench", "--messages", "5000", "--quiet"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("produce").and(predicate::str::contains("msg/s")));
+        .stdout(
+            predicate::str::contains("produce")
+                .and(predicate::str::contains("/s"))
+                .and(predicate::str::contains("durability none"))
+                .and(predicate::str::contains("p99.9")),
+        );
 }
 
 #[test]
@@ -359,7 +364,7 @@ fn dlq_list_and_redrive() {
         .args(["dlq", "redrive", "mail.sender.dlq"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("redrove 1 messages"));
+        .stdout(predicate::str::contains("redrove 1 message from"));
     store
         .run()
         .args(["dlq", "list", "mail.sender.dlq"])
@@ -379,8 +384,8 @@ fn dlq_list_and_redrive() {
 }
 
 #[test]
-fn second_open_of_a_store_is_locked_and_named() {
-    let store = Store::new();
+fn second_open_of_a_store_is_locked_for_writes_and_readable() {
+    let store = Store::with_topic("kept", 1);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -388,7 +393,7 @@ fn second_open_of_a_store_is_locked_and_named() {
     let broker = rt.block_on(conveyor::open(&store.url())).unwrap();
     store
         .run()
-        .args(["topic", "list"])
+        .args(["topic", "create", "other"])
         .assert()
         .failure()
         .stderr(
@@ -396,19 +401,99 @@ fn second_open_of_a_store_is_locked_and_named() {
                 store.dir.path().display().to_string(),
             )),
         );
+    // Read commands open the store read-only: they work beside its owner.
+    store
+        .run()
+        .args(["topic", "list"])
+        .assert()
+        .success()
+        .stdout(predicate::eq("kept\n"));
     rt.block_on(broker.close()).unwrap();
 }
 
 #[test]
-fn huge_retention_hours_is_refused_not_a_panic() {
+fn read_commands_never_create_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("mistyped");
+    let url = format!("mmap://{}", missing.display());
+    for args in [
+        vec!["topic", "list"],
+        vec!["topic", "describe", "t"],
+        vec!["group", "list"],
+        vec!["group", "lag", "g"],
+        vec!["dlq", "list", "t.g.dlq"],
+        vec!["consume", "t"],
+        vec!["produce", "t"],
+        vec!["consume", "t", "--group", "g"],
+        vec!["topic", "delete", "t"],
+    ] {
+        conveyor(&url)
+            .args(&args)
+            .write_stdin("x\n")
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains("no conveyor-mmap store here"));
+        assert!(!missing.exists(), "{args:?} created {}", missing.display());
+    }
+    // Commands that create things do, and so does create=true.
+    conveyor(&format!("{url}?create=true"))
+        .args(["topic", "list"])
+        .assert()
+        .success();
+    assert!(missing.exists());
+}
+
+#[test]
+fn memory_urls_say_that_writes_die_with_the_command() {
     conveyor("memory://")
+        .args(["topic", "create", "t"])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains(
+            "memory:// keeps nothing: what `topic` does here is gone when the command exits",
+        ));
+    conveyor("memory://")
+        .args(["topic", "list"])
+        .assert()
+        .success()
+        .stderr(predicate::str::is_empty());
+}
+
+#[test]
+fn planned_backends_are_not_offered_as_features() {
+    conveyor("redis://localhost:6379")
+        .args(["topic", "list"])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("planned but not available yet")
+                .and(predicate::str::contains("feature").not()),
+        );
+    Command::cargo_bin("conveyor")
+        .unwrap()
+        .arg("--help")
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("redis")
+                .not()
+                .and(predicate::str::contains("postgres").not()),
+        );
+}
+
+#[test]
+fn huge_retention_hours_is_refused_not_a_panic() {
+    let store = Store::new();
+    store
+        .run()
         .args(["topic", "create", "t", "--retention-hours", "18446744073709551615"])
         .assert()
         .code(1)
         .stderr(predicate::eq(
             "conveyor: error: --retention-hours 18446744073709551615 is too large (at most 5124095576030431)\n",
         ));
-    conveyor("memory://")
+    store
+        .run()
         .args([
             "topic",
             "create",
@@ -422,7 +507,9 @@ fn huge_retention_hours_is_refused_not_a_panic() {
 
 #[test]
 fn produce_to_unknown_topic_is_one_line_and_stops() {
-    conveyor("memory://")
+    let store = Store::with_topic("other", 1);
+    store
+        .run()
         .args(["produce", "missing.topic", "--batch", "1"])
         .write_stdin("a\nb\nc\n")
         .assert()

@@ -6,7 +6,7 @@
 //! `redrive`) live in blanket extension traits ([`ProducerExt`],
 //! [`ConsumerExt`], [`BrokerExt`]), as object_store's `ObjectStoreExt`
 //! does, so no backend can implement them differently. Bring them into
-//! scope with `use conveyor_core::prelude::*`.
+//! scope with `use conveyor::prelude::*`.
 //!
 //! Each method's `# Errors` section lists the [`crate::ErrorKind`]s the
 //! contract gives it, and its `# Cancel safety` section what a dropped
@@ -24,7 +24,7 @@ use std::time::Duration;
 /// What a backend may lack, as the contract allows (nothing else).
 ///
 /// ```
-/// use conveyor_core::Capabilities;
+/// use conveyor::Capabilities;
 /// assert!(Capabilities::EMBEDDED.persistent && Capabilities::EMBEDDED.embedded);
 /// assert!(!Capabilities::IN_MEMORY.persistent);
 /// assert!(Capabilities::SERVER.persistent && !Capabilities::SERVER.embedded);
@@ -59,7 +59,7 @@ impl Capabilities {
 /// How to fail a message in [`Consumer::nack`] (contract §4a, §4b).
 ///
 /// ```
-/// use conveyor_core::NackOptions;
+/// use conveyor::NackOptions;
 /// use std::time::Duration;
 /// let options = NackOptions::new()
 ///     .with_delay(Duration::from_secs(30))
@@ -186,11 +186,11 @@ impl std::fmt::Display for TopicPartition {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> conveyor_core::Result<()> {
-/// use conveyor_core::prelude::*;
+/// # async fn main() -> conveyor::Result<()> {
+/// use conveyor::prelude::*;
 /// use std::time::Duration;
 ///
-/// let broker = conveyor_memory::open_default();
+/// let broker = conveyor::open("memory://").await?;
 /// broker.create_topic("orders", TopicConfig::new(3)).await?;
 ///
 /// let producer = broker.producer().await?;
@@ -367,6 +367,31 @@ pub trait BrokerExt: Broker {
     /// group that dead-lettered them (and to no other group); returns how
     /// many were moved (contract §5). See [`crate::dlq::redrive`].
     ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> conveyor::Result<()> {
+    /// use conveyor::prelude::*;
+    /// use conveyor::{DlqPolicy, NackOptions, NackOutcome};
+    /// use std::time::Duration;
+    ///
+    /// let broker = conveyor::open("memory://").await?;
+    /// broker.create_topic("mail", TopicConfig::new(1)).await?;
+    /// broker.producer().await?.send("mail", Record::new("to: a@example.com")).await?;
+    /// let sender = broker
+    ///     .consumer("sender", &["mail"], GroupConfig::queue().with_dlq(DlqPolicy::new(1)))
+    ///     .await?;
+    /// let m = sender.poll(1, Duration::from_secs(1)).await?.remove(0);
+    /// let outcome = sender.nack(&m, NackOptions::new().with_reason("smtp down")).await?;
+    /// assert_eq!(outcome, NackOutcome::DeadLettered); // to `mail.sender.dlq`
+    ///
+    /// // The SMTP server is back: send the dead letters to `sender` again.
+    /// assert_eq!(broker.redrive("mail.sender.dlq", None).await?, 1);
+    /// let again = sender.poll(1, Duration::from_secs(1)).await?;
+    /// assert_eq!(&again[0].value[..], b"to: a@example.com");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// `TopicNotFound` for the DLQ topic; `InvalidArgument` for a message
     /// without its origin headers (it stays in the DLQ); the errors of
@@ -387,6 +412,34 @@ impl<B: Broker + ?Sized> BrokerExt for B {}
 ///
 /// The one required method is [`send_batch`](Producer::send_batch);
 /// [`ProducerExt::send`] is built on it.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> conveyor::Result<()> {
+/// use conveyor::prelude::*;
+///
+/// let broker = conveyor::open("memory://").await?;
+/// broker.create_topic("orders", TopicConfig::new(4)).await?;
+/// let producer = broker.producer().await?; // cheap: share it
+///
+/// // One record: same key, same partition, in order.
+/// let receipt = producer
+///     .send("orders", Record::new("placed").with_key("order-42").with_idempotency_key("evt-1"))
+///     .await?;
+/// // A retry with the same idempotency key is stored once: same receipt.
+/// let again = producer
+///     .send("orders", Record::new("placed").with_key("order-42").with_idempotency_key("evt-1"))
+///     .await?;
+/// assert_eq!(receipt, again);
+///
+/// // Many: each partition's records are appended atomically, in order.
+/// let receipts = producer
+///     .send_batch("orders", vec![Record::new("a"), Record::new("b").with_header("source", "web")])
+///     .await?;
+/// assert_eq!(receipts.len(), 2);
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait Producer: Send + Sync {
     /// Append `records` to `topic` (contract §3). Records for one partition are appended
@@ -453,6 +506,46 @@ impl<P: Producer + ?Sized> ProducerExt for P {}
 /// message this consumer's group received, unchanged: a message of another
 /// group, one read with `fetch`, or one whose topic, partition, offset or
 /// attempt was changed is `InvalidArgument` (contract §4, §7).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> conveyor::Result<()> {
+/// use conveyor::prelude::*;
+/// use conveyor::{NackOptions, NackOutcome, SeekTo};
+/// use std::time::Duration;
+///
+/// let broker = conveyor::open("memory://").await?;
+/// broker.create_topic("jobs", TopicConfig::new(2)).await?;
+/// let producer = broker.producer().await?;
+/// producer.send("jobs", Record::new("resize image 7")).await?;
+/// producer.send("jobs", Record::new("resize image 8")).await?;
+///
+/// // Queue mode: each message is leased to one member; ack or nack it.
+/// let workers = broker.consumer("workers", &["jobs"], GroupConfig::queue()).await?;
+/// for message in workers.poll(10, Duration::from_secs(1)).await? {
+///     if message.value.ends_with(b"7") {
+///         workers.ack(&message).await?;
+///     } else {
+///         // Long work? `workers.extend(&message, d)` first. Failed: say why.
+///         let outcome = workers
+///             .nack(&message, NackOptions::new().with_delay(Duration::from_secs(5)).with_reason("busy"))
+///             .await?;
+///         assert_eq!(outcome, NackOutcome::Redeliver);
+///     }
+/// }
+///
+/// // Stream mode: partitions owned by one member, offsets committed per
+/// // partition, replay by seeking.
+/// let audit = broker.consumer("audit", &["jobs"], GroupConfig::stream()).await?;
+/// let batch = audit.poll(10, Duration::from_secs(1)).await?;
+/// audit.commit_batch(&batch).await?;
+/// for tp in audit.assignment().await? {
+///     audit.seek(&tp.topic, tp.partition, SeekTo::Beginning).await?; // replay
+/// }
+/// audit.close().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait Consumer: Send + Sync {
     /// Up to `max` messages, waiting up to `timeout` for the first one.
@@ -471,7 +564,9 @@ pub trait Consumer: Send + Sync {
     async fn poll(&self, max: usize, timeout: Duration) -> Result<Vec<Message>>;
 
     /// Settle a message. Queue mode: ends its lease for good. Stream mode:
-    /// commits `offset + 1` for its partition (never backwards).
+    /// commits `offset + 1` for its partition (never backwards), cumulative
+    /// **per partition**: other partitions are not committed (see
+    /// [`ConsumerExt::commit_batch`]).
     ///
     /// # Errors
     /// Queue mode: `LeaseExpired` if the lease was lost (it expired and the
@@ -571,8 +666,8 @@ pub trait Consumer: Send + Sync {
     /// server backends the lease may or may not have been extended.
     async fn extend(&self, message: &Message, by: Duration) -> Result<()>;
 
-    /// Stream mode: commit `offset` (the next to read) for a partition.
-    /// Cumulative; may move backwards (an explicit reset).
+    /// Stream mode: commit `offset` (the next to read) for one partition.
+    /// Cumulative per partition; may move backwards (an explicit reset).
     ///
     /// # Errors
     /// `Fenced` if this member does not own the partition in the current
@@ -632,8 +727,10 @@ pub trait Consumer: Send + Sync {
 /// Conveniences over [`Consumer`], implemented once for every backend.
 #[async_trait]
 pub trait ConsumerExt: Consumer {
-    /// Stream mode: commit `message.offset + 1` for its partition, checking
-    /// the message's generation (the same as [`Consumer::ack`] there).
+    /// Stream mode: commit `message.offset + 1` for **its partition** only,
+    /// checking the message's generation (the same as [`Consumer::ack`]
+    /// there). To commit a polled batch, which spans partitions, use
+    /// [`ConsumerExt::commit_batch`].
     ///
     /// # Errors
     /// As [`Consumer::ack`].
@@ -642,6 +739,65 @@ pub trait ConsumerExt: Consumer {
     /// As [`Consumer::ack`]: not cancel safe; committing again is safe.
     async fn commit_message(&self, message: &Message) -> Result<()> {
         self.ack(message).await
+    }
+
+    /// Stream mode: commit a whole polled batch, **per partition**: for
+    /// each topic and partition in `messages`, the offset after its
+    /// highest message. (A batch spans partitions and a commit is
+    /// cumulative per partition, so committing only `batch.last()` would
+    /// leave the other partitions uncommitted, to be read again after a
+    /// restart.) Queue mode: acks every message.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> conveyor::Result<()> {
+    /// use conveyor::prelude::*;
+    /// use std::time::Duration;
+    ///
+    /// let broker = conveyor::open("memory://").await?;
+    /// broker.create_topic("orders", TopicConfig::new(3)).await?;
+    /// let producer = broker.producer().await?;
+    /// for i in 0..9 {
+    ///     producer.send("orders", Record::new(format!("order {i}"))).await?;
+    /// }
+    /// let loyalty = broker.consumer("loyalty", &["orders"], GroupConfig::stream()).await?;
+    /// let batch = loyalty.poll(100, Duration::from_secs(1)).await?;
+    /// // ... handle the batch ...
+    /// loyalty.commit_batch(&batch).await?;
+    /// assert_eq!(broker.group_lag("loyalty").await?.total_lag(), 9 - batch.len() as u64);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Consumer::ack`]; partitions before the failing one stay
+    /// committed.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, some partitions may be committed
+    /// and others not; committing again is safe.
+    async fn commit_batch(&self, messages: &[Message]) -> Result<()> {
+        if messages
+            .iter()
+            .any(|m| m.token().mode() != Some(crate::config::DeliveryMode::Stream))
+        {
+            for m in messages {
+                self.ack(m).await?;
+            }
+            return Ok(());
+        }
+        let mut last: std::collections::BTreeMap<(&str, u32), &Message> =
+            std::collections::BTreeMap::new();
+        for m in messages {
+            let entry = last.entry((m.topic.as_str(), m.partition)).or_insert(m);
+            if m.offset > entry.offset {
+                *entry = m;
+            }
+        }
+        for m in last.values() {
+            self.ack(m).await?;
+        }
+        Ok(())
     }
 
     /// The messages as a stream, polling in batches of `batch`. Errors end

@@ -44,7 +44,7 @@ impl Retention {
 /// A topic's configuration, chosen at creation.
 ///
 /// ```
-/// use conveyor_core::{Retention, TopicConfig};
+/// use conveyor::{Retention, TopicConfig};
 /// use std::time::Duration;
 /// let config = TopicConfig::new(8)
 ///     .with_retention(Retention::forever().with_max_age(Duration::from_secs(7 * 86_400)));
@@ -233,7 +233,7 @@ impl RetryBackoff {
 /// group is first created.
 ///
 /// ```
-/// use conveyor_core::{DlqPolicy, GroupConfig};
+/// use conveyor::{DlqPolicy, GroupConfig};
 /// use std::time::Duration;
 /// let email = GroupConfig::queue()
 ///     .with_visibility_timeout(Duration::from_secs(60))
@@ -347,6 +347,30 @@ impl BrokerOptions {
 }
 
 /// Where `seek` moves a member's position in a partition.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> conveyor::Result<()> {
+/// use conveyor::prelude::*;
+/// use conveyor::SeekTo;
+/// use std::time::Duration;
+///
+/// let broker = conveyor::open("memory://").await?;
+/// broker.create_topic("orders", TopicConfig::new(1)).await?;
+/// let producer = broker.producer().await?;
+/// let first = producer.send("orders", Record::new("a")).await?;
+/// producer.send("orders", Record::new("b")).await?;
+///
+/// let replay = broker.consumer("replay", &["orders"], GroupConfig::stream()).await?;
+/// // Replay from a point in time (ms since the epoch), an offset, or the ends.
+/// replay.seek("orders", 0, SeekTo::Timestamp(first.timestamp)).await?;
+/// replay.seek("orders", 0, SeekTo::Offset(1)).await?;
+/// let m = replay.poll(1, Duration::from_secs(1)).await?;
+/// assert_eq!(&m[0].value[..], b"b");
+/// replay.seek("orders", 0, SeekTo::End).await?; // only new records from here
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SeekTo {
     /// The log start.

@@ -38,10 +38,13 @@ pub enum ErrorKind {
     Locked,
     /// The server is unreachable; retry later.
     Unavailable,
+    /// The broker was opened read-only (`?read_only=true`): it describes,
+    /// shows lag and fetches, and refuses every write.
+    ReadOnly,
     /// The broker or consumer has been closed.
     Closed,
-    /// The URL scheme names a backend whose cargo feature is off, or the
-    /// backend lacks the capability.
+    /// The URL scheme names a backend that is not compiled in or not
+    /// available yet, or the backend lacks the capability.
     Unsupported,
     /// An I/O error of the local file system.
     Io,
@@ -66,6 +69,7 @@ impl ErrorKind {
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::Locked => "locked",
             ErrorKind::Unavailable => "unavailable",
+            ErrorKind::ReadOnly => "read-only",
             ErrorKind::Closed => "closed",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Io => "i/o error",
@@ -82,6 +86,34 @@ impl fmt::Display for ErrorKind {
 
 /// A Conveyor error: a [`kind`](Error::kind) and a message that names what
 /// was wrong and where.
+///
+/// Match on the kind (with a `_` arm: kinds may be added) to decide what
+/// to do; only [`Error::is_retriable`] errors (`Unavailable`) are worth
+/// retrying as they are:
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> conveyor::Result<()> {
+/// use conveyor::prelude::*;
+/// use conveyor::ErrorKind;
+///
+/// let broker = conveyor::open("memory://").await?;
+/// let producer = broker.producer().await?;
+/// match producer.send("orders", Record::new("placed")).await {
+///     Ok(receipt) => println!("stored at {}", receipt.offset),
+///     // Our input or our state: fix it; retrying gets the same answer.
+///     Err(e) if e.kind() == ErrorKind::TopicNotFound => {
+///         broker.create_topic("orders", TopicConfig::new(1)).await?;
+///         producer.send("orders", Record::new("placed")).await?;
+///     }
+///     // A server backend is unreachable: back off and send again (with an
+///     // idempotency key, the retry is stored once).
+///     Err(e) if e.is_retriable() => eprintln!("later: {}", e.chain()),
+///     Err(e) => return Err(e),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[error("{kind}: {message}")]
 pub struct Error {
@@ -168,7 +200,7 @@ impl Error {
     /// or a command-line tool:
     ///
     /// ```
-    /// use conveyor_core::Error;
+    /// use conveyor::Error;
     /// let e = Error::io("open /q/LOCK", std::io::Error::other("permission denied"));
     /// assert_eq!(e.to_string(), "i/o error: open /q/LOCK");
     /// assert_eq!(e.chain().to_string(), "i/o error: open /q/LOCK: permission denied");

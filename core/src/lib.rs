@@ -14,8 +14,13 @@
 //!   [`LogStorage`](backend::LogStorage) trait, validation, assignment.
 //!   Applications never need it.
 //!
-//! "Contract §N" in these docs refers to the numbered sections of
-//! `docs/semantics.md`, which follow the normative delivery contract.
+//! Applications use this crate through the `conveyor` facade
+//! (`conveyor::open(url)`, `conveyor::prelude::*`), and the examples here
+//! use those paths.
+//!
+//! "Contract §N" in these docs refers to the numbered sections of the
+//! semantics page (`docs/semantics.md`, rendered as `conveyor::semantics`),
+//! which follow the normative delivery contract.
 #![deny(missing_docs)]
 
 mod assignment;

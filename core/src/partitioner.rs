@@ -44,7 +44,7 @@ pub fn to_positive(n: i32) -> u32 {
 /// `partitions` partitions (`partitions` must be at least 1).
 ///
 /// ```
-/// assert_eq!(conveyor_core::partition_for_key(b"foobar", 50), 16);
+/// assert_eq!(conveyor::partitioner::partition_for_key(b"foobar", 50), 16);
 /// ```
 pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     to_positive(murmur2(key)) % partitions.max(1)

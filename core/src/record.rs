@@ -34,7 +34,7 @@ impl Header {
 /// partition and optional idempotency key.
 ///
 /// ```
-/// use conveyor_core::Record;
+/// use conveyor::Record;
 /// let record = Record::new("order 42 placed")
 ///     .with_key("order-42")
 ///     .with_header("content-type", "text/plain")

@@ -7,6 +7,20 @@
 //! group's `max_deliveries`), and stops gracefully: no new polls, in-flight
 //! handlers finish and settle, then the consumer leaves the group.
 //!
+//! What makes it safe to run slow handlers (as SQS clients do):
+//! - **Bounded prefetch**: it polls only as many messages as handlers can
+//!   start now, so no leased message waits behind running ones.
+//! - **Lease extension**: in queue mode, while a handler runs, its lease
+//!   is extended by the visibility timeout every third of it
+//!   ([`RunnerConfig::visibility_timeout`], copied from the group by
+//!   [`RunnerConfig::for_group`]): a handler slower than the timeout still
+//!   runs once, and a crashed process's leases still expire.
+//! - **Handler timeout** ([`RunnerConfig::handler_timeout`]): a handler
+//!   running longer is dropped and its message nacked with the reason
+//!   "handler timed out after ...".
+//! - **Rate limit** ([`RunnerConfig::max_per_second`]) besides the
+//!   concurrency limit (the most messages in flight).
+//!
 //! In stream mode, messages of one partition are handled one after another
 //! in offset order (partitions in parallel), and a failure stops that
 //! partition's batch, so a cumulative commit never passes an unhandled
@@ -18,23 +32,29 @@
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> conveyor_core::Result<()> {
-//! use conveyor_core::runner::{HandlerError, Runner, RunnerConfig};
-//! use conveyor_core::prelude::*;
+//! # async fn main() -> conveyor::Result<()> {
+//! use conveyor::prelude::*;
+//! use conveyor::runner::{HandlerError, Runner, RunnerConfig};
 //! use std::time::Duration;
 //!
-//! let broker = conveyor_memory::open_default();
+//! let broker = conveyor::open("memory://").await?;
 //! broker.create_topic("orders", TopicConfig::new(2)).await?;
 //! let producer = broker.producer().await?;
 //! for i in 0..10 {
-//!     producer.send("orders", Record::new(format!("order {i}"))).await?;
+//!     producer.send("orders", Record::new(format!(r#"{{"order":{i}}}"#))).await?;
 //! }
-//! let consumer = broker.consumer("email", &["orders"], GroupConfig::queue()).await?;
-//! let runner = Runner::new(consumer, RunnerConfig::default().with_concurrency(4));
-//! let stats = runner
+//! let group = GroupConfig::queue().with_visibility_timeout(Duration::from_secs(30));
+//! let consumer = broker.consumer("email", &["orders"], group.clone()).await?;
+//! let config = RunnerConfig::for_group(&group)
+//!     .with_concurrency(4)
+//!     .with_handler_timeout(Duration::from_secs(60));
+//! let stats = Runner::new(consumer, config)
 //!     .run_until_idle(
 //!         |m: Message| async move {
-//!             assert!(m.value.starts_with(b"order"));
+//!             // `?` on any error: it becomes the nack reason (and the
+//!             // DLQ's `conveyor.dlq.error` header).
+//!             let order: serde_json::Value = serde_json::from_slice(&m.value)?;
+//!             assert!(order["order"].is_number());
 //!             Ok::<(), HandlerError>(())
 //!         },
 //!         Duration::from_millis(100),
@@ -60,6 +80,25 @@ use std::time::{Duration, Instant};
 
 /// Why a handler failed; the text goes to the DLQ header
 /// `conveyor.dlq.error` if the message is dead-lettered.
+///
+/// Any error converts into it, so `?` works inside a handler; the text
+/// keeps the whole cause chain (`error: its source: its source`):
+///
+/// ```
+/// use conveyor::runner::HandlerError;
+/// use conveyor::Message;
+///
+/// async fn handle(m: Message) -> Result<(), HandlerError> {
+///     let event: serde_json::Value = serde_json::from_slice(&m.value)?;
+///     if event["to"].is_null() {
+///         return Err(HandlerError::new("no recipient"));
+///     }
+///     Ok(())
+/// }
+/// ```
+///
+/// (It is not itself a `std::error::Error`: that is what lets every
+/// error convert into it.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerError {
     /// The reason.
@@ -89,11 +128,21 @@ impl std::fmt::Display for HandlerError {
     }
 }
 
-impl std::error::Error for HandlerError {}
-
-impl From<Error> for HandlerError {
-    fn from(e: Error) -> Self {
-        HandlerError::new(e.to_string())
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+    /// The error and its sources, `: `-separated.
+    fn from(e: E) -> Self {
+        let mut reason = e.to_string();
+        let mut next = e.source();
+        while let Some(cause) = next {
+            let text = cause.to_string();
+            // Some errors repeat their source in their own message.
+            if !reason.ends_with(&text) {
+                reason.push_str(": ");
+                reason.push_str(&text);
+            }
+            next = cause.source();
+        }
+        HandlerError::new(reason)
     }
 }
 
@@ -109,7 +158,9 @@ pub trait Handler: Send + Sync + 'static {
     /// `conveyor.dlq.error`) and, optionally, when to retry.
     ///
     /// # Cancel safety
-    /// The runner never drops a running handler: at shutdown it waits for
+    /// The runner drops a running handler only when it passes
+    /// [`RunnerConfig::handler_timeout`] (the message is then nacked with
+    /// the reason "handler timed out after ..."); at shutdown it waits for
     /// in-flight handlers to finish and settles their messages.
     async fn handle(&self, message: Message) -> Result<(), HandlerError>;
 }
@@ -126,15 +177,44 @@ where
 }
 
 /// Settings of a [`Runner`].
+///
+/// ```
+/// use conveyor::runner::RunnerConfig;
+/// use conveyor::GroupConfig;
+/// use std::time::Duration;
+///
+/// let group = GroupConfig::queue().with_visibility_timeout(Duration::from_secs(60));
+/// let config = RunnerConfig::for_group(&group)
+///     .with_concurrency(8)
+///     .with_handler_timeout(Duration::from_secs(300))
+///     .with_max_per_second(200);
+/// assert_eq!(config.visibility_timeout, Duration::from_secs(60));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RunnerConfig {
-    /// Handlers running at once (default 16).
+    /// Handlers running at once (default 16): the most messages in flight.
+    /// The runner polls only as many as can start now (bounded prefetch),
+    /// so no lease waits in a queue behind running handlers.
     pub concurrency: usize,
-    /// Messages asked for per poll (default 64).
+    /// At most this many messages asked for per poll (default 64).
     pub batch: usize,
     /// How long one poll waits (default 500 ms).
     pub poll_timeout: Duration,
+    /// Queue mode: the group's visibility timeout (default 30 s, the
+    /// group default; [`RunnerConfig::for_group`] copies it). While a
+    /// handler runs, its lease is extended by this much every third of it
+    /// (SQS clients' visibility heartbeat), so a handler slower than the
+    /// timeout still runs once.
+    pub visibility_timeout: Duration,
+    /// Queue mode: extend the leases of running handlers (default on).
+    pub extend_leases: bool,
+    /// A handler running longer than this is dropped and its message
+    /// nacked with the reason "handler timed out after ..." (default: no
+    /// limit).
+    pub handler_timeout: Option<Duration>,
+    /// Start at most this many messages a second (default: no limit).
+    pub max_per_second: Option<u32>,
 }
 
 impl Default for RunnerConfig {
@@ -143,11 +223,20 @@ impl Default for RunnerConfig {
             concurrency: 16,
             batch: 64,
             poll_timeout: Duration::from_millis(500),
+            visibility_timeout: Duration::from_secs(30),
+            extend_leases: true,
+            handler_timeout: None,
+            max_per_second: None,
         }
     }
 }
 
 impl RunnerConfig {
+    /// The defaults, with the visibility timeout of the group the runner's
+    /// consumer was joined with.
+    pub fn for_group(group: &crate::config::GroupConfig) -> Self {
+        RunnerConfig::default().with_visibility_timeout(group.visibility_timeout)
+    }
     /// Set the number of handlers running at once (at least 1).
     pub fn with_concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
@@ -161,6 +250,27 @@ impl RunnerConfig {
     /// Set how long one poll waits.
     pub fn with_poll_timeout(mut self, d: Duration) -> Self {
         self.poll_timeout = d;
+        self
+    }
+    /// Set the group's visibility timeout (queue mode: leases of running
+    /// handlers are extended by it every third of it).
+    pub fn with_visibility_timeout(mut self, d: Duration) -> Self {
+        self.visibility_timeout = d;
+        self
+    }
+    /// Turn the automatic lease extension of running handlers on or off.
+    pub fn with_lease_extension(mut self, on: bool) -> Self {
+        self.extend_leases = on;
+        self
+    }
+    /// Drop a handler running longer than `d` and nack its message.
+    pub fn with_handler_timeout(mut self, d: Duration) -> Self {
+        self.handler_timeout = Some(d);
+        self
+    }
+    /// Start at most `n` messages a second (at least 1).
+    pub fn with_max_per_second(mut self, n: u32) -> Self {
+        self.max_per_second = Some(n.max(1));
         self
     }
 }
@@ -254,6 +364,8 @@ impl Runner {
         let mut failure: Option<Error> = None;
         let mut chains: HashMap<(String, u32), Chain> = HashMap::new();
         let rewinds: Rewinds = Arc::new(Mutex::new(HashMap::new()));
+        let mut pace = self.config.max_per_second.map(Pace::new);
+        let config = self.config;
         tokio::pin!(shutdown);
         loop {
             // Reap finished tasks so errors surface.
@@ -274,16 +386,26 @@ impl Runner {
                 Some(idle) => self.config.poll_timeout.min(idle),
                 None => self.config.poll_timeout,
             };
-            // Don't poll more than can start soon: keep leases short-lived.
-            let free = permits.available_permits().max(1);
-            let want = self
-                .config
-                .batch
-                .min(free.max(self.config.batch / 4).max(1));
+            // Bounded prefetch: poll only what can start now, so no lease
+            // waits behind running handlers (it could expire unextended).
+            let free = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                free = wait_for_permit(&permits) => free?,
+            };
+            let mut want = self.config.batch.min(free);
+            if let Some(pace) = pace.as_mut() {
+                let ready = tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    ready = pace.ready() => ready,
+                };
+                want = want.min(ready);
+            }
             let polled = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                r = self.consumer.poll(want, wait) => r,
+                r = self.consumer.poll(want.max(1), wait) => r,
             };
             let messages = match polled {
                 Ok(m) => m,
@@ -302,6 +424,9 @@ impl Runner {
                 continue;
             }
             last_message = Instant::now();
+            if let Some(pace) = pace.as_mut() {
+                pace.take(messages.len());
+            }
             for lane in lanes(messages) {
                 let permit = permits
                     .clone()
@@ -327,7 +452,7 @@ impl Runner {
                     if let Some(previous) = previous {
                         let _ = previous.await;
                     }
-                    run_lane(&*consumer, &*handler, lane, &counters, &rewinds).await;
+                    run_lane(&*consumer, &*handler, lane, &counters, &rewinds, &config).await;
                     drop(done);
                 });
             }
@@ -342,6 +467,107 @@ impl Runner {
             Some(e) => Err(e),
             None => Ok(counters.snapshot()),
         }
+    }
+}
+
+/// `100 ms`, `5 s`, `1.5 s`: a duration in a reason people read.
+fn duration_text(d: Duration) -> String {
+    match (d.as_secs(), d.subsec_millis()) {
+        (0, ms) => format!("{ms} ms"),
+        (s, 0) => format!("{s} s"),
+        _ => format!("{:.3} s", d.as_secs_f64()),
+    }
+}
+
+/// Wait until a handler slot is free; how many are free then.
+async fn wait_for_permit(permits: &Arc<tokio::sync::Semaphore>) -> Result<usize> {
+    let one = permits
+        .acquire()
+        .await
+        .map_err(|_| Error::internal("runner semaphore closed"))?;
+    drop(one);
+    Ok(permits.available_permits().max(1))
+}
+
+/// The rate limit: a token bucket of one second's worth of starts.
+struct Pace {
+    per_second: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Pace {
+    fn new(per_second: u32) -> Self {
+        Pace {
+            per_second: f64::from(per_second.max(1)),
+            tokens: 1.0,
+            at: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let earned = now.duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + earned).min(self.per_second.max(1.0));
+        self.at = now;
+    }
+
+    /// Wait until a start is allowed; how many are allowed now.
+    async fn ready(&mut self) -> usize {
+        self.refill();
+        if self.tokens < 1.0 {
+            let missing = (1.0 - self.tokens) / self.per_second;
+            tokio::time::sleep(Duration::from_secs_f64(missing)).await;
+            self.refill();
+        }
+        self.tokens.floor().max(1.0) as usize
+    }
+
+    /// `n` messages started.
+    fn take(&mut self, n: usize) {
+        self.tokens -= n as f64;
+    }
+}
+
+/// Run the handler on a message: with the handler timeout, and in queue
+/// mode with its lease extended while it runs.
+async fn handle_one(
+    consumer: &dyn Consumer,
+    handler: &dyn Handler,
+    message: &Message,
+    config: &RunnerConfig,
+) -> Result<(), HandlerError> {
+    let work = async {
+        match config.handler_timeout {
+            Some(limit) => tokio::time::timeout(limit, handler.handle(message.clone()))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(HandlerError::new(format!(
+                        "handler timed out after {}",
+                        duration_text(limit)
+                    )))
+                }),
+            None => handler.handle(message.clone()).await,
+        }
+    };
+    let queue = message.token().mode() == Some(DeliveryMode::Queue);
+    if !queue || !config.extend_leases || config.visibility_timeout.is_zero() {
+        return work.await;
+    }
+    let heartbeat = async {
+        let every = config.visibility_timeout / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = consumer.extend(message, config.visibility_timeout).await {
+                tracing::warn!(message = %message.position(), error = %e, "lease extension refused");
+                return std::future::pending::<()>().await;
+            }
+            tracing::trace!(message = %message.position(), "lease extended");
+        }
+    };
+    tokio::select! {
+        result = work => result,
+        () = heartbeat => Ok(()),
     }
 }
 
@@ -382,6 +608,7 @@ async fn run_lane(
     lane: Vec<Message>,
     counters: &Counters,
     rewinds: &Rewinds,
+    config: &RunnerConfig,
 ) {
     let stream = lane
         .first()
@@ -400,7 +627,7 @@ async fn run_lane(
                 None => {}
             }
         }
-        match handler.handle(message.clone()).await {
+        match handle_one(consumer, handler, &message, config).await {
             Ok(()) => match consumer.ack(&message).await {
                 Ok(()) => {
                     counters.succeeded.fetch_add(1, Ordering::Relaxed);
@@ -502,12 +729,12 @@ impl<H: Handler> Idempotent<H> {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> conveyor_core::Result<()> {
-    /// use conveyor_core::prelude::*;
-    /// use conveyor_core::runner::{HandlerError, Idempotent};
+    /// # async fn main() -> conveyor::Result<()> {
+    /// use conveyor::prelude::*;
+    /// use conveyor::runner::{HandlerError, Idempotent};
     /// use std::time::Duration;
     ///
-    /// let broker = conveyor_memory::open_default();
+    /// let broker = conveyor::open("memory://").await?;
     /// let handler = Idempotent::by_idempotency_key(
     ///     broker.idempotency_store(),
     ///     Duration::from_secs(3600),

@@ -244,6 +244,14 @@ pub struct MmapOptions {
     /// When appends and state changes are synced (overridden by the
     /// broker options' durability when opened through [`open`]).
     pub durability: Durability,
+    /// Create the store if the directory holds none (default `true`; URL
+    /// option `create`). With `false`, opening a path that holds no store
+    /// is an `InvalidArgument` error and nothing is created.
+    pub create: bool,
+    /// Open read-only (default `false`; URL option `read_only`): take no
+    /// lock, create and change nothing, and read a store another process
+    /// may own and be writing. See [`open`].
+    pub read_only: bool,
 }
 
 impl Default for MmapOptions {
@@ -251,6 +259,8 @@ impl Default for MmapOptions {
         MmapOptions {
             segment_bytes: 64 * 1024 * 1024,
             durability: Durability::None,
+            create: true,
+            read_only: false,
         }
     }
 }
@@ -266,13 +276,86 @@ impl MmapOptions {
         self.durability = durability;
         self
     }
+    /// Create the store if missing (`true`, the default) or refuse a path
+    /// that holds none (`false`).
+    pub fn with_create(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+    /// Open read-only (see [`open`]).
+    pub fn with_read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+}
+
+/// The error of a write to a store opened read-only.
+pub(crate) fn read_only_error(what: &str) -> Error {
+    Error::new(
+        ErrorKind::ReadOnly,
+        format!("{what}: the store was opened read-only (read_only=true)"),
+    )
+}
+
+/// Whether `root` holds a store (a `topics/` directory or a `state.log`).
+pub(crate) fn holds_store(root: &Path) -> bool {
+    root.join("topics").is_dir() || state::path_in(root).is_file()
+}
+
+/// The error for a path that holds no store, when none may be created.
+fn no_store(root: &Path) -> Error {
+    Error::invalid(format!(
+        "{}: no conveyor-mmap store here (no topics/ and no state.log); \
+         check the path, or pass create=true to create one",
+        root.display()
+    ))
 }
 
 /// The broker over a segment log.
 pub type MmapBroker = Engine<MmapStorage>;
 
-/// Open (or create) a store in `path` and the broker over it. The broker
-/// options' durability applies to the log.
+/// Open (or, by default, create) a store in `path` and the broker over it.
+/// The broker options' durability applies to the log.
+///
+/// With [`MmapOptions::read_only`], the store may be open in another
+/// process (the owner, which keeps writing): no lock is taken and nothing
+/// is created or changed. The broker sees topics, groups and committed
+/// offsets as they were at open, and each partition's records up to the
+/// last batch the owner completed, following the log as it grows (a batch
+/// being written is not seen until it is complete; a torn tail is not
+/// cut). `describe_topic`, `group_lag`, `fetch`, `offset_for_timestamp`,
+/// `list_topics` and `list_groups` work; every write (topic admin,
+/// producers, joining a group, the idempotency store) is
+/// `ErrorKind::ReadOnly`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> conveyor_core::Result<()> {
+/// use conveyor_core::prelude::*;
+/// use conveyor_core::{BrokerOptions, ErrorKind};
+/// use conveyor_mmap::{open, MmapOptions};
+/// let dir = tempfile::tempdir().unwrap();
+/// let owner = open(dir.path(), BrokerOptions::default(), MmapOptions::default()).await?;
+/// owner.create_topic("orders", TopicConfig::new(1)).await?;
+/// owner.producer().await?.send("orders", Record::new("placed")).await?;
+///
+/// // While the owner has it open:
+/// let reader = open(dir.path(), BrokerOptions::default(), MmapOptions::default().with_read_only(true)).await?;
+/// assert_eq!(reader.describe_topic("orders").await?.partitions[0].log_end, 1);
+/// let refused = reader.producer().await.err().expect("read-only");
+/// assert_eq!(refused.kind(), ErrorKind::ReadOnly);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+/// `Locked` if another broker owns the store (not for a read-only open);
+/// `InvalidArgument` if `path` holds no store and [`MmapOptions::create`]
+/// is off or the open is read-only; `Corrupt`; `Io`.
+///
+/// # Cancel safety
+/// Cancel safe until the store is locked; dropped after that, the lock is
+/// released when the half-opened store drops.
 pub async fn open(
     path: impl AsRef<Path>,
     options: BrokerOptions,
@@ -280,8 +363,19 @@ pub async fn open(
 ) -> Result<MmapBroker> {
     let path = path.as_ref().to_path_buf();
     let mmap = mmap.with_durability(options.durability);
+    if mmap.read_only {
+        let storage = fs::blocking(move || MmapStorage::open_read_only(path, mmap)).await?;
+        return Engine::open_read_only(storage, options).await;
+    }
     let storage = fs::blocking(move || MmapStorage::open(path, mmap)).await?;
     Engine::open(storage, options).await
+}
+
+/// Where the state comes from: the owner's state log, or a read-only
+/// snapshot of it taken at open.
+enum State {
+    Log(StateLog),
+    Snapshot(Vec<(String, Bytes)>),
 }
 
 struct Shared {
@@ -289,7 +383,7 @@ struct Shared {
     options: MmapOptions,
     lock: Mutex<Option<File>>,
     partitions: PartitionMap<Partition>,
-    state: StateLog,
+    state: State,
     closed: AtomicBool,
 }
 
@@ -316,8 +410,17 @@ impl MmapStorage {
     /// `ErrorKind::Locked`), replay the state log, cutting torn tails.
     /// Partition logs are opened (and their tails recovered) when the
     /// engine asks for them.
+    ///
+    /// # Errors
+    /// As [`open`].
     pub fn open(path: impl AsRef<Path>, options: MmapOptions) -> Result<MmapStorage> {
         let root = path.as_ref().to_path_buf();
+        if options.read_only {
+            return Self::open_read_only(root, options);
+        }
+        if !options.create && !holds_store(&root) {
+            return Err(no_store(&root));
+        }
         std::fs::create_dir_all(root.join("topics"))
             .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
         let lock_path = root.join("LOCK");
@@ -342,7 +445,7 @@ impl MmapStorage {
                 return Err(Error::io(format!("lock {}", lock_path.display()), e))
             }
         }
-        let state = StateLog::open(&root, options.durability)?;
+        let state = State::Log(StateLog::open(&root, options.durability)?);
         let shared = Arc::new(Shared {
             root,
             options,
@@ -357,6 +460,30 @@ impl MmapStorage {
         Ok(MmapStorage { shared })
     }
 
+    /// Open the store in `path` read-only (blocking; see [`open`]): no
+    /// lock, nothing created, cut or written; the state log is read once,
+    /// up to its last complete frame.
+    ///
+    /// # Errors
+    /// `InvalidArgument` if `path` holds no store; `Corrupt`; `Io`.
+    pub fn open_read_only(path: impl AsRef<Path>, options: MmapOptions) -> Result<MmapStorage> {
+        let root = path.as_ref().to_path_buf();
+        if !holds_store(&root) {
+            return Err(no_store(&root));
+        }
+        let entries = state::snapshot(&root)?;
+        Ok(MmapStorage {
+            shared: Arc::new(Shared {
+                root,
+                options: options.with_read_only(true),
+                lock: Mutex::new(None),
+                partitions: PartitionMap::default(),
+                state: State::Snapshot(entries),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
     /// The store's directory.
     pub fn path(&self) -> &Path {
         &self.shared.root
@@ -364,6 +491,13 @@ impl MmapStorage {
 
     fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>> {
         self.shared.partitions.get(topic, partition)
+    }
+
+    fn check_writable(&self, what: &str) -> Result<()> {
+        match self.shared.options.read_only {
+            true => Err(read_only_error(what)),
+            false => Ok(()),
+        }
     }
 }
 
@@ -379,8 +513,10 @@ fn flush_all(shared: &Shared) -> bool {
         }
     }
     // State changes are held to the same interval as records.
-    if let Err(e) = shared.state.flush_blocking() {
-        tracing::warn!(error = %e, "interval flush of the state log failed");
+    if let State::Log(state) = &shared.state {
+        if let Err(e) = state.flush_blocking() {
+            tracing::warn!(error = %e, "interval flush of the state log failed");
+        }
     }
     true
 }
@@ -392,29 +528,43 @@ impl LogStorage for MmapStorage {
     }
 
     async fn load_state(&self) -> Result<Vec<(String, Bytes)>> {
-        Ok(self.shared.state.entries())
+        Ok(match &self.shared.state {
+            State::Log(log) => log.entries(),
+            State::Snapshot(entries) => entries.clone(),
+        })
     }
 
     async fn put_state(&self, changes: Vec<(String, Option<Bytes>)>) -> Result<()> {
-        self.shared.state.put(changes).await
+        match &self.shared.state {
+            State::Log(log) => log.put(changes).await,
+            State::Snapshot(_) => Err(read_only_error(&format!(
+                "change the state of {}",
+                self.shared.root.display()
+            ))),
+        }
     }
 
     async fn ensure_partitions(&self, topic: &str, partitions: u32) -> Result<()> {
         let dir = topic_dir(&self.shared.root, topic);
-        let (segment_bytes, durability) = (
+        let (segment_bytes, durability, read_only) = (
             self.shared.options.segment_bytes,
             self.shared.options.durability,
+            self.shared.options.read_only,
         );
         self.shared
             .partitions
             .grow(topic, partitions, |p| {
                 let dir = dir.join(p.to_string());
-                fs::blocking(move || Partition::open(dir, segment_bytes, durability))
+                fs::blocking(move || match read_only {
+                    true => Partition::open_read_only(dir, segment_bytes),
+                    false => Partition::open(dir, segment_bytes, durability),
+                })
             })
             .await
     }
 
     async fn drop_topic(&self, topic: &str) -> Result<()> {
+        self.check_writable(&format!("delete topic `{topic}`"))?;
         self.shared.partitions.remove(topic);
         let dir = topic_dir(&self.shared.root, topic);
         fs::blocking(move || fs::remove_dir_all(&dir)).await
@@ -444,7 +594,7 @@ impl LogStorage for MmapStorage {
     }
 
     fn bounds(&self, topic: &str, partition: u32) -> Result<PartitionBounds> {
-        Ok(self.partition(topic, partition)?.bounds())
+        self.partition(topic, partition)?.bounds()
     }
 
     async fn offset_for_timestamp(
@@ -464,6 +614,7 @@ impl LogStorage for MmapStorage {
         retention: &Retention,
         now_ms: u64,
     ) -> Result<()> {
+        self.check_writable(&format!("retention of {topic}/{partition}"))?;
         self.partition(topic, partition)?
             .enforce_retention(retention, now_ms)
             .await
@@ -494,10 +645,14 @@ impl LogStorage for MmapStorage {
     }
 
     async fn flush(&self) -> Result<()> {
+        let State::Log(state) = &self.shared.state else {
+            // Read-only: this process wrote nothing.
+            return Ok(());
+        };
         for p in self.shared.partitions.all() {
             p.flush().await?;
         }
-        self.shared.state.flush().await
+        state.flush().await
     }
 
     async fn close(&self) -> Result<()> {

@@ -24,8 +24,8 @@ pub(crate) const START_FILE: &str = "start";
 
 struct Inner {
     segments: BTreeMap<u64, Segment>,
-    /// Append handle of the last segment.
-    active: Arc<File>,
+    /// Append handle of the last segment (`None` when opened read-only).
+    active: Option<Arc<File>>,
     /// Segments sealed by a roll whose last writes are not synced yet, and
     /// whether the directory (their successor's entry) is: the next sync
     /// covers them, off the runtime (a roll itself never syncs).
@@ -58,7 +58,9 @@ impl Inner {
 
     /// Unmap every sealed segment not read recently.
     fn trim_maps(&mut self) {
-        let active = *self.segments.keys().next_back().expect("active segment");
+        let Some(&active) = self.segments.keys().next_back() else {
+            return;
+        };
         for (base, seg) in self.segments.iter_mut() {
             if *base != active && seg.is_mapped() && !self.recent.contains(base) {
                 seg.unmap();
@@ -69,6 +71,9 @@ impl Inner {
 
 pub(crate) struct Partition {
     dir: PathBuf,
+    /// Opened with [`Partition::open_read_only`]: another process owns the
+    /// files and appends to them; this one only reads, following the tail.
+    read_only: bool,
     segment_bytes: u64,
     durability: Durability,
     inner: Mutex<Inner>,
@@ -86,7 +91,7 @@ pub(crate) struct Partition {
 struct SyncJob {
     sealed: Vec<(Arc<File>, PathBuf)>,
     dir: Option<PathBuf>,
-    active: Arc<File>,
+    active: Option<Arc<File>>,
     active_path: PathBuf,
     /// `written` when the job was taken.
     target: u64,
@@ -102,7 +107,9 @@ impl SyncJob {
         if let Some(dir) = &self.dir {
             fs::sync_dir(dir)?;
         }
-        fs::sync_data(&self.active, &self.active_path)?;
+        if let Some(active) = &self.active {
+            fs::sync_data(active, &self.active_path)?;
+        }
         Ok(self.target)
     }
 }
@@ -130,21 +137,48 @@ fn write_start(dir: &Path, start: u64) -> Result<()> {
     fs::write_atomic(&dir.join(START_FILE), &b)
 }
 
+/// The base offsets of the segment files in `dir`, sorted (blocking).
+fn segment_bases(dir: &Path) -> Result<Vec<u64>> {
+    let mut bases: Vec<u64> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io("list", dir))? {
+        let entry = entry.map_err(io("list", dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if let Some(base) = name.strip_suffix(".log").and_then(|n| n.parse().ok()) {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+/// The segments at `bases`: sealed ones trusted to their file length, the
+/// last one read by `last` (recovered, or scanned read-only).
+fn segments_of(
+    dir: &Path,
+    bases: &[u64],
+    last: impl FnOnce(u64, &Path) -> Result<Segment>,
+) -> Result<BTreeMap<u64, Segment>> {
+    let mut segments = BTreeMap::new();
+    let Some((&last_base, sealed)) = bases.split_last() else {
+        return Ok(segments);
+    };
+    for (i, base) in sealed.iter().enumerate() {
+        let path = dir.join(segment::file_name(*base));
+        let len = std::fs::metadata(&path).map_err(io("stat", &path))?.len();
+        segments.insert(*base, Segment::sealed(*base, path, len, bases[i + 1]));
+    }
+    let path = dir.join(segment::file_name(last_base));
+    segments.insert(last_base, last(last_base, &path)?);
+    Ok(segments)
+}
+
 impl Partition {
     /// Open (or create) the partition in `dir`, recovering its last segment
     /// (blocking: run it on the blocking pool).
     pub fn open(dir: PathBuf, segment_bytes: u64, durability: Durability) -> Result<Partition> {
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        let mut bases: Vec<u64> = Vec::new();
-        for entry in std::fs::read_dir(&dir).map_err(io("list", &dir))? {
-            let entry = entry.map_err(io("list", &dir))?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if let Some(base) = name.strip_suffix(".log").and_then(|n| n.parse().ok()) {
-                bases.push(base);
-            }
-        }
-        bases.sort_unstable();
+        let mut bases = segment_bases(&dir)?;
         let stored_start = read_start(&dir)?;
         if bases.is_empty() {
             let base = stored_start.unwrap_or(0);
@@ -153,22 +187,74 @@ impl Partition {
             fs::sync_dir(&dir)?;
             bases.push(base);
         }
-        let mut segments = BTreeMap::new();
-        for (i, base) in bases.iter().enumerate() {
-            let path = dir.join(segment::file_name(*base));
-            if i + 1 < bases.len() {
-                let len = std::fs::metadata(&path).map_err(io("stat", &path))?.len();
-                segments.insert(*base, Segment::sealed(*base, path, len, bases[i + 1]));
-            } else {
-                let (seg, _torn) = segment::recover(*base, &path)?;
-                segments.insert(*base, seg);
-            }
-        }
+        let segments = segments_of(&dir, &bases, |base, path| {
+            segment::recover(base, path).map(|(seg, _torn)| seg)
+        })?;
         let last_base = *bases.last().expect("at least one segment");
         let active_path = dir.join(segment::file_name(last_base));
-        let active = Arc::new(fs::open_append(&active_path)?);
+        let active = Some(Arc::new(fs::open_append(&active_path)?));
+        Self::assemble(
+            dir,
+            segment_bytes,
+            durability,
+            segments,
+            active,
+            stored_start,
+            false,
+        )
+    }
+
+    /// Open the partition in `dir` of a store another process may own and
+    /// be writing, without changing a byte (blocking). The last segment
+    /// is read to its last complete, checked batch: a batch being written
+    /// (or a torn tail) is not cut, only not counted. A missing directory
+    /// is an empty partition. Later reads follow the tail
+    /// ([`Partition::follow_tail`]).
+    pub fn open_read_only(dir: PathBuf, segment_bytes: u64) -> Result<Partition> {
+        let bases = match dir.is_dir() {
+            true => segment_bases(&dir)?,
+            false => Vec::new(),
+        };
+        let stored_start = read_start(&dir)?;
+        let mut segments = segments_of(&dir, &bases, |base, path| {
+            let data = std::fs::read(path).map_err(io("read", path))?;
+            segment::scan(base, path, &data).map(|(seg, _torn)| seg)
+        })?;
+        if segments.is_empty() {
+            let base = stored_start.unwrap_or(0);
+            segments.insert(
+                base,
+                Segment::empty(base, dir.join(segment::file_name(base))),
+            );
+        }
+        Self::assemble(
+            dir,
+            segment_bytes,
+            Durability::None,
+            segments,
+            None,
+            stored_start,
+            true,
+        )
+    }
+
+    fn assemble(
+        dir: PathBuf,
+        segment_bytes: u64,
+        durability: Durability,
+        mut segments: BTreeMap<u64, Segment>,
+        active: Option<Arc<File>>,
+        stored_start: Option<u64>,
+        read_only: bool,
+    ) -> Result<Partition> {
+        let bases: Vec<u64> = segments.keys().copied().collect();
+        let (Some(&first_base), Some(&last_base)) = (bases.first(), bases.last()) else {
+            return Err(Error::internal(format!(
+                "{}: a partition without segments",
+                dir.display()
+            )));
+        };
         let next_offset = segments[&last_base].next_offset;
-        let first_base = bases[0];
         let log_start = stored_start
             .unwrap_or(first_base)
             .max(first_base)
@@ -184,6 +270,7 @@ impl Partition {
         let bytes = segments.values().map(|s| s.len).sum();
         Ok(Partition {
             dir,
+            read_only,
             segment_bytes,
             durability,
             inner: Mutex::new(Inner {
@@ -204,13 +291,55 @@ impl Partition {
         })
     }
 
-    pub fn bounds(&self) -> PartitionBounds {
-        let g = self.inner.lock();
-        PartitionBounds {
+    /// Read-only partitions: take in the batches the owning process has
+    /// completed since the last look (the active segment's new bytes, each
+    /// batch checked; a batch still being written is left for next time),
+    /// follow its segment rolls, and its log start moved by retention.
+    /// A no-op on a partition this process owns.
+    fn follow_tail(&self, g: &mut Inner) -> Result<()> {
+        if !self.read_only {
+            return Ok(());
+        }
+        if let Some(start) = read_start(&self.dir)? {
+            g.log_start = g.log_start.max(start.min(g.next_offset));
+        }
+        loop {
+            let Some((_, seg)) = g.segments.iter_mut().next_back() else {
+                return Ok(());
+            };
+            let grown = segment::read_from(&seg.path, seg.len)?;
+            let mut p = 0usize;
+            while let Some(rest) = grown.get(p..).filter(|r| !r.is_empty()) {
+                match format::check_batch(rest) {
+                    Ok(h) if h.base_offset == seg.next_offset => {
+                        let pos = seg.len;
+                        seg.note_append(pos, &h);
+                        g.bytes += h.length as u64;
+                        g.last_timestamp = g.last_timestamp.max(h.timestamp);
+                        p += h.length as usize;
+                    }
+                    _ => break,
+                }
+            }
+            g.next_offset = seg.next_offset;
+            // A roll: the owner starts the next segment at our log end.
+            let next = self.dir.join(segment::file_name(seg.next_offset));
+            if p < grown.len() || seg.next_offset == seg.base || !next.exists() {
+                return Ok(());
+            }
+            let base = seg.next_offset;
+            g.segments.insert(base, Segment::empty(base, next));
+        }
+    }
+
+    pub fn bounds(&self) -> Result<PartitionBounds> {
+        let mut g = self.inner.lock();
+        self.follow_tail(&mut g)?;
+        Ok(PartitionBounds {
             log_start: g.log_start,
             log_end: g.next_offset,
             bytes: g.bytes,
-        }
+        })
     }
 
     /// Start a new segment at the log end. Nothing is synced here (this
@@ -228,8 +357,8 @@ impl Partition {
             .values()
             .next_back()
             .map_or_else(|| self.dir.clone(), |s| s.path.clone());
-        let sealed = std::mem::replace(&mut g.active, Arc::new(file));
-        if self.durability != Durability::None {
+        let sealed = g.active.replace(Arc::new(file));
+        if let Some(sealed) = sealed.filter(|_| self.durability != Durability::None) {
             g.unsynced_sealed.push((sealed, sealed_path));
             g.dir_unsynced = true;
         }
@@ -242,6 +371,12 @@ impl Partition {
     pub fn append(&self, records: &[RecordData], now_ms: u64) -> Result<(Appended, u64)> {
         self.failed.check()?;
         let mut g = self.inner.lock();
+        if g.active.is_none() {
+            return Err(crate::read_only_error(&format!(
+                "append to {}",
+                self.dir.display()
+            )));
+        }
         let timestamp = now_ms.max(g.last_timestamp);
         let base = g.next_offset;
         let data = format::encode_batch(base, timestamp, records).map_err(|e| {
@@ -259,9 +394,13 @@ impl Partition {
         }
         let (&active_base, _) = g.segments.iter().next_back().expect("active segment");
         let pos = g.segments[&active_base].len;
-        if let Err(e) = (&*g.active).write_all(&data) {
+        let active = g
+            .active
+            .clone()
+            .ok_or_else(|| Error::internal(format!("{}: no append handle", self.dir.display())))?;
+        if let Err(e) = (&*active).write_all(&data) {
             // Never leave part of a batch before the next one (full disk).
-            let _ = g.active.set_len(pos);
+            let _ = active.set_len(pos);
             let path = self.dir.join(segment::file_name(active_base));
             return Err(Error::io(format!("append to {}", path.display()), e));
         }
@@ -342,6 +481,7 @@ impl Partition {
         let mut value_bytes = 0usize;
         let mut at = range.from;
         let full = |out: &Vec<StoredMessage>, b: usize| range.is_full(out.len(), b);
+        self.follow_tail(&mut self.inner.lock())?;
         while !full(&out, value_bytes) {
             let (data, pos, path, seg_end) = {
                 let mut g = self.inner.lock();
@@ -425,6 +565,7 @@ impl Partition {
 
     pub fn offset_for_timestamp(&self, ts: u64) -> Result<u64> {
         let mut g = self.inner.lock();
+        self.follow_tail(&mut g)?;
         let found = Self::offset_for_timestamp_locked(&mut g, ts);
         g.trim_maps();
         found

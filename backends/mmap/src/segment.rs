@@ -122,13 +122,17 @@ impl Segment {
         }
         let file = File::open(&self.path)
             .map_err(|e| Error::io(format!("open {}", self.path.display()), e))?;
-        // SAFETY: the store's directory is locked by this process, which only
-        // appends to segment files and never truncates one that is mapped
-        // (truncation happens at open, before any mapping, and after a
-        // failed write only back to the length already mapped). The map is
-        // no longer than the file's complete batches, so every mapped page
-        // is backed by the file: no SIGBUS. Another process modifying the
-        // files breaks the store's ownership contract (ErrorKind::Locked).
+        // SAFETY: the store's directory is locked by its one owning process
+        // (this one, or another when this store was opened read-only),
+        // which only appends to segment files and never truncates one below
+        // a complete batch: truncation happens at its open (cutting only a
+        // torn tail, which no reader counts: it fails its checksum) and
+        // after a failed write back to the length before that write. The
+        // map is no longer than the complete, checked batches this process
+        // has counted (`self.len`), so every mapped page stays backed by
+        // the file: no SIGBUS. Retention and topic deletion unlink files,
+        // which leaves existing mappings valid. Another program modifying
+        // the files breaks the store's ownership contract.
         #[expect(unsafe_code, reason = "the one mapping of the crate; see SAFETY above")]
         let map = unsafe {
             memmap2::MmapOptions::new()
@@ -252,6 +256,23 @@ pub(crate) fn recover(base: u64, path: &Path) -> Result<(Segment, Option<u64>)> 
         fs::truncate(path, at)?;
     }
     Ok((segment, scanned.torn_at))
+}
+
+/// The bytes of the file at `path` from byte `from` to its end, now
+/// (blocking; a read-only store's look at what the owner appended).
+pub(crate) fn read_from(path: &Path, from: u64) -> Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        // Deleted by the owner's retention or topic deletion: nothing new.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(fs::io("open", path)(e)),
+    };
+    let mut out = Vec::new();
+    file.seek(SeekFrom::Start(from))
+        .and_then(|_| file.read_to_end(&mut out))
+        .map_err(fs::io("read", path))?;
+    Ok(out)
 }
 
 /// Check every batch of a segment's bytes (starting at offset `base`) and

@@ -96,6 +96,20 @@ pub(crate) fn replay(path: &Path, data: &[u8]) -> Result<Replayed> {
     })
 }
 
+/// The table in `dir`'s state log as of now, read once without changing
+/// the file (blocking): up to the last complete frame, so a frame being
+/// written by the store's owner (or a torn tail) is left out. No file is
+/// an empty table.
+pub(crate) fn snapshot(dir: &Path) -> Result<Vec<(String, Bytes)>> {
+    let path = path_in(dir);
+    let data = match std::fs::read(&path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(fs::io("read", &path)(e)),
+    };
+    Ok(replay(&path, &data)?.entries.into_iter().collect())
+}
+
 impl StateLog {
     /// Replay `state.log` in `dir` (blocking): torn last frame cut, damage
     /// before it is `Corrupt`.

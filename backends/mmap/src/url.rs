@@ -1,8 +1,8 @@
 //! The `mmap://` URL: `mmap:///absolute/dir` or `mmap://relative/dir`,
-//! with the common options and `segment_bytes`.
+//! with the common options, `segment_bytes`, `create` and `read_only`.
 
 use crate::{open, MmapOptions};
-use conveyor_core::backend::BrokerUrl;
+use conveyor_core::backend::{parse_bool, BrokerUrl};
 use conveyor_core::{Broker, Error, Result};
 use std::sync::Arc;
 
@@ -10,10 +10,14 @@ use std::sync::Arc;
 pub const URL_SCHEMES: &[&str] = &["mmap"];
 
 /// The options an `mmap://` URL may carry besides the common ones.
-pub const URL_OPTIONS: &[&str] = &["segment_bytes"];
+pub const URL_OPTIONS: &[&str] = &["segment_bytes", "create", "read_only"];
 
 /// Open the store a `mmap://` URL names (see [`URL_SCHEMES`],
 /// [`URL_OPTIONS`]).
+///
+/// `create=false` refuses a path that holds no store (the default,
+/// `create=true`, creates it); `read_only=true` opens a store another
+/// process may own, without a lock, refusing writes (see [`open`]).
 ///
 /// # Errors
 /// `InvalidArgument` for a URL without a directory or with an unknown or
@@ -42,6 +46,8 @@ pub async fn open_url(url: &BrokerUrl) -> Result<Arc<dyn Broker>> {
                 })?;
                 mmap = mmap.with_segment_bytes(n);
             }
+            "create" => mmap = mmap.with_create(parse_bool("create", v)?),
+            "read_only" => mmap = mmap.with_read_only(parse_bool("read_only", v)?),
             other => return Err(url.unknown_option("mmap", other, URL_OPTIONS)),
         }
     }

@@ -56,7 +56,7 @@ pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport> {
     let root = path.as_ref();
     let topics = root.join("topics");
     let state_path = state::path_in(root);
-    if !topics.is_dir() && !state_path.is_file() {
+    if !crate::holds_store(root) {
         return Err(Error::invalid(format!(
             "{}: not a conveyor-mmap store (no topics/ and no state.log)",
             root.display()

@@ -5,7 +5,7 @@ use super::*;
 
 impl<S: LogStorage> Inner<S> {
     pub(super) async fn first_seen(&self, key: &str, ttl: Duration) -> Result<bool> {
-        self.check_open()?;
+        self.check_writable(&format!("record idempotency key `{key}`"))?;
         if key.is_empty() {
             return Err(Error::invalid("idempotency key must not be empty"));
         }
@@ -36,7 +36,7 @@ impl<S: LogStorage> Inner<S> {
     }
 
     pub(super) async fn forget(&self, key: &str) -> Result<()> {
-        self.check_open()?;
+        self.check_writable(&format!("forget idempotency key `{key}`"))?;
         self.idempotency.lock().remove(key);
         self.mark_dirty([StateKey::Idempotency(key.to_string())]);
         self.persist().await

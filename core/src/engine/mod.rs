@@ -111,6 +111,8 @@ pub(crate) struct Inner<S: LogStorage> {
     dedup: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<DedupWindow>>>>>,
     idempotency: Mutex<HashMap<String, u64>>,
     closed: AtomicBool,
+    /// Opened with [`Engine::open_read_only`]: every write is refused.
+    read_only: bool,
 }
 
 /// Stops the sweeper when the last [`Engine`] handle is dropped.
@@ -151,14 +153,42 @@ impl<S: LogStorage> std::fmt::Debug for Engine<S> {
 impl<S: LogStorage> Engine<S> {
     /// Open an engine over `storage`, restoring topics, groups, offsets,
     /// lease attempt counts and the idempotency table from its state.
+    ///
+    /// # Errors
+    /// The storage's errors loading its state or opening partitions
+    /// (`Io`, `Corrupt`).
     pub async fn open(storage: S, options: BrokerOptions) -> Result<Self> {
+        Self::open_as(storage, options, false).await
+    }
+
+    /// Open a read-only engine over a storage opened read-only (a snapshot
+    /// of another process's live store): topics, groups and offsets as of
+    /// now; describe, lag, fetch and time lookups work, and every write
+    /// (topic admin, producers, joining a group, the idempotency store)
+    /// is refused with [`ErrorKind::ReadOnly`]. No background sweeper
+    /// runs, retention is not enforced and nothing is persisted at close.
+    ///
+    /// # Errors
+    /// As [`Engine::open`].
+    pub async fn open_read_only(storage: S, options: BrokerOptions) -> Result<Self> {
+        Self::open_as(storage, options, true).await
+    }
+
+    async fn open_as(storage: S, options: BrokerOptions, read_only: bool) -> Result<Self> {
         let entries = storage.load_state().await?;
         let restored = persist::restore(entries, now_ms())?;
         for (topic, config) in &restored.state.topics {
             storage.ensure_partitions(topic, config.partitions).await?;
         }
-        let engine = Self::from_parts(storage, options, restored.state, restored.idempotency);
-        // Written with the next change (nothing is written at open).
+        let engine = Self::from_parts(
+            storage,
+            options,
+            restored.state,
+            restored.idempotency,
+            read_only,
+        );
+        // Written with the next change (nothing is written at open; a
+        // read-only engine never writes).
         engine.inner.mark_dirty(restored.rewrite);
         Ok(engine)
     }
@@ -166,7 +196,7 @@ impl<S: LogStorage> Engine<S> {
     /// An engine over a storage known to be empty (no state to load), for
     /// synchronous construction of in-memory brokers.
     pub fn fresh(storage: S, options: BrokerOptions) -> Self {
-        Self::from_parts(storage, options, State::default(), HashMap::new())
+        Self::from_parts(storage, options, State::default(), HashMap::new(), false)
     }
 
     fn from_parts(
@@ -174,6 +204,7 @@ impl<S: LogStorage> Engine<S> {
         options: BrokerOptions,
         state: State,
         idempotency: HashMap<String, u64>,
+        read_only: bool,
     ) -> Self {
         let caps = storage.capabilities();
         let inner = Arc::new(Inner {
@@ -188,9 +219,13 @@ impl<S: LogStorage> Engine<S> {
             dedup: Mutex::new(HashMap::new()),
             idempotency: Mutex::new(idempotency),
             closed: AtomicBool::new(false),
+            read_only,
         });
+        // A read-only engine changes nothing: no sessions, leases or
+        // retention to sweep.
         let handle = tokio::runtime::Handle::try_current()
             .ok()
+            .filter(|_| !read_only)
             .map(|rt| rt.spawn(sweeper(Arc::downgrade(&inner))));
         Engine {
             inner,
@@ -214,6 +249,18 @@ impl<S: LogStorage> Inner<S> {
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::new(ErrorKind::Closed, "the broker is closed"));
+        }
+        Ok(())
+    }
+
+    /// Refuse a write on a read-only engine (and on a closed one).
+    fn check_writable(&self, what: &str) -> Result<()> {
+        self.check_open()?;
+        if self.read_only {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("{what}: the broker was opened read-only (read_only=true); open it without read_only to write"),
+            ));
         }
         Ok(())
     }
@@ -250,10 +297,14 @@ impl<S: LogStorage> Broker for Engine<S> {
     }
 
     async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<()> {
+        self.inner
+            .check_writable(&format!("create topic `{name}`"))?;
         self.inner.create_topic(name, config, false).await
     }
 
     async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.inner
+            .check_writable(&format!("delete topic `{name}`"))?;
         self.inner.delete_topic(name).await
     }
 
@@ -269,7 +320,7 @@ impl<S: LogStorage> Broker for Engine<S> {
         let now = now_ms();
         let mut partitions = Vec::with_capacity(config.partitions as usize);
         for p in 0..config.partitions {
-            if config.retention.is_limited() {
+            if config.retention.is_limited() && !self.inner.read_only {
                 self.inner
                     .storage
                     .enforce_retention(name, p, &config.retention, now)
@@ -291,11 +342,13 @@ impl<S: LogStorage> Broker for Engine<S> {
     }
 
     async fn add_partitions(&self, name: &str, partitions: u32) -> Result<()> {
+        self.inner
+            .check_writable(&format!("add partitions to topic `{name}`"))?;
         self.inner.add_partitions(name, partitions).await
     }
 
     async fn producer(&self) -> Result<Arc<dyn Producer>> {
-        self.inner.check_open()?;
+        self.inner.check_writable("a producer")?;
         Ok(Arc::new(EngineProducer {
             inner: self.inner.clone(),
         }))
@@ -307,6 +360,8 @@ impl<S: LogStorage> Broker for Engine<S> {
         topics: &[&str],
         config: GroupConfig,
     ) -> Result<Arc<dyn Consumer>> {
+        self.inner
+            .check_writable(&format!("join group `{group}`"))?;
         self.inner.join(group, topics, config).await
     }
 
@@ -371,7 +426,9 @@ impl<S: LogStorage> Broker for Engine<S> {
             return Ok(());
         }
         self.inner.notify();
-        self.inner.persist().await?;
+        if !self.inner.read_only {
+            self.inner.persist().await?;
+        }
         self.inner.storage.close().await
     }
 }
