@@ -690,10 +690,12 @@ fn kill_repeatedly(mode: &str, groups: &[&str], open: OpenStore, prepare: impl F
         ));
     }
     eprintln!(
-        "{mode}: {} kills, {} acknowledgements checked ({} receipts high-water {:?}, commits {:?}) in {:?}",
+        "{mode}: {} kills, {} acknowledgements checked ({} keyed receipts, {} queue acks, {} queue messages delivered; receipts high-water {:?}, commits {:?}) in {:?}",
         rounds(),
         acked.lines,
         acked.keyed.len(),
+        acked.acked.len(),
+        acked.attempts.len(),
         acked.receipts,
         acked.commits,
         started.elapsed()

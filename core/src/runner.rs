@@ -20,6 +20,10 @@
 //!   "handler timed out after ...".
 //! - **Rate limit** ([`RunnerConfig::max_per_second`]) besides the
 //!   concurrency limit (the most messages in flight).
+//! - **Batched acks**: acks of handlers that finish together go in one
+//!   [`Consumer::ack_batch`] call (one write, and one sync under
+//!   `durability=always`, for all of them). An ack that finds no call in
+//!   flight makes one at once, so nothing waits for a timer.
 //!
 //! In stream mode, messages of one partition are handled one after another
 //! in offset order (partitions in parallel), and a failure stops that
@@ -364,6 +368,7 @@ impl Runner {
         let mut failure: Option<Error> = None;
         let mut chains: HashMap<(String, u32), Chain> = HashMap::new();
         let rewinds: Rewinds = Arc::new(Mutex::new(HashMap::new()));
+        let acks = Arc::new(AckBatcher::default());
         let mut pace = self.config.max_per_second.map(Pace::new);
         let config = self.config;
         tokio::pin!(shutdown);
@@ -437,6 +442,7 @@ impl Runner {
                 let handler = handler.clone();
                 let counters = counters.clone();
                 let rewinds = rewinds.clone();
+                let acks = acks.clone();
                 // Stream mode: a partition's lanes run one after another, in
                 // the order they were polled.
                 let (done, previous) = match lane.first() {
@@ -452,7 +458,10 @@ impl Runner {
                     if let Some(previous) = previous {
                         let _ = previous.await;
                     }
-                    run_lane(&*consumer, &*handler, lane, &counters, &rewinds, &config).await;
+                    run_lane(
+                        &*consumer, &*handler, lane, &counters, &rewinds, &acks, &config,
+                    )
+                    .await;
                     drop(done);
                 });
             }
@@ -602,12 +611,67 @@ type Chain = Shared<tokio::sync::oneshot::Receiver<()>>;
 /// restarts from; messages polled before the rewind above it are skipped.
 type Rewinds = Arc<Mutex<HashMap<(String, u32), u64>>>;
 
+/// Acks of concurrent handlers, coalesced into [`Consumer::ack_batch`]
+/// calls (one write, one sync under `always`, for all of them). An ack
+/// that finds no call in flight makes one at once with everything waiting;
+/// acks arriving meanwhile go together in the next. No ack waits for a
+/// timer, so a lone ack costs what `ack` costs.
+#[derive(Default)]
+struct AckBatcher {
+    waiting: Mutex<Vec<(Message, tokio::sync::oneshot::Sender<Result<()>>)>>,
+    in_flight: tokio::sync::Mutex<()>,
+}
+
+impl AckBatcher {
+    async fn ack(&self, consumer: &dyn Consumer, message: &Message) -> Result<()> {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        self.waiting.lock().push((message.clone(), tx));
+        loop {
+            tokio::select! {
+                biased;
+                settled = &mut rx => {
+                    return settled.unwrap_or_else(|_| {
+                        Err(Error::internal("the ack batch this ack was in was dropped"))
+                    });
+                }
+                _turn = self.in_flight.lock() => {
+                    let batch = std::mem::take(&mut *self.waiting.lock());
+                    if batch.is_empty() {
+                        continue; // ours went with the previous call
+                    }
+                    let (messages, replies): (Vec<Message>, Vec<_>) = batch.into_iter().unzip();
+                    let mut results: Vec<Result<()>> = match consumer.ack_batch(&messages).await {
+                        Ok(outcome) => {
+                            let mut results: Vec<Result<()>> =
+                                messages.iter().map(|_| Ok(())).collect();
+                            for (i, e) in outcome.failed {
+                                if let Some(slot) = results.get_mut(i) {
+                                    *slot = Err(e);
+                                }
+                            }
+                            results
+                        }
+                        Err(e) => messages
+                            .iter()
+                            .map(|_| Err(Error::new(e.kind(), e.message())))
+                            .collect(),
+                    };
+                    for (reply, result) in replies.into_iter().zip(results.drain(..)) {
+                        let _ = reply.send(result);
+                    }
+                }
+            }
+        }
+    }
+}
+
 async fn run_lane(
     consumer: &dyn Consumer,
     handler: &dyn Handler,
     lane: Vec<Message>,
     counters: &Counters,
     rewinds: &Rewinds,
+    acks: &AckBatcher,
     config: &RunnerConfig,
 ) {
     let stream = lane
@@ -628,7 +692,7 @@ async fn run_lane(
             }
         }
         match handle_one(consumer, handler, &message, config).await {
-            Ok(()) => match consumer.ack(&message).await {
+            Ok(()) => match acks.ack(consumer, &message).await {
                 Ok(()) => {
                     counters.succeeded.fetch_add(1, Ordering::Relaxed);
                 }

@@ -382,3 +382,96 @@ async fn the_rate_limit_spaces_out_starts() {
         started.elapsed()
     );
 }
+
+/// A consumer whose `ack_batch` takes 20 ms (as a sync would) and counts
+/// its calls and the messages in them.
+struct SlowBatches {
+    inner: Arc<dyn conveyor_core::Consumer>,
+    calls: AtomicU64,
+    acked: AtomicU64,
+    singles: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl conveyor_core::Consumer for SlowBatches {
+    async fn poll(&self, max: usize, timeout: Duration) -> conveyor_core::Result<Vec<Message>> {
+        self.inner.poll(max, timeout).await
+    }
+    async fn ack(&self, m: &Message) -> conveyor_core::Result<()> {
+        self.singles.fetch_add(1, Ordering::Relaxed);
+        self.inner.ack(m).await
+    }
+    async fn ack_batch(&self, ms: &[Message]) -> conveyor_core::Result<conveyor_core::BatchAck> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let outcome = self.inner.ack_batch(ms).await?;
+        self.acked
+            .fetch_add(outcome.acked as u64, Ordering::Relaxed);
+        Ok(outcome)
+    }
+    async fn nack(
+        &self,
+        m: &Message,
+        o: conveyor_core::NackOptions,
+    ) -> conveyor_core::Result<conveyor_core::NackOutcome> {
+        self.inner.nack(m, o).await
+    }
+    async fn extend(&self, m: &Message, by: Duration) -> conveyor_core::Result<()> {
+        self.inner.extend(m, by).await
+    }
+    async fn commit(&self, t: &str, p: u32, o: u64) -> conveyor_core::Result<()> {
+        self.inner.commit(t, p, o).await
+    }
+    async fn seek(&self, t: &str, p: u32, to: conveyor_core::SeekTo) -> conveyor_core::Result<()> {
+        self.inner.seek(t, p, to).await
+    }
+    async fn assignment(&self) -> conveyor_core::Result<Vec<conveyor_core::TopicPartition>> {
+        self.inner.assignment().await
+    }
+    async fn generation(&self) -> conveyor_core::Result<u64> {
+        self.inner.generation().await
+    }
+    async fn close(&self) -> conveyor_core::Result<()> {
+        self.inner.close().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_of_concurrent_handlers_share_ack_batch_calls() {
+    let broker = broker_with("jobs", 4, 200).await;
+    let inner = broker
+        .consumer("workers", &["jobs"], GroupConfig::queue())
+        .await
+        .unwrap();
+    let consumer = Arc::new(SlowBatches {
+        inner,
+        calls: AtomicU64::new(0),
+        acked: AtomicU64::new(0),
+        singles: AtomicU64::new(0),
+    });
+    let runner = Runner::new(
+        consumer.clone(),
+        RunnerConfig::default().with_concurrency(50).with_batch(50),
+    );
+    let stats = runner
+        .run_until_idle(
+            |_m: Message| async move { Ok::<(), HandlerError>(()) },
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stats.succeeded, 200);
+    assert_eq!(consumer.acked.load(Ordering::Relaxed), 200);
+    assert_eq!(
+        consumer.singles.load(Ordering::Relaxed),
+        0,
+        "acks go in batches"
+    );
+    let calls = consumer.calls.load(Ordering::Relaxed);
+    eprintln!("{calls} ack_batch calls for 200 acks");
+    // 50 handlers finish together: the first call takes what is there,
+    // the rest wait 20 ms and go in one or two more.
+    assert!(calls <= 20, "{calls} ack_batch calls for 200 acks");
+    let lag = broker.group_lag("workers").await.unwrap();
+    assert_eq!(lag.total_lag(), 0);
+}
