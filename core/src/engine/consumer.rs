@@ -94,10 +94,25 @@ enum PreparedAck {
     },
 }
 
+impl PreparedAck {
+    fn topic_partition(&self) -> &TopicPartition {
+        match self {
+            PreparedAck::Queue { tp, .. } | PreparedAck::Stream { tp, .. } => tp,
+        }
+    }
+}
+
 fn lease_id(token: &DeliveryToken, what: &str) -> Result<u64> {
+    lease_of(token)
+        .ok_or_else(|| Error::invalid(format!("{what}: the message carries no queue-mode lease")))
+}
+
+/// The lease id a queue-mode delivery carries (no error text to build on
+/// the hot path).
+fn lease_of(token: &DeliveryToken) -> Option<u64> {
     <[u8; 8]>::try_from(token.lease().as_ref())
+        .ok()
         .map(u64::from_le_bytes)
-        .map_err(|_| Error::invalid(format!("{what}: the message carries no queue-mode lease")))
 }
 
 impl<S: LogStorage> EngineConsumer<S> {
@@ -479,12 +494,20 @@ impl<S: LogStorage> EngineConsumer<S> {
     /// The checks of an ack that need no group state: the delivery
     /// belongs to this group, the topic is read here, and (stream mode)
     /// the offset is below the log end.
-    fn prepare_ack(&self, m: &Message) -> Result<PreparedAck> {
+    /// `last` is the partition of the previous message of a batch, whose
+    /// checks need not run again.
+    fn prepare_ack(&self, m: &Message, last: Option<&TopicPartition>) -> Result<PreparedAck> {
         let token = m.delivery(self.group())?;
-        let tp = self.subscribed(&m.topic, m.partition)?;
+        let tp = match last {
+            Some(tp) if tp.partition == m.partition && tp.topic == m.topic => tp.clone(),
+            _ => self.subscribed(&m.topic, m.partition)?,
+        };
         Ok(match self.mode {
             DeliveryMode::Queue => PreparedAck::Queue {
-                lease: lease_id(token, &self.what(m))?,
+                lease: match lease_of(token) {
+                    Some(lease) => lease,
+                    None => lease_id(token, &self.what(m))?,
+                },
                 tp,
             },
             DeliveryMode::Stream => PreparedAck::Stream {
@@ -495,13 +518,14 @@ impl<S: LogStorage> EngineConsumer<S> {
         })
     }
 
-    /// Settle a prepared ack in the locked group; the state keys to write.
+    /// Settle a prepared ack in the locked group; returns the partition
+    /// whose state changed ([`Self::changed_keys`] says what to write).
     fn apply_ack(
         &self,
         g: &mut Group,
         m: &Message,
         prepared: PreparedAck,
-    ) -> Result<Vec<StateKey>> {
+    ) -> Result<TopicPartition> {
         match prepared {
             PreparedAck::Queue { tp, lease } => {
                 let Some(table) = g.queue.get_mut(&tp) else {
@@ -513,7 +537,7 @@ impl<S: LogStorage> EngineConsumer<S> {
                 if !table.try_ack(m.offset, lease) {
                     return Err(lease_lost(m.offset, &self.what(m)));
                 }
-                Ok(persist::lease_keys(self.group(), &tp, table))
+                Ok(tp)
             }
             PreparedAck::Stream {
                 tp,
@@ -525,9 +549,26 @@ impl<S: LogStorage> EngineConsumer<S> {
                 part.commit_through(next);
                 let committed = part.committed.unwrap_or(next);
                 part.retries = part.retries.split_off(&committed);
-                Ok(vec![StateKey::Commit(self.group.to_string(), tp)])
+                Ok(tp)
             }
         }
+    }
+
+    /// The state keys to write for acks applied to `partitions` (each
+    /// once, however many acks it took).
+    fn changed_keys(&self, g: &mut Group, partitions: BTreeSet<TopicPartition>) -> Vec<StateKey> {
+        let mut keys = Vec::new();
+        for tp in partitions {
+            match self.mode {
+                DeliveryMode::Queue => {
+                    if let Some(table) = g.queue.get_mut(&tp) {
+                        keys.extend(persist::lease_keys(self.group(), &tp, table));
+                    }
+                }
+                DeliveryMode::Stream => keys.push(StateKey::Commit(self.group.to_string(), tp)),
+            }
+        }
+        keys
     }
 
     fn subscribed(&self, topic: &str, partition: u32) -> Result<TopicPartition> {
@@ -704,11 +745,12 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
 
     async fn ack(&self, m: &Message) -> Result<()> {
         self.check_open()?;
-        let prepared = self.prepare_ack(m)?;
+        let prepared = self.prepare_ack(m, None)?;
         let keys = {
             let mut guard = self.inner.state.lock();
             let g = self.member_group(&mut guard, false)?;
-            self.apply_ack(g, m, prepared)?
+            let tp = self.apply_ack(g, m, prepared)?;
+            self.changed_keys(g, BTreeSet::from([tp]))
         };
         self.inner.mark_dirty(keys);
         self.inner.persist().await
@@ -719,27 +761,29 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
         let mut outcome = BatchAck::default();
         // The checks that read topic configs and log ends first: they take
         // the state lock themselves.
-        let mut prepared = Vec::with_capacity(messages.len());
+        let mut prepared: Vec<(usize, &Message, PreparedAck)> = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
-            match self.prepare_ack(m) {
+            let last = prepared.last().map(|(_, _, p)| p.topic_partition());
+            match self.prepare_ack(m, last) {
                 Ok(p) => prepared.push((i, m, p)),
                 Err(e) => outcome.failed.push((i, e)),
             }
         }
-        let mut keys = Vec::new();
-        {
+        let keys = {
             let mut guard = self.inner.state.lock();
             let g = self.member_group(&mut guard, false)?;
+            let mut changed = BTreeSet::new();
             for (i, m, p) in prepared {
                 match self.apply_ack(g, m, p) {
-                    Ok(k) => {
-                        keys.extend(k);
+                    Ok(tp) => {
+                        changed.insert(tp);
                         outcome.acked += 1;
                     }
                     Err(e) => outcome.failed.push((i, e)),
                 }
             }
-        }
+            self.changed_keys(g, changed)
+        };
         outcome.failed.sort_by_key(|(i, _)| *i);
         // One write (one sync under `always`) for the whole batch.
         self.inner.mark_dirty(keys);
