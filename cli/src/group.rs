@@ -230,17 +230,25 @@ fn lag_table(lag: &GroupLag) -> comfy_table::Table {
 }
 
 async fn describe(broker: &Arc<dyn Broker>, group: &str, format: Format) -> CliResult {
-    let lag = broker.group_lag(group).await.map_err(fail)?;
+    let d = broker.describe_group(group).await.map_err(fail)?;
+    let lag = &d.lag;
     let mut topics: Vec<&str> = lag.partitions.iter().map(|p| p.topic.as_str()).collect();
     topics.dedup();
     if format == Format::Json {
-        let mut doc = lag_json(&lag);
+        let mut doc = lag_json(lag);
         doc["topics"] = json!(topics);
+        doc["generation"] = json!(d.generation);
+        doc["members_visible"] = json!(d.members_visible);
+        doc["members"] = json!(d.members);
+        doc["config"] = json!(d.config);
         return out_json(&doc);
     }
     out(format!("group `{}`", lag.group))?;
     out(format!("  mode:        {}", mode_name(lag.mode)))?;
     out(format!("  topics:      {}", topics.join(", ")))?;
+    if lag.mode == DeliveryMode::Stream {
+        out(format!("  generation:  {}", d.generation))?;
+    }
     out(format!("  total lag:   {}", thousands(lag.total_lag())))?;
     if lag.mode == DeliveryMode::Queue {
         out(format!(
@@ -248,7 +256,44 @@ async fn describe(broker: &Arc<dyn Broker>, group: &str, format: Format) -> CliR
             thousands(lag.total_in_flight())
         ))?;
     }
-    out(lag_table(&lag))
+    if !d.members_visible {
+        out(
+            "  members:     not visible here (an embedded store keeps its members and leases \
+             in the owning process; this is a read-only view)"
+                .to_string(),
+        )?;
+    } else if d.members.is_empty() {
+        out("  members:     none".to_string())?;
+    } else {
+        out(format!("  members:     {}", d.members.len()))?;
+        for m in &d.members {
+            let holds = match lag.mode {
+                DeliveryMode::Stream => {
+                    let parts: Vec<String> = m
+                        .assignment
+                        .iter()
+                        .map(|(t, p)| format!("{t}/{p}"))
+                        .collect();
+                    format!(
+                        "owns {}",
+                        if parts.is_empty() {
+                            "nothing".to_string()
+                        } else {
+                            parts.join(", ")
+                        }
+                    )
+                }
+                DeliveryMode::Queue => format!("holds {} leased", thousands(m.leases)),
+            };
+            out(format!(
+                "    member {}: reads {}; {holds}; last seen {} ms ago",
+                m.id,
+                m.topics.join(", "),
+                thousands(m.idle_ms)
+            ))?;
+        }
+    }
+    out(lag_table(lag))
 }
 
 async fn reset(

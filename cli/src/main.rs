@@ -111,14 +111,15 @@ pub(crate) fn fail(e: conveyor::Error) -> String {
     e.chain().to_string()
 }
 
-/// The URL to open for a command of `access`: for mmap:// stores, read
+/// The URL to open for a command of `access`: for embedded stores
+/// (mmap://, rocksdb://), read
 /// commands add `read_only=true` and commands that change a store add
 /// `create=false`, unless the URL sets `read_only` or `create` itself.
 fn url_for(url: &str, access: Access) -> String {
     let Ok(parsed) = conveyor::BrokerUrl::parse(url) else {
         return url.to_string(); // open() names what is wrong with it
     };
-    if parsed.scheme() != "mmap" {
+    if !matches!(parsed.scheme(), "mmap" | "rocksdb") {
         return url.to_string();
     }
     let has = |name: &str| parsed.backend_options().iter().any(|(k, _)| k == name);
@@ -207,5 +208,9 @@ mod tests {
             "mmap:///q?create=true"
         );
         assert_eq!(url_for("memory://", Access::Read), "memory://");
+        assert_eq!(
+            url_for("rocksdb:///q", Access::Read),
+            "rocksdb:///q?read_only=true"
+        );
     }
 }

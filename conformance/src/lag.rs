@@ -179,3 +179,62 @@ pub async fn fetch_without_group(backend: &dyn Backend) -> Result<()> {
     );
     Ok(())
 }
+
+/// §9: `describe_group` shows the members and what each holds: in stream
+/// mode the partitions each owns (disjoint, covering the topic, in the
+/// generation the consumers see); in queue mode how many messages each
+/// holds leased.
+pub async fn describe_group_shows_members(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("described", 4).await?;
+    let p = ctx.producer().await?;
+    let records = (0..20).map(|i| Record::new(format!("r{i}"))).collect();
+    p.send_batch(&topic, records).await?;
+
+    let stream = unique("s");
+    let a = ctx
+        .broker
+        .consumer(&stream, &[&topic], GroupConfig::stream())
+        .await?;
+    let b = ctx
+        .broker
+        .consumer(&stream, &[&topic], GroupConfig::stream())
+        .await?;
+    let generation = b.generation().await?;
+    let d = ctx.broker.describe_group(&stream).await?;
+    assert_eq!(d.config.mode, DeliveryMode::Stream);
+    if d.members_visible {
+        assert_eq!(d.members.len(), 2, "{d:?}");
+        assert_eq!(d.generation, generation);
+        let mut owned: Vec<u32> = d
+            .members
+            .iter()
+            .flat_map(|m| m.assignment.iter().map(|(_, p)| *p))
+            .collect();
+        owned.sort_unstable();
+        assert_eq!(owned, vec![0, 1, 2, 3], "each partition owned once");
+        for m in &d.members {
+            assert_eq!(m.topics, vec![topic.clone()]);
+            assert_eq!(m.assignment.len(), 2, "balanced: {m:?}");
+        }
+    }
+    drop((a, b));
+
+    let queue = unique("q");
+    let c = ctx
+        .broker
+        .consumer(&queue, &[&topic], GroupConfig::queue())
+        .await?;
+    let held = poll_exactly(c.as_ref(), 20, Duration::ZERO).await?;
+    let d = ctx.broker.describe_group(&queue).await?;
+    assert_eq!(d.lag.total_in_flight(), 20);
+    if d.members_visible {
+        assert_eq!(d.members.len(), 1);
+        assert_eq!(d.members[0].leases, 20);
+    }
+    c.ack_batch(&held).await?;
+    let d = ctx.broker.describe_group(&queue).await?;
+    assert_eq!(d.lag.total_lag(), 0);
+    assert!(d.members.iter().all(|m| m.leases == 0));
+    Ok(())
+}

@@ -546,6 +546,7 @@ macro_rules! __for_each_case {
             queue_group_lag,
             list_groups_sorted,
             fetch_without_group,
+            describe_group_shows_members,
         );
         $m!(persistence:
             reopen_keeps_records,

@@ -12,8 +12,8 @@
 //! contract gives it, and its `# Cancel safety` section what a dropped
 //! future leaves behind.
 
-use crate::config::{GroupConfig, SeekTo, TopicConfig};
-use crate::describe::{GroupLag, TopicDescription};
+use crate::config::{DeliveryMode, GroupConfig, SeekTo, TopicConfig};
+use crate::describe::{GroupDescription, GroupLag, TopicDescription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{Message, Receipt, Record};
 use async_trait::async_trait;
@@ -312,6 +312,33 @@ pub trait Broker: Send + Sync + 'static {
     /// # Cancel safety
     /// Cancel safe: it changes nothing a caller can observe.
     async fn group_lag(&self, group: &str) -> Result<GroupLag>;
+
+    /// A group's settings, members (what each owns or holds leased) and
+    /// lag: what `conveyor group describe` prints.
+    ///
+    /// The default implementation reports the lag with no members and
+    /// `members_visible: false`; the embedded engine reports its members.
+    ///
+    /// # Errors
+    /// `GroupNotFound`; `InvalidArgument` for an invalid group name.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
+    async fn describe_group(&self, group: &str) -> Result<GroupDescription> {
+        let lag = self.group_lag(group).await?;
+        let config = match lag.mode {
+            DeliveryMode::Stream => GroupConfig::stream(),
+            DeliveryMode::Queue => GroupConfig::queue(),
+        };
+        Ok(GroupDescription {
+            group: lag.group.clone(),
+            config,
+            generation: 0,
+            members: Vec::new(),
+            members_visible: false,
+            lag,
+        })
+    }
 
     /// Read up to `max` records of a partition from `offset` without a
     /// group (offsets below the log start read from the log start).

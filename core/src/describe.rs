@@ -1,6 +1,7 @@
-//! Observability types: what `describe_topic` and `group_lag` report.
+//! Observability types: what `describe_topic`, `group_lag` and
+//! `describe_group` report.
 
-use crate::config::{DeliveryMode, TopicConfig};
+use crate::config::{DeliveryMode, GroupConfig, TopicConfig};
 use serde::{Deserialize, Serialize};
 
 /// One partition of a topic, as described.
@@ -68,4 +69,43 @@ impl GroupLag {
     pub fn total_in_flight(&self) -> u64 {
         self.partitions.iter().map(|p| p.in_flight).sum()
     }
+}
+
+/// One member of a consumer group, as described.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct MemberDescription {
+    /// The member's id in the group (the backend's; stable while it is a
+    /// member).
+    pub id: String,
+    /// The topics it reads.
+    pub topics: Vec<String>,
+    /// Stream mode: the partitions it owns in the current generation, as
+    /// `(topic, partition)`.
+    pub assignment: Vec<(String, u32)>,
+    /// Queue mode: messages leased to it now.
+    pub leases: u64,
+    /// Milliseconds since it last polled or settled (its heartbeat).
+    pub idle_ms: u64,
+}
+
+/// A consumer group, as described: its settings, its members with what
+/// each holds, and its lag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct GroupDescription {
+    /// Group name.
+    pub group: String,
+    /// Its settings (mode, visibility and session timeouts, DLQ policy).
+    pub config: GroupConfig,
+    /// Stream mode: the generation (bumped by every rebalance).
+    pub generation: u64,
+    /// The members now.
+    pub members: Vec<MemberDescription>,
+    /// Whether `members` is what the group has. `false` where this broker
+    /// cannot see members: a read-only view of an embedded store, whose
+    /// members live in the owning process's memory.
+    pub members_visible: bool,
+    /// Lag per partition.
+    pub lag: GroupLag,
 }

@@ -81,7 +81,10 @@ pub use config::{
     BrokerOptions, DeliveryMode, DlqPolicy, Durability, GroupConfig, Retention, RetryBackoff,
     SeekTo, StartFrom, TopicConfig,
 };
-pub use describe::{GroupLag, PartitionDescription, PartitionLag, TopicDescription};
+pub use describe::{
+    GroupDescription, GroupLag, MemberDescription, PartitionDescription, PartitionLag,
+    TopicDescription,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use partitioner::{murmur2, partition_for_key};
 pub use record::{DeliveryToken, Header, Message, Receipt, Record};

@@ -176,12 +176,35 @@ use conveyor_core::{BrokerOptions, Durability, Result};
 use std::path::Path;
 
 /// Settings of the RocksDB store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RocksOptions {
     /// When appends and state changes are synced (overridden by the broker
     /// options' durability when opened through [`open`]).
     pub durability: Durability,
+    /// Create the store if the path holds none (default `true`; URL option
+    /// `create`). With `false`, a path without a store is
+    /// `InvalidArgument` and nothing is created.
+    pub create: bool,
+    /// Open read-only (default `false`; URL option `read_only`): follow a
+    /// store another process owns, as a RocksDB secondary instance. Takes
+    /// no lock and writes nothing in the store's directory (the secondary
+    /// keeps its own small log in a temporary directory, removed at
+    /// close). Topics, groups and offsets are a snapshot taken at open;
+    /// each partition's records and bounds follow the owner's committed
+    /// writes (caught up every 100 ms), a consistent prefix since each
+    /// append is one `WriteBatch`. Every write is `ErrorKind::ReadOnly`.
+    pub read_only: bool,
+}
+
+impl Default for RocksOptions {
+    fn default() -> Self {
+        RocksOptions {
+            durability: Durability::default(),
+            create: true,
+            read_only: false,
+        }
+    }
 }
 
 impl RocksOptions {
@@ -190,16 +213,32 @@ impl RocksOptions {
         self.durability = durability;
         self
     }
+
+    /// Whether a path without a store may be created.
+    pub fn with_create(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+
+    /// Open read-only, following a store another process owns.
+    pub fn with_read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
 }
 
 /// The broker over RocksDB.
 pub type RocksBroker = Engine<RocksStorage>;
 
 /// Open (or create) a store in `path` and the broker over it. The broker
-/// options' durability applies to the store.
+/// options' durability applies to the store. With
+/// [`RocksOptions::read_only`], a read-only broker over a store another
+/// process may own (see there).
 ///
 /// # Errors
-/// `Locked` if the store is open elsewhere; `Corrupt` for RocksDB's
+/// `InvalidArgument` if `path` holds no store and may not be created
+/// (`create` false, or read-only); `Locked` if the store is open elsewhere
+/// (not for a read-only open); `Corrupt` for RocksDB's
 /// corruption reports (naming the file); `Io`.
 ///
 /// # Cancel safety
@@ -213,5 +252,8 @@ pub async fn open(
     let path = path.as_ref().to_path_buf();
     let rocks = rocks.with_durability(options.durability);
     let storage = blocking(move || RocksStorage::open(path, rocks)).await?;
-    Engine::open(storage, options).await
+    match rocks.read_only {
+        true => Engine::open_read_only(storage, options).await,
+        false => Engine::open(storage, options).await,
+    }
 }

@@ -66,6 +66,30 @@ impl Partition {
         )
     }
 
+    /// The key of this partition's bounds in the meta column family.
+    pub(crate) fn meta_key(&self) -> [u8; 9] {
+        partition_meta_key(self.topic_id, self.index)
+    }
+
+    /// The topic's name.
+    pub(crate) fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The partition's index.
+    pub(crate) fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Read-only stores: publish bounds the owner wrote (never backwards).
+    pub(crate) fn publish(&self, meta: PartitionMeta) {
+        let mut visible = self.visible.write();
+        if meta.log_end >= visible.log_end && meta.log_start >= visible.log_start {
+            *visible = meta;
+            *self.tail.lock() = meta;
+        }
+    }
+
     pub(crate) fn bounds(&self) -> PartitionBounds {
         let m = *self.visible.read();
         PartitionBounds {

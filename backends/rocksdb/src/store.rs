@@ -40,11 +40,28 @@ struct Shared {
     /// Assignments happen under this lock.
     topic_ids: Mutex<HashMap<String, u32>>,
     closed: AtomicBool,
+    /// Read-only: the secondary instance's own directory (removed at
+    /// close).
+    secondary: Option<PathBuf>,
 }
 
 impl Shared {
     fn db(&self) -> Result<Arc<DB>> {
         self.db.read().clone().ok_or_else(|| closed(&self.path))
+    }
+
+    /// `ReadOnly` for a write to a store opened read-only.
+    fn writable(&self, what: &str) -> Result<()> {
+        match self.options.read_only {
+            true => Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!(
+                    "{what} in {}: the store was opened read-only (read_only=true)",
+                    self.path.display()
+                ),
+            )),
+            false => Ok(()),
+        }
     }
 
     fn sync(&self) -> bool {
@@ -102,20 +119,52 @@ impl RocksStorage {
     /// this build does not know), `Io`.
     pub fn open(path: impl AsRef<Path>, options: RocksOptions) -> Result<RocksStorage> {
         let path = path.as_ref().to_path_buf();
-        std::fs::create_dir_all(&path)
-            .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+        let exists = path.join("CURRENT").is_file();
+        if !exists && (options.read_only || !options.create) {
+            return Err(Error::invalid(format!(
+                "{}: no conveyor-rocksdb store here (no RocksDB CURRENT file); check the \
+                 path, or pass create=true to create one",
+                path.display()
+            )));
+        }
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_RECORDS, records_options()),
             ColumnFamilyDescriptor::new(CF_STATE, small_options()),
             ColumnFamilyDescriptor::new(CF_META, small_options()),
         ];
-        let db = DB::open_cf_descriptors(&db_options(), &path, cfs)
-            .map_err(|e| from_rocksdb(&path, "open", e))?;
+        let mut secondary = None;
+        let db = if options.read_only {
+            let dir = secondary_dir();
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+            let mut o = db_options();
+            o.create_if_missing(false);
+            o.create_missing_column_families(false);
+            // A secondary instance keeps every table file open.
+            o.set_max_open_files(-1);
+            let opened = DB::open_cf_descriptors_as_secondary(&o, &path, &dir, cfs);
+            secondary = Some(dir.clone());
+            opened.map_err(|e| {
+                let _ = std::fs::remove_dir_all(&dir);
+                from_rocksdb(&path, "open read-only", e)
+            })?
+        } else {
+            std::fs::create_dir_all(&path)
+                .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+            DB::open_cf_descriptors(&db_options(), &path, cfs)
+                .map_err(|e| from_rocksdb(&path, "open", e))?
+        };
         let meta = cf(&db, &path, CF_META)?;
         match db
             .get_cf(meta, META_FORMAT)
             .map_err(|e| from_rocksdb(&path, "read the layout version", e))?
         {
+            None if options.read_only => {
+                return Err(Error::invalid(format!(
+                    "{}: not a conveyor-rocksdb store (no layout version)",
+                    path.display()
+                )))
+            }
             None => {
                 let mut wo = WriteOptions::default();
                 wo.set_sync(true);
@@ -135,19 +184,7 @@ impl RocksStorage {
                 ))
             }
         }
-        let mut topic_ids = HashMap::new();
-        for item in db.iterator_cf(meta, IteratorMode::From(b"t", rocksdb::Direction::Forward)) {
-            let (k, v) = item.map_err(|e| from_rocksdb(&path, "read the topic ids", e))?;
-            let Some(name) = k.strip_prefix(b"t") else {
-                break;
-            };
-            let name = std::str::from_utf8(name)
-                .map_err(|_| corrupt(&path, "topic id entry with a non-UTF-8 name"))?;
-            let id: [u8; 4] = v[..]
-                .try_into()
-                .map_err(|_| corrupt(&path, format!("topic `{name}`: id undecodable")))?;
-            topic_ids.insert(name.to_string(), u32::from_be_bytes(id));
-        }
+        let topic_ids = read_topic_ids(&db, &path)?;
         let shared = Arc::new(Shared {
             path,
             options,
@@ -155,8 +192,11 @@ impl RocksStorage {
             partitions: PartitionMap::default(),
             topic_ids: Mutex::new(topic_ids),
             closed: AtomicBool::new(false),
+            secondary,
         });
-        if let Durability::Interval(every) = options.durability {
+        if options.read_only {
+            spawn_interval_flusher("conveyor-rocksdb-follow", &shared, FOLLOW_EVERY, follow)?;
+        } else if let Durability::Interval(every) = options.durability {
             spawn_interval_flusher("conveyor-rocksdb-flush", &shared, every, sync_wal)?;
         }
         Ok(RocksStorage { shared })
@@ -183,6 +223,71 @@ impl RocksStorage {
     }
 }
 
+/// How often a read-only store catches up with the owner's writes.
+const FOLLOW_EVERY: Duration = Duration::from_millis(100);
+
+/// A fresh directory for a secondary instance's own files.
+fn secondary_dir() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    std::env::temp_dir().join(format!(
+        "conveyor-rocksdb-secondary-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Topic name → id, from the meta column family.
+fn read_topic_ids(db: &DB, path: &Path) -> Result<HashMap<String, u32>> {
+    let meta = cf(db, path, CF_META)?;
+    let mut topic_ids = HashMap::new();
+    for item in db.iterator_cf(meta, IteratorMode::From(b"t", rocksdb::Direction::Forward)) {
+        let (k, v) = item.map_err(|e| from_rocksdb(path, "read the topic ids", e))?;
+        let Some(name) = k.strip_prefix(b"t") else {
+            break;
+        };
+        let name = std::str::from_utf8(name)
+            .map_err(|_| corrupt(path, "topic id entry with a non-UTF-8 name"))?;
+        let id: [u8; 4] = v[..]
+            .try_into()
+            .map_err(|_| corrupt(path, format!("topic `{name}`: id undecodable")))?;
+        topic_ids.insert(name.to_string(), u32::from_be_bytes(id));
+    }
+    Ok(topic_ids)
+}
+
+/// One tick of a read-only store: catch up with the owner's writes, then
+/// publish each open partition's bounds as written (records and bounds
+/// come in one `WriteBatch`, so what the bounds cover is readable).
+/// `false` once the store is closed.
+fn follow(shared: &Shared) -> bool {
+    if shared.closed.load(Ordering::Acquire) {
+        return false;
+    }
+    let Ok(db) = shared.db() else {
+        return false;
+    };
+    let path = &shared.path;
+    let result = db
+        .try_catch_up_with_primary()
+        .map_err(|e| from_rocksdb(path, "catch up with the owner", e))
+        .and_then(|()| {
+            let meta = cf(&db, path, CF_META)?;
+            for part in shared.partitions.all() {
+                let raw = db
+                    .get_cf(meta, part.meta_key())
+                    .map_err(|e| from_rocksdb(path, "read partition bounds", e))?;
+                if let Some(raw) = raw {
+                    part.publish(meta_or_empty(path, part.topic(), part.index(), Some(raw))?);
+                }
+            }
+            Ok(())
+        });
+    if let Err(e) = result {
+        tracing::warn!(error = %e, path = %path.display(), "read-only store could not catch up");
+    }
+    true
+}
+
 /// One tick of the interval flusher: sync the WAL; `false` once the store
 /// is closed.
 fn sync_wal(shared: &Shared) -> bool {
@@ -205,6 +310,7 @@ fn topic_id(shared: &Shared, db: &DB, topic: &str) -> Result<u32> {
         return Ok(*id);
     }
     let path = &shared.path;
+    shared.writable(&format!("create topic `{topic}`"))?;
     let meta = cf(db, path, CF_META)?;
     let next = match db
         .get_cf(meta, META_NEXT_TOPIC_ID)
@@ -255,6 +361,7 @@ impl LogStorage for RocksStorage {
     }
 
     async fn put_state(&self, changes: Vec<(String, Option<Bytes>)>) -> Result<()> {
+        self.shared.writable("change the state")?;
         let sync = self.shared.sync();
         self.with_db(move |db, path| {
             let state = cf(db, path, CF_STATE)?;
@@ -318,6 +425,7 @@ impl LogStorage for RocksStorage {
     }
 
     async fn drop_topic(&self, topic: &str) -> Result<()> {
+        self.shared.writable(&format!("drop topic `{topic}`"))?;
         self.shared.partitions.remove(topic);
         let shared = self.shared.clone();
         let topic = topic.to_string();
@@ -362,6 +470,8 @@ impl LogStorage for RocksStorage {
         partition: u32,
         records: Vec<StoredRecord>,
     ) -> Result<Appended> {
+        self.shared
+            .writable(&format!("append to `{topic}` partition {partition}"))?;
         let part = self.partition(topic, partition)?;
         let sync = self.shared.sync();
         let now = conveyor_core::now_ms();
@@ -405,6 +515,9 @@ impl LogStorage for RocksStorage {
         retention: &Retention,
         now_ms: u64,
     ) -> Result<()> {
+        if self.shared.options.read_only {
+            return Ok(()); // the owner enforces retention; we follow it
+        }
         let part = self.partition(topic, partition)?;
         let (retention, sync) = (*retention, self.shared.sync());
         self.with_db(move |db, path| part.enforce_retention(db, path, &retention, now_ms, sync))
@@ -437,6 +550,9 @@ impl LogStorage for RocksStorage {
     }
 
     async fn flush(&self) -> Result<()> {
+        if self.shared.options.read_only {
+            return Ok(()); // nothing written here
+        }
         self.with_db(|db, path| {
             db.flush_wal(true)
                 .map_err(|e| from_rocksdb(path, "sync the WAL", e))
@@ -471,6 +587,9 @@ impl LogStorage for RocksStorage {
                 ))
             })
             .await?;
+        }
+        if let Some(dir) = &self.shared.secondary {
+            let _ = std::fs::remove_dir_all(dir);
         }
         flushed
     }

@@ -1,17 +1,19 @@
 //! The `rocksdb://` URL: `rocksdb:///absolute/dir` or
-//! `rocksdb://relative/dir`, with the common options only.
+//! `rocksdb://relative/dir`, with the common options and `create`,
+//! `read_only` (see [`RocksOptions`]).
 
 use crate::{open, RocksOptions};
-use conveyor_core::backend::BrokerUrl;
+use conveyor_core::backend::{parse_bool, BrokerUrl};
 use conveyor_core::{Broker, Error, Result};
 use std::sync::Arc;
 
 /// The URL schemes this backend answers to.
 pub const URL_SCHEMES: &[&str] = &["rocksdb"];
 
-/// The options a `rocksdb://` URL may carry besides the common ones (none
-/// yet: RocksDB's tuning stays in code, [`RocksOptions`]).
-pub const URL_OPTIONS: &[&str] = &[];
+/// The options a `rocksdb://` URL may carry besides the common ones:
+/// `create` and `read_only` ([`RocksOptions`]; RocksDB's tuning stays in
+/// code).
+pub const URL_OPTIONS: &[&str] = &["create", "read_only"];
 
 /// Open the store a `rocksdb://` URL names (see [`URL_SCHEMES`]).
 ///
@@ -30,9 +32,14 @@ pub async fn open_url(url: &BrokerUrl) -> Result<Arc<dyn Broker>> {
             url.as_str()
         )));
     }
-    if let Some((k, _)) = url.backend_options().first() {
-        return Err(url.unknown_option("rocksdb", k, URL_OPTIONS));
+    let mut rocks = RocksOptions::default();
+    for (k, v) in url.backend_options() {
+        rocks = match k.as_str() {
+            "create" => rocks.with_create(parse_bool("create", v)?),
+            "read_only" => rocks.with_read_only(parse_bool("read_only", v)?),
+            _ => return Err(url.unknown_option("rocksdb", k, URL_OPTIONS)),
+        };
     }
-    let broker = open(path, url.options().clone(), RocksOptions::default()).await?;
+    let broker = open(path, url.options().clone(), rocks).await?;
     Ok(Arc::new(broker))
 }

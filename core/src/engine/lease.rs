@@ -344,6 +344,14 @@ impl LeaseTable {
         self.attempts.get(&offset).copied()
     }
 
+    /// How many leases `member` holds here (for describing; O(in flight)).
+    pub fn leases_of(&self, member: u64) -> u64 {
+        self.inflight
+            .values()
+            .filter(|l| l.member == member)
+            .count() as u64
+    }
+
     /// Whether some lease ran out by `now_ms`.
     pub fn has_expired(&self, now_ms: u64) -> bool {
         self.deadlines.first().is_some_and(|(d, _)| *d <= now_ms)

@@ -30,7 +30,10 @@ pub use storage::{Appended, LogStorage, PartitionBounds, ReadRange, StoredMessag
 
 use crate::broker::{Broker, Capabilities, Consumer, IdempotencyStore, Producer, TopicPartition};
 use crate::config::{BrokerOptions, DeliveryMode, GroupConfig, StartFrom, TopicConfig};
-use crate::describe::{GroupLag, PartitionDescription, PartitionLag, TopicDescription};
+use crate::describe::{
+    GroupDescription, GroupLag, MemberDescription, PartitionDescription, PartitionLag,
+    TopicDescription,
+};
 use crate::dlq::{dead_letter_record, DeadLetter};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{DeliveryToken, Message, Receipt, Record};
@@ -373,6 +376,45 @@ impl<S: LogStorage> Broker for Engine<S> {
     async fn group_lag(&self, group: &str) -> Result<GroupLag> {
         self.inner.check_open()?;
         self.inner.group_lag(group)
+    }
+
+    async fn describe_group(&self, group: &str) -> Result<GroupDescription> {
+        self.inner.check_open()?;
+        let lag = self.inner.group_lag(group)?;
+        let now = now_ms();
+        let state = self.inner.state.lock();
+        let g = state.groups.get(group).ok_or_else(|| {
+            Error::new(
+                ErrorKind::GroupNotFound,
+                format!("group `{group}` does not exist"),
+            )
+        })?;
+        let members = g
+            .members
+            .iter()
+            .map(|(id, m)| MemberDescription {
+                id: id.to_string(),
+                topics: m.topics.iter().cloned().collect(),
+                assignment: g
+                    .owners
+                    .iter()
+                    .filter(|(_, o)| o.member == *id)
+                    .map(|(tp, _)| (tp.topic.clone(), tp.partition))
+                    .collect(),
+                leases: g.queue.values().map(|t| t.leases_of(*id)).sum(),
+                idle_ms: now.saturating_sub(m.last_seen_ms),
+            })
+            .collect();
+        Ok(GroupDescription {
+            group: group.to_string(),
+            config: g.config.clone(),
+            generation: g.generation,
+            members,
+            // A read-only view has the persisted state only: members live
+            // in the owning process.
+            members_visible: !self.inner.read_only,
+            lag,
+        })
     }
 
     async fn fetch(
