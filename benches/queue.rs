@@ -31,6 +31,9 @@
 use conveyor::prelude::*;
 use conveyor::{Broker, GroupConfig, Message, Record, TopicConfig};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+mod common;
+use common::{bench_url, open_url, runtime, Fixture};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -41,42 +44,13 @@ const PARTITIONS: u32 = 4;
 const CONSUMERS: usize = 4;
 const POLL: usize = 100;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-struct Fixture {
-    name: String,
-    broker: Arc<dyn Broker>,
-    _dir: tempfile::TempDir,
-}
-
 /// The backend under test and the memory backend, each freshly opened.
 fn backends(rt: &tokio::runtime::Runtime) -> Vec<Fixture> {
-    let url = std::env::var("CONVEYOR_BENCH_URL").unwrap_or_else(|_| "mmap://{tmp}".into());
-    let mut urls = vec![url];
+    let mut urls = vec![bench_url()];
     if !urls[0].starts_with("memory:") {
         urls.push("memory://".into());
     }
-    urls.into_iter()
-        .map(|url| {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let url = url.replace("{tmp}", &dir.path().display().to_string());
-            let broker = rt
-                .block_on(conveyor::open(&url))
-                .unwrap_or_else(|e| panic!("open {url}: {e}"));
-            let name = url.split(':').next().unwrap_or("backend").to_string();
-            Fixture {
-                name,
-                broker,
-                _dir: dir,
-            }
-        })
-        .collect()
+    urls.iter().map(|url| open_url(rt, url)).collect()
 }
 
 fn group_config() -> GroupConfig {

@@ -21,34 +21,17 @@
 #![allow(clippy::unwrap_used)]
 
 use conveyor::prelude::*;
-use conveyor::{Broker, GroupConfig, Record, TopicConfig};
+use conveyor::{GroupConfig, Record, TopicConfig};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use std::sync::Arc;
+
+mod common;
+use common::{bench_url, open_url, runtime, Fixture};
 use std::time::{Duration, Instant};
 
 const VALUE: usize = 100;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-struct Fixture {
-    broker: Arc<dyn Broker>,
-    _dir: tempfile::TempDir,
-}
-
 fn open(rt: &tokio::runtime::Runtime) -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = std::env::var("CONVEYOR_BENCH_URL").unwrap_or_else(|_| "mmap://{tmp}".into());
-    let url = url.replace("{tmp}", &dir.path().display().to_string());
-    let broker = rt
-        .block_on(conveyor::open(&url))
-        .unwrap_or_else(|e| panic!("open {url}: {e}"));
-    Fixture { broker, _dir: dir }
+    open_url(rt, &bench_url())
 }
 
 fn append(c: &mut Criterion) {

@@ -250,6 +250,33 @@ pub async fn seek_timestamp(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
+/// `n` messages on `topic` (2 partitions), all polled by member A of a new
+/// group; then member B joins and takes one partition (`moved`).
+#[allow(clippy::type_complexity)]
+async fn polled_then_rebalanced(
+    ctx: &Ctx<'_>,
+    topic: &str,
+    n: usize,
+) -> Result<(
+    String,
+    Arc<dyn Consumer>,
+    Arc<dyn Consumer>,
+    Vec<Message>,
+    TopicPartition,
+)> {
+    send_n(ctx, topic, n, "m").await?;
+    let group = unique("g");
+    let a = ctx.broker.consumer(&group, &[topic], stream_cfg()).await?;
+    let got = poll_exactly(a.as_ref(), n, Duration::ZERO).await?;
+    let b = ctx.broker.consumer(&group, &[topic], stream_cfg()).await?;
+    let moved = owned(b.as_ref())
+        .await?
+        .into_iter()
+        .next()
+        .expect("B got one");
+    Ok((group, a, b, got, moved))
+}
+
 async fn owned(c: &dyn Consumer) -> Result<BTreeSet<TopicPartition>> {
     Ok(c.assignment().await?.into_iter().collect())
 }
@@ -468,16 +495,7 @@ pub async fn partition_owned_by_one_member(backend: &dyn Backend) -> Result<()> 
 pub async fn stale_commit_is_fenced(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("fence", 2).await?;
-    send_n(&ctx, &topic, 10, "m").await?;
-    let group = unique("g");
-    let a = ctx.broker.consumer(&group, &[&topic], stream_cfg()).await?;
-    let got = poll_exactly(a.as_ref(), 10, Duration::ZERO).await?;
-    let b = ctx.broker.consumer(&group, &[&topic], stream_cfg()).await?;
-    let moved = owned(b.as_ref())
-        .await?
-        .into_iter()
-        .next()
-        .expect("B got one");
+    let (group, a, b, got, moved) = polled_then_rebalanced(&ctx, &topic, 10).await?;
     let kept = owned(a.as_ref())
         .await?
         .into_iter()
@@ -844,16 +862,7 @@ pub async fn dropped_polls_skip_nothing(backend: &dyn Backend) -> Result<()> {
 pub async fn ack_batch_commits_per_partition(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("batch-commit", 2).await?;
-    send_n(&ctx, &topic, 20, "m").await?;
-    let group = unique("g");
-    let a = ctx.broker.consumer(&group, &[&topic], stream_cfg()).await?;
-    let got = poll_exactly(a.as_ref(), 20, Duration::ZERO).await?;
-    let b = ctx.broker.consumer(&group, &[&topic], stream_cfg()).await?;
-    let moved = owned(b.as_ref())
-        .await?
-        .into_iter()
-        .next()
-        .expect("B got one");
+    let (group, a, _b, got, moved) = polled_then_rebalanced(&ctx, &topic, 20).await?;
     // Only the first half of each partition's messages.
     let mut batch = Vec::new();
     for p in 0..2 {
