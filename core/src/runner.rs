@@ -9,7 +9,9 @@
 //!
 //! What makes it safe to run slow handlers (as SQS clients do):
 //! - **Bounded prefetch**: it polls only as many messages as handlers can
-//!   start now, so no leased message waits behind running ones.
+//!   start now, so no leased message waits behind running ones. It polls
+//!   again when a quarter of the handler slots are free (or one, below a
+//!   concurrency of 8), so a busy runner makes few, fuller polls.
 //! - **Lease extension**: in queue mode, while a handler runs, its lease
 //!   is extended by the visibility timeout every third of it
 //!   ([`RunnerConfig::visibility_timeout`], copied from the group by
@@ -363,6 +365,7 @@ impl Runner {
         let handler = Arc::new(handler);
         let counters = Arc::new(Counters::default());
         let permits = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency));
+        let refill = (self.config.concurrency / 4).clamp(1, self.config.batch.max(1));
         let mut tasks = tokio::task::JoinSet::new();
         let mut last_message = Instant::now();
         let mut failure: Option<Error> = None;
@@ -396,7 +399,7 @@ impl Runner {
             let free = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                free = wait_for_permit(&permits) => free?,
+                free = wait_for_permit(&permits, refill) => free?,
             };
             let mut want = self.config.batch.min(free);
             if let Some(pace) = pace.as_mut() {
@@ -489,12 +492,16 @@ fn duration_text(d: Duration) -> String {
 }
 
 /// Wait until a handler slot is free; how many are free then.
-async fn wait_for_permit(permits: &Arc<tokio::sync::Semaphore>) -> Result<usize> {
-    let one = permits
-        .acquire()
+/// Wait until `refill` handler slots are free; the number free then.
+/// Refilling a quarter of the slots at a time, not one by one, keeps polls
+/// (and their bookkeeping) few while no lease waits long for a slot.
+async fn wait_for_permit(permits: &Arc<tokio::sync::Semaphore>, refill: usize) -> Result<usize> {
+    let n = u32::try_from(refill.max(1)).unwrap_or(u32::MAX);
+    let some = permits
+        .acquire_many(n)
         .await
         .map_err(|_| Error::internal("runner semaphore closed"))?;
-    drop(one);
+    drop(some);
     Ok(permits.available_permits().max(1))
 }
 

@@ -312,11 +312,26 @@ pub fn check_batch(bytes: &[u8]) -> Result<BatchHeader, DecodeError> {
 /// mapped segment): header, CRC, then records whose keys, values and
 /// header values are slices of `data` (no copy). Reads both versions.
 pub fn decode_batch(data: &Bytes) -> Result<(BatchHeader, Vec<RecordData>), DecodeError> {
+    decode_batch_from(data, 0, usize::MAX)
+}
+
+/// [`decode_batch`] for at most `max` records from offset `from` on (the
+/// first returned is at `max(from, base_offset)`): the CRC still covers
+/// the whole batch, the records before are stepped over (their lengths
+/// checked, nothing allocated) and those after are not looked at. A small
+/// read from a large batch then costs what it returns, not the batch.
+pub fn decode_batch_from(
+    data: &Bytes,
+    from: u64,
+    max: usize,
+) -> Result<(BatchHeader, Vec<RecordData>), DecodeError> {
     let header = check_batch(data)?;
+    let skip = usize::try_from(from.saturating_sub(header.base_offset)).unwrap_or(usize::MAX);
     let end = header.length as usize;
     let batch = data.get(..end).ok_or(DecodeError::Incomplete)?;
     let mut at = BATCH_HEADER;
-    let mut records = Vec::with_capacity(header.count.min(1 << 16) as usize);
+    let wanted = (header.count as usize).saturating_sub(skip).min(max);
+    let mut records = Vec::with_capacity(wanted.min(1 << 16));
     let take = |at: &mut usize, n: usize| -> Result<Bytes, DecodeError> {
         let stop = at.checked_add(n).ok_or(DecodeError::BadRecords)?;
         if stop > end {
@@ -337,7 +352,46 @@ pub fn decode_batch(data: &Bytes) -> Result<(BatchHeader, Vec<RecordData>), Deco
         Ok(v)
     };
     let text = |b: Bytes| String::from_utf8(b.to_vec()).map_err(|_| DecodeError::BadRecords);
-    for _ in 0..header.count {
+    let step = |at: &mut usize, n: usize| -> Result<(), DecodeError> {
+        let stop = at.checked_add(n).ok_or(DecodeError::BadRecords)?;
+        if stop > end {
+            return Err(DecodeError::BadRecords);
+        }
+        *at = stop;
+        Ok(())
+    };
+    for i in 0..header.count as usize {
+        if records.len() == wanted && wanted < (header.count as usize).saturating_sub(skip) {
+            // The rest is not wanted; the CRC covered it.
+            return Ok((header, records));
+        }
+        if i < skip {
+            // Step over: key, value, idempotency key, headers, delivery time.
+            for optional in [true, false, true] {
+                match len(&mut at)? {
+                    NONE if optional => {}
+                    n => step(&mut at, n as usize)?,
+                }
+            }
+            let headers_n = len(&mut at)?;
+            if headers_n as usize > end.saturating_sub(at) / 8 {
+                return Err(DecodeError::BadRecords);
+            }
+            for _ in 0..headers_n {
+                let n = len(&mut at)?;
+                step(&mut at, n as usize)?;
+                let n = len(&mut at)?;
+                step(&mut at, n as usize)?;
+            }
+            if header.version != 1 {
+                match fixed(&mut at)? {
+                    [0] => {}
+                    [1] => step(&mut at, 8)?,
+                    _ => return Err(DecodeError::BadRecords),
+                }
+            }
+            continue;
+        }
         let key = match len(&mut at)? {
             NONE => None,
             n => Some(take(&mut at, n as usize)?),
@@ -508,6 +562,24 @@ mod tests {
         assert_eq!((h.base_offset, h.timestamp, h.count), (42, 7, 2));
         assert_eq!(h.length as usize, enc.len());
         assert_eq!(recs, sample());
+    }
+
+    #[test]
+    fn a_range_of_a_batch_decodes_as_that_slice_of_the_whole() {
+        let mut records = Vec::new();
+        for _ in 0..4 {
+            records.extend(sample());
+        }
+        let enc = Bytes::from(encode_batch(100, 7, &records).unwrap());
+        for from in [0, 99, 100, 101, 103, 107, 108, 500] {
+            for max in [0, 1, 2, 3, 8, usize::MAX] {
+                let (h, got) = decode_batch_from(&enc, from, max).unwrap();
+                assert_eq!(h.count, 8);
+                let skip = (from.saturating_sub(100) as usize).min(8);
+                let want: Vec<RecordData> = records.iter().skip(skip).take(max).cloned().collect();
+                assert_eq!(got, want, "from {from} max {max}");
+            }
+        }
     }
 
     #[test]

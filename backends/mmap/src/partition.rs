@@ -509,12 +509,14 @@ impl Partition {
             };
             let mut p = pos as usize;
             while p < data.len() && !full(&out, value_bytes) {
-                let (header, records) = format::decode_batch(&data.slice(p..))
+                let room = range.max_records.saturating_sub(out.len());
+                let (header, records) = format::decode_batch_from(&data.slice(p..), at, room)
                     .map_err(|e| corrupt(&path, p as u64, e))?;
+                let first = header.base_offset.max(at);
                 for (i, r) in records.into_iter().enumerate() {
-                    let offset = header.base_offset + i as u64;
-                    if offset < at || full(&out, value_bytes) {
-                        continue;
+                    let offset = first + i as u64;
+                    if full(&out, value_bytes) {
+                        break;
                     }
                     value_bytes += r.value.len();
                     out.push(StoredMessage {
