@@ -128,7 +128,15 @@ fn read_commands_work_while_another_process_writes() {
         .args(["group", "describe", "audit"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("stream"));
+        .stdout(predicate::str::contains("stream"))
+        // Members live in the owning process: the read-only view says so
+        // instead of showing none.
+        .stdout(predicate::str::contains("members:     not visible here"));
+    conveyor(&url)
+        .args(["group", "describe", "audit", "--format", "json"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("\"members_visible\":false"));
     conveyor(&url)
         .args(["group", "list"])
         .assert()

@@ -184,9 +184,9 @@
 //! (a shared per-poll delivery record instead of per-message fields).
 //!
 //! Queue mode (leases and acks, 4 consumers, 4 partitions): see
-//! `docs/benchmarks.md`. On this backend, durability `none`: 237–283 K
-//! msg/s acking one by one, 923–935 K msg/s with `ack_batch` of 100, and
-//! 100,000 messages in flight cost 1.87× what 100 cost. Lease changes are
+//! `docs/benchmarks.md`. On this backend, durability `none`: 243–278 K
+//! msg/s acking one by one, 1.02–1.08 M msg/s with `ack_batch` of 100,
+//! and 100,000 messages in flight cost 1.89× what 100 cost. Lease changes are
 //! small entries in `state.log` (a per-partition header and one entry per
 //! offset off the default), never the whole table.
 //!
