@@ -189,8 +189,9 @@ pub struct RocksOptions {
     /// Open read-only (default `false`; URL option `read_only`): follow a
     /// store another process owns, as a RocksDB secondary instance. Takes
     /// no lock and writes nothing in the store's directory (the secondary
-    /// keeps its own small log in a temporary directory, removed at
-    /// close). Topics, groups and offsets are a snapshot taken at open;
+    /// keeps its own small log in a temporary directory,
+    /// `conveyor-rocksdb-secondary-{pid}-{n}`, removed at close or drop; a
+    /// process killed before that leaves it behind). Topics, groups and offsets are a snapshot taken at open;
     /// each partition's records and bounds follow the owner's committed
     /// writes (caught up every 100 ms), a consistent prefix since each
     /// append is one `WriteBatch`. Every write is `ErrorKind::ReadOnly`.

@@ -45,6 +45,19 @@ struct Shared {
     secondary: Option<PathBuf>,
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // A read-only store dropped without `close` (a panic, an early
+        // return) still removes its secondary instance's directory.
+        if let Some(dir) = &self.secondary {
+            if let Some(db) = self.db.get_mut().take() {
+                drop(db);
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 impl Shared {
     fn db(&self) -> Result<Arc<DB>> {
         self.db.read().clone().ok_or_else(|| closed(&self.path))
