@@ -202,7 +202,10 @@ pub async fn describe_group_shows_members(backend: &dyn Backend) -> Result<()> {
         .await?;
     let generation = b.generation().await?;
     let d = ctx.broker.describe_group(&stream).await?;
-    assert_eq!(d.config.mode, DeliveryMode::Stream);
+    assert_eq!(d.lag.mode, DeliveryMode::Stream);
+    if let Some(config) = &d.config {
+        assert_eq!(config.mode, DeliveryMode::Stream);
+    }
     if d.members_visible {
         assert_eq!(d.members.len(), 2, "{d:?}");
         assert_eq!(d.generation, generation);

@@ -12,7 +12,7 @@
 //! contract gives it, and its `# Cancel safety` section what a dropped
 //! future leaves behind.
 
-use crate::config::{DeliveryMode, GroupConfig, SeekTo, TopicConfig};
+use crate::config::{GroupConfig, SeekTo, TopicConfig};
 use crate::describe::{GroupDescription, GroupLag, TopicDescription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{Message, Receipt, Record};
@@ -316,8 +316,9 @@ pub trait Broker: Send + Sync + 'static {
     /// A group's settings, members (what each owns or holds leased) and
     /// lag: what `conveyor group describe` prints.
     ///
-    /// The default implementation reports the lag with no members and
-    /// `members_visible: false`; the embedded engine reports its members.
+    /// The default implementation reports the lag only (no config, no
+    /// members, `members_visible: false`); the embedded engine reports
+    /// everything.
     ///
     /// # Errors
     /// `GroupNotFound`; `InvalidArgument` for an invalid group name.
@@ -326,13 +327,9 @@ pub trait Broker: Send + Sync + 'static {
     /// Cancel safe: it only reads.
     async fn describe_group(&self, group: &str) -> Result<GroupDescription> {
         let lag = self.group_lag(group).await?;
-        let config = match lag.mode {
-            DeliveryMode::Stream => GroupConfig::stream(),
-            DeliveryMode::Queue => GroupConfig::queue(),
-        };
         Ok(GroupDescription {
             group: lag.group.clone(),
-            config,
+            config: None,
             generation: 0,
             members: Vec::new(),
             members_visible: false,

@@ -96,8 +96,10 @@ pub struct MemberDescription {
 pub struct GroupDescription {
     /// Group name.
     pub group: String,
-    /// Its settings (mode, visibility and session timeouts, DLQ policy).
-    pub config: GroupConfig,
+    /// Its settings (mode, visibility and session timeouts, DLQ policy),
+    /// where the broker knows them (`None` from the default
+    /// [`describe_group`](crate::Broker::describe_group)).
+    pub config: Option<GroupConfig>,
     /// Stream mode: the generation (bumped by every rebalance).
     pub generation: u64,
     /// The members now.

@@ -30,7 +30,7 @@ use conveyor_core::backend::{
     Appended, Engine, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage,
     StoredRecord,
 };
-use conveyor_core::{now_ms, BrokerOptions, Capabilities, Header, Receipt, Result, Retention};
+use conveyor_core::{now_ms, BrokerOptions, Capabilities, Receipt, Result, Retention};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -52,11 +52,7 @@ pub fn open_default() -> MemoryBroker {
 #[derive(Debug, Clone)]
 struct Entry {
     timestamp: u64,
-    key: Option<Bytes>,
-    value: Bytes,
-    headers: Vec<Header>,
-    idempotency_key: Option<String>,
-    deliver_at: Option<u64>,
+    record: StoredRecord,
     size: u64,
 }
 
@@ -137,11 +133,7 @@ impl LogStorage for MemoryStorage {
             log.bytes += size;
             log.records.push_back(Entry {
                 timestamp,
-                key: r.key,
-                value: r.value,
-                headers: r.headers,
-                idempotency_key: r.idempotency_key,
-                deliver_at: r.deliver_at,
+                record: r,
                 size,
             });
         }
@@ -167,16 +159,12 @@ impl LogStorage for MemoryStorage {
             if range.is_full(out.len(), bytes) {
                 break;
             }
-            bytes += e.value.len();
-            out.push(StoredMessage {
-                offset: log.start + i as u64,
-                timestamp: e.timestamp,
-                key: e.key.clone(),
-                value: e.value.clone(),
-                headers: e.headers.clone(),
-                idempotency_key: e.idempotency_key.clone(),
-                deliver_at: e.deliver_at,
-            });
+            bytes += e.record.value.len();
+            out.push(StoredMessage::from_record(
+                log.start + i as u64,
+                e.timestamp,
+                e.record.clone(),
+            ));
         }
         Ok(out)
     }
@@ -242,7 +230,7 @@ impl LogStorage for MemoryStorage {
             let log = log.lock();
             for (i, e) in log.records.iter().enumerate() {
                 if e.timestamp >= since_ms {
-                    if let Some(k) = &e.idempotency_key {
+                    if let Some(k) = &e.record.idempotency_key {
                         out.push((
                             k.clone(),
                             Receipt {

@@ -330,7 +330,8 @@ pub fn decode_batch_from(
     let end = header.length as usize;
     let batch = data.get(..end).ok_or(DecodeError::Incomplete)?;
     let mut at = BATCH_HEADER;
-    let wanted = (header.count as usize).saturating_sub(skip).min(max);
+    let stop = skip.saturating_add(max);
+    let wanted = (header.count as usize).min(stop).saturating_sub(skip);
     let mut records = Vec::with_capacity(wanted.min(1 << 16));
     let take = |at: &mut usize, n: usize| -> Result<Bytes, DecodeError> {
         let stop = at.checked_add(n).ok_or(DecodeError::BadRecords)?;
@@ -361,9 +362,8 @@ pub fn decode_batch_from(
         Ok(())
     };
     for i in 0..header.count as usize {
-        if records.len() == wanted && wanted < (header.count as usize).saturating_sub(skip) {
-            // The rest is not wanted; the CRC covered it.
-            return Ok((header, records));
+        if i >= stop {
+            return Ok((header, records)); // the rest is not wanted; the CRC covered it
         }
         if i < skip {
             // Step over: key, value, idempotency key, headers, delivery time.

@@ -519,15 +519,7 @@ impl Partition {
                         break;
                     }
                     value_bytes += r.value.len();
-                    out.push(StoredMessage {
-                        offset,
-                        timestamp: header.timestamp,
-                        key: r.key,
-                        value: r.value,
-                        headers: r.headers,
-                        idempotency_key: r.idempotency_key,
-                        deliver_at: r.deliver_at,
-                    });
+                    out.push(StoredMessage::from_record(offset, header.timestamp, r));
                 }
                 p += header.length as usize;
             }

@@ -528,9 +528,9 @@ impl LogStorage for RocksStorage {
         retention: &Retention,
         now_ms: u64,
     ) -> Result<()> {
-        if self.shared.options.read_only {
-            return Ok(()); // the owner enforces retention; we follow it
-        }
+        // The owner enforces retention; a read-only engine never asks.
+        self.shared
+            .writable(&format!("retention of `{topic}` partition {partition}"))?;
         let part = self.partition(topic, partition)?;
         let (retention, sync) = (*retention, self.shared.sync());
         self.with_db(move |db, path| part.enforce_retention(db, path, &retention, now_ms, sync))

@@ -407,7 +407,7 @@ impl<S: LogStorage> Broker for Engine<S> {
             .collect();
         Ok(GroupDescription {
             group: group.to_string(),
-            config: g.config.clone(),
+            config: Some(g.config.clone()),
             generation: g.generation,
             members,
             // A read-only view has the persisted state only: members live

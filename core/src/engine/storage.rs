@@ -51,6 +51,21 @@ pub struct StoredMessage {
     pub deliver_at: Option<u64>,
 }
 
+impl StoredMessage {
+    /// The record appended at `offset` at `timestamp`, as read back.
+    pub fn from_record(offset: u64, timestamp: u64, record: StoredRecord) -> Self {
+        StoredMessage {
+            offset,
+            timestamp,
+            key: record.key,
+            value: record.value,
+            headers: record.headers,
+            idempotency_key: record.idempotency_key,
+            deliver_at: record.deliver_at,
+        }
+    }
+}
+
 /// Which records a [`LogStorage::read`] returns: from `from`, at most
 /// `max_records`, stopping early once `max_bytes` of values are read
 /// (always at least one record if any).
