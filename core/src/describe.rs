@@ -89,6 +89,20 @@ pub struct MemberDescription {
     pub idle_ms: u64,
 }
 
+impl MemberDescription {
+    /// A member reading `topics`, holding nothing; backends outside this
+    /// crate fill in the other (public) fields.
+    pub fn new(id: impl Into<String>, topics: Vec<String>) -> Self {
+        MemberDescription {
+            id: id.into(),
+            topics,
+            assignment: Vec::new(),
+            leases: 0,
+            idle_ms: 0,
+        }
+    }
+}
+
 /// A consumer group, as described: its settings, its members with what
 /// each holds, and its lag.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,4 +124,20 @@ pub struct GroupDescription {
     pub members_visible: bool,
     /// Lag per partition.
     pub lag: GroupLag,
+}
+
+impl GroupDescription {
+    /// A group with `lag`, no known config, generation 0 and no visible
+    /// members; backends outside this crate fill in the other (public)
+    /// fields.
+    pub fn new(group: impl Into<String>, lag: GroupLag) -> Self {
+        GroupDescription {
+            group: group.into(),
+            config: None,
+            generation: 0,
+            members: Vec::new(),
+            members_visible: false,
+            lag,
+        }
+    }
 }

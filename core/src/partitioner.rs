@@ -50,6 +50,32 @@ pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     to_positive(murmur2(key)) % partitions.max(1)
 }
 
+/// The partition a record goes to (contract §3): its explicit partition;
+/// else Kafka's partitioner on its key; else murmur2 of its idempotency
+/// key (a retry lands where the first try did); else the next round-robin
+/// slot, taken from `round_robin` (which is advanced). Every backend
+/// routes with this one function.
+///
+/// ```
+/// use conveyor::{partitioner::route, Record};
+/// let mut rr = 0;
+/// assert_eq!(route(&Record::new("v").with_partition(2), 4, &mut rr), 2);
+/// assert_eq!(route(&Record::new("v").with_key("foobar"), 50, &mut rr), 16);
+/// assert_eq!((route(&Record::new("a"), 4, &mut rr), route(&Record::new("b"), 4, &mut rr)), (0, 1));
+/// ```
+pub fn route(record: &crate::Record, partitions: u32, round_robin: &mut u32) -> u32 {
+    match (record.partition, &record.key, &record.idempotency_key) {
+        (Some(p), _, _) => p,
+        (None, Some(key), _) => partition_for_key(key, partitions),
+        (None, None, Some(id)) => partition_for_key(id.as_bytes(), partitions),
+        (None, None, None) => {
+            let p = *round_robin % partitions.max(1);
+            *round_robin = round_robin.wrapping_add(1);
+            p
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,16 +53,7 @@ impl<S: LogStorage> Inner<S> {
         };
         records
             .iter()
-            .map(|r| match (r.partition, &r.key, &r.idempotency_key) {
-                (Some(p), _, _) => p,
-                (None, Some(key), _) => partitioner::partition_for_key(key, partitions),
-                (None, None, Some(id)) => partitioner::partition_for_key(id.as_bytes(), partitions),
-                (None, None, None) => {
-                    let p = next % partitions;
-                    next = next.wrapping_add(1);
-                    p
-                }
-            })
+            .map(|r| partitioner::route(r, partitions, &mut next))
             .collect()
     }
 

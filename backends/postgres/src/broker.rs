@@ -1,0 +1,753 @@
+//! The broker: connection pool, topic administration, lag, fetch, the
+//! notification listener and the idempotency store.
+
+use crate::error::{during, map};
+use crate::queries::{self, existing_topic, topic_config, TopicRow};
+use crate::{check_schema, PgOptions};
+use async_trait::async_trait;
+use conveyor_core::backend::validate;
+use conveyor_core::{
+    Broker, BrokerOptions, Capabilities, Consumer, DeliveryMode, DeliveryToken, Durability, Error,
+    ErrorKind, GroupConfig, GroupDescription, GroupLag, IdempotencyStore, MemberDescription,
+    Message, PartitionDescription, PartitionLag, Producer, Result, TopicConfig, TopicDescription,
+};
+use parking_lot::Mutex;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Connection, Executor, Row};
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How long a waiting poll sleeps at most between looks when no
+/// notification comes (a lost notification costs at most this).
+pub(crate) const FALLBACK_POLL: Duration = Duration::from_millis(250);
+
+/// State shared by the broker, its producers and consumers.
+pub(crate) struct Inner {
+    pub pool: PgPool,
+    pub schema: String,
+    pub options: BrokerOptions,
+    pub closed: AtomicBool,
+    /// Bumped whenever a notification arrives (or the listener
+    /// reconnects, when some may have been lost).
+    pub changed: watch::Sender<u64>,
+    pub round_robin: Mutex<HashMap<String, u32>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Inner {
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorKind::Closed, "the broker is closed"));
+        }
+        Ok(())
+    }
+
+    /// Wake this process's waiting polls (other processes are woken by
+    /// the server's notifications).
+    pub(crate) fn wake(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The topic's row, creating the topic if auto-create is on.
+    pub(crate) async fn topic_or_create(&self, name: &str) -> Result<TopicRow> {
+        validate::topic_name(name)?;
+        if let Some(t) = queries::topic(&self.pool, name).await? {
+            return Ok(t);
+        }
+        if !self.options.auto_create_topics {
+            return Err(Error::topic_not_found(name));
+        }
+        self.create_topic(name, TopicConfig::default(), true).await?;
+        existing_topic(&self.pool, name).await
+    }
+
+    /// Create a topic; with `lenient`, an existing one with another
+    /// config is fine (auto-create, DLQ topics).
+    pub(crate) async fn create_topic(&self, name: &str, config: TopicConfig, lenient: bool) -> Result<()> {
+        self.check_open()?;
+        validate::topic_name(name)?;
+        validate::topic_config(name, &config)?;
+        let mut conn = self.pool.acquire().await.map_err(during(format!("create topic `{name}`")))?;
+        create_topic_in(&mut conn, name, &config, lenient).await
+    }
+
+    async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.check_open()?;
+        validate::topic_name(name)?;
+        let what = format!("delete topic `{name}`");
+        let mut tx = self.pool.begin().await.map_err(during(&what))?;
+        let row = sqlx::query("DELETE FROM topics WHERE name = $1 RETURNING id")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(during(&what))?
+            .ok_or_else(|| Error::topic_not_found(name))?;
+        let id: i64 = row.get(0);
+        sqlx::query("DELETE FROM records WHERE topic_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(during(&what))?;
+        for table in ["owners", "commits", "queue_cursors", "leases"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE topic = $1"))
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(during(&what))?;
+        }
+        let groups: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM group_topics WHERE topic = $1 RETURNING group_name",
+        )
+        .bind(name)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(during(&what))?;
+        for g in groups {
+            crate::group::lock_and_rebalance(&mut tx, &g).await?;
+        }
+        tx.commit().await.map_err(during(&what))?;
+        self.wake();
+        Ok(())
+    }
+
+    async fn add_partitions(&self, name: &str, partitions: u32) -> Result<()> {
+        self.check_open()?;
+        validate::topic_name(name)?;
+        validate::partition_count(name, partitions)?;
+        let what = format!("add partitions to `{name}`");
+        let mut tx = self.pool.begin().await.map_err(during(&what))?;
+        let row = sqlx::query("SELECT id, config FROM topics WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(during(&what))?
+            .ok_or_else(|| Error::topic_not_found(name))?;
+        let id: i64 = row.get(0);
+        let mut config = topic_config(name, row.get(1))?;
+        if partitions < config.partitions {
+            return Err(Error::invalid(format!(
+                "topic `{name}`: partitions can only grow ({} now, asked for {partitions})",
+                config.partitions
+            )));
+        }
+        if partitions == config.partitions {
+            return Ok(());
+        }
+        let before = config.partitions;
+        config.partitions = partitions;
+        sqlx::query("UPDATE topics SET partitions = $2, config = $3 WHERE id = $1")
+            .bind(id)
+            .bind(partitions as i32)
+            .bind(config_json(&config)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(during(&what))?;
+        sqlx::query(
+            "INSERT INTO partitions (topic_id, partition) SELECT $1, generate_series($2::int, $3::int - 1)",
+        )
+        .bind(id)
+        .bind(before as i32)
+        .bind(partitions as i32)
+        .execute(&mut *tx)
+        .await
+        .map_err(during(&what))?;
+        let groups: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT group_name FROM members WHERE $1 = ANY(topics)",
+        )
+        .bind(name)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(during(&what))?;
+        for g in groups {
+            crate::group::lock_and_rebalance(&mut tx, &g).await?;
+        }
+        tx.commit().await.map_err(during(&what))?;
+        self.wake();
+        Ok(())
+    }
+
+    pub(crate) async fn group_lag(&self, group: &str) -> Result<GroupLag> {
+        self.check_open()?;
+        validate::group_name(group)?;
+        let what = format!("lag of group `{group}`");
+        let mode: Option<String> = sqlx::query_scalar("SELECT mode FROM groups WHERE name = $1")
+            .bind(group)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(during(&what))?;
+        let mode = parse_mode(&mode.ok_or_else(|| group_not_found(group))?)?;
+        let rows = sqlx::query(
+            r#"SELECT gt.topic, p.partition, p.log_start, p.next_offset, c.committed, q.next,
+                      (SELECT min(l."offset") FROM leases l WHERE l.group_name = gt.group_name
+                         AND l.topic = gt.topic AND l.partition = p.partition AND l."offset" >= p.log_start),
+                      (SELECT count(*) FROM leases l WHERE l.group_name = gt.group_name
+                         AND l.topic = gt.topic AND l.partition = p.partition AND l."offset" >= p.log_start),
+                      (SELECT count(*) FROM leases l WHERE l.group_name = gt.group_name
+                         AND l.topic = gt.topic AND l.partition = p.partition AND l."offset" >= p.log_start
+                         AND l.member_id IS NOT NULL AND l.deadline > now_ms()),
+                      (SELECT count(*) FROM leases l WHERE l.group_name = gt.group_name
+                         AND l.topic = gt.topic AND l.partition = p.partition AND l."offset" >= p.log_start
+                         AND (l.member_id IS NULL OR l.deadline <= now_ms()) AND l.not_before > now_ms())
+                 FROM group_topics gt
+                 JOIN topics t ON t.name = gt.topic
+                 JOIN partitions p ON p.topic_id = t.id
+                 LEFT JOIN commits c ON c.group_name = gt.group_name AND c.topic = gt.topic AND c.partition = p.partition
+                 LEFT JOIN queue_cursors q ON q.group_name = gt.group_name AND q.topic = gt.topic AND q.partition = p.partition
+                WHERE gt.group_name = $1
+                ORDER BY gt.topic, p.partition"#,
+        )
+        .bind(group)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(during(&what))?;
+        let partitions = rows
+            .iter()
+            .map(|r| {
+                let topic: String = r.get(0);
+                let partition = r.get::<i32, _>(1) as u32;
+                let log_start = r.get::<i64, _>(2) as u64;
+                let log_end = r.get::<i64, _>(3) as u64;
+                match mode {
+                    DeliveryMode::Stream => {
+                        let committed = r
+                            .get::<Option<i64>, _>(4)
+                            .map_or(log_start, |c| c as u64)
+                            .clamp(log_start, log_end.max(log_start));
+                        PartitionLag {
+                            topic,
+                            partition,
+                            committed,
+                            log_end,
+                            lag: log_end.saturating_sub(committed),
+                            in_flight: 0,
+                            available: 0,
+                        }
+                    }
+                    DeliveryMode::Queue => {
+                        let cursor = r
+                            .get::<Option<i64>, _>(5)
+                            .map_or(log_start, |c| c as u64)
+                            .clamp(log_start, log_end.max(log_start));
+                        let lowest = r.get::<Option<i64>, _>(6).map(|o| o as u64);
+                        let rows = r.get::<i64, _>(7) as u64;
+                        let in_flight = r.get::<i64, _>(8) as u64;
+                        let waiting = r.get::<i64, _>(9) as u64;
+                        let lag = rows + log_end.saturating_sub(cursor);
+                        PartitionLag {
+                            topic,
+                            partition,
+                            committed: lowest.map_or(cursor, |l| l.min(cursor)),
+                            log_end,
+                            lag,
+                            in_flight,
+                            available: lag.saturating_sub(in_flight + waiting),
+                        }
+                    }
+                }
+            })
+            .collect();
+        Ok(GroupLag {
+            group: group.to_string(),
+            mode,
+            partitions,
+        })
+    }
+}
+
+/// Insert a topic and its partition rows in `conn` (the caller's
+/// transaction, if any).
+pub(crate) async fn create_topic_in(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+    config: &TopicConfig,
+    lenient: bool,
+) -> Result<()> {
+    let what = format!("create topic `{name}`");
+    let mut tx = conn.begin().await.map_err(during(&what))?;
+    let id: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO topics (name, partitions, config, retention_ms, retention_bytes)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING RETURNING id",
+    )
+    .bind(name)
+    .bind(config.partitions as i32)
+    .bind(config_json(config)?)
+    .bind(config.retention.max_age.map(|d| d.as_millis().min(i64::MAX as u128) as i64))
+    .bind(config.retention.max_bytes.map(|b| b.min(i64::MAX as u64) as i64))
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(during(&what))?;
+    match id {
+        Some(id) => {
+            sqlx::query(
+                "INSERT INTO partitions (topic_id, partition) SELECT $1, generate_series(0, $2::int - 1)",
+            )
+            .bind(id)
+            .bind(config.partitions as i32)
+            .execute(&mut *tx)
+            .await
+            .map_err(during(&what))?;
+            tx.commit().await.map_err(during(&what))?;
+            tracing::debug!(topic = name, partitions = config.partitions, "topic created");
+            Ok(())
+        }
+        None => {
+            let existing = existing_topic(&mut *tx, name).await?;
+            if existing.config == *config || lenient {
+                return Ok(());
+            }
+            Err(Error::new(
+                ErrorKind::TopicExists,
+                format!(
+                    "topic `{name}` exists with another config ({} partitions, asked for {})",
+                    existing.config.partitions, config.partitions
+                ),
+            ))
+        }
+    }
+}
+
+pub(crate) fn config_json<T: serde::Serialize>(config: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(config).map_err(|e| Error::internal(format!("config to JSON: {e}")))
+}
+
+pub(crate) fn group_not_found(group: &str) -> Error {
+    Error::new(
+        ErrorKind::GroupNotFound,
+        format!("group `{group}` does not exist"),
+    )
+}
+
+pub(crate) fn mode_name(mode: DeliveryMode) -> &'static str {
+    match mode {
+        DeliveryMode::Stream => "stream",
+        _ => "queue",
+    }
+}
+
+pub(crate) fn parse_mode(s: &str) -> Result<DeliveryMode> {
+    match s {
+        "stream" => Ok(DeliveryMode::Stream),
+        "queue" => Ok(DeliveryMode::Queue),
+        other => Err(Error::internal(format!("unknown stored group mode `{other}`"))),
+    }
+}
+
+/// Conveyor on PostgreSQL (see the crate docs).
+#[derive(Clone)]
+pub struct PgBroker {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PgBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBroker")
+            .field("schema", &self.inner.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgBroker {
+    pub(crate) async fn open(url: &str, options: BrokerOptions, pg: PgOptions) -> Result<PgBroker> {
+        check_schema(&pg.schema)?;
+        if pg.max_connections == 0 {
+            return Err(Error::invalid("max_connections must be at least 1"));
+        }
+        let connect = PgConnectOptions::from_str(url).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("PostgreSQL URL `{url}` is not valid: {e}"),
+            )
+            .with_source(e)
+        })?;
+        let schema = pg.schema.clone();
+        // The schema first, on a plain connection (concurrent opens may
+        // race to create it: the loser sees it exists).
+        {
+            let mut conn = sqlx::PgConnection::connect_with(&connect)
+                .await
+                .map_err(during(format!("connect to PostgreSQL at `{url}`")))?;
+            if let Err(e) = conn
+                .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
+                .await
+            {
+                let exists = matches!(&e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("23505") | Some("42P06")));
+                if !exists {
+                    return Err(map(&format!("create schema `{schema}`"), e));
+                }
+            }
+            let _ = conn.close().await;
+        }
+        let sync = options.durability == Durability::Always;
+        let set = format!(
+            "SET search_path TO \"{schema}\"; SET synchronous_commit TO {}",
+            if sync { "on" } else { "off" }
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(pg.max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                let set = set.clone();
+                Box::pin(async move {
+                    conn.execute(set.as_str()).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(connect)
+            .await
+            .map_err(during(format!("connect to PostgreSQL at `{url}`")))?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(e) => map(&format!("migrate schema `{schema}`"), e),
+                other => Error::new(
+                    ErrorKind::Internal,
+                    format!("migrate schema `{schema}`: {other}"),
+                )
+                .with_source(other),
+            })?;
+        let (changed, _) = watch::channel(0u64);
+        let inner = Arc::new(Inner {
+            pool,
+            schema,
+            options,
+            closed: AtomicBool::new(false),
+            changed,
+            round_robin: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let listener = tokio::spawn(listen(Arc::downgrade(&inner)));
+        let retention = tokio::spawn(crate::retention::run(Arc::downgrade(&inner)));
+        inner.tasks.lock().extend([listener, retention]);
+        Ok(PgBroker { inner })
+    }
+
+    /// The schema this broker's tables live in.
+    pub fn schema(&self) -> &str {
+        &self.inner.schema
+    }
+
+    /// Drop the schema and everything in it (tests and tools; every
+    /// broker on the schema stops working).
+    ///
+    /// # Errors
+    /// `Unavailable` if the server cannot be reached.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the drop is one statement.
+    pub async fn drop_schema(&self) -> Result<()> {
+        let schema = &self.inner.schema;
+        self.inner
+            .pool
+            .execute(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE").as_str())
+            .await
+            .map_err(during(format!("drop schema `{schema}`")))?;
+        Ok(())
+    }
+}
+
+/// Forward the server's notifications for this schema to waiting polls;
+/// reconnect after a lost connection (waking everyone, since
+/// notifications may have been missed meanwhile).
+async fn listen(inner: Weak<Inner>) {
+    let channel = match inner.upgrade() {
+        Some(i) => format!("conveyor.{}", i.schema),
+        None => return,
+    };
+    loop {
+        let pool = match inner.upgrade() {
+            Some(i) if !i.closed.load(Ordering::Acquire) => i.pool.clone(),
+            _ => return,
+        };
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(_) => {
+                drop(pool);
+                tokio::time::sleep(FALLBACK_POLL).await;
+                continue;
+            }
+        };
+        drop(pool);
+        if listener.listen(&channel).await.is_err() {
+            tokio::time::sleep(FALLBACK_POLL).await;
+            continue;
+        }
+        if let Some(i) = inner.upgrade() {
+            i.wake();
+        }
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(_)) => match inner.upgrade() {
+                    Some(i) => i.wake(),
+                    None => return,
+                },
+                // The connection was lost; `try_recv` reconnects next time.
+                Ok(None) => match inner.upgrade() {
+                    Some(i) => i.wake(),
+                    None => return,
+                },
+                Err(_) => break,
+            }
+        }
+        tokio::time::sleep(FALLBACK_POLL).await;
+    }
+}
+
+#[async_trait]
+impl Broker for PgBroker {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::SERVER
+    }
+
+    async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<()> {
+        self.inner.create_topic(name, config, false).await
+    }
+
+    async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.inner.delete_topic(name).await
+    }
+
+    async fn list_topics(&self) -> Result<Vec<String>> {
+        self.inner.check_open()?;
+        sqlx::query_scalar("SELECT name FROM topics ORDER BY name")
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(during("list topics"))
+    }
+
+    async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        self.inner.check_open()?;
+        validate::topic_name(name)?;
+        let t = existing_topic(&self.inner.pool, name).await?;
+        if t.config.retention.is_limited() {
+            crate::retention::enforce(&self.inner, name, t.id, &t.config).await?;
+        }
+        let rows = sqlx::query(
+            "SELECT partition, log_start, next_offset, bytes FROM partitions WHERE topic_id = $1 ORDER BY partition",
+        )
+        .bind(t.id)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(during(format!("describe topic `{name}`")))?;
+        Ok(TopicDescription {
+            name: name.to_string(),
+            config: t.config,
+            partitions: rows
+                .iter()
+                .map(|r| PartitionDescription {
+                    partition: r.get::<i32, _>(0) as u32,
+                    log_start: r.get::<i64, _>(1) as u64,
+                    log_end: r.get::<i64, _>(2) as u64,
+                    bytes: r.get::<i64, _>(3) as u64,
+                })
+                .collect(),
+        })
+    }
+
+    async fn add_partitions(&self, name: &str, partitions: u32) -> Result<()> {
+        self.inner.add_partitions(name, partitions).await
+    }
+
+    async fn producer(&self) -> Result<Arc<dyn Producer>> {
+        self.inner.check_open()?;
+        Ok(Arc::new(crate::produce::PgProducer {
+            inner: self.inner.clone(),
+        }))
+    }
+
+    async fn consumer(
+        &self,
+        group: &str,
+        topics: &[&str],
+        config: GroupConfig,
+    ) -> Result<Arc<dyn Consumer>> {
+        self.inner.check_open()?;
+        let c = crate::group::join(&self.inner, group, topics, config).await?;
+        Ok(Arc::new(c))
+    }
+
+    async fn list_groups(&self) -> Result<Vec<String>> {
+        self.inner.check_open()?;
+        sqlx::query_scalar("SELECT name FROM groups ORDER BY name")
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(during("list groups"))
+    }
+
+    async fn group_lag(&self, group: &str) -> Result<GroupLag> {
+        self.inner.group_lag(group).await
+    }
+
+    async fn describe_group(&self, group: &str) -> Result<GroupDescription> {
+        let lag = self.inner.group_lag(group).await?;
+        let what = format!("describe group `{group}`");
+        let g = sqlx::query("SELECT config, generation FROM groups WHERE name = $1")
+            .bind(group)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(during(&what))?
+            .ok_or_else(|| group_not_found(group))?;
+        let config: GroupConfig = serde_json::from_value(g.get(0))
+            .map_err(|e| Error::internal(format!("{what}: stored config is unreadable: {e}")))?;
+        let members = sqlx::query(
+            r#"SELECT m.member_id, m.topics, now_ms() - m.last_seen,
+                      coalesce((SELECT array_agg(o.topic ORDER BY o.topic, o.partition) FROM owners o
+                                 WHERE o.group_name = m.group_name AND o.member_id = m.member_id), '{}'),
+                      coalesce((SELECT array_agg(o.partition ORDER BY o.topic, o.partition) FROM owners o
+                                 WHERE o.group_name = m.group_name AND o.member_id = m.member_id), '{}'),
+                      (SELECT count(*) FROM leases l WHERE l.group_name = m.group_name
+                         AND l.member_id = m.member_id AND l.deadline > now_ms())
+                 FROM members m WHERE m.group_name = $1 ORDER BY m.member_id"#,
+        )
+        .bind(group)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(during(&what))?
+        .iter()
+        .map(|r| {
+            let topics: Vec<String> = r.get(3);
+            let partitions: Vec<i32> = r.get(4);
+            let mut d = MemberDescription::new(r.get::<i64, _>(0).to_string(), r.get(1));
+            d.assignment = topics
+                .into_iter()
+                .zip(partitions)
+                .map(|(t, p)| (t, p as u32))
+                .collect();
+            d.leases = r.get::<i64, _>(5) as u64;
+            d.idle_ms = r.get::<i64, _>(2).max(0) as u64;
+            d
+        })
+        .collect();
+        let mut d = GroupDescription::new(group, lag);
+        d.config = Some(config);
+        d.generation = g.get::<i64, _>(1) as u64;
+        d.members = members;
+        d.members_visible = true;
+        Ok(d)
+    }
+
+    async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<Message>> {
+        self.inner.check_open()?;
+        validate::topic_name(topic)?;
+        let t = existing_topic(&self.inner.pool, topic).await?;
+        validate::partition(topic, partition, t.config.partitions)?;
+        let found = queries::read(&self.inner.pool, topic, t.id, partition, offset, max).await?;
+        Ok(found
+            .into_iter()
+            .map(|m| Message::from_stored(topic, partition, m, 1, DeliveryToken::default()))
+            .collect())
+    }
+
+    async fn offset_for_timestamp(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp: u64,
+    ) -> Result<u64> {
+        self.inner.check_open()?;
+        validate::topic_name(topic)?;
+        let t = existing_topic(&self.inner.pool, topic).await?;
+        validate::partition(topic, partition, t.config.partitions)?;
+        offset_for_timestamp(&self.inner.pool, topic, t.id, partition, timestamp).await
+    }
+
+    fn idempotency_store(&self) -> Arc<dyn IdempotencyStore> {
+        Arc::new(PgIdempotency {
+            inner: self.inner.clone(),
+        })
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        for t in self.inner.tasks.lock().drain(..) {
+            t.abort();
+        }
+        self.inner.wake();
+        self.inner.pool.close().await;
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for t in self.tasks.get_mut().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// The first offset whose timestamp is at least `timestamp` (the log end
+/// if none), never below the log start.
+pub(crate) async fn offset_for_timestamp<'e, E: sqlx::PgExecutor<'e>>(
+    ex: E,
+    topic: &str,
+    topic_id: i64,
+    partition: u32,
+    timestamp: u64,
+) -> Result<u64> {
+    let found: i64 = sqlx::query_scalar(
+        r#"SELECT coalesce(
+               (SELECT min(r."offset") FROM records r WHERE r.topic_id = $1 AND r.partition = $2
+                   AND r.ts >= $3 AND r."offset" >= p.log_start),
+               p.next_offset)
+             FROM partitions p WHERE p.topic_id = $1 AND p.partition = $2"#,
+    )
+    .bind(topic_id)
+    .bind(partition as i32)
+    .bind(timestamp.min(i64::MAX as u64) as i64)
+    .fetch_optional(ex)
+    .await
+    .map_err(during(format!("find a timestamp in `{topic}`/{partition}")))?
+    .ok_or_else(|| Error::topic_not_found(topic))?;
+    Ok(found as u64)
+}
+
+/// [`IdempotencyStore`] on the `idempotency` table: `INSERT .. ON
+/// CONFLICT` that replaces only an expired key, so exactly one caller sees
+/// a key first within its TTL.
+struct PgIdempotency {
+    inner: Arc<Inner>,
+}
+
+#[async_trait]
+impl IdempotencyStore for PgIdempotency {
+    async fn first_seen(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.inner.check_open()?;
+        let ttl = ttl.as_millis().min(i64::MAX as u128 / 2) as i64;
+        let row = sqlx::query(
+            "INSERT INTO idempotency (key, expires_at) VALUES ($1, now_ms() + $2)
+             ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
+             WHERE idempotency.expires_at <= now_ms()
+             RETURNING 1",
+        )
+        .bind(key)
+        .bind(ttl)
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(during(format!("idempotency key `{key}`")))?;
+        Ok(row.is_some())
+    }
+
+    async fn forget(&self, key: &str) -> Result<()> {
+        self.inner.check_open()?;
+        sqlx::query("DELETE FROM idempotency WHERE key = $1")
+            .bind(key)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(during(format!("forget idempotency key `{key}`")))?;
+        Ok(())
+    }
+}

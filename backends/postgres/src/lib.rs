@@ -1,0 +1,205 @@
+//! # conveyor-postgres
+//!
+//! Conveyor on PostgreSQL: one queue shared by many processes on many
+//! machines, with the database as the only thing they share. Every rule of
+//! the contract (`docs/semantics.md`) is decided by the server, in one
+//! statement or one transaction per step: offsets, dedup, group membership
+//! and generations, stream-mode ownership and commits, queue-mode leases,
+//! dead-lettering. Times are the server's clock (`clock_timestamp()`).
+//!
+//! ```no_run
+//! # async fn demo() -> conveyor_core::Result<()> {
+//! use conveyor_core::{BrokerOptions, prelude::*};
+//! let broker = conveyor_postgres::open(
+//!     "postgres://postgres@127.0.0.1/test",
+//!     BrokerOptions::default(),
+//!     conveyor_postgres::PgOptions::default().with_schema("orders_app"),
+//! )
+//! .await?;
+//! broker.create_topic("orders", TopicConfig::new(4)).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Or through the facade: `conveyor::open("postgres://user@host/db?schema=orders_app")`
+//! (feature `postgres`).
+//!
+//! # Layout
+//!
+//! The tables live in the URL's `schema` (default `conveyor`), created on
+//! open and migrated with `sqlx::migrate!` (`migrations/`, embedded in the
+//! binary; no live database is needed to build). Two apps, or two tests,
+//! with different schemas never see each other.
+//!
+//! - `topics`, `partitions` (one row per partition: `next_offset`,
+//!   `log_start`, bytes, last timestamp), `records` (primary key topic id,
+//!   partition, offset).
+//! - `groups`, `group_topics`, `members` (heartbeat time), `owners`
+//!   (stream mode: member and generation per partition), `commits`
+//!   (stream mode), `queue_cursors` and `leases` (queue mode),
+//!   `idempotency` (the consumer-side [`IdempotencyStore`]).
+//!
+//! # How the rules hold in the server
+//!
+//! - **Dense offsets, no late lower offsets (§3).** An append to a
+//!   partition updates its `partitions` row (`next_offset = next_offset +
+//!   n`), which locks the row until the transaction commits; the records go
+//!   in with the same statement (`UNNEST` of arrays, one round trip per
+//!   partition). The next append to that partition waits for the lock, so
+//!   offsets are assigned and become visible in order. A sequence would not
+//!   do: sequence values commit out of order. Multi-partition batches lock
+//!   partitions in ascending order, so two batches cannot deadlock.
+//! - **Idempotent produce.** Records with an idempotency key go in a
+//!   transaction that locks the partition row first, then looks the keys up
+//!   among the partition's records younger than the dedup window (a partial
+//!   index on `(topic, partition, idem)`), then appends what is new.
+//! - **Groups.** Members heartbeat with every call; a member whose
+//!   `last_seen` is older than the session timeout (server clock) is
+//!   removed by the next call of any member, under the group row's lock,
+//!   and the group is rebalanced there with core's sticky [`assign`]
+//!   (stream mode: bump the generation, move only what must move). A
+//!   commit is one `INSERT .. ON CONFLICT` whose `WHERE EXISTS` checks,
+//!   with a share lock, that this member still owns the partition in the
+//!   generation the message was delivered in: a fenced member's commit
+//!   changes nothing and is `Fenced`.
+//! - **Queue mode.** A poll takes redeliverable rows of `leases` with
+//!   `FOR UPDATE SKIP LOCKED` (two members never wait on each other's
+//!   rows) and fresh offsets by moving a partition's cursor (its row locked
+//!   `SKIP LOCKED` too), then writes the leases, all in one transaction. An
+//!   ack deletes the row if it still carries the lease id it was delivered
+//!   with. Expired leases on their last attempt are dead-lettered by the
+//!   poll that finds them, in the same transaction as the DLQ append.
+//! - **Waking up.** An insert into `records` notifies
+//!   `conveyor.<schema>` (a statement trigger); each broker listens with one
+//!   `PgListener` connection and wakes its waiting polls. A lost
+//!   notification costs at most the fallback poll interval (250 ms).
+//!
+//! # Durability
+//!
+//! - `always`: `synchronous_commit = on` (PostgreSQL's default): `send`
+//!   returns after the commit's WAL record is flushed (and replicated, if
+//!   the server is configured for synchronous replication).
+//! - `none` and `interval(d)`: the broker's connections run with
+//!   `synchronous_commit = off`. PostgreSQL then flushes the WAL in the
+//!   background, every `wal_writer_delay` (200 ms by default; `d` is not
+//!   used). **If the server crashes, the last few hundred milliseconds of
+//!   commits can be lost**, although consumers may already have read them;
+//!   the lost offsets are then assigned again to new records. A crash of
+//!   the client process loses nothing either way.
+//!
+//! # Retention
+//!
+//! Each open broker checks topics with a retention limit every 250 ms (and
+//! `describe_topic` checks at once): it moves the partition's log start
+//! first (a short update of one row), then deletes the records below it in
+//! chunks of 5,000 rows per statement, so no statement holds locks for
+//! long and producers only wait for the one-row update. Deleted rows are
+//! reclaimed by autovacuum; the table is never rewritten.
+//!
+//! # Errors
+//!
+//! `error.rs` maps sqlx's errors: a lost or refused connection, a pool
+//! timeout, a server shutting down, a serialization failure or deadlock
+//! are `ErrorKind::Unavailable` (retriable: nothing was committed, or the
+//! call is safe to repeat); other driver errors are `Internal` naming the
+//! operation.
+#![deny(missing_docs)]
+
+mod broker;
+mod codec;
+mod consumer;
+mod error;
+mod group;
+mod produce;
+mod queries;
+mod retention;
+mod url;
+
+pub use broker::PgBroker;
+pub use url::{open_url, parse as parse_url, URL_OPTIONS, URL_SCHEMES};
+
+#[cfg(doc)]
+use conveyor_core::{backend::assign, IdempotencyStore};
+use conveyor_core::{BrokerOptions, Error, Result};
+
+/// Where and how to connect, besides the connection URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgOptions {
+    /// The schema holding Conveyor's tables (created if missing): lower
+    /// case letters, digits and `_`, not starting with a digit, at most 63
+    /// characters. Default `conveyor`.
+    pub schema: String,
+    /// Connections in the pool (default 10), plus one for notifications.
+    pub max_connections: u32,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            schema: "conveyor".to_string(),
+            max_connections: 10,
+        }
+    }
+}
+
+impl PgOptions {
+    /// Use `schema` for Conveyor's tables.
+    pub fn with_schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Pool size.
+    pub fn with_max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n;
+        self
+    }
+}
+
+/// Check a schema name (it is spliced into `SET search_path`, so only a
+/// plain identifier is allowed).
+pub(crate) fn check_schema(schema: &str) -> Result<()> {
+    let ok = !schema.is_empty()
+        && schema.len() <= 63
+        && !schema.starts_with(|c: char| c.is_ascii_digit())
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "schema `{schema}`: use 1 to 63 lower-case letters, digits and `_`, not starting with a digit"
+        )))
+    }
+}
+
+/// Connect to the database at `url` (a libpq-style URL without query
+/// options), create the schema if missing, run the migrations, and start
+/// the notification listener and the retention task.
+///
+/// # Errors
+/// `InvalidArgument` for a bad URL or schema; `Unavailable` if the server
+/// cannot be reached; `Internal` if a migration fails.
+///
+/// # Cancel safety
+/// Cancel safe: dropped, nothing is left but what the migrations created
+/// (they run in transactions).
+pub async fn open(url: &str, options: BrokerOptions, pg: PgOptions) -> Result<PgBroker> {
+    PgBroker::open(url, options, pg).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        for ok in ["conveyor", "app_1", "_x"] {
+            assert!(check_schema(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "1a", "A", "a-b", "a\"; drop", &"x".repeat(64)] {
+            assert!(check_schema(bad).is_err(), "{bad}");
+        }
+    }
+}

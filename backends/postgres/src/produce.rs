@@ -1,0 +1,253 @@
+//! Producing: route with core's partitioner, validate with core's
+//! validator, then one statement per partition (or, with idempotency
+//! keys, one transaction per partition that looks the keys up first).
+
+use crate::broker::Inner;
+use crate::codec::encode_headers;
+use crate::error::during;
+use async_trait::async_trait;
+use conveyor_core::backend::validate;
+use conveyor_core::partitioner;
+use conveyor_core::{Error, Producer, Receipt, Record, Result};
+use sqlx::{PgConnection, Row};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Appends `n` records to a partition: locks its row (held to commit),
+/// takes `n` offsets, inserts the records with them, returns offset and
+/// timestamp of each.
+const APPEND: &str = r#"
+WITH p AS (
+    UPDATE partitions
+       SET next_offset = next_offset + $3,
+           last_ts = greatest(last_ts, now_ms()),
+           bytes = bytes + $4
+     WHERE topic_id = $1 AND partition = $2
+ RETURNING next_offset - $3 AS base, last_ts AS ts
+)
+INSERT INTO records (topic_id, partition, "offset", ts, key, value, headers, idem, deliver_at, size)
+SELECT $1, $2, p.base + t.i - 1, p.ts, t.key, t.value, t.headers, t.idem, t.deliver_at, t.size
+  FROM p, unnest($5::bytea[], $6::bytea[], $7::bytea[], $8::text[], $9::bigint[], $10::bigint[])
+       WITH ORDINALITY AS t(key, value, headers, idem, deliver_at, size, i)
+RETURNING "offset", ts"#;
+
+/// Appends `records` to one partition in `conn` (in the caller's
+/// transaction, if any). Receipts in input order.
+pub(crate) async fn append(
+    conn: &mut PgConnection,
+    topic: &str,
+    topic_id: i64,
+    partition: u32,
+    records: &[&Record],
+) -> Result<Vec<Receipt>> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = records.len();
+    let mut keys = Vec::with_capacity(n);
+    let mut values = Vec::with_capacity(n);
+    let mut headers = Vec::with_capacity(n);
+    let mut idems = Vec::with_capacity(n);
+    let mut deliver = Vec::with_capacity(n);
+    let mut sizes = Vec::with_capacity(n);
+    let mut total = 0i64;
+    for r in records {
+        keys.push(r.key.as_ref().map(|k| k.to_vec()));
+        values.push(r.value.to_vec());
+        headers.push(encode_headers(&r.headers));
+        idems.push(r.idempotency_key.clone());
+        deliver.push(r.deliver_at.map(|t| t.min(i64::MAX as u64) as i64));
+        let size = r.size() as i64;
+        sizes.push(size);
+        total += size;
+    }
+    let rows = sqlx::query(APPEND)
+        .bind(topic_id)
+        .bind(partition as i32)
+        .bind(n as i64)
+        .bind(total)
+        .bind(keys)
+        .bind(values)
+        .bind(headers)
+        .bind(idems)
+        .bind(deliver)
+        .bind(sizes)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(during(format!("append to `{topic}`/{partition}")))?;
+    if rows.len() != n {
+        // No partition row: the topic was deleted meanwhile.
+        return Err(Error::topic_not_found(topic));
+    }
+    let mut receipts: Vec<Receipt> = rows
+        .iter()
+        .map(|r| Receipt {
+            partition,
+            offset: r.get::<i64, _>(0) as u64,
+            timestamp: r.get::<i64, _>(1) as u64,
+        })
+        .collect();
+    receipts.sort_by_key(|r| r.offset);
+    Ok(receipts)
+}
+
+/// Appends to one partition, leaving out records whose idempotency key
+/// was appended to it within `window` (they get the original receipt) or
+/// earlier in the same batch (they get that record's receipt). One
+/// transaction: the partition row is locked before the lookup, so
+/// concurrent sends of one key append it once.
+async fn append_idempotent(
+    inner: &Inner,
+    topic: &str,
+    topic_id: i64,
+    partition: u32,
+    records: &[&Record],
+    window: Duration,
+) -> Result<Vec<Receipt>> {
+    let what = format!("idempotent append to `{topic}`/{partition}");
+    let mut tx = inner.pool.begin().await.map_err(during(&what))?;
+    let locked = sqlx::query("SELECT 1 FROM partitions WHERE topic_id = $1 AND partition = $2 FOR UPDATE")
+        .bind(topic_id)
+        .bind(partition as i32)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(during(&what))?;
+    if locked.is_none() {
+        return Err(Error::topic_not_found(topic));
+    }
+    let keys: Vec<String> = records
+        .iter()
+        .filter_map(|r| r.idempotency_key.clone())
+        .collect();
+    let rows = sqlx::query(
+        r#"SELECT DISTINCT ON (idem) idem, "offset", ts FROM records
+            WHERE topic_id = $1 AND partition = $2 AND idem = ANY($3) AND ts >= now_ms() - $4
+            ORDER BY idem, "offset""#,
+    )
+    .bind(topic_id)
+    .bind(partition as i32)
+    .bind(&keys)
+    .bind(window.as_millis().min(i64::MAX as u128) as i64)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(during(&what))?;
+    let known: HashMap<String, Receipt> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<String, _>(0),
+                Receipt {
+                    partition,
+                    offset: r.get::<i64, _>(1) as u64,
+                    timestamp: r.get::<i64, _>(2) as u64,
+                },
+            )
+        })
+        .collect();
+    // Which input each record's receipt comes from.
+    enum Source {
+        Known(Receipt),
+        New(usize),
+    }
+    let mut first_of: HashMap<&str, usize> = HashMap::new();
+    let mut fresh: Vec<&Record> = Vec::new();
+    let mut sources = Vec::with_capacity(records.len());
+    for r in records {
+        match r.idempotency_key.as_deref() {
+            Some(k) if known.contains_key(k) => sources.push(Source::Known(known[k])),
+            Some(k) => match first_of.get(k) {
+                Some(&j) => sources.push(Source::New(j)),
+                None => {
+                    first_of.insert(k, fresh.len());
+                    sources.push(Source::New(fresh.len()));
+                    fresh.push(r);
+                }
+            },
+            None => {
+                sources.push(Source::New(fresh.len()));
+                fresh.push(r);
+            }
+        }
+    }
+    let appended = append(&mut tx, topic, topic_id, partition, &fresh).await?;
+    tx.commit().await.map_err(during(&what))?;
+    Ok(sources
+        .into_iter()
+        .map(|s| match s {
+            Source::Known(r) => r,
+            Source::New(j) => appended[j],
+        })
+        .collect())
+}
+
+impl Inner {
+    /// `send_batch` (contract §3).
+    pub(crate) async fn send_batch(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Receipt>> {
+        self.check_open()?;
+        let t = self.topic_or_create(topic).await?;
+        for r in &records {
+            validate::record(topic, r, t.config.partitions, t.config.max_message_bytes)?;
+        }
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let targets: Vec<u32> = {
+            let mut rr = self.round_robin.lock();
+            let next = rr.entry(topic.to_string()).or_insert(0);
+            records
+                .iter()
+                .map(|r| partitioner::route(r, t.config.partitions, next))
+                .collect()
+        };
+        // Ascending partition order: two batches never wait on each other
+        // in opposite orders.
+        let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, p) in targets.iter().enumerate() {
+            by_partition.entry(*p).or_default().push(i);
+        }
+        let mut receipts: Vec<Option<Receipt>> = vec![None; records.len()];
+        let mut conn = None;
+        for (partition, idx) in by_partition {
+            let batch: Vec<&Record> = idx.iter().map(|&i| &records[i]).collect();
+            let got = if batch.iter().any(|r| r.idempotency_key.is_some()) {
+                append_idempotent(self, topic, t.id, partition, &batch, t.config.dedup_window)
+                    .await?
+            } else {
+                if conn.is_none() {
+                    conn = Some(
+                        self.pool
+                            .acquire()
+                            .await
+                            .map_err(during(format!("send to `{topic}`")))?,
+                    );
+                }
+                let c = conn.as_mut().expect("acquired");
+                append(c, topic, t.id, partition, &batch).await?
+            };
+            for (i, r) in idx.into_iter().zip(got) {
+                receipts[i] = Some(r);
+            }
+        }
+        receipts
+            .into_iter()
+            .map(|r| r.ok_or_else(|| Error::internal(format!("topic `{topic}`: a record got no receipt"))))
+            .collect()
+    }
+}
+
+/// The producer: stateless; every call goes to the server.
+pub(crate) struct PgProducer {
+    pub inner: Arc<Inner>,
+}
+
+#[async_trait]
+impl Producer for PgProducer {
+    async fn send_batch(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Receipt>> {
+        self.inner.send_batch(topic, records).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.check_open()
+    }
+}

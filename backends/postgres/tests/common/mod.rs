@@ -1,0 +1,63 @@
+//! The test database: `CONVEYOR_POSTGRES_URL`, else the local default;
+//! each test works in a schema of its own, dropped afterwards.
+#![allow(dead_code)]
+
+use conveyor_core::{Broker, BrokerOptions, Error, Result};
+use conveyor_postgres::{PgBroker, PgOptions};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The server the tests use.
+pub fn url() -> String {
+    std::env::var("CONVEYOR_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// A schema name no other test (or test process) uses.
+pub fn unique_schema(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{prefix}_{}_{}_{nanos:x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Open a broker on `schema`; a server that cannot be reached fails the
+/// test with how to get one.
+pub async fn open(schema: &str, options: BrokerOptions) -> Result<PgBroker> {
+    let url = url();
+    conveyor_postgres::open(&url, options, PgOptions::default().with_schema(schema))
+        .await
+        .map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!(
+                    "{} (these tests need PostgreSQL: set CONVEYOR_POSTGRES_URL, or start the local \
+                     server at {url}, e.g. `pg_ctlcluster <version> main start`)",
+                    e.message()
+                ),
+            )
+        })
+}
+
+/// Drop a test's schema.
+pub async fn drop_schema(schema: &str) {
+    match open(schema, BrokerOptions::default()).await {
+        Ok(b) => {
+            if let Err(e) = b.drop_schema().await {
+                eprintln!("could not drop schema {schema}: {e}");
+            }
+            let _ = b.close().await;
+        }
+        Err(e) => eprintln!("could not drop schema {schema}: {e}"),
+    }
+}
+
+/// A broker as the trait object tests use.
+pub async fn open_dyn(schema: &str, options: BrokerOptions) -> Result<Arc<dyn Broker>> {
+    Ok(Arc::new(open(schema, options).await?))
+}
