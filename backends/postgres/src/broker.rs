@@ -36,6 +36,10 @@ pub(crate) struct Inner {
     /// reconnects, when some may have been lost).
     pub changed: watch::Sender<u64>,
     pub round_robin: Mutex<HashMap<String, u32>>,
+    /// Members joined through this broker and not yet gone: closing the
+    /// broker makes them leave (their partitions and leases go to others
+    /// at once, as when an embedded broker's process ends).
+    pub members: Mutex<std::collections::BTreeSet<(Arc<str>, i64)>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -276,7 +280,7 @@ pub(crate) async fn create_topic_in(
     .bind(name)
     .bind(config.partitions as i32)
     .bind(config_json(config)?)
-    .bind(config.retention.max_age.map(|d| d.as_millis().min(i64::MAX as u128) as i64))
+    .bind(config.retention.max_age.map(crate::millis))
     .bind(config.retention.max_bytes.map(|b| b.min(i64::MAX as u64) as i64))
     .fetch_optional(&mut *tx)
     .await
@@ -419,11 +423,13 @@ impl PgBroker {
             closed: AtomicBool::new(false),
             changed,
             round_robin: Mutex::new(HashMap::new()),
+            members: Mutex::new(std::collections::BTreeSet::new()),
             tasks: Mutex::new(Vec::new()),
         });
         let listener = tokio::spawn(listen(Arc::downgrade(&inner)));
         let retention = tokio::spawn(crate::retention::run(Arc::downgrade(&inner)));
-        inner.tasks.lock().extend([listener, retention]);
+        let sweep = tokio::spawn(crate::consumer::sweep(Arc::downgrade(&inner)));
+        inner.tasks.lock().extend([listener, retention, sweep]);
         Ok(PgBroker { inner })
     }
 
@@ -675,9 +681,18 @@ impl Broker for PgBroker {
         for t in self.inner.tasks.lock().drain(..) {
             t.abort();
         }
+        let members: Vec<(Arc<str>, i64)> = std::mem::take(&mut *self.inner.members.lock())
+            .into_iter()
+            .collect();
+        let mut first_err = None;
+        for (group, member) in members {
+            if let Err(e) = crate::group::leave(&self.inner, &group, member).await {
+                first_err.get_or_insert(e);
+            }
+        }
         self.inner.wake();
         self.inner.pool.close().await;
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 }
 
@@ -726,7 +741,7 @@ struct PgIdempotency {
 impl IdempotencyStore for PgIdempotency {
     async fn first_seen(&self, key: &str, ttl: Duration) -> Result<bool> {
         self.inner.check_open()?;
-        let ttl = ttl.as_millis().min(i64::MAX as u128 / 2) as i64;
+        let ttl = crate::millis(ttl);
         let row = sqlx::query(
             "INSERT INTO idempotency (key, expires_at) VALUES ($1, now_ms() + $2)
              ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at

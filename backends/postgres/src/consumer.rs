@@ -22,17 +22,9 @@ use sqlx::{PgConnection, Row};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn millis(d: Duration) -> i64 {
-    d.as_millis().min(i64::MAX as u128) as i64
-}
+use crate::{millis, now_ms};
 
 /// A nacked stream-mode offset waiting to be redelivered.
 #[derive(Debug, Clone, Copy)]
@@ -96,6 +88,7 @@ impl PgConsumer {
         topics: BTreeSet<String>,
         mode: DeliveryMode,
     ) -> Self {
+        inner.members.lock().insert((group.into(), member));
         PgConsumer {
             inner,
             group: group.into(),
@@ -144,7 +137,7 @@ impl PgConsumer {
     /// topic id and bounds.
     async fn subscribed(&self, topic: &str, partition: u32) -> Result<(TopicPartition, i64, Bounds)> {
         let row = sqlx::query(
-            "SELECT t.id, t.partitions, p.log_start, p.next_offset, p.bytes FROM topics t
+            "SELECT t.id, t.partitions, p.log_start, p.next_offset FROM topics t
                LEFT JOIN partitions p ON p.topic_id = t.id AND p.partition = $2 WHERE t.name = $1",
         )
         .bind(topic)
@@ -154,11 +147,9 @@ impl PgConsumer {
         .map_err(during(format!("look up `{topic}`/{partition}")))?
         .ok_or_else(|| Error::topic_not_found(topic))?;
         let partitions = row.get::<i32, _>(1) as u32;
-        let (Some(log_start), Some(log_end), Some(bytes)) = (
-            row.get::<Option<i64>, _>(2),
-            row.get::<Option<i64>, _>(3),
-            row.get::<Option<i64>, _>(4),
-        ) else {
+        let (Some(log_start), Some(log_end)) =
+            (row.get::<Option<i64>, _>(2), row.get::<Option<i64>, _>(3))
+        else {
             return Err(Error::partition_out_of_range(topic, partition, partitions));
         };
         if !self.topics.contains(topic) {
@@ -173,7 +164,6 @@ impl PgConsumer {
             Bounds {
                 log_start: log_start as u64,
                 log_end: log_end as u64,
-                bytes: bytes as u64,
             },
         ))
     }
@@ -197,7 +187,7 @@ impl PgConsumer {
     /// The partitions this member owns now, with commits and bounds.
     async fn owned(&self) -> Result<Vec<Owned>> {
         let rows = sqlx::query(
-            "SELECT o.topic, o.partition, o.generation, c.committed, p.log_start, p.next_offset, p.bytes, t.id
+            "SELECT o.topic, o.partition, o.generation, c.committed, p.log_start, p.next_offset, t.id
                FROM owners o
                JOIN topics t ON t.name = o.topic
                JOIN partitions p ON p.topic_id = t.id AND p.partition = o.partition
@@ -219,9 +209,8 @@ impl PgConsumer {
                 bounds: Bounds {
                     log_start: r.get::<i64, _>(4) as u64,
                     log_end: r.get::<i64, _>(5) as u64,
-                    bytes: r.get::<i64, _>(6) as u64,
                 },
-                topic_id: r.get(7),
+                topic_id: r.get(6),
             })
             .collect())
     }
@@ -512,31 +501,7 @@ impl PgConsumer {
             .collect();
 
         // 1. Expired leases on their last attempt go to the DLQ.
-        let dead = sqlx::query(
-            r#"SELECT topic, partition, "offset", attempts FROM leases
-                WHERE group_name = $1 AND topic = ANY($2) AND member_id IS NOT NULL
-                  AND deadline <= now_ms() AND attempts >= $3
-                ORDER BY topic, partition, "offset" LIMIT 100 FOR UPDATE SKIP LOCKED"#,
-        )
-        .bind(self.group())
-        .bind(&self.topic_list)
-        .bind(max_deliveries)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(during(&what))?;
-        for r in &dead {
-            let tp = TopicPartition::new(r.get::<String, _>(0), r.get::<i32, _>(1) as u32);
-            let offset: i64 = r.get(2);
-            let attempts = r.get::<i32, _>(3) as u32;
-            if let Some(&id) = ids.get(&tp.topic) {
-                let found = queries::read_offsets(&mut *tx, &tp.topic, id, tp.partition, &[offset]).await?;
-                if let Some(stored) = found.into_iter().next() {
-                    let m = Message::from_stored(tp.topic.clone(), tp.partition, stored, attempts, DeliveryToken::default());
-                    dead_letter(&mut tx, &self.inner, self.group(), &config, &m, attempts, Some("visibility timeout expired")).await?;
-                }
-            }
-            delete_lease(&mut tx, self.group(), &tp, offset).await?;
-        }
+        expire_last_attempts(&mut tx, &self.inner, self.group(), &config, max_deliveries, &self.topic_list).await?;
 
         // 2. Redeliveries: nacked (after their delay), expired, delayed.
         let mut out: Vec<Message> = Vec::new();
@@ -760,6 +725,90 @@ impl PgConsumer {
     }
 }
 
+/// Move leases of `group` (on `topics`) that expired on their last
+/// attempt to the DLQ and settle them, in the caller's transaction (rows
+/// locked `SKIP LOCKED`: a concurrent sweep takes the others). Returns how
+/// many were moved.
+pub(crate) async fn expire_last_attempts(
+    tx: &mut PgConnection,
+    inner: &Inner,
+    group: &str,
+    config: &GroupConfig,
+    max_deliveries: i32,
+    topics: &[String],
+) -> Result<usize> {
+    let what = format!("dead-letter expired leases of group `{group}`");
+    let dead = sqlx::query(
+        r#"SELECT topic, partition, "offset", attempts FROM leases
+            WHERE group_name = $1 AND topic = ANY($2) AND member_id IS NOT NULL
+              AND deadline <= now_ms() AND attempts >= $3
+            ORDER BY topic, partition, "offset" LIMIT 100 FOR UPDATE SKIP LOCKED"#,
+    )
+    .bind(group)
+    .bind(topics)
+    .bind(max_deliveries)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(during(&what))?;
+    for r in &dead {
+        let tp = TopicPartition::new(r.get::<String, _>(0), r.get::<i32, _>(1) as u32);
+        let offset: i64 = r.get(2);
+        let attempts = r.get::<i32, _>(3) as u32;
+        if let Some(t) = queries::topic(&mut *tx, &tp.topic).await? {
+            let found = queries::read_offsets(&mut *tx, &tp.topic, t.id, tp.partition, &[offset]).await?;
+            if let Some(stored) = found.into_iter().next() {
+                let m = Message::from_stored(tp.topic.clone(), tp.partition, stored, attempts, DeliveryToken::default());
+                dead_letter(&mut *tx, inner, group, config, &m, attempts, Some("visibility timeout expired")).await?;
+            }
+        }
+        delete_lease(&mut *tx, group, &tp, offset).await?;
+    }
+    Ok(dead.len())
+}
+
+/// The sweep of one broker: every [`FALLBACK_POLL`], dead-letter leases
+/// that expired on their last attempt in every queue-mode group, whether
+/// or not anyone polls (contract §5).
+pub(crate) async fn sweep(inner: std::sync::Weak<Inner>) {
+    loop {
+        tokio::time::sleep(FALLBACK_POLL).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.check_open().is_err() {
+            return;
+        }
+        if let Err(e) = sweep_once(&inner).await {
+            tracing::warn!(error = %e, "lease sweep failed");
+        }
+    }
+}
+
+async fn sweep_once(inner: &Inner) -> Result<()> {
+    let groups = sqlx::query(
+        "SELECT DISTINCT l.group_name, g.config, g.max_deliveries FROM leases l JOIN groups g ON g.name = l.group_name
+          WHERE l.member_id IS NOT NULL AND l.deadline <= now_ms() AND l.attempts >= g.max_deliveries",
+    )
+    .fetch_all(&inner.pool)
+    .await
+    .map_err(during("find expired leases"))?;
+    for g in groups {
+        let group: String = g.get(0);
+        let config: GroupConfig = serde_json::from_value(g.get(1))
+            .map_err(|e| Error::internal(format!("group `{group}`: stored config is unreadable: {e}")))?;
+        let topics: Vec<String> = sqlx::query_scalar("SELECT topic FROM group_topics WHERE group_name = $1")
+            .bind(&group)
+            .fetch_all(&inner.pool)
+            .await
+            .map_err(during("find expired leases"))?;
+        let mut tx = inner.pool.begin().await.map_err(during("sweep leases"))?;
+        let moved = expire_last_attempts(&mut tx, inner, &group, &config, g.get(2), &topics).await?;
+        tx.commit().await.map_err(during("sweep leases"))?;
+        if moved > 0 {
+            inner.wake();
+        }
+    }
+    Ok(())
+}
+
 /// Commits `$4` for ($1 group, $2 topic, $3 partition) if member `$5` owns
 /// the partition (in generation `$6`, if not null) and `$4` is not past
 /// the log end; `$7`: never move the commit back.
@@ -839,7 +888,7 @@ async fn dead_letter(
         let mut rr = inner.round_robin.lock();
         partitioner::route(&record, t.config.partitions, rr.entry(topic.clone()).or_insert(0))
     };
-    append(&mut *tx, &topic, t.id, partition, &[&record]).await?;
+    append(&mut *tx, &topic, t.id, partition, &[&record], now_ms()).await?;
     tracing::info!(group, topic = %m.topic, partition = m.partition, offset = m.offset, attempts, dlq = %topic, "dead-lettered");
     Ok(())
 }
@@ -1205,6 +1254,7 @@ impl Consumer for PgConsumer {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        self.inner.members.lock().remove(&(self.group.clone(), self.member));
         if self.inner.check_open().is_err() {
             return Ok(());
         }
@@ -1214,7 +1264,11 @@ impl Consumer for PgConsumer {
 
 impl Drop for PgConsumer {
     fn drop(&mut self) {
-        if self.closed.swap(true, Ordering::AcqRel) || self.inner.check_open().is_err() {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.inner.members.lock().remove(&(self.group.clone(), self.member));
+        if self.inner.check_open().is_err() {
             return;
         }
         // Leave at once rather than after the session timeout, if a

@@ -13,9 +13,7 @@ use sqlx::{PgConnection, Row};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-fn millis(d: std::time::Duration) -> i64 {
-    d.as_millis().min(i64::MAX as u128) as i64
-}
+use crate::millis;
 
 /// Join `group` for `topics` (contract §4): create the group on first use
 /// (its mode is fixed then), start topics new to it where its `start`

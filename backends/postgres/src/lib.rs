@@ -156,6 +156,20 @@ impl PgOptions {
     }
 }
 
+/// The local clock in ms since the epoch (only to convert a producer's
+/// delivery times onto the server's clock, and for DLQ `failed_at`).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Milliseconds for SQL, capped at 100 years (so `now_ms() + d` never
+/// overflows a bigint).
+pub(crate) fn millis(d: std::time::Duration) -> i64 {
+    d.as_millis().min(100 * 365 * 24 * 3600 * 1000) as i64
+}
+
 /// Check a schema name (it is spliced into `SET search_path`, so only a
 /// plain identifier is allowed).
 pub(crate) fn check_schema(schema: &str) -> Result<()> {

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 /// Appends `n` records to a partition: locks its row (held to commit),
 /// takes `n` offsets, inserts the records with them, returns offset and
-/// timestamp of each.
+/// timestamp of each. Delivery times (`$9`, on the producer's clock, read
+/// as `$11` when `send` was called) are moved onto the server's clock, so
+/// a delay counts from the append's timestamp whatever the two clocks say.
 const APPEND: &str = r#"
 WITH p AS (
     UPDATE partitions
@@ -27,7 +29,7 @@ WITH p AS (
  RETURNING next_offset - $3 AS base, last_ts AS ts
 )
 INSERT INTO records (topic_id, partition, "offset", ts, key, value, headers, idem, deliver_at, size)
-SELECT $1, $2, p.base + t.i - 1, p.ts, t.key, t.value, t.headers, t.idem, t.deliver_at, t.size
+SELECT $1, $2, p.base + t.i - 1, p.ts, t.key, t.value, t.headers, t.idem, t.deliver_at + (p.ts - $11), t.size
   FROM p, unnest($5::bytea[], $6::bytea[], $7::bytea[], $8::text[], $9::bigint[], $10::bigint[])
        WITH ORDINALITY AS t(key, value, headers, idem, deliver_at, size, i)
 RETURNING "offset", ts"#;
@@ -40,6 +42,7 @@ pub(crate) async fn append(
     topic_id: i64,
     partition: u32,
     records: &[&Record],
+    sent_at: u64,
 ) -> Result<Vec<Receipt>> {
     if records.is_empty() {
         return Ok(Vec::new());
@@ -73,6 +76,7 @@ pub(crate) async fn append(
         .bind(idems)
         .bind(deliver)
         .bind(sizes)
+        .bind(sent_at.min(i64::MAX as u64) as i64)
         .fetch_all(&mut *conn)
         .await
         .map_err(during(format!("append to `{topic}`/{partition}")))?;
@@ -104,6 +108,7 @@ async fn append_idempotent(
     partition: u32,
     records: &[&Record],
     window: Duration,
+    sent_at: u64,
 ) -> Result<Vec<Receipt>> {
     let what = format!("idempotent append to `{topic}`/{partition}");
     let mut tx = inner.pool.begin().await.map_err(during(&what))?;
@@ -128,7 +133,7 @@ async fn append_idempotent(
     .bind(topic_id)
     .bind(partition as i32)
     .bind(&keys)
-    .bind(window.as_millis().min(i64::MAX as u128) as i64)
+    .bind(crate::millis(window))
     .fetch_all(&mut *tx)
     .await
     .map_err(during(&what))?;
@@ -170,7 +175,7 @@ async fn append_idempotent(
             }
         }
     }
-    let appended = append(&mut tx, topic, topic_id, partition, &fresh).await?;
+    let appended = append(&mut tx, topic, topic_id, partition, &fresh, sent_at).await?;
     tx.commit().await.map_err(during(&what))?;
     Ok(sources
         .into_iter()
@@ -185,6 +190,8 @@ impl Inner {
     /// `send_batch` (contract §3).
     pub(crate) async fn send_batch(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Receipt>> {
         self.check_open()?;
+        // Delivery times are relative to this moment (see `APPEND`).
+        let sent_at = crate::now_ms();
         let t = self.topic_or_create(topic).await?;
         for r in &records {
             validate::record(topic, r, t.config.partitions, t.config.max_message_bytes)?;
@@ -211,7 +218,7 @@ impl Inner {
         for (partition, idx) in by_partition {
             let batch: Vec<&Record> = idx.iter().map(|&i| &records[i]).collect();
             let got = if batch.iter().any(|r| r.idempotency_key.is_some()) {
-                append_idempotent(self, topic, t.id, partition, &batch, t.config.dedup_window)
+                append_idempotent(self, topic, t.id, partition, &batch, t.config.dedup_window, sent_at)
                     .await?
             } else {
                 if conn.is_none() {
@@ -223,7 +230,7 @@ impl Inner {
                     );
                 }
                 let c = conn.as_mut().expect("acquired");
-                append(c, topic, t.id, partition, &batch).await?
+                append(c, topic, t.id, partition, &batch, sent_at).await?
             };
             for (i, r) in idx.into_iter().zip(got) {
                 receipts[i] = Some(r);

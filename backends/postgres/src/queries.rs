@@ -46,12 +46,11 @@ pub(crate) async fn existing_topic<'e, E: PgExecutor<'e>>(ex: E, name: &str) -> 
         .ok_or_else(|| Error::topic_not_found(name))
 }
 
-/// Log start, log end and bytes of a partition.
+/// Log start and log end of a partition.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Bounds {
     pub log_start: u64,
     pub log_end: u64,
-    pub bytes: u64,
 }
 
 /// The columns [`stored`] reads, in order.

@@ -36,7 +36,7 @@ pub(crate) async fn enforce(inner: &Inner, name: &str, topic_id: i64, config: &T
     let age = config
         .retention
         .max_age
-        .map(|d| d.as_millis().min(i64::MAX as u128) as i64);
+        .map(crate::millis);
     let bytes = config.retention.max_bytes.map(|b| b.min(i64::MAX as u64) as i64);
     let what = format!("retention of `{name}`");
     for partition in 0..config.partitions as i32 {
