@@ -76,6 +76,7 @@ pub mod faulty;
 pub mod idempotency;
 pub mod kill;
 pub mod lag;
+pub mod members;
 pub mod model;
 pub mod persistence;
 pub mod produce;
