@@ -49,6 +49,14 @@
 //! `Durability::Always`, killed at random; every printed acknowledgement
 //! must be found after reopen).
 //!
+//! Two more harnesses serve the server backends (PostgreSQL, Redis), whose
+//! groups span processes (§7): [`members`] runs real member processes of
+//! one group against a shared namespace and SIGKILLs one mid-work
+//! ([`members_suite!`]: every record settles, no two live owners, the
+//! survivors take over within the session timeout), and [`proxy`] holds
+//! [`proxy::FaultProxy`], a TCP proxy between a backend and its server that
+//! resets, black-holes or refuses connections on demand.
+//!
 //! The [`model`] cases are randomized: their seed is printed on start and
 //! on failure, and `CONVEYOR_SEED=<n>` replays the same random choices.
 //!
@@ -68,9 +76,11 @@ pub mod faulty;
 pub mod idempotency;
 pub mod kill;
 pub mod lag;
+pub mod members;
 pub mod model;
 pub mod persistence;
 pub mod produce;
+pub mod proxy;
 pub mod queue;
 pub mod records;
 pub mod retention;
