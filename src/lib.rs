@@ -40,9 +40,10 @@
 //! | `memory://` | in memory, nothing persists | `memory` (default) |
 //! | `mmap:///path/to/dir` | embedded segment log | `mmap` |
 //! | `rocksdb:///path/to/dir` | RocksDB | `rocksdb` |
+//! | `postgres://user@host/db?schema=NAME` | PostgreSQL, shared by many processes | `postgres` |
 //!
-//! Redis (`redis://`) and PostgreSQL (`postgres://`) backends are planned,
-//! not available yet: opening those URLs is `ErrorKind::Unsupported`.
+//! A Redis (`redis://`) backend is planned, not available yet: opening
+//! such a URL is `ErrorKind::Unsupported`.
 //!
 //! Query options for every backend:
 //! - `durability=none|always|interval:<ms>` (default `none`): when `send`
@@ -150,8 +151,11 @@ const DRIVERS: &[Driver] = &[
     },
     Driver {
         name: "postgres",
-        feature: None,
+        feature: Some("postgres"),
         schemes: &["postgres", "postgresql"],
+        #[cfg(feature = "postgres")]
+        open: Some(|url| Box::pin(conveyor_postgres::open_url(url))),
+        #[cfg(not(feature = "postgres"))]
         open: None,
     },
 ];
@@ -266,12 +270,63 @@ mod tests {
                 && !err.to_string().contains("feature"),
             "{err}"
         );
+        #[cfg(not(feature = "postgres"))]
+        {
+            let err = open("postgres://localhost/db")
+                .await
+                .err()
+                .expect("refused");
+            assert_eq!(err.kind(), ErrorKind::Unsupported);
+            assert!(err.to_string().contains("`postgres` feature"), "{err}");
+        }
         #[cfg(not(feature = "rocksdb"))]
         {
             let err = open("rocksdb:///tmp/x").await.err().expect("refused");
             assert_eq!(err.kind(), ErrorKind::Unsupported);
             assert!(err.to_string().contains("`rocksdb` feature"), "{err}");
         }
+    }
+
+    /// A `postgres://` URL (the server of `CONVEYOR_POSTGRES_URL`, else the
+    /// local one): opens in its schema, reopens with what was sent, refuses
+    /// an unknown option.
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn postgres_url_round_trip() {
+        let base = std::env::var("CONVEYOR_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+        let schema = format!("facade_{}", std::process::id());
+        let url = format!("{base}?schema={schema}&auto_create=true");
+        let b = open(&url).await.unwrap_or_else(|e| {
+            panic!("{e} (set CONVEYOR_POSTGRES_URL or start PostgreSQL on 127.0.0.1:5432)")
+        });
+        let r = b
+            .producer()
+            .await
+            .unwrap()
+            .send("kept", Record::new("x"))
+            .await
+            .unwrap();
+        b.close().await.unwrap();
+        let pg = conveyor_postgres::open(
+            &base,
+            Default::default(),
+            conveyor_postgres::PgOptions::default().with_schema(schema.clone()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            &pg.fetch("kept", 0, r.offset, 1).await.unwrap()[0].value[..],
+            b"x"
+        );
+        pg.drop_schema().await.unwrap();
+        pg.close().await.unwrap();
+        let err = open(&format!("{base}?schema={schema}&sslmodee=on"))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("sslmodee"), "{err}");
     }
 
     /// An embedded store's URL: opens, is `Locked` while open, reopens with

@@ -66,17 +66,27 @@ impl Inner {
         if !self.options.auto_create_topics {
             return Err(Error::topic_not_found(name));
         }
-        self.create_topic(name, TopicConfig::default(), true).await?;
+        self.create_topic(name, TopicConfig::default(), true)
+            .await?;
         existing_topic(&self.pool, name).await
     }
 
     /// Create a topic; with `lenient`, an existing one with another
     /// config is fine (auto-create, DLQ topics).
-    pub(crate) async fn create_topic(&self, name: &str, config: TopicConfig, lenient: bool) -> Result<()> {
+    pub(crate) async fn create_topic(
+        &self,
+        name: &str,
+        config: TopicConfig,
+        lenient: bool,
+    ) -> Result<()> {
         self.check_open()?;
         validate::topic_name(name)?;
         validate::topic_config(name, &config)?;
-        let mut conn = self.pool.acquire().await.map_err(during(format!("create topic `{name}`")))?;
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(during(format!("create topic `{name}`")))?;
         create_topic_in(&mut conn, name, &config, lenient).await
     }
 
@@ -104,13 +114,12 @@ impl Inner {
                 .await
                 .map_err(during(&what))?;
         }
-        let groups: Vec<String> = sqlx::query_scalar(
-            "DELETE FROM group_topics WHERE topic = $1 RETURNING group_name",
-        )
-        .bind(name)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(during(&what))?;
+        let groups: Vec<String> =
+            sqlx::query_scalar("DELETE FROM group_topics WHERE topic = $1 RETURNING group_name")
+                .bind(name)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(during(&what))?;
         for g in groups {
             crate::group::lock_and_rebalance(&mut tx, &g).await?;
         }
@@ -160,13 +169,12 @@ impl Inner {
         .execute(&mut *tx)
         .await
         .map_err(during(&what))?;
-        let groups: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT group_name FROM members WHERE $1 = ANY(topics)",
-        )
-        .bind(name)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(during(&what))?;
+        let groups: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT group_name FROM members WHERE $1 = ANY(topics)")
+                .bind(name)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(during(&what))?;
         for g in groups {
             crate::group::lock_and_rebalance(&mut tx, &g).await?;
         }
@@ -281,7 +289,12 @@ pub(crate) async fn create_topic_in(
     .bind(config.partitions as i32)
     .bind(config_json(config)?)
     .bind(config.retention.max_age.map(crate::millis))
-    .bind(config.retention.max_bytes.map(|b| b.min(i64::MAX as u64) as i64))
+    .bind(
+        config
+            .retention
+            .max_bytes
+            .map(|b| b.min(i64::MAX as u64) as i64),
+    )
     .fetch_optional(&mut *tx)
     .await
     .map_err(during(&what))?;
@@ -296,7 +309,11 @@ pub(crate) async fn create_topic_in(
             .await
             .map_err(during(&what))?;
             tx.commit().await.map_err(during(&what))?;
-            tracing::debug!(topic = name, partitions = config.partitions, "topic created");
+            tracing::debug!(
+                topic = name,
+                partitions = config.partitions,
+                "topic created"
+            );
             Ok(())
         }
         None => {
@@ -337,7 +354,9 @@ pub(crate) fn parse_mode(s: &str) -> Result<DeliveryMode> {
     match s {
         "stream" => Ok(DeliveryMode::Stream),
         "queue" => Ok(DeliveryMode::Queue),
-        other => Err(Error::internal(format!("unknown stored group mode `{other}`"))),
+        other => Err(Error::internal(format!(
+            "unknown stored group mode `{other}`"
+        ))),
     }
 }
 
@@ -408,7 +427,9 @@ impl PgBroker {
             .run(&pool)
             .await
             .map_err(|e| match e {
-                sqlx::migrate::MigrateError::Execute(e) => map(&format!("migrate schema `{schema}`"), e),
+                sqlx::migrate::MigrateError::Execute(e) => {
+                    map(&format!("migrate schema `{schema}`"), e)
+                }
                 other => Error::new(
                     ErrorKind::Internal,
                     format!("migrate schema `{schema}`: {other}"),

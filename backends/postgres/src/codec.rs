@@ -9,7 +9,10 @@ use conveyor_core::{Error, ErrorKind, Header, Result};
 
 /// Encode headers.
 pub(crate) fn encode_headers(headers: &[Header]) -> Vec<u8> {
-    let len: usize = headers.iter().map(|h| 8 + h.name.len() + h.value.len()).sum();
+    let len: usize = headers
+        .iter()
+        .map(|h| 8 + h.name.len() + h.value.len())
+        .sum();
     let mut out = Vec::with_capacity(len);
     for h in headers {
         out.extend_from_slice(&(h.name.len() as u32).to_be_bytes());

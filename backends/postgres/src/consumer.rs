@@ -122,7 +122,14 @@ impl PgConsumer {
     }
 
     async fn heartbeat(&self, rejoin: bool) -> Result<()> {
-        heartbeat(&self.inner, &self.group, self.member, &self.topic_list, rejoin).await
+        heartbeat(
+            &self.inner,
+            &self.group,
+            self.member,
+            &self.topic_list,
+            rejoin,
+        )
+        .await
     }
 
     fn rotated<T>(&self, mut items: Vec<T>) -> Vec<T> {
@@ -135,7 +142,11 @@ impl PgConsumer {
 
     /// The topic is read by this consumer and the partition exists: its
     /// topic id and bounds.
-    async fn subscribed(&self, topic: &str, partition: u32) -> Result<(TopicPartition, i64, Bounds)> {
+    async fn subscribed(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<(TopicPartition, i64, Bounds)> {
         let row = sqlx::query(
             "SELECT t.id, t.partitions, p.log_start, p.next_offset FROM topics t
                LEFT JOIN partitions p ON p.topic_id = t.id AND p.partition = $2 WHERE t.name = $1",
@@ -169,14 +180,18 @@ impl PgConsumer {
     }
 
     async fn group_config(&self) -> Result<GroupConfig> {
-        let json: serde_json::Value = sqlx::query_scalar("SELECT config FROM groups WHERE name = $1")
-            .bind(self.group())
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(during(format!("read group `{}`", self.group)))?
-            .ok_or_else(|| crate::broker::group_not_found(&self.group))?;
+        let json: serde_json::Value =
+            sqlx::query_scalar("SELECT config FROM groups WHERE name = $1")
+                .bind(self.group())
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(during(format!("read group `{}`", self.group)))?
+                .ok_or_else(|| crate::broker::group_not_found(&self.group))?;
         serde_json::from_value(json).map_err(|e| {
-            Error::internal(format!("group `{}`: stored config is unreadable: {e}", self.group))
+            Error::internal(format!(
+                "group `{}`: stored config is unreadable: {e}",
+                self.group
+            ))
         })
     }
 
@@ -359,7 +374,12 @@ impl PgConsumer {
     }
 
     /// Why [`COMMIT`] changed nothing: fenced, or past the log end.
-    async fn why_not_committed(&self, tp: &TopicPartition, offset: u64, generation: Option<u64>) -> Error {
+    async fn why_not_committed(
+        &self,
+        tp: &TopicPartition,
+        offset: u64,
+        generation: Option<u64>,
+    ) -> Error {
         let row = sqlx::query(
             "SELECT (SELECT count(*) FROM members WHERE group_name = $1 AND member_id = $4),
                     (SELECT member_id FROM owners WHERE group_name = $1 AND topic = $2 AND partition = $3),
@@ -419,7 +439,10 @@ impl PgConsumer {
                 self.group
             )),
             None => Error::topic_not_found(&tp.topic),
-            _ => Error::internal(format!("group `{}`: commit of {tp} changed nothing", self.group)),
+            _ => Error::internal(format!(
+                "group `{}`: commit of {tp} changed nothing",
+                self.group
+            )),
         }
     }
 
@@ -436,7 +459,10 @@ impl PgConsumer {
         .bind(self.member)
         .fetch_optional(&self.inner.pool)
         .await
-        .map_err(during(format!("group `{}`: check the owner of {tp}", self.group)))?;
+        .map_err(during(format!(
+            "group `{}`: check the owner of {tp}",
+            self.group
+        )))?;
         match (owned_in, generation) {
             (Some(at), Some(g)) if at as u64 == g => Ok(g),
             (Some(at), None) => Ok(at as u64),
@@ -479,29 +505,43 @@ impl PgConsumer {
         self.heartbeat(true).await?;
         let what = format!("poll group `{}`", self.group);
         let mut tx = self.inner.pool.begin().await.map_err(during(&what))?;
-        let g = sqlx::query("SELECT visibility_ms, max_deliveries, config, now_ms() FROM groups WHERE name = $1")
-            .bind(self.group())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(during(&what))?
-            .ok_or_else(|| crate::broker::group_not_found(&self.group))?;
+        let g = sqlx::query(
+            "SELECT visibility_ms, max_deliveries, config, now_ms() FROM groups WHERE name = $1",
+        )
+        .bind(self.group())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(during(&what))?
+        .ok_or_else(|| crate::broker::group_not_found(&self.group))?;
         let visibility: i64 = g.get(0);
         let max_deliveries: i32 = g.get(1);
         let config: GroupConfig = serde_json::from_value(g.get(2)).map_err(|e| {
-            Error::internal(format!("group `{}`: stored config is unreadable: {e}", self.group))
+            Error::internal(format!(
+                "group `{}`: stored config is unreadable: {e}",
+                self.group
+            ))
         })?;
         let now = g.get::<i64, _>(3) as u64;
-        let ids: HashMap<String, i64> = sqlx::query("SELECT name, id FROM topics WHERE name = ANY($1)")
-            .bind(&self.topic_list)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(during(&what))?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let ids: HashMap<String, i64> =
+            sqlx::query("SELECT name, id FROM topics WHERE name = ANY($1)")
+                .bind(&self.topic_list)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(during(&what))?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
 
         // 1. Expired leases on their last attempt go to the DLQ.
-        expire_last_attempts(&mut tx, &self.inner, self.group(), &config, max_deliveries, &self.topic_list).await?;
+        expire_last_attempts(
+            &mut tx,
+            &self.inner,
+            self.group(),
+            &config,
+            max_deliveries,
+            &self.topic_list,
+        )
+        .await?;
 
         // 2. Redeliveries: nacked (after their delay), expired, delayed.
         let mut out: Vec<Message> = Vec::new();
@@ -530,15 +570,22 @@ impl PgConsumer {
         let mut by_tp: BTreeMap<TopicPartition, Vec<(i64, i64, u32)>> = BTreeMap::new();
         for r in &again {
             by_tp
-                .entry(TopicPartition::new(r.get::<String, _>(0), r.get::<i32, _>(1) as u32))
+                .entry(TopicPartition::new(
+                    r.get::<String, _>(0),
+                    r.get::<i32, _>(1) as u32,
+                ))
                 .or_default()
                 .push((r.get(2), r.get(3), r.get::<i32, _>(4) as u32));
         }
         for (tp, leased) in by_tp {
-            let Some(&id) = ids.get(&tp.topic) else { continue };
+            let Some(&id) = ids.get(&tp.topic) else {
+                continue;
+            };
             let offsets: Vec<i64> = leased.iter().map(|l| l.0).collect();
-            let found = queries::read_offsets(&mut *tx, &tp.topic, id, tp.partition, &offsets).await?;
-            let mut found: HashMap<u64, StoredMessage> = found.into_iter().map(|m| (m.offset, m)).collect();
+            let found =
+                queries::read_offsets(&mut *tx, &tp.topic, id, tp.partition, &offsets).await?;
+            let mut found: HashMap<u64, StoredMessage> =
+                found.into_iter().map(|m| (m.offset, m)).collect();
             for (offset, lease, attempts) in leased {
                 match found.remove(&(offset as u64)) {
                     Some(stored) => out.push(self.leased(&tp, stored, lease, attempts)),
@@ -600,8 +647,18 @@ impl PgConsumer {
                 .await
                 .map_err(during(&what))?;
                 let Some(next) = next else { continue };
-                let found = queries::read(&mut *tx, &tp.topic, id, tp.partition, next as u64, max - out.len()).await?;
-                let Some(last) = found.last().map(|m| m.offset) else { continue };
+                let found = queries::read(
+                    &mut *tx,
+                    &tp.topic,
+                    id,
+                    tp.partition,
+                    next as u64,
+                    max - out.len(),
+                )
+                .await?;
+                let Some(last) = found.last().map(|m| m.offset) else {
+                    continue;
+                };
                 let (mut offs, mut lease, mut not_before) = (Vec::new(), Vec::new(), Vec::new());
                 let mut deliver = Vec::new();
                 for m in found {
@@ -683,7 +740,13 @@ impl PgConsumer {
         Ok((out, due))
     }
 
-    fn leased(&self, tp: &TopicPartition, stored: StoredMessage, lease: i64, attempts: u32) -> Message {
+    fn leased(
+        &self,
+        tp: &TopicPartition,
+        stored: StoredMessage,
+        lease: i64,
+        attempts: u32,
+    ) -> Message {
         let token = DeliveryToken::queue(self.group.clone(), lease.to_be_bytes().to_vec());
         Message::from_stored(tp.topic.clone(), tp.partition, stored, attempts, token)
     }
@@ -692,7 +755,10 @@ impl PgConsumer {
     fn lease_of(&self, m: &Message) -> Result<i64> {
         let token = m.delivery(self.group())?;
         let data: [u8; 8] = token.lease().as_ref().try_into().map_err(|_| {
-            Error::invalid(format!("{}: the message carries no lease of this backend", self.what(m)))
+            Error::invalid(format!(
+                "{}: the message carries no lease of this backend",
+                self.what(m)
+            ))
         })?;
         Ok(i64::from_be_bytes(data))
     }
@@ -755,10 +821,26 @@ pub(crate) async fn expire_last_attempts(
         let offset: i64 = r.get(2);
         let attempts = r.get::<i32, _>(3) as u32;
         if let Some(t) = queries::topic(&mut *tx, &tp.topic).await? {
-            let found = queries::read_offsets(&mut *tx, &tp.topic, t.id, tp.partition, &[offset]).await?;
+            let found =
+                queries::read_offsets(&mut *tx, &tp.topic, t.id, tp.partition, &[offset]).await?;
             if let Some(stored) = found.into_iter().next() {
-                let m = Message::from_stored(tp.topic.clone(), tp.partition, stored, attempts, DeliveryToken::default());
-                dead_letter(&mut *tx, inner, group, config, &m, attempts, Some("visibility timeout expired")).await?;
+                let m = Message::from_stored(
+                    tp.topic.clone(),
+                    tp.partition,
+                    stored,
+                    attempts,
+                    DeliveryToken::default(),
+                );
+                dead_letter(
+                    &mut *tx,
+                    inner,
+                    group,
+                    config,
+                    &m,
+                    attempts,
+                    Some("visibility timeout expired"),
+                )
+                .await?;
             }
         }
         delete_lease(&mut *tx, group, &tp, offset).await?;
@@ -792,15 +874,18 @@ async fn sweep_once(inner: &Inner) -> Result<()> {
     .map_err(during("find expired leases"))?;
     for g in groups {
         let group: String = g.get(0);
-        let config: GroupConfig = serde_json::from_value(g.get(1))
-            .map_err(|e| Error::internal(format!("group `{group}`: stored config is unreadable: {e}")))?;
-        let topics: Vec<String> = sqlx::query_scalar("SELECT topic FROM group_topics WHERE group_name = $1")
-            .bind(&group)
-            .fetch_all(&inner.pool)
-            .await
-            .map_err(during("find expired leases"))?;
+        let config: GroupConfig = serde_json::from_value(g.get(1)).map_err(|e| {
+            Error::internal(format!("group `{group}`: stored config is unreadable: {e}"))
+        })?;
+        let topics: Vec<String> =
+            sqlx::query_scalar("SELECT topic FROM group_topics WHERE group_name = $1")
+                .bind(&group)
+                .fetch_all(&inner.pool)
+                .await
+                .map_err(during("find expired leases"))?;
         let mut tx = inner.pool.begin().await.map_err(during("sweep leases"))?;
-        let moved = expire_last_attempts(&mut tx, inner, &group, &config, g.get(2), &topics).await?;
+        let moved =
+            expire_last_attempts(&mut tx, inner, &group, &config, g.get(2), &topics).await?;
         tx.commit().await.map_err(during("sweep leases"))?;
         if moved > 0 {
             inner.wake();
@@ -846,7 +931,12 @@ fn next_offset(m: &Message, b: &Bounds, what: &str) -> Result<u64> {
     }
 }
 
-async fn delete_lease(tx: &mut PgConnection, group: &str, tp: &TopicPartition, offset: i64) -> Result<()> {
+async fn delete_lease(
+    tx: &mut PgConnection,
+    group: &str,
+    tp: &TopicPartition,
+    offset: i64,
+) -> Result<()> {
     sqlx::query(r#"DELETE FROM leases WHERE group_name = $1 AND topic = $2 AND partition = $3 AND "offset" = $4"#)
         .bind(group)
         .bind(&tp.topic)
@@ -886,7 +976,11 @@ async fn dead_letter(
     let t = existing_topic(&mut *tx, &topic).await?;
     let partition = {
         let mut rr = inner.round_robin.lock();
-        partitioner::route(&record, t.config.partitions, rr.entry(topic.clone()).or_insert(0))
+        partitioner::route(
+            &record,
+            t.config.partitions,
+            rr.entry(topic.clone()).or_insert(0),
+        )
     };
     append(&mut *tx, &topic, t.id, partition, &[&record], now_ms()).await?;
     tracing::info!(group, topic = %m.topic, partition = m.partition, offset = m.offset, attempts, dlq = %topic, "dead-lettered");
@@ -902,12 +996,15 @@ impl Consumer for PgConsumer {
         }
         let started = Instant::now();
         let mut changes = self.inner.changed.subscribe();
-        let session: Duration = sqlx::query_scalar::<_, i64>("SELECT session_ms FROM groups WHERE name = $1")
-            .bind(self.group())
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(during(format!("poll group `{}`", self.group)))?
-            .map_or(Duration::from_secs(10), |ms| Duration::from_millis(ms.max(0) as u64));
+        let session: Duration =
+            sqlx::query_scalar::<_, i64>("SELECT session_ms FROM groups WHERE name = $1")
+                .bind(self.group())
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(during(format!("poll group `{}`", self.group)))?
+                .map_or(Duration::from_secs(10), |ms| {
+                    Duration::from_millis(ms.max(0) as u64)
+                });
         loop {
             changes.borrow_and_update();
             let (messages, due) = match self.mode {
@@ -947,7 +1044,9 @@ impl Consumer for PgConsumer {
             for (i, m) in messages.iter().enumerate() {
                 match self.ack_stream(m).await {
                     Ok(()) => outcome.acked += 1,
-                    Err(e) if matches!(e.kind(), ErrorKind::Closed | ErrorKind::Unavailable) => return Err(e),
+                    Err(e) if matches!(e.kind(), ErrorKind::Closed | ErrorKind::Unavailable) => {
+                        return Err(e)
+                    }
                     Err(e) => outcome.failed.push((i, e)),
                 }
             }
@@ -989,7 +1088,9 @@ impl Consumer for PgConsumer {
                 if settled.contains(&lease) {
                     outcome.acked += 1;
                 } else {
-                    outcome.failed.push((i, lease_lost(m.offset, &self.what(m))));
+                    outcome
+                        .failed
+                        .push((i, lease_lost(m.offset, &self.what(m))));
                 }
             }
         }
@@ -1011,7 +1112,16 @@ impl Consumer for PgConsumer {
                 let config = self.group_config().await?;
                 if m.attempt >= config.dlq.max_deliveries {
                     let mut tx = self.inner.pool.begin().await.map_err(during(&what))?;
-                    dead_letter(&mut tx, &self.inner, self.group(), &config, m, m.attempt, options.reason.as_deref()).await?;
+                    dead_letter(
+                        &mut tx,
+                        &self.inner,
+                        self.group(),
+                        &config,
+                        m,
+                        m.attempt,
+                        options.reason.as_deref(),
+                    )
+                    .await?;
                     let to = {
                         let mut parts = self.parts.lock();
                         match parts.get_mut(&tp) {
@@ -1080,7 +1190,16 @@ impl Consumer for PgConsumer {
                 .map_err(during(&what))?;
                 let attempts = attempts.ok_or_else(|| lease_lost(m.offset, &what))? as u32;
                 if attempts >= config.dlq.max_deliveries {
-                    dead_letter(&mut tx, &self.inner, self.group(), &config, m, attempts, options.reason.as_deref()).await?;
+                    dead_letter(
+                        &mut tx,
+                        &self.inner,
+                        self.group(),
+                        &config,
+                        m,
+                        attempts,
+                        options.reason.as_deref(),
+                    )
+                    .await?;
                     delete_lease(&mut tx, self.group(), &tp, m.offset as i64).await?;
                     tx.commit().await.map_err(during(&what))?;
                     return Ok(NackOutcome::DeadLettered);
@@ -1116,7 +1235,10 @@ impl Consumer for PgConsumer {
             m.delivery(self.group())?;
             return Err(Error::new(
                 ErrorKind::WrongMode,
-                format!("group `{}`: `extend` is only for queue-mode groups", self.group),
+                format!(
+                    "group `{}`: `extend` is only for queue-mode groups",
+                    self.group
+                ),
             ));
         }
         let lease = self.lease_of(m)?;
@@ -1145,7 +1267,10 @@ impl Consumer for PgConsumer {
         if self.mode != DeliveryMode::Stream {
             return Err(Error::new(
                 ErrorKind::WrongMode,
-                format!("group `{}`: `commit` is only for stream-mode groups", self.group),
+                format!(
+                    "group `{}`: `commit` is only for stream-mode groups",
+                    self.group
+                ),
             ));
         }
         self.heartbeat(false).await?;
@@ -1167,7 +1292,9 @@ impl Consumer for PgConsumer {
             SeekTo::Beginning => b.log_start,
             SeekTo::End => b.log_end,
             SeekTo::Offset(n) => n,
-            SeekTo::Timestamp(t) => offset_for_timestamp(&self.inner.pool, topic, id, partition, t).await?,
+            SeekTo::Timestamp(t) => {
+                offset_for_timestamp(&self.inner.pool, topic, id, partition, t).await?
+            }
         }
         .clamp(b.log_start, b.log_end.max(b.log_start));
         self.heartbeat(true).await?;
@@ -1188,13 +1315,15 @@ impl Consumer for PgConsumer {
             _ => {
                 let what = format!("group `{}`: seek {tp}", self.group);
                 let mut tx = self.inner.pool.begin().await.map_err(during(&what))?;
-                sqlx::query("DELETE FROM leases WHERE group_name = $1 AND topic = $2 AND partition = $3")
-                    .bind(self.group())
-                    .bind(&tp.topic)
-                    .bind(tp.partition as i32)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(during(&what))?;
+                sqlx::query(
+                    "DELETE FROM leases WHERE group_name = $1 AND topic = $2 AND partition = $3",
+                )
+                .bind(self.group())
+                .bind(&tp.topic)
+                .bind(tp.partition as i32)
+                .execute(&mut *tx)
+                .await
+                .map_err(during(&what))?;
                 sqlx::query(
                     "INSERT INTO queue_cursors (group_name, topic, partition, next) VALUES ($1, $2, $3, $4)
                      ON CONFLICT (group_name, topic, partition) DO UPDATE SET next = excluded.next",
@@ -1254,7 +1383,10 @@ impl Consumer for PgConsumer {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.inner.members.lock().remove(&(self.group.clone(), self.member));
+        self.inner
+            .members
+            .lock()
+            .remove(&(self.group.clone(), self.member));
         if self.inner.check_open().is_err() {
             return Ok(());
         }
@@ -1267,7 +1399,10 @@ impl Drop for PgConsumer {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.inner.members.lock().remove(&(self.group.clone(), self.member));
+        self.inner
+            .members
+            .lock()
+            .remove(&(self.group.clone(), self.member));
         if self.inner.check_open().is_err() {
             return;
         }

@@ -55,9 +55,15 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         assert!(e.is_retriable());
         assert!(e.message().contains("send to `t`"), "{e}");
-        assert_eq!(map("x", sqlx::Error::PoolTimedOut).kind(), ErrorKind::Unavailable);
+        assert_eq!(
+            map("x", sqlx::Error::PoolTimedOut).kind(),
+            ErrorKind::Unavailable
+        );
         assert_eq!(map("x", sqlx::Error::PoolClosed).kind(), ErrorKind::Closed);
-        assert_eq!(map("x", sqlx::Error::RowNotFound).kind(), ErrorKind::Internal);
+        assert_eq!(
+            map("x", sqlx::Error::RowNotFound).kind(),
+            ErrorKind::Internal
+        );
         assert!(transient_code("08006") && transient_code("40P01") && transient_code("57P01"));
         assert!(!transient_code("23505") && !transient_code("42P01"));
     }

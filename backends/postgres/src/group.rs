@@ -100,7 +100,11 @@ pub(crate) async fn join(
     .map_err(during(&what))?;
     if !new_topics.is_empty() {
         let latest = effective.start == StartFrom::Latest;
-        let start = if latest { "p.next_offset" } else { "p.log_start" };
+        let start = if latest {
+            "p.next_offset"
+        } else {
+            "p.log_start"
+        };
         let sql = match mode {
             DeliveryMode::Stream if latest => Some(format!(
                 "INSERT INTO commits (group_name, topic, partition, committed)
@@ -325,22 +329,25 @@ pub(crate) async fn rebalance(tx: &mut PgConnection, group: &str) -> Result<()> 
     .iter()
     .map(|r| TopicPartition::new(r.get::<String, _>(0), r.get::<i32, _>(1) as u32))
     .collect();
-    let current: BTreeMap<TopicPartition, (i64, i64)> =
-        sqlx::query("SELECT topic, partition, member_id, generation FROM owners WHERE group_name = $1")
-            .bind(group)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(during(&what))?
-            .iter()
-            .map(|r| {
-                (
-                    TopicPartition::new(r.get::<String, _>(0), r.get::<i32, _>(1) as u32),
-                    (r.get(2), r.get(3)),
-                )
-            })
-            .collect();
-    let owners: BTreeMap<TopicPartition, i64> =
-        current.iter().map(|(tp, (m, _))| (tp.clone(), *m)).collect();
+    let current: BTreeMap<TopicPartition, (i64, i64)> = sqlx::query(
+        "SELECT topic, partition, member_id, generation FROM owners WHERE group_name = $1",
+    )
+    .bind(group)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(during(&what))?
+    .iter()
+    .map(|r| {
+        (
+            TopicPartition::new(r.get::<String, _>(0), r.get::<i32, _>(1) as u32),
+            (r.get(2), r.get(3)),
+        )
+    })
+    .collect();
+    let owners: BTreeMap<TopicPartition, i64> = current
+        .iter()
+        .map(|(tp, (m, _))| (tp.clone(), *m))
+        .collect();
     let next = assign(&partitions, &owners, &members);
     let (mut del_t, mut del_p) = (Vec::new(), Vec::new());
     for tp in current.keys() {

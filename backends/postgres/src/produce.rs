@@ -112,12 +112,13 @@ async fn append_idempotent(
 ) -> Result<Vec<Receipt>> {
     let what = format!("idempotent append to `{topic}`/{partition}");
     let mut tx = inner.pool.begin().await.map_err(during(&what))?;
-    let locked = sqlx::query("SELECT 1 FROM partitions WHERE topic_id = $1 AND partition = $2 FOR UPDATE")
-        .bind(topic_id)
-        .bind(partition as i32)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(during(&what))?;
+    let locked =
+        sqlx::query("SELECT 1 FROM partitions WHERE topic_id = $1 AND partition = $2 FOR UPDATE")
+            .bind(topic_id)
+            .bind(partition as i32)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(during(&what))?;
     if locked.is_none() {
         return Err(Error::topic_not_found(topic));
     }
@@ -188,7 +189,11 @@ async fn append_idempotent(
 
 impl Inner {
     /// `send_batch` (contract §3).
-    pub(crate) async fn send_batch(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Receipt>> {
+    pub(crate) async fn send_batch(
+        &self,
+        topic: &str,
+        records: Vec<Record>,
+    ) -> Result<Vec<Receipt>> {
         self.check_open()?;
         // Delivery times are relative to this moment (see `APPEND`).
         let sent_at = crate::now_ms();
@@ -218,8 +223,16 @@ impl Inner {
         for (partition, idx) in by_partition {
             let batch: Vec<&Record> = idx.iter().map(|&i| &records[i]).collect();
             let got = if batch.iter().any(|r| r.idempotency_key.is_some()) {
-                append_idempotent(self, topic, t.id, partition, &batch, t.config.dedup_window, sent_at)
-                    .await?
+                append_idempotent(
+                    self,
+                    topic,
+                    t.id,
+                    partition,
+                    &batch,
+                    t.config.dedup_window,
+                    sent_at,
+                )
+                .await?
             } else {
                 if conn.is_none() {
                     conn = Some(
@@ -238,7 +251,11 @@ impl Inner {
         }
         receipts
             .into_iter()
-            .map(|r| r.ok_or_else(|| Error::internal(format!("topic `{topic}`: a record got no receipt"))))
+            .map(|r| {
+                r.ok_or_else(|| {
+                    Error::internal(format!("topic `{topic}`: a record got no receipt"))
+                })
+            })
             .collect()
     }
 }

@@ -18,9 +18,8 @@ pub(crate) struct TopicRow {
 
 /// Parse a stored topic config.
 pub(crate) fn topic_config(name: &str, json: serde_json::Value) -> Result<TopicConfig> {
-    serde_json::from_value(json).map_err(|e| {
-        Error::internal(format!("topic `{name}`: stored config is unreadable: {e}"))
-    })
+    serde_json::from_value(json)
+        .map_err(|e| Error::internal(format!("topic `{name}`: stored config is unreadable: {e}")))
 }
 
 /// The topic named `name`, if it exists.
@@ -67,7 +66,9 @@ pub(crate) fn stored(row: &PgRow, topic: &str, partition: u32) -> Result<StoredM
         timestamp: row.get::<i64, _>(1) as u64,
         key: row.get::<Option<Vec<u8>>, _>(2).map(Bytes::from),
         value: Bytes::from(row.get::<Vec<u8>, _>(3)),
-        headers: decode_headers(&headers, &|| format!("`{topic}`/{partition} offset {offset}"))?,
+        headers: decode_headers(&headers, &|| {
+            format!("`{topic}`/{partition} offset {offset}")
+        })?,
         idempotency_key: row.get(5),
         deliver_at: row.get::<Option<i64>, _>(6).map(|t| t as u64),
     })

@@ -32,12 +32,17 @@ SELECT p.log_start, greatest(
   FROM partitions p WHERE p.topic_id = $1 AND p.partition = $2"#;
 
 /// Apply `config`'s retention to every partition of a topic.
-pub(crate) async fn enforce(inner: &Inner, name: &str, topic_id: i64, config: &TopicConfig) -> Result<()> {
-    let age = config
+pub(crate) async fn enforce(
+    inner: &Inner,
+    name: &str,
+    topic_id: i64,
+    config: &TopicConfig,
+) -> Result<()> {
+    let age = config.retention.max_age.map(crate::millis);
+    let bytes = config
         .retention
-        .max_age
-        .map(crate::millis);
-    let bytes = config.retention.max_bytes.map(|b| b.min(i64::MAX as u64) as i64);
+        .max_bytes
+        .map(|b| b.min(i64::MAX as u64) as i64);
     let what = format!("retention of `{name}`");
     for partition in 0..config.partitions as i32 {
         let Some(row) = sqlx::query(NEW_START)
@@ -86,7 +91,12 @@ pub(crate) async fn enforce(inner: &Inner, name: &str, topic_id: i64, config: &T
             .map_err(during(&what))?;
             from = to;
         }
-        tracing::debug!(topic = name, partition, log_start = new, "retention moved the log start");
+        tracing::debug!(
+            topic = name,
+            partition,
+            log_start = new,
+            "retention moved the log start"
+        );
     }
     Ok(())
 }

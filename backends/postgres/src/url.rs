@@ -59,8 +59,9 @@ mod tests {
 
     #[test]
     fn options_are_taken_out_and_unknown_ones_refused() {
-        let url = BrokerUrl::parse("postgres://u@h:5/db?schema=app_1&max_connections=4&durability=none")
-            .unwrap();
+        let url =
+            BrokerUrl::parse("postgres://u@h:5/db?schema=app_1&max_connections=4&durability=none")
+                .unwrap();
         let (conn, pg) = parse(&url).unwrap();
         assert_eq!(conn, "postgres://u@h:5/db");
         assert_eq!(pg.schema, "app_1");

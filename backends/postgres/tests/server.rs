@@ -27,7 +27,10 @@ impl Drop for Schema {
         let schema = self.0.clone();
         // A runtime of its own: the test's may be shutting down.
         let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 rt.block_on(common::drop_schema(&schema));
             }
         })
@@ -41,10 +44,16 @@ impl Drop for Schema {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn eight_producers_one_partition_reader_sees_every_offset_once_in_order() {
     let schema = Schema::new("race");
-    let broker = common::open_dyn(&schema.0, BrokerOptions::default().with_durability(Durability::None))
+    let broker = common::open_dyn(
+        &schema.0,
+        BrokerOptions::default().with_durability(Durability::None),
+    )
+    .await
+    .unwrap();
+    broker
+        .create_topic("race", TopicConfig::new(1))
         .await
         .unwrap();
-    broker.create_topic("race", TopicConfig::new(1)).await.unwrap();
     const PRODUCERS: usize = 8;
     const EACH: usize = 150;
     let reader = broker
@@ -67,7 +76,10 @@ async fn eight_producers_one_partition_reader_sees_every_offset_once_in_order() 
     let mut next = 0u64;
     let start = Instant::now();
     while (next as usize) < total {
-        assert!(start.elapsed() < Duration::from_secs(60), "reader stuck at {next} of {total}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "reader stuck at {next} of {total}"
+        );
         for m in reader.poll(100, Duration::from_millis(200)).await.unwrap() {
             assert_eq!(m.offset, next, "offsets arrive dense and in order");
             next += 1;
@@ -77,7 +89,11 @@ async fn eight_producers_one_partition_reader_sees_every_offset_once_in_order() 
     for t in tasks {
         t.await.unwrap();
     }
-    assert!(reader.poll(10, Duration::from_millis(100)).await.unwrap().is_empty());
+    assert!(reader
+        .poll(10, Duration::from_millis(100))
+        .await
+        .unwrap()
+        .is_empty());
     let lag = broker.group_lag("reader").await.unwrap();
     assert_eq!(lag.total_lag(), 0);
     broker.close().await.unwrap();
@@ -88,18 +104,43 @@ async fn eight_producers_one_partition_reader_sees_every_offset_once_in_order() 
 #[tokio::test]
 async fn two_schemas_on_one_database_never_see_each_other() {
     let (a, b) = (Schema::new("app_a"), Schema::new("app_b"));
-    let app_a = common::open_dyn(&a.0, BrokerOptions::default()).await.unwrap();
-    let app_b = common::open_dyn(&b.0, BrokerOptions::default()).await.unwrap();
-    app_a.create_topic("orders", TopicConfig::new(1)).await.unwrap();
-    app_b.create_topic("orders", TopicConfig::new(2)).await.unwrap();
-    let r = app_a.producer().await.unwrap().send("orders", Record::new("a")).await.unwrap();
+    let app_a = common::open_dyn(&a.0, BrokerOptions::default())
+        .await
+        .unwrap();
+    let app_b = common::open_dyn(&b.0, BrokerOptions::default())
+        .await
+        .unwrap();
+    app_a
+        .create_topic("orders", TopicConfig::new(1))
+        .await
+        .unwrap();
+    app_b
+        .create_topic("orders", TopicConfig::new(2))
+        .await
+        .unwrap();
+    let r = app_a
+        .producer()
+        .await
+        .unwrap()
+        .send("orders", Record::new("a"))
+        .await
+        .unwrap();
     assert_eq!(r.offset, 0);
     let in_b = app_b.describe_topic("orders").await.unwrap();
     assert_eq!(in_b.partitions.len(), 2);
-    assert!(in_b.partitions.iter().all(|p| p.log_end == 0), "b sees none of a's records");
-    let c = app_a.consumer("g", &["orders"], GroupConfig::queue()).await.unwrap();
+    assert!(
+        in_b.partitions.iter().all(|p| p.log_end == 0),
+        "b sees none of a's records"
+    );
+    let c = app_a
+        .consumer("g", &["orders"], GroupConfig::queue())
+        .await
+        .unwrap();
     assert_eq!(c.poll(1, Duration::from_secs(2)).await.unwrap().len(), 1);
-    assert!(app_b.list_groups().await.unwrap().is_empty(), "b sees none of a's groups");
+    assert!(
+        app_b.list_groups().await.unwrap().is_empty(),
+        "b sees none of a's groups"
+    );
     assert_eq!(
         app_b.group_lag("g").await.unwrap_err().kind(),
         ErrorKind::GroupNotFound
@@ -110,17 +151,21 @@ async fn two_schemas_on_one_database_never_see_each_other() {
 
 /// The server's address as a socket address (for the proxy).
 fn server_addr() -> SocketAddr {
-    let url = url::Url::parse(&common::url()).unwrap();
+    let url = url::Url::parse(&common::url()).expect("CONVEYOR_POSTGRES_URL is a URL");
     let host = url.host_str().unwrap_or("127.0.0.1");
     let port = url.port().unwrap_or(5432);
     use std::net::ToSocketAddrs;
-    (host, port).to_socket_addrs().unwrap().next().unwrap()
+    (host, port)
+        .to_socket_addrs()
+        .expect("the server's host resolves")
+        .next()
+        .expect("the server's host has an address")
 }
 
 fn through(proxy: &FaultProxy) -> String {
-    let mut url = url::Url::parse(&common::url()).unwrap();
-    url.set_host(Some("127.0.0.1")).unwrap();
-    url.set_port(Some(proxy.addr().port())).unwrap();
+    let mut url = url::Url::parse(&common::url()).expect("CONVEYOR_POSTGRES_URL is a URL");
+    url.set_host(Some("127.0.0.1")).expect("a host");
+    url.set_port(Some(proxy.addr().port())).expect("a port");
     url.to_string()
 }
 
@@ -131,7 +176,9 @@ fn through(proxy: &FaultProxy) -> String {
 async fn lost_connections_are_unavailable_then_recover_and_lose_nothing() {
     let schema = Schema::new("fault");
     let proxy = FaultProxy::start(server_addr()).await.unwrap();
-    let pg = PgOptions::default().with_schema(schema.0.clone()).with_max_connections(2);
+    let pg = PgOptions::default()
+        .with_schema(schema.0.clone())
+        .with_max_connections(2);
     let broker: Arc<dyn Broker> = Arc::new(
         conveyor_postgres::open(&through(&proxy), BrokerOptions::default(), pg)
             .await
@@ -144,7 +191,10 @@ async fn lost_connections_are_unavailable_then_recover_and_lose_nothing() {
         let r = p.send("t", Record::new(format!("{i}"))).await.unwrap();
         acked.insert((r.partition, r.offset));
     }
-    let c = broker.consumer("g", &["t"], GroupConfig::stream()).await.unwrap();
+    let c = broker
+        .consumer("g", &["t"], GroupConfig::stream())
+        .await
+        .unwrap();
     let got = c.poll(5, Duration::from_secs(2)).await.unwrap();
     c.commit_batch(&got).await.unwrap();
     let committed: Vec<(u32, u64)> = got.iter().map(|m| (m.partition, m.offset + 1)).collect();
@@ -155,7 +205,10 @@ async fn lost_connections_are_unavailable_then_recover_and_lose_nothing() {
     let e = p.send("t", Record::new("lost?")).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
     assert!(e.is_retriable());
-    assert_eq!(broker.list_topics().await.unwrap_err().kind(), ErrorKind::Unavailable);
+    assert_eq!(
+        broker.list_topics().await.unwrap_err().kind(),
+        ErrorKind::Unavailable
+    );
     proxy.refuse(false);
 
     // Black-holed: calls time out as Unavailable rather than hang forever.
@@ -182,15 +235,28 @@ async fn lost_connections_are_unavailable_then_recover_and_lose_nothing() {
     };
     acked.insert((r.partition, r.offset));
     drop(proxy);
-    let direct = common::open_dyn(&schema.0, BrokerOptions::default()).await.unwrap();
+    let direct = common::open_dyn(&schema.0, BrokerOptions::default())
+        .await
+        .unwrap();
     for (partition, offset) in &acked {
         let m = direct.fetch("t", *partition, *offset, 1).await.unwrap();
-        assert_eq!(m.first().map(|m| m.offset), Some(*offset), "acknowledged {partition}@{offset} kept");
+        assert_eq!(
+            m.first().map(|m| m.offset),
+            Some(*offset),
+            "acknowledged {partition}@{offset} kept"
+        );
     }
     let lag = direct.group_lag("g").await.unwrap();
     for (partition, next) in committed {
-        let p = lag.partitions.iter().find(|p| p.partition == partition).unwrap();
-        assert!(p.committed >= next, "commit {partition}:{next} kept: {lag:?}");
+        let p = lag
+            .partitions
+            .iter()
+            .find(|p| p.partition == partition)
+            .unwrap();
+        assert!(
+            p.committed >= next,
+            "commit {partition}:{next} kept: {lag:?}"
+        );
     }
     direct.close().await.unwrap();
 }
