@@ -26,6 +26,9 @@ use tokio::task::JoinHandle;
 /// notification comes (a lost notification costs at most this).
 pub(crate) const FALLBACK_POLL: Duration = Duration::from_millis(250);
 
+/// How long a send trusts a topic's cached row.
+pub(crate) const TOPIC_CACHE: Duration = Duration::from_secs(1);
+
 /// State shared by the broker, its producers and consumers.
 pub(crate) struct Inner {
     pub pool: PgPool,
@@ -40,6 +43,11 @@ pub(crate) struct Inner {
     /// broker makes them leave (their partitions and leases go to others
     /// at once, as when an embedded broker's process ends).
     pub members: Mutex<std::collections::BTreeSet<(Arc<str>, i64)>>,
+    /// Concurrent sends per (topic id, partition), merged (see
+    /// `produce::Lane`).
+    pub lanes: Mutex<HashMap<(i64, u32), crate::produce::Lane>>,
+    /// Topics as last read, for sends (see [`Inner::topic_cached`]).
+    topics: Mutex<HashMap<String, (TopicRow, std::time::Instant)>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -55,6 +63,29 @@ impl Inner {
     /// the server's notifications).
     pub(crate) fn wake(&self) {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The topic's row for a send, from a cache kept for
+    /// [`TOPIC_CACHE`] (a send then costs one round trip). A topic deleted
+    /// meanwhile fails the append, which forgets it; partitions added by
+    /// another process are seen within [`TOPIC_CACHE`] (an explicit
+    /// partition beyond the cached count looks again before refusing).
+    pub(crate) async fn topic_cached(&self, name: &str) -> Result<TopicRow> {
+        if let Some((t, at)) = self.topics.lock().get(name) {
+            if at.elapsed() < TOPIC_CACHE {
+                return Ok(t.clone());
+            }
+        }
+        let t = self.topic_or_create(name).await?;
+        self.topics
+            .lock()
+            .insert(name.to_string(), (t.clone(), std::time::Instant::now()));
+        Ok(t)
+    }
+
+    /// Drop a topic from the send cache.
+    pub(crate) fn forget_topic(&self, name: &str) {
+        self.topics.lock().remove(name);
     }
 
     /// The topic's row, creating the topic if auto-create is on.
@@ -124,6 +155,7 @@ impl Inner {
             crate::group::lock_and_rebalance(&mut tx, &g).await?;
         }
         tx.commit().await.map_err(during(&what))?;
+        self.forget_topic(name);
         self.wake();
         Ok(())
     }
@@ -179,6 +211,7 @@ impl Inner {
             crate::group::lock_and_rebalance(&mut tx, &g).await?;
         }
         tx.commit().await.map_err(during(&what))?;
+        self.forget_topic(name);
         self.wake();
         Ok(())
     }
@@ -412,6 +445,10 @@ impl PgBroker {
         );
         let pool = PgPoolOptions::new()
             .max_connections(pg.max_connections)
+            // No ping before every checkout: a connection that died is
+            // found by its first statement, which fails `Unavailable`
+            // (retriable), and the pool replaces it.
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(5))
             .after_connect(move |conn, _| {
                 let set = set.clone();
@@ -445,6 +482,8 @@ impl PgBroker {
             changed,
             round_robin: Mutex::new(HashMap::new()),
             members: Mutex::new(std::collections::BTreeSet::new()),
+            lanes: Mutex::new(HashMap::new()),
+            topics: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
         });
         let listener = tokio::spawn(listen(Arc::downgrade(&inner)));

@@ -8,11 +8,12 @@ use crate::error::during;
 use async_trait::async_trait;
 use conveyor_core::backend::validate;
 use conveyor_core::partitioner;
-use conveyor_core::{Error, Producer, Receipt, Record, Result};
+use conveyor_core::{Error, ErrorKind, Producer, Receipt, Record, Result};
 use sqlx::{PgConnection, Row};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::oneshot;
 
 /// Appends `n` records to a partition: locks its row (held to commit),
 /// takes `n` offsets, inserts the records with them, returns offset and
@@ -29,9 +30,11 @@ WITH p AS (
  RETURNING next_offset - $3 AS base, last_ts AS ts
 )
 INSERT INTO records (topic_id, partition, "offset", ts, key, value, headers, idem, deliver_at, size)
-SELECT $1, $2, p.base + t.i - 1, p.ts, t.key, t.value, t.headers, t.idem, t.deliver_at + (p.ts - $11), t.size
-  FROM p, unnest($5::bytea[], $6::bytea[], $7::bytea[], $8::text[], $9::bigint[], $10::bigint[])
-       WITH ORDINALITY AS t(key, value, headers, idem, deliver_at, size, i)
+SELECT $1, $2, p.base + t.i - 1, p.ts, t.key, t.value, t.headers, t.idem,
+       t.deliver_at + (p.ts - t.sent_at), t.size
+  FROM p, unnest($5::bytea[], $6::bytea[], $7::bytea[], $8::text[], $9::bigint[], $10::bigint[],
+                 $11::bigint[])
+       WITH ORDINALITY AS t(key, value, headers, idem, deliver_at, size, sent_at, i)
 RETURNING "offset", ts"#;
 
 /// Appends `records` to one partition in `conn` (in the caller's
@@ -43,6 +46,26 @@ pub(crate) async fn append(
     partition: u32,
     records: &[&Record],
     sent_at: u64,
+) -> Result<Vec<Receipt>> {
+    append_sent(
+        conn,
+        topic,
+        topic_id,
+        partition,
+        records,
+        &vec![sent_at; records.len()],
+    )
+    .await
+}
+
+/// [`append`] with each record's own send time.
+async fn append_sent(
+    conn: &mut PgConnection,
+    topic: &str,
+    topic_id: i64,
+    partition: u32,
+    records: &[&Record],
+    sent_at: &[u64],
 ) -> Result<Vec<Receipt>> {
     if records.is_empty() {
         return Ok(Vec::new());
@@ -76,7 +99,12 @@ pub(crate) async fn append(
         .bind(idems)
         .bind(deliver)
         .bind(sizes)
-        .bind(sent_at.min(i64::MAX as u64) as i64)
+        .bind(
+            sent_at
+                .iter()
+                .map(|t| (*t).min(i64::MAX as u64) as i64)
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&mut *conn)
         .await
         .map_err(during(format!("append to `{topic}`/{partition}")))?;
@@ -187,17 +215,132 @@ async fn append_idempotent(
         .collect())
 }
 
+/// A send waiting in a [`Lane`]: its records and where its receipts go.
+struct Pending {
+    records: Vec<Record>,
+    sent_at: u64,
+    reply: oneshot::Sender<Result<Vec<Receipt>>>,
+}
+
+/// Concurrent sends to one partition from this process, merged: the first
+/// starts a flusher task, which appends everything queued meanwhile in one
+/// statement (one transaction, one WAL flush under `always`), and again
+/// while more arrived. Each send's records stay contiguous and atomic.
+#[derive(Default)]
+pub(crate) struct Lane {
+    queue: Vec<Pending>,
+    running: bool,
+}
+
+/// Most records one merged statement carries.
+const MERGE_MAX: usize = 5_000;
+
+/// The flusher of one partition's lane (see [`Lane`]).
+async fn flush_lane(inner: Arc<Inner>, topic: String, topic_id: i64, partition: u32) {
+    loop {
+        let batch: Vec<Pending> = {
+            let mut lanes = inner.lanes.lock();
+            let Some(lane) = lanes.get_mut(&(topic_id, partition)) else {
+                return;
+            };
+            if lane.queue.is_empty() {
+                lanes.remove(&(topic_id, partition));
+                return;
+            }
+            let mut n = 0;
+            let take = lane
+                .queue
+                .iter()
+                .take_while(|p| {
+                    n += p.records.len();
+                    n <= MERGE_MAX || n == p.records.len()
+                })
+                .count()
+                .max(1);
+            lane.queue.drain(..take).collect()
+        };
+        let records: Vec<&Record> = batch.iter().flat_map(|p| p.records.iter()).collect();
+        let sent_at: Vec<u64> = batch
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.sent_at, p.records.len()))
+            .collect();
+        let result = match inner.pool.acquire().await {
+            Ok(mut conn) => {
+                append_sent(&mut conn, &topic, topic_id, partition, &records, &sent_at).await
+            }
+            Err(e) => Err(crate::error::map(&format!("send to `{topic}`"), e)),
+        };
+        match result {
+            Ok(receipts) => {
+                let mut rest = receipts.into_iter();
+                for p in batch {
+                    let mine: Vec<Receipt> = rest.by_ref().take(p.records.len()).collect();
+                    let _ = p.reply.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                for p in batch {
+                    let _ = p.reply.send(Err(Error::new(e.kind(), e.message())));
+                }
+            }
+        }
+    }
+}
+
 impl Inner {
+    /// Append one send's records to one partition through its [`Lane`].
+    async fn append_merged(
+        self: &Arc<Self>,
+        topic: &str,
+        topic_id: i64,
+        partition: u32,
+        records: Vec<Record>,
+        sent_at: u64,
+    ) -> Result<Vec<Receipt>> {
+        let (reply, receipts) = oneshot::channel();
+        let start = {
+            let mut lanes = self.lanes.lock();
+            let lane = lanes.entry((topic_id, partition)).or_default();
+            lane.queue.push(Pending {
+                records,
+                sent_at,
+                reply,
+            });
+            !std::mem::replace(&mut lane.running, true)
+        };
+        if start {
+            tokio::spawn(flush_lane(
+                self.clone(),
+                topic.to_string(),
+                topic_id,
+                partition,
+            ));
+        }
+        receipts.await.map_err(|_| {
+            Error::internal(format!(
+                "send to `{topic}`/{partition}: the append task ended"
+            ))
+        })?
+    }
+
     /// `send_batch` (contract §3).
     pub(crate) async fn send_batch(
-        &self,
+        self: &Arc<Self>,
         topic: &str,
         records: Vec<Record>,
     ) -> Result<Vec<Receipt>> {
         self.check_open()?;
         // Delivery times are relative to this moment (see `APPEND`).
         let sent_at = crate::now_ms();
-        let t = self.topic_or_create(topic).await?;
+        let mut t = self.topic_cached(topic).await?;
+        if records
+            .iter()
+            .any(|r| r.partition.is_some_and(|p| p >= t.config.partitions))
+        {
+            // Another process may have added partitions since the cache.
+            self.forget_topic(topic);
+            t = self.topic_cached(topic).await?;
+        }
         for r in &records {
             validate::record(topic, r, t.config.partitions, t.config.max_message_bytes)?;
         }
@@ -219,31 +362,33 @@ impl Inner {
             by_partition.entry(*p).or_default().push(i);
         }
         let mut receipts: Vec<Option<Receipt>> = vec![None; records.len()];
-        let mut conn = None;
+        let mut records: Vec<Option<Record>> = records.into_iter().map(Some).collect();
         for (partition, idx) in by_partition {
-            let batch: Vec<&Record> = idx.iter().map(|&i| &records[i]).collect();
+            let batch: Vec<Record> = idx.iter().filter_map(|&i| records[i].take()).collect();
             let got = if batch.iter().any(|r| r.idempotency_key.is_some()) {
+                let refs: Vec<&Record> = batch.iter().collect();
                 append_idempotent(
                     self,
                     topic,
                     t.id,
                     partition,
-                    &batch,
+                    &refs,
                     t.config.dedup_window,
                     sent_at,
                 )
-                .await?
+                .await
             } else {
-                if conn.is_none() {
-                    conn = Some(
-                        self.pool
-                            .acquire()
-                            .await
-                            .map_err(during(format!("send to `{topic}`")))?,
-                    );
+                self.append_merged(topic, t.id, partition, batch, sent_at)
+                    .await
+            };
+            let got = match got {
+                // The topic was deleted (and maybe made again) since it was
+                // cached: look again next time.
+                Err(e) if e.kind() == ErrorKind::TopicNotFound => {
+                    self.forget_topic(topic);
+                    return Err(e);
                 }
-                let c = conn.as_mut().expect("acquired");
-                append(c, topic, t.id, partition, &batch, sent_at).await?
+                other => other?,
             };
             for (i, r) in idx.into_iter().zip(got) {
                 receipts[i] = Some(r);

@@ -260,3 +260,100 @@ async fn lost_connections_are_unavailable_then_recover_and_lose_nothing() {
     }
     direct.close().await.unwrap();
 }
+
+/// §3, one process: sends to one partition that arrive while an append is
+/// in flight are merged into one statement (one transaction, one WAL
+/// flush), each send's records still contiguous and in order. Observed
+/// through `xmin`, the inserting transaction of each record row.
+#[tokio::test]
+async fn concurrent_sends_to_one_partition_share_a_transaction() {
+    use sqlx::Connection;
+    let schema = Schema::new("merge");
+    let broker = common::open_dyn(
+        &schema.0,
+        BrokerOptions::default().with_durability(Durability::Always),
+    )
+    .await
+    .unwrap();
+    broker.create_topic("m", TopicConfig::new(1)).await.unwrap();
+    let p = broker.producer().await.unwrap();
+    p.send("m", Record::new("warm")).await.unwrap(); // the topic is cached
+
+    // Hold the partition's row lock, so the first send's statement waits.
+    let mut holder = sqlx::PgConnection::connect(&common::url()).await.unwrap();
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM \"{0}\".partitions p JOIN \"{0}\".topics t ON t.id = p.topic_id
+          WHERE t.name = 'm' FOR UPDATE",
+        schema.0
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let first = {
+        let p = p.clone();
+        tokio::spawn(async move { p.send_batch("m", vec![Record::new("first")]).await })
+    };
+    let mut watcher = sqlx::PgConnection::connect(&common::url()).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+               AND query LIKE '%UPDATE partitions%'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the first append never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The first append is in flight: these queue behind it (this runtime
+    // has one thread, so each task runs until it waits for its receipt).
+    let later: Vec<_> = (0..9)
+        .map(|i| {
+            let p = p.clone();
+            tokio::spawn(async move {
+                p.send_batch(
+                    "m",
+                    vec![Record::new(format!("{i}a")), Record::new(format!("{i}b"))],
+                )
+                .await
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        tokio::task::yield_now().await;
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap()[0].offset, 1);
+    let mut receipts = Vec::new();
+    for t in later {
+        receipts.push(t.await.unwrap().unwrap());
+    }
+    for (i, r) in receipts.iter().enumerate() {
+        assert_eq!(
+            r[1].offset,
+            r[0].offset + 1,
+            "send {i}: its records are contiguous"
+        );
+    }
+    let xmins: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT xmin::text FROM \"{}\".records WHERE \"offset\" >= 2 ORDER BY \"offset\"",
+        schema.0
+    ))
+    .fetch_all(&mut watcher)
+    .await
+    .unwrap();
+    assert_eq!(xmins.len(), 18);
+    assert!(
+        xmins.iter().all(|x| *x == xmins[0]),
+        "the 9 sends queued behind the first were appended in one transaction: {xmins:?}"
+    );
+    broker.close().await.unwrap();
+}
