@@ -39,6 +39,8 @@ pub(crate) struct Inner {
     /// reconnects, when some may have been lost).
     pub changed: watch::Sender<u64>,
     pub round_robin: Mutex<HashMap<String, u32>>,
+    /// How long a call may wait for the server (see [`PgOptions::timeout`]).
+    pub op_timeout: Duration,
     /// Members joined through this broker and not yet gone: closing the
     /// broker makes them leave (their partitions and leases go to others
     /// at once, as when an embedded broker's process ends).
@@ -57,6 +59,26 @@ impl Inner {
             return Err(Error::new(ErrorKind::Closed, "the broker is closed"));
         }
         Ok(())
+    }
+
+    /// Run one call of the public API with the broker's deadline (plus
+    /// `extra`, a poll's own timeout): a server that stops answering (a
+    /// network partition, a black-holed connection) is `Unavailable` after
+    /// it, not a call that hangs forever. A call cut there rolls back what
+    /// it had not committed.
+    pub(crate) async fn bounded<T>(
+        &self,
+        extra: Duration,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let limit = self.op_timeout.saturating_add(extra);
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("PostgreSQL did not answer within {limit:?}"),
+            )),
+        }
     }
 
     /// Wake this process's waiting polls (other processes are woken by
@@ -113,19 +135,21 @@ impl Inner {
         self.check_open()?;
         validate::topic_name(name)?;
         validate::topic_config(name, &config)?;
-        let mut conn = self
-            .pool
-            .acquire()
+        let what = format!("create topic `{name}`");
+        let mut tx = crate::tx::Tx::begin(&self.pool)
             .await
-            .map_err(during(format!("create topic `{name}`")))?;
-        create_topic_in(&mut conn, name, &config, lenient).await
+            .map_err(during(&what))?;
+        create_topic_in(&mut tx, name, &config, lenient).await?;
+        tx.commit().await.map_err(during(&what))
     }
 
     async fn delete_topic(&self, name: &str) -> Result<()> {
         self.check_open()?;
         validate::topic_name(name)?;
         let what = format!("delete topic `{name}`");
-        let mut tx = self.pool.begin().await.map_err(during(&what))?;
+        let mut tx = crate::tx::Tx::begin(&self.pool)
+            .await
+            .map_err(during(&what))?;
         let row = sqlx::query("DELETE FROM topics WHERE name = $1 RETURNING id")
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -165,7 +189,9 @@ impl Inner {
         validate::topic_name(name)?;
         validate::partition_count(name, partitions)?;
         let what = format!("add partitions to `{name}`");
-        let mut tx = self.pool.begin().await.map_err(during(&what))?;
+        let mut tx = crate::tx::Tx::begin(&self.pool)
+            .await
+            .map_err(during(&what))?;
         let row = sqlx::query("SELECT id, config FROM topics WHERE name = $1 FOR UPDATE")
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -304,8 +330,7 @@ impl Inner {
     }
 }
 
-/// Insert a topic and its partition rows in `conn` (the caller's
-/// transaction, if any).
+/// Insert a topic and its partition rows in the caller's transaction.
 pub(crate) async fn create_topic_in(
     conn: &mut sqlx::PgConnection,
     name: &str,
@@ -313,7 +338,7 @@ pub(crate) async fn create_topic_in(
     lenient: bool,
 ) -> Result<()> {
     let what = format!("create topic `{name}`");
-    let mut tx = conn.begin().await.map_err(during(&what))?;
+    let tx = conn;
     let id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO topics (name, partitions, config, retention_ms, retention_bytes)
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING RETURNING id",
@@ -341,7 +366,6 @@ pub(crate) async fn create_topic_in(
             .execute(&mut *tx)
             .await
             .map_err(during(&what))?;
-            tx.commit().await.map_err(during(&what))?;
             tracing::debug!(
                 topic = name,
                 partitions = config.partitions,
@@ -449,7 +473,7 @@ impl PgBroker {
             // found by its first statement, which fails `Unavailable`
             // (retriable), and the pool replaces it.
             .test_before_acquire(false)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(pg.timeout.min(Duration::from_secs(5)))
             .after_connect(move |conn, _| {
                 let set = set.clone();
                 Box::pin(async move {
@@ -481,6 +505,7 @@ impl PgBroker {
             closed: AtomicBool::new(false),
             changed,
             round_robin: Mutex::new(HashMap::new()),
+            op_timeout: pg.timeout,
             members: Mutex::new(std::collections::BTreeSet::new()),
             lanes: Mutex::new(HashMap::new()),
             topics: Mutex::new(HashMap::new()),
@@ -491,6 +516,14 @@ impl PgBroker {
         let sweep = tokio::spawn(crate::consumer::sweep(Arc::downgrade(&inner)));
         inner.tasks.lock().extend([listener, retention, sweep]);
         Ok(PgBroker { inner })
+    }
+
+    /// The broker's connection pool (its connections use the broker's
+    /// schema and durability), for an application's own statements next
+    /// to Conveyor's, such as reading what a consumer wrote in the same
+    /// database.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
     }
 
     /// The schema this broker's tables live in.
@@ -571,59 +604,82 @@ impl Broker for PgBroker {
     }
 
     async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<()> {
-        self.inner.create_topic(name, config, false).await
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.inner.create_topic(name, config, false).await
+            })
+            .await
     }
 
     async fn delete_topic(&self, name: &str) -> Result<()> {
-        self.inner.delete_topic(name).await
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.inner.delete_topic(name).await
+            })
+            .await
     }
 
     async fn list_topics(&self) -> Result<Vec<String>> {
-        self.inner.check_open()?;
-        sqlx::query_scalar("SELECT name FROM topics ORDER BY name")
-            .fetch_all(&self.inner.pool)
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.inner.check_open()?;
+                sqlx::query_scalar("SELECT name FROM topics ORDER BY name")
+                    .fetch_all(&self.inner.pool)
+                    .await
+                    .map_err(during("list topics"))
+            })
             .await
-            .map_err(during("list topics"))
     }
 
     async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
-        self.inner.check_open()?;
-        validate::topic_name(name)?;
-        let t = existing_topic(&self.inner.pool, name).await?;
-        if t.config.retention.is_limited() {
-            crate::retention::enforce(&self.inner, name, t.id, &t.config).await?;
-        }
-        let rows = sqlx::query(
-            "SELECT partition, log_start, next_offset, bytes FROM partitions WHERE topic_id = $1 ORDER BY partition",
-        )
-        .bind(t.id)
-        .fetch_all(&self.inner.pool)
-        .await
-        .map_err(during(format!("describe topic `{name}`")))?;
-        Ok(TopicDescription {
-            name: name.to_string(),
-            config: t.config,
-            partitions: rows
-                .iter()
-                .map(|r| PartitionDescription {
-                    partition: r.get::<i32, _>(0) as u32,
-                    log_start: r.get::<i64, _>(1) as u64,
-                    log_end: r.get::<i64, _>(2) as u64,
-                    bytes: r.get::<i64, _>(3) as u64,
-                })
-                .collect(),
+        self.inner.bounded(Duration::ZERO, async move {
+            self.inner.check_open()?;
+            validate::topic_name(name)?;
+            let t = existing_topic(&self.inner.pool, name).await?;
+            if t.config.retention.is_limited() {
+                crate::retention::enforce(&self.inner, name, t.id, &t.config).await?;
+            }
+            let rows = sqlx::query(
+                "SELECT partition, log_start, next_offset, bytes FROM partitions WHERE topic_id = $1 ORDER BY partition",
+            )
+            .bind(t.id)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(during(format!("describe topic `{name}`")))?;
+            Ok(TopicDescription {
+                name: name.to_string(),
+                config: t.config,
+                partitions: rows
+                    .iter()
+                    .map(|r| PartitionDescription {
+                        partition: r.get::<i32, _>(0) as u32,
+                        log_start: r.get::<i64, _>(1) as u64,
+                        log_end: r.get::<i64, _>(2) as u64,
+                        bytes: r.get::<i64, _>(3) as u64,
+                    })
+                    .collect(),
+            })
         })
+        .await
     }
 
     async fn add_partitions(&self, name: &str, partitions: u32) -> Result<()> {
-        self.inner.add_partitions(name, partitions).await
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.inner.add_partitions(name, partitions).await
+            })
+            .await
     }
 
     async fn producer(&self) -> Result<Arc<dyn Producer>> {
-        self.inner.check_open()?;
-        Ok(Arc::new(crate::produce::PgProducer {
-            inner: self.inner.clone(),
-        }))
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.inner.check_open()?;
+                Ok(Arc::new(crate::produce::PgProducer {
+                    inner: self.inner.clone(),
+                }) as Arc<dyn Producer>)
+            })
+            .await
     }
 
     async fn consumer(
@@ -632,69 +688,85 @@ impl Broker for PgBroker {
         topics: &[&str],
         config: GroupConfig,
     ) -> Result<Arc<dyn Consumer>> {
-        self.inner.check_open()?;
-        let c = crate::group::join(&self.inner, group, topics, config).await?;
-        Ok(Arc::new(c))
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.inner.check_open()?;
+                let c = crate::group::join(&self.inner, group, topics, config).await?;
+                Ok(Arc::new(c) as Arc<dyn Consumer>)
+            })
+            .await
     }
 
     async fn list_groups(&self) -> Result<Vec<String>> {
-        self.inner.check_open()?;
-        sqlx::query_scalar("SELECT name FROM groups ORDER BY name")
-            .fetch_all(&self.inner.pool)
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.inner.check_open()?;
+                sqlx::query_scalar("SELECT name FROM groups ORDER BY name")
+                    .fetch_all(&self.inner.pool)
+                    .await
+                    .map_err(during("list groups"))
+            })
             .await
-            .map_err(during("list groups"))
     }
 
     async fn group_lag(&self, group: &str) -> Result<GroupLag> {
-        self.inner.group_lag(group).await
+        self.inner
+            .bounded(
+                Duration::ZERO,
+                async move { self.inner.group_lag(group).await },
+            )
+            .await
     }
 
     async fn describe_group(&self, group: &str) -> Result<GroupDescription> {
-        let lag = self.inner.group_lag(group).await?;
-        let what = format!("describe group `{group}`");
-        let g = sqlx::query("SELECT config, generation FROM groups WHERE name = $1")
+        self.inner.bounded(Duration::ZERO, async move {
+            let lag = self.inner.group_lag(group).await?;
+            let what = format!("describe group `{group}`");
+            let g = sqlx::query("SELECT config, generation FROM groups WHERE name = $1")
+                .bind(group)
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(during(&what))?
+                .ok_or_else(|| group_not_found(group))?;
+            let config: GroupConfig = serde_json::from_value(g.get(0))
+                .map_err(|e| Error::internal(format!("{what}: stored config is unreadable: {e}")))?;
+            let members = sqlx::query(
+                r#"SELECT m.member_id, m.topics, now_ms() - m.last_seen,
+                          coalesce((SELECT array_agg(o.topic ORDER BY o.topic, o.partition) FROM owners o
+                                     WHERE o.group_name = m.group_name AND o.member_id = m.member_id), '{}'),
+                          coalesce((SELECT array_agg(o.partition ORDER BY o.topic, o.partition) FROM owners o
+                                     WHERE o.group_name = m.group_name AND o.member_id = m.member_id), '{}'),
+                          (SELECT count(*) FROM leases l WHERE l.group_name = m.group_name
+                             AND l.member_id = m.member_id AND l.deadline > now_ms())
+                     FROM members m WHERE m.group_name = $1 ORDER BY m.member_id"#,
+            )
             .bind(group)
-            .fetch_optional(&self.inner.pool)
+            .fetch_all(&self.inner.pool)
             .await
             .map_err(during(&what))?
-            .ok_or_else(|| group_not_found(group))?;
-        let config: GroupConfig = serde_json::from_value(g.get(0))
-            .map_err(|e| Error::internal(format!("{what}: stored config is unreadable: {e}")))?;
-        let members = sqlx::query(
-            r#"SELECT m.member_id, m.topics, now_ms() - m.last_seen,
-                      coalesce((SELECT array_agg(o.topic ORDER BY o.topic, o.partition) FROM owners o
-                                 WHERE o.group_name = m.group_name AND o.member_id = m.member_id), '{}'),
-                      coalesce((SELECT array_agg(o.partition ORDER BY o.topic, o.partition) FROM owners o
-                                 WHERE o.group_name = m.group_name AND o.member_id = m.member_id), '{}'),
-                      (SELECT count(*) FROM leases l WHERE l.group_name = m.group_name
-                         AND l.member_id = m.member_id AND l.deadline > now_ms())
-                 FROM members m WHERE m.group_name = $1 ORDER BY m.member_id"#,
-        )
-        .bind(group)
-        .fetch_all(&self.inner.pool)
-        .await
-        .map_err(during(&what))?
-        .iter()
-        .map(|r| {
-            let topics: Vec<String> = r.get(3);
-            let partitions: Vec<i32> = r.get(4);
-            let mut d = MemberDescription::new(r.get::<i64, _>(0).to_string(), r.get(1));
-            d.assignment = topics
-                .into_iter()
-                .zip(partitions)
-                .map(|(t, p)| (t, p as u32))
-                .collect();
-            d.leases = r.get::<i64, _>(5) as u64;
-            d.idle_ms = r.get::<i64, _>(2).max(0) as u64;
-            d
+            .iter()
+            .map(|r| {
+                let topics: Vec<String> = r.get(3);
+                let partitions: Vec<i32> = r.get(4);
+                let mut d = MemberDescription::new(r.get::<i64, _>(0).to_string(), r.get(1));
+                d.assignment = topics
+                    .into_iter()
+                    .zip(partitions)
+                    .map(|(t, p)| (t, p as u32))
+                    .collect();
+                d.leases = r.get::<i64, _>(5) as u64;
+                d.idle_ms = r.get::<i64, _>(2).max(0) as u64;
+                d
+            })
+            .collect();
+            let mut d = GroupDescription::new(group, lag);
+            d.config = Some(config);
+            d.generation = g.get::<i64, _>(1) as u64;
+            d.members = members;
+            d.members_visible = true;
+            Ok(d)
         })
-        .collect();
-        let mut d = GroupDescription::new(group, lag);
-        d.config = Some(config);
-        d.generation = g.get::<i64, _>(1) as u64;
-        d.members = members;
-        d.members_visible = true;
-        Ok(d)
+        .await
     }
 
     async fn fetch(
@@ -704,15 +776,20 @@ impl Broker for PgBroker {
         offset: u64,
         max: usize,
     ) -> Result<Vec<Message>> {
-        self.inner.check_open()?;
-        validate::topic_name(topic)?;
-        let t = existing_topic(&self.inner.pool, topic).await?;
-        validate::partition(topic, partition, t.config.partitions)?;
-        let found = queries::read(&self.inner.pool, topic, t.id, partition, offset, max).await?;
-        Ok(found
-            .into_iter()
-            .map(|m| Message::from_stored(topic, partition, m, 1, DeliveryToken::default()))
-            .collect())
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.inner.check_open()?;
+                validate::topic_name(topic)?;
+                let t = existing_topic(&self.inner.pool, topic).await?;
+                validate::partition(topic, partition, t.config.partitions)?;
+                let found =
+                    queries::read(&self.inner.pool, topic, t.id, partition, offset, max).await?;
+                Ok(found
+                    .into_iter()
+                    .map(|m| Message::from_stored(topic, partition, m, 1, DeliveryToken::default()))
+                    .collect())
+            })
+            .await
     }
 
     async fn offset_for_timestamp(
@@ -721,11 +798,15 @@ impl Broker for PgBroker {
         partition: u32,
         timestamp: u64,
     ) -> Result<u64> {
-        self.inner.check_open()?;
-        validate::topic_name(topic)?;
-        let t = existing_topic(&self.inner.pool, topic).await?;
-        validate::partition(topic, partition, t.config.partitions)?;
-        offset_for_timestamp(&self.inner.pool, topic, t.id, partition, timestamp).await
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.inner.check_open()?;
+                validate::topic_name(topic)?;
+                let t = existing_topic(&self.inner.pool, topic).await?;
+                validate::partition(topic, partition, t.config.partitions)?;
+                offset_for_timestamp(&self.inner.pool, topic, t.id, partition, timestamp).await
+            })
+            .await
     }
 
     fn idempotency_store(&self) -> Arc<dyn IdempotencyStore> {
@@ -735,24 +816,28 @@ impl Broker for PgBroker {
     }
 
     async fn close(&self) -> Result<()> {
-        if self.inner.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        for t in self.inner.tasks.lock().drain(..) {
-            t.abort();
-        }
-        let members: Vec<(Arc<str>, i64)> = std::mem::take(&mut *self.inner.members.lock())
-            .into_iter()
-            .collect();
-        let mut first_err = None;
-        for (group, member) in members {
-            if let Err(e) = crate::group::leave(&self.inner, &group, member).await {
-                first_err.get_or_insert(e);
-            }
-        }
-        self.inner.wake();
-        self.inner.pool.close().await;
-        first_err.map_or(Ok(()), Err)
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                if self.inner.closed.swap(true, Ordering::AcqRel) {
+                    return Ok(());
+                }
+                for t in self.inner.tasks.lock().drain(..) {
+                    t.abort();
+                }
+                let members: Vec<(Arc<str>, i64)> = std::mem::take(&mut *self.inner.members.lock())
+                    .into_iter()
+                    .collect();
+                let mut first_err = None;
+                for (group, member) in members {
+                    if let Err(e) = crate::group::leave(&self.inner, &group, member).await {
+                        first_err.get_or_insert(e);
+                    }
+                }
+                self.inner.wake();
+                self.inner.pool.close().await;
+                first_err.map_or(Ok(()), Err)
+            })
+            .await
     }
 }
 
@@ -800,29 +885,37 @@ struct PgIdempotency {
 #[async_trait]
 impl IdempotencyStore for PgIdempotency {
     async fn first_seen(&self, key: &str, ttl: Duration) -> Result<bool> {
-        self.inner.check_open()?;
-        let ttl = crate::millis(ttl);
-        let row = sqlx::query(
-            "INSERT INTO idempotency (key, expires_at) VALUES ($1, now_ms() + $2)
-             ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
-             WHERE idempotency.expires_at <= now_ms()
-             RETURNING 1",
-        )
-        .bind(key)
-        .bind(ttl)
-        .fetch_optional(&self.inner.pool)
-        .await
-        .map_err(during(format!("idempotency key `{key}`")))?;
-        Ok(row.is_some())
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.inner.check_open()?;
+                let ttl = crate::millis(ttl);
+                let row = sqlx::query(
+                    "INSERT INTO idempotency (key, expires_at) VALUES ($1, now_ms() + $2)
+                 ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
+                 WHERE idempotency.expires_at <= now_ms()
+                 RETURNING 1",
+                )
+                .bind(key)
+                .bind(ttl)
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(during(format!("idempotency key `{key}`")))?;
+                Ok(row.is_some())
+            })
+            .await
     }
 
     async fn forget(&self, key: &str) -> Result<()> {
-        self.inner.check_open()?;
-        sqlx::query("DELETE FROM idempotency WHERE key = $1")
-            .bind(key)
-            .execute(&self.inner.pool)
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.inner.check_open()?;
+                sqlx::query("DELETE FROM idempotency WHERE key = $1")
+                    .bind(key)
+                    .execute(&self.inner.pool)
+                    .await
+                    .map_err(during(format!("forget idempotency key `{key}`")))?;
+                Ok(())
+            })
             .await
-            .map_err(during(format!("forget idempotency key `{key}`")))?;
-        Ok(())
     }
 }

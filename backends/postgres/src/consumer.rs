@@ -504,7 +504,9 @@ impl PgConsumer {
     async fn poll_queue(&self, max: usize) -> Result<(Vec<Message>, Option<u64>)> {
         self.heartbeat(true).await?;
         let what = format!("poll group `{}`", self.group);
-        let mut tx = self.inner.pool.begin().await.map_err(during(&what))?;
+        let mut tx = crate::tx::Tx::begin(&self.inner.pool)
+            .await
+            .map_err(during(&what))?;
         let g = sqlx::query(
             "SELECT visibility_ms, max_deliveries, config, now_ms() FROM groups WHERE name = $1",
         )
@@ -883,7 +885,9 @@ async fn sweep_once(inner: &Inner) -> Result<()> {
                 .fetch_all(&inner.pool)
                 .await
                 .map_err(during("find expired leases"))?;
-        let mut tx = inner.pool.begin().await.map_err(during("sweep leases"))?;
+        let mut tx = crate::tx::Tx::begin(&inner.pool)
+            .await
+            .map_err(during("sweep leases"))?;
         let moved =
             expire_last_attempts(&mut tx, inner, &group, &config, g.get(2), &topics).await?;
         tx.commit().await.map_err(during("sweep leases"))?;
@@ -990,407 +994,444 @@ async fn dead_letter(
 #[async_trait]
 impl Consumer for PgConsumer {
     async fn poll(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
-        self.check_open()?;
-        if max == 0 {
-            return Ok(Vec::new());
-        }
-        let started = Instant::now();
-        let mut changes = self.inner.changed.subscribe();
-        let session: Duration =
-            sqlx::query_scalar::<_, i64>("SELECT session_ms FROM groups WHERE name = $1")
-                .bind(self.group())
-                .fetch_optional(&self.inner.pool)
-                .await
-                .map_err(during(format!("poll group `{}`", self.group)))?
-                .map_or(Duration::from_secs(10), |ms| {
-                    Duration::from_millis(ms.max(0) as u64)
-                });
-        loop {
-            changes.borrow_and_update();
-            let (messages, due) = match self.mode {
-                DeliveryMode::Stream => self.poll_stream(max).await?,
-                _ => self.poll_queue(max).await?,
-            };
-            if !messages.is_empty() {
-                return Ok(messages);
-            }
-            let elapsed = started.elapsed();
-            if elapsed >= timeout {
-                return Ok(Vec::new());
-            }
-            let mut wait = (timeout - elapsed).min(session / 4).min(FALLBACK_POLL);
-            if let Some(due) = due {
-                let now = now_ms();
-                wait = wait.min(Duration::from_millis(due.saturating_sub(now)));
-            }
-            let wait = wait.max(Duration::from_millis(1));
-            let _ = tokio::time::timeout(wait, changes.changed()).await;
-            self.check_open()?;
-        }
+        self.inner
+            .bounded(timeout, async move {
+                self.check_open()?;
+                if max == 0 {
+                    return Ok(Vec::new());
+                }
+                let started = Instant::now();
+                let mut changes = self.inner.changed.subscribe();
+                let session: Duration =
+                    sqlx::query_scalar::<_, i64>("SELECT session_ms FROM groups WHERE name = $1")
+                        .bind(self.group())
+                        .fetch_optional(&self.inner.pool)
+                        .await
+                        .map_err(during(format!("poll group `{}`", self.group)))?
+                        .map_or(Duration::from_secs(10), |ms| {
+                            Duration::from_millis(ms.max(0) as u64)
+                        });
+                loop {
+                    changes.borrow_and_update();
+                    let (messages, due) = match self.mode {
+                        DeliveryMode::Stream => self.poll_stream(max).await?,
+                        _ => self.poll_queue(max).await?,
+                    };
+                    if !messages.is_empty() {
+                        return Ok(messages);
+                    }
+                    let elapsed = started.elapsed();
+                    if elapsed >= timeout {
+                        return Ok(Vec::new());
+                    }
+                    let mut wait = (timeout - elapsed).min(session / 4).min(FALLBACK_POLL);
+                    if let Some(due) = due {
+                        let now = now_ms();
+                        wait = wait.min(Duration::from_millis(due.saturating_sub(now)));
+                    }
+                    let wait = wait.max(Duration::from_millis(1));
+                    let _ = tokio::time::timeout(wait, changes.changed()).await;
+                    self.check_open()?;
+                }
+            })
+            .await
     }
 
     async fn ack(&self, m: &Message) -> Result<()> {
-        self.check_open()?;
-        match self.mode {
-            DeliveryMode::Stream => self.ack_stream(m).await,
-            _ => self.ack_queue(m).await,
-        }
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.check_open()?;
+                match self.mode {
+                    DeliveryMode::Stream => self.ack_stream(m).await,
+                    _ => self.ack_queue(m).await,
+                }
+            })
+            .await
     }
 
     async fn ack_batch(&self, messages: &[Message]) -> Result<BatchAck> {
-        self.check_open()?;
-        let mut outcome = BatchAck::default();
-        if self.mode == DeliveryMode::Stream {
-            for (i, m) in messages.iter().enumerate() {
-                match self.ack_stream(m).await {
-                    Ok(()) => outcome.acked += 1,
-                    Err(e) if matches!(e.kind(), ErrorKind::Closed | ErrorKind::Unavailable) => {
-                        return Err(e)
+        self.inner.bounded(Duration::ZERO, async move {
+            self.check_open()?;
+            let mut outcome = BatchAck::default();
+            if self.mode == DeliveryMode::Stream {
+                for (i, m) in messages.iter().enumerate() {
+                    match self.ack_stream(m).await {
+                        Ok(()) => outcome.acked += 1,
+                        Err(e) if matches!(e.kind(), ErrorKind::Closed | ErrorKind::Unavailable) => {
+                            return Err(e)
+                        }
+                        Err(e) => outcome.failed.push((i, e)),
                     }
+                }
+                return Ok(outcome);
+            }
+            let mut batch = Vec::new();
+            for (i, m) in messages.iter().enumerate() {
+                match self.lease_of(m) {
+                    Ok(lease) if self.topics.contains(&m.topic) => batch.push((i, m, lease)),
+                    Ok(_) => outcome.failed.push((
+                        i,
+                        Error::invalid(format!(
+                            "group `{}`: this consumer does not read topic `{}`",
+                            self.group, m.topic
+                        )),
+                    )),
                     Err(e) => outcome.failed.push((i, e)),
                 }
             }
-            return Ok(outcome);
-        }
-        let mut batch = Vec::new();
-        for (i, m) in messages.iter().enumerate() {
-            match self.lease_of(m) {
-                Ok(lease) if self.topics.contains(&m.topic) => batch.push((i, m, lease)),
-                Ok(_) => outcome.failed.push((
-                    i,
-                    Error::invalid(format!(
-                        "group `{}`: this consumer does not read topic `{}`",
-                        self.group, m.topic
-                    )),
-                )),
-                Err(e) => outcome.failed.push((i, e)),
-            }
-        }
-        if !batch.is_empty() {
-            self.heartbeat(false).await?;
-            let rows = sqlx::query(
-                r#"DELETE FROM leases l USING unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[])
-                          AS a(topic, partition, o, lease)
-                    WHERE l.group_name = $1 AND l.topic = a.topic AND l.partition = a.partition
-                      AND l."offset" = a.o AND l.lease_id = a.lease
-                   RETURNING l.lease_id"#,
-            )
-            .bind(self.group())
-            .bind(batch.iter().map(|(_, m, _)| m.topic.clone()).collect::<Vec<_>>())
-            .bind(batch.iter().map(|(_, m, _)| m.partition as i32).collect::<Vec<_>>())
-            .bind(batch.iter().map(|(_, m, _)| m.offset as i64).collect::<Vec<_>>())
-            .bind(batch.iter().map(|(_, _, l)| *l).collect::<Vec<_>>())
-            .fetch_all(&self.inner.pool)
-            .await
-            .map_err(during(format!("ack a batch in group `{}`", self.group)))?;
-            let settled: BTreeSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-            for (i, m, lease) in batch {
-                if settled.contains(&lease) {
-                    outcome.acked += 1;
-                } else {
-                    outcome
-                        .failed
-                        .push((i, lease_lost(m.offset, &self.what(m))));
+            if !batch.is_empty() {
+                self.heartbeat(false).await?;
+                let rows = sqlx::query(
+                    r#"DELETE FROM leases l USING unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[])
+                              AS a(topic, partition, o, lease)
+                        WHERE l.group_name = $1 AND l.topic = a.topic AND l.partition = a.partition
+                          AND l."offset" = a.o AND l.lease_id = a.lease
+                       RETURNING l.lease_id"#,
+                )
+                .bind(self.group())
+                .bind(batch.iter().map(|(_, m, _)| m.topic.clone()).collect::<Vec<_>>())
+                .bind(batch.iter().map(|(_, m, _)| m.partition as i32).collect::<Vec<_>>())
+                .bind(batch.iter().map(|(_, m, _)| m.offset as i64).collect::<Vec<_>>())
+                .bind(batch.iter().map(|(_, _, l)| *l).collect::<Vec<_>>())
+                .fetch_all(&self.inner.pool)
+                .await
+                .map_err(during(format!("ack a batch in group `{}`", self.group)))?;
+                let settled: BTreeSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+                for (i, m, lease) in batch {
+                    if settled.contains(&lease) {
+                        outcome.acked += 1;
+                    } else {
+                        outcome
+                            .failed
+                            .push((i, lease_lost(m.offset, &self.what(m))));
+                    }
                 }
             }
-        }
-        outcome.failed.sort_by_key(|(i, _)| *i);
-        Ok(outcome)
+            outcome.failed.sort_by_key(|(i, _)| *i);
+            Ok(outcome)
+        })
+        .await
     }
 
     async fn nack(&self, m: &Message, options: NackOptions) -> Result<NackOutcome> {
-        self.check_open()?;
-        let token = m.delivery(self.group())?;
-        let what = self.what(m);
-        let (tp, _, b) = self.subscribed(&m.topic, m.partition).await?;
-        match self.mode {
-            DeliveryMode::Stream => {
-                next_offset(m, &b, &what)?;
-                self.heartbeat(false).await?;
-                let generation = token.generation();
-                self.check_owner(&tp, Some(generation)).await?;
-                let config = self.group_config().await?;
-                if m.attempt >= config.dlq.max_deliveries {
-                    let mut tx = self.inner.pool.begin().await.map_err(during(&what))?;
-                    dead_letter(
-                        &mut tx,
-                        &self.inner,
-                        self.group(),
-                        &config,
-                        m,
-                        m.attempt,
-                        options.reason.as_deref(),
-                    )
-                    .await?;
-                    let to = {
-                        let mut parts = self.parts.lock();
-                        match parts.get_mut(&tp) {
-                            Some(part) if part.generation == generation => part.carry(m.offset + 1),
-                            _ => m.offset + 1,
+        self.inner.bounded(Duration::ZERO, async move {
+            self.check_open()?;
+            let token = m.delivery(self.group())?;
+            let what = self.what(m);
+            let (tp, _, b) = self.subscribed(&m.topic, m.partition).await?;
+            match self.mode {
+                DeliveryMode::Stream => {
+                    next_offset(m, &b, &what)?;
+                    self.heartbeat(false).await?;
+                    let generation = token.generation();
+                    self.check_owner(&tp, Some(generation)).await?;
+                    let config = self.group_config().await?;
+                    if m.attempt >= config.dlq.max_deliveries {
+                        let mut tx = crate::tx::Tx::begin(&self.inner.pool).await.map_err(during(&what))?;
+                        dead_letter(
+                            &mut tx,
+                            &self.inner,
+                            self.group(),
+                            &config,
+                            m,
+                            m.attempt,
+                            options.reason.as_deref(),
+                        )
+                        .await?;
+                        let to = {
+                            let mut parts = self.parts.lock();
+                            match parts.get_mut(&tp) {
+                                Some(part) if part.generation == generation => part.carry(m.offset + 1),
+                                _ => m.offset + 1,
+                            }
+                        };
+                        let done = sqlx::query(COMMIT)
+                            .bind(self.group())
+                            .bind(&tp.topic)
+                            .bind(tp.partition as i32)
+                            .bind(to as i64)
+                            .bind(self.member)
+                            .bind(generation as i64)
+                            .bind(true)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(during(&what))?;
+                        if done.is_none() {
+                            drop(tx);
+                            return Err(self.why_not_committed(&tp, to, Some(generation)).await);
                         }
-                    };
-                    let done = sqlx::query(COMMIT)
-                        .bind(self.group())
-                        .bind(&tp.topic)
-                        .bind(tp.partition as i32)
-                        .bind(to as i64)
-                        .bind(self.member)
-                        .bind(generation as i64)
-                        .bind(true)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(during(&what))?;
-                    if done.is_none() {
-                        drop(tx);
-                        return Err(self.why_not_committed(&tp, to, Some(generation)).await);
+                        tx.commit().await.map_err(during(&what))?;
+                        if let Some(part) = self.parts.lock().get_mut(&tp) {
+                            part.retries.remove(&m.offset);
+                            part.retries = part.retries.split_off(&to);
+                        }
+                        return Ok(NackOutcome::DeadLettered);
                     }
-                    tx.commit().await.map_err(during(&what))?;
-                    if let Some(part) = self.parts.lock().get_mut(&tp) {
-                        part.retries.remove(&m.offset);
-                        part.retries = part.retries.split_off(&to);
+                    let delay = options.delay_or(config.retry_backoff.delay_after(m.attempt));
+                    let mut parts = self.parts.lock();
+                    let part = parts.entry(tp).or_insert_with(|| Part {
+                        generation,
+                        ..Part::default()
+                    });
+                    if part.generation == generation {
+                        part.position = Some(m.offset);
+                        part.retries.insert(
+                            m.offset,
+                            Retry {
+                                attempt: m.attempt.saturating_add(1),
+                                not_before_ms: now_ms().saturating_add(millis(delay) as u64),
+                            },
+                        );
                     }
-                    return Ok(NackOutcome::DeadLettered);
+                    drop(parts);
+                    self.inner.wake();
+                    Ok(NackOutcome::Redeliver)
                 }
-                let delay = options.delay_or(config.retry_backoff.delay_after(m.attempt));
-                let mut parts = self.parts.lock();
-                let part = parts.entry(tp).or_insert_with(|| Part {
-                    generation,
-                    ..Part::default()
-                });
-                if part.generation == generation {
-                    part.position = Some(m.offset);
-                    part.retries.insert(
-                        m.offset,
-                        Retry {
-                            attempt: m.attempt.saturating_add(1),
-                            not_before_ms: now_ms().saturating_add(millis(delay) as u64),
-                        },
-                    );
-                }
-                drop(parts);
-                self.inner.wake();
-                Ok(NackOutcome::Redeliver)
-            }
-            _ => {
-                let lease = self.lease_of(m)?;
-                self.heartbeat(false).await?;
-                let config = self.group_config().await?;
-                let mut tx = self.inner.pool.begin().await.map_err(during(&what))?;
-                let attempts: Option<i32> = sqlx::query_scalar(
-                    r#"SELECT attempts FROM leases WHERE group_name = $1 AND topic = $2 AND partition = $3
-                         AND "offset" = $4 AND lease_id = $5 FOR UPDATE"#,
-                )
-                .bind(self.group())
-                .bind(&m.topic)
-                .bind(m.partition as i32)
-                .bind(m.offset as i64)
-                .bind(lease)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(during(&what))?;
-                let attempts = attempts.ok_or_else(|| lease_lost(m.offset, &what))? as u32;
-                if attempts >= config.dlq.max_deliveries {
-                    dead_letter(
-                        &mut tx,
-                        &self.inner,
-                        self.group(),
-                        &config,
-                        m,
-                        attempts,
-                        options.reason.as_deref(),
+                _ => {
+                    let lease = self.lease_of(m)?;
+                    self.heartbeat(false).await?;
+                    let config = self.group_config().await?;
+                    let mut tx = crate::tx::Tx::begin(&self.inner.pool).await.map_err(during(&what))?;
+                    let attempts: Option<i32> = sqlx::query_scalar(
+                        r#"SELECT attempts FROM leases WHERE group_name = $1 AND topic = $2 AND partition = $3
+                             AND "offset" = $4 AND lease_id = $5 FOR UPDATE"#,
                     )
-                    .await?;
-                    delete_lease(&mut tx, self.group(), &tp, m.offset as i64).await?;
-                    tx.commit().await.map_err(during(&what))?;
-                    return Ok(NackOutcome::DeadLettered);
-                }
-                let delay = options.delay_or(config.retry_backoff.delay_after(attempts));
-                sqlx::query(
-                    r#"UPDATE leases SET member_id = NULL, lease_id = NULL, deadline = NULL,
-                              not_before = now_ms() + $5
-                        WHERE group_name = $1 AND topic = $2 AND partition = $3 AND "offset" = $4"#,
-                )
-                .bind(self.group())
-                .bind(&m.topic)
-                .bind(m.partition as i32)
-                .bind(m.offset as i64)
-                .bind(millis(delay))
-                .execute(&mut *tx)
-                .await
-                .map_err(during(&what))?;
-                sqlx::query("SELECT pg_notify('conveyor.' || current_schema(), 'nack')")
+                    .bind(self.group())
+                    .bind(&m.topic)
+                    .bind(m.partition as i32)
+                    .bind(m.offset as i64)
+                    .bind(lease)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(during(&what))?;
+                    let attempts = attempts.ok_or_else(|| lease_lost(m.offset, &what))? as u32;
+                    if attempts >= config.dlq.max_deliveries {
+                        dead_letter(
+                            &mut tx,
+                            &self.inner,
+                            self.group(),
+                            &config,
+                            m,
+                            attempts,
+                            options.reason.as_deref(),
+                        )
+                        .await?;
+                        delete_lease(&mut tx, self.group(), &tp, m.offset as i64).await?;
+                        tx.commit().await.map_err(during(&what))?;
+                        return Ok(NackOutcome::DeadLettered);
+                    }
+                    let delay = options.delay_or(config.retry_backoff.delay_after(attempts));
+                    sqlx::query(
+                        r#"UPDATE leases SET member_id = NULL, lease_id = NULL, deadline = NULL,
+                                  not_before = now_ms() + $5
+                            WHERE group_name = $1 AND topic = $2 AND partition = $3 AND "offset" = $4"#,
+                    )
+                    .bind(self.group())
+                    .bind(&m.topic)
+                    .bind(m.partition as i32)
+                    .bind(m.offset as i64)
+                    .bind(millis(delay))
                     .execute(&mut *tx)
                     .await
                     .map_err(during(&what))?;
-                tx.commit().await.map_err(during(&what))?;
-                self.inner.wake();
-                Ok(NackOutcome::Redeliver)
+                    sqlx::query("SELECT pg_notify('conveyor.' || current_schema(), 'nack')")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(during(&what))?;
+                    tx.commit().await.map_err(during(&what))?;
+                    self.inner.wake();
+                    Ok(NackOutcome::Redeliver)
+                }
             }
-        }
+        })
+        .await
     }
 
     async fn extend(&self, m: &Message, by: Duration) -> Result<()> {
-        self.check_open()?;
-        if self.mode == DeliveryMode::Stream {
-            m.delivery(self.group())?;
-            return Err(Error::new(
-                ErrorKind::WrongMode,
-                format!(
-                    "group `{}`: `extend` is only for queue-mode groups",
-                    self.group
-                ),
-            ));
-        }
-        let lease = self.lease_of(m)?;
-        let what = self.what(m);
-        self.subscribed(&m.topic, m.partition).await?;
-        self.heartbeat(false).await?;
-        let done = sqlx::query(
-            r#"UPDATE leases SET deadline = now_ms() + $6 WHERE group_name = $1 AND topic = $2
-                 AND partition = $3 AND "offset" = $4 AND lease_id = $5 RETURNING 1"#,
-        )
-        .bind(self.group())
-        .bind(&m.topic)
-        .bind(m.partition as i32)
-        .bind(m.offset as i64)
-        .bind(lease)
-        .bind(millis(by.min(MAX_REDELIVERY_DELAY)))
-        .fetch_optional(&self.inner.pool)
-        .await
-        .map_err(during(format!("extend {what}")))?;
-        done.map(|_| ()).ok_or_else(|| lease_lost(m.offset, &what))
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.check_open()?;
+                if self.mode == DeliveryMode::Stream {
+                    m.delivery(self.group())?;
+                    return Err(Error::new(
+                        ErrorKind::WrongMode,
+                        format!(
+                            "group `{}`: `extend` is only for queue-mode groups",
+                            self.group
+                        ),
+                    ));
+                }
+                let lease = self.lease_of(m)?;
+                let what = self.what(m);
+                self.subscribed(&m.topic, m.partition).await?;
+                self.heartbeat(false).await?;
+                let done = sqlx::query(
+                r#"UPDATE leases SET deadline = now_ms() + $6 WHERE group_name = $1 AND topic = $2
+                     AND partition = $3 AND "offset" = $4 AND lease_id = $5 RETURNING 1"#,
+            )
+            .bind(self.group())
+            .bind(&m.topic)
+            .bind(m.partition as i32)
+            .bind(m.offset as i64)
+            .bind(lease)
+            .bind(millis(by.min(MAX_REDELIVERY_DELAY)))
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(during(format!("extend {what}")))?;
+                done.map(|_| ()).ok_or_else(|| lease_lost(m.offset, &what))
+            })
+            .await
     }
 
     async fn commit(&self, topic: &str, partition: u32, offset: u64) -> Result<()> {
-        self.check_open()?;
-        let (tp, _, b) = self.subscribed(topic, partition).await?;
-        if self.mode != DeliveryMode::Stream {
-            return Err(Error::new(
-                ErrorKind::WrongMode,
-                format!(
-                    "group `{}`: `commit` is only for stream-mode groups",
-                    self.group
-                ),
-            ));
-        }
-        self.heartbeat(false).await?;
-        if offset > b.log_end {
-            // Fencing first, as the embedded engine does.
-            self.check_owner(&tp, None).await?;
-        }
-        self.commit_offset(&tp, offset, None, false).await?;
-        if let Some(part) = self.parts.lock().get_mut(&tp) {
-            part.retries = part.retries.split_off(&offset);
-        }
-        Ok(())
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.check_open()?;
+                let (tp, _, b) = self.subscribed(topic, partition).await?;
+                if self.mode != DeliveryMode::Stream {
+                    return Err(Error::new(
+                        ErrorKind::WrongMode,
+                        format!(
+                            "group `{}`: `commit` is only for stream-mode groups",
+                            self.group
+                        ),
+                    ));
+                }
+                self.heartbeat(false).await?;
+                if offset > b.log_end {
+                    // Fencing first, as the embedded engine does.
+                    self.check_owner(&tp, None).await?;
+                }
+                self.commit_offset(&tp, offset, None, false).await?;
+                if let Some(part) = self.parts.lock().get_mut(&tp) {
+                    part.retries = part.retries.split_off(&offset);
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn seek(&self, topic: &str, partition: u32, to: SeekTo) -> Result<()> {
-        self.check_open()?;
-        let (tp, id, b) = self.subscribed(topic, partition).await?;
-        let target = match to {
-            SeekTo::Beginning => b.log_start,
-            SeekTo::End => b.log_end,
-            SeekTo::Offset(n) => n,
-            SeekTo::Timestamp(t) => {
-                offset_for_timestamp(&self.inner.pool, topic, id, partition, t).await?
-            }
-        }
-        .clamp(b.log_start, b.log_end.max(b.log_start));
-        self.heartbeat(true).await?;
-        match self.mode {
-            DeliveryMode::Stream => {
-                let generation = self.check_owner(&tp, None).await?;
-                let mut parts = self.parts.lock();
-                let part = parts.entry(tp).or_default();
-                if part.generation != generation {
-                    *part = Part {
-                        generation,
-                        ..Part::default()
-                    };
+        self.inner.bounded(Duration::ZERO, async move {
+            self.check_open()?;
+            let (tp, id, b) = self.subscribed(topic, partition).await?;
+            let target = match to {
+                SeekTo::Beginning => b.log_start,
+                SeekTo::End => b.log_end,
+                SeekTo::Offset(n) => n,
+                SeekTo::Timestamp(t) => {
+                    offset_for_timestamp(&self.inner.pool, topic, id, partition, t).await?
                 }
-                part.position = Some(target);
-                part.retries.clear();
             }
-            _ => {
-                let what = format!("group `{}`: seek {tp}", self.group);
-                let mut tx = self.inner.pool.begin().await.map_err(during(&what))?;
-                sqlx::query(
-                    "DELETE FROM leases WHERE group_name = $1 AND topic = $2 AND partition = $3",
-                )
-                .bind(self.group())
-                .bind(&tp.topic)
-                .bind(tp.partition as i32)
-                .execute(&mut *tx)
-                .await
-                .map_err(during(&what))?;
-                sqlx::query(
-                    "INSERT INTO queue_cursors (group_name, topic, partition, next) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (group_name, topic, partition) DO UPDATE SET next = excluded.next",
-                )
-                .bind(self.group())
-                .bind(&tp.topic)
-                .bind(tp.partition as i32)
-                .bind(target as i64)
-                .execute(&mut *tx)
-                .await
-                .map_err(during(&what))?;
-                sqlx::query("SELECT pg_notify('conveyor.' || current_schema(), 'seek')")
+            .clamp(b.log_start, b.log_end.max(b.log_start));
+            self.heartbeat(true).await?;
+            match self.mode {
+                DeliveryMode::Stream => {
+                    let generation = self.check_owner(&tp, None).await?;
+                    let mut parts = self.parts.lock();
+                    let part = parts.entry(tp).or_default();
+                    if part.generation != generation {
+                        *part = Part {
+                            generation,
+                            ..Part::default()
+                        };
+                    }
+                    part.position = Some(target);
+                    part.retries.clear();
+                }
+                _ => {
+                    let what = format!("group `{}`: seek {tp}", self.group);
+                    let mut tx = crate::tx::Tx::begin(&self.inner.pool).await.map_err(during(&what))?;
+                    sqlx::query(
+                        "DELETE FROM leases WHERE group_name = $1 AND topic = $2 AND partition = $3",
+                    )
+                    .bind(self.group())
+                    .bind(&tp.topic)
+                    .bind(tp.partition as i32)
                     .execute(&mut *tx)
                     .await
                     .map_err(during(&what))?;
-                tx.commit().await.map_err(during(&what))?;
+                    sqlx::query(
+                        "INSERT INTO queue_cursors (group_name, topic, partition, next) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (group_name, topic, partition) DO UPDATE SET next = excluded.next",
+                    )
+                    .bind(self.group())
+                    .bind(&tp.topic)
+                    .bind(tp.partition as i32)
+                    .bind(target as i64)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(during(&what))?;
+                    sqlx::query("SELECT pg_notify('conveyor.' || current_schema(), 'seek')")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(during(&what))?;
+                    tx.commit().await.map_err(during(&what))?;
+                }
             }
-        }
-        self.inner.wake();
-        Ok(())
+            self.inner.wake();
+            Ok(())
+        })
+        .await
     }
 
     async fn assignment(&self) -> Result<Vec<TopicPartition>> {
-        self.check_open()?;
-        self.heartbeat(true).await?;
-        match self.mode {
-            DeliveryMode::Stream => Ok(self.owned().await?.into_iter().map(|o| o.tp).collect()),
-            _ => {
-                let rows = sqlx::query(
-                    "SELECT t.name, p.partition FROM topics t JOIN partitions p ON p.topic_id = t.id
-                      WHERE t.name = ANY($1) ORDER BY t.name, p.partition",
-                )
-                .bind(&self.topic_list)
-                .fetch_all(&self.inner.pool)
-                .await
-                .map_err(during(format!("assignment in group `{}`", self.group)))?;
-                Ok(rows
-                    .iter()
-                    .map(|r| TopicPartition::new(r.get::<String, _>(0), r.get::<i32, _>(1) as u32))
-                    .collect())
+        self.inner.bounded(Duration::ZERO, async move {
+            self.check_open()?;
+            self.heartbeat(true).await?;
+            match self.mode {
+                DeliveryMode::Stream => Ok(self.owned().await?.into_iter().map(|o| o.tp).collect()),
+                _ => {
+                    let rows = sqlx::query(
+                        "SELECT t.name, p.partition FROM topics t JOIN partitions p ON p.topic_id = t.id
+                          WHERE t.name = ANY($1) ORDER BY t.name, p.partition",
+                    )
+                    .bind(&self.topic_list)
+                    .fetch_all(&self.inner.pool)
+                    .await
+                    .map_err(during(format!("assignment in group `{}`", self.group)))?;
+                    Ok(rows
+                        .iter()
+                        .map(|r| TopicPartition::new(r.get::<String, _>(0), r.get::<i32, _>(1) as u32))
+                        .collect())
+                }
             }
-        }
+        })
+        .await
     }
 
     async fn generation(&self) -> Result<u64> {
-        self.check_open()?;
-        self.heartbeat(true).await?;
-        let g: Option<i64> = sqlx::query_scalar("SELECT generation FROM groups WHERE name = $1")
-            .bind(self.group())
-            .fetch_optional(&self.inner.pool)
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.check_open()?;
+                self.heartbeat(true).await?;
+                let g: Option<i64> =
+                    sqlx::query_scalar("SELECT generation FROM groups WHERE name = $1")
+                        .bind(self.group())
+                        .fetch_optional(&self.inner.pool)
+                        .await
+                        .map_err(during(format!("generation of group `{}`", self.group)))?;
+                Ok(g.unwrap_or(0) as u64)
+            })
             .await
-            .map_err(during(format!("generation of group `{}`", self.group)))?;
-        Ok(g.unwrap_or(0) as u64)
     }
 
     async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
         self.inner
-            .members
-            .lock()
-            .remove(&(self.group.clone(), self.member));
-        if self.inner.check_open().is_err() {
-            return Ok(());
-        }
-        leave(&self.inner, &self.group, self.member).await
+            .bounded(Duration::ZERO, async move {
+                if self.closed.swap(true, Ordering::AcqRel) {
+                    return Ok(());
+                }
+                self.inner
+                    .members
+                    .lock()
+                    .remove(&(self.group.clone(), self.member));
+                if self.inner.check_open().is_err() {
+                    return Ok(());
+                }
+                leave(&self.inner, &self.group, self.member).await
+            })
+            .await
     }
 }
 

@@ -37,7 +37,9 @@ pub(crate) async fn join(
         names.insert(t.to_string());
     }
     let what = format!("join group `{group}`");
-    let mut tx = inner.pool.begin().await.map_err(during(&what))?;
+    let mut tx = crate::tx::Tx::begin(&inner.pool)
+        .await
+        .map_err(during(&what))?;
     sqlx::query(
         "INSERT INTO groups (name, mode, config, session_ms, visibility_ms, max_deliveries)
          VALUES ($1, $2, $3, 0, 0, 0) ON CONFLICT (name) DO NOTHING",
@@ -182,7 +184,9 @@ pub(crate) async fn heartbeat(
     if present == 1 && expired == 0 {
         return Ok(());
     }
-    let mut tx = inner.pool.begin().await.map_err(during(&what))?;
+    let mut tx = crate::tx::Tx::begin(&inner.pool)
+        .await
+        .map_err(during(&what))?;
     sqlx::query("SELECT 1 FROM groups WHERE name = $1 FOR UPDATE")
         .bind(group)
         .execute(&mut *tx)
@@ -249,7 +253,9 @@ async fn release_leases(tx: &mut PgConnection, group: &str, members: &[i64]) -> 
 /// Remove a member at once (close, or its handle dropped) and rebalance.
 pub(crate) async fn leave(inner: &Inner, group: &str, member: i64) -> Result<()> {
     let what = format!("leave group `{group}`");
-    let mut tx = inner.pool.begin().await.map_err(during(&what))?;
+    let mut tx = crate::tx::Tx::begin(&inner.pool)
+        .await
+        .map_err(during(&what))?;
     let exists = sqlx::query("SELECT 1 FROM groups WHERE name = $1 FOR UPDATE")
         .bind(group)
         .fetch_optional(&mut *tx)

@@ -113,6 +113,7 @@ mod group;
 mod produce;
 mod queries;
 mod retention;
+mod tx;
 mod url;
 
 pub use broker::PgBroker;
@@ -131,6 +132,11 @@ pub struct PgOptions {
     pub schema: String,
     /// Connections in the pool (default 10), plus one for notifications.
     pub max_connections: u32,
+    /// How long a call may wait for the server before it fails with
+    /// `ErrorKind::Unavailable` (default 30 s; a poll may wait this long on
+    /// top of its own timeout). Without it, a connection whose packets are
+    /// dropped (a network partition) would hang a call until TCP gives up.
+    pub timeout: std::time::Duration,
 }
 
 impl Default for PgOptions {
@@ -138,6 +144,7 @@ impl Default for PgOptions {
         PgOptions {
             schema: "conveyor".to_string(),
             max_connections: 10,
+            timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -152,6 +159,12 @@ impl PgOptions {
     /// Pool size.
     pub fn with_max_connections(mut self, n: u32) -> Self {
         self.max_connections = n;
+        self
+    }
+
+    /// The deadline of each call (see [`PgOptions::timeout`]).
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = timeout;
         self
     }
 }

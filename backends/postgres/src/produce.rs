@@ -139,7 +139,9 @@ async fn append_idempotent(
     sent_at: u64,
 ) -> Result<Vec<Receipt>> {
     let what = format!("idempotent append to `{topic}`/{partition}");
-    let mut tx = inner.pool.begin().await.map_err(during(&what))?;
+    let mut tx = crate::tx::Tx::begin(&inner.pool)
+        .await
+        .map_err(during(&what))?;
     let locked =
         sqlx::query("SELECT 1 FROM partitions WHERE topic_id = $1 AND partition = $2 FOR UPDATE")
             .bind(topic_id)
@@ -413,10 +415,16 @@ pub(crate) struct PgProducer {
 #[async_trait]
 impl Producer for PgProducer {
     async fn send_batch(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Receipt>> {
-        self.inner.send_batch(topic, records).await
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.inner.send_batch(topic, records).await
+            })
+            .await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.inner.check_open()
+        self.inner
+            .bounded(Duration::ZERO, async move { self.inner.check_open() })
+            .await
     }
 }

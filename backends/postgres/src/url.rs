@@ -1,6 +1,7 @@
 //! The `postgres://` URL: a libpq-style connection URL plus Conveyor's
 //! options: `schema` (where Conveyor's tables live, default `conveyor`),
-//! `max_connections` (pool size, default 10), and the common
+//! `max_connections` (pool size, default 10), `timeout_ms` (how long a
+//! call waits for the server, default 30,000), and the common
 //! `durability`/`auto_create_topics`. Every other query parameter is
 //! refused by name.
 
@@ -13,7 +14,7 @@ use std::sync::Arc;
 pub const URL_SCHEMES: &[&str] = &["postgres", "postgresql"];
 
 /// The options a `postgres://` URL may carry besides the common ones.
-pub const URL_OPTIONS: &[&str] = &["schema", "max_connections"];
+pub const URL_OPTIONS: &[&str] = &["schema", "max_connections", "timeout_ms"];
 
 /// Split a broker URL into the connection URL (without Conveyor's and the
 /// common options) and [`PgOptions`].
@@ -31,6 +32,14 @@ pub fn parse(url: &BrokerUrl) -> Result<(String, PgOptions)> {
                     url.as_str()
                 ))
             })?),
+            "timeout_ms" => pg.with_timeout(std::time::Duration::from_millis(
+                v.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "broker URL `{}`: timeout_ms must be a positive number of milliseconds, not `{v}`",
+                        url.as_str()
+                    ))
+                })?,
+            )),
             _ => return Err(url.unknown_option("postgres", k, URL_OPTIONS)),
         };
     }
@@ -59,13 +68,15 @@ mod tests {
 
     #[test]
     fn options_are_taken_out_and_unknown_ones_refused() {
-        let url =
-            BrokerUrl::parse("postgres://u@h:5/db?schema=app_1&max_connections=4&durability=none")
-                .unwrap();
+        let url = BrokerUrl::parse(
+            "postgres://u@h:5/db?schema=app_1&max_connections=4&durability=none&timeout_ms=1500",
+        )
+        .unwrap();
         let (conn, pg) = parse(&url).unwrap();
         assert_eq!(conn, "postgres://u@h:5/db");
         assert_eq!(pg.schema, "app_1");
         assert_eq!(pg.max_connections, 4);
+        assert_eq!(pg.timeout, std::time::Duration::from_millis(1500));
         let bad = BrokerUrl::parse("postgres://h/db?sslmodee=on").unwrap();
         let e = parse(&bad).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
