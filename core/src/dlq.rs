@@ -47,6 +47,56 @@ pub const HEADER_REDRIVE_IDEMPOTENCY_KEY: &str = "conveyor.redrive.idempotency_k
 /// The group redrive uses on a DLQ topic.
 pub const REDRIVE_GROUP: &str = "conveyor.redrive";
 
+/// Stream mode: the runs of records addressed to other groups (redriven,
+/// contract §5) that a member passed unseen, as start → end (exclusive).
+/// A commit that reaches a run's start is carried over it, so the group's
+/// lag returns to 0 although it never saw those records. Every backend
+/// whose stream-mode members pass such records keeps one per partition.
+///
+/// ```
+/// use conveyor::dlq::PassedRuns;
+/// let mut runs = PassedRuns::default();
+/// for offset in [5, 6, 7, 12] {
+///     runs.pass(offset);
+/// }
+/// assert_eq!(runs.carry(3), 3, "not reached: stays");
+/// assert_eq!(runs.carry(5), 8, "over 5..8");
+/// assert_eq!(runs.carry(12), 13);
+/// assert!(runs.is_empty());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassedRuns(std::collections::BTreeMap<u64, u64>);
+
+impl PassedRuns {
+    /// Record that `offset` was passed: it extends the run that ends at
+    /// it, or starts a new one.
+    pub fn pass(&mut self, offset: u64) {
+        let next = offset.saturating_add(1);
+        let start = match self.0.range(..=offset).next_back() {
+            Some((s, end)) if *end == offset => *s,
+            _ => offset,
+        };
+        self.0.insert(start, next);
+    }
+
+    /// Where a commit of `next` lands: carried over every run that starts
+    /// where it (or the previous run) ends. Runs below the result are
+    /// dropped.
+    pub fn carry(&mut self, next: u64) -> u64 {
+        let mut at = next;
+        while let Some(end) = self.0.get(&at) {
+            at = *end;
+        }
+        self.0 = self.0.split_off(&at);
+        at
+    }
+
+    /// No runs are kept.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// What failed: the message's origin and why.
 #[derive(Debug, Clone)]
 pub struct DeadLetter<'a> {

@@ -101,6 +101,20 @@ pub fn group_config(group: &str, config: &GroupConfig) -> Result<()> {
     Ok(())
 }
 
+/// Joining `group` for `topics` with `config`: a valid group name and
+/// config, and at least one topic (each topic's existence is the
+/// backend's to check).
+pub fn join(group: &str, topics: &[&str], config: &GroupConfig) -> Result<()> {
+    group_name(group)?;
+    group_config(group, config)?;
+    if topics.is_empty() {
+        return Err(Error::invalid(format!(
+            "group `{group}`: a consumer needs at least one topic"
+        )));
+    }
+    Ok(())
+}
+
 /// A record bound for `topic` with `partitions` partitions and this size
 /// limit: explicit partition in range, size within `max_message_bytes`,
 /// idempotency key non-empty. The headers redrive adds

@@ -11,7 +11,7 @@ use crate::produce::append;
 use crate::queries::{self, existing_topic, Bounds};
 use async_trait::async_trait;
 use conveyor_core::backend::StoredMessage;
-use conveyor_core::dlq::{self, DeadLetter};
+use conveyor_core::dlq::{self, DeadLetter, PassedRuns};
 use conveyor_core::{
     partitioner, BatchAck, Consumer, DeliveryMode, DeliveryToken, Error, ErrorKind, GroupConfig,
     Message, NackOptions, NackOutcome, Result, SeekTo, TopicConfig, TopicPartition,
@@ -40,21 +40,14 @@ struct Part {
     generation: u64,
     position: Option<u64>,
     retries: BTreeMap<u64, Retry>,
-    /// Runs of records addressed to other groups that were passed unseen:
-    /// start → end (exclusive); a commit reaching a run's start carries
-    /// over it.
-    skipped: BTreeMap<u64, u64>,
+    /// Records addressed to other groups that were passed unseen.
+    skipped: PassedRuns,
 }
 
 impl Part {
     /// Where a commit of `next` lands once carried over passed runs.
     fn carry(&mut self, next: u64) -> u64 {
-        let mut at = next;
-        while let Some(end) = self.skipped.get(&at) {
-            at = *end;
-        }
-        self.skipped = self.skipped.split_off(&at);
-        at
+        self.skipped.carry(next)
     }
 }
 
@@ -304,13 +297,7 @@ impl PgConsumer {
                     if !dlq::is_for_group(&m.headers, self.group()) {
                         // Redriven to another group (contract §5): passed
                         // unseen, committed over once reached.
-                        let next = m.offset.saturating_add(1);
-                        let start = part
-                            .skipped
-                            .iter()
-                            .find(|(_, end)| **end == m.offset)
-                            .map_or(m.offset, |(s, _)| *s);
-                        part.skipped.insert(start, next);
+                        part.skipped.pass(m.offset);
                         passed = true;
                         continue;
                     }

@@ -24,13 +24,7 @@ pub(crate) async fn join(
     topics: &[&str],
     config: GroupConfig,
 ) -> Result<PgConsumer> {
-    validate::group_name(group)?;
-    validate::group_config(group, &config)?;
-    if topics.is_empty() {
-        return Err(Error::invalid(format!(
-            "group `{group}`: a consumer needs at least one topic"
-        )));
-    }
+    validate::join(group, topics, &config)?;
     let mut names = BTreeSet::new();
     for t in topics {
         inner.topic_or_create(t).await?;
@@ -187,11 +181,7 @@ pub(crate) async fn heartbeat(
     let mut tx = crate::tx::Tx::begin(&inner.pool)
         .await
         .map_err(during(&what))?;
-    sqlx::query("SELECT 1 FROM groups WHERE name = $1 FOR UPDATE")
-        .bind(group)
-        .execute(&mut *tx)
-        .await
-        .map_err(during(&what))?;
+    lock_group(&mut tx, group).await?;
     let gone: Vec<i64> = sqlx::query_scalar(
         "DELETE FROM members m USING groups g WHERE g.name = m.group_name AND m.group_name = $1
            AND m.last_seen + g.session_ms < now_ms() RETURNING m.member_id",
@@ -256,12 +246,7 @@ pub(crate) async fn leave(inner: &Inner, group: &str, member: i64) -> Result<()>
     let mut tx = crate::tx::Tx::begin(&inner.pool)
         .await
         .map_err(during(&what))?;
-    let exists = sqlx::query("SELECT 1 FROM groups WHERE name = $1 FOR UPDATE")
-        .bind(group)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(during(&what))?;
-    if exists.is_none() {
+    if !lock_group(&mut tx, group).await? {
         return Ok(());
     }
     let removed = sqlx::query("DELETE FROM members WHERE group_name = $1 AND member_id = $2")
@@ -280,14 +265,23 @@ pub(crate) async fn leave(inner: &Inner, group: &str, member: i64) -> Result<()>
     Ok(())
 }
 
-/// Lock the group row, then [`rebalance`].
-pub(crate) async fn lock_and_rebalance(tx: &mut PgConnection, group: &str) -> Result<()> {
-    sqlx::query("SELECT 1 FROM groups WHERE name = $1 FOR UPDATE")
+/// Lock the group row (every membership change of a group is decided
+/// under it); false if the group does not exist.
+async fn lock_group(tx: &mut PgConnection, group: &str) -> Result<bool> {
+    let row = sqlx::query("SELECT 1 FROM groups WHERE name = $1 FOR UPDATE")
         .bind(group)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(during(format!("lock group `{group}`")))?;
-    rebalance(tx, group).await
+    Ok(row.is_some())
+}
+
+/// Lock the group row, then [`rebalance`].
+pub(crate) async fn lock_and_rebalance(tx: &mut PgConnection, group: &str) -> Result<()> {
+    if lock_group(tx, group).await? {
+        rebalance(tx, group).await?;
+    }
+    Ok(())
 }
 
 /// Stream mode: recompute ownership with core's sticky [`assign`] over the

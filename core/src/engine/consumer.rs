@@ -295,13 +295,7 @@ impl<S: LogStorage> EngineConsumer<S> {
                     if !dlq::is_for_group(&m.headers, self.group()) {
                         // Redriven to another group (contract §5): passed
                         // unseen, and committed over once reached.
-                        let next = m.offset.saturating_add(1);
-                        let start = part
-                            .skipped
-                            .iter()
-                            .find(|(_, end)| **end == m.offset)
-                            .map_or(m.offset, |(s, _)| *s);
-                        part.skipped.insert(start, next);
+                        part.skipped.pass(m.offset);
                         passed = true;
                         continue;
                     }

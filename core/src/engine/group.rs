@@ -45,7 +45,7 @@ pub(crate) struct StreamPart {
     /// Runs of records addressed to another group (redriven, contract §5)
     /// that this group passed unseen: start → end (exclusive). Kept in
     /// memory only; after a restart they are read and passed again.
-    pub skipped: BTreeMap<u64, u64>,
+    pub skipped: crate::dlq::PassedRuns,
 }
 
 impl StreamPart {
@@ -55,12 +55,10 @@ impl StreamPart {
     /// the committed offset moved.
     pub fn commit_through(&mut self, next: u64) -> bool {
         let before = self.committed;
-        let mut at = self.committed.map_or(next, |c| c.max(next));
-        while let Some(end) = self.skipped.get(&at) {
-            at = *end;
-        }
+        let at = self
+            .skipped
+            .carry(self.committed.map_or(next, |c| c.max(next)));
         self.committed = Some(at);
-        self.skipped = self.skipped.split_off(&at);
         self.committed != before
     }
 }
@@ -260,9 +258,9 @@ mod tests {
     #[test]
     fn commit_carries_over_passed_runs_and_never_goes_back() {
         let mut part = StreamPart::default();
-        part.skipped.insert(5, 8);
-        part.skipped.insert(8, 9);
-        part.skipped.insert(12, 13);
+        for offset in [5, 6, 7, 8, 12] {
+            part.skipped.pass(offset);
+        }
         assert!(part.commit_through(5));
         assert_eq!(part.committed, Some(9), "over both adjacent runs");
         assert!(!part.commit_through(3), "never backwards");

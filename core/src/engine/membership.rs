@@ -11,13 +11,7 @@ impl<S: LogStorage> Inner<S> {
         config: GroupConfig,
     ) -> Result<Arc<dyn Consumer>> {
         self.check_open()?;
-        validate::group_name(group)?;
-        validate::group_config(group, &config)?;
-        if topics.is_empty() {
-            return Err(Error::invalid(format!(
-                "group `{group}`: a consumer needs at least one topic"
-            )));
-        }
+        validate::join(group, topics, &config)?;
         let mut names = BTreeSet::new();
         for t in topics {
             self.topic_or_create(t).await?;
