@@ -1,6 +1,8 @@
 //! Concurrent producers on one partition: what merging concurrent sends
 //! into one transaction buys. Prints msg/s for 1, 4 and 16 producers each
-//! sending one 100-byte record at a time, under the durability given.
+//! sending one 100-byte record at a time, under the durability given; then
+//! batches of 100, a read from the start, and queue mode with 4 consumers
+//! acking one by one and by batch.
 //!
 //! ```text
 //! cargo run --release -p conveyor-postgres --example produce_load -- always
@@ -55,6 +57,71 @@ async fn main() -> conveyor_core::Result<()> {
         println!(
             "{durability:?}, {producers} producers, one partition, batch 1, 100 B: {:.0} msg/s",
             sent.load(Ordering::Relaxed) as f64 / 3.0
+        );
+    }
+    // Batches of 100 to 4 partitions, one producer.
+    broker.create_topic("bulk", TopicConfig::new(4)).await?;
+    let p = broker.producer().await?;
+    let started = Instant::now();
+    let batches = 400;
+    for i in 0..batches {
+        let batch = (0..100)
+            .map(|_| Record::new(value.clone()).with_partition(i % 4))
+            .collect();
+        p.send_batch("bulk", batch).await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{durability:?}, batch 100, 1 producer: {:.0} msg/s",
+        (batches * 100) as f64 / secs
+    );
+    let started = Instant::now();
+    let mut read = 0usize;
+    for partition in 0..4 {
+        let mut at = 0;
+        loop {
+            let got = broker.fetch("bulk", partition, at, 10_000).await?;
+            let Some(last) = got.last() else { break };
+            at = last.offset + 1;
+            read += got.len();
+        }
+    }
+    println!(
+        "read from start (fetch 10,000 a call): {:.0} msg/s",
+        read as f64 / started.elapsed().as_secs_f64()
+    );
+    for (name, batch_ack) in [("single ack", false), ("batch ack", true)] {
+        let group = format!("q-{batch_ack}");
+        let total = (batches * 100) as u64;
+        let done = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let c = broker
+                .consumer(&group, &["bulk"], conveyor_core::GroupConfig::queue())
+                .await?;
+            let done = done.clone();
+            tasks.push(tokio::spawn(async move {
+                while done.load(Ordering::Relaxed) < total {
+                    let got = c.poll(100, Duration::from_millis(200)).await?;
+                    if batch_ack {
+                        c.ack_batch(&got).await?.into_result()?;
+                    } else {
+                        for m in &got {
+                            c.ack(m).await?;
+                        }
+                    }
+                    done.fetch_add(got.len() as u64, Ordering::Relaxed);
+                }
+                c.close().await
+            }));
+        }
+        for t in tasks {
+            t.await.expect("consumer task")?;
+        }
+        println!(
+            "queue mode, 4 consumers, {name}: {:.0} msg/s",
+            total as f64 / started.elapsed().as_secs_f64()
         );
     }
     broker.drop_schema().await?;

@@ -134,7 +134,14 @@ pub(crate) async fn join(
     .map_err(during(&what))?;
     rebalance(&mut tx, group).await?;
     // The handle exists before the commit: dropped from here on, it leaves.
-    let consumer = PgConsumer::new(inner.clone(), group, member, names, mode);
+    let consumer = PgConsumer::new(
+        inner.clone(),
+        group,
+        member,
+        names,
+        mode,
+        effective.session_timeout,
+    );
     tx.commit().await.map_err(during(&what))?;
     inner.wake();
     tracing::debug!(group, member, ?topics, ?mode, "member joined");

@@ -49,6 +49,12 @@
 //!   offsets are assigned and become visible in order. A sequence would not
 //!   do: sequence values commit out of order. Multi-partition batches lock
 //!   partitions in ascending order, so two batches cannot deadlock.
+//! - **Concurrent sends share a transaction.** Sends to one partition
+//!   that arrive while an append to it is in flight wait in that
+//!   partition's lane in this process; when the append returns, one
+//!   statement appends all of them (each send's records contiguous and
+//!   atomic, receipts split back). Under `always` that is one WAL flush for
+//!   all of them, the main lever for throughput (figures below).
 //! - **Idempotent produce.** Records with an idempotency key go in a
 //!   transaction that locks the partition row first, then looks the keys up
 //!   among the partition's records younger than the dedup window (a partial
@@ -95,6 +101,38 @@
 //! chunks of 5,000 rows per statement, so no statement holds locks for
 //! long and producers only wait for the one-row update. Deleted rows are
 //! reclaimed by autovacuum; the table is never rewritten.
+//!
+//! # Failures
+//!
+//! - Every call has a deadline ([`PgOptions::timeout`], `?timeout_ms=`,
+//!   default 30 s; a poll gets its own timeout on top): a server that stops
+//!   answering, or a connection whose packets are dropped, makes the call
+//!   fail with `ErrorKind::Unavailable` instead of hanging.
+//! - A transaction abandoned unfinished (its call was dropped or hit the
+//!   deadline) closes its connection, so the server rolls it back at once
+//!   and releases its row locks; nothing half-done is ever committed.
+//! - After the server comes back, calls work again; a dead pooled
+//!   connection fails one call with `Unavailable` and is replaced.
+//!
+//! # Measured
+//!
+//! Release build, this 2-core machine, PostgreSQL 15 on the same machine,
+//! 100-byte values, one partition, sends of one record
+//! (`cargo run --release -p conveyor-postgres --example produce_load --
+//! always|none`, 3 s per row):
+//!
+//! | durability | producers | before merging sends | merged |
+//! |---|---|---|---|
+//! | `always` | 1 | 986 msg/s | 1,903 msg/s |
+//! | `always` | 4 | 787 msg/s | 3,830 msg/s |
+//! | `always` | 16 | 963 msg/s | 13,936 msg/s |
+//! | `none` | 1 | 1,283 msg/s | 2,923 msg/s |
+//! | `none` | 16 | 2,071 msg/s | 18,190 msg/s |
+//!
+//! ("before": one statement per send and a topic lookup and connection
+//! ping per send; the single-producer gain is the topic cache and no
+//! ping.) The test suite checks that sends queued behind an append share
+//! one transaction (`tests/server.rs`, through `xmin`).
 //!
 //! # Errors
 //!
