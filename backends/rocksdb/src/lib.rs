@@ -151,8 +151,8 @@
 //! `append/batch/100`): before, each append crossed to tokio's blocking
 //! pool and back: two thread wake-ups (`futex`, the scheduler) on a
 //! machine whose two cores were busy, which cost as much as RocksDB's
-//! write; the engine's own work (validation, partitioning, receipts) was
-//! under 5% of the append's samples. Now an *unsynced* append runs on the
+//! write; the engine's own work (validation, partitioning, receipts) is
+//! about 5% of the append's samples. Now an *unsynced* append runs on the
 //! calling thread when that thread is no async worker (a multi-thread
 //! runtime's `block_on` thread, as in the bench and `#[tokio::main]`:
 //! [`conveyor_core::backend::blocking_short`]); inside a task, and for
@@ -160,7 +160,7 @@
 //! to the blocking pool as before. After the change, 93% of an append's
 //! samples are in `Partition::append`, 70% of them in `rocksdb_write`
 //! (WAL CRC32C in software, memtable inserts, the WAL `write`); what is
-//! left over raw is the record encoding (9 bytes more per record: version,
+//! left over raw is the record encoding (14 bytes more per record: version,
 //! timestamp, flags, header count) and the partition's bounds key in the
 //! same batch. The memory backend's figure (38–41 µs after, 49–63 µs
 //! before, on the same busy host) is not the engine's cost: 60% of its
