@@ -34,6 +34,49 @@ where
     }
 }
 
+/// Like [`blocking`], but runs `f` right here when the calling thread is
+/// not an async worker: a multi-thread runtime's `block_on` thread (what
+/// `#[tokio::main]` runs `main` on, and what a synchronous caller uses),
+/// which polls nothing but the future it blocks on, so blocking it stalls
+/// no other task. Inside a task (on a worker, or in a `LocalSet`) and on a
+/// current-thread runtime (whose one thread runs every task) it is
+/// [`blocking`]. Outside a runtime it runs inline, as [`blocking`] does.
+///
+/// For short storage calls that do not wait for a sync (an unsynced
+/// RocksDB write, a page-cache write): the hop to the blocking pool and
+/// back is two thread wake-ups, which cost as much as such a call. Calls
+/// that sync go through [`blocking`] so that concurrent ones (the
+/// partitions of one batch) run side by side and can share a sync.
+///
+/// # Errors
+/// `f`'s error; `Internal` if the blocking task panicked or was cancelled.
+///
+/// # Cancel safety
+/// As [`blocking`]: once started, `f` runs to its end.
+pub async fn blocking_short<T, F>(f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    if off_the_workers() {
+        return f();
+    }
+    blocking(f).await
+}
+
+/// Whether the calling thread may block without stalling async tasks: no
+/// runtime, or a multi-thread runtime's `block_on` thread (no task is
+/// running here: `block_on` futures have no task id).
+fn off_the_workers() -> bool {
+    match tokio::runtime::Handle::try_current() {
+        Err(_) => true,
+        Ok(runtime) => {
+            runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                && tokio::task::try_id().is_none()
+        }
+    }
+}
+
 /// Start a thread named `name` that calls `tick(&store)` every `every`
 /// until `tick` returns `false` (the store closed) or the last other
 /// reference to `store` is dropped. The thread holds only a weak
@@ -65,4 +108,46 @@ where
         })
         .map(drop)
         .map_err(|e| Error::io(format!("start the {name} thread"), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread::ThreadId;
+
+    fn here() -> Result<ThreadId> {
+        Ok(std::thread::current().id())
+    }
+
+    fn multi_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn short_calls_run_inline_only_off_the_workers() {
+        let caller = std::thread::current().id();
+        // A multi-thread runtime's block_on thread is no worker: inline.
+        let rt = multi_thread();
+        assert_eq!(rt.block_on(blocking_short(here)).unwrap(), caller);
+        // Inside a task (on a worker): the blocking pool, not the worker.
+        let (worker, ran) = rt.block_on(async {
+            tokio::spawn(async { (std::thread::current().id(), blocking_short(here).await) })
+                .await
+                .unwrap()
+        });
+        assert_ne!(ran.unwrap(), worker);
+        // A current-thread runtime's one thread runs every task: the pool.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_ne!(rt.block_on(blocking_short(here)).unwrap(), caller);
+        // No runtime: inline, as `blocking`.
+        assert_eq!(
+            futures::executor::block_on(blocking_short(here)).unwrap(),
+            caller
+        );
+    }
 }

@@ -15,7 +15,7 @@ use crate::partition::{cf, meta_or_empty, Partition};
 use crate::RocksOptions;
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_core::backend::{blocking, spawn_interval_flusher};
+use conveyor_core::backend::{blocking, blocking_short, spawn_interval_flusher};
 use conveyor_core::backend::{
     Appended, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage, StoredRecord,
 };
@@ -64,12 +64,14 @@ impl Shared {
     }
 
     /// `ReadOnly` for a write to a store opened read-only.
-    fn writable(&self, what: &str) -> Result<()> {
+    /// (`what` names the write; built only for the error.)
+    fn writable(&self, what: impl FnOnce() -> String) -> Result<()> {
         match self.options.read_only {
             true => Err(Error::new(
                 ErrorKind::ReadOnly,
                 format!(
-                    "{what} in {}: the store was opened read-only (read_only=true)",
+                    "{} in {}: the store was opened read-only (read_only=true)",
+                    what(),
                     self.path.display()
                 ),
             )),
@@ -323,7 +325,7 @@ fn topic_id(shared: &Shared, db: &DB, topic: &str) -> Result<u32> {
         return Ok(*id);
     }
     let path = &shared.path;
-    shared.writable(&format!("create topic `{topic}`"))?;
+    shared.writable(|| format!("create topic `{topic}`"))?;
     let meta = cf(db, path, CF_META)?;
     let next = match db
         .get_cf(meta, META_NEXT_TOPIC_ID)
@@ -374,7 +376,7 @@ impl LogStorage for RocksStorage {
     }
 
     async fn put_state(&self, changes: Vec<(String, Option<Bytes>)>) -> Result<()> {
-        self.shared.writable("change the state")?;
+        self.shared.writable(|| "change the state".into())?;
         let sync = self.shared.sync();
         self.with_db(move |db, path| {
             let state = cf(db, path, CF_STATE)?;
@@ -438,7 +440,7 @@ impl LogStorage for RocksStorage {
     }
 
     async fn drop_topic(&self, topic: &str) -> Result<()> {
-        self.shared.writable(&format!("drop topic `{topic}`"))?;
+        self.shared.writable(|| format!("drop topic `{topic}`"))?;
         self.shared.partitions.remove(topic);
         let shared = self.shared.clone();
         let topic = topic.to_string();
@@ -484,12 +486,21 @@ impl LogStorage for RocksStorage {
         records: Vec<StoredRecord>,
     ) -> Result<Appended> {
         self.shared
-            .writable(&format!("append to `{topic}` partition {partition}"))?;
+            .writable(|| format!("append to `{topic}` partition {partition}"))?;
         let part = self.partition(topic, partition)?;
         let sync = self.shared.sync();
         let now = conveyor_core::now_ms();
-        self.with_db(move |db, path| part.append(db, path, &records, now, sync))
-            .await
+        let db = self.shared.db()?;
+        let shared = self.shared.clone();
+        let append = move || part.append(&db, &shared.path, &records, now, sync);
+        // A synced write goes to the blocking pool, where concurrent ones
+        // share a sync; an unsynced one runs inline when this thread is no
+        // async worker (the two thread wake-ups of the hop cost as much as
+        // the write: see `# Measured`).
+        match sync {
+            true => blocking(append).await,
+            false => blocking_short(append).await,
+        }
     }
 
     async fn read(
@@ -530,7 +541,7 @@ impl LogStorage for RocksStorage {
     ) -> Result<()> {
         // The owner enforces retention; a read-only engine never asks.
         self.shared
-            .writable(&format!("retention of `{topic}` partition {partition}"))?;
+            .writable(|| format!("retention of `{topic}` partition {partition}"))?;
         let part = self.partition(topic, partition)?;
         let (retention, sync) = (*retention, self.shared.sync());
         self.with_db(move |db, path| part.enforce_retention(db, path, &retention, now_ms, sync))

@@ -44,7 +44,11 @@ impl<S: LogStorage> Inner<S> {
             .count() as u32;
         let mut next = if unrouted > 0 {
             let mut state = self.state.lock();
-            let counter = state.round_robin.entry(topic.to_string()).or_insert(0);
+            // The topic's name is copied once, not on every batch.
+            if !state.round_robin.contains_key(topic) {
+                state.round_robin.insert(topic.to_string(), 0);
+            }
+            let counter = state.round_robin.get_mut(topic).expect("inserted above");
             let first = *counter;
             *counter = counter.wrapping_add(unrouted);
             first
