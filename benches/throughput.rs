@@ -58,6 +58,36 @@ fn append(c: &mut Criterion) {
             })
         });
     }
+    // The same batches of 100 sent from a spawned task (where most
+    // applications send from), not from the runtime's `block_on` thread:
+    // a backend that writes in place off the workers (`blocking_short`)
+    // still hops to the blocking pool here.
+    {
+        let f = open(&rt);
+        let topic = "append.task.100".to_string();
+        rt.block_on(f.broker.create_topic(&topic, TopicConfig::new(1)))
+            .unwrap();
+        let producer = rt.block_on(f.broker.producer()).unwrap();
+        let value = bytes::Bytes::from(vec![7u8; VALUE]);
+        group.throughput(Throughput::Elements(100));
+        group.bench_function(BenchmarkId::new("batch_in_task", 100), |b| {
+            b.iter_custom(|iters| {
+                let (producer, topic, value) = (producer.clone(), topic.clone(), value.clone());
+                rt.block_on(async move {
+                    tokio::spawn(async move {
+                        let started = Instant::now();
+                        for _ in 0..iters {
+                            let records = (0..100).map(|_| Record::new(value.clone())).collect();
+                            producer.send_batch(&topic, records).await.unwrap();
+                        }
+                        started.elapsed()
+                    })
+                    .await
+                    .unwrap()
+                })
+            })
+        });
+    }
     #[cfg(feature = "rocksdb")]
     raw_rocksdb(&mut group);
     group.finish();
