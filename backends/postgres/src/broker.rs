@@ -175,13 +175,7 @@ impl Inner {
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(during(&what))?;
-        for g in groups {
-            crate::group::lock_and_rebalance(&mut tx, &g).await?;
-        }
-        tx.commit().await.map_err(during(&what))?;
-        self.forget_topic(name);
-        self.wake();
-        Ok(())
+        self.finish_topic_change(tx, name, &groups, &what).await
     }
 
     async fn add_partitions(&self, name: &str, partitions: u32) -> Result<()> {
@@ -233,13 +227,34 @@ impl Inner {
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(during(&what))?;
+        self.finish_topic_change(tx, name, &groups, &what).await
+    }
+
+    /// The end of a change to a topic's partitions (delete, grow): the
+    /// groups that read it rebalance in the same transaction, then the send
+    /// cache forgets the topic and waiting polls look again.
+    async fn finish_topic_change(
+        &self,
+        mut tx: crate::tx::Tx,
+        name: &str,
+        groups: &[String],
+        what: &str,
+    ) -> Result<()> {
         for g in groups {
-            crate::group::lock_and_rebalance(&mut tx, &g).await?;
+            crate::group::lock_and_rebalance(&mut tx, g).await?;
         }
-        tx.commit().await.map_err(during(&what))?;
+        tx.commit().await.map_err(during(what))?;
         self.forget_topic(name);
         self.wake();
         Ok(())
+    }
+
+    /// The topic's row, checked to have `partition` (reads outside groups).
+    async fn partition_of(&self, topic: &str, partition: u32) -> Result<TopicRow> {
+        validate::topic_name(topic)?;
+        let t = existing_topic(&self.pool, topic).await?;
+        validate::partition(topic, partition, t.config.partitions)?;
+        Ok(t)
     }
 
     pub(crate) async fn group_lag(&self, group: &str) -> Result<GroupLag> {
@@ -779,9 +794,7 @@ impl Broker for PgBroker {
         self.inner
             .bounded(Duration::ZERO, async move {
                 self.inner.check_open()?;
-                validate::topic_name(topic)?;
-                let t = existing_topic(&self.inner.pool, topic).await?;
-                validate::partition(topic, partition, t.config.partitions)?;
+                let t = self.inner.partition_of(topic, partition).await?;
                 let found =
                     queries::read(&self.inner.pool, topic, t.id, partition, offset, max).await?;
                 Ok(found
@@ -801,9 +814,7 @@ impl Broker for PgBroker {
         self.inner
             .bounded(Duration::ZERO, async move {
                 self.inner.check_open()?;
-                validate::topic_name(topic)?;
-                let t = existing_topic(&self.inner.pool, topic).await?;
-                validate::partition(topic, partition, t.config.partitions)?;
+                let t = self.inner.partition_of(topic, partition).await?;
                 offset_for_timestamp(&self.inner.pool, topic, t.id, partition, timestamp).await
             })
             .await

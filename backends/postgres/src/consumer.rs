@@ -71,8 +71,9 @@ pub(crate) struct PgConsumer {
     closed: AtomicBool,
     rotate: AtomicUsize,
     parts: Mutex<HashMap<TopicPartition, Part>>,
-    /// This member's session timeout, and when its last heartbeat began.
-    session: Duration,
+    /// The group's session timeout as of the last heartbeat (the latest
+    /// joiner's setting), and when that heartbeat began.
+    session: Mutex<Duration>,
     last_beat: Mutex<Option<Instant>>,
 }
 
@@ -96,7 +97,7 @@ impl PgConsumer {
             closed: AtomicBool::new(false),
             rotate: AtomicUsize::new(0),
             parts: Mutex::new(HashMap::new()),
-            session,
+            session: Mutex::new(session),
             last_beat: Mutex::new(Some(Instant::now())),
         }
     }
@@ -126,7 +127,7 @@ impl PgConsumer {
     /// heartbeats. Saves a round trip on most acks and commits.
     async fn heartbeat(&self, rejoin: bool) -> Result<()> {
         if let Some(at) = *self.last_beat.lock() {
-            if at.elapsed() < self.session / 4 {
+            if at.elapsed() < *self.session.lock() / 4 {
                 return Ok(());
             }
         }
@@ -138,7 +139,8 @@ impl PgConsumer {
             &self.topic_list,
             rejoin,
         )
-        .await?;
+        .await
+        .map(|session| *self.session.lock() = session)?;
         *self.last_beat.lock() = Some(started);
         Ok(())
     }
@@ -1071,15 +1073,6 @@ impl Consumer for PgConsumer {
                 }
                 let started = Instant::now();
                 let mut changes = self.inner.changed.subscribe();
-                let session: Duration =
-                    sqlx::query_scalar::<_, i64>("SELECT session_ms FROM groups WHERE name = $1")
-                        .bind(self.group())
-                        .fetch_optional(&self.inner.pool)
-                        .await
-                        .map_err(during(format!("poll group `{}`", self.group)))?
-                        .map_or(Duration::from_secs(10), |ms| {
-                            Duration::from_millis(ms.max(0) as u64)
-                        });
                 loop {
                     changes.borrow_and_update();
                     let (messages, due) = match self.mode {
@@ -1093,7 +1086,9 @@ impl Consumer for PgConsumer {
                     if elapsed >= timeout {
                         return Ok(Vec::new());
                     }
-                    let mut wait = (timeout - elapsed).min(session / 4).min(FALLBACK_POLL);
+                    let mut wait = (timeout - elapsed)
+                        .min(*self.session.lock() / 4)
+                        .min(FALLBACK_POLL);
                     if let Some(due) = due {
                         let now = now_ms();
                         wait = wait.min(Duration::from_millis(due.saturating_sub(now)));

@@ -12,6 +12,7 @@ use conveyor_core::{
 use sqlx::{PgConnection, Row};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::millis;
 
@@ -148,7 +149,8 @@ pub(crate) async fn join(
     Ok(consumer)
 }
 
-/// Heartbeat of one member, and expiry of the silent ones. The fast path
+/// Heartbeat of one member, and expiry of the silent ones; returns the
+/// group's session timeout (the latest joiner's setting). The fast path
 /// is one statement (this member is fresh, nobody expired); otherwise the
 /// group row is locked, silent members are removed (their leases
 /// released), this member joins again if `rejoin` and it was removed, and
@@ -159,14 +161,14 @@ pub(crate) async fn heartbeat(
     member: i64,
     topics: &[String],
     rejoin: bool,
-) -> Result<()> {
+) -> Result<Duration> {
     let what = format!("heartbeat in group `{group}`");
     let row = sqlx::query(
         r#"WITH g AS (SELECT session_ms FROM groups WHERE name = $1),
                 me AS (UPDATE members m SET last_seen = now_ms() FROM g
                         WHERE m.group_name = $1 AND m.member_id = $2
                           AND m.last_seen + g.session_ms >= now_ms() RETURNING 1)
-           SELECT (SELECT count(*) FROM g), (SELECT count(*) FROM me),
+           SELECT (SELECT count(*) FROM g), (SELECT count(*) FROM me), (SELECT session_ms FROM g),
                   (SELECT count(*) FROM members m, g WHERE m.group_name = $1 AND m.member_id <> $2
                       AND m.last_seen + g.session_ms < now_ms())"#,
     )
@@ -175,7 +177,9 @@ pub(crate) async fn heartbeat(
     .fetch_one(&inner.pool)
     .await
     .map_err(during(&what))?;
-    let (exists, present, expired): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let (exists, present, session, expired): (i64, i64, Option<i64>, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let session = Duration::from_millis(session.unwrap_or(0).max(0) as u64);
     if exists == 0 {
         return Err(Error::new(
             ErrorKind::GroupNotFound,
@@ -183,7 +187,7 @@ pub(crate) async fn heartbeat(
         ));
     }
     if present == 1 && expired == 0 {
-        return Ok(());
+        return Ok(session);
     }
     let mut tx = crate::tx::Tx::begin(&inner.pool)
         .await
@@ -230,7 +234,7 @@ pub(crate) async fn heartbeat(
     if changed {
         inner.wake();
     }
-    Ok(())
+    Ok(session)
 }
 
 /// Leases of members that left become available now (attempts kept).
