@@ -145,8 +145,11 @@ const DRIVERS: &[Driver] = &[
     },
     Driver {
         name: "redis",
-        feature: None,
+        feature: Some("redis"),
         schemes: &["redis", "rediss", "redis+cluster"],
+        #[cfg(feature = "redis")]
+        open: Some(|url| Box::pin(conveyor_redis::open_url(url))),
+        #[cfg(not(feature = "redis"))]
         open: None,
     },
     Driver {

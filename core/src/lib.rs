@@ -30,6 +30,7 @@ pub mod describe;
 pub mod dlq;
 mod embedded;
 mod engine;
+mod headers;
 pub mod error;
 pub mod partitioner;
 pub mod record;
@@ -50,6 +51,7 @@ pub mod backend {
     //! conformance suite (`conveyor-conformance`).
     pub use crate::assignment::*;
     pub use crate::embedded::{blocking, blocking_short, spawn_interval_flusher};
+    pub use crate::headers::{decode_headers, encode_headers};
     pub use crate::engine::{
         Appended, Engine, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage,
         StoredRecord,

@@ -144,7 +144,6 @@
 #![deny(missing_docs)]
 
 mod broker;
-mod codec;
 mod consumer;
 mod error;
 mod group;

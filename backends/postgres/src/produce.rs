@@ -3,7 +3,7 @@
 //! keys, one transaction per partition that looks the keys up first).
 
 use crate::broker::Inner;
-use crate::codec::encode_headers;
+use conveyor_core::backend::encode_headers;
 use crate::error::during;
 use async_trait::async_trait;
 use conveyor_core::backend::validate;

@@ -1,14 +1,14 @@
-//! Headers in one `bytea` column: a record's headers are an ordered list
-//! with duplicates, which a PostgreSQL array of composites cannot hold in a
-//! multi-row `UNNEST` insert. Format: for each header, the name's length
-//! (u32 big-endian), the name (UTF-8), the value's length (u32 BE), the
-//! value. An empty list is zero bytes.
+//! Headers in one byte string, for server backends whose columns or
+//! stream fields hold a record's ordered header list (duplicates allowed,
+//! order kept). Format: for each header, the name's length (u32
+//! big-endian), the name (UTF-8), the value's length (u32 BE), the value.
+//! An empty list is zero bytes. Written once: PostgreSQL and Redis use it.
 
 use bytes::Bytes;
-use conveyor_core::{Error, ErrorKind, Header, Result};
+use crate::{Error, ErrorKind, Header, Result};
 
 /// Encode headers.
-pub(crate) fn encode_headers(headers: &[Header]) -> Vec<u8> {
+pub fn encode_headers(headers: &[Header]) -> Vec<u8> {
     let len: usize = headers
         .iter()
         .map(|h| 8 + h.name.len() + h.value.len())
@@ -23,8 +23,11 @@ pub(crate) fn encode_headers(headers: &[Header]) -> Vec<u8> {
     out
 }
 
-/// Decode what [`encode_headers`] wrote; `Corrupt` naming `at` otherwise.
-pub(crate) fn decode_headers(data: &[u8], at: &dyn Fn() -> String) -> Result<Vec<Header>> {
+/// Decode what [`encode_headers`] wrote.
+///
+/// # Errors
+/// `Corrupt`, naming `at()`, when the bytes are not such an encoding.
+pub fn decode_headers(data: &[u8], at: &dyn Fn() -> String) -> Result<Vec<Header>> {
     let bad = |why: &str| {
         Error::new(
             ErrorKind::Corrupt,

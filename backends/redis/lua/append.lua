@@ -1,0 +1,73 @@
+-- append.lua: append records to one partition, atomically and contiguously,
+-- with the dedup window for idempotent produce (contract §3).
+--
+-- KEYS[1] partition meta (hash: end, start, bytes, lastts)
+-- KEYS[2] partition log (stream; the entry id of offset N is "N-1")
+-- KEYS[3] dedup keys (hash: idempotency key -> "offset:timestamp")
+-- KEYS[4] dedup times (zset: idempotency key -> append time, ms)
+-- ARGV[1] dedup window, ms
+-- ARGV[2] wake-up channel (PUBLISH after a write)
+-- ARGV[3] wake-up message
+-- ARGV[4] number of records n; then 8 arguments per record:
+--   idempotency key ("" = none), size (bytes, for retention), delivery
+--   delay in ms from now, on the server's clock ("" = none; stored as an
+--   absolute server time), addressed group ("" = every group), has key ("1"/"0"),
+--   key, value, headers (Conveyor's header encoding)
+-- Returns one "offset:timestamp" per record, in input order (a duplicate
+-- gets the original's). Error "NOTOPIC" when the partition does not exist.
+-- Nothing is written before every check has passed; a retry after a
+-- timeout appends again unless the records carry idempotency keys.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local m = redis.call('HMGET', KEYS[1], 'end', 'bytes', 'lastts')
+if not m[1] then
+  return redis.error_reply('NOTOPIC partition does not exist')
+end
+local off = tonumber(m[1])
+local bytes = tonumber(m[2])
+if now < tonumber(m[3]) then now = tonumber(m[3]) end
+
+local window = tonumber(ARGV[1])
+local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. (now - window), 'LIMIT', 0, 1000)
+if #old > 0 then
+  redis.call('HDEL', KEYS[3], unpack(old))
+  redis.call('ZREM', KEYS[4], unpack(old))
+end
+
+local n = tonumber(ARGV[4])
+local out = {}
+local seen = {}
+local added = 0
+for i = 0, n - 1 do
+  local b = 5 + i * 8
+  local idem = ARGV[b]
+  local prior = false
+  if idem ~= '' then
+    prior = seen[idem] or redis.call('HGET', KEYS[3], idem)
+  end
+  if prior then
+    out[#out + 1] = prior
+  else
+    local f = {'t', now, 's', ARGV[b + 1], 'v', ARGV[b + 6], 'h', ARGV[b + 7]}
+    if ARGV[b + 4] == '1' then f[#f + 1] = 'k'; f[#f + 1] = ARGV[b + 5] end
+    if idem ~= '' then f[#f + 1] = 'i'; f[#f + 1] = idem end
+    if ARGV[b + 2] ~= '' then f[#f + 1] = 'd'; f[#f + 1] = now + tonumber(ARGV[b + 2]) end
+    if ARGV[b + 3] ~= '' then f[#f + 1] = 'g'; f[#f + 1] = ARGV[b + 3] end
+    redis.call('XADD', KEYS[2], off .. '-1', unpack(f))
+    local r = off .. ':' .. now
+    if idem ~= '' then
+      redis.call('HSET', KEYS[3], idem, r)
+      redis.call('ZADD', KEYS[4], now, idem)
+      seen[idem] = r
+    end
+    out[#out + 1] = r
+    off = off + 1
+    bytes = bytes + tonumber(ARGV[b + 1])
+    added = added + 1
+  end
+end
+if added > 0 then
+  redis.call('HSET', KEYS[1], 'end', off, 'bytes', bytes, 'lastts', now)
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+return out

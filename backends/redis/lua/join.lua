@@ -1,0 +1,37 @@
+-- join.lua: a member joins a group (contract §4). The group is created on
+-- first use; its mode and start are fixed then. The latest joiner's
+-- session timeout, visibility timeout and DLQ policy apply.
+--
+-- KEYS[1] group meta (hash: mode, start, config, session, visibility,
+--         maxd, seq, gen, mv, done_mv, parts)
+-- KEYS[2] members (zset: member id -> session deadline, server ms)
+-- KEYS[3] subscriptions (hash: member id -> topics, comma-separated)
+-- KEYS[4] topics the group has read (set)
+-- ARGV[1] mode ("stream" / "queue")
+-- ARGV[2] start ("earliest" / "latest")
+-- ARGV[3] session timeout, ms
+-- ARGV[4] visibility timeout, ms
+-- ARGV[5] max deliveries
+-- ARGV[6] config JSON
+-- ARGV[7] topics, comma-separated
+-- Returns {member id, start, topics new to the group...}.
+-- Error "MODE <mode>" when the group exists in the other mode (nothing
+-- written).
+local mode = redis.call('HGET', KEYS[1], 'mode')
+if mode and mode ~= ARGV[1] then
+  return redis.error_reply('MODE ' .. mode)
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSETNX', KEYS[1], 'mode', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'start', ARGV[2])
+redis.call('HSET', KEYS[1], 'session', ARGV[3], 'visibility', ARGV[4], 'maxd', ARGV[5], 'config', ARGV[6])
+local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), id)
+redis.call('HSET', KEYS[3], id, ARGV[7])
+redis.call('HINCRBY', KEYS[1], 'mv', 1)
+local out = {id, redis.call('HGET', KEYS[1], 'start')}
+for topic in string.gmatch(ARGV[7], '[^,]+') do
+  if redis.call('SADD', KEYS[4], topic) == 1 then out[#out + 1] = topic end
+end
+return out

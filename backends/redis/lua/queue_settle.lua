@@ -1,0 +1,48 @@
+-- queue_settle.lua: ack, nack or extend messages of one partition under
+-- their leases (contract §4b). A message whose lease token no longer
+-- matches (expired and released or re-leased, or already settled) is
+-- refused and nothing about it changes.
+--
+-- KEYS[1] leases (zset: offset -> deadline, server ms)
+-- KEYS[2] ready (zset: offset -> when available)
+-- KEYS[3] attempts (hash: offset -> deliveries made)
+-- KEYS[4] lease tokens (hash: offset -> token)
+-- KEYS[5] dead letters to move (hash: offset -> "attempts|claimed until|error")
+-- ARGV[1] action: "ack", "nack" or "extend"
+-- ARGV[2] ms: the nack delay, or the extension (from now)
+-- ARGV[3] max deliveries (nack: at or above it the message is dead-lettered)
+-- ARGV[4] the nack's reason ("" = none)
+-- ARGV[5..] pairs: offset, token
+-- Returns one code per pair: 0 lease lost, 1 done, 2 (nack) dead-lettered:
+-- waiting in KEYS[5] for the move to the DLQ. A retry of an applied call
+-- gets 0 for what it already did.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local action, ms, maxd = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+for i = 5, #ARGV, 2 do
+  local o, tok = ARGV[i], ARGV[i + 1]
+  if redis.call('HGET', KEYS[4], o) ~= tok or not redis.call('ZSCORE', KEYS[1], o) then
+    out[#out + 1] = 0
+  elseif action == 'extend' then
+    redis.call('ZADD', KEYS[1], now + ms, o)
+    out[#out + 1] = 1
+  else
+    redis.call('ZREM', KEYS[1], o)
+    redis.call('HDEL', KEYS[4], o)
+    if action == 'ack' then
+      redis.call('HDEL', KEYS[3], o)
+      out[#out + 1] = 1
+    else
+      local a = tonumber(redis.call('HGET', KEYS[3], o) or '0')
+      if a >= maxd then
+        redis.call('HSET', KEYS[5], o, a .. '|0|' .. ARGV[4])
+        out[#out + 1] = 2
+      else
+        redis.call('ZADD', KEYS[2], now + ms, o)
+        out[#out + 1] = 1
+      end
+    end
+  end
+end
+return out

@@ -1,0 +1,1211 @@
+//! The broker: connection, topics, reads, lag, idempotency, the wake-up
+//! listener and retention.
+
+use crate::conn::{during, reply, Conn, SCRIPTS};
+use crate::keys::{self, Group, Part, Registry};
+use crate::{RedisOptions, Topology};
+use async_trait::async_trait;
+use bytes::Bytes;
+use conveyor_core::backend::{decode_headers, validate, StoredMessage};
+use conveyor_core::{
+    Broker, BrokerOptions, Capabilities, Consumer, DeliveryMode, DeliveryToken, Durability, Error,
+    ErrorKind, GroupConfig, GroupDescription, GroupLag, IdempotencyStore, MemberDescription,
+    Message, PartitionDescription, PartitionLag, Producer, Result, TopicConfig, TopicDescription,
+};
+use futures::{StreamExt, TryStreamExt};
+use parking_lot::Mutex;
+use redis::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// How long a send trusts its cached copy of a topic's registry entry.
+pub(crate) const TOPIC_CACHE: Duration = Duration::from_secs(1);
+/// A waiting poll looks again at least this often (missed wake-ups,
+/// redeliveries that came due, a lost pub/sub connection).
+pub(crate) const FALLBACK_POLL: Duration = Duration::from_millis(250);
+/// How many per-partition calls run at once for one admin operation.
+const FAN_OUT: usize = 32;
+
+/// A topic as registered: its id (in its partitions' keys) and config.
+#[derive(Debug, Clone)]
+pub(crate) struct TopicRow {
+    pub id: u64,
+    pub config: TopicConfig,
+    /// The config exactly as stored (for compare-and-set updates).
+    pub json: String,
+}
+
+/// A partition's bounds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bounds {
+    pub log_start: u64,
+    pub log_end: u64,
+    pub bytes: u64,
+}
+
+/// State shared by the broker and its producers and consumers.
+pub(crate) struct Inner {
+    pub conn: Conn,
+    pub ns: String,
+    pub options: BrokerOptions,
+    pub op_timeout: Duration,
+    pub registry: Registry,
+    pub closed: AtomicBool,
+    pub changed: watch::Sender<u64>,
+    topics: Mutex<HashMap<String, (TopicRow, Instant)>>,
+    /// Members this broker's consumers are (left at close).
+    pub members: Mutex<std::collections::BTreeSet<(Arc<str>, u64)>>,
+    pub round_robin: Mutex<HashMap<String, u32>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Connection details for the pub/sub listener and cleanup.
+    pub topology: Topology,
+}
+
+impl Inner {
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorKind::Closed, "the broker is closed"));
+        }
+        Ok(())
+    }
+
+    /// A connection handle (clones share the multiplexed socket).
+    pub(crate) fn conn(&self) -> Conn {
+        self.conn.clone()
+    }
+
+    /// Run one call of the public API with the broker's deadline (plus
+    /// `extra`, a poll's own timeout): a server that stops answering is
+    /// `Unavailable` after it, not a call that hangs forever.
+    pub(crate) async fn bounded<T>(
+        &self,
+        extra: Duration,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let limit = self.op_timeout.saturating_add(extra);
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("Redis did not answer within {limit:?}"),
+            )),
+        }
+    }
+
+    /// Wake this process's waiting polls.
+    pub(crate) fn wake(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub(crate) fn part(&self, topic_id: u64, partition: u32) -> Part {
+        Part::new(&self.ns, topic_id, partition)
+    }
+
+    pub(crate) fn group_keys(&self, group: &str) -> Group {
+        Group::new(&self.ns, group)
+    }
+
+    /// The topic's registry entry, or `None`.
+    pub(crate) async fn topic(&self, name: &str) -> Result<Option<TopicRow>> {
+        let what = format!("look up topic `{name}`");
+        let mut c = self.conn();
+        let id: Option<u64> = redis::cmd("HGET")
+            .arg(&self.registry.topics)
+            .arg(name)
+            .query_async(&mut c)
+            .await
+            .map_err(during(&what))?;
+        let Some(id) = id else { return Ok(None) };
+        let json: Option<String> = redis::cmd("HGET")
+            .arg(&self.registry.configs)
+            .arg(id)
+            .query_async(&mut c)
+            .await
+            .map_err(during(&what))?;
+        // Deleted between the two reads: gone.
+        let Some(json) = json else { return Ok(None) };
+        let config = serde_json::from_str(&json)
+            .map_err(|e| Error::internal(format!("{what}: stored config is unreadable: {e}")))?;
+        Ok(Some(TopicRow { id, config, json }))
+    }
+
+    /// The topic's registry entry; `TopicNotFound` if there is none.
+    pub(crate) async fn existing_topic(&self, name: &str) -> Result<TopicRow> {
+        validate::topic_name(name)?;
+        self.topic(name)
+            .await?
+            .ok_or_else(|| Error::topic_not_found(name))
+    }
+
+    /// The topic's entry for a send, cached for [`TOPIC_CACHE`].
+    pub(crate) async fn topic_cached(&self, name: &str) -> Result<TopicRow> {
+        if let Some((t, at)) = self.topics.lock().get(name) {
+            if at.elapsed() < TOPIC_CACHE {
+                return Ok(t.clone());
+            }
+        }
+        let t = self.topic_or_create(name).await?;
+        self.topics
+            .lock()
+            .insert(name.to_string(), (t.clone(), Instant::now()));
+        Ok(t)
+    }
+
+    /// Drop a topic from the send cache.
+    pub(crate) fn forget_topic(&self, name: &str) {
+        self.topics.lock().remove(name);
+    }
+
+    /// The topic's entry, creating the topic if auto-create is on.
+    pub(crate) async fn topic_or_create(&self, name: &str) -> Result<TopicRow> {
+        validate::topic_name(name)?;
+        if let Some(t) = self.topic(name).await? {
+            return Ok(t);
+        }
+        if !self.options.auto_create_topics {
+            return Err(Error::topic_not_found(name));
+        }
+        self.create_topic(name, TopicConfig::default(), true)
+            .await?;
+        self.existing_topic(name).await
+    }
+
+    /// Create a topic; with `lenient`, an existing one with another
+    /// config is fine (auto-create, DLQ topics).
+    pub(crate) async fn create_topic(
+        &self,
+        name: &str,
+        config: TopicConfig,
+        lenient: bool,
+    ) -> Result<()> {
+        self.check_open()?;
+        validate::topic_name(name)?;
+        validate::topic_config(name, &config)?;
+        let what = format!("create topic `{name}`");
+        let json = serde_json::to_string(&config)
+            .map_err(|e| Error::internal(format!("{what}: config to JSON: {e}")))?;
+        let r = &self.registry;
+        let created: redis::RedisResult<Vec<u64>> = SCRIPTS
+            .topic_create
+            .key(&r.topics)
+            .key(&r.configs)
+            .key(&r.seq)
+            .arg(name)
+            .arg(&json)
+            .invoke_async(&mut self.conn())
+            .await;
+        let id = match created {
+            Ok(v) => v.first().copied().unwrap_or_default(),
+            Err(e) if e.code() == Some("EXISTS") => {
+                if lenient {
+                    return Ok(());
+                }
+                let existing: Option<TopicConfig> =
+                    e.detail().and_then(|d| serde_json::from_str(d).ok());
+                return Err(Error::new(
+                    ErrorKind::TopicExists,
+                    format!(
+                        "topic `{name}` exists with another config ({} partitions, asked for {})",
+                        existing.map_or_else(|| "?".to_string(), |c| c.partitions.to_string()),
+                        config.partitions
+                    ),
+                ));
+            }
+            Err(e) => return Err(crate::conn::map_err(&what, e)),
+        };
+        // The partitions' meta hashes (each in its own slot). A retry of
+        // the create, or the first send, finishes a create cut short here.
+        self.init_partitions(id, 0..config.partitions, &what)
+            .await?;
+        tracing::debug!(topic = name, partitions = config.partitions, "topic created");
+        Ok(())
+    }
+
+    /// Create the meta hashes of partitions `range` of topic `id`.
+    pub(crate) async fn init_partitions(
+        &self,
+        id: u64,
+        range: std::ops::Range<u32>,
+        what: &str,
+    ) -> Result<()> {
+        futures::stream::iter(range.map(|p| {
+            let key = self.part(id, p).meta;
+            let mut c = self.conn();
+            async move {
+                SCRIPTS
+                    .partition_init
+                    .key(key)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+                    .map_err(during(what))
+            }
+        }))
+        .buffer_unordered(FAN_OUT)
+        .try_collect::<Vec<_>>()
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.check_open()?;
+        validate::topic_name(name)?;
+        let what = format!("delete topic `{name}`");
+        let r = &self.registry;
+        let got: Vec<Value> = SCRIPTS
+            .topic_delete
+            .key(&r.topics)
+            .key(&r.configs)
+            .arg(name)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(during(&what))?;
+        if got.is_empty() {
+            return Err(Error::topic_not_found(name));
+        }
+        let id = reply::uint(&got[0])?;
+        let config: Option<TopicConfig> = got
+            .into_iter()
+            .nth(1)
+            .and_then(|v| reply::string(v).ok())
+            .and_then(|j| serde_json::from_str(&j).ok());
+        let partitions = config.map_or(0, |c| c.partitions);
+        futures::stream::iter((0..partitions).map(|p| {
+            let part = self.part(id, p);
+            let mut c = self.conn();
+            let what = &what;
+            async move {
+                let groups: Vec<String> = redis::cmd("SMEMBERS")
+                    .arg(&part.groups)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(during(what))?;
+                let mut del = redis::cmd("DEL");
+                for g in &groups {
+                    del.arg(&part.queue(g).all()[..]);
+                }
+                del.arg(&part.groups)
+                    .arg(&part.log)
+                    .arg(&part.idem)
+                    .arg(&part.idem_times)
+                    .arg(&part.meta);
+                del.query_async::<i64>(&mut c).await.map_err(during(what))
+            }
+        }))
+        .buffer_unordered(FAN_OUT)
+        .try_collect::<Vec<_>>()
+        .await?;
+        self.finish_topic_change(name, &what).await
+    }
+
+    pub(crate) async fn add_partitions(&self, name: &str, partitions: u32) -> Result<()> {
+        self.check_open()?;
+        validate::topic_name(name)?;
+        validate::partition_count(name, partitions)?;
+        let what = format!("add partitions to `{name}`");
+        loop {
+            let t = self.existing_topic(name).await?;
+            if partitions < t.config.partitions {
+                return Err(Error::invalid(format!(
+                    "topic `{name}`: partitions can only grow ({} now, asked for {partitions})",
+                    t.config.partitions
+                )));
+            }
+            if partitions == t.config.partitions {
+                return Ok(());
+            }
+            // New partitions first: a reader that sees the new count finds
+            // them.
+            self.init_partitions(t.id, t.config.partitions..partitions, &what)
+                .await?;
+            let mut config = t.config;
+            config.partitions = partitions;
+            let json = serde_json::to_string(&config)
+                .map_err(|e| Error::internal(format!("{what}: config to JSON: {e}")))?;
+            let done: i64 = SCRIPTS
+                .topic_update
+                .key(&self.registry.topics)
+                .key(&self.registry.configs)
+                .arg(name)
+                .arg(t.id)
+                .arg(&t.json)
+                .arg(&json)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(during(&what))?;
+            if done == 1 {
+                break;
+            }
+        }
+        self.finish_topic_change(name, &what).await
+    }
+
+    /// After a topic's partitions changed (delete, grow): the groups that
+    /// read it are told to rebalance (their membership version moves), the
+    /// send cache forgets the topic, and waiting polls look again.
+    async fn finish_topic_change(&self, name: &str, what: &str) -> Result<()> {
+        let mut c = self.conn();
+        let groups: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&self.registry.groups)
+            .query_async(&mut c)
+            .await
+            .map_err(during(what))?;
+        for g in groups {
+            let k = self.group_keys(&g);
+            let reads: bool = redis::cmd("SISMEMBER")
+                .arg(&k.topics)
+                .arg(name)
+                .query_async(&mut c)
+                .await
+                .map_err(during(what))?;
+            if reads {
+                redis::cmd("HINCRBY")
+                    .arg(&k.meta)
+                    .arg("mv")
+                    .arg(1)
+                    .query_async::<i64>(&mut c)
+                    .await
+                    .map_err(during(what))?;
+            }
+        }
+        self.forget_topic(name);
+        self.wake();
+        Ok(())
+    }
+
+    /// The topic's entry, checked to have `partition`.
+    pub(crate) async fn partition_of(&self, topic: &str, partition: u32) -> Result<TopicRow> {
+        let t = self.existing_topic(topic).await?;
+        validate::partition(topic, partition, t.config.partitions)?;
+        Ok(t)
+    }
+
+    /// A partition's bounds and up to `max` records from `from`.
+    pub(crate) async fn read(
+        &self,
+        topic: &str,
+        topic_id: u64,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<(Bounds, Vec<StoredMessage>)> {
+        let what = format!("read `{topic}`/{partition}");
+        let part = self.part(topic_id, partition);
+        let got: Vec<Value> = SCRIPTS
+            .read
+            .key(&part.meta)
+            .key(&part.log)
+            .arg(from)
+            .arg(max)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| match e.code() {
+                Some("NOTOPIC") => Error::topic_not_found(topic),
+                _ => crate::conn::map_err(&what, e),
+            })?;
+        let mut it = got.into_iter();
+        let mut next = || it.next().ok_or_else(|| Error::internal(format!("{what}: short reply")));
+        let bounds = Bounds {
+            log_start: reply::uint(&next()?)?,
+            log_end: reply::uint(&next()?)?,
+            bytes: reply::uint(&next()?)?,
+        };
+        let entries = reply::array(next()?)?
+            .into_iter()
+            .map(|e| decode_entry(e, &|| what.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((bounds, entries.into_iter().map(|(m, _)| m).collect()))
+    }
+
+    /// A partition's bounds.
+    pub(crate) async fn bounds(&self, topic: &str, topic_id: u64, partition: u32) -> Result<Bounds> {
+        Ok(self.read(topic, topic_id, partition, 0, 0).await?.0)
+    }
+
+    /// The first offset whose timestamp is at least `timestamp` (the log
+    /// end if none), never below the log start.
+    pub(crate) async fn offset_for_timestamp(
+        &self,
+        topic: &str,
+        topic_id: u64,
+        partition: u32,
+        timestamp: u64,
+    ) -> Result<u64> {
+        let part = self.part(topic_id, partition);
+        SCRIPTS
+            .find_time
+            .key(&part.meta)
+            .key(&part.log)
+            .arg(timestamp)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| match e.code() {
+                Some("NOTOPIC") => Error::topic_not_found(topic),
+                _ => crate::conn::map_err(&format!("find a time in `{topic}`/{partition}"), e),
+            })
+    }
+
+    /// Apply a topic's retention to every partition now.
+    pub(crate) async fn enforce_retention(&self, name: &str, t: &TopicRow) -> Result<()> {
+        let r = t.config.retention;
+        let age = r.max_age.map_or(-1, |d| crate::millis(d) as i64);
+        let bytes = r.max_bytes.map_or(-1, |b| b.min(i64::MAX as u64) as i64);
+        let what = format!("retention of `{name}`");
+        futures::stream::iter((0..t.config.partitions).map(|p| {
+            let part = self.part(t.id, p);
+            let mut c = self.conn();
+            let what = &what;
+            async move {
+                loop {
+                    let removed: u64 = SCRIPTS
+                        .retain
+                        .key(&part.meta)
+                        .key(&part.log)
+                        .arg(age)
+                        .arg(bytes)
+                        .arg(5000)
+                        .invoke_async(&mut c)
+                        .await
+                        .map_err(during(what))?;
+                    if removed < 5000 {
+                        return Ok::<_, Error>(());
+                    }
+                }
+            }
+        }))
+        .buffer_unordered(FAN_OUT)
+        .try_collect::<Vec<_>>()
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn list_topics(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = redis::cmd("HKEYS")
+            .arg(&self.registry.topics)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(during("list topics"))?;
+        names.sort();
+        Ok(names)
+    }
+
+    pub(crate) async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        let t = self.existing_topic(name).await?;
+        if t.config.retention.is_limited() {
+            self.enforce_retention(name, &t).await?;
+        }
+        let partitions = futures::stream::iter((0..t.config.partitions).map(|p| {
+            let id = t.id;
+            async move {
+                let b = self.bounds(name, id, p).await?;
+                Ok::<_, Error>(PartitionDescription {
+                    partition: p,
+                    log_start: b.log_start,
+                    log_end: b.log_end,
+                    bytes: b.bytes,
+                })
+            }
+        }))
+        .buffered(FAN_OUT)
+        .try_collect()
+        .await?;
+        Ok(TopicDescription {
+            name: name.to_string(),
+            config: t.config,
+            partitions,
+        })
+    }
+
+    /// The group's stored mode, config and generation; `GroupNotFound`.
+    pub(crate) async fn group_meta(&self, group: &str) -> Result<(DeliveryMode, GroupConfig, u64)> {
+        validate::group_name(group)?;
+        let what = format!("group `{group}`");
+        let k = self.group_keys(group);
+        let (mode, config, generation): (Option<String>, Option<String>, Option<u64>) =
+            redis::cmd("HMGET")
+                .arg(&k.meta)
+                .arg("mode")
+                .arg("config")
+                .arg("gen")
+                .query_async(&mut self.conn())
+                .await
+                .map_err(during(&what))?;
+        let (Some(mode), Some(config)) = (mode, config) else {
+            return Err(group_not_found(group));
+        };
+        let config: GroupConfig = serde_json::from_str(&config)
+            .map_err(|e| Error::internal(format!("{what}: stored config is unreadable: {e}")))?;
+        Ok((parse_mode(&mode)?, config, generation.unwrap_or(0)))
+    }
+
+    pub(crate) async fn group_lag(&self, group: &str) -> Result<GroupLag> {
+        let (mode, _, _) = self.group_meta(group).await?;
+        let what = format!("lag of group `{group}`");
+        let k = self.group_keys(group);
+        let mut c = self.conn();
+        let mut topics: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&k.topics)
+            .query_async(&mut c)
+            .await
+            .map_err(during(&what))?;
+        topics.sort();
+        let mut partitions = Vec::new();
+        for topic in topics {
+            let Some(t) = self.topic(&topic).await? else {
+                continue;
+            };
+            let commits: HashMap<String, u64> = if mode == DeliveryMode::Stream {
+                redis::cmd("HGETALL")
+                    .arg(&k.commits)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(during(&what))?
+            } else {
+                HashMap::new()
+            };
+            let rows: Vec<PartitionLag> = futures::stream::iter((0..t.config.partitions).map(|p| {
+                let topic = topic.clone();
+                let committed = commits.get(&keys::commit_field(t.id, p)).copied();
+                let id = t.id;
+                let what = &what;
+                async move {
+                    match mode {
+                        DeliveryMode::Stream => {
+                            let b = self.bounds(&topic, id, p).await?;
+                            let committed = committed
+                                .unwrap_or(b.log_start)
+                                .clamp(b.log_start, b.log_end.max(b.log_start));
+                            Ok::<_, Error>(PartitionLag {
+                                topic,
+                                partition: p,
+                                committed,
+                                log_end: b.log_end,
+                                lag: b.log_end.saturating_sub(committed),
+                                in_flight: 0,
+                                available: 0,
+                            })
+                        }
+                        _ => {
+                            let s = self.queue_state(group, id, p, None, what).await?;
+                            Ok(s.lag(topic, p))
+                        }
+                    }
+                }
+            }))
+            .buffered(FAN_OUT)
+            .try_collect()
+            .await?;
+            partitions.extend(rows);
+        }
+        Ok(GroupLag {
+            group: group.to_string(),
+            mode,
+            partitions,
+        })
+    }
+
+    /// A queue-mode group's standing in one partition; with `init`, the
+    /// cursor to start at if the group has none there yet.
+    pub(crate) async fn queue_state(
+        &self,
+        group: &str,
+        topic_id: u64,
+        partition: u32,
+        init: Option<u64>,
+        what: &str,
+    ) -> Result<QueueState> {
+        let part = self.part(topic_id, partition);
+        let q = part.queue(group);
+        let v: Vec<i64> = SCRIPTS
+            .queue_state
+            .key(&part.meta)
+            .key(&q.cursor)
+            .key(&q.leases)
+            .key(&q.ready)
+            .key(&q.dead)
+            .key(&part.groups)
+            .arg(group)
+            .arg(init.map_or_else(String::new, |o| o.to_string()))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(during(what))?;
+        if v.len() < 7 {
+            return Err(Error::internal(format!("{what}: short reply")));
+        }
+        let u = |i: usize| v[i].max(0) as u64;
+        Ok(QueueState {
+            log_start: u(0),
+            log_end: u(1),
+            cursor: (v[2] >= 0).then(|| u(2)),
+            in_flight: u(3),
+            ready: u(4),
+            dead: u(5),
+            lowest: (v[6] >= 0).then(|| u(6)),
+        })
+    }
+
+    pub(crate) async fn describe_group(&self, group: &str) -> Result<GroupDescription> {
+        let lag = self.group_lag(group).await?;
+        let (_, config, generation) = self.group_meta(group).await?;
+        let what = format!("describe group `{group}`");
+        let k = self.group_keys(group);
+        let mut c = self.conn();
+        let members: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(&k.members)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut c)
+            .await
+            .map_err(during(&what))?;
+        let subs: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&k.subs)
+            .query_async(&mut c)
+            .await
+            .map_err(during(&what))?;
+        let owners: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&k.owners)
+            .query_async(&mut c)
+            .await
+            .map_err(during(&what))?;
+        let now = server_ms(&mut c, &what).await?;
+        let session = crate::millis(config.session_timeout) as f64;
+        let mut out = Vec::new();
+        for (id, deadline) in members {
+            let topics: Vec<String> = subs
+                .get(&id)
+                .map(|s| s.split(',').map(str::to_string).collect())
+                .unwrap_or_default();
+            let mut d = MemberDescription::new(id.clone(), topics);
+            let mut assignment: Vec<(String, u32)> = owners
+                .iter()
+                .filter(|(_, v)| v.split(':').next() == Some(id.as_str()))
+                .filter_map(|(tp, _)| {
+                    let (t, p) = tp.rsplit_once('/')?;
+                    Some((t.to_string(), p.parse().ok()?))
+                })
+                .collect();
+            assignment.sort();
+            d.assignment = assignment;
+            d.idle_ms = (now as f64 - (deadline - session)).max(0.0) as u64;
+            out.push(d);
+        }
+        let mut d = GroupDescription::new(group, lag);
+        d.config = Some(config);
+        d.generation = generation;
+        d.members = out;
+        d.members_visible = true;
+        Ok(d)
+    }
+
+    pub(crate) async fn list_groups(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&self.registry.groups)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(during("list groups"))?;
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// A queue-mode group's standing in one partition.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueState {
+    pub log_start: u64,
+    pub log_end: u64,
+    pub cursor: Option<u64>,
+    pub in_flight: u64,
+    pub ready: u64,
+    pub dead: u64,
+    pub lowest: Option<u64>,
+}
+
+impl QueueState {
+    fn lag(&self, topic: String, partition: u32) -> PartitionLag {
+        let cursor = self
+            .cursor
+            .unwrap_or(self.log_start)
+            .clamp(self.log_start, self.log_end.max(self.log_start));
+        let held = self.in_flight + self.ready + self.dead;
+        let lag = held + self.log_end.saturating_sub(cursor);
+        PartitionLag {
+            topic,
+            partition,
+            committed: self.lowest.map_or(cursor, |l| l.min(cursor)),
+            log_end: self.log_end,
+            lag,
+            in_flight: self.in_flight,
+            available: lag.saturating_sub(self.in_flight + self.dead),
+        }
+    }
+}
+
+/// The server's clock, ms since the epoch.
+pub(crate) async fn server_ms(c: &mut Conn, what: &str) -> Result<u64> {
+    let (s, us): (u64, u64) = redis::cmd("TIME")
+        .query_async(c)
+        .await
+        .map_err(during(what))?;
+    Ok(s * 1000 + us / 1000)
+}
+
+/// A stream entry as [`StoredMessage`], and the group it is addressed to.
+pub(crate) fn decode_entry(
+    entry: Value,
+    at: &dyn Fn() -> String,
+) -> Result<(StoredMessage, Option<String>)> {
+    let mut parts = reply::array(entry)?.into_iter();
+    let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
+        return Err(corrupt(at, "an entry without id or fields"));
+    };
+    let id = reply::string(id)?;
+    let offset = id
+        .split('-')
+        .next()
+        .and_then(|o| o.parse().ok())
+        .ok_or_else(|| corrupt(at, &format!("entry id `{id}`")))?;
+    decode_fields(offset, fields, at)
+}
+
+/// A stream entry's fields as [`StoredMessage`] at `offset`, and the
+/// group it is addressed to.
+pub(crate) fn decode_fields(
+    offset: u64,
+    fields: Value,
+    at: &dyn Fn() -> String,
+) -> Result<(StoredMessage, Option<String>)> {
+    let fields = reply::array(fields)?;
+    let mut m = StoredMessage {
+        offset,
+        timestamp: 0,
+        key: None,
+        value: Bytes::new(),
+        headers: Vec::new(),
+        idempotency_key: None,
+        deliver_at: None,
+    };
+    let mut group = None;
+    let mut it = fields.into_iter();
+    while let (Some(name), Some(value)) = (it.next(), it.next()) {
+        let name = reply::bytes(name)?;
+        let value = reply::bytes(value)?;
+        let num = |v: &[u8]| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| corrupt(at, "a number field"))
+        };
+        match name.as_slice() {
+            b"t" => m.timestamp = num(&value)?,
+            b"v" => m.value = Bytes::from(value),
+            b"k" => m.key = Some(Bytes::from(value)),
+            b"h" => m.headers = decode_headers(&value, &|| format!("{} @{offset}", at()))?,
+            b"i" => {
+                m.idempotency_key =
+                    Some(String::from_utf8(value).map_err(|_| corrupt(at, "idempotency key"))?)
+            }
+            b"d" => m.deliver_at = Some(num(&value)?),
+            b"g" => group = Some(String::from_utf8(value).map_err(|_| corrupt(at, "group"))?),
+            _ => {}
+        }
+    }
+    Ok((m, group))
+}
+
+fn corrupt(at: &dyn Fn() -> String, what: &str) -> Error {
+    Error::new(
+        ErrorKind::Corrupt,
+        format!("{}: a stored record is damaged ({what})", at()),
+    )
+}
+
+pub(crate) fn group_not_found(group: &str) -> Error {
+    Error::new(
+        ErrorKind::GroupNotFound,
+        format!("group `{group}` does not exist"),
+    )
+}
+
+pub(crate) fn mode_name(mode: DeliveryMode) -> &'static str {
+    match mode {
+        DeliveryMode::Stream => "stream",
+        _ => "queue",
+    }
+}
+
+pub(crate) fn parse_mode(s: &str) -> Result<DeliveryMode> {
+    match s {
+        "stream" => Ok(DeliveryMode::Stream),
+        "queue" => Ok(DeliveryMode::Queue),
+        other => Err(Error::internal(format!(
+            "unknown stored group mode `{other}`"
+        ))),
+    }
+}
+
+/// Conveyor on Redis Streams (see the crate docs).
+#[derive(Clone)]
+pub struct RedisBroker {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("namespace", &self.inner.ns)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBroker {
+    pub(crate) async fn open(
+        topology: Topology,
+        options: BrokerOptions,
+        redis: RedisOptions,
+    ) -> Result<RedisBroker> {
+        crate::url::check_namespace(&redis.namespace)?;
+        let conn = topology.connect(redis.timeout).await?;
+        check_durability(&topology, &conn, options.durability).await?;
+        let (changed, _) = watch::channel(0u64);
+        let inner = Arc::new(Inner {
+            conn,
+            registry: Registry::new(&redis.namespace),
+            ns: redis.namespace,
+            options,
+            op_timeout: redis.timeout,
+            closed: AtomicBool::new(false),
+            changed,
+            topics: Mutex::new(HashMap::new()),
+            members: Mutex::new(std::collections::BTreeSet::new()),
+            round_robin: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+            topology,
+        });
+        let listener = tokio::spawn(listen(Arc::downgrade(&inner)));
+        let retention = tokio::spawn(retention(Arc::downgrade(&inner)));
+        let sweep = tokio::spawn(crate::consumer::sweep(Arc::downgrade(&inner)));
+        inner.tasks.lock().extend([listener, retention, sweep]);
+        Ok(RedisBroker { inner })
+    }
+
+    /// The namespace this broker's keys live in.
+    pub fn namespace(&self) -> &str {
+        &self.inner.ns
+    }
+
+    /// Delete every key of this broker's namespace (tests and tools; every
+    /// broker on the namespace stops working). On a cluster, every master
+    /// is scanned.
+    ///
+    /// # Errors
+    /// `Unavailable` if a server cannot be reached.
+    ///
+    /// # Cancel safety
+    /// Not atomic: cancelled, some keys may remain; calling it again
+    /// finishes the job.
+    pub async fn drop_namespace(&self) -> Result<()> {
+        self.inner.topology.drop_namespace(&self.inner.ns).await
+    }
+}
+
+/// Refuse a durability the server cannot honour (never pretend): `always`
+/// needs the append-only file with `appendfsync always` on every master;
+/// `interval(d)` needs the AOF with `always`, or `everysec` and d >= 1 s.
+async fn check_durability(topology: &Topology, conn: &Conn, durability: Durability) -> Result<()> {
+    if durability == Durability::None {
+        return Ok(());
+    }
+    for (node, appendonly, fsync) in topology.persistence(conn).await? {
+        let aof = appendonly == "yes";
+        let ok = match durability {
+            Durability::Always => aof && fsync == "always",
+            Durability::Interval(d) => {
+                aof && (fsync == "always" || (fsync == "everysec" && d >= Duration::from_secs(1)))
+            }
+            _ => true,
+        };
+        if !ok {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "durability {durability:?} needs Redis to write its append-only file with \
+                     `appendonly yes` and `appendfsync always` (or `everysec` for an interval of \
+                     1 s or more), but the server at {node} has appendonly={appendonly}, \
+                     appendfsync={fsync}; configure the server, or open with durability=none"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Forward the namespace's wake-ups (published by every append) to this
+/// process's waiting polls; reconnect after a lost connection (waking
+/// everyone, since messages may have been missed meanwhile).
+async fn listen(inner: Weak<Inner>) {
+    let (topology, channel) = match inner.upgrade() {
+        Some(i) => (i.topology.clone(), keys::wake_channel(&i.ns)),
+        None => return,
+    };
+    loop {
+        if inner.upgrade().is_none_or(|i| i.closed.load(Ordering::Acquire)) {
+            return;
+        }
+        match topology.pubsub().await {
+            Ok(mut ps) => {
+                if ps.subscribe(&channel).await.is_ok() {
+                    if let Some(i) = inner.upgrade() {
+                        i.wake();
+                    }
+                    let mut messages = ps.on_message();
+                    while messages.next().await.is_some() {
+                        match inner.upgrade() {
+                            Some(i) => i.wake(),
+                            None => return,
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "wake-up listener cannot connect"),
+        }
+        if let Some(i) = inner.upgrade() {
+            i.wake();
+        }
+        tokio::time::sleep(FALLBACK_POLL).await;
+    }
+}
+
+/// Apply retention to every topic that has some, every [`FALLBACK_POLL`].
+async fn retention(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(FALLBACK_POLL).await;
+        let Some(i) = inner.upgrade() else { return };
+        if i.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let names = match i.list_topics().await {
+            Ok(n) => n,
+            Err(_) => continue,
+        };
+        for name in names {
+            if let Ok(Some(t)) = i.topic(&name).await {
+                if t.config.retention.is_limited() {
+                    if let Err(e) = i.enforce_retention(&name, &t).await {
+                        tracing::debug!(topic = name, error = %e, "retention failed; will retry");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::SERVER
+    }
+
+    async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<()> {
+        self.inner
+            .bounded(Duration::ZERO, self.inner.create_topic(name, config, false))
+            .await
+    }
+
+    async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.inner
+            .bounded(Duration::ZERO, self.inner.delete_topic(name))
+            .await
+    }
+
+    async fn list_topics(&self) -> Result<Vec<String>> {
+        self.inner.check_open()?;
+        self.inner
+            .bounded(Duration::ZERO, self.inner.list_topics())
+            .await
+    }
+
+    async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        self.inner.check_open()?;
+        self.inner
+            .bounded(Duration::ZERO, self.inner.describe_topic(name))
+            .await
+    }
+
+    async fn add_partitions(&self, name: &str, partitions: u32) -> Result<()> {
+        self.inner
+            .bounded(Duration::ZERO, self.inner.add_partitions(name, partitions))
+            .await
+    }
+
+    async fn producer(&self) -> Result<Arc<dyn Producer>> {
+        self.inner.check_open()?;
+        Ok(Arc::new(crate::produce::RedisProducer {
+            inner: self.inner.clone(),
+        }))
+    }
+
+    async fn consumer(
+        &self,
+        group: &str,
+        topics: &[&str],
+        config: GroupConfig,
+    ) -> Result<Arc<dyn Consumer>> {
+        self.inner.check_open()?;
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                let c = crate::consumer::join(&self.inner, group, topics, config).await?;
+                Ok(Arc::new(c) as Arc<dyn Consumer>)
+            })
+            .await
+    }
+
+    async fn list_groups(&self) -> Result<Vec<String>> {
+        self.inner.check_open()?;
+        self.inner
+            .bounded(Duration::ZERO, self.inner.list_groups())
+            .await
+    }
+
+    async fn group_lag(&self, group: &str) -> Result<GroupLag> {
+        self.inner.check_open()?;
+        self.inner
+            .bounded(Duration::ZERO, self.inner.group_lag(group))
+            .await
+    }
+
+    async fn describe_group(&self, group: &str) -> Result<GroupDescription> {
+        self.inner.check_open()?;
+        self.inner
+            .bounded(Duration::ZERO, self.inner.describe_group(group))
+            .await
+    }
+
+    async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<Message>> {
+        self.inner.check_open()?;
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                let t = self.inner.partition_of(topic, partition).await?;
+                let (_, found) = self
+                    .inner
+                    .read(topic, t.id, partition, offset, max)
+                    .await?;
+                Ok(found
+                    .into_iter()
+                    .map(|m| Message::from_stored(topic, partition, m, 1, DeliveryToken::default()))
+                    .collect())
+            })
+            .await
+    }
+
+    async fn offset_for_timestamp(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp: u64,
+    ) -> Result<u64> {
+        self.inner.check_open()?;
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                let t = self.inner.partition_of(topic, partition).await?;
+                self.inner
+                    .offset_for_timestamp(topic, t.id, partition, timestamp)
+                    .await
+            })
+            .await
+    }
+
+    fn idempotency_store(&self) -> Arc<dyn IdempotencyStore> {
+        Arc::new(RedisIdempotency {
+            inner: self.inner.clone(),
+        })
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        for t in self.inner.tasks.lock().drain(..) {
+            t.abort();
+        }
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                let members: Vec<(Arc<str>, u64)> =
+                    std::mem::take(&mut *self.inner.members.lock())
+                        .into_iter()
+                        .collect();
+                let mut first_err = None;
+                for (group, member) in members {
+                    if let Err(e) = crate::consumer::leave(&self.inner, &group, member).await {
+                        first_err.get_or_insert(e);
+                    }
+                }
+                self.inner.wake();
+                first_err.map_or(Ok(()), Err)
+            })
+            .await
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for t in self.tasks.get_mut().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// [`IdempotencyStore`] on `SET key 1 NX PX ttl`: exactly one caller sees
+/// a key first within its TTL.
+struct RedisIdempotency {
+    inner: Arc<Inner>,
+}
+
+impl RedisIdempotency {
+    fn key(&self, key: &str) -> String {
+        format!("{{{}/i:{key}}}", self.inner.ns)
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for RedisIdempotency {
+    async fn first_seen(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.inner.check_open()?;
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                let set: Option<String> = redis::cmd("SET")
+                    .arg(self.key(key))
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(crate::millis(ttl).max(1))
+                    .query_async(&mut self.inner.conn())
+                    .await
+                    .map_err(during(format!("idempotency key `{key}`")))?;
+                Ok(set.is_some())
+            })
+            .await
+    }
+
+    async fn forget(&self, key: &str) -> Result<()> {
+        self.inner.check_open()?;
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                redis::cmd("DEL")
+                    .arg(self.key(key))
+                    .query_async::<i64>(&mut self.inner.conn())
+                    .await
+                    .map_err(during(format!("forget idempotency key `{key}`")))?;
+                Ok(())
+            })
+            .await
+    }
+}

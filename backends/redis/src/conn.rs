@@ -1,0 +1,186 @@
+//! One connection type for standalone Redis and Redis Cluster, the
+//! server-side scripts, and the mapping of driver errors to [`ErrorKind`].
+
+use conveyor_core::{Error, ErrorKind, Result};
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+use std::sync::LazyLock;
+
+/// A multiplexed connection: a standalone server (reconnected by the
+/// connection manager) or a cluster (each command routed to its slot's
+/// master). Cheap to clone; clones share the socket(s).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The server-side code, one Lua file per step (`lua/*.lua`, each with its
+/// KEYS/ARGV header). `redis::Script` sends `EVALSHA` and loads the script
+/// on `NOSCRIPT` (a restarted server, or a cluster node that never saw it).
+pub(crate) struct Scripts {
+    pub append: redis::Script,
+    pub read: redis::Script,
+    pub find_time: redis::Script,
+    pub retain: redis::Script,
+    pub topic_create: redis::Script,
+    pub topic_update: redis::Script,
+    pub topic_delete: redis::Script,
+    pub partition_init: redis::Script,
+    pub join: redis::Script,
+    pub heartbeat: redis::Script,
+    pub rebalance: redis::Script,
+    pub commit: redis::Script,
+    pub leave: redis::Script,
+    pub queue_poll: redis::Script,
+    pub queue_settle: redis::Script,
+    pub queue_dead: redis::Script,
+    pub queue_state: redis::Script,
+    pub queue_seek: redis::Script,
+}
+
+/// The scripts, hashed once per process.
+pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    append: redis::Script::new(include_str!("../lua/append.lua")),
+    read: redis::Script::new(include_str!("../lua/read.lua")),
+    find_time: redis::Script::new(include_str!("../lua/find_time.lua")),
+    retain: redis::Script::new(include_str!("../lua/retain.lua")),
+    topic_create: redis::Script::new(include_str!("../lua/topic_create.lua")),
+    topic_update: redis::Script::new(include_str!("../lua/topic_update.lua")),
+    topic_delete: redis::Script::new(include_str!("../lua/topic_delete.lua")),
+    partition_init: redis::Script::new(include_str!("../lua/partition_init.lua")),
+    join: redis::Script::new(include_str!("../lua/join.lua")),
+    heartbeat: redis::Script::new(include_str!("../lua/heartbeat.lua")),
+    rebalance: redis::Script::new(include_str!("../lua/rebalance.lua")),
+    commit: redis::Script::new(include_str!("../lua/commit.lua")),
+    leave: redis::Script::new(include_str!("../lua/leave.lua")),
+    queue_poll: redis::Script::new(include_str!("../lua/queue_poll.lua")),
+    queue_settle: redis::Script::new(include_str!("../lua/queue_settle.lua")),
+    queue_dead: redis::Script::new(include_str!("../lua/queue_dead.lua")),
+    queue_state: redis::Script::new(include_str!("../lua/queue_state.lua")),
+    queue_seek: redis::Script::new(include_str!("../lua/queue_seek.lua")),
+});
+
+/// Is this driver error the server (or the network to it) being
+/// unavailable, so that the call may be retried?
+pub(crate) fn is_transient(e: &redis::RedisError) -> bool {
+    use redis::ErrorKind as K;
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_cluster_error()
+        || matches!(e.code(), Some("LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN"))
+        || matches!(e.kind(), K::Io)
+}
+
+/// Map a driver error met while doing `what` to an [`Error`]: transient
+/// ones are `Unavailable` (retriable), a script's own refusal codes keep
+/// their meaning, anything else is `Internal` with the server's words.
+pub(crate) fn map_err(what: &str, e: redis::RedisError) -> Error {
+    if is_transient(&e) {
+        return Error::new(
+            ErrorKind::Unavailable,
+            format!("{what}: the Redis server is unavailable ({e}); retry when it is back"),
+        );
+    }
+    match e.code() {
+        Some("NOTOPIC") => Error::new(ErrorKind::TopicNotFound, format!("{what}: no such topic")),
+        Some("NOGROUP") => Error::new(ErrorKind::GroupNotFound, format!("{what}: no such group")),
+        Some("NOPERM" | "NOAUTH" | "WRONGPASS") => Error::new(
+            ErrorKind::Unavailable,
+            format!("{what}: the Redis server refused the credentials ({e})"),
+        ),
+        _ => Error::internal(format!("{what}: Redis answered with an error: {e}")),
+    }
+}
+
+/// `map_err` for `.map_err(during(..))`.
+pub(crate) fn during(what: impl Into<String>) -> impl FnOnce(redis::RedisError) -> Error {
+    let what = what.into();
+    move |e| map_err(&what, e)
+}
+
+/// Decoding helpers for script replies.
+pub(crate) mod reply {
+    use super::*;
+
+    fn bad(what: &str) -> Error {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("unexpected reply from the Redis server: {what}"),
+        )
+    }
+
+    /// An array's items.
+    pub(crate) fn array(v: Value) -> Result<Vec<Value>> {
+        match v {
+            Value::Array(items) | Value::Set(items) => Ok(items),
+            Value::Nil => Ok(Vec::new()),
+            other => Err(bad(&format!("expected an array, got {other:?}"))),
+        }
+    }
+
+    /// An integer (or a string holding one).
+    pub(crate) fn int(v: &Value) -> Result<i64> {
+        match v {
+            Value::Int(i) => Ok(*i),
+            Value::BulkString(b) => std::str::from_utf8(b)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| bad("expected a number")),
+            Value::SimpleString(s) => s.parse().map_err(|_| bad("expected a number")),
+            other => Err(bad(&format!("expected a number, got {other:?}"))),
+        }
+    }
+
+    /// A non-negative integer.
+    pub(crate) fn uint(v: &Value) -> Result<u64> {
+        let i = int(v)?;
+        u64::try_from(i).map_err(|_| bad(&format!("expected a non-negative number, got {i}")))
+    }
+
+    /// Bytes (a bulk string).
+    pub(crate) fn bytes(v: Value) -> Result<Vec<u8>> {
+        match v {
+            Value::BulkString(b) => Ok(b),
+            Value::SimpleString(s) => Ok(s.into_bytes()),
+            Value::Int(i) => Ok(i.to_string().into_bytes()),
+            other => Err(bad(&format!("expected a string, got {other:?}"))),
+        }
+    }
+
+    /// A UTF-8 string.
+    pub(crate) fn string(v: Value) -> Result<String> {
+        String::from_utf8(bytes(v)?).map_err(|_| bad("expected UTF-8"))
+    }
+}

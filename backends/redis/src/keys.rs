@@ -1,0 +1,125 @@
+//! The key layout (see the crate docs). Every key starts with a hash tag
+//! `{namespace/...}` naming what it belongs to, so that all keys one script
+//! touches share a slot on Redis Cluster: the namespace's registry, one
+//! partition (its log, dedup state and every queue-mode group's leases in
+//! it), or one group (members, owners, commits).
+
+/// Keys of the namespace's registry (one slot).
+pub(crate) struct Registry {
+    pub topics: String,
+    pub configs: String,
+    pub seq: String,
+    pub groups: String,
+}
+
+impl Registry {
+    pub(crate) fn new(ns: &str) -> Self {
+        let p = format!("{{{ns}/m}}");
+        Registry {
+            topics: format!("{p}:topics"),
+            configs: format!("{p}:configs"),
+            seq: format!("{p}:seq"),
+            groups: format!("{p}:groups"),
+        }
+    }
+}
+
+/// Keys of one partition (one slot), by topic id.
+pub(crate) struct Part {
+    prefix: String,
+    pub meta: String,
+    pub log: String,
+    pub idem: String,
+    pub idem_times: String,
+    pub groups: String,
+}
+
+impl Part {
+    pub(crate) fn new(ns: &str, topic_id: u64, partition: u32) -> Self {
+        let prefix = format!("{{{ns}/t{topic_id}.{partition}}}");
+        Part {
+            meta: format!("{prefix}:m"),
+            log: format!("{prefix}:log"),
+            idem: format!("{prefix}:idem"),
+            idem_times: format!("{prefix}:idemt"),
+            groups: format!("{prefix}:groups"),
+            prefix,
+        }
+    }
+
+    /// A queue-mode group's keys in this partition.
+    pub(crate) fn queue(&self, group: &str) -> Queue {
+        let q = format!("{}:q:{group}", self.prefix);
+        Queue {
+            cursor: format!("{q}:c"),
+            leases: format!("{q}:l"),
+            ready: format!("{q}:r"),
+            attempts: format!("{q}:a"),
+            tokens: format!("{q}:t"),
+            dead: format!("{q}:d"),
+        }
+    }
+}
+
+/// A queue-mode group's keys in one partition.
+pub(crate) struct Queue {
+    pub cursor: String,
+    pub leases: String,
+    pub ready: String,
+    pub attempts: String,
+    pub tokens: String,
+    pub dead: String,
+}
+
+impl Queue {
+    pub(crate) fn all(&self) -> [&str; 6] {
+        [
+            &self.cursor,
+            &self.leases,
+            &self.ready,
+            &self.attempts,
+            &self.tokens,
+            &self.dead,
+        ]
+    }
+}
+
+/// Keys of one group (one slot).
+pub(crate) struct Group {
+    pub meta: String,
+    pub members: String,
+    pub subs: String,
+    pub topics: String,
+    pub owners: String,
+    pub commits: String,
+}
+
+impl Group {
+    pub(crate) fn new(ns: &str, group: &str) -> Self {
+        let p = format!("{{{ns}/g.{group}}}");
+        Group {
+            meta: format!("{p}:meta"),
+            members: format!("{p}:mem"),
+            subs: format!("{p}:sub"),
+            topics: format!("{p}:topics"),
+            owners: format!("{p}:own"),
+            commits: format!("{p}:commits"),
+        }
+    }
+}
+
+/// The pub/sub channel that wakes waiting polls of a namespace.
+pub(crate) fn wake_channel(ns: &str) -> String {
+    format!("conveyor:{ns}:wake")
+}
+
+/// A partition's field in a group's owners hash.
+pub(crate) fn owner_field(topic: &str, partition: u32) -> String {
+    format!("{topic}/{partition}")
+}
+
+/// A partition's field in a group's commits hash (by topic id, so that a
+/// topic deleted and created again starts afresh).
+pub(crate) fn commit_field(topic_id: u64, partition: u32) -> String {
+    format!("{topic_id}/{partition}")
+}

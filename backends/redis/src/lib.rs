@@ -1,0 +1,369 @@
+//! # conveyor-redis
+//!
+//! Conveyor on Redis Streams: one queue shared by many processes and
+//! machines, on a standalone Redis server or a Redis Cluster. Open it with
+//! `conveyor::open("redis://host:6379/?namespace=NAME")` (feature `redis`
+//! of the facade), `redis+cluster://host:7000/?namespace=NAME` for a
+//! cluster (one node is enough; the others are discovered), or [`open`].
+//!
+//! Every rule of the delivery contract (`docs/semantics.md`) holds in the
+//! server: each step is one Lua script (`lua/*.lua`, each with a KEYS/ARGV
+//! header), which Redis runs atomically, on the server's clock (`TIME`).
+//! Members of a group may live in different processes and machines.
+//!
+//! ## Key layout
+//!
+//! Every key starts with a hash tag, so that all keys one script touches
+//! share one slot on a cluster, while partitions and groups spread over the
+//! shards:
+//!
+//! | keys | what |
+//! |---|---|
+//! | `{ns/m}:topics`, `:configs`, `:seq`, `:groups` | the namespace's registry: topic name → id, id → config (JSON), the id counter, the groups |
+//! | `{ns/t<id>.<p>}:log` | partition `p` of topic `id`: a stream whose entry id for offset N is `N-1` (fields `t` time, `s` size, `v` value, `k` key, `h` headers, `i` idempotency key, `d` delivery time, `g` addressed group) |
+//! | `{ns/t<id>.<p>}:m` | its bounds: `end` (the next offset), `start`, `bytes`, `lastts` |
+//! | `{ns/t<id>.<p>}:idem`, `:idemt` | the dedup window: idempotency key → `offset:time`, and key → time |
+//! | `{ns/t<id>.<p>}:q:<group>:c`, `:l`, `:r`, `:a`, `:t`, `:d` | a queue-mode group in that partition: cursor and lease counter, leases (offset → deadline), ready (offset → when), attempts, lease tokens, dead letters waiting for their move |
+//! | `{ns/g.<group>}:meta`, `:mem`, `:sub`, `:topics`, `:own`, `:commits` | a group: mode, config, generation and membership version; members (id → session deadline); their topics; topics read; owners (`topic/p` → `member:generation`); committed offsets (`topic id/p` → offset) |
+//! | `{ns/i:<key>}` | the idempotency store (`SET NX PX`) |
+//!
+//! Topics get a fresh numeric id at creation, so a topic deleted and
+//! created again never sees the old one's records or commits.
+//!
+//! ## How the rules hold
+//!
+//! - **Appends** (`append.lua`): the partition's `end` counter gives dense
+//!   offsets; a batch to one partition is one script (atomic, contiguous);
+//!   the dedup window lives in the same slot and is checked in the same
+//!   script, so concurrent sends of one key append once. Every append
+//!   publishes on the namespace's channel; each broker has one pub/sub
+//!   connection and wakes its waiting polls (within milliseconds; a 250 ms
+//!   fallback poll covers a lost connection).
+//! - **Groups**: members heartbeat on the server's clock (`heartbeat.lua`),
+//!   which also removes members silent for the session timeout. Every
+//!   membership change bumps the group's membership version; a member that
+//!   sees the version differ from the one the owners were computed for
+//!   computes the owners with core's sticky `assign` and installs them with
+//!   a compare-and-set on the version (`rebalance.lua`), bumping the
+//!   generation. A commit (`commit.lua`) lands only if its member still
+//!   owns the partition in the generation it got it in (fencing).
+//! - **Stream mode** keeps the member's position and nack retries in its
+//!   process, as a Kafka consumer keeps its fetch position; ownership,
+//!   generations and commits live in Redis.
+//! - **Queue mode** uses Conveyor's own lease structures, not Redis's
+//!   consumer groups (`XREADGROUP`/PEL/`XAUTOCLAIM`): the contract needs a
+//!   nack with a delay, `extend`, attempt counts that survive everything,
+//!   delayed delivery and records addressed to one group, none of which
+//!   the PEL has (its delivery counter is raised by `XCLAIM`, a delay needs
+//!   a second structure anyway). A poll (`queue_poll.lua`) releases expired
+//!   leases, takes due redeliveries, then fresh records from the group's
+//!   cursor, and leases them with a token; acks, nacks and extends
+//!   (`queue_settle.lua`) check the token, so a message whose lease expired
+//!   and was re-leased cannot be settled by its old holder.
+//! - **Dead letters** span two slots (the failing group's partition, the
+//!   DLQ topic's partition): the failing message first waits in the
+//!   group's dead-letter hash (not offered, not settled), is then
+//!   appended to the DLQ topic, then settled. A mover that dies between
+//!   the steps is replaced after its claim lapses; a duplicate in the DLQ
+//!   is possible, a loss is not.
+//! - **Retention** (`retain.lua`) trims the stream's head with
+//!   `XTRIM MINID` and moves the log start. It does not wait for queue-mode
+//!   leases: a leased record that retention removes is settled unseen (its
+//!   lease can no longer be acked; the next poll drops it).
+//! - **Scripts fail without rollback**, so each validates everything before
+//!   its first write, and every script but `append.lua` is safe to run
+//!   twice. An append that timed out may have happened; retrying it
+//!   appends again unless the records carry idempotency keys.
+//!
+//! ## Durability
+//!
+//! Redis promises what its persistence settings promise, and [`open`]
+//! checks them (`CONFIG GET`, on every master of a cluster):
+//!
+//! | durability | needs | what it means |
+//! |---|---|---|
+//! | `none` | nothing | acknowledged writes are in the server's memory; a server restart without persistence loses them |
+//! | `interval(d)` | `appendonly yes` with `appendfsync always`, or `everysec` and d >= 1 s | the AOF is fsynced at least every d |
+//! | `always` | `appendonly yes` with `appendfsync always` | each write is in the fsynced AOF before Redis answers |
+//!
+//! A durability the server cannot honour is refused at open with
+//! `Unsupported`, naming the setting. Replication (`WAIT`) is not used.
+//!
+//! ## Errors
+//!
+//! A lost connection, a timeout, `LOADING`, `BUSY`, `TRYAGAIN` and cluster
+//! redirections that fail are `ErrorKind::Unavailable` (retriable); the
+//! connection is re-established by the next call. Every call has a
+//! deadline (`timeout_ms`, default 30 s).
+#![deny(missing_docs)]
+
+mod broker;
+mod conn;
+mod consumer;
+mod keys;
+mod produce;
+mod url;
+
+pub use broker::RedisBroker;
+pub use url::{open_url, parse, URL_OPTIONS, URL_SCHEMES};
+
+use conn::Conn;
+use conveyor_core::{BrokerOptions, Error, ErrorKind, Result};
+use std::time::Duration;
+
+/// Options of the Redis backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisOptions {
+    /// The prefix of every key (default `conveyor`): apps sharing a server
+    /// never see each other's topics and groups.
+    pub namespace: String,
+    /// How long a call waits for the server before it is `Unavailable`.
+    pub timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            namespace: "conveyor".to_string(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RedisOptions {
+    /// Set the namespace.
+    pub fn with_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// Set the per-call timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+/// Where the servers are: one standalone server, or seed nodes of a
+/// cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    seeds: Vec<String>,
+    cluster: bool,
+}
+
+impl Topology {
+    /// One standalone server (`redis://host:port/db`).
+    pub fn single(url: impl Into<String>) -> Self {
+        Topology {
+            seeds: vec![url.into()],
+            cluster: false,
+        }
+    }
+
+    /// A Redis Cluster, from one or more of its nodes (`redis://host:port`).
+    pub fn cluster(seeds: Vec<String>) -> Self {
+        Topology {
+            seeds,
+            cluster: true,
+        }
+    }
+
+    /// The URLs given.
+    pub fn seeds(&self) -> &[String] {
+        &self.seeds
+    }
+
+    /// Is it a cluster?
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    fn client(url: &str) -> Result<redis::Client> {
+        redis::Client::open(url).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("Redis URL `{url}` is not valid: {e}"),
+            )
+        })
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<Conn> {
+        let what = format!("connect to Redis at {}", self.seeds.join(","));
+        let connect_timeout = timeout.min(Duration::from_secs(5));
+        if self.cluster {
+            let client = redis::cluster::ClusterClient::builder(self.seeds.clone())
+                .connection_timeout(connect_timeout)
+                .response_timeout(timeout)
+                .retries(2)
+                .build()
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::InvalidArgument,
+                        format!("Redis Cluster URLs `{}` are not valid: {e}", self.seeds.join(",")),
+                    )
+                })?;
+            let c = client
+                .get_async_connection()
+                .await
+                .map_err(conn::during(&what))?;
+            Ok(Conn::Cluster(c))
+        } else {
+            let client = Self::client(&self.seeds[0])?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            let c = redis::aio::ConnectionManager::new_with_config(client, config)
+                .await
+                .map_err(conn::during(&what))?;
+            Ok(Conn::Single(c))
+        }
+    }
+
+    /// The URLs of every master (the seed for a standalone server).
+    async fn masters(&self) -> Result<Vec<String>> {
+        if !self.cluster {
+            return Ok(self.seeds.clone());
+        }
+        let what = "list the cluster's masters";
+        let mut last = None;
+        for seed in &self.seeds {
+            let client = Self::client(seed)?;
+            let mut c = match client.get_multiplexed_async_connection().await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = Some(conn::map_err(what, e));
+                    continue;
+                }
+            };
+            let nodes: String = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async(&mut c)
+                .await
+                .map_err(conn::during(what))?;
+            let mut out = Vec::new();
+            for line in nodes.lines() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() > 2 && f[2].contains("master") && !f[2].contains("fail") {
+                    let addr = f[1].split('@').next().unwrap_or_default();
+                    out.push(format!("redis://{addr}"));
+                }
+            }
+            return Ok(out);
+        }
+        Err(last.unwrap_or_else(|| Error::invalid("no Redis Cluster seed node given")))
+    }
+
+    /// `(node, appendonly, appendfsync)` of every master.
+    async fn persistence(&self, conn: &Conn) -> Result<Vec<(String, String, String)>> {
+        let what = "read the server's persistence settings (CONFIG GET)";
+        let read = |mut c: Conn| async move {
+            let v: Vec<String> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("append*")
+                .query_async(&mut c)
+                .await
+                .map_err(conn::during(what))?;
+            let get = |k: &str| {
+                v.chunks(2)
+                    .find(|p| p[0] == k)
+                    .and_then(|p| p.get(1).cloned())
+                    .unwrap_or_default()
+            };
+            Ok::<_, Error>((get("appendonly"), get("appendfsync")))
+        };
+        if !self.cluster {
+            let (a, f) = read(conn.clone()).await?;
+            return Ok(vec![(self.seeds[0].clone(), a, f)]);
+        }
+        let mut out = Vec::new();
+        for node in self.masters().await? {
+            let client = Self::client(&node)?;
+            let c = redis::aio::ConnectionManager::new(client)
+                .await
+                .map_err(conn::during(what))?;
+            let (a, f) = read(Conn::Single(c)).await?;
+            out.push((node, a, f));
+        }
+        Ok(out)
+    }
+
+    /// A pub/sub connection (on a cluster, to a seed node: `PUBLISH`
+    /// reaches every node).
+    async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
+        let mut last = None;
+        for seed in &self.seeds {
+            match redis::Client::open(seed.as_str()) {
+                Ok(c) => match c.get_async_pubsub().await {
+                    Ok(ps) => return Ok(ps),
+                    Err(e) => last = Some(e),
+                },
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "no seed"))))
+    }
+
+    /// Delete every key of namespace `ns`, on every master.
+    async fn drop_namespace(&self, ns: &str) -> Result<()> {
+        let what = format!("delete namespace `{ns}`");
+        for node in self.masters().await? {
+            let client = Self::client(&node)?;
+            let mut c = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(conn::during(&what))?;
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{{{ns}/*"))
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(conn::during(&what))?;
+                // One key per DEL: keys of many slots (UNLINK of one key
+                // is fine on any node that serves it).
+                for k in keys {
+                    redis::cmd("UNLINK")
+                        .arg(&k)
+                        .query_async::<i64>(&mut c)
+                        .await
+                        .map_err(conn::during(&what))?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Open Conveyor on Redis.
+///
+/// # Errors
+/// `InvalidArgument` for a bad URL or namespace; `Unavailable` if the
+/// server cannot be reached; `Unsupported` if `options.durability` needs
+/// persistence settings the server does not have.
+///
+/// # Cancel safety
+/// Cancel safe: dropped, nothing is left behind.
+pub async fn open(
+    topology: Topology,
+    options: BrokerOptions,
+    redis: RedisOptions,
+) -> Result<RedisBroker> {
+    RedisBroker::open(topology, options, redis).await
+}
+
+/// Milliseconds of a duration, saturated to `u64`.
+pub(crate) fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
