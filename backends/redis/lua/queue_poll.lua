@@ -11,7 +11,7 @@
 -- KEYS[4] leases (zset: offset -> deadline, server ms)
 -- KEYS[5] ready (zset: offset -> when available, server ms)
 -- KEYS[6] attempts (hash: offset -> deliveries made)
--- KEYS[7] lease tokens (hash: offset -> token)
+-- KEYS[7] lease tokens (hash: offset -> "token:member")
 -- KEYS[8] dead letters to move (hash: offset -> "attempts|claimed until|error")
 -- KEYS[9] groups with state in this partition (set)
 -- ARGV[1] group
@@ -19,8 +19,12 @@
 -- ARGV[3] visibility timeout, ms
 -- ARGV[4] max deliveries
 -- ARGV[5] where a new cursor starts ("" = log start)
+-- ARGV[6] "member:poll": the polling member's id and this poll's number
+--         (a poll dropped before its reply arrived gives back exactly the
+--         leases it took: queue_settle.lua "giveback")
 -- Returns {messages, dead letters waiting, ms until the next lease expiry
--- or redelivery (-1: none)}; a message is {offset, attempt, token, fields}.
+-- or redelivery (-1: none)}; a message is {offset, attempt, token
+-- ("counter:member:poll"), fields}.
 -- Error "NOTOPIC" when the partition does not exist.
 local m = redis.call('HMGET', KEYS[1], 'start', 'end')
 if not m[1] then
@@ -55,7 +59,7 @@ end
 local out = {}
 local function lease(o, fields)
   local a = redis.call('HINCRBY', KEYS[6], o, 1)
-  local tok = redis.call('HINCRBY', KEYS[3], 'tok', 1)
+  local tok = redis.call('HINCRBY', KEYS[3], 'tok', 1) .. ':' .. ARGV[6]
   redis.call('ZADD', KEYS[4], now + vis, o)
   redis.call('HSET', KEYS[7], o, tok)
   out[#out + 1] = {o, a, tok, fields}

@@ -6,9 +6,13 @@
 -- KEYS[1] leases (zset: offset -> deadline, server ms)
 -- KEYS[2] ready (zset: offset -> when available)
 -- KEYS[3] attempts (hash: offset -> deliveries made)
--- KEYS[4] lease tokens (hash: offset -> token)
+-- KEYS[4] lease tokens (hash: offset -> "counter:member:poll")
 -- KEYS[5] dead letters to move (hash: offset -> "attempts|claimed until|error")
--- ARGV[1] action: "ack", "nack" or "extend"
+-- ARGV[1] action: "ack", "nack", "extend", "release" (every live lease
+--         of member ARGV[5] expires now: it left; attempts are kept) or
+--         "giveback" (the leases of poll ARGV[5] = "member:poll", whose
+--         reply nobody received, are undone: attempts restored, offered
+--         again at once)
 -- ARGV[2] ms: the nack delay, or the extension (from now)
 -- ARGV[3] max deliveries (nack: at or above it the message is dead-lettered)
 -- ARGV[4] the nack's reason ("" = none)
@@ -20,6 +24,28 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local action, ms, maxd = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
+if action == 'release' or action == 'giveback' then
+  local toks = redis.call('HGETALL', KEYS[4])
+  local n = 0
+  for i = 1, #toks, 2 do
+    local o, tok = toks[i], toks[i + 1]
+    local member, poll = string.match(tok, '^%d+:(%d+):(%d+)$')
+    if action == 'release' and member == ARGV[5] then
+      local d = redis.call('ZSCORE', KEYS[1], o)
+      if d and tonumber(d) > now then
+        redis.call('ZADD', KEYS[1], now, o)
+        n = n + 1
+      end
+    elseif action == 'giveback' and (member .. ':' .. poll) == ARGV[5] then
+      redis.call('ZREM', KEYS[1], o)
+      redis.call('HDEL', KEYS[4], o)
+      if redis.call('HINCRBY', KEYS[3], o, -1) <= 0 then redis.call('HDEL', KEYS[3], o) end
+      redis.call('ZADD', KEYS[2], now, o)
+      n = n + 1
+    end
+  end
+  return {n}
+end
 for i = 5, #ARGV, 2 do
   local o, tok = ARGV[i], ARGV[i + 1]
   if redis.call('HGET', KEYS[4], o) ~= tok or not redis.call('ZSCORE', KEYS[1], o) then

@@ -57,7 +57,9 @@ pub(crate) struct Inner {
     pub changed: watch::Sender<u64>,
     topics: Mutex<HashMap<String, (TopicRow, Instant)>>,
     /// Members this broker's consumers are (left at close).
-    pub members: Mutex<std::collections::BTreeSet<(Arc<str>, u64)>>,
+    /// Members this broker's consumers are, and the partitions each has
+    /// leased from (its leases are released when it leaves).
+    pub members: Mutex<std::collections::BTreeMap<(Arc<str>, u64), crate::consumer::Leased>>,
     pub round_robin: Mutex<HashMap<String, u32>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Connection details for the pub/sub listener and cleanup.
@@ -397,8 +399,8 @@ impl Inner {
             .read
             .key(&part.meta)
             .key(&part.log)
-            .arg(from)
-            .arg(max)
+            .arg(from.min(1 << 53))
+            .arg(max.min(100_000))
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| match e.code() {
@@ -541,7 +543,16 @@ impl Inner {
     }
 
     pub(crate) async fn group_lag(&self, group: &str) -> Result<GroupLag> {
+        Ok(self.group_lag_leases(group).await?.0)
+    }
+
+    /// The group's lag, and (queue mode) each member's live leases.
+    pub(crate) async fn group_lag_leases(
+        &self,
+        group: &str,
+    ) -> Result<(GroupLag, HashMap<u64, u64>)> {
         let (mode, _, _) = self.group_meta(group).await?;
+        let leases: Mutex<HashMap<u64, u64>> = Mutex::new(HashMap::new());
         let what = format!("lag of group `{group}`");
         let k = self.group_keys(group);
         let mut c = self.conn();
@@ -570,6 +581,7 @@ impl Inner {
                 let committed = commits.get(&keys::commit_field(t.id, p)).copied();
                 let id = t.id;
                 let what = &what;
+                let leases = &leases;
                 async move {
                     match mode {
                         DeliveryMode::Stream => {
@@ -589,6 +601,10 @@ impl Inner {
                         }
                         _ => {
                             let s = self.queue_state(group, id, p, None, what).await?;
+                            let mut l = leases.lock();
+                            for (m, n) in &s.per_member {
+                                *l.entry(*m).or_default() += n;
+                            }
                             Ok(s.lag(topic, p))
                         }
                     }
@@ -599,11 +615,14 @@ impl Inner {
             .await?;
             partitions.extend(rows);
         }
-        Ok(GroupLag {
-            group: group.to_string(),
-            mode,
-            partitions,
-        })
+        Ok((
+            GroupLag {
+                group: group.to_string(),
+                mode,
+                partitions,
+            },
+            leases.into_inner(),
+        ))
     }
 
     /// A queue-mode group's standing in one partition; with `init`, the
@@ -626,12 +645,13 @@ impl Inner {
             .key(&q.ready)
             .key(&q.dead)
             .key(&part.groups)
+            .key(&q.tokens)
             .arg(group)
             .arg(init.map_or_else(String::new, |o| o.to_string()))
             .invoke_async(&mut self.conn())
             .await
             .map_err(during(what))?;
-        if v.len() < 7 {
+        if v.len() < 8 {
             return Err(Error::internal(format!("{what}: short reply")));
         }
         let u = |i: usize| v[i].max(0) as u64;
@@ -643,11 +663,17 @@ impl Inner {
             ready: u(4),
             dead: u(5),
             lowest: (v[6] >= 0).then(|| u(6)),
+            due: u(7),
+            per_member: v[8..]
+                .chunks(2)
+                .filter(|c| c.len() == 2)
+                .map(|c| (c[0].max(0) as u64, c[1].max(0) as u64))
+                .collect(),
         })
     }
 
     pub(crate) async fn describe_group(&self, group: &str) -> Result<GroupDescription> {
-        let lag = self.group_lag(group).await?;
+        let (lag, leases) = self.group_lag_leases(group).await?;
         let (_, config, generation) = self.group_meta(group).await?;
         let what = format!("describe group `{group}`");
         let k = self.group_keys(group);
@@ -689,6 +715,7 @@ impl Inner {
                 .collect();
             assignment.sort();
             d.assignment = assignment;
+            d.leases = id.parse().ok().and_then(|m| leases.get(&m)).copied().unwrap_or(0);
             d.idle_ms = (now as f64 - (deadline - session)).max(0.0) as u64;
             out.push(d);
         }
@@ -712,7 +739,7 @@ impl Inner {
 }
 
 /// A queue-mode group's standing in one partition.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct QueueState {
     pub log_start: u64,
     pub log_end: u64,
@@ -721,6 +748,10 @@ pub(crate) struct QueueState {
     pub ready: u64,
     pub dead: u64,
     pub lowest: Option<u64>,
+    /// Ready and due now (the rest of `ready` waits for its time).
+    pub due: u64,
+    /// Live leases per member.
+    pub per_member: Vec<(u64, u64)>,
 }
 
 impl QueueState {
@@ -729,16 +760,15 @@ impl QueueState {
             .cursor
             .unwrap_or(self.log_start)
             .clamp(self.log_start, self.log_end.max(self.log_start));
-        let held = self.in_flight + self.ready + self.dead;
-        let lag = held + self.log_end.saturating_sub(cursor);
+        let fresh = self.log_end.saturating_sub(cursor);
         PartitionLag {
             topic,
             partition,
             committed: self.lowest.map_or(cursor, |l| l.min(cursor)),
             log_end: self.log_end,
-            lag,
+            lag: self.in_flight + self.ready + self.dead + fresh,
             in_flight: self.in_flight,
-            available: lag.saturating_sub(self.in_flight + self.dead),
+            available: fresh + self.due,
         }
     }
 }
@@ -879,7 +909,7 @@ impl RedisBroker {
             closed: AtomicBool::new(false),
             changed,
             topics: Mutex::new(HashMap::new()),
-            members: Mutex::new(std::collections::BTreeSet::new()),
+            members: Mutex::new(std::collections::BTreeMap::new()),
             round_robin: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
             topology,
@@ -1138,12 +1168,17 @@ impl Broker for RedisBroker {
         }
         self.inner
             .bounded(Duration::ZERO, async move {
-                let members: Vec<(Arc<str>, u64)> =
+                let members: Vec<((Arc<str>, u64), crate::consumer::Leased)> =
                     std::mem::take(&mut *self.inner.members.lock())
                         .into_iter()
                         .collect();
                 let mut first_err = None;
-                for (group, member) in members {
+                for ((group, member), leased) in members {
+                    let released =
+                        crate::consumer::release_leases(&self.inner, &group, member, &leased).await;
+                    if let Err(e) = released {
+                        first_err.get_or_insert(e);
+                    }
                     if let Err(e) = crate::consumer::leave(&self.inner, &group, member).await {
                         first_err.get_or_insert(e);
                     }

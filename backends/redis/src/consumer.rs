@@ -31,6 +31,43 @@ const DEAD_CLAIM: Duration = Duration::from_secs(30);
 /// How often the sweep looks for dead letters nobody polls for.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
+/// Queue mode: the partitions (topic id, partition) a member has leased
+/// from, shared between the member and its broker (which releases them if
+/// it closes first).
+pub(crate) type Leased = Arc<Mutex<BTreeSet<(u64, u32)>>>;
+
+/// Every live lease `member` holds in the partitions `leased` expires now
+/// (it is leaving): the messages are offered again at once, attempts kept.
+pub(crate) async fn release_leases(
+    inner: &Inner,
+    group: &str,
+    member: u64,
+    leased: &Leased,
+) -> Result<()> {
+    let touched: Vec<(u64, u32)> = leased.lock().iter().copied().collect();
+    for (id, p) in touched {
+        let part = inner.part(id, p);
+        let q = part.queue(group);
+        SCRIPTS
+            .queue_settle
+            .key(&q.leases)
+            .key(&q.ready)
+            .key(&q.attempts)
+            .key(&q.tokens)
+            .key(&q.dead)
+            .arg("release")
+            .arg(0)
+            .arg(0)
+            .arg("")
+            .arg(member)
+            .invoke_async::<Vec<i64>>(&mut inner.conn())
+            .await
+            .map_err(during(format!("group `{group}`: release leases")))?;
+    }
+    inner.wake();
+    Ok(())
+}
+
 /// A nacked stream-mode offset waiting to be redelivered.
 #[derive(Debug, Clone, Copy)]
 struct Retry {
@@ -244,6 +281,11 @@ pub(crate) struct RedisConsumer {
     closed: AtomicBool,
     rotate: AtomicUsize,
     parts: Mutex<HashMap<TopicPartition, Part>>,
+    /// Queue mode: partitions (topic id, partition) this member has leased
+    /// from (their leases are released when it leaves).
+    leased: Leased,
+    /// Numbers this member's queue-mode polls (lease tokens carry it).
+    polls: std::sync::atomic::AtomicU64,
     /// The last heartbeat's view, and when that heartbeat began.
     view: Mutex<(View, Option<Instant>)>,
 }
@@ -256,7 +298,11 @@ impl RedisConsumer {
         topics: BTreeSet<String>,
         mode: DeliveryMode,
     ) -> Self {
-        inner.members.lock().insert((group.into(), member));
+        let leased = Leased::default();
+        inner
+            .members
+            .lock()
+            .insert((group.into(), member), leased.clone());
         RedisConsumer {
             inner,
             group: group.into(),
@@ -267,6 +313,8 @@ impl RedisConsumer {
             closed: AtomicBool::new(false),
             rotate: AtomicUsize::new(0),
             parts: Mutex::new(HashMap::new()),
+            leased,
+            polls: std::sync::atomic::AtomicU64::new(0),
             view: Mutex::new((View::default(), None)),
         }
     }
@@ -682,6 +730,17 @@ impl RedisConsumer {
             if out.len() >= max {
                 break;
             }
+            let poll = self.polls.fetch_add(1, Ordering::Relaxed);
+            let tag = format!("{}:{poll}", self.member);
+            // Dropped before the reply arrives (a cancelled poll), the
+            // leases the script took are given back (see GiveBack).
+            let mut guard = GiveBack {
+                inner: Some(self.inner.clone()),
+                group: self.group.clone(),
+                topic_id: id,
+                partition: p,
+                tag: tag.clone(),
+            };
             let what = format!("group `{}`: poll `{topic}`/{p}", self.group);
             let part = self.inner.part(id, p);
             let q = part.queue(self.group());
@@ -701,12 +760,15 @@ impl RedisConsumer {
                 .arg(millis(view.visibility))
                 .arg(view.max_deliveries)
                 .arg("")
+                .arg(&tag)
                 .invoke_async(&mut self.inner.conn())
                 .await
                 .map_err(|e| match e.code() {
                     Some("NOTOPIC") => Error::topic_not_found(&topic),
                     _ => map_err(&what, e),
                 })?;
+            guard.inner = None;
+            self.leased.lock().insert((id, p));
             let mut it = got.into_iter();
             let messages = reply::array(it.next().unwrap_or_default())?;
             let dead = reply::uint(&it.next().unwrap_or_default())?;
@@ -723,10 +785,9 @@ impl RedisConsumer {
                 };
                 let offset = reply::uint(&o)?;
                 let attempt = reply::uint(&a)?.min(u32::MAX as u64) as u32;
-                let tok = reply::uint(&tok)?;
+                let tok = reply::bytes(tok)?;
                 let (stored, _) = decode_fields(offset, fields, &|| format!("`{topic}`/{p}"))?;
-                let token =
-                    DeliveryToken::queue(self.group.clone(), Bytes::copy_from_slice(&tok.to_be_bytes()));
+                let token = DeliveryToken::queue(self.group.clone(), Bytes::from(tok));
                 out.push(Message::from_stored(topic.clone(), p, stored, attempt, token));
             }
             if dead > 0 {
@@ -736,13 +797,18 @@ impl RedisConsumer {
         Ok((out, due))
     }
 
-    /// The lease token `m` was delivered with.
-    fn lease_of(&self, m: &Message) -> Result<u64> {
+    /// The lease token `m` was delivered with (`counter:member`).
+    fn lease_of(&self, m: &Message) -> Result<String> {
         let token = m.delivery(self.group())?;
-        let lease: [u8; 8] = token.lease().as_ref().try_into().map_err(|_| {
-            Error::invalid(format!("{}: not a lease of this backend", self.what(m)))
-        })?;
-        Ok(u64::from_be_bytes(lease))
+        std::str::from_utf8(token.lease())
+            .ok()
+            .filter(|t| t.contains(':'))
+            .map(str::to_string)
+            .ok_or_else(|| Error::invalid(format!("{}: not a lease of this backend", self.what(m))))
+    }
+
+    async fn release_leases(&self) -> Result<()> {
+        release_leases(&self.inner, &self.group, self.member, &self.leased).await
     }
 
     /// `queue_settle.lua` for messages of one partition; one code each
@@ -754,7 +820,7 @@ impl RedisConsumer {
         action: &str,
         ms: u64,
         reason: &str,
-        items: &[(u64, u64)],
+        items: &[(u64, String)],
         what: &str,
     ) -> Result<Vec<i64>> {
         let part = self.inner.part(topic_id, partition);
@@ -771,7 +837,7 @@ impl RedisConsumer {
             .arg(max_deliveries)
             .arg(reason);
         for (o, tok) in items {
-            call.arg(*o).arg(*tok);
+            call.arg(*o).arg(tok);
         }
         call.invoke_async(&mut self.inner.conn())
             .await
@@ -789,6 +855,50 @@ impl RedisConsumer {
             Some(1) => Ok(()),
             _ => Err(lease_lost(m.offset, &what)),
         }
+    }
+}
+
+/// A queue-mode poll script in flight. Dropped while armed (the poll was
+/// cancelled before its reply arrived), it gives back, in the background,
+/// the leases that script took: they are found by the poll's tag in their
+/// tokens, their attempts are restored and they are offered again at once.
+/// The give-back goes out on the same multiplexed connection after the
+/// poll, so the server runs it after the poll if the poll ran at all.
+struct GiveBack {
+    inner: Option<Arc<Inner>>,
+    group: Arc<str>,
+    topic_id: u64,
+    partition: u32,
+    tag: String,
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.take() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let (group, id, p, tag) = (self.group.clone(), self.topic_id, self.partition, std::mem::take(&mut self.tag));
+        rt.spawn(async move {
+            let part = inner.part(id, p);
+            let q = part.queue(&group);
+            let done = SCRIPTS
+                .queue_settle
+                .key(&q.leases)
+                .key(&q.ready)
+                .key(&q.attempts)
+                .key(&q.tokens)
+                .key(&q.dead)
+                .arg("giveback")
+                .arg(0)
+                .arg(0)
+                .arg("")
+                .arg(&tag)
+                .invoke_async::<Vec<i64>>(&mut inner.conn())
+                .await;
+            match done {
+                Ok(_) => inner.wake(),
+                Err(e) => tracing::warn!(group = %group, error = %e, "could not give back the leases of a dropped poll; they return when they expire"),
+            }
+        });
     }
 }
 
@@ -895,7 +1005,7 @@ async fn dead_letter(
     inner
         .create_topic(&dlq_topic, TopicConfig::new(1), true)
         .await?;
-    inner.send_batch(&dlq_topic, vec![record]).await?;
+    inner.append_unchecked(&dlq_topic, record).await?;
     tracing::info!(group, topic, partition, offset, attempts, dlq = %dlq_topic, "dead-lettered");
     Ok(())
 }
@@ -911,7 +1021,8 @@ pub(crate) async fn sweep(inner: Weak<Inner>) {
         if i.closed.load(Ordering::Acquire) {
             return;
         }
-        let groups: BTreeSet<Arc<str>> = i.members.lock().iter().map(|(g, _)| g.clone()).collect();
+        let groups: BTreeSet<Arc<str>> =
+            i.members.lock().keys().map(|(g, _)| g.clone()).collect();
         for g in groups {
             if let Err(e) = sweep_group(&i, &g).await {
                 tracing::debug!(group = %g, error = %e, "dead-letter sweep failed; will retry");
@@ -952,6 +1063,7 @@ async fn sweep_group(inner: &Inner, group: &str) -> Result<()> {
                 .arg(millis(config.visibility_timeout))
                 .arg(config.dlq.max_deliveries)
                 .arg("")
+                .arg(0)
                 .invoke_async(&mut inner.conn())
                 .await
                 .map_err(during(format!("sweep group `{group}`")))?;
@@ -1051,7 +1163,8 @@ impl Consumer for RedisConsumer {
                     return Ok(outcome);
                 }
                 // One script per partition.
-                let mut by_part: BTreeMap<(String, u32), Vec<(usize, u64, u64)>> = BTreeMap::new();
+                let mut by_part: BTreeMap<(String, u32), Vec<(usize, u64, String)>> =
+                    BTreeMap::new();
                 for (i, m) in messages.iter().enumerate() {
                     match self.lease_of(m) {
                         Ok(lease) if self.topics.contains(&m.topic) => by_part
@@ -1082,7 +1195,8 @@ impl Consumer for RedisConsumer {
                             continue;
                         }
                     };
-                    let pairs: Vec<(u64, u64)> = items.iter().map(|(_, o, l)| (*o, *l)).collect();
+                    let pairs: Vec<(u64, String)> =
+                        items.iter().map(|(_, o, l)| (*o, l.clone())).collect();
                     let codes = self.settle(t.id, p, "ack", 0, "", &pairs, &what).await?;
                     for ((i, o, _), code) in items.into_iter().zip(codes) {
                         if code == 1 {
@@ -1387,7 +1501,9 @@ impl Consumer for RedisConsumer {
                 if self.inner.check_open().is_err() {
                     return Ok(());
                 }
-                leave(&self.inner, &self.group, self.member).await
+                let released = self.release_leases().await;
+                leave(&self.inner, &self.group, self.member).await?;
+                released
             })
             .await
     }
@@ -1405,13 +1521,30 @@ impl Drop for RedisConsumer {
         if self.inner.check_open().is_err() {
             return;
         }
-        // Leave in the background (a dropped handle leaves its group).
+        // Leave in the background (a dropped handle leaves its group and
+        // gives its leases back).
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let inner = self.inner.clone();
-            let group = self.group.clone();
-            let member = self.member;
+            let leaving = RedisConsumer {
+                inner: self.inner.clone(),
+                group: self.group.clone(),
+                member: self.member,
+                topics: BTreeSet::new(),
+                topic_list: Vec::new(),
+                mode: self.mode,
+                closed: AtomicBool::new(true),
+                rotate: AtomicUsize::new(0),
+                parts: Mutex::new(HashMap::new()),
+                leased: self.leased.clone(),
+                polls: std::sync::atomic::AtomicU64::new(0),
+                view: Mutex::new((View::default(), None)),
+            };
             rt.spawn(async move {
-                let _ = leave(&inner, &group, member).await;
+                if let Err(e) = leaving.release_leases().await {
+                    tracing::debug!(group = %leaving.group, error = %e, "release on drop failed");
+                }
+                if let Err(e) = leave(&leaving.inner, &leaving.group, leaving.member).await {
+                    tracing::debug!(group = %leaving.group, error = %e, "leave on drop failed");
+                }
             });
         }
     }

@@ -363,7 +363,9 @@ pub async fn open(
     RedisBroker::open(topology, options, redis).await
 }
 
-/// Milliseconds of a duration, saturated to `u64`.
+/// Milliseconds of a duration, capped at 2^50 (about 35,000 years): Lua
+/// numbers are doubles, exact only below 2^53, and server times are added
+/// to them.
 pub(crate) fn millis(d: Duration) -> u64 {
-    d.as_millis().min(u64::MAX as u128) as u64
+    d.as_millis().min(1u128 << 50) as u64
 }

@@ -88,6 +88,30 @@ impl Inner {
             .collect()
     }
 
+    /// Append one record the broker built itself (a dead letter: the
+    /// original's size plus the DLQ headers may pass `max_message_bytes`,
+    /// as the contract allows).
+    pub(crate) async fn append_unchecked(&self, topic: &str, record: Record) -> Result<Receipt> {
+        let t = self.topic_cached(topic).await?;
+        let partition = {
+            let mut rr = self.round_robin.lock();
+            partitioner::route(&record, t.config.partitions, rr.entry(topic.to_string()).or_insert(0))
+        };
+        let got = self
+            .append(
+                topic,
+                t.id,
+                partition,
+                &[&record],
+                crate::millis(t.config.dedup_window),
+                conveyor_core::now_ms(),
+            )
+            .await?;
+        got.into_iter()
+            .next()
+            .ok_or_else(|| Error::internal(format!("append to `{topic}`: no receipt")))
+    }
+
     /// Append `records` to one partition in one script call.
     async fn append(
         &self,
