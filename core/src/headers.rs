@@ -4,8 +4,8 @@
 //! big-endian), the name (UTF-8), the value's length (u32 BE), the value.
 //! An empty list is zero bytes. Written once: PostgreSQL and Redis use it.
 
-use bytes::Bytes;
 use crate::{Error, ErrorKind, Header, Result};
+use bytes::Bytes;
 
 /// Encode headers.
 pub fn encode_headers(headers: &[Header]) -> Vec<u8> {

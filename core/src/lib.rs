@@ -30,8 +30,8 @@ pub mod describe;
 pub mod dlq;
 mod embedded;
 mod engine;
-mod headers;
 pub mod error;
+mod headers;
 pub mod partitioner;
 pub mod record;
 pub mod runner;
@@ -51,11 +51,11 @@ pub mod backend {
     //! conformance suite (`conveyor-conformance`).
     pub use crate::assignment::*;
     pub use crate::embedded::{blocking, blocking_short, spawn_interval_flusher};
-    pub use crate::headers::{decode_headers, encode_headers};
     pub use crate::engine::{
         Appended, Engine, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage,
         StoredRecord,
     };
+    pub use crate::headers::{decode_headers, encode_headers};
     pub use crate::url::{parse_bool, parse_durability, BrokerUrl};
 
     pub mod validate {

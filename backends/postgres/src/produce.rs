@@ -3,9 +3,9 @@
 //! keys, one transaction per partition that looks the keys up first).
 
 use crate::broker::Inner;
-use conveyor_core::backend::encode_headers;
 use crate::error::during;
 use async_trait::async_trait;
+use conveyor_core::backend::encode_headers;
 use conveyor_core::backend::validate;
 use conveyor_core::partitioner;
 use conveyor_core::{Error, ErrorKind, Producer, Receipt, Record, Result};

@@ -1,9 +1,9 @@
 //! Reads shared by the broker and its consumers: a topic's row, a
 //! partition's bounds, records by range or by offset.
 
-use conveyor_core::backend::decode_headers;
 use crate::error::during;
 use bytes::Bytes;
+use conveyor_core::backend::decode_headers;
 use conveyor_core::backend::StoredMessage;
 use conveyor_core::{Error, Result, TopicConfig};
 use sqlx::postgres::PgRow;

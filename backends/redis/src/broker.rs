@@ -222,7 +222,11 @@ impl Inner {
         // the create, or the first send, finishes a create cut short here.
         self.init_partitions(id, 0..config.partitions, &what)
             .await?;
-        tracing::debug!(topic = name, partitions = config.partitions, "topic created");
+        tracing::debug!(
+            topic = name,
+            partitions = config.partitions,
+            "topic created"
+        );
         Ok(())
     }
 
@@ -408,7 +412,10 @@ impl Inner {
                 _ => crate::conn::map_err(&what, e),
             })?;
         let mut it = got.into_iter();
-        let mut next = || it.next().ok_or_else(|| Error::internal(format!("{what}: short reply")));
+        let mut next = || {
+            it.next()
+                .ok_or_else(|| Error::internal(format!("{what}: short reply")))
+        };
         let bounds = Bounds {
             log_start: reply::uint(&next()?)?,
             log_end: reply::uint(&next()?)?,
@@ -422,7 +429,12 @@ impl Inner {
     }
 
     /// A partition's bounds.
-    pub(crate) async fn bounds(&self, topic: &str, topic_id: u64, partition: u32) -> Result<Bounds> {
+    pub(crate) async fn bounds(
+        &self,
+        topic: &str,
+        topic_id: u64,
+        partition: u32,
+    ) -> Result<Bounds> {
         Ok(self.read(topic, topic_id, partition, 0, 0).await?.0)
     }
 
@@ -576,43 +588,44 @@ impl Inner {
             } else {
                 HashMap::new()
             };
-            let rows: Vec<PartitionLag> = futures::stream::iter((0..t.config.partitions).map(|p| {
-                let topic = topic.clone();
-                let committed = commits.get(&keys::commit_field(t.id, p)).copied();
-                let id = t.id;
-                let what = &what;
-                let leases = &leases;
-                async move {
-                    match mode {
-                        DeliveryMode::Stream => {
-                            let b = self.bounds(&topic, id, p).await?;
-                            let committed = committed
-                                .unwrap_or(b.log_start)
-                                .clamp(b.log_start, b.log_end.max(b.log_start));
-                            Ok::<_, Error>(PartitionLag {
-                                topic,
-                                partition: p,
-                                committed,
-                                log_end: b.log_end,
-                                lag: b.log_end.saturating_sub(committed),
-                                in_flight: 0,
-                                available: 0,
-                            })
-                        }
-                        _ => {
-                            let s = self.queue_state(group, id, p, None, what).await?;
-                            let mut l = leases.lock();
-                            for (m, n) in &s.per_member {
-                                *l.entry(*m).or_default() += n;
+            let rows: Vec<PartitionLag> =
+                futures::stream::iter((0..t.config.partitions).map(|p| {
+                    let topic = topic.clone();
+                    let committed = commits.get(&keys::commit_field(t.id, p)).copied();
+                    let id = t.id;
+                    let what = &what;
+                    let leases = &leases;
+                    async move {
+                        match mode {
+                            DeliveryMode::Stream => {
+                                let b = self.bounds(&topic, id, p).await?;
+                                let committed = committed
+                                    .unwrap_or(b.log_start)
+                                    .clamp(b.log_start, b.log_end.max(b.log_start));
+                                Ok::<_, Error>(PartitionLag {
+                                    topic,
+                                    partition: p,
+                                    committed,
+                                    log_end: b.log_end,
+                                    lag: b.log_end.saturating_sub(committed),
+                                    in_flight: 0,
+                                    available: 0,
+                                })
                             }
-                            Ok(s.lag(topic, p))
+                            _ => {
+                                let s = self.queue_state(group, id, p, None, what).await?;
+                                let mut l = leases.lock();
+                                for (m, n) in &s.per_member {
+                                    *l.entry(*m).or_default() += n;
+                                }
+                                Ok(s.lag(topic, p))
+                            }
                         }
                     }
-                }
-            }))
-            .buffered(FAN_OUT)
-            .try_collect()
-            .await?;
+                }))
+                .buffered(FAN_OUT)
+                .try_collect()
+                .await?;
             partitions.extend(rows);
         }
         Ok((
@@ -715,7 +728,12 @@ impl Inner {
                 .collect();
             assignment.sort();
             d.assignment = assignment;
-            d.leases = id.parse().ok().and_then(|m| leases.get(&m)).copied().unwrap_or(0);
+            d.leases = id
+                .parse()
+                .ok()
+                .and_then(|m| leases.get(&m))
+                .copied()
+                .unwrap_or(0);
             d.idle_ms = (now as f64 - (deadline - session)).max(0.0) as u64;
             out.push(d);
         }
@@ -981,7 +999,10 @@ async fn listen(inner: Weak<Inner>) {
         None => return,
     };
     loop {
-        if inner.upgrade().is_none_or(|i| i.closed.load(Ordering::Acquire)) {
+        if inner
+            .upgrade()
+            .is_none_or(|i| i.closed.load(Ordering::Acquire))
+        {
             return;
         }
         match topology.pubsub().await {
@@ -1124,10 +1145,7 @@ impl Broker for RedisBroker {
         self.inner
             .bounded(Duration::ZERO, async move {
                 let t = self.inner.partition_of(topic, partition).await?;
-                let (_, found) = self
-                    .inner
-                    .read(topic, t.id, partition, offset, max)
-                    .await?;
+                let (_, found) = self.inner.read(topic, t.id, partition, offset, max).await?;
                 Ok(found
                     .into_iter()
                     .map(|m| Message::from_stored(topic, partition, m, 1, DeliveryToken::default()))

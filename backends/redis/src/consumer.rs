@@ -11,8 +11,8 @@ use bytes::Bytes;
 use conveyor_core::backend::{assign, validate, MemberSubscription};
 use conveyor_core::dlq::{self, DeadLetter, PassedRuns};
 use conveyor_core::{
-    BatchAck, Consumer, DeliveryMode, DeliveryToken, Error, ErrorKind, GroupConfig,
-    Message, NackOptions, NackOutcome, Result, SeekTo, StartFrom, TopicConfig, TopicPartition,
+    BatchAck, Consumer, DeliveryMode, DeliveryToken, Error, ErrorKind, GroupConfig, Message,
+    NackOptions, NackOutcome, Result, SeekTo, StartFrom, TopicConfig, TopicPartition,
     MAX_REDELIVERY_DELAY,
 };
 use parking_lot::Mutex;
@@ -237,15 +237,23 @@ async fn rebalance(inner: &Inner, group: &str) -> Result<bool> {
         .filter_map(|(m, t)| {
             Some(MemberSubscription {
                 member: m.parse().ok()?,
-                topics: t.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+                topics: t
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
             })
         })
         .collect();
-    let topics: BTreeSet<String> = members.iter().flat_map(|m| m.topics.iter().cloned()).collect();
+    let topics: BTreeSet<String> = members
+        .iter()
+        .flat_map(|m| m.topics.iter().cloned())
+        .collect();
     let mut partitions = Vec::new();
     for t in &topics {
         if let Some(row) = inner.topic(t).await? {
-            partitions.extend((0..row.config.partitions).map(|p| TopicPartition::new(t.clone(), p)));
+            partitions
+                .extend((0..row.config.partitions).map(|p| TopicPartition::new(t.clone(), p)));
         }
     }
     let current: BTreeMap<TopicPartition, u64> = owners_raw
@@ -258,7 +266,10 @@ async fn rebalance(inner: &Inner, group: &str) -> Result<bool> {
         .collect();
     let next = assign(&partitions, &current, &members);
     let mut call = SCRIPTS.rebalance.prepare_invoke();
-    call.key(&k.meta).key(&k.owners).arg(&mv).arg(partitions.len());
+    call.key(&k.meta)
+        .key(&k.owners)
+        .arg(&mv)
+        .arg(partitions.len());
     for (tp, m) in &next {
         call.arg(owner_field(&tp.topic, tp.partition)).arg(*m);
     }
@@ -461,7 +472,11 @@ impl RedisConsumer {
             let parts = self.parts.lock();
             owned
                 .iter()
-                .filter(|(tp, g)| parts.get(tp).is_none_or(|p| p.generation != *g || p.position.is_none()))
+                .filter(|(tp, g)| {
+                    parts
+                        .get(tp)
+                        .is_none_or(|p| p.generation != *g || p.position.is_none())
+                })
                 .cloned()
                 .collect()
         };
@@ -480,13 +495,18 @@ impl RedisConsumer {
         if !unknown.is_empty() {
             let k = self.inner.group_keys(self.group());
             for (tp, _) in &unknown {
-                let Some(t) = rows.get(&tp.topic) else { continue };
+                let Some(t) = rows.get(&tp.topic) else {
+                    continue;
+                };
                 let c: Option<u64> = redis::cmd("HGET")
                     .arg(&k.commits)
                     .arg(commit_field(t.id, tp.partition))
                     .query_async(&mut self.inner.conn())
                     .await
-                    .map_err(during(format!("group `{}`: read the commit of {tp}", self.group)))?;
+                    .map_err(during(format!(
+                        "group `{}`: read the commit of {tp}",
+                        self.group
+                    )))?;
                 committed.insert(tp.clone(), c);
             }
         }
@@ -526,7 +546,9 @@ impl RedisConsumer {
             if planned >= max {
                 break;
             }
-            let Some(t) = rows.get(&tp.topic) else { continue };
+            let Some(t) = rows.get(&tp.topic) else {
+                continue;
+            };
             let (bounds, found) = self
                 .inner
                 .read(&tp.topic, t.id, tp.partition, pos, max - planned)
@@ -539,7 +561,9 @@ impl RedisConsumer {
         {
             let mut parts = self.parts.lock();
             for (tp, generation, pos, bounds, found, id) in reads {
-                let Some(part) = parts.get_mut(&tp) else { continue };
+                let Some(part) = parts.get_mut(&tp) else {
+                    continue;
+                };
                 if part.generation != generation || part.position != Some(pos) {
                     continue; // a seek, nack or rebalance moved it meanwhile
                 }
@@ -585,14 +609,20 @@ impl RedisConsumer {
                 .arg(commit_field(id, tp.partition))
                 .query_async(&mut self.inner.conn())
                 .await
-                .map_err(during(format!("group `{}`: read the commit of {tp}", self.group)))?;
+                .map_err(during(format!(
+                    "group `{}`: read the commit of {tp}",
+                    self.group
+                )))?;
             let base = c.unwrap_or(0);
             let to = match self.parts.lock().get_mut(&tp) {
                 Some(p) if p.generation == generation => p.skipped.carry(base),
                 _ => continue,
             };
             if to > base {
-                match self.commit_offset(&tp, id, to, Some(generation), true).await {
+                match self
+                    .commit_offset(&tp, id, to, Some(generation), true)
+                    .await
+                {
                     Ok(()) => {}
                     Err(e) if e.kind() == ErrorKind::Fenced => {}
                     Err(e) => return Err(e),
@@ -673,7 +703,10 @@ impl RedisConsumer {
             .arg(owner_field(&tp.topic, tp.partition))
             .query_async(&mut self.inner.conn())
             .await
-            .map_err(during(format!("group `{}`: check the owner of {tp}", self.group)))?;
+            .map_err(during(format!(
+                "group `{}`: check the owner of {tp}",
+                self.group
+            )))?;
         let owner = owner.unwrap_or_default();
         let parsed = owner
             .split_once(':')
@@ -779,7 +812,8 @@ impl RedisConsumer {
             }
             for m in messages {
                 let mut f = reply::array(m)?.into_iter();
-                let (Some(o), Some(a), Some(tok), Some(fields)) = (f.next(), f.next(), f.next(), f.next())
+                let (Some(o), Some(a), Some(tok), Some(fields)) =
+                    (f.next(), f.next(), f.next(), f.next())
                 else {
                     return Err(Error::internal(format!("{what}: short reply")));
                 };
@@ -788,7 +822,13 @@ impl RedisConsumer {
                 let tok = reply::bytes(tok)?;
                 let (stored, _) = decode_fields(offset, fields, &|| format!("`{topic}`/{p}"))?;
                 let token = DeliveryToken::queue(self.group.clone(), Bytes::from(tok));
-                out.push(Message::from_stored(topic.clone(), p, stored, attempt, token));
+                out.push(Message::from_stored(
+                    topic.clone(),
+                    p,
+                    stored,
+                    attempt,
+                    token,
+                ));
             }
             if dead > 0 {
                 move_dead_letters(&self.inner, self.group(), &topic, id, p).await?;
@@ -874,9 +914,18 @@ struct GiveBack {
 
 impl Drop for GiveBack {
     fn drop(&mut self) {
-        let Some(inner) = self.inner.take() else { return };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        let (group, id, p, tag) = (self.group.clone(), self.topic_id, self.partition, std::mem::take(&mut self.tag));
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (group, id, p, tag) = (
+            self.group.clone(),
+            self.topic_id,
+            self.partition,
+            std::mem::take(&mut self.tag),
+        );
         rt.spawn(async move {
             let part = inner.part(id, p);
             let q = part.queue(&group);
@@ -1021,8 +1070,7 @@ pub(crate) async fn sweep(inner: Weak<Inner>) {
         if i.closed.load(Ordering::Acquire) {
             return;
         }
-        let groups: BTreeSet<Arc<str>> =
-            i.members.lock().keys().map(|(g, _)| g.clone()).collect();
+        let groups: BTreeSet<Arc<str>> = i.members.lock().keys().map(|(g, _)| g.clone()).collect();
         for g in groups {
             if let Err(e) = sweep_group(&i, &g).await {
                 tracing::debug!(group = %g, error = %e, "dead-letter sweep failed; will retry");
@@ -1043,7 +1091,9 @@ async fn sweep_group(inner: &Inner, group: &str) -> Result<()> {
         .await
         .map_err(during(format!("sweep group `{group}`")))?;
     for topic in topics {
-        let Some(t) = inner.topic(&topic).await? else { continue };
+        let Some(t) = inner.topic(&topic).await? else {
+            continue;
+        };
         for p in 0..t.config.partitions {
             let part = inner.part(t.id, p);
             let q = part.queue(group);
@@ -1154,7 +1204,12 @@ impl Consumer for RedisConsumer {
                     for (i, m) in messages.iter().enumerate() {
                         match self.ack_stream(m).await {
                             Ok(()) => outcome.acked += 1,
-                            Err(e) if matches!(e.kind(), ErrorKind::Closed | ErrorKind::Unavailable) => {
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    ErrorKind::Closed | ErrorKind::Unavailable
+                                ) =>
+                            {
                                 return Err(e)
                             }
                             Err(e) => outcome.failed.push((i, e)),
@@ -1185,12 +1240,16 @@ impl Consumer for RedisConsumer {
                     let what = format!("group `{}`: ack a batch in `{topic}`/{p}", self.group);
                     let t = match self.subscribed(&topic, p).await {
                         Ok((_, t)) => t,
-                        Err(e) if matches!(e.kind(), ErrorKind::Closed | ErrorKind::Unavailable) => {
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::Closed | ErrorKind::Unavailable) =>
+                        {
                             return Err(e)
                         }
                         Err(e) => {
                             for (i, _, _) in items {
-                                outcome.failed.push((i, Error::new(e.kind(), e.message().to_string())));
+                                outcome
+                                    .failed
+                                    .push((i, Error::new(e.kind(), e.message().to_string())));
                             }
                             continue;
                         }
@@ -1204,7 +1263,10 @@ impl Consumer for RedisConsumer {
                         } else {
                             outcome.failed.push((
                                 i,
-                                lease_lost(o, &format!("group `{}`: `{topic}`/{p}@{o}", self.group)),
+                                lease_lost(
+                                    o,
+                                    &format!("group `{}`: `{topic}`/{p}@{o}", self.group),
+                                ),
                             ));
                         }
                     }
@@ -1468,7 +1530,8 @@ impl Consumer for RedisConsumer {
                         for topic in &self.topic_list {
                             if let Some(t) = self.inner.topic(topic).await? {
                                 out.extend(
-                                    (0..t.config.partitions).map(|p| TopicPartition::new(topic.clone(), p)),
+                                    (0..t.config.partitions)
+                                        .map(|p| TopicPartition::new(topic.clone(), p)),
                                 );
                             }
                         }
@@ -1549,4 +1612,3 @@ impl Drop for RedisConsumer {
         }
     }
 }
-

@@ -201,7 +201,10 @@ impl Topology {
                 .map_err(|e| {
                     Error::new(
                         ErrorKind::InvalidArgument,
-                        format!("Redis Cluster URLs `{}` are not valid: {e}", self.seeds.join(",")),
+                        format!(
+                            "Redis Cluster URLs `{}` are not valid: {e}",
+                            self.seeds.join(",")
+                        ),
                     )
                 })?;
             let c = client

@@ -84,7 +84,9 @@ impl Inner {
         }
         receipts
             .into_iter()
-            .map(|r| r.ok_or_else(|| Error::internal(format!("send to `{topic}`: a receipt is missing"))))
+            .map(|r| {
+                r.ok_or_else(|| Error::internal(format!("send to `{topic}`: a receipt is missing")))
+            })
             .collect()
     }
 
@@ -95,7 +97,11 @@ impl Inner {
         let t = self.topic_cached(topic).await?;
         let partition = {
             let mut rr = self.round_robin.lock();
-            partitioner::route(&record, t.config.partitions, rr.entry(topic.to_string()).or_insert(0))
+            partitioner::route(
+                &record,
+                t.config.partitions,
+                rr.entry(topic.to_string()).or_insert(0),
+            )
         };
         let got = self
             .append(
@@ -134,9 +140,9 @@ impl Inner {
             .arg(topic_id)
             .arg(records.len());
         for r in records {
-            let delay = r
-                .deliver_at
-                .map(|at| (at as i128 - sent_at as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64);
+            let delay = r.deliver_at.map(|at| {
+                (at as i128 - sent_at as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64
+            });
             call.arg(r.idempotency_key.as_deref().unwrap_or(""))
                 .arg(r.size())
                 .arg(delay.map_or_else(String::new, |d| d.to_string()))
@@ -156,9 +162,9 @@ impl Inner {
                     Some(t) if t.id == topic_id && partition < t.config.partitions => {
                         self.init_partitions(topic_id, partition..partition + 1, &what)
                             .await?;
-                        return Box::pin(self.append(
-                            topic, topic_id, partition, records, window_ms, sent_at,
-                        ))
+                        return Box::pin(
+                            self.append(topic, topic_id, partition, records, window_ms, sent_at),
+                        )
                         .await;
                     }
                     _ => return Err(Error::topic_not_found(topic)),

@@ -124,7 +124,10 @@ mod tests {
         let url = BrokerUrl::parse("redis+cluster://h:7000/?nodes=h:7001,h:7002").unwrap();
         let (t, _) = parse(&url).unwrap();
         assert!(t.is_cluster());
-        assert_eq!(t.seeds(), ["redis://h:7000/", "redis://h:7001", "redis://h:7002"]);
+        assert_eq!(
+            t.seeds(),
+            ["redis://h:7000/", "redis://h:7001", "redis://h:7002"]
+        );
         for bad in [
             "redis://h/?namespace=a{b}",
             "redis://h/?timeout_ms=0",

@@ -12,7 +12,17 @@ impl<S: LogStorage> Inner<S> {
         records: Vec<StoredRecord>,
         config: &TopicConfig,
     ) -> Result<Appended> {
-        let appended = self.storage.append(topic, partition, records).await?;
+        let appended = match self.storage.append(topic, partition, records).await {
+            Ok(a) => a,
+            // Closed while this send was on its way: the storage may have
+            // dropped its partitions already (a send then finds no topic);
+            // the honest answer is `Closed`.
+            Err(e) if self.closed.load(Ordering::Acquire) => {
+                tracing::debug!(topic, partition, error = %e, "append cut by close");
+                return Err(Error::new(ErrorKind::Closed, "the broker is closed"));
+            }
+            Err(e) => return Err(e),
+        };
         self.notify();
         if config.retention.is_limited() {
             // The records are stored: a retention failure must not turn the

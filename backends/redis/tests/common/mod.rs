@@ -112,7 +112,10 @@ pub fn raw_command(port: u16, cmd: &str) -> std::io::Result<String> {
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line)?;
-    if let Some(n) = line.strip_prefix('$').and_then(|n| n.trim().parse::<usize>().ok()) {
+    if let Some(n) = line
+        .strip_prefix('$')
+        .and_then(|n| n.trim().parse::<usize>().ok())
+    {
         let mut body = vec![0u8; n + 2];
         r.read_exact(&mut body)?;
         return Ok(String::from_utf8_lossy(&body[..n]).into_owned());
@@ -282,7 +285,10 @@ impl Cluster {
                 if info.contains("cluster_state:ok") {
                     break;
                 }
-                assert!(Instant::now() < deadline, "the cluster did not become ok: {info}");
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not become ok: {info}"
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
