@@ -1,0 +1,360 @@
+//! What only a server backend shows: durability against Redis's own
+//! persistence settings and a server killed with SIGKILL, two apps
+//! (namespaces) on one server, a wake-up across brokers, and a connection
+//! that breaks (a fault-injecting TCP proxy between client and server).
+
+mod common;
+
+use common::RedisServer;
+use conveyor_conformance::proxy::FaultProxy;
+use conveyor_core::prelude::*;
+use conveyor_core::{BrokerOptions, Durability, ErrorKind, GroupConfig, Record, TopicConfig};
+use conveyor_redis::Topology;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Deletes its namespace at the end of the test, passed or failed.
+struct Ns(String, Topology);
+
+impl Ns {
+    fn new(prefix: &str, topology: Topology) -> Self {
+        Ns(common::unique_ns(prefix), topology)
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let (ns, topology) = (self.0.clone(), self.1.clone());
+        // A runtime of its own: the test's may be shutting down.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(common::drop_ns(&topology, &ns));
+            }
+        })
+        .join();
+    }
+}
+
+fn shared() -> Topology {
+    Topology::single(common::url())
+}
+
+/// §3 durability: `always` and a short `interval` are refused on a server
+/// without `appendfsync always`, naming the setting; `none` is accepted.
+#[tokio::test]
+async fn durability_the_server_cannot_honour_is_refused() {
+    let plain = RedisServer::start(&["--appendonly", "no"]);
+    let t = Topology::single(plain.url());
+    for d in [
+        Durability::Always,
+        Durability::Interval(Duration::from_millis(100)),
+    ] {
+        let e = common::open(&t, "dur", BrokerOptions::default().with_durability(d))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        assert!(e.message().contains("appendfsync"), "{e}");
+        assert!(e.message().contains("appendonly=no"), "{e}");
+    }
+    let everysec = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "everysec"]);
+    let t = Topology::single(everysec.url());
+    let ok = BrokerOptions::default().with_durability(Durability::Interval(Duration::from_secs(1)));
+    common::open(&t, "dur", ok)
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    let e = common::open(
+        &t,
+        "dur",
+        BrokerOptions::default().with_durability(Durability::Always),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.message().contains("appendfsync=everysec"), "{e}");
+    common::open(&t, "dur", BrokerOptions::default())
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+}
+
+/// §3, §7: a private server with `appendfsync always` is killed with
+/// SIGKILL while producers send under `always` and a member commits, then
+/// restarted: every acknowledged record is there with its bytes, and no
+/// acknowledged commit went back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_server_loses_nothing_acknowledged_under_always() {
+    let mut server = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let t = Topology::single(server.url());
+    let always = BrokerOptions::default().with_durability(Durability::Always);
+    let broker = common::open_dyn(&t, "kill", always.clone()).await.unwrap();
+    broker.create_topic("t", TopicConfig::new(2)).await.unwrap();
+    let acked = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for w in 0..3 {
+        let (p, acked) = (broker.producer().await.unwrap(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0u64.. {
+                let value = format!("w{w}-{i}");
+                match p.send("t", Record::new(value.clone())).await {
+                    Ok(r) => acked.lock().push((r, value)),
+                    Err(e) => {
+                        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    let c = broker
+        .consumer("g", &["t"], GroupConfig::stream())
+        .await
+        .unwrap();
+    let mut committed = Vec::new();
+    while acked.lock().len() < 300 {
+        let got = c.poll(50, Duration::from_millis(100)).await.unwrap();
+        if let Some(last) = got.last() {
+            c.commit_batch(&got).await.unwrap();
+            committed.push((last.partition, last.offset + 1));
+        }
+    }
+    server.kill();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().clone();
+    server.restart();
+    let reopened = common::open_dyn(&t, "kill", always).await.unwrap();
+    for (r, value) in &acked {
+        let m = reopened.fetch("t", r.partition, r.offset, 1).await.unwrap();
+        let got = m.first().map(|m| (m.offset, m.value.clone()));
+        assert_eq!(
+            got,
+            Some((r.offset, value.clone().into())),
+            "receipt {r:?} kept"
+        );
+    }
+    let lag = reopened.group_lag("g").await.unwrap();
+    for (partition, next) in committed {
+        let p = lag
+            .partitions
+            .iter()
+            .find(|p| p.partition == partition)
+            .unwrap();
+        assert!(
+            p.committed >= next,
+            "commit {partition}:{next} kept: {lag:?}"
+        );
+    }
+    eprintln!("{} acknowledged records survived SIGKILL", acked.len());
+    reopened.close().await.unwrap();
+}
+
+/// Two apps on one server in their own namespaces never see each other's
+/// topics, records or groups.
+#[tokio::test]
+async fn two_namespaces_on_one_server_never_see_each_other() {
+    let (a, b) = (Ns::new("app_a", shared()), Ns::new("app_b", shared()));
+    let app_a = common::open_dyn(&a.1, &a.0, BrokerOptions::default())
+        .await
+        .unwrap();
+    let app_b = common::open_dyn(&b.1, &b.0, BrokerOptions::default())
+        .await
+        .unwrap();
+    app_a
+        .create_topic("orders", TopicConfig::new(1))
+        .await
+        .unwrap();
+    app_a
+        .producer()
+        .await
+        .unwrap()
+        .send("orders", Record::new("a"))
+        .await
+        .unwrap();
+    assert_eq!(
+        app_b.describe_topic("orders").await.unwrap_err().kind(),
+        ErrorKind::TopicNotFound
+    );
+    app_b
+        .create_topic("orders", TopicConfig::new(1))
+        .await
+        .unwrap();
+    assert!(app_b.fetch("orders", 0, 0, 10).await.unwrap().is_empty());
+    let _c = app_a
+        .consumer("g", &["orders"], GroupConfig::queue())
+        .await
+        .unwrap();
+    assert_eq!(app_a.list_groups().await.unwrap(), ["g"]);
+    assert!(app_b.list_groups().await.unwrap().is_empty());
+    app_a.close().await.unwrap();
+    app_b.close().await.unwrap();
+}
+
+/// §4: a member waiting in `poll` wakes when another broker (another
+/// connection, as another process would have) produces, through the
+/// namespace's pub/sub channel, long before its timeout.
+#[tokio::test]
+async fn a_waiting_poll_wakes_on_another_brokers_produce() {
+    let ns = Ns::new("wake", shared());
+    let reader = common::open_dyn(&ns.1, &ns.0, BrokerOptions::default())
+        .await
+        .unwrap();
+    let writer = common::open_dyn(&ns.1, &ns.0, BrokerOptions::default())
+        .await
+        .unwrap();
+    reader.create_topic("t", TopicConfig::new(1)).await.unwrap();
+    let c = reader
+        .consumer("g", &["t"], GroupConfig::queue())
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let got = c.poll(1, Duration::from_secs(20)).await.unwrap();
+        (got.len(), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer
+        .producer()
+        .await
+        .unwrap()
+        .send("t", Record::new("ping"))
+        .await
+        .unwrap();
+    let (n, took) = waiting.await.unwrap();
+    assert_eq!(n, 1);
+    assert!(took < Duration::from_secs(10), "woke after {took:?}");
+    reader.close().await.unwrap();
+    writer.close().await.unwrap();
+}
+
+/// The shared server's address (for the proxy).
+fn server_addr() -> SocketAddr {
+    let url = common::url();
+    let rest = url.trim_start_matches("redis://");
+    let hostport = rest.split('/').next().unwrap_or("127.0.0.1:6379");
+    use std::net::ToSocketAddrs;
+    hostport
+        .to_socket_addrs()
+        .or_else(|_| format!("{hostport}:6379").to_socket_addrs())
+        .expect("the server's host resolves")
+        .next()
+        .expect("the server's host has an address")
+}
+
+/// §7: connections dropped and then a black-holed server: calls fail with
+/// `Unavailable` (retriable) and work again when the server is back;
+/// nothing acknowledged before or after is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_connections_are_unavailable_then_recover_and_lose_nothing() {
+    let ns = Ns::new("fault", shared());
+    let proxy = FaultProxy::start(server_addr()).await.unwrap();
+    let through = Topology::single(format!("redis://127.0.0.1:{}", proxy.addr().port()));
+    let broker = Arc::new(
+        conveyor_redis::open(
+            through,
+            BrokerOptions::default(),
+            conveyor_redis::RedisOptions::default()
+                .with_namespace(ns.0.clone())
+                .with_timeout(Duration::from_secs(2)),
+        )
+        .await
+        .unwrap(),
+    ) as Arc<dyn Broker>;
+    broker.create_topic("t", TopicConfig::new(2)).await.unwrap();
+    let p = broker.producer().await.unwrap();
+    let mut acked = BTreeSet::new();
+    for i in 0..20 {
+        let r = p.send("t", Record::new(format!("{i}"))).await.unwrap();
+        acked.insert((r.partition, r.offset));
+    }
+    let c = broker
+        .consumer("g", &["t"], GroupConfig::stream())
+        .await
+        .unwrap();
+    let got = c.poll(5, Duration::from_secs(2)).await.unwrap();
+    c.commit_batch(&got).await.unwrap();
+    let committed: Vec<(u32, u64)> = got.iter().map(|m| (m.partition, m.offset + 1)).collect();
+
+    // The server goes away: every connection is cut, new ones refused.
+    proxy.refuse(true);
+    proxy.drop_connections();
+    let e = p.send("t", Record::new("lost?")).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retriable());
+    assert_eq!(
+        broker.list_topics().await.unwrap_err().kind(),
+        ErrorKind::Unavailable
+    );
+    proxy.refuse(false);
+
+    // Black-holed while the connection is open (a network partition):
+    // calls end as Unavailable at the deadline, not hang.
+    let mut retry = 0;
+    while let Err(e) = p.send("t", Record::new("warm")).await {
+        assert!(e.is_retriable() && retry < 50, "{e}");
+        retry += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.blackhole(true);
+    let started = Instant::now();
+    let e = p.send("t", Record::new("lost?")).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let e = c.poll(1, Duration::from_millis(100)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    proxy.blackhole(false);
+    proxy.drop_connections();
+
+    // Back: sends work again (retrying, as a caller of a retriable error
+    // would), and nothing acknowledged was lost.
+    let mut retry = 0;
+    let r = loop {
+        match p.send("t", Record::new("after")).await {
+            Ok(r) => break r,
+            Err(e) if e.is_retriable() && retry < 100 => {
+                retry += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("not back after the fault: {e}"),
+        }
+    };
+    acked.insert((r.partition, r.offset));
+    drop(proxy);
+    let direct = common::open_dyn(&ns.1, &ns.0, BrokerOptions::default())
+        .await
+        .unwrap();
+    for (partition, offset) in &acked {
+        let m = direct.fetch("t", *partition, *offset, 1).await.unwrap();
+        assert_eq!(
+            m.first().map(|m| m.offset),
+            Some(*offset),
+            "acknowledged {partition}@{offset} kept"
+        );
+    }
+    let lag = direct.group_lag("g").await.unwrap();
+    for (partition, next) in committed {
+        let p = lag
+            .partitions
+            .iter()
+            .find(|p| p.partition == partition)
+            .unwrap();
+        assert!(
+            p.committed >= next,
+            "commit {partition}:{next} kept: {lag:?}"
+        );
+    }
+    direct.close().await.unwrap();
+}
