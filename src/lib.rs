@@ -97,6 +97,8 @@ pub use conveyor_memory as memory;
 pub use conveyor_mmap as mmap;
 #[cfg(feature = "rocksdb")]
 pub use conveyor_rocksdb as rocksdb;
+#[cfg(feature = "redis")]
+pub use conveyor_redis as redis;
 
 use futures::future::BoxFuture;
 use std::sync::Arc;

@@ -857,9 +857,7 @@ impl RedisConsumer {
         &self,
         topic_id: u64,
         partition: u32,
-        action: &str,
-        ms: u64,
-        reason: &str,
+        (action, ms, reason): (&str, u64, &str),
         items: &[(u64, String)],
         what: &str,
     ) -> Result<Vec<i64>> {
@@ -889,7 +887,13 @@ impl RedisConsumer {
         let what = self.what(m);
         let (_, t) = self.subscribed(&m.topic, m.partition).await?;
         let codes = self
-            .settle(t.id, m.partition, "ack", 0, "", &[(m.offset, lease)], &what)
+            .settle(
+                t.id,
+                m.partition,
+                ("ack", 0, ""),
+                &[(m.offset, lease)],
+                &what,
+            )
             .await?;
         match codes.first() {
             Some(1) => Ok(()),
@@ -989,20 +993,23 @@ async fn move_dead_letters(
         let (_, found) = inner.read(topic, topic_id, partition, offset, 1).await?;
         match found.into_iter().next() {
             Some(stored) if stored.offset == offset => {
-                let reason = (!error.is_empty()).then_some(error.as_str());
-                dead_letter(
-                    inner,
-                    group,
-                    &config,
+                let dead = DeadLetter {
                     topic,
                     partition,
                     offset,
+                    group,
+                    attempts,
+                    error: (!error.is_empty()).then_some(error.as_str()),
+                    failed_at: now_ms(),
+                    idempotency_key: stored.idempotency_key.as_deref(),
+                };
+                dead_letter(
+                    inner,
+                    &config,
+                    &dead,
                     stored.key,
                     stored.value,
                     &stored.headers,
-                    stored.idempotency_key.as_deref(),
-                    attempts,
-                    reason,
                 )
                 .await?;
             }
@@ -1024,32 +1031,22 @@ async fn move_dead_letters(
 
 /// Append a failed message's dead letter to the group's DLQ topic
 /// (created on demand with one partition).
-#[allow(clippy::too_many_arguments)]
 async fn dead_letter(
     inner: &Inner,
-    group: &str,
     config: &GroupConfig,
-    topic: &str,
-    partition: u32,
-    offset: u64,
+    dead: &DeadLetter<'_>,
     key: Option<Bytes>,
     value: Bytes,
     headers: &[conveyor_core::Header],
-    idempotency_key: Option<&str>,
-    attempts: u32,
-    reason: Option<&str>,
 ) -> Result<()> {
-    let dead = DeadLetter {
-        topic,
-        partition,
-        offset,
-        group,
-        attempts,
-        error: reason,
-        failed_at: now_ms(),
-        idempotency_key,
-    };
-    let record = dlq::dead_letter_record(key, value, headers, &dead);
+    let (group, topic, partition, offset, attempts) = (
+        dead.group,
+        dead.topic,
+        dead.partition,
+        dead.offset,
+        dead.attempts,
+    );
+    let record = dlq::dead_letter_record(key, value, headers, dead);
     let dlq_topic = config.dlq.topic_for(topic, group);
     inner
         .create_topic(&dlq_topic, TopicConfig::new(1), true)
@@ -1256,7 +1253,7 @@ impl Consumer for RedisConsumer {
                     };
                     let pairs: Vec<(u64, String)> =
                         items.iter().map(|(_, o, l)| (*o, l.clone())).collect();
-                    let codes = self.settle(t.id, p, "ack", 0, "", &pairs, &what).await?;
+                    let codes = self.settle(t.id, p, ("ack", 0, ""), &pairs, &what).await?;
                     for ((i, o, _), code) in items.into_iter().zip(codes) {
                         if code == 1 {
                             outcome.acked += 1;
@@ -1293,19 +1290,23 @@ impl Consumer for RedisConsumer {
                         self.check_owner(&tp, Some(generation)).await?;
                         let config = self.group_config().await?;
                         if m.attempt >= config.dlq.max_deliveries {
+                            let dead = DeadLetter {
+                                topic: &m.topic,
+                                partition: m.partition,
+                                offset: m.offset,
+                                group: self.group(),
+                                attempts: m.attempt,
+                                error: options.reason.as_deref(),
+                                failed_at: now_ms(),
+                                idempotency_key: m.idempotency_key.as_deref(),
+                            };
                             dead_letter(
                                 &self.inner,
-                                self.group(),
                                 &config,
-                                &m.topic,
-                                m.partition,
-                                m.offset,
+                                &dead,
                                 m.key.clone(),
                                 m.value.clone(),
                                 &m.headers,
-                                m.idempotency_key.as_deref(),
-                                m.attempt,
-                                options.reason.as_deref(),
                             )
                             .await?;
                             let to = {
@@ -1356,9 +1357,11 @@ impl Consumer for RedisConsumer {
                             .settle(
                                 t.id,
                                 m.partition,
-                                "nack",
-                                millis(delay.min(MAX_REDELIVERY_DELAY)),
-                                options.reason.as_deref().unwrap_or(""),
+                                (
+                                    "nack",
+                                    millis(delay.min(MAX_REDELIVERY_DELAY)),
+                                    options.reason.as_deref().unwrap_or(""),
+                                ),
                                 &[(m.offset, lease)],
                                 &what,
                             )
@@ -1408,9 +1411,7 @@ impl Consumer for RedisConsumer {
                     .settle(
                         t.id,
                         m.partition,
-                        "extend",
-                        millis(by.min(MAX_REDELIVERY_DELAY)),
-                        "",
+                        ("extend", millis(by.min(MAX_REDELIVERY_DELAY)), ""),
                         &[(m.offset, lease)],
                         &what,
                     )

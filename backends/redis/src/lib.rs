@@ -105,6 +105,9 @@ mod produce;
 mod url;
 
 pub use broker::RedisBroker;
+/// The `redis` crate this backend is built on (for raw baselines and
+/// applications' own commands next to Conveyor's).
+pub use redis;
 pub use url::{open_url, parse, URL_OPTIONS, URL_SCHEMES};
 
 use conn::Conn;
