@@ -41,9 +41,8 @@
 //! | `mmap:///path/to/dir` | embedded segment log | `mmap` |
 //! | `rocksdb:///path/to/dir` | RocksDB | `rocksdb` |
 //! | `postgres://user@host/db?schema=NAME` | PostgreSQL, shared by many processes | `postgres` |
-//!
-//! A Redis (`redis://`) backend is planned, not available yet: opening
-//! such a URL is `ErrorKind::Unsupported`.
+//! | `redis://host:6379/?namespace=NAME` | Redis Streams, shared by many processes | `redis` |
+//! | `redis+cluster://host:7000/?namespace=NAME` | Redis Cluster (one node named, the rest discovered) | `redis` |
 //!
 //! Query options for every backend:
 //! - `durability=none|always|interval:<ms>` (default `none`): when `send`
@@ -268,13 +267,12 @@ mod tests {
             .expect("refused");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         assert!(err.to_string().contains("segment_bytes"), "{err}");
-        let err = open("redis://localhost").await.err().expect("refused");
-        assert_eq!(err.kind(), ErrorKind::Unsupported);
-        assert!(
-            err.to_string().contains("planned but not available yet")
-                && !err.to_string().contains("feature"),
-            "{err}"
-        );
+        #[cfg(not(feature = "redis"))]
+        {
+            let err = open("redis://localhost").await.err().expect("refused");
+            assert_eq!(err.kind(), ErrorKind::Unsupported);
+            assert!(err.to_string().contains("`redis` feature"), "{err}");
+        }
         #[cfg(not(feature = "postgres"))]
         {
             let err = open("postgres://localhost/db")
@@ -332,6 +330,48 @@ mod tests {
             .expect("refused");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         assert!(err.to_string().contains("sslmodee"), "{err}");
+    }
+
+    /// A `redis://` URL (the server of `CONVEYOR_REDIS_URL`, else the local
+    /// one): opens in its namespace, reopens with what was sent, refuses an
+    /// unknown option and a durability the server cannot honour.
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn redis_url_round_trip() {
+        let base = std::env::var("CONVEYOR_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
+        let ns = format!("facade_{}", std::process::id());
+        let url = format!("{base}/?namespace={ns}&auto_create=true");
+        let b = open(&url).await.unwrap_or_else(|e| {
+            panic!("{e} (set CONVEYOR_REDIS_URL or start Redis on 127.0.0.1:6379)")
+        });
+        let r = b
+            .producer()
+            .await
+            .unwrap()
+            .send("kept", Record::new("x"))
+            .await
+            .unwrap();
+        b.close().await.unwrap();
+        let again = conveyor_redis::open(
+            conveyor_redis::Topology::single(base.clone()),
+            Default::default(),
+            conveyor_redis::RedisOptions::default().with_namespace(ns.clone()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            &again.fetch("kept", 0, r.offset, 1).await.unwrap()[0].value[..],
+            b"x"
+        );
+        again.drop_namespace().await.unwrap();
+        again.close().await.unwrap();
+        let err = open(&format!("{base}/?namespace={ns}&namespaec=x"))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("namespaec"), "{err}");
     }
 
     /// An embedded store's URL: opens, is `Locked` while open, reopens with

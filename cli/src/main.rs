@@ -32,8 +32,9 @@ use std::sync::Arc;
     Commands that change a store never create one at a mistyped path: only `topic create`, \
     `bench` and produce with auto_create=true do (or add create=true to the URL).")]
 struct Cli {
-    /// Broker URL: mmap:///dir (embedded), rocksdb:///dir (when built with
-    /// the rocksdb feature) or memory:// (gone when the command exits).
+    /// Broker URL: mmap:///dir (embedded), rocksdb:///dir, postgres://...
+    /// or redis://... (when built with the rocksdb, postgres or redis
+    /// feature) or memory:// (gone when the command exits).
     #[arg(long, env = "CONVEYOR_URL", global = true)]
     url: Option<String>,
     /// Output format of commands that print data.
