@@ -3,7 +3,7 @@
 -- session timeout, visibility timeout and DLQ policy apply.
 --
 -- KEYS[1] group meta (hash: mode, start, config, session, visibility,
---         maxd, seq, gen, mv, done_mv, parts)
+--         maxd, gen, mv, done_mv, parts)
 -- KEYS[2] members (zset: member id -> session deadline, server ms)
 -- KEYS[3] subscriptions (hash: member id -> topics, comma-separated)
 -- KEYS[4] topics the group has read (set)
@@ -14,9 +14,11 @@
 -- ARGV[5] max deliveries
 -- ARGV[6] config JSON
 -- ARGV[7] topics, comma-separated
+-- ARGV[8] the member's id (chosen by the client, random: a retried join
+--         adds the same member again, which changes nothing)
 -- Returns {member id, start, topics new to the group...}.
 -- Error "MODE <mode>" when the group exists in the other mode (nothing
--- written).
+-- written). Safe to retry.
 local mode = redis.call('HGET', KEYS[1], 'mode')
 if mode and mode ~= ARGV[1] then
   return redis.error_reply('MODE ' .. mode)
@@ -26,7 +28,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSETNX', KEYS[1], 'mode', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'start', ARGV[2])
 redis.call('HSET', KEYS[1], 'session', ARGV[3], 'visibility', ARGV[4], 'maxd', ARGV[5], 'config', ARGV[6])
-local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local id = ARGV[8]
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), id)
 redis.call('HSET', KEYS[3], id, ARGV[7])
 redis.call('HINCRBY', KEYS[1], 'mv', 1)

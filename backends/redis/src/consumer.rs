@@ -134,6 +134,7 @@ pub(crate) async fn join(
         .arg(config.dlq.max_deliveries)
         .arg(&config_json)
         .arg(list.join(","))
+        .arg(new_member_id())
         .invoke_async(&mut inner.conn())
         .await
         .map_err(|e| match (e.code(), e.detail()) {
@@ -184,6 +185,18 @@ pub(crate) async fn join(
     inner.wake();
     tracing::debug!(group, member, ?topics, mode = ?config.mode, "member joined");
     Ok(consumer)
+}
+
+/// A random member id below 2^53 (exact in Lua's doubles), chosen by the
+/// client so that a retried join is the same join.
+fn new_member_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.write_u32(std::process::id());
+    h.write_u64(N.fetch_add(1, Ordering::Relaxed));
+    (h.finish() & ((1 << 53) - 1)).max(1)
 }
 
 /// Remove a member at once (close, or its handle dropped); the others
