@@ -110,6 +110,38 @@ pub enum DeliveryMode {
     Queue,
 }
 
+impl DeliveryMode {
+    /// The mode's name as server backends store it: `stream` or `queue`.
+    ///
+    /// ```
+    /// use conveyor_core::DeliveryMode;
+    /// for m in [DeliveryMode::Stream, DeliveryMode::Queue] {
+    ///     assert_eq!(DeliveryMode::parse(m.name())?, m);
+    /// }
+    /// # Ok::<(), conveyor_core::Error>(())
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            DeliveryMode::Stream => "stream",
+            DeliveryMode::Queue => "queue",
+        }
+    }
+
+    /// The mode [`DeliveryMode::name`] names.
+    ///
+    /// # Errors
+    /// `Internal` for any other string (a stored mode that cannot be read).
+    pub fn parse(name: &str) -> crate::Result<Self> {
+        match name {
+            "stream" => Ok(DeliveryMode::Stream),
+            "queue" => Ok(DeliveryMode::Queue),
+            other => Err(crate::Error::internal(format!(
+                "unknown stored group mode `{other}`"
+            ))),
+        }
+    }
+}
+
 /// Where a new group starts, per partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum StartFrom {

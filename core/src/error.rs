@@ -176,6 +176,14 @@ impl Error {
         )
     }
 
+    /// Shorthand for [`ErrorKind::GroupNotFound`] naming the group.
+    pub fn group_not_found(group: &str) -> Self {
+        Error::new(
+            ErrorKind::GroupNotFound,
+            format!("group `{group}` does not exist"),
+        )
+    }
+
     /// Shorthand for [`ErrorKind::PartitionOutOfRange`].
     pub fn partition_out_of_range(topic: &str, partition: u32, partitions: u32) -> Self {
         Error::new(

@@ -37,6 +37,7 @@ pub mod record;
 pub mod runner;
 mod url;
 mod validate;
+mod waiting;
 
 pub mod backend {
     //! What backend authors need and applications do not: the embedded
@@ -57,6 +58,7 @@ pub mod backend {
     };
     pub use crate::headers::{decode_headers, encode_headers};
     pub use crate::url::{parse_bool, parse_durability, BrokerUrl};
+    pub use crate::waiting::poll_until;
 
     pub mod validate {
         //! Validation of names, configs and records, written once: every

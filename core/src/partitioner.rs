@@ -76,6 +76,42 @@ pub fn route(record: &crate::Record, partitions: u32, round_robin: &mut u32) -> 
     }
 }
 
+/// A batch for a topic of `config`: every record checked
+/// ([`crate::backend::validate::record`]: partition in range, size, key),
+/// then routed with [`route`]; returns the record indexes per partition,
+/// in ascending partition order and input order within each. Every
+/// server backend plans its sends with this one function.
+///
+/// # Errors
+/// The first record's validation error; nothing is routed then (the
+/// round-robin counter does not move).
+///
+/// ```
+/// use conveyor::{partitioner::plan, Record, TopicConfig};
+/// let records = vec![Record::new("a").with_partition(1), Record::new("b").with_partition(0)];
+/// let plan = plan("t", &records, &TopicConfig::new(2), &mut 0)?;
+/// assert_eq!(plan.into_iter().collect::<Vec<_>>(), [(0, vec![1]), (1, vec![0])]);
+/// # Ok::<(), conveyor::Error>(())
+/// ```
+pub fn plan(
+    topic: &str,
+    records: &[crate::Record],
+    config: &crate::TopicConfig,
+    round_robin: &mut u32,
+) -> crate::Result<std::collections::BTreeMap<u32, Vec<usize>>> {
+    for r in records {
+        crate::validate::record(topic, r, config.partitions, config.max_message_bytes)?;
+    }
+    let mut by_partition: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for (i, r) in records.iter().enumerate() {
+        by_partition
+            .entry(route(r, config.partitions, round_robin))
+            .or_default()
+            .push(i);
+    }
+    Ok(by_partition)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -266,7 +266,7 @@ impl Inner {
             .fetch_optional(&self.pool)
             .await
             .map_err(during(&what))?;
-        let mode = parse_mode(&mode.ok_or_else(|| group_not_found(group))?)?;
+        let mode = DeliveryMode::parse(&mode.ok_or_else(|| Error::group_not_found(group))?)?;
         let rows = sqlx::query(
             r#"SELECT gt.topic, p.partition, p.log_start, p.next_offset, c.committed, q.next,
                       (SELECT min(l."offset") FROM leases l WHERE l.group_name = gt.group_name
@@ -406,30 +406,6 @@ pub(crate) async fn create_topic_in(
 
 pub(crate) fn config_json<T: serde::Serialize>(config: &T) -> Result<serde_json::Value> {
     serde_json::to_value(config).map_err(|e| Error::internal(format!("config to JSON: {e}")))
-}
-
-pub(crate) fn group_not_found(group: &str) -> Error {
-    Error::new(
-        ErrorKind::GroupNotFound,
-        format!("group `{group}` does not exist"),
-    )
-}
-
-pub(crate) fn mode_name(mode: DeliveryMode) -> &'static str {
-    match mode {
-        DeliveryMode::Stream => "stream",
-        _ => "queue",
-    }
-}
-
-pub(crate) fn parse_mode(s: &str) -> Result<DeliveryMode> {
-    match s {
-        "stream" => Ok(DeliveryMode::Stream),
-        "queue" => Ok(DeliveryMode::Queue),
-        other => Err(Error::internal(format!(
-            "unknown stored group mode `{other}`"
-        ))),
-    }
 }
 
 /// Conveyor on PostgreSQL (see the crate docs).
@@ -742,7 +718,7 @@ impl Broker for PgBroker {
                 .fetch_optional(&self.inner.pool)
                 .await
                 .map_err(during(&what))?
-                .ok_or_else(|| group_not_found(group))?;
+                .ok_or_else(|| Error::group_not_found(group))?;
             let config: GroupConfig = serde_json::from_value(g.get(0))
                 .map_err(|e| Error::internal(format!("{what}: stored config is unreadable: {e}")))?;
             let members = sqlx::query(

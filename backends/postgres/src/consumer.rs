@@ -10,7 +10,7 @@ use crate::group::{heartbeat, leave};
 use crate::produce::append;
 use crate::queries::{self, existing_topic, Bounds};
 use async_trait::async_trait;
-use conveyor_core::backend::StoredMessage;
+use conveyor_core::backend::{poll_until, StoredMessage};
 use conveyor_core::dlq::{self, DeadLetter, PassedRuns};
 use conveyor_core::{
     partitioner, BatchAck, Consumer, DeliveryMode, DeliveryToken, Error, ErrorKind, GroupConfig,
@@ -199,7 +199,7 @@ impl PgConsumer {
                 .fetch_optional(&self.inner.pool)
                 .await
                 .map_err(during(format!("read group `{}`", self.group)))?
-                .ok_or_else(|| crate::broker::group_not_found(&self.group))?;
+                .ok_or_else(|| Error::group_not_found(&self.group))?;
         serde_json::from_value(json).map_err(|e| {
             Error::internal(format!(
                 "group `{}`: stored config is unreadable: {e}",
@@ -521,7 +521,7 @@ impl PgConsumer {
         .fetch_optional(&mut *tx)
         .await
         .map_err(during(&what))?
-        .ok_or_else(|| crate::broker::group_not_found(&self.group))?;
+        .ok_or_else(|| Error::group_not_found(&self.group))?;
         let visibility: i64 = g.get(0);
         let max_deliveries: i32 = g.get(1);
         let config: GroupConfig = serde_json::from_value(g.get(2)).map_err(|e| {
@@ -1071,32 +1071,19 @@ impl Consumer for PgConsumer {
                 if max == 0 {
                     return Ok(Vec::new());
                 }
-                let started = Instant::now();
-                let mut changes = self.inner.changed.subscribe();
-                loop {
-                    changes.borrow_and_update();
-                    let (messages, due) = match self.mode {
-                        DeliveryMode::Stream => self.poll_stream(max).await?,
-                        _ => self.poll_queue(max).await?,
-                    };
-                    if !messages.is_empty() {
-                        return Ok(messages);
-                    }
-                    let elapsed = started.elapsed();
-                    if elapsed >= timeout {
-                        return Ok(Vec::new());
-                    }
-                    let mut wait = (timeout - elapsed)
-                        .min(*self.session.lock() / 4)
-                        .min(FALLBACK_POLL);
-                    if let Some(due) = due {
-                        let now = now_ms();
-                        wait = wait.min(Duration::from_millis(due.saturating_sub(now)));
-                    }
-                    let wait = wait.max(Duration::from_millis(1));
-                    let _ = tokio::time::timeout(wait, changes.changed()).await;
-                    self.check_open()?;
-                }
+                poll_until(
+                    self.inner.changed.subscribe(),
+                    timeout,
+                    || (*self.session.lock() / 4).min(FALLBACK_POLL),
+                    || async {
+                        match self.mode {
+                            DeliveryMode::Stream => self.poll_stream(max).await,
+                            _ => self.poll_queue(max).await,
+                        }
+                    },
+                    || self.check_open(),
+                )
+                .await
             })
             .await
     }

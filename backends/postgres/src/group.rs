@@ -2,7 +2,7 @@
 //! leave, and the stream-mode rebalance with core's sticky [`assign`],
 //! each decided under the group row's lock (`SELECT .. FOR UPDATE`).
 
-use crate::broker::{config_json, mode_name, parse_mode, Inner};
+use crate::broker::{config_json, Inner};
 use crate::consumer::PgConsumer;
 use crate::error::during;
 use conveyor_core::backend::{assign, validate, MemberSubscription};
@@ -40,7 +40,7 @@ pub(crate) async fn join(
          VALUES ($1, $2, $3, 0, 0, 0) ON CONFLICT (name) DO NOTHING",
     )
     .bind(group)
-    .bind(mode_name(config.mode))
+    .bind(config.mode.name())
     .bind(config_json(&config)?)
     .execute(&mut *tx)
     .await
@@ -50,7 +50,7 @@ pub(crate) async fn join(
         .fetch_one(&mut *tx)
         .await
         .map_err(during(&what))?;
-    let mode = parse_mode(row.get(0))?;
+    let mode = DeliveryMode::parse(row.get(0))?;
     if mode != config.mode {
         return Err(Error::new(
             ErrorKind::GroupModeMismatch,
@@ -307,7 +307,7 @@ pub(crate) async fn rebalance(tx: &mut PgConnection, group: &str) -> Result<()> 
         .fetch_one(&mut *tx)
         .await
         .map_err(during(&what))?;
-    if parse_mode(row.get(0))? != DeliveryMode::Stream {
+    if DeliveryMode::parse(row.get(0))? != DeliveryMode::Stream {
         return Ok(());
     }
     let generation = row.get::<i64, _>(1) + 1;

@@ -6,11 +6,10 @@ use crate::broker::Inner;
 use crate::error::during;
 use async_trait::async_trait;
 use conveyor_core::backend::encode_headers;
-use conveyor_core::backend::validate;
 use conveyor_core::partitioner;
 use conveyor_core::{Error, ErrorKind, Producer, Receipt, Record, Result};
 use sqlx::{PgConnection, Row};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -343,25 +342,15 @@ impl Inner {
             self.forget_topic(topic);
             t = self.topic_cached(topic).await?;
         }
-        for r in &records {
-            validate::record(topic, r, t.config.partitions, t.config.max_message_bytes)?;
-        }
-        if records.is_empty() {
-            return Ok(Vec::new());
-        }
-        let targets: Vec<u32> = {
-            let mut rr = self.round_robin.lock();
-            let next = rr.entry(topic.to_string()).or_insert(0);
-            records
-                .iter()
-                .map(|r| partitioner::route(r, t.config.partitions, next))
-                .collect()
-        };
         // Ascending partition order: two batches never wait on each other
         // in opposite orders.
-        let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        for (i, p) in targets.iter().enumerate() {
-            by_partition.entry(*p).or_default().push(i);
+        let by_partition = {
+            let mut rr = self.round_robin.lock();
+            let next = rr.entry(topic.to_string()).or_insert(0);
+            partitioner::plan(topic, &records, &t.config, next)?
+        };
+        if records.is_empty() {
+            return Ok(Vec::new());
         }
         let mut receipts: Vec<Option<Receipt>> = vec![None; records.len()];
         let mut records: Vec<Option<Record>> = records.into_iter().map(Some).collect();

@@ -547,11 +547,11 @@ impl Inner {
                 .await
                 .map_err(during(&what))?;
         let (Some(mode), Some(config)) = (mode, config) else {
-            return Err(group_not_found(group));
+            return Err(Error::group_not_found(group));
         };
         let config: GroupConfig = serde_json::from_str(&config)
             .map_err(|e| Error::internal(format!("{what}: stored config is unreadable: {e}")))?;
-        Ok((parse_mode(&mode)?, config, generation.unwrap_or(0)))
+        Ok((DeliveryMode::parse(&mode)?, config, generation.unwrap_or(0)))
     }
 
     pub(crate) async fn group_lag(&self, group: &str) -> Result<GroupLag> {
@@ -868,30 +868,6 @@ fn corrupt(at: &dyn Fn() -> String, what: &str) -> Error {
         ErrorKind::Corrupt,
         format!("{}: a stored record is damaged ({what})", at()),
     )
-}
-
-pub(crate) fn group_not_found(group: &str) -> Error {
-    Error::new(
-        ErrorKind::GroupNotFound,
-        format!("group `{group}` does not exist"),
-    )
-}
-
-pub(crate) fn mode_name(mode: DeliveryMode) -> &'static str {
-    match mode {
-        DeliveryMode::Stream => "stream",
-        _ => "queue",
-    }
-}
-
-pub(crate) fn parse_mode(s: &str) -> Result<DeliveryMode> {
-    match s {
-        "stream" => Ok(DeliveryMode::Stream),
-        "queue" => Ok(DeliveryMode::Queue),
-        other => Err(Error::internal(format!(
-            "unknown stored group mode `{other}`"
-        ))),
-    }
 }
 
 /// Conveyor on Redis Streams (see the crate docs).

@@ -3,12 +3,12 @@
 //! (position and retries in the process; owners, generations and commits
 //! in Redis) and queue mode (leases in Redis, nothing in the process).
 
-use crate::broker::{decode_fields, mode_name, Bounds, Inner, TopicRow, FALLBACK_POLL};
+use crate::broker::{decode_fields, Bounds, Inner, TopicRow, FALLBACK_POLL};
 use crate::conn::{during, map_err, reply, SCRIPTS};
-use crate::keys::{commit_field, owner_field};
+use crate::keys::{self, commit_field, owner_field};
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_core::backend::{assign, validate, MemberSubscription};
+use conveyor_core::backend::{assign, poll_until, validate, MemberSubscription};
 use conveyor_core::dlq::{self, DeadLetter, PassedRuns};
 use conveyor_core::{
     BatchAck, Consumer, DeliveryMode, DeliveryToken, Error, ErrorKind, GroupConfig, Message,
@@ -31,6 +31,43 @@ const DEAD_CLAIM: Duration = Duration::from_secs(30);
 /// How often the sweep looks for dead letters nobody polls for.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
+/// `queue_poll.lua` on one partition's group state, its keys given.
+fn poll_call(part: &keys::Part, q: &keys::Queue) -> redis::ScriptInvocation<'static> {
+    let mut call = SCRIPTS.queue_poll.prepare_invoke();
+    call.key(&part.meta)
+        .key(&part.log)
+        .key(&q.cursor)
+        .key(&q.leases)
+        .key(&q.ready)
+        .key(&q.attempts)
+        .key(&q.tokens)
+        .key(&q.dead)
+        .key(&part.groups);
+    call
+}
+
+/// `queue_settle.lua` on one partition's group state, its keys and the
+/// action's arguments given (the items or member follow).
+fn settle_call(
+    q: &keys::Queue,
+    action: &str,
+    ms: u64,
+    max_deliveries: u32,
+    reason: &str,
+) -> redis::ScriptInvocation<'static> {
+    let mut call = SCRIPTS.queue_settle.prepare_invoke();
+    call.key(&q.leases)
+        .key(&q.ready)
+        .key(&q.attempts)
+        .key(&q.tokens)
+        .key(&q.dead)
+        .arg(action)
+        .arg(ms)
+        .arg(max_deliveries)
+        .arg(reason);
+    call
+}
+
 /// Queue mode: the partitions (topic id, partition) a member has leased
 /// from, shared between the member and its broker (which releases them if
 /// it closes first).
@@ -48,17 +85,7 @@ pub(crate) async fn release_leases(
     for (id, p) in touched {
         let part = inner.part(id, p);
         let q = part.queue(group);
-        SCRIPTS
-            .queue_settle
-            .key(&q.leases)
-            .key(&q.ready)
-            .key(&q.attempts)
-            .key(&q.tokens)
-            .key(&q.dead)
-            .arg("release")
-            .arg(0)
-            .arg(0)
-            .arg("")
+        settle_call(&q, "release", 0, 0, "")
             .arg(member)
             .invoke_async::<Vec<i64>>(&mut inner.conn())
             .await
@@ -127,7 +154,7 @@ pub(crate) async fn join(
         .key(&k.members)
         .key(&k.subs)
         .key(&k.topics)
-        .arg(mode_name(config.mode))
+        .arg(config.mode.name())
         .arg(start)
         .arg(millis(config.session_timeout))
         .arg(millis(config.visibility_timeout))
@@ -142,7 +169,7 @@ pub(crate) async fn join(
                 ErrorKind::GroupModeMismatch,
                 format!(
                     "group `{group}` is a {mode}-mode group; cannot join it in {} mode",
-                    mode_name(config.mode)
+                    config.mode.name()
                 ),
             ),
             _ => map_err(&what, e),
@@ -790,17 +817,7 @@ impl RedisConsumer {
             let what = format!("group `{}`: poll `{topic}`/{p}", self.group);
             let part = self.inner.part(id, p);
             let q = part.queue(self.group());
-            let got: Vec<Value> = SCRIPTS
-                .queue_poll
-                .key(&part.meta)
-                .key(&part.log)
-                .key(&q.cursor)
-                .key(&q.leases)
-                .key(&q.ready)
-                .key(&q.attempts)
-                .key(&q.tokens)
-                .key(&q.dead)
-                .key(&part.groups)
+            let got: Vec<Value> = poll_call(&part, &q)
                 .arg(self.group())
                 .arg(max - out.len())
                 .arg(millis(view.visibility))
@@ -877,16 +894,7 @@ impl RedisConsumer {
         let part = self.inner.part(topic_id, partition);
         let q = part.queue(self.group());
         let max_deliveries = self.beat(false, false).await?.max_deliveries;
-        let mut call = SCRIPTS.queue_settle.prepare_invoke();
-        call.key(&q.leases)
-            .key(&q.ready)
-            .key(&q.attempts)
-            .key(&q.tokens)
-            .key(&q.dead)
-            .arg(action)
-            .arg(ms)
-            .arg(max_deliveries)
-            .arg(reason);
+        let mut call = settle_call(&q, action, ms, max_deliveries, reason);
         for (o, tok) in items {
             call.arg(*o).arg(tok);
         }
@@ -946,17 +954,7 @@ impl Drop for GiveBack {
         rt.spawn(async move {
             let part = inner.part(id, p);
             let q = part.queue(&group);
-            let done = SCRIPTS
-                .queue_settle
-                .key(&q.leases)
-                .key(&q.ready)
-                .key(&q.attempts)
-                .key(&q.tokens)
-                .key(&q.dead)
-                .arg("giveback")
-                .arg(0)
-                .arg(0)
-                .arg("")
+            let done = settle_call(&q, "giveback", 0, 0, "")
                 .arg(&tag)
                 .invoke_async::<Vec<i64>>(&mut inner.conn())
                 .await;
@@ -1107,17 +1105,7 @@ async fn sweep_group(inner: &Inner, group: &str) -> Result<()> {
         for p in 0..t.config.partitions {
             let part = inner.part(t.id, p);
             let q = part.queue(group);
-            let got: Vec<Value> = SCRIPTS
-                .queue_poll
-                .key(&part.meta)
-                .key(&part.log)
-                .key(&q.cursor)
-                .key(&q.leases)
-                .key(&q.ready)
-                .key(&q.attempts)
-                .key(&q.tokens)
-                .key(&q.dead)
-                .key(&part.groups)
+            let got: Vec<Value> = poll_call(&part, &q)
                 .arg(group)
                 .arg(0)
                 .arg(millis(config.visibility_timeout))
@@ -1165,30 +1153,19 @@ impl Consumer for RedisConsumer {
                 if max == 0 {
                     return Ok(Vec::new());
                 }
-                let started = Instant::now();
-                let mut changes = self.inner.changed.subscribe();
-                loop {
-                    changes.borrow_and_update();
-                    let (messages, due) = match self.mode {
-                        DeliveryMode::Stream => self.poll_stream(max).await?,
-                        _ => self.poll_queue(max).await?,
-                    };
-                    if !messages.is_empty() {
-                        return Ok(messages);
-                    }
-                    let elapsed = started.elapsed();
-                    if elapsed >= timeout {
-                        return Ok(Vec::new());
-                    }
-                    let session = self.view.lock().0.session;
-                    let mut wait = (timeout - elapsed).min(session / 4).min(FALLBACK_POLL);
-                    if let Some(due) = due {
-                        wait = wait.min(Duration::from_millis(due.saturating_sub(now_ms())));
-                    }
-                    let wait = wait.max(Duration::from_millis(1));
-                    let _ = tokio::time::timeout(wait, changes.changed()).await;
-                    self.check_open()?;
-                }
+                poll_until(
+                    self.inner.changed.subscribe(),
+                    timeout,
+                    || (self.view.lock().0.session / 4).min(FALLBACK_POLL),
+                    || async {
+                        match self.mode {
+                            DeliveryMode::Stream => self.poll_stream(max).await,
+                            _ => self.poll_queue(max).await,
+                        }
+                    },
+                    || self.check_open(),
+                )
+                .await
             })
             .await
     }

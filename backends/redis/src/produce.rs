@@ -5,10 +5,9 @@
 use crate::broker::Inner;
 use crate::conn::{reply, SCRIPTS};
 use async_trait::async_trait;
-use conveyor_core::backend::{encode_headers, validate};
+use conveyor_core::backend::encode_headers;
 use conveyor_core::{dlq, partitioner, Error, ErrorKind, Producer, Receipt, Record, Result};
 use futures::{StreamExt, TryStreamExt};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,23 +35,13 @@ impl Inner {
             self.forget_topic(topic);
             t = self.topic_cached(topic).await?;
         }
-        for r in &records {
-            validate::record(topic, r, t.config.partitions, t.config.max_message_bytes)?;
-        }
-        if records.is_empty() {
-            return Ok(Vec::new());
-        }
-        let targets: Vec<u32> = {
+        let by_partition = {
             let mut rr = self.round_robin.lock();
             let next = rr.entry(topic.to_string()).or_insert(0);
-            records
-                .iter()
-                .map(|r| partitioner::route(r, t.config.partitions, next))
-                .collect()
+            partitioner::plan(topic, &records, &t.config, next)?
         };
-        let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        for (i, p) in targets.iter().enumerate() {
-            by_partition.entry(*p).or_default().push(i);
+        if records.is_empty() {
+            return Ok(Vec::new());
         }
         let window = crate::millis(t.config.dedup_window);
         let records = &records;
