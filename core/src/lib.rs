@@ -32,6 +32,7 @@ mod embedded;
 mod engine;
 pub mod error;
 mod headers;
+mod member_partition;
 pub mod partitioner;
 pub mod record;
 pub mod runner;
@@ -57,6 +58,7 @@ pub mod backend {
         StoredRecord,
     };
     pub use crate::headers::{decode_headers, encode_headers};
+    pub use crate::member_partition::{MemberPartition, Retry};
     pub use crate::url::{parse_bool, parse_durability, BrokerUrl};
     pub use crate::waiting::poll_until;
 

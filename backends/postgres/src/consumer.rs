@@ -10,8 +10,8 @@ use crate::group::{heartbeat, leave};
 use crate::produce::append;
 use crate::queries::{self, existing_topic, Bounds};
 use async_trait::async_trait;
-use conveyor_core::backend::{poll_until, StoredMessage};
-use conveyor_core::dlq::{self, DeadLetter, PassedRuns};
+use conveyor_core::backend::{poll_until, MemberPartition, StoredMessage};
+use conveyor_core::dlq::{self, DeadLetter};
 use conveyor_core::{
     partitioner, BatchAck, Consumer, DeliveryMode, DeliveryToken, Error, ErrorKind, GroupConfig,
     Message, NackOptions, NackOutcome, Result, SeekTo, TopicConfig, TopicPartition,
@@ -26,30 +26,8 @@ use std::time::{Duration, Instant};
 
 use crate::{millis, now_ms};
 
-/// A nacked stream-mode offset waiting to be redelivered.
-#[derive(Debug, Clone, Copy)]
-struct Retry {
-    attempt: u32,
-    not_before_ms: u64,
-}
-
 /// This member's state of one owned stream-mode partition.
-#[derive(Debug, Default)]
-struct Part {
-    /// The generation the partition was got in (a change resets the rest).
-    generation: u64,
-    position: Option<u64>,
-    retries: BTreeMap<u64, Retry>,
-    /// Records addressed to other groups that were passed unseen.
-    skipped: PassedRuns,
-}
-
-impl Part {
-    /// Where a commit of `next` lands once carried over passed runs.
-    fn carry(&mut self, next: u64) -> u64 {
-        self.skipped.carry(next)
-    }
-}
+type Part = MemberPartition;
 
 /// An owned partition as the server sees it.
 struct Owned {
@@ -257,22 +235,15 @@ impl PgConsumer {
             parts.retain(|tp, _| keep.contains(tp));
             for o in &owned {
                 let part = parts.entry(o.tp.clone()).or_default();
-                if part.generation != o.generation {
-                    *part = Part {
-                        generation: o.generation,
-                        ..Part::default()
-                    };
-                }
+                part.at_generation(o.generation);
                 let pos = part
                     .position
                     .unwrap_or_else(|| o.committed.unwrap_or(o.bounds.log_start))
                     .max(o.bounds.log_start);
                 part.position = Some(pos);
-                if let Some(r) = part.retries.get(&pos) {
-                    if r.not_before_ms > now {
-                        due = Some(due.map_or(r.not_before_ms, |d: u64| d.min(r.not_before_ms)));
-                        continue;
-                    }
+                if let Some(at) = part.retry_wait(pos, now) {
+                    due = Some(due.map_or(at, |d: u64| d.min(at)));
+                    continue;
                 }
                 if pos < o.bounds.log_end {
                     plan.push((o, pos));
@@ -302,36 +273,13 @@ impl PgConsumer {
         {
             let mut parts = self.parts.lock();
             for (o, pos, found) in reads {
-                let Some(last) = found.last().map(|m| m.offset) else {
-                    continue;
-                };
                 let Some(part) = parts.get_mut(&o.tp) else {
                     continue;
                 };
                 if part.generation != o.generation || part.position != Some(pos) {
                     continue; // a seek, nack or rebalance moved it meanwhile
                 }
-                part.position = Some(last.saturating_add(1));
-                let mut passed = false;
-                for m in found {
-                    if !dlq::is_for_group(&m.headers, self.group()) {
-                        // Redriven to another group (contract §5): passed
-                        // unseen, committed over once reached.
-                        part.skipped.pass(m.offset);
-                        passed = true;
-                        continue;
-                    }
-                    let attempt = part.retries.get(&m.offset).map_or(1, |r| r.attempt);
-                    let token = DeliveryToken::stream(self.group.clone(), o.generation);
-                    out.push(Message::from_stored(
-                        o.tp.topic.clone(),
-                        o.tp.partition,
-                        m,
-                        attempt,
-                        token,
-                    ));
-                }
-                if passed {
+                if part.deliver(&self.group, &o.tp, found, &mut out) {
                     due = Some(now);
                     let base = o.committed.unwrap_or(o.bounds.log_start);
                     let to = part.carry(base);
@@ -494,7 +442,7 @@ impl PgConsumer {
         };
         self.commit_offset(&tp, to, Some(generation), true).await?;
         if let Some(part) = self.parts.lock().get_mut(&tp) {
-            part.retries = part.retries.split_off(&to);
+            part.committed(to);
         }
         Ok(())
     }
@@ -1214,24 +1162,18 @@ impl Consumer for PgConsumer {
                         tx.commit().await.map_err(during(&what))?;
                         if let Some(part) = self.parts.lock().get_mut(&tp) {
                             part.retries.remove(&m.offset);
-                            part.retries = part.retries.split_off(&to);
+                            part.committed(to);
                         }
                         return Ok(NackOutcome::DeadLettered);
                     }
                     let delay = options.delay_or(config.retry_backoff.delay_after(m.attempt));
                     let mut parts = self.parts.lock();
-                    let part = parts.entry(tp).or_insert_with(|| Part {
-                        generation,
-                        ..Part::default()
-                    });
+                    let part = parts.entry(tp).or_insert_with(|| Part::new(generation));
                     if part.generation == generation {
-                        part.position = Some(m.offset);
-                        part.retries.insert(
+                        part.retry(
                             m.offset,
-                            Retry {
-                                attempt: m.attempt.saturating_add(1),
-                                not_before_ms: now_ms().saturating_add(millis(delay) as u64),
-                            },
+                            m.attempt.saturating_add(1),
+                            now_ms().saturating_add(millis(delay) as u64),
                         );
                     }
                     drop(parts);
@@ -1355,7 +1297,7 @@ impl Consumer for PgConsumer {
                 }
                 self.commit_offset(&tp, offset, None, false).await?;
                 if let Some(part) = self.parts.lock().get_mut(&tp) {
-                    part.retries = part.retries.split_off(&offset);
+                    part.committed(offset);
                 }
                 Ok(())
             })
@@ -1381,14 +1323,8 @@ impl Consumer for PgConsumer {
                     let generation = self.check_owner(&tp, None).await?;
                     let mut parts = self.parts.lock();
                     let part = parts.entry(tp).or_default();
-                    if part.generation != generation {
-                        *part = Part {
-                            generation,
-                            ..Part::default()
-                        };
-                    }
-                    part.position = Some(target);
-                    part.retries.clear();
+                    part.at_generation(generation);
+                    part.seek(target);
                 }
                 _ => {
                     let what = format!("group `{}`: seek {tp}", self.group);

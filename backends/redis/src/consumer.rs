@@ -8,8 +8,8 @@ use crate::conn::{during, map_err, reply, SCRIPTS};
 use crate::keys::{self, commit_field, owner_field};
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_core::backend::{assign, poll_until, validate, MemberSubscription};
-use conveyor_core::dlq::{self, DeadLetter, PassedRuns};
+use conveyor_core::backend::{assign, poll_until, validate, MemberPartition, MemberSubscription};
+use conveyor_core::dlq::{self, DeadLetter};
 use conveyor_core::{
     BatchAck, Consumer, DeliveryMode, DeliveryToken, Error, ErrorKind, GroupConfig, Message,
     NackOptions, NackOutcome, Result, SeekTo, StartFrom, TopicConfig, TopicPartition,
@@ -95,23 +95,8 @@ pub(crate) async fn release_leases(
     Ok(())
 }
 
-/// A nacked stream-mode offset waiting to be redelivered.
-#[derive(Debug, Clone, Copy)]
-struct Retry {
-    attempt: u32,
-    not_before_ms: u64,
-}
-
 /// This member's state of one owned stream-mode partition.
-#[derive(Debug, Default)]
-struct Part {
-    /// The generation the partition was got in (a change resets the rest).
-    generation: u64,
-    position: Option<u64>,
-    retries: BTreeMap<u64, Retry>,
-    /// Records addressed to other groups that were passed unseen.
-    skipped: PassedRuns,
-}
+type Part = MemberPartition;
 
 /// What a heartbeat tells a member.
 #[derive(Debug, Clone, Default)]
@@ -557,12 +542,7 @@ impl RedisConsumer {
             parts.retain(|tp, _| keep.contains(tp));
             for (tp, generation) in &owned {
                 let part = parts.entry(tp.clone()).or_default();
-                if part.generation != *generation {
-                    *part = Part {
-                        generation: *generation,
-                        ..Part::default()
-                    };
-                }
+                part.at_generation(*generation);
                 let pos = match part.position {
                     Some(p) => p,
                     None => match committed.get(tp) {
@@ -571,11 +551,9 @@ impl RedisConsumer {
                     },
                 };
                 part.position = Some(pos);
-                if let Some(r) = part.retries.get(&pos) {
-                    if r.not_before_ms > now {
-                        due = Some(due.map_or(r.not_before_ms, |d: u64| d.min(r.not_before_ms)));
-                        continue;
-                    }
+                if let Some(at) = part.retry_wait(pos, now) {
+                    due = Some(due.map_or(at, |d: u64| d.min(at)));
+                    continue;
                 }
                 plan.push((tp.clone(), *generation, pos));
             }
@@ -608,34 +586,14 @@ impl RedisConsumer {
                     continue; // a seek, nack or rebalance moved it meanwhile
                 }
                 // Below the log start (retention): continue at the start.
-                let Some(last) = found.last().map(|m| m.offset) else {
+                if found.is_empty() {
                     if pos < bounds.log_start {
                         part.position = Some(bounds.log_start);
                         due = Some(now);
                     }
                     continue;
-                };
-                part.position = Some(last.saturating_add(1));
-                let mut passed = false;
-                for m in found {
-                    if !dlq::is_for_group(&m.headers, self.group()) {
-                        // Redriven to another group (contract §5): passed
-                        // unseen, committed over once reached.
-                        part.skipped.pass(m.offset);
-                        passed = true;
-                        continue;
-                    }
-                    let attempt = part.retries.get(&m.offset).map_or(1, |r| r.attempt);
-                    let token = DeliveryToken::stream(self.group.clone(), generation);
-                    out.push(Message::from_stored(
-                        tp.topic.clone(),
-                        tp.partition,
-                        m,
-                        attempt,
-                        token,
-                    ));
                 }
-                if passed {
+                if part.deliver(&self.group, &tp, found, &mut out) {
                     due = Some(now);
                     commits.push((tp, id, generation));
                 }
@@ -655,7 +613,7 @@ impl RedisConsumer {
                 )))?;
             let base = c.unwrap_or(0);
             let to = match self.parts.lock().get_mut(&tp) {
-                Some(p) if p.generation == generation => p.skipped.carry(base),
+                Some(p) if p.generation == generation => p.carry(base),
                 _ => continue,
             };
             if to > base {
@@ -770,14 +728,14 @@ impl RedisConsumer {
         let to = {
             let mut parts = self.parts.lock();
             match parts.get_mut(&tp) {
-                Some(part) if part.generation == generation => part.skipped.carry(next),
+                Some(part) if part.generation == generation => part.carry(next),
                 _ => next,
             }
         };
         self.commit_offset(&tp, t.id, to, Some(generation), true)
             .await?;
         if let Some(part) = self.parts.lock().get_mut(&tp) {
-            part.retries = part.retries.split_off(&to);
+            part.committed(to);
         }
         Ok(())
     }
@@ -1303,7 +1261,7 @@ impl Consumer for RedisConsumer {
                                 let mut parts = self.parts.lock();
                                 match parts.get_mut(&tp) {
                                     Some(part) if part.generation == generation => {
-                                        part.skipped.carry(m.offset + 1)
+                                        part.carry(m.offset + 1)
                                     }
                                     _ => m.offset + 1,
                                 }
@@ -1312,7 +1270,7 @@ impl Consumer for RedisConsumer {
                                 .await?;
                             if let Some(part) = self.parts.lock().get_mut(&tp) {
                                 part.retries.remove(&m.offset);
-                                part.retries = part.retries.split_off(&to);
+                                part.committed(to);
                                 if part.position.is_some_and(|p| p <= m.offset) {
                                     part.position = Some(to);
                                 }
@@ -1321,18 +1279,12 @@ impl Consumer for RedisConsumer {
                         }
                         let delay = options.delay_or(config.retry_backoff.delay_after(m.attempt));
                         let mut parts = self.parts.lock();
-                        let part = parts.entry(tp).or_insert_with(|| Part {
-                            generation,
-                            ..Part::default()
-                        });
+                        let part = parts.entry(tp).or_insert_with(|| Part::new(generation));
                         if part.generation == generation {
-                            part.position = Some(m.offset);
-                            part.retries.insert(
+                            part.retry(
                                 m.offset,
-                                Retry {
-                                    attempt: m.attempt.saturating_add(1),
-                                    not_before_ms: now_ms().saturating_add(millis(delay)),
-                                },
+                                m.attempt.saturating_add(1),
+                                now_ms().saturating_add(millis(delay)),
                             );
                         }
                         drop(parts);
@@ -1440,7 +1392,7 @@ impl Consumer for RedisConsumer {
                 }
                 self.commit_offset(&tp, t.id, offset, None, false).await?;
                 if let Some(part) = self.parts.lock().get_mut(&tp) {
-                    part.retries = part.retries.split_off(&offset);
+                    part.committed(offset);
                 }
                 Ok(())
             })
@@ -1470,14 +1422,8 @@ impl Consumer for RedisConsumer {
                         let generation = self.check_owner(&tp, None).await?;
                         let mut parts = self.parts.lock();
                         let part = parts.entry(tp).or_default();
-                        if part.generation != generation {
-                            *part = Part {
-                                generation,
-                                ..Part::default()
-                            };
-                        }
-                        part.position = Some(target);
-                        part.retries.clear();
+                        part.at_generation(generation);
+                        part.seek(target);
                     }
                     _ => {
                         let part = self.inner.part(t.id, partition);
