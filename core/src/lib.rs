@@ -60,7 +60,7 @@ pub mod backend {
     pub use crate::headers::{decode_headers, encode_headers};
     pub use crate::member_partition::{MemberPartition, Retry};
     pub use crate::url::{parse_bool, parse_durability, BrokerUrl};
-    pub use crate::waiting::poll_until;
+    pub use crate::waiting::{poll_until, within};
 
     pub mod validate {
         //! Validation of names, configs and records, written once: every

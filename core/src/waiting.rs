@@ -52,3 +52,27 @@ where
         check()?;
     }
 }
+
+/// Run one call of a server backend with a deadline: a server that stops
+/// answering (a network partition, a black-holed connection) makes the
+/// call `Unavailable` (retriable) after `limit`, naming `server`, instead
+/// of a call that hangs forever.
+///
+/// # Errors
+/// `call`'s own error, or `Unavailable` at the deadline.
+///
+/// # Cancel safety
+/// As cancel safe as `call`, which is dropped at the deadline.
+pub async fn within<T>(
+    limit: Duration,
+    server: &str,
+    call: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => Err(crate::Error::new(
+            crate::ErrorKind::Unavailable,
+            format!("{server} did not answer within {limit:?}"),
+        )),
+    }
+}

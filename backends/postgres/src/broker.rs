@@ -71,14 +71,8 @@ impl Inner {
         extra: Duration,
         call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        let limit = self.op_timeout.saturating_add(extra);
-        match tokio::time::timeout(limit, call).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::new(
-                ErrorKind::Unavailable,
-                format!("PostgreSQL did not answer within {limit:?}"),
-            )),
-        }
+        conveyor_core::backend::within(self.op_timeout.saturating_add(extra), "PostgreSQL", call)
+            .await
     }
 
     /// Wake this process's waiting polls (other processes are woken by

@@ -87,14 +87,7 @@ impl Inner {
         extra: Duration,
         call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        let limit = self.op_timeout.saturating_add(extra);
-        match tokio::time::timeout(limit, call).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::new(
-                ErrorKind::Unavailable,
-                format!("Redis did not answer within {limit:?}"),
-            )),
-        }
+        conveyor_core::backend::within(self.op_timeout.saturating_add(extra), "Redis", call).await
     }
 
     /// Wake this process's waiting polls.
