@@ -87,7 +87,10 @@
 //! | `always` | `appendonly yes` with `appendfsync always` | each write is in the fsynced AOF before Redis answers |
 //!
 //! A durability the server cannot honour is refused at open with
-//! `Unsupported`, naming the setting. Replication (`WAIT`) is not used.
+//! `Unsupported`, naming the setting. Replication (`WAIT`) is not used,
+//! and neither is `WAITAOF` (Redis 7.2+, which could make `always` work
+//! with `appendfsync everysec`): the target is Redis 7.0, which lacks it,
+//! so nothing here requires a newer server.
 //!
 //! ## Errors
 //!
