@@ -60,8 +60,9 @@ fn append(c: &mut Criterion) {
     }
     // The same batches of 100 sent from a spawned task (where most
     // applications send from), not from the runtime's `block_on` thread:
-    // a backend that writes in place off the workers (`blocking_short`)
-    // still hops to the blocking pool here.
+    // a backend that writes in place off the workers (RocksDB's unsynced
+    // appends) must cross to another thread here (RocksDB: its writer
+    // thread).
     {
         let f = open(&rt);
         let topic = "append.task.100".to_string();

@@ -58,7 +58,7 @@ where
     F: FnOnce() -> Result<T> + Send + 'static,
     T: Send + 'static,
 {
-    if off_the_workers() {
+    if may_block_in_place() {
         return f();
     }
     blocking(f).await
@@ -66,8 +66,10 @@ where
 
 /// Whether the calling thread may block without stalling async tasks: no
 /// runtime, or a multi-thread runtime's `block_on` thread (no task is
-/// running here: `block_on` futures have no task id).
-fn off_the_workers() -> bool {
+/// running here: `block_on` futures have no task id). What
+/// [`blocking_short`] decides on, for storages that hand work to a thread
+/// of their own otherwise.
+pub fn may_block_in_place() -> bool {
     match tokio::runtime::Handle::try_current() {
         Err(_) => true,
         Ok(runtime) => {

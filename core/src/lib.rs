@@ -52,7 +52,9 @@ pub mod backend {
     //! inside its own transactions or scripts. Either way it runs the
     //! conformance suite (`conveyor-conformance`).
     pub use crate::assignment::*;
-    pub use crate::embedded::{blocking, blocking_short, spawn_interval_flusher};
+    pub use crate::embedded::{
+        blocking, blocking_short, may_block_in_place, spawn_interval_flusher,
+    };
     pub use crate::engine::{
         Appended, Engine, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage,
         StoredRecord,

@@ -3,7 +3,8 @@
 //!
 //! Owns the partition's locks and its in-memory bounds; opens no database
 //! and never runs on an async worker thread (every function here blocks:
-//! `lib.rs` calls them through `blocking`).
+//! `store.rs` calls them through `blocking`, the writer thread, or in place
+//! on a thread that is no async worker).
 
 use crate::error::{corrupt, from_rocksdb};
 use crate::layout::{
@@ -13,7 +14,7 @@ use crate::layout::{
 use bytes::Bytes;
 use conveyor_core::backend::{Appended, PartitionBounds, ReadRange, StoredMessage, StoredRecord};
 use conveyor_core::{Result, Retention};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use rocksdb::{ColumnFamily, ReadOptions, WriteBatch, WriteOptions, DB};
 use std::path::Path;
 
@@ -59,7 +60,8 @@ impl Partition {
         record_key(self.topic_id, self.index, offset)
     }
 
-    fn describe(&self, offset: u64) -> String {
+    /// "topic `t` partition p offset o", for messages.
+    pub(crate) fn describe(&self, offset: u64) -> String {
         format!(
             "topic `{}` partition {} offset {offset}",
             self.topic, self.index
@@ -120,8 +122,61 @@ impl Partition {
             .map_err(|e| from_rocksdb(path, &format!("{what} {}", self.describe(next.log_end)), e))
     }
 
+    /// The bounds as written, locked: whoever appends holds this from
+    /// assigning offsets until the write returned and the new bounds are
+    /// published ([`Partition::publish_appended`]).
+    pub(crate) fn lock_tail(&self) -> MutexGuard<'_, PartitionMeta> {
+        self.tail.lock()
+    }
+
+    /// Put `records` into `batch` at the offsets after `tail` (the bounds as
+    /// written, plus any appends to this partition staged earlier in the
+    /// same batch): where they go, and the bounds after them. `buf` is
+    /// scratch space for the encoding. Writes nothing itself.
+    pub(crate) fn stage_append(
+        &self,
+        tail: &PartitionMeta,
+        records: &[StoredRecord],
+        now_ms: u64,
+        records_cf: &ColumnFamily,
+        batch: &mut WriteBatch,
+        buf: &mut Vec<u8>,
+    ) -> (Appended, PartitionMeta) {
+        let timestamp = now_ms.max(tail.last_timestamp);
+        let base = tail.log_end;
+        let appended = Appended {
+            base_offset: base,
+            timestamp,
+        };
+        if records.is_empty() {
+            return (appended, *tail);
+        }
+        let mut bytes = 0u64;
+        for (i, r) in records.iter().enumerate() {
+            encode_record(r, timestamp, buf);
+            bytes += stored_size(buf);
+            batch.put_cf(records_cf, self.key(base + i as u64), &buf[..]);
+        }
+        let next = PartitionMeta {
+            log_end: base + records.len() as u64,
+            bytes: tail.bytes + bytes,
+            last_timestamp: timestamp,
+            ..*tail
+        };
+        (appended, next)
+    }
+
+    /// After the write of staged appends returned: the new bounds, for
+    /// writers (`tail`, the locked bounds as written) and then readers.
+    pub(crate) fn publish_appended(&self, tail: &mut PartitionMeta, next: PartitionMeta) {
+        *tail = next;
+        *self.visible.write() = next;
+    }
+
     /// Append `records` as one `WriteBatch` (with the partition's new
-    /// bounds), synced if `sync`; publish the new log end after the write.
+    /// bounds) written here, synced if `sync`; publish the new log end
+    /// after the write. (Appends from async tasks go through the store's
+    /// writer thread instead, which stages several into one batch.)
     pub(crate) fn append(
         &self,
         db: &DB,
@@ -132,35 +187,16 @@ impl Partition {
     ) -> Result<Appended> {
         let records_cf = cf(db, path, CF_RECORDS)?;
         let mut tail = self.tail.lock();
-        let timestamp = now_ms.max(tail.last_timestamp);
-        let base = tail.log_end;
-        if records.is_empty() {
-            return Ok(Appended {
-                base_offset: base,
-                timestamp,
-            });
-        }
         let mut batch = WriteBatch::default();
         let mut buf = Vec::with_capacity(256);
-        let mut bytes = 0u64;
-        for (i, r) in records.iter().enumerate() {
-            encode_record(r, timestamp, &mut buf);
-            bytes += stored_size(&buf);
-            batch.put_cf(records_cf, self.key(base + i as u64), &buf);
+        let (appended, next) =
+            self.stage_append(&tail, records, now_ms, records_cf, &mut batch, &mut buf);
+        if records.is_empty() {
+            return Ok(appended);
         }
-        let next = PartitionMeta {
-            log_end: base + records.len() as u64,
-            bytes: tail.bytes + bytes,
-            last_timestamp: timestamp,
-            ..*tail
-        };
         self.commit(db, path, batch, next, sync, "append to")?;
-        *tail = next;
-        *self.visible.write() = next;
-        Ok(Appended {
-            base_offset: base,
-            timestamp,
-        })
+        self.publish_appended(&mut tail, next);
+        Ok(appended)
     }
 
     /// The records of `range` below the published log end.

@@ -1,10 +1,12 @@
 //! [`RocksStorage`]: the database handle, the topic-id table, the
 //! partition map and the [`LogStorage`] implementation over them.
 //!
-//! Owns the RocksDB instance (and so its `LOCK`) and the flusher thread of
-//! `Durability::Interval`; the per-partition rules live in `partition.rs`,
-//! the bytes in `layout.rs`. Every RocksDB call goes through
-//! [`blocking`](crate::blocking::run).
+//! Owns the RocksDB instance (and so its `LOCK`), the flusher thread of
+//! `Durability::Interval` and the writer thread (`writer.rs`); the
+//! per-partition rules live in `partition.rs`, the bytes in `layout.rs`.
+//! Every RocksDB call runs off the async workers: appends on the writer
+//! thread (or in place on a thread that is no async worker), the rest
+//! through [`blocking`].
 
 use crate::error::{closed, corrupt, from_rocksdb};
 use crate::layout::{
@@ -12,10 +14,11 @@ use crate::layout::{
     META_FORMAT, META_NEXT_TOPIC_ID,
 };
 use crate::partition::{cf, meta_or_empty, Partition};
+use crate::writer::Writer;
 use crate::RocksOptions;
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_core::backend::{blocking, blocking_short, spawn_interval_flusher};
+use conveyor_core::backend::{blocking, may_block_in_place, spawn_interval_flusher};
 use conveyor_core::backend::{
     Appended, LogStorage, PartitionBounds, PartitionMap, ReadRange, StoredMessage, StoredRecord,
 };
@@ -31,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-struct Shared {
+pub(crate) struct Shared {
     path: PathBuf,
     options: RocksOptions,
     db: RwLock<Option<Arc<DB>>>,
@@ -59,7 +62,13 @@ impl Drop for Shared {
 }
 
 impl Shared {
-    fn db(&self) -> Result<Arc<DB>> {
+    /// The database's directory.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open database (`Closed` after `close`).
+    pub(crate) fn db(&self) -> Result<Arc<DB>> {
         self.db.read().clone().ok_or_else(|| closed(&self.path))
     }
 
@@ -79,7 +88,8 @@ impl Shared {
         }
     }
 
-    fn sync(&self) -> bool {
+    /// Whether every write is synced (`Durability::Always`).
+    pub(crate) fn sync(&self) -> bool {
         self.options.durability == Durability::Always
     }
 }
@@ -87,6 +97,9 @@ impl Shared {
 /// A RocksDB database in a directory, owned by this process while open.
 pub struct RocksStorage {
     shared: Arc<Shared>,
+    /// The writer thread (none for a read-only store): appends from async
+    /// tasks, grouped into one `WriteBatch`.
+    writer: Option<Writer>,
 }
 
 impl std::fmt::Debug for RocksStorage {
@@ -214,7 +227,11 @@ impl RocksStorage {
         } else if let Durability::Interval(every) = options.durability {
             spawn_interval_flusher("conveyor-rocksdb-flush", &shared, every, sync_wal)?;
         }
-        Ok(RocksStorage { shared })
+        let writer = match options.read_only {
+            true => None,
+            false => Some(Writer::start(&shared)?),
+        };
+        Ok(RocksStorage { shared, writer })
     }
 
     /// The database's directory.
@@ -490,16 +507,19 @@ impl LogStorage for RocksStorage {
         let part = self.partition(topic, partition)?;
         let sync = self.shared.sync();
         let now = conveyor_core::now_ms();
-        let db = self.shared.db()?;
-        let shared = self.shared.clone();
-        let append = move || part.append(&db, &shared.path, &records, now, sync);
-        // A synced write goes to the blocking pool, where concurrent ones
-        // share a sync; an unsynced one runs inline when this thread is no
-        // async worker (the two thread wake-ups of the hop cost as much as
-        // the write: see `# Measured`).
-        match sync {
-            true => blocking(append).await,
-            false => blocking_short(append).await,
+        // An unsynced append called from a thread that is no async worker
+        // (a multi-thread runtime's `block_on` thread) is written right
+        // here: no thread hop at all. Every other append goes to the
+        // writer thread, which groups what is queued into one `WriteBatch`
+        // (one sync under `Always`): never on an async worker, since even
+        // an unsynced write can block (see `# Writes` in the crate docs).
+        if !sync && may_block_in_place() {
+            let db = self.shared.db()?;
+            return part.append(&db, &self.shared.path, &records, now, false);
+        }
+        match &self.writer {
+            Some(writer) => writer.append(&self.shared, part, records, now).await,
+            None => Err(Error::internal("append to a store without a writer thread")),
         }
     }
 
