@@ -95,10 +95,10 @@ pub use conveyor_core::{
 pub use conveyor_memory as memory;
 #[cfg(feature = "mmap")]
 pub use conveyor_mmap as mmap;
-#[cfg(feature = "rocksdb")]
-pub use conveyor_rocksdb as rocksdb;
 #[cfg(feature = "redis")]
 pub use conveyor_redis as redis;
+#[cfg(feature = "rocksdb")]
+pub use conveyor_rocksdb as rocksdb;
 
 use futures::future::BoxFuture;
 use std::sync::Arc;
