@@ -7,8 +7,11 @@
 //! cluster (one node is enough; the others are discovered), or [`open`].
 //!
 //! Every rule of the delivery contract (`docs/semantics.md`) holds in the
-//! server: each step is one Lua script (`lua/*.lua`, each with a KEYS/ARGV
-//! header), which Redis runs atomically, on the server's clock (`TIME`).
+//! server: each step that writes is one Lua script (`lua/*.lua`, each with
+//! a KEYS/ARGV header), which Redis runs atomically, on the server's clock
+//! (`TIME`). A read (`fetch`, a partition's bounds) is a `MULTI`/`EXEC`
+//! transaction of `HMGET` and `XRANGE` on the partition's slot: as atomic,
+//! without the script's conversion of every entry to Lua and back.
 //! Members of a group may live in different processes and machines.
 //!
 //! ## Key layout
@@ -36,9 +39,11 @@
 //!   offsets; a batch to one partition is one script (atomic, contiguous);
 //!   the dedup window lives in the same slot and is checked in the same
 //!   script, so concurrent sends of one key append once. Every append
-//!   publishes on the namespace's channel; each broker has one pub/sub
-//!   connection and wakes its waiting polls (within milliseconds; a 250 ms
-//!   fallback poll covers a lost connection).
+//!   publishes on the namespace's channel; a broker subscribes to it (one
+//!   pub/sub connection) while it has polls in progress, and for 5 s after
+//!   the last, and wakes its waiting polls (within milliseconds; a 250 ms
+//!   fallback poll covers a lost connection and the moment of subscribing).
+//!   A process that only produces does not receive the notifications.
 //! - **Groups**: members heartbeat on the server's clock (`heartbeat.lua`),
 //!   which also removes members silent for the session timeout. Every
 //!   membership change bumps the group's membership version; a member that
