@@ -220,22 +220,25 @@ where
         rt.block_on(async {
             let mut conn = c.clone();
             let value = vec![7u8; VALUE];
-            let mut left = iters;
-            let mut p = 0;
-            while left > 0 {
-                let n = left.min(1000);
-                let mut pipe = redis::pipe();
-                for _ in 0..n {
-                    pipe.cmd("XADD")
-                        .arg(&keys[p % keys.len()])
-                        .arg("*")
-                        .arg("v")
-                        .arg(&value)
-                        .ignore();
-                    p += 1;
+            // One pipeline per stream (on a cluster, a pipeline stays in
+            // one slot), `iters` entries spread evenly.
+            for (i, key) in keys.iter().enumerate() {
+                let mut left =
+                    iters / keys.len() as u64 + u64::from((i as u64) < iters % keys.len() as u64);
+                while left > 0 {
+                    let n = left.min(1000);
+                    let mut pipe = redis::pipe();
+                    for _ in 0..n {
+                        pipe.cmd("XADD")
+                            .arg(key)
+                            .arg("*")
+                            .arg("v")
+                            .arg(&value)
+                            .ignore();
+                    }
+                    pipe.query_async::<()>(&mut conn).await.unwrap();
+                    left -= n;
                 }
-                pipe.query_async::<()>(&mut conn).await.unwrap();
-                left -= n;
             }
             for k in keys.iter() {
                 redis::cmd("XGROUP")
