@@ -19,10 +19,21 @@
 //! - `queue_in_flight/{backend}/{n}`: 4 consumers holding `n` leases in
 //!   all (n/4 each), each acking its 10 oldest one by one and polling 10
 //!   more: the cost of an ack against the number of messages in flight.
+//! - `queue_ack/raw_redis_xreadgroup/single` (only with a `redis://` or
+//!   `redis+cluster://` URL, feature `redis`): the raw Redis baseline of
+//!   `single`, through the `redis` crate: 4 streams (one per partition,
+//!   each its own slot), one Redis consumer group, 4 consumers (tasks
+//!   sharing one multiplexed connection, as a broker's consumers do), each
+//!   taking turns over the streams with `XREADGROUP ... COUNT 100 ... >`
+//!   and acking the entries one by one with `XACK`, each awaited.
+//!
+//! A Redis URL gets a namespace of its own per fixture
+//! (`namespace=NAME` becomes `NAME.<pid>.<n>`), deleted at the end.
 //!
 //! ```text
 //! cargo bench --bench queue
 //! CONVEYOR_BENCH_URL='mmap://{tmp}?durability=always' cargo bench --bench queue -- 'queue_ack/mmap/(single|concurrent)'
+//! CONVEYOR_BENCH_URL='redis://127.0.0.1:6379/?namespace=bench' cargo bench --features redis --bench queue -- queue_ack
 //! ```
 
 // A benchmark: a failed unwrap aborts the run, which is what we want.
@@ -150,7 +161,152 @@ fn queue_ack(c: &mut Criterion) {
             });
         }
     }
+    #[cfg(feature = "redis")]
+    raw_redis(&rt, &mut group);
     group.finish();
+}
+
+/// The raw Redis baseline of `single` (see the module docs).
+#[cfg(feature = "redis")]
+fn raw_redis(
+    rt: &tokio::runtime::Runtime,
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+) {
+    use conveyor::redis::redis;
+    if !common::is_redis(&bench_url()) {
+        return;
+    }
+    // A fixture for its namespace: the streams are deleted with it.
+    let f = open_url(rt, &bench_url());
+    let ns = f
+        .redis
+        .as_ref()
+        .expect("a Redis fixture")
+        .namespace()
+        .to_string();
+    let url = conveyor::BrokerUrl::parse(&f.url).unwrap();
+    let (topology, _) = conveyor::redis::parse(&url).unwrap();
+    let id = BenchmarkId::new("raw_redis_xreadgroup", "single");
+    if topology.is_cluster() {
+        let client = redis::cluster::ClusterClient::new(topology.seeds().to_vec()).unwrap();
+        let c = rt.block_on(client.get_async_connection()).unwrap();
+        group.bench_function(id, |b| raw_redis_iter(rt, b, &ns, &c));
+    } else {
+        let client = redis::Client::open(topology.seeds()[0].as_str()).unwrap();
+        let c = rt
+            .block_on(client.get_multiplexed_async_connection())
+            .unwrap();
+        group.bench_function(id, |b| raw_redis_iter(rt, b, &ns, &c));
+    }
+}
+
+/// One sample of the raw baseline: fill 4 streams with `iters` entries
+/// in all, then time 4 consumers draining them with `XREADGROUP` and one
+/// `XACK` per entry.
+#[cfg(feature = "redis")]
+fn raw_redis_iter<C>(rt: &tokio::runtime::Runtime, b: &mut criterion::Bencher<'_>, ns: &str, c: &C)
+where
+    C: conveyor::redis::redis::aio::ConnectionLike + Clone + Send + 'static,
+{
+    use conveyor::redis::redis::{self, streams::StreamReadReply};
+    let mut round = 0u64;
+    b.iter_custom(|iters| {
+        round += 1;
+        let keys: Arc<Vec<String>> = Arc::new(
+            (0..PARTITIONS)
+                .map(|p| format!("{{{ns}/rawq.{round}.{p}}}:s"))
+                .collect(),
+        );
+        rt.block_on(async {
+            let mut conn = c.clone();
+            let value = vec![7u8; VALUE];
+            // One pipeline per stream (on a cluster, a pipeline stays in
+            // one slot), `iters` entries spread evenly.
+            for (i, key) in keys.iter().enumerate() {
+                let mut left =
+                    iters / keys.len() as u64 + u64::from((i as u64) < iters % keys.len() as u64);
+                while left > 0 {
+                    let n = left.min(1000);
+                    let mut pipe = redis::pipe();
+                    for _ in 0..n {
+                        pipe.cmd("XADD")
+                            .arg(key)
+                            .arg("*")
+                            .arg("v")
+                            .arg(&value)
+                            .ignore();
+                    }
+                    pipe.query_async::<()>(&mut conn).await.unwrap();
+                    left -= n;
+                }
+            }
+            for k in keys.iter() {
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(k)
+                    .arg("workers")
+                    .arg("0")
+                    .arg("MKSTREAM")
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            let left = Arc::new(AtomicI64::new(iters as i64));
+            let started = Instant::now();
+            let tasks: Vec<_> = (0..CONSUMERS)
+                .map(|i| {
+                    let (mut conn, keys, left) = (c.clone(), keys.clone(), left.clone());
+                    tokio::spawn(async move {
+                        let mut turn = i;
+                        while left.load(Ordering::Relaxed) > 0 {
+                            let key = &keys[turn % keys.len()];
+                            turn += 1;
+                            let got: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+                                .arg("GROUP")
+                                .arg("workers")
+                                .arg(format!("c{i}"))
+                                .arg("COUNT")
+                                .arg(POLL)
+                                .arg("STREAMS")
+                                .arg(key)
+                                .arg(">")
+                                .query_async(&mut conn)
+                                .await
+                                .unwrap();
+                            let ids: Vec<String> = got
+                                .into_iter()
+                                .flat_map(|r| r.keys)
+                                .flat_map(|k| k.ids)
+                                .map(|e| e.id)
+                                .collect();
+                            for id in &ids {
+                                redis::cmd("XACK")
+                                    .arg(key)
+                                    .arg("workers")
+                                    .arg(id)
+                                    .query_async::<i64>(&mut conn)
+                                    .await
+                                    .unwrap();
+                            }
+                            left.fetch_sub(ids.len() as i64, Ordering::Relaxed);
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let took = started.elapsed();
+            for k in keys.iter() {
+                redis::cmd("UNLINK")
+                    .arg(k)
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            took
+        })
+    });
 }
 
 /// A consumer of the in-flight run and the leases it holds.

@@ -16,6 +16,19 @@
 //! 100-byte values written with plain `WriteBatch`es of 100 through the
 //! `rocksdb` crate (no sync, LZ4 like the backend's record family), so the
 //! backend's overhead over RocksDB itself is one ratio.
+//!
+//! With a `redis://` or `redis+cluster://` URL (feature `redis`) each
+//! fixture gets a namespace of its own (`namespace=NAME` becomes
+//! `NAME.<pid>.<n>`), deleted when the bench is done with it, and the
+//! `append` group also measures `append/raw_redis_xadd/100`: the same
+//! 100-byte values appended to one stream with `XADD key * v <value>`,
+//! pipelined 100 per round trip through the `redis` crate (a multiplexed
+//! connection; on a cluster, the cluster connection to the key's master).
+//!
+//! ```text
+//! CONVEYOR_BENCH_URL='redis://127.0.0.1:6379/?namespace=bench' cargo bench --features redis --bench throughput
+//! CONVEYOR_BENCH_URL='redis+cluster://127.0.0.1:7000/?namespace=bench' cargo bench --features redis --bench throughput -- append
+//! ```
 
 // A benchmark: a failed unwrap aborts the run, which is what we want.
 #![allow(clippy::unwrap_used)]
@@ -91,6 +104,8 @@ fn append(c: &mut Criterion) {
     }
     #[cfg(feature = "rocksdb")]
     raw_rocksdb(&mut group);
+    #[cfg(feature = "redis")]
+    raw_redis(&rt, &mut group);
     group.finish();
 }
 
@@ -127,6 +142,68 @@ fn raw_rocksdb(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement:
             started.elapsed()
         })
     });
+}
+
+/// The raw Redis baseline (see the module docs), only for `redis://` and
+/// `redis+cluster://`.
+#[cfg(feature = "redis")]
+fn raw_redis(
+    rt: &tokio::runtime::Runtime,
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+) {
+    use conveyor::redis::redis;
+    if !common::is_redis(&bench_url()) {
+        return;
+    }
+    // A fixture for its namespace: the stream is deleted with it.
+    let f = open(rt);
+    let broker = f.redis.as_ref().expect("a Redis fixture");
+    let key = format!("{{{}/raw}}:log", broker.namespace());
+    let url = conveyor::BrokerUrl::parse(&f.url).unwrap();
+    let (topology, _) = conveyor::redis::parse(&url).unwrap();
+    let value = vec![7u8; VALUE];
+    let batch = 100u64;
+    let mut pipe = redis::pipe();
+    for _ in 0..batch {
+        pipe.cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg("v")
+            .arg(&value)
+            .ignore();
+    }
+    group.throughput(Throughput::Elements(batch));
+    let id = BenchmarkId::new("raw_redis_xadd", batch);
+    if topology.is_cluster() {
+        let client = redis::cluster::ClusterClient::new(topology.seeds().to_vec()).unwrap();
+        let mut c = rt.block_on(client.get_async_connection()).unwrap();
+        group.bench_function(id, |b| raw_redis_iter(rt, b, &pipe, &mut c));
+    } else {
+        let client = redis::Client::open(topology.seeds()[0].as_str()).unwrap();
+        let mut c = rt
+            .block_on(client.get_multiplexed_async_connection())
+            .unwrap();
+        group.bench_function(id, |b| raw_redis_iter(rt, b, &pipe, &mut c));
+    }
+}
+
+/// Send `pipe` once per iteration, each awaited before the next.
+#[cfg(feature = "redis")]
+fn raw_redis_iter<C: conveyor::redis::redis::aio::ConnectionLike>(
+    rt: &tokio::runtime::Runtime,
+    b: &mut criterion::Bencher<'_>,
+    pipe: &conveyor::redis::redis::Pipeline,
+    c: &mut C,
+) {
+    b.iter_custom(|iters| {
+        rt.block_on(async {
+            let started = Instant::now();
+            for _ in 0..iters {
+                pipe.query_async::<()>(c).await.unwrap();
+            }
+            started.elapsed()
+        })
+    })
 }
 
 fn read(c: &mut Criterion) {

@@ -26,6 +26,11 @@
 -- or redelivery (-1: none)}; a message is {offset, attempt, token
 -- ("counter:member:poll"), fields}.
 -- Error "NOTOPIC" when the partition does not exist.
+--
+-- Numbers go into arguments as strings made with string.format('%d'): a
+-- Lua number given to redis.call (or concatenated) is formatted with a
+-- floating-point printf, which cost more than the commands themselves.
+local fmt = string.format
 local m = redis.call('HMGET', KEYS[1], 'start', 'end')
 if not m[1] then
   return redis.error_reply('NOTOPIC partition does not exist')
@@ -44,7 +49,8 @@ else
 end
 if cur < start then cur = start end
 
-local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 1000)
+local nows = fmt('%d', now)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', nows, 'LIMIT', 0, 1000)
 for _, o in ipairs(expired) do
   redis.call('ZREM', KEYS[4], o)
   redis.call('HDEL', KEYS[7], o)
@@ -52,21 +58,20 @@ for _, o in ipairs(expired) do
   if a >= maxd then
     redis.call('HSET', KEYS[8], o, a .. '|0|')
   else
-    redis.call('ZADD', KEYS[5], now, o)
+    redis.call('ZADD', KEYS[5], nows, o)
   end
 end
 
-local out = {}
+-- What this poll leases, in delivery order: {offset (a string, as the
+-- entry id has it), fields}. The leases are written after the scan, with
+-- one HINCRBY of the token counter and one ZADD and HSET per 100.
+local pend = {}
 local function lease(o, fields)
-  local a = redis.call('HINCRBY', KEYS[6], o, 1)
-  local tok = redis.call('HINCRBY', KEYS[3], 'tok', 1) .. ':' .. ARGV[6]
-  redis.call('ZADD', KEYS[4], now + vis, o)
-  redis.call('HSET', KEYS[7], o, tok)
-  out[#out + 1] = {o, a, tok, fields}
+  pend[#pend + 1] = {o, fields}
 end
 
-if #out < max then
-  local due = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, max)
+if #pend < max then
+  local due = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', nows, 'LIMIT', 0, max)
   for _, o in ipairs(due) do
     redis.call('ZREM', KEYS[5], o)
     local e = {}
@@ -76,19 +81,20 @@ if #out < max then
     if #e == 0 then
       redis.call('HDEL', KEYS[6], o) -- removed by retention: settled unseen
     else
-      lease(tonumber(o), e[1][2])
+      lease(o, e[1][2])
     end
   end
 end
 
-while #out < max and cur < stop do
-  local es = redis.call('XRANGE', KEYS[2], cur .. '-1', '+', 'COUNT', max - #out)
+while #pend < max and cur < stop do
+  local es = redis.call('XRANGE', KEYS[2], fmt('%d-1', cur), '+', 'COUNT', max - #pend)
   if #es == 0 then
     cur = stop
     break
   end
   for _, e in ipairs(es) do
-    local o = tonumber(string.match(e[1], '^(%d+)'))
+    local os = string.match(e[1], '^(%d+)')
+    local o = tonumber(os)
     cur = o + 1
     local f = e[2]
     local g, d = nil, nil
@@ -98,13 +104,35 @@ while #out < max and cur < stop do
     if g and g ~= ARGV[1] then
       -- addressed to another group (redriven): settled unseen
     elseif d and d > now then
-      redis.call('ZADD', KEYS[5], d, o)
+      redis.call('ZADD', KEYS[5], fmt('%d', d), os)
     else
-      lease(o, f)
+      lease(os, f)
     end
   end
 end
-redis.call('HSET', KEYS[3], 'cur', cur)
+redis.call('HSET', KEYS[3], 'cur', fmt('%d', cur))
+
+local out = {}
+if #pend > 0 then
+  local deadline = fmt('%d', now + vis)
+  local tok0 = redis.call('HINCRBY', KEYS[3], 'tok', #pend) - #pend
+  local z, h = {}, {}
+  for i, p in ipairs(pend) do
+    local o = p[1]
+    local a = redis.call('HINCRBY', KEYS[6], o, 1)
+    local tok = fmt('%d', tok0 + i) .. ':' .. ARGV[6]
+    z[#z + 1] = deadline
+    z[#z + 1] = o
+    h[#h + 1] = o
+    h[#h + 1] = tok
+    out[#out + 1] = {tonumber(o), a, tok, p[2]}
+    if #z >= 200 or i == #pend then
+      redis.call('ZADD', KEYS[4], unpack(z))
+      redis.call('HSET', KEYS[7], unpack(h))
+      z, h = {}, {}
+    end
+  end
+end
 
 local wait = -1
 local nl = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')

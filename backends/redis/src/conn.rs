@@ -49,7 +49,6 @@ impl ConnectionLike for Conn {
 /// on `NOSCRIPT` (a restarted server, or a cluster node that never saw it).
 pub(crate) struct Scripts {
     pub append: redis::Script,
-    pub read: redis::Script,
     pub find_time: redis::Script,
     pub retain: redis::Script,
     pub topic_create: redis::Script,
@@ -71,7 +70,6 @@ pub(crate) struct Scripts {
 /// The scripts, hashed once per process.
 pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     append: redis::Script::new(include_str!("../lua/append.lua")),
-    read: redis::Script::new(include_str!("../lua/read.lua")),
     find_time: redis::Script::new(include_str!("../lua/find_time.lua")),
     retain: redis::Script::new(include_str!("../lua/retain.lua")),
     topic_create: redis::Script::new(include_str!("../lua/topic_create.lua")),

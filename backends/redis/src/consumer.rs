@@ -477,6 +477,45 @@ impl RedisConsumer {
         Ok((TopicPartition::new(topic, partition), t))
     }
 
+    /// [`Self::subscribed`] from the broker's topic cache when it holds
+    /// the topic (the entry sends use, at most `TOPIC_CACHE` old): an
+    /// ack is then one script call, not three round trips. A cached id may
+    /// be stale (the topic deleted, or deleted and created again): callers
+    /// whose script then finds nothing to settle ask again with
+    /// [`Self::subscribed_fresh`], so that such an ack still answers
+    /// `TopicNotFound` (or lease lost) as without the cache.
+    async fn subscribed_cached(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<(TopicPartition, TopicRow)> {
+        if self.topics.contains(topic) {
+            if let Some(t) = self.inner.cached_topic(topic) {
+                if partition < t.config.partitions {
+                    return Ok((TopicPartition::new(topic, partition), t));
+                }
+            }
+        }
+        let (tp, t) = self.subscribed(topic, partition).await?;
+        self.inner.cache_topic(topic, &t);
+        Ok((tp, t))
+    }
+
+    /// [`Self::subscribed`] from the registry, refreshing the cache: the
+    /// entry when its id differs from `cached` (the settle should be tried
+    /// again under it), `None` when it is the same.
+    async fn subscribed_fresh(
+        &self,
+        topic: &str,
+        partition: u32,
+        cached: u64,
+    ) -> Result<Option<TopicRow>> {
+        self.inner.forget_topic(topic);
+        let (_, t) = self.subscribed(topic, partition).await?;
+        self.inner.cache_topic(topic, &t);
+        Ok((t.id != cached).then_some(t))
+    }
+
     async fn group_config(&self) -> Result<GroupConfig> {
         Ok(self.inner.group_meta(self.group()).await?.1)
     }
@@ -864,16 +903,19 @@ impl RedisConsumer {
     async fn ack_queue(&self, m: &Message) -> Result<()> {
         let lease = self.lease_of(m)?;
         let what = self.what(m);
-        let (_, t) = self.subscribed(&m.topic, m.partition).await?;
-        let codes = self
-            .settle(
-                t.id,
-                m.partition,
-                ("ack", 0, ""),
-                &[(m.offset, lease)],
-                &what,
-            )
+        let (_, t) = self.subscribed_cached(&m.topic, m.partition).await?;
+        let item = [(m.offset, lease)];
+        let mut codes = self
+            .settle(t.id, m.partition, ("ack", 0, ""), &item, &what)
             .await?;
+        if codes.first() != Some(&1) {
+            // Maybe a stale cached id: TopicNotFound if the topic is gone.
+            if let Some(t) = self.subscribed_fresh(&m.topic, m.partition, t.id).await? {
+                codes = self
+                    .settle(t.id, m.partition, ("ack", 0, ""), &item, &what)
+                    .await?;
+            }
+        }
         match codes.first() {
             Some(1) => Ok(()),
             _ => Err(lease_lost(m.offset, &what)),
@@ -1112,7 +1154,7 @@ impl Consumer for RedisConsumer {
                     return Ok(Vec::new());
                 }
                 poll_until(
-                    self.inner.changed.subscribe(),
+                    self.inner.wakeups(),
                     timeout,
                     || (self.view.lock().0.session / 4).min(FALLBACK_POLL),
                     || async {
@@ -1183,7 +1225,7 @@ impl Consumer for RedisConsumer {
                 }
                 for ((topic, p), items) in by_part {
                     let what = format!("group `{}`: ack a batch in `{topic}`/{p}", self.group);
-                    let t = match self.subscribed(&topic, p).await {
+                    let t = match self.subscribed_cached(&topic, p).await {
                         Ok((_, t)) => t,
                         Err(e)
                             if matches!(e.kind(), ErrorKind::Closed | ErrorKind::Unavailable) =>
@@ -1201,7 +1243,32 @@ impl Consumer for RedisConsumer {
                     };
                     let pairs: Vec<(u64, String)> =
                         items.iter().map(|(_, o, l)| (*o, l.clone())).collect();
-                    let codes = self.settle(t.id, p, ("ack", 0, ""), &pairs, &what).await?;
+                    let mut codes = self.settle(t.id, p, ("ack", 0, ""), &pairs, &what).await?;
+                    if codes.iter().any(|c| *c != 1) {
+                        // Maybe a stale cached id (see `subscribed_cached`).
+                        match self.subscribed_fresh(&topic, p, t.id).await {
+                            Ok(None) => {}
+                            Ok(Some(t)) => {
+                                codes = self.settle(t.id, p, ("ack", 0, ""), &pairs, &what).await?
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    ErrorKind::Closed | ErrorKind::Unavailable
+                                ) =>
+                            {
+                                return Err(e)
+                            }
+                            Err(e) => {
+                                for (i, _, _) in items {
+                                    outcome
+                                        .failed
+                                        .push((i, Error::new(e.kind(), e.message().to_string())));
+                                }
+                                continue;
+                            }
+                        }
+                    }
                     for ((i, o, _), code) in items.into_iter().zip(codes) {
                         if code == 1 {
                             outcome.acked += 1;
