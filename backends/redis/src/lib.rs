@@ -204,6 +204,19 @@
 //!   here. On the cluster single acks are slower still (24.5 K): the 4
 //!   partitions share 3 masters on the same 2 cores, and the cluster
 //!   client adds a hop per call.
+//!
+//!   Tried and not kept (no gain in seven paired runs; main measured
+//!   33.9–38.4 K msg/s in that hour, still under 40 K): an index of the
+//!   offsets that carry a delivery time or an addressed group, so a poll
+//!   leases a fresh range without reading the entries in Lua and the
+//!   client fetches them with one `XRANGE`; attempts in bulk; a shorter
+//!   ack. A poll of 100 stayed ~0.6 ms of server time, and an ack script
+//!   runs at ~50 K calls/s under `redis-benchmark` (4 clients) whatever
+//!   its body, against ~100 K/s for `XACK`: what is left is the cost of
+//!   calling a script at all, and per-message Lua work in the poll. The
+//!   likely next step is an ack of plain commands (the token in the lease
+//!   zset's member, so one `ZREM` checks and settles), a change of the
+//!   lease layout.
 //! - **Read, standalone: 292–303 K msg/s, on the 300 K line**; the rest is
 //!   the client's parsing and allocation (above).
 #![deny(missing_docs)]
