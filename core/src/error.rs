@@ -184,6 +184,18 @@ impl Error {
         )
     }
 
+    /// Shorthand for [`ErrorKind::WrongMode`]: `op` of `group` is only for
+    /// groups in `mode`.
+    pub fn wrong_mode(group: &str, op: &str, mode: crate::DeliveryMode) -> Self {
+        Error::new(
+            ErrorKind::WrongMode,
+            format!(
+                "group `{group}`: `{op}` is only for {}-mode groups",
+                mode.name()
+            ),
+        )
+    }
+
     /// Shorthand for [`ErrorKind::PartitionOutOfRange`].
     pub fn partition_out_of_range(topic: &str, partition: u32, partitions: u32) -> Self {
         Error::new(

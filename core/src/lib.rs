@@ -36,6 +36,7 @@ mod member_partition;
 pub mod partitioner;
 pub mod record;
 pub mod runner;
+mod topic_cache;
 mod url;
 mod validate;
 mod waiting;
@@ -61,6 +62,7 @@ pub mod backend {
     };
     pub use crate::headers::{decode_headers, encode_headers};
     pub use crate::member_partition::{MemberPartition, Retry};
+    pub use crate::topic_cache::TopicCache;
     pub use crate::url::{parse_bool, parse_durability, BrokerUrl};
     pub use crate::waiting::{poll_until, within};
 

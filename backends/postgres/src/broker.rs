@@ -5,7 +5,7 @@ use crate::error::{during, map};
 use crate::queries::{self, existing_topic, topic_config, TopicRow};
 use crate::{check_schema, PgOptions};
 use async_trait::async_trait;
-use conveyor_core::backend::validate;
+use conveyor_core::backend::{validate, TopicCache};
 use conveyor_core::{
     Broker, BrokerOptions, Capabilities, Consumer, DeliveryMode, DeliveryToken, Durability, Error,
     ErrorKind, GroupConfig, GroupDescription, GroupLag, IdempotencyStore, MemberDescription,
@@ -49,7 +49,7 @@ pub(crate) struct Inner {
     /// `produce::Lane`).
     pub lanes: Mutex<HashMap<(i64, u32), crate::produce::Lane>>,
     /// Topics as last read, for sends (see [`Inner::topic_cached`]).
-    topics: Mutex<HashMap<String, (TopicRow, std::time::Instant)>>,
+    topics: TopicCache<TopicRow>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -87,21 +87,17 @@ impl Inner {
     /// another process are seen within [`TOPIC_CACHE`] (an explicit
     /// partition beyond the cached count looks again before refusing).
     pub(crate) async fn topic_cached(&self, name: &str) -> Result<TopicRow> {
-        if let Some((t, at)) = self.topics.lock().get(name) {
-            if at.elapsed() < TOPIC_CACHE {
-                return Ok(t.clone());
-            }
+        if let Some(t) = self.topics.get(name) {
+            return Ok(t);
         }
         let t = self.topic_or_create(name).await?;
-        self.topics
-            .lock()
-            .insert(name.to_string(), (t.clone(), std::time::Instant::now()));
+        self.topics.put(name, &t);
         Ok(t)
     }
 
     /// Drop a topic from the send cache.
     pub(crate) fn forget_topic(&self, name: &str) {
-        self.topics.lock().remove(name);
+        self.topics.forget(name);
     }
 
     /// The topic's row, creating the topic if auto-create is on.
@@ -493,7 +489,7 @@ impl PgBroker {
             op_timeout: pg.timeout,
             members: Mutex::new(std::collections::BTreeSet::new()),
             lanes: Mutex::new(HashMap::new()),
-            topics: Mutex::new(HashMap::new()),
+            topics: TopicCache::new(TOPIC_CACHE),
             tasks: Mutex::new(Vec::new()),
         });
         let listener = tokio::spawn(listen(Arc::downgrade(&inner)));

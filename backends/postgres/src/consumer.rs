@@ -1246,12 +1246,10 @@ impl Consumer for PgConsumer {
                 self.check_open()?;
                 if self.mode == DeliveryMode::Stream {
                     m.delivery(self.group())?;
-                    return Err(Error::new(
-                        ErrorKind::WrongMode,
-                        format!(
-                            "group `{}`: `extend` is only for queue-mode groups",
-                            self.group
-                        ),
+                    return Err(Error::wrong_mode(
+                        &self.group,
+                        "extend",
+                        DeliveryMode::Queue,
                     ));
                 }
                 let lease = self.lease_of(m)?;
@@ -1282,12 +1280,10 @@ impl Consumer for PgConsumer {
                 self.check_open()?;
                 let (tp, _, b) = self.subscribed(topic, partition).await?;
                 if self.mode != DeliveryMode::Stream {
-                    return Err(Error::new(
-                        ErrorKind::WrongMode,
-                        format!(
-                            "group `{}`: `commit` is only for stream-mode groups",
-                            self.group
-                        ),
+                    return Err(Error::wrong_mode(
+                        &self.group,
+                        "commit",
+                        DeliveryMode::Stream,
                     ));
                 }
                 self.heartbeat(false).await?;

@@ -6,7 +6,7 @@ use crate::keys::{self, Group, Part, Registry};
 use crate::{RedisOptions, Topology};
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_core::backend::{decode_headers, validate, StoredMessage};
+use conveyor_core::backend::{decode_headers, validate, StoredMessage, TopicCache};
 use conveyor_core::{
     Broker, BrokerOptions, Capabilities, Consumer, DeliveryMode, DeliveryToken, Durability, Error,
     ErrorKind, GroupConfig, GroupDescription, GroupLag, IdempotencyStore, MemberDescription,
@@ -62,7 +62,7 @@ pub(crate) struct Inner {
     listen_wanted: Arc<tokio::sync::Notify>,
     /// Is the listener subscribed?
     listening: Arc<AtomicBool>,
-    topics: Mutex<HashMap<String, (TopicRow, Instant)>>,
+    topics: TopicCache<TopicRow>,
     /// Members this broker's consumers are (left at close).
     /// Members this broker's consumers are, and the partitions each has
     /// leased from (its leases are released when it leaves).
@@ -155,36 +155,28 @@ impl Inner {
 
     /// The topic's entry for a send, cached for [`TOPIC_CACHE`].
     pub(crate) async fn topic_cached(&self, name: &str) -> Result<TopicRow> {
-        if let Some((t, at)) = self.topics.lock().get(name) {
-            if at.elapsed() < TOPIC_CACHE {
-                return Ok(t.clone());
-            }
+        if let Some(t) = self.topics.get(name) {
+            return Ok(t);
         }
         let t = self.topic_or_create(name).await?;
-        self.topics
-            .lock()
-            .insert(name.to_string(), (t.clone(), Instant::now()));
+        self.topics.put(name, &t);
         Ok(t)
     }
 
     /// The cached entry of a topic, if one was cached less than
     /// [`TOPIC_CACHE`] ago (no server call).
     pub(crate) fn cached_topic(&self, name: &str) -> Option<TopicRow> {
-        let topics = self.topics.lock();
-        let (t, at) = topics.get(name)?;
-        (at.elapsed() < TOPIC_CACHE).then(|| t.clone())
+        self.topics.get(name)
     }
 
     /// Cache a topic's entry just read from the registry.
     pub(crate) fn cache_topic(&self, name: &str, t: &TopicRow) {
-        self.topics
-            .lock()
-            .insert(name.to_string(), (t.clone(), Instant::now()));
+        self.topics.put(name, t);
     }
 
     /// Drop a topic from the send cache.
     pub(crate) fn forget_topic(&self, name: &str) {
-        self.topics.lock().remove(name);
+        self.topics.forget(name);
     }
 
     /// The topic's entry, creating the topic if auto-create is on.
@@ -955,7 +947,7 @@ impl RedisBroker {
             changed,
             listen_wanted: Arc::new(tokio::sync::Notify::new()),
             listening: Arc::new(AtomicBool::new(false)),
-            topics: Mutex::new(HashMap::new()),
+            topics: TopicCache::new(TOPIC_CACHE),
             members: Mutex::new(std::collections::BTreeMap::new()),
             round_robin: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),

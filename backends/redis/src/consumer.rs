@@ -789,7 +789,16 @@ impl RedisConsumer {
         let view = self.beat(true, false).await?;
         let mut parts = Vec::new();
         for topic in &self.topic_list {
-            if let Some(t) = self.inner.topic(topic).await? {
+            // The topic cache saves two round trips per topic per poll; a
+            // stale entry (topic deleted or grown) is found by the script
+            // (NOTOPIC, below) or within the cache's second.
+            let row = match self.inner.cached_topic(topic) {
+                Some(t) => Some(t),
+                None => self.inner.topic(topic).await?.inspect(|t| {
+                    self.inner.cache_topic(topic, t);
+                }),
+            };
+            if let Some(t) = row {
                 parts.extend((0..t.config.partitions).map(|p| (topic.clone(), t.id, p)));
             }
         }
@@ -814,7 +823,7 @@ impl RedisConsumer {
             let what = format!("group `{}`: poll `{topic}`/{p}", self.group);
             let part = self.inner.part(id, p);
             let q = part.queue(self.group());
-            let got: Vec<Value> = poll_call(&part, &q)
+            let got: redis::RedisResult<Vec<Value>> = poll_call(&part, &q)
                 .arg(self.group())
                 .arg(max - out.len())
                 .arg(millis(view.visibility))
@@ -822,11 +831,17 @@ impl RedisConsumer {
                 .arg("")
                 .arg(&tag)
                 .invoke_async(&mut self.inner.conn())
-                .await
-                .map_err(|e| match e.code() {
-                    Some("NOTOPIC") => Error::topic_not_found(&topic),
-                    _ => map_err(&what, e),
-                })?;
+                .await;
+            let got = match got {
+                Ok(got) => got,
+                Err(e) if e.code() == Some("NOTOPIC") => {
+                    // Deleted since it was cached: nothing was leased.
+                    guard.inner = None;
+                    self.inner.forget_topic(&topic);
+                    continue;
+                }
+                Err(e) => return Err(map_err(&what, e)),
+            };
             guard.inner = None;
             self.leased.lock().insert((id, p));
             let mut it = got.into_iter();
@@ -900,22 +915,40 @@ impl RedisConsumer {
             .map_err(during(what))
     }
 
+    /// Ack `items` (offset, lease token) of one partition: one code each
+    /// (1 settled, else the lease is lost). The topic's id comes from the
+    /// cache; when something did not settle, the id is looked up again and
+    /// the ack retried under a new one (a topic deleted meanwhile is
+    /// `TopicNotFound`).
+    async fn ack_leases(
+        &self,
+        topic: &str,
+        partition: u32,
+        items: &[(u64, String)],
+        what: &str,
+    ) -> Result<Vec<i64>> {
+        let (_, t) = self.subscribed_cached(topic, partition).await?;
+        let codes = self
+            .settle(t.id, partition, ("ack", 0, ""), items, what)
+            .await?;
+        if codes.iter().all(|c| *c == 1) {
+            return Ok(codes);
+        }
+        match self.subscribed_fresh(topic, partition, t.id).await? {
+            Some(t) => {
+                self.settle(t.id, partition, ("ack", 0, ""), items, what)
+                    .await
+            }
+            None => Ok(codes),
+        }
+    }
+
     async fn ack_queue(&self, m: &Message) -> Result<()> {
         let lease = self.lease_of(m)?;
         let what = self.what(m);
-        let (_, t) = self.subscribed_cached(&m.topic, m.partition).await?;
-        let item = [(m.offset, lease)];
-        let mut codes = self
-            .settle(t.id, m.partition, ("ack", 0, ""), &item, &what)
+        let codes = self
+            .ack_leases(&m.topic, m.partition, &[(m.offset, lease)], &what)
             .await?;
-        if codes.first() != Some(&1) {
-            // Maybe a stale cached id: TopicNotFound if the topic is gone.
-            if let Some(t) = self.subscribed_fresh(&m.topic, m.partition, t.id).await? {
-                codes = self
-                    .settle(t.id, m.partition, ("ack", 0, ""), &item, &what)
-                    .await?;
-            }
-        }
         match codes.first() {
             Some(1) => Ok(()),
             _ => Err(lease_lost(m.offset, &what)),
@@ -1225,8 +1258,10 @@ impl Consumer for RedisConsumer {
                 }
                 for ((topic, p), items) in by_part {
                     let what = format!("group `{}`: ack a batch in `{topic}`/{p}", self.group);
-                    let t = match self.subscribed_cached(&topic, p).await {
-                        Ok((_, t)) => t,
+                    let pairs: Vec<(u64, String)> =
+                        items.iter().map(|(_, o, l)| (*o, l.clone())).collect();
+                    let codes = match self.ack_leases(&topic, p, &pairs, &what).await {
+                        Ok(codes) => codes,
                         Err(e)
                             if matches!(e.kind(), ErrorKind::Closed | ErrorKind::Unavailable) =>
                         {
@@ -1241,34 +1276,6 @@ impl Consumer for RedisConsumer {
                             continue;
                         }
                     };
-                    let pairs: Vec<(u64, String)> =
-                        items.iter().map(|(_, o, l)| (*o, l.clone())).collect();
-                    let mut codes = self.settle(t.id, p, ("ack", 0, ""), &pairs, &what).await?;
-                    if codes.iter().any(|c| *c != 1) {
-                        // Maybe a stale cached id (see `subscribed_cached`).
-                        match self.subscribed_fresh(&topic, p, t.id).await {
-                            Ok(None) => {}
-                            Ok(Some(t)) => {
-                                codes = self.settle(t.id, p, ("ack", 0, ""), &pairs, &what).await?
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    ErrorKind::Closed | ErrorKind::Unavailable
-                                ) =>
-                            {
-                                return Err(e)
-                            }
-                            Err(e) => {
-                                for (i, _, _) in items {
-                                    outcome
-                                        .failed
-                                        .push((i, Error::new(e.kind(), e.message().to_string())));
-                                }
-                                continue;
-                            }
-                        }
-                    }
                     for ((i, o, _), code) in items.into_iter().zip(codes) {
                         if code == 1 {
                             outcome.acked += 1;
@@ -1405,12 +1412,10 @@ impl Consumer for RedisConsumer {
                 self.check_open()?;
                 if self.mode == DeliveryMode::Stream {
                     m.delivery(self.group())?;
-                    return Err(Error::new(
-                        ErrorKind::WrongMode,
-                        format!(
-                            "group `{}`: `extend` is only for queue-mode groups",
-                            self.group
-                        ),
+                    return Err(Error::wrong_mode(
+                        &self.group,
+                        "extend",
+                        DeliveryMode::Queue,
                     ));
                 }
                 let lease = self.lease_of(m)?;
@@ -1439,12 +1444,10 @@ impl Consumer for RedisConsumer {
                 self.check_open()?;
                 let (tp, t) = self.subscribed(topic, partition).await?;
                 if self.mode != DeliveryMode::Stream {
-                    return Err(Error::new(
-                        ErrorKind::WrongMode,
-                        format!(
-                            "group `{}`: `commit` is only for stream-mode groups",
-                            self.group
-                        ),
+                    return Err(Error::wrong_mode(
+                        &self.group,
+                        "commit",
+                        DeliveryMode::Stream,
                     ));
                 }
                 self.beat(false, false).await?;

@@ -234,14 +234,7 @@ impl Group {
     /// Check the group's mode for an operation.
     pub fn require_mode(&self, mode: DeliveryMode, op: &str) -> Result<()> {
         if self.mode() != mode {
-            let hint = match mode {
-                DeliveryMode::Stream => "stream-mode groups",
-                DeliveryMode::Queue => "queue-mode groups",
-            };
-            return Err(Error::new(
-                ErrorKind::WrongMode,
-                format!("group `{}`: `{op}` is only for {hint}", self.name),
-            ));
+            return Err(Error::wrong_mode(&self.name, op, mode));
         }
         Ok(())
     }
