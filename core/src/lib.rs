@@ -99,6 +99,27 @@ pub use error::{Error, ErrorKind, Result};
 pub use partitioner::{murmur2, partition_for_key};
 pub use record::{DeliveryToken, Header, Message, Receipt, Record};
 
+/// The first whole millisecond since the Unix epoch that is at least
+/// `delay` from now: rounded up, so that a time kept in milliseconds
+/// (a retry's "not before") never comes early (a truncated `now_ms() +
+/// delay` could be up to a millisecond early).
+///
+/// ```
+/// use std::time::Duration;
+/// let before = std::time::SystemTime::now();
+/// let at = conveyor_core::deadline_ms(Duration::from_millis(250));
+/// let at = std::time::UNIX_EPOCH + Duration::from_millis(at);
+/// assert!(at.duration_since(before).unwrap() >= Duration::from_millis(250));
+/// ```
+pub fn deadline_ms(delay: std::time::Duration) -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            let nanos = d.saturating_add(delay).as_nanos();
+            nanos.div_ceil(1_000_000).min(u64::MAX as u128) as u64
+        })
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -1173,7 +1173,7 @@ impl Consumer for PgConsumer {
                         part.retry(
                             m.offset,
                             m.attempt.saturating_add(1),
-                            now_ms().saturating_add(millis(delay) as u64),
+                            conveyor_core::deadline_ms(delay),
                         );
                     }
                     drop(parts);

@@ -1358,7 +1358,7 @@ impl Consumer for RedisConsumer {
                             part.retry(
                                 m.offset,
                                 m.attempt.saturating_add(1),
-                                now_ms().saturating_add(millis(delay)),
+                                conveyor_core::deadline_ms(delay),
                             );
                         }
                         drop(parts);

@@ -831,7 +831,7 @@ impl<S: LogStorage> Consumer for EngineConsumer<S> {
                         m.offset,
                         Retry {
                             attempt: m.attempt.saturating_add(1),
-                            not_before_ms: now.saturating_add(millis(delay)),
+                            not_before_ms: crate::deadline_ms(delay),
                         },
                     );
                     None
