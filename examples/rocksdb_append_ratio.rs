@@ -1,7 +1,7 @@
 //! RocksDB appends against the raw RocksDB baseline, measured in paired
 //! rounds so that a busy host slows both sides of each ratio alike.
 //!
-//! The three workloads of `benches/throughput.rs` (`append/batch/100`,
+//! The three workloads of the former `benches/throughput.rs` (`append/batch/100`,
 //! `append/batch_in_task/100`, `append/raw_rocksdb_batch/100`): 100-byte
 //! values in batches of 100 to one partition, durability `none` (or the
 //! URL's), and the same keys and values as plain `WriteBatch`es of 100

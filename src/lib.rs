@@ -94,6 +94,8 @@ pub use conveyor_core::{
 pub use conveyor_memory as memory;
 #[cfg(feature = "mmap")]
 pub use conveyor_mmap as mmap;
+#[cfg(feature = "postgres")]
+pub use conveyor_postgres as postgres;
 #[cfg(feature = "redis")]
 pub use conveyor_redis as redis;
 #[cfg(feature = "rocksdb")]
@@ -215,6 +217,8 @@ pub async fn open(url: &str) -> Result<Arc<dyn Broker>> {
 /// The delivery contract every backend keeps (`docs/semantics.md`).
 #[doc = include_str!("../docs/semantics.md")]
 pub mod semantics {}
+
+pub mod bench;
 
 /// The README's examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]

@@ -1,60 +1,92 @@
-//! `conveyor bench`: a produce-then-consume run: throughput of each phase
-//! and the latency of each call (`send_batch`; `poll` plus its settles),
-//! with the durability and value size it ran with.
+//! `conveyor bench`: the comparison's workloads (`conveyor::bench`), by
+//! the same names, against one URL: a quick check of a user's own server
+//! or directory beside the figures in `docs/benchmarks.md`.
 
 use crate::fail;
-use crate::output::{
-    count, human_duration, out, out_json, progress, rate, table, thousands, CliResult, Format,
-};
+use crate::output::{human_duration, out, out_json, progress, table, thousands, CliResult, Format};
 use clap::Args;
-use conveyor::{Broker, BrokerUrl, Durability, GroupConfig, Record, TopicConfig};
+use conveyor::bench::{self, Kind, Workload};
+use conveyor::{Broker, BrokerUrl, Durability};
 use serde_json::json;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+/// What runs without `--workload`: a few seconds in all on an embedded
+/// store (the rest are one `--workload` away; `all` runs everything).
+const DEFAULT: &[&str] = &[
+    "produce/batch_1",
+    "produce/batch_100",
+    "produce/batch_1000",
+    "read/from_start",
+    "queue/single_ack",
+    "queue/batch_ack",
+    "latency/produce_to_consume",
+];
 
 #[derive(Args, Debug)]
-#[command(
-    after_help = "Example:\n  conveyor --url mmap:///tmp/bench bench --messages 1000000 --size 100 --batch 100"
-)]
+#[command(after_help = after_help())]
 pub struct BenchArgs {
-    /// Messages to produce and consume (the default runs for a few
-    /// seconds on the embedded store).
-    #[arg(long, default_value_t = 1_000_000)]
-    messages: u64,
-    /// Value size in bytes.
-    #[arg(long, default_value_t = 100)]
-    size: usize,
-    /// Records per send_batch.
-    #[arg(long, default_value_t = 100)]
-    batch: usize,
-    /// Partitions of the bench topic.
-    #[arg(long, default_value_t = 4)]
-    partitions: u32,
-    /// Consume in queue mode (acks) instead of stream mode (commits).
+    /// A workload to run, by name (repeatable); a family name (`produce`)
+    /// runs all of its cases, `all` runs the whole catalogue. Default: the
+    /// produce batches, read, queue and latency workloads.
+    #[arg(long = "workload", value_name = "NAME")]
+    workloads: Vec<String>,
+    /// Seconds to spend measuring each workload (about: the run is sized
+    /// from a first short run).
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// List the workloads and exit.
     #[arg(long)]
-    queue: bool,
-    /// Keep the bench topic afterwards.
-    #[arg(long)]
-    keep: bool,
-    /// No progress bars.
+    list: bool,
+    /// No progress line.
     #[arg(long)]
     quiet: bool,
 }
 
-/// Call latencies of one phase.
-struct Latencies(Vec<Duration>);
+fn after_help() -> String {
+    let names: Vec<String> = bench::catalogue().iter().map(Workload::name).collect();
+    format!(
+        "Workloads (the names docs/benchmarks.md uses): {}\n\n\
+         Example:\n  conveyor --url 'postgres://postgres@127.0.0.1/test?schema=bench' bench --workload produce --seconds 2",
+        names.join(", ")
+    )
+}
 
-impl Latencies {
-    fn percentile(&mut self, p: f64) -> Duration {
-        self.0.sort_unstable();
-        let Some(last) = self.0.len().checked_sub(1) else {
-            return Duration::ZERO;
-        };
-        self.0[((last as f64) * p).round() as usize]
+/// The workloads `names` pick, in catalogue order.
+fn pick(names: &[String]) -> CliResult<Vec<Workload>> {
+    if names.is_empty() {
+        return Ok(DEFAULT.iter().filter_map(|n| bench::find(n)).collect());
     }
-    fn micros(&mut self, p: f64) -> u64 {
-        u64::try_from(self.percentile(p).as_micros()).unwrap_or(u64::MAX)
+    let mut picked = Vec::new();
+    for name in names {
+        let matched: Vec<Workload> = bench::catalogue()
+            .iter()
+            .copied()
+            .filter(|w| name == "all" || w.name() == *name || w.family() == name)
+            .collect();
+        if matched.is_empty() {
+            let known: Vec<String> = bench::catalogue().iter().map(Workload::name).collect();
+            return Err(format!(
+                "no workload `{name}`; the workloads: {} (or a family: produce, value_size, ...; or all)",
+                known.join(", ")
+            )
+            .into());
+        }
+        picked.extend(matched);
     }
+    Ok(bench::catalogue()
+        .iter()
+        .copied()
+        .filter(|w| picked.contains(w))
+        .collect())
+}
+
+/// One workload's outcome.
+struct Outcome {
+    workload: Workload,
+    messages: u64,
+    took: Duration,
+    latency: Option<bench::LatencySummary>,
 }
 
 fn durability_text(d: Durability) -> String {
@@ -65,182 +97,151 @@ fn durability_text(d: Durability) -> String {
     }
 }
 
-fn bar(len: u64, what: &str, quiet: bool) -> indicatif::ProgressBar {
-    if quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    progress(what, Some(len))
-}
-
 pub async fn run(
     broker: &Arc<dyn Broker>,
     args: BenchArgs,
     format: Format,
     url: &str,
 ) -> CliResult {
-    if args.messages == 0 || args.batch == 0 {
-        return Err("--messages and --batch must be at least 1".into());
+    if args.list {
+        for w in bench::catalogue() {
+            out(w.name())?;
+        }
+        return Ok(());
     }
-    let max = TopicConfig::new(1).max_message_bytes;
-    if args.size > max {
-        return Err(format!(
-            "--size {} is larger than a record may be ({max} bytes)",
-            args.size
-        )
-        .into());
+    if !(args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 3600.0) {
+        return Err("--seconds must be more than 0 and at most 3600".into());
     }
-    let topic = format!("conveyor.bench.{}", std::process::id());
-    broker
-        .create_topic(&topic, TopicConfig::new(args.partitions))
-        .await
-        .map_err(fail)?;
+    let workloads = pick(&args.workloads)?;
     let durability = BrokerUrl::parse(url)
         .map(|u| u.options().durability)
         .unwrap_or_default();
-    let result = bench(broker, &topic, &args, format, durability).await;
-    if !args.keep {
-        broker.delete_topic(&topic).await.map_err(fail)?;
+    let seconds = Duration::from_secs_f64(args.seconds);
+    let mut outcomes = Vec::new();
+    for w in workloads {
+        let pb = if args.quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            progress(&w.name(), None)
+        };
+        let outcome = measure(broker, w, seconds).await;
+        pb.finish_and_clear();
+        outcomes.push(outcome.map_err(|e| format!("{}: {}", w.name(), fail(e)))?);
     }
-    result
+    report(&outcomes, format, durability)
 }
 
-async fn bench(
+/// Warm up with runs of 1, 2, 4, ... iterations until one takes a tenth
+/// of `seconds`, then run as many as fill `seconds` at that pace.
+async fn size_and_run(
+    run: &mut bench::Prepared,
+    seconds: Duration,
+) -> conveyor::Result<(u64, Duration)> {
+    let mut n = 1u64;
+    loop {
+        let took = run.run(n).await?;
+        if took >= seconds / 10 || n >= 1 << 20 {
+            let pace = n as f64 / took.as_secs_f64().max(1e-9);
+            let iters = (pace * seconds.as_secs_f64()).clamp(1.0, 1e7) as u64;
+            return Ok((iters, run.run(iters).await?));
+        }
+        n *= 2;
+    }
+}
+
+/// Run `w` for about `seconds`, after a warm-up ([`size_and_run`]).
+async fn measure(
     broker: &Arc<dyn Broker>,
-    topic: &str,
-    args: &BenchArgs,
-    format: Format,
-    durability: Durability,
-) -> CliResult {
-    let producer = broker.producer().await.map_err(fail)?;
-    let value = bytes::Bytes::from(vec![b'x'; args.size]);
-    let pb = bar(args.messages, "produce", args.quiet);
-    let mut send_latency = Latencies(Vec::new());
-    let started = Instant::now();
-    let mut sent = 0u64;
-    while sent < args.messages {
-        let n = (args.messages - sent).min(args.batch as u64);
-        let records = (0..n).map(|_| Record::new(value.clone())).collect();
-        let call = Instant::now();
-        producer.send_batch(topic, records).await.map_err(fail)?;
-        send_latency.0.push(call.elapsed());
-        sent += n;
-        pb.inc(n);
+    w: Workload,
+    seconds: Duration,
+) -> conveyor::Result<Outcome> {
+    if let Kind::Latency { rate } = w.kind() {
+        let s = bench::latency(broker, rate, seconds, w.value_bytes()).await?;
+        return Ok(Outcome {
+            workload: w,
+            messages: s.samples,
+            took: seconds,
+            latency: Some(s),
+        });
     }
-    producer.flush().await.map_err(fail)?;
-    let produce = started.elapsed();
-    pb.finish_and_clear();
+    let mut run = w.prepare(broker).await?;
+    let measured = size_and_run(&mut run, seconds).await;
+    let cleaned = run.cleanup().await;
+    let (iters, took) = measured?;
+    cleaned?;
+    Ok(Outcome {
+        workload: w,
+        messages: iters * w.messages_per_iteration(),
+        took,
+        latency: None,
+    })
+}
 
-    let config = if args.queue {
-        GroupConfig::queue()
-    } else {
-        GroupConfig::stream()
-    };
-    let consumer = broker
-        .consumer("conveyor.bench", &[topic], config)
-        .await
-        .map_err(fail)?;
-    let pb = bar(args.messages, "consume", args.quiet);
-    let mut poll_latency = Latencies(Vec::new());
-    let started = Instant::now();
-    let mut received = 0u64;
-    while received < args.messages {
-        let call = Instant::now();
-        let batch = consumer
-            .poll(1000, Duration::from_secs(5))
-            .await
-            .map_err(fail)?;
-        if batch.is_empty() {
-            return Err(format!("consumer stalled after {}", count(received, "message")).into());
-        }
-        if args.queue {
-            for m in &batch {
-                consumer.ack(m).await.map_err(fail)?;
-            }
-        } else {
-            // Commit the last of each partition: cumulative.
-            let mut last = std::collections::BTreeMap::new();
-            for m in &batch {
-                last.insert(m.partition, m);
-            }
-            for m in last.values() {
-                consumer.ack(m).await.map_err(fail)?;
-            }
-        }
-        poll_latency.0.push(call.elapsed());
-        received += batch.len() as u64;
-        pb.inc(batch.len() as u64);
-    }
-    let consume = started.elapsed();
-    pb.finish_and_clear();
-    consumer.close().await.map_err(fail)?;
-
-    let mode = if args.queue { "queue" } else { "stream" };
-    let phases = [
-        ("produce", "send_batch", produce, &mut send_latency),
-        ("consume", "poll + settle", consume, &mut poll_latency),
-    ];
+fn report(outcomes: &[Outcome], format: Format, durability: Durability) -> CliResult {
+    let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     if format == Format::Json {
-        let mut rows = Vec::new();
-        for (phase, call, d, lat) in phases {
-            let secs = d.as_secs_f64().max(1e-9);
-            rows.push(json!({
-                "phase": phase,
-                "messages": args.messages,
-                "seconds": secs,
-                "messages_per_second": (args.messages as f64 / secs).round(),
-                "mb_per_second": (args.messages as f64 * args.size as f64) / secs / 1e6,
-                "latency_call": call,
-                "latency_us": {
-                    "p50": lat.micros(0.50),
-                    "p99": lat.micros(0.99),
-                    "p99_9": lat.micros(0.999),
-                    "max": lat.micros(1.0),
-                },
-            }));
-        }
+        let rows: Vec<_> = outcomes
+            .iter()
+            .map(|o| {
+                let secs = o.took.as_secs_f64().max(1e-9);
+                let mut row = json!({
+                    "workload": o.workload.name(),
+                    "messages": o.messages,
+                    "seconds": secs,
+                    "messages_per_second": (o.messages as f64 / secs).round(),
+                    "mb_per_second": o.messages as f64 * o.workload.value_bytes() as f64 / secs / 1e6,
+                });
+                if let Some(l) = o.latency {
+                    row["latency_us"] = json!({
+                        "p50": us(l.p50), "p99": us(l.p99), "p99_9": us(l.p999), "max": us(l.max),
+                    });
+                }
+                row
+            })
+            .collect();
         return out_json(&json!({
-            "messages": args.messages,
-            "value_bytes": args.size,
-            "batch": args.batch,
-            "partitions": args.partitions,
-            "mode": mode,
             "durability": match durability {
                 Durability::None => "none".to_string(),
                 Durability::Always => "always".to_string(),
                 Durability::Interval(d) => format!("interval:{}", d.as_millis()),
             },
-            "phases": rows,
+            "workloads": rows,
         }));
     }
     let mut t = table(&[
-        "phase", "messages", "seconds", "rate", "MB/s", "per call", "p50", "p99", "p99.9", "max",
+        "workload", "messages", "seconds", "msg/s", "MB/s", "p50", "p99", "p99.9", "max",
     ]);
-    for (phase, call, d, lat) in phases {
-        let secs = d.as_secs_f64().max(1e-9);
+    for o in outcomes {
+        let secs = o.took.as_secs_f64().max(1e-9);
+        let per_second = o.messages as f64 / secs;
+        let (rate, mb) = if o.latency.is_some() {
+            ("-".to_string(), "-".to_string())
+        } else {
+            (
+                thousands(per_second.round() as u64),
+                format!("{:.1}", per_second * o.workload.value_bytes() as f64 / 1e6),
+            )
+        };
+        let l = |f: fn(&bench::LatencySummary) -> Duration| {
+            o.latency
+                .as_ref()
+                .map_or("-".to_string(), |s| human_duration(f(s)))
+        };
         t.add_row(vec![
-            phase.to_string(),
-            thousands(args.messages),
-            format!("{secs:.3}"),
-            rate(args.messages, d),
-            format!(
-                "{:.1}",
-                (args.messages as f64 * args.size as f64) / secs / 1e6
-            ),
-            call.to_string(),
-            human_duration(lat.percentile(0.50)),
-            human_duration(lat.percentile(0.99)),
-            human_duration(lat.percentile(0.999)),
-            human_duration(lat.percentile(1.0)),
+            o.workload.name(),
+            thousands(o.messages),
+            format!("{secs:.2}"),
+            rate,
+            mb,
+            l(|s| s.p50),
+            l(|s| s.p99),
+            l(|s| s.p999),
+            l(|s| s.max),
         ]);
     }
     out(format!(
-        "{} of {}, batches of {}, {}, {} mode, durability {}",
-        count(args.messages, "message"),
-        count(args.size as u64, "byte"),
-        thousands(args.batch as u64),
-        count(args.partitions.into(), "partition"),
-        mode,
-        durability_text(durability),
+        "durability {}; workloads as in docs/benchmarks.md (p50..max: produce-to-consume latency)",
+        durability_text(durability)
     ))?;
     out(t)
 }

@@ -82,16 +82,68 @@ fn unknown_json_field_is_malformed() {
 }
 
 #[test]
-fn bench_prints_a_result_table() {
+fn bench_prints_the_workloads_by_their_names() {
     conveyor("memory://")
-        .args(["bench", "--messages", "5000", "--quiet"])
+        .args([
+            "bench",
+            "--workload",
+            "produce/batch_100",
+            "--workload",
+            "queue/batch_ack",
+            "--workload",
+            "latency/produce_to_consume",
+            "--seconds",
+            "0.2",
+            "--quiet",
+        ])
         .assert()
         .success()
         .stdout(
-            predicate::str::contains("produce")
-                .and(predicate::str::contains("/s"))
+            predicate::str::contains("produce/batch_100")
+                .and(predicate::str::contains("queue/batch_ack"))
+                .and(predicate::str::contains("latency/produce_to_consume"))
                 .and(predicate::str::contains("durability none"))
-                .and(predicate::str::contains("p99.9")),
+                .and(predicate::str::contains("p99.9"))
+                .and(predicate::str::contains("read/from_start").not()),
+        );
+}
+
+#[test]
+fn bench_json_has_a_rate_per_workload() {
+    let out = conveyor("memory://")
+        .args([
+            "--format",
+            "json",
+            "bench",
+            "--workload",
+            "produce/batch_1000",
+            "--seconds",
+            "0.1",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &v["workloads"][0];
+    assert_eq!(row["workload"], "produce/batch_1000");
+    assert_eq!(row["messages"].as_u64().unwrap() % 1000, 0);
+    assert!(row["messages_per_second"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+#[test]
+fn bench_lists_the_catalogue() {
+    conveyor("memory://")
+        .args(["bench", "--list"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("topics/1000\n")
+                .and(predicate::str::contains("value_size/64KiB\n")),
         );
 }
 
@@ -571,12 +623,20 @@ fn reset_offsets_names_the_partition_out_of_range() {
 }
 
 #[test]
-fn bench_with_a_huge_size_is_refused_not_a_panic() {
+fn bench_refuses_unknown_workloads_and_bad_seconds() {
     conveyor("memory://")
-        .args(["bench", "--size", "18446744073709551615", "--quiet"])
+        .args(["bench", "--workload", "produce/batch_7", "--quiet"])
         .assert()
         .code(1)
-        .stderr(predicate::str::contains(
-            "--size 18446744073709551615 is larger than a record may be",
-        ));
+        .stderr(
+            predicate::str::contains("no workload `produce/batch_7`")
+                .and(predicate::str::contains("produce/batch_100")),
+        );
+    for seconds in ["0", "-1", "NaN", "1e9"] {
+        conveyor("memory://")
+            .args(["bench", &format!("--seconds={seconds}"), "--quiet"])
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains("--seconds must be"));
+    }
 }

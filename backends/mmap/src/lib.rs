@@ -139,7 +139,8 @@
 //!
 //! Re-measured after the trait-surface change (opaque delivery tokens,
 //! cancel-safe polls), format v2, fail-stop and moving syncs off the
-//! runtime: `cargo bench --bench throughput` (100-byte values, one
+//! runtime: `cargo bench --bench throughput` (a bench since replaced by
+//! the comparison, `scripts/bench-report`; 100-byte values, one
 //! partition, criterion medians, warm-up 2 s, 6 s measured), the commit
 //! before the change (`dafbb46`) and after it run back to back on the same
 //! 2-core machine, each in its own release build; noise between runs is
@@ -184,7 +185,8 @@
 //! (a shared per-poll delivery record instead of per-message fields).
 //!
 //! Queue mode (leases and acks, 4 consumers, 4 partitions): see
-//! `docs/benchmarks.md`. On this backend, durability `none`: 243–278 K
+//! `docs/performance-notes.md` (and `docs/benchmarks.md` beside the other
+//! backends). On this backend, durability `none`: 243–278 K
 //! msg/s acking one by one, 1.02–1.08 M msg/s with `ack_batch` of 100,
 //! and 100,000 messages in flight cost 1.89× what 100 cost. Lease changes are
 //! small entries in `state.log` (a per-partition header and one entry per

@@ -106,8 +106,10 @@
 //!
 //! ## Measured
 //!
-//! Criterion benches of the facade (`benches/throughput.rs`,
-//! `benches/queue.rs`), release build, on the development machine: 2
+//! Criterion benches (the former `benches/throughput.rs`, whose workloads
+//! are now the comparison's `produce/*` and `read/*`: `scripts/bench-report
+//! --backends redis`, figures in `docs/benchmarks.md`; and
+//! `bench/benches/queue.rs`), release build, on the development machine: 2
 //! cores shared with other builds (load average 1.5–4 during the runs;
 //! figures move by ±20% from one run to the next), Redis 7.0.15 on the
 //! same machine without persistence (`save ""`, `appendonly no`),
@@ -125,9 +127,9 @@
 //!   `XREADGROUP ... COUNT 100` and one awaited `XACK` per entry.
 //!
 //! ```text
-//! CONVEYOR_BENCH_URL='redis://127.0.0.1:6379/?namespace=bench' cargo bench --features redis --bench throughput
-//! CONVEYOR_BENCH_URL='redis+cluster://127.0.0.1:17100/?namespace=bench' cargo bench --features redis --bench throughput -- append
-//! CONVEYOR_BENCH_URL='redis://127.0.0.1:6379/?namespace=bench' cargo bench --features redis --bench queue -- 'queue_ack/(redis|raw)'
+//! CONVEYOR_BENCH_URL='redis://127.0.0.1:6379/?namespace=bench' cargo bench --features redis --bench throughput   # (removed; see above)
+//! CONVEYOR_BENCH_URL='redis+cluster://127.0.0.1:17100/?namespace=bench' cargo bench --features redis --bench throughput -- append   # (removed)
+//! CONVEYOR_BENCH_URL='redis://127.0.0.1:6379/?namespace=bench' cargo bench -p conveyor-bench --features redis --bench queue -- 'queue_ack/(redis|raw)'
 //! ```
 //!
 //! | figure | standalone | 3-master cluster | target |

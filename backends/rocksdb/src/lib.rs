@@ -128,7 +128,8 @@
 //!
 //! Release build, criterion (`CONVEYOR_BENCH_URL='rocksdb://{tmp}' cargo
 //! bench --features rocksdb --bench throughput -- --warm-up-time 2
-//! --measurement-time 5`), 100-byte values, one partition, durability
+//! --measurement-time 5`, a bench since replaced by the comparison,
+//! `scripts/bench-report --backends rocksdb`), 100-byte values, one partition, durability
 //! `none`, medians, on the 2-core development machine shared with another
 //! engineer's builds. The raw baseline (`append/raw_rocksdb_batch/100`) is
 //! the same keys and values in plain `WriteBatch`es of 100 through the

@@ -28,12 +28,12 @@
 //!   and acking the entries one by one with `XACK`, each awaited.
 //!
 //! A Redis URL gets a namespace of its own per fixture
-//! (`namespace=NAME` becomes `NAME.<pid>.<n>`), deleted at the end.
+//! (`namespace=NAME` becomes `NAME_<pid>_<n>`), deleted at the end.
 //!
 //! ```text
-//! cargo bench --bench queue
-//! CONVEYOR_BENCH_URL='mmap://{tmp}?durability=always' cargo bench --bench queue -- 'queue_ack/mmap/(single|concurrent)'
-//! CONVEYOR_BENCH_URL='redis://127.0.0.1:6379/?namespace=bench' cargo bench --features redis --bench queue -- queue_ack
+//! cargo bench -p conveyor-bench --bench queue
+//! CONVEYOR_BENCH_URL='mmap://{tmp}?durability=always' cargo bench -p conveyor-bench --bench queue -- 'queue_ack/mmap/(single|concurrent)'
+//! CONVEYOR_BENCH_URL='redis://127.0.0.1:6379/?namespace=bench' cargo bench -p conveyor-bench --features redis --bench queue -- queue_ack
 //! ```
 
 // A benchmark: a failed unwrap aborts the run, which is what we want.
@@ -43,8 +43,7 @@ use conveyor::prelude::*;
 use conveyor::{Broker, GroupConfig, Message, Record, TopicConfig};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-mod common;
-use common::{bench_url, open_url, runtime, Fixture};
+use conveyor_bench::fixture::{self, Fixture};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -55,13 +54,35 @@ const PARTITIONS: u32 = 4;
 const CONSUMERS: usize = 4;
 const POLL: usize = 100;
 
-/// The backend under test and the memory backend, each freshly opened.
-fn backends(rt: &tokio::runtime::Runtime) -> Vec<Fixture> {
+/// The backend under test: `CONVEYOR_BENCH_URL`, default `mmap://{tmp}`.
+fn bench_url() -> String {
+    std::env::var("CONVEYOR_BENCH_URL").unwrap_or_else(|_| "mmap://{tmp}".into())
+}
+
+/// A 2-worker multi-thread runtime (the machine has 2 cores).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The backend under test and the memory backend, each freshly opened,
+/// with their names.
+fn backends(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, Fixture)> {
     let mut urls = vec![bench_url()];
     if !urls[0].starts_with("memory:") {
         urls.push("memory://".into());
     }
-    urls.iter().map(|url| open_url(rt, url)).collect()
+    urls.iter()
+        .map(|url| {
+            let f = rt
+                .block_on(Fixture::open(url))
+                .unwrap_or_else(|e| panic!("{e}"));
+            (fixture::name_of(url), f)
+        })
+        .collect()
 }
 
 fn group_config() -> GroupConfig {
@@ -134,14 +155,14 @@ fn queue_ack(c: &mut Criterion) {
     let mut group = c.benchmark_group("queue_ack");
     group.sample_size(10);
     group.throughput(Throughput::Elements(1));
-    for f in backends(&rt) {
+    for (backend, f) in backends(&rt) {
         let mut round = 0u64;
         for (name, how) in [
             ("single", Ack::Single),
             ("batch_100", Ack::Batch),
             ("concurrent", Ack::Concurrent),
         ] {
-            group.bench_function(BenchmarkId::new(f.name.clone(), name), |b| {
+            group.bench_function(BenchmarkId::new(backend, name), |b| {
                 b.iter_custom(|iters| {
                     round += 1;
                     let topic = format!("q.{name}.{round}");
@@ -173,18 +194,12 @@ fn raw_redis(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
 ) {
     use conveyor::redis::redis;
-    if !common::is_redis(&bench_url()) {
+    if fixture::name_of(&bench_url()) != "redis" {
         return;
     }
-    // A fixture for its namespace: the streams are deleted with it.
-    let f = open_url(rt, &bench_url());
-    let ns = f
-        .redis
-        .as_ref()
-        .expect("a Redis fixture")
-        .namespace()
-        .to_string();
-    let url = conveyor::BrokerUrl::parse(&f.url).unwrap();
+    // Keys of its own; each sample deletes its streams.
+    let ns = fixture::unique("rawq");
+    let url = conveyor::BrokerUrl::parse(&bench_url()).unwrap();
     let (topology, _) = conveyor::redis::parse(&url).unwrap();
     let id = BenchmarkId::new("raw_redis_xreadgroup", "single");
     if topology.is_cluster() {
@@ -350,7 +365,7 @@ fn queue_in_flight(c: &mut Criterion) {
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(3));
     group.throughput(Throughput::Elements(1));
-    for f in backends(&rt) {
+    for (backend, f) in backends(&rt) {
         for in_flight in [10u64, 100, 1_000, 10_000, 100_000] {
             let topic = format!("inflight.{in_flight}");
             let hold = (in_flight as usize / CONSUMERS).max(1);
@@ -374,7 +389,7 @@ fn queue_in_flight(c: &mut Criterion) {
                 }
                 consumers
             });
-            group.bench_function(BenchmarkId::new(f.name.clone(), in_flight), |b| {
+            group.bench_function(BenchmarkId::new(backend, in_flight), |b| {
                 b.iter_custom(|iters| {
                     rt.block_on(async {
                         // What this sample acks, appended before the clock starts.

@@ -1,0 +1,272 @@
+//! Each backend's raw engine: the same bytes written the plainest way the
+//! engine offers, so every produce figure has its ratio to what the engine
+//! itself can do.
+//!
+//! | backend | raw baseline of one batch |
+//! |---|---|
+//! | `mmap` | one `write` of the batch's values, concatenated, to a plain file; `fdatasync` after it under `always` |
+//! | `rocksdb` | one `WriteBatch` of 16-byte keys and the values (LZ4, like the backend's record family); a synced write under `always` |
+//! | `redis` | `XADD key * v <value>` per record, pipelined, one round trip per batch |
+//! | `postgres` | one multi-row `INSERT` of (offset, value) rows; `synchronous_commit` off, or on under `always` |
+//!
+//! `memory` has none: it is no engine. The mmap and RocksDB baselines
+//! block: they run on the calling thread, which is the bench's own, never
+//! an async worker.
+
+use std::time::{Duration, Instant};
+
+/// A raw engine, open, with storage of its own.
+pub enum Raw {
+    /// A plain file.
+    File {
+        /// The file.
+        file: std::fs::File,
+        /// `fdatasync` after each write.
+        sync: bool,
+        /// Keeps the directory until the engine is dropped.
+        _dir: tempfile::TempDir,
+    },
+    /// A plain RocksDB database.
+    #[cfg(feature = "rocksdb")]
+    Rocks {
+        /// The database.
+        db: conveyor::rocksdb::rocksdb::DB,
+        /// A synced write per batch.
+        sync: bool,
+        /// The next key.
+        next: u64,
+        /// Keeps the directory until the engine is dropped.
+        _dir: tempfile::TempDir,
+    },
+    /// One Redis stream.
+    #[cfg(feature = "redis")]
+    Redis {
+        /// A multiplexed connection.
+        conn: conveyor::redis::redis::aio::MultiplexedConnection,
+        /// The stream's key (deleted by [`Raw::close`]).
+        key: String,
+    },
+    /// One PostgreSQL table in a schema of its own.
+    #[cfg(feature = "postgres")]
+    Postgres {
+        /// One connection.
+        conn: sqlx::PgConnection,
+        /// The schema (dropped by [`Raw::close`]).
+        schema: String,
+        /// The next offset.
+        next: i64,
+    },
+}
+
+/// What each backend's raw baseline is called in the report.
+pub fn label(backend: &str) -> Option<&'static str> {
+    Some(match backend {
+        "mmap" => "write + fdatasync",
+        "rocksdb" => "WriteBatch",
+        "redis" => "pipelined XADD",
+        "postgres" => "multi-row INSERT",
+        _ => return None,
+    })
+}
+
+impl Raw {
+    /// Open the raw engine of the backend `name` (whose URL, for the
+    /// servers, is `url`), syncing every batch when `always`; `Ok(None)`
+    /// for a backend without one (or not compiled in).
+    ///
+    /// # Errors
+    /// Opening or connecting failed, as text.
+    pub async fn open(name: &str, url: &str, always: bool) -> Result<Option<Raw>, String> {
+        let _ = url;
+        match name {
+            "mmap" => {
+                let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+                let file = std::fs::File::create(dir.path().join("raw.log"))
+                    .map_err(|e| format!("raw file: {e}"))?;
+                Ok(Some(Raw::File {
+                    file,
+                    sync: always,
+                    _dir: dir,
+                }))
+            }
+            #[cfg(feature = "rocksdb")]
+            "rocksdb" => {
+                use conveyor::rocksdb::rocksdb::{DBCompressionType, Options, DB};
+                let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+                let mut options = Options::default();
+                options.create_if_missing(true);
+                options.set_compression_type(DBCompressionType::Lz4);
+                let db = DB::open(&options, dir.path()).map_err(|e| format!("raw rocksdb: {e}"))?;
+                Ok(Some(Raw::Rocks {
+                    db,
+                    sync: always,
+                    next: 0,
+                    _dir: dir,
+                }))
+            }
+            #[cfg(feature = "redis")]
+            "redis" => {
+                use conveyor::redis::redis;
+                let parsed = conveyor::BrokerUrl::parse(url).map_err(|e| e.to_string())?;
+                let (topology, _) = conveyor::redis::parse(&parsed).map_err(|e| e.to_string())?;
+                if topology.is_cluster() {
+                    return Ok(None);
+                }
+                let client = redis::Client::open(topology.seeds()[0].as_str())
+                    .map_err(|e| format!("raw redis: {e}"))?;
+                let conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| format!("raw redis: {e}"))?;
+                Ok(Some(Raw::Redis {
+                    conn,
+                    key: format!("{{{}}}:raw", crate::fixture::unique("bench.raw")),
+                }))
+            }
+            #[cfg(feature = "postgres")]
+            "postgres" => {
+                use sqlx::{Connection, Executor};
+                let parsed = conveyor::BrokerUrl::parse(url).map_err(|e| e.to_string())?;
+                let (conn_url, _) =
+                    conveyor::postgres::parse_url(&parsed).map_err(|e| e.to_string())?;
+                let mut conn = sqlx::PgConnection::connect(&conn_url)
+                    .await
+                    .map_err(|e| format!("raw postgres: {e}"))?;
+                let schema = crate::fixture::unique("bench_raw");
+                let sync = if always { "on" } else { "off" };
+                conn.execute(
+                    format!(
+                        "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\"; \
+                         SET synchronous_commit TO {sync}; \
+                         CREATE TABLE raw (off bigint PRIMARY KEY, v bytea NOT NULL)"
+                    )
+                    .as_str(),
+                )
+                .await
+                .map_err(|e| format!("raw postgres: {e}"))?;
+                Ok(Some(Raw::Postgres {
+                    conn,
+                    schema,
+                    next: 0,
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Write `iters` batches of `batch` copies of `value`; the time taken.
+    ///
+    /// # Errors
+    /// The engine's error, as text.
+    pub fn produce(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        iters: u64,
+        batch: usize,
+        value: &[u8],
+    ) -> Result<Duration, String> {
+        let _ = rt;
+        match self {
+            Raw::File { file, sync, .. } => {
+                use std::io::Write;
+                let bytes = value.repeat(batch);
+                let started = Instant::now();
+                for _ in 0..iters {
+                    file.write_all(&bytes).map_err(|e| e.to_string())?;
+                    if *sync {
+                        file.sync_data().map_err(|e| e.to_string())?;
+                    }
+                }
+                Ok(started.elapsed())
+            }
+            #[cfg(feature = "rocksdb")]
+            Raw::Rocks { db, sync, next, .. } => {
+                use conveyor::rocksdb::rocksdb::{WriteBatch, WriteOptions};
+                let mut options = WriteOptions::default();
+                options.set_sync(*sync);
+                let started = Instant::now();
+                for _ in 0..iters {
+                    let mut wb = WriteBatch::default();
+                    for _ in 0..batch {
+                        let mut key = [0u8; 16];
+                        key[8..].copy_from_slice(&next.to_be_bytes());
+                        wb.put(key, value);
+                        *next += 1;
+                    }
+                    db.write_opt(wb, &options).map_err(|e| e.to_string())?;
+                }
+                Ok(started.elapsed())
+            }
+            #[cfg(feature = "redis")]
+            Raw::Redis { conn, key } => {
+                use conveyor::redis::redis;
+                let mut pipe = redis::pipe();
+                for _ in 0..batch {
+                    pipe.cmd("XADD")
+                        .arg(&*key)
+                        .arg("*")
+                        .arg("v")
+                        .arg(value)
+                        .ignore();
+                }
+                rt.block_on(async {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        pipe.query_async::<()>(conn)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Ok(started.elapsed())
+                })
+            }
+            #[cfg(feature = "postgres")]
+            Raw::Postgres { conn, next, .. } => rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iters {
+                    let mut q =
+                        sqlx::QueryBuilder::<sqlx::Postgres>::new("INSERT INTO raw (off, v) ");
+                    q.push_values(0..batch, |mut row, _| {
+                        row.push_bind(*next).push_bind(value);
+                        *next += 1;
+                    });
+                    q.build()
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(started.elapsed())
+            }),
+        }
+    }
+
+    /// Delete what the engine wrote (the servers' key or schema; the
+    /// embedded ones' directories go when they are dropped).
+    ///
+    /// # Errors
+    /// The server's error, as text.
+    pub fn close(self, rt: &tokio::runtime::Runtime) -> Result<(), String> {
+        let _ = rt;
+        match self {
+            #[cfg(feature = "redis")]
+            Raw::Redis { mut conn, key } => rt.block_on(async {
+                conveyor::redis::redis::cmd("UNLINK")
+                    .arg(&key)
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }),
+            #[cfg(feature = "postgres")]
+            Raw::Postgres {
+                mut conn, schema, ..
+            } => rt.block_on(async {
+                use sqlx::Executor;
+                conn.execute(format!("DROP SCHEMA \"{schema}\" CASCADE").as_str())
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }),
+            _ => Ok(()),
+        }
+    }
+}
