@@ -185,7 +185,7 @@ fn run(mut args: Args) -> Result<(), String> {
                         results: &mut results,
                     };
                     failed += bench.backend(w, b.name, &url);
-                    if matches!(family, "produce" | "value_size") {
+                    if matches!(family, "produce" | "value_size" | "read") {
                         failed += bench.raw(w, b.name, &url);
                     }
                 }
@@ -368,24 +368,26 @@ impl Bench<'_, '_> {
         self.record(w, backend, backend, false)
     }
 
-    /// Run the raw engine of `backend` on `w` (a produce workload); 1 if it
-    /// failed, 0 if it ran or the backend has none.
+    /// Run the raw engine of `backend` on `w` (a produce workload of one
+    /// producer and topic, or the read workload); 1 if it failed, 0 if it
+    /// ran or the backend has none.
     fn raw(&mut self, w: &Workload, backend: &str, url: &str) -> usize {
-        let Kind::Produce {
-            batch,
-            value_bytes,
-            producers: 1,
-            topics: 1,
-        } = w.kind()
-        else {
-            return 0;
+        let (batch, value_bytes) = match w.kind() {
+            Kind::Produce {
+                batch,
+                value_bytes,
+                producers: 1,
+                topics: 1,
+            } => (batch, value_bytes),
+            Kind::Read => (0, w.value_bytes()),
+            _ => return 0,
         };
         let rt = self.rt;
         let always = self.durability == "always";
         let mut raw = match rt.block_on(Raw::open(backend, url, always)) {
             Ok(Some(r)) => r,
             Ok(None) => return 0,
-            Err(e) => return self.fail(w, &format!("{backend} raw"), &e),
+            Err(e) => return self.fail(w, backend, &format!("raw engine: {e}")),
         };
         self.throughput(w);
         let value = vec![7u8; value_bytes];
@@ -397,7 +399,12 @@ impl Bench<'_, '_> {
                     if failure.is_some() {
                         return Duration::from_nanos(1);
                     }
-                    match raw.produce(rt, iters, batch, &value) {
+                    let took = if batch == 0 {
+                        raw.read(rt, iters * w.messages_per_iteration(), &value)
+                    } else {
+                        raw.produce(rt, iters, batch, &value)
+                    };
+                    match took {
                         Ok(took) => took,
                         Err(e) => {
                             failure = Some(e);
@@ -408,7 +415,7 @@ impl Bench<'_, '_> {
             });
         let closed = raw.close(rt);
         if let Some(e) = failure.or(closed.err()) {
-            return self.fail(w, &format!("{backend} raw"), &e);
+            return self.fail(w, backend, &format!("raw engine: {e}"));
         }
         self.record(w, backend, &function, true)
     }

@@ -9,7 +9,8 @@
 //! | `redis` | `XADD key * v <value>` per record, pipelined, one round trip per batch |
 //! | `postgres` | one multi-row `INSERT` of (offset, value) rows; `synchronous_commit` off, or on under `always` |
 //!
-//! `memory` has none: it is no engine. The mmap and RocksDB baselines
+//! The read workload's raw side is [`Raw::read`]. `memory` has none: it is
+//! no engine. The mmap and RocksDB baselines
 //! block: they run on the calling thread, which is the bench's own, never
 //! an async worker.
 
@@ -21,6 +22,8 @@ pub enum Raw {
     File {
         /// The file.
         file: std::fs::File,
+        /// Its length.
+        len: u64,
         /// `fdatasync` after each write.
         sync: bool,
         /// Keeps the directory until the engine is dropped.
@@ -58,13 +61,73 @@ pub enum Raw {
     },
 }
 
-/// What each backend's raw baseline is called in the report.
-pub fn label(backend: &str) -> Option<&'static str> {
-    Some(match backend {
-        "mmap" => "write + fdatasync",
-        "rocksdb" => "WriteBatch",
-        "redis" => "pipelined XADD",
-        "postgres" => "multi-row INSERT",
+/// The raw Redis read (see [`Raw::read`]): a stream of its own, filled
+/// with pipelined `XADD`s, read with `XRANGE`, deleted.
+#[cfg(feature = "redis")]
+async fn redis_read(
+    conn: &mut conveyor::redis::redis::aio::MultiplexedConnection,
+    key: &str,
+    n: u64,
+    value: &[u8],
+) -> Result<Duration, String> {
+    use conveyor::redis::redis::{self, streams::StreamRangeReply};
+    let key = format!("{key}.read");
+    let e = |e: redis::RedisError| e.to_string();
+    let mut left = n;
+    while left > 0 {
+        let batch = left.min(1000);
+        let mut pipe = redis::pipe();
+        for _ in 0..batch {
+            pipe.cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg("v")
+                .arg(value)
+                .ignore();
+        }
+        pipe.query_async::<()>(conn).await.map_err(e)?;
+        left -= batch;
+    }
+    let started = Instant::now();
+    let (mut from, mut read) = ("-".to_string(), 0);
+    while read < n {
+        let got: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .map_err(e)?;
+        let last = got
+            .ids
+            .last()
+            .ok_or("raw redis: fewer entries than written")?;
+        from = format!("({}", last.id);
+        read += got.ids.len() as u64;
+    }
+    let took = started.elapsed();
+    redis::cmd("UNLINK")
+        .arg(&key)
+        .query_async::<i64>(conn)
+        .await
+        .map_err(e)?;
+    Ok(took)
+}
+
+/// What each backend's raw baseline is called in the report: of a
+/// produce workload, or of the read workload when `read`.
+pub fn label(backend: &str, read: bool) -> Option<&'static str> {
+    Some(match (backend, read) {
+        ("mmap", false) => "write (+ fdatasync)",
+        ("rocksdb", false) => "WriteBatch",
+        ("redis", false) => "pipelined XADD",
+        ("postgres", false) => "multi-row INSERT",
+        ("mmap", true) => "pread",
+        ("rocksdb", true) => "iterator",
+        ("redis", true) => "XRANGE",
+        ("postgres", true) => "SELECT",
         _ => return None,
     })
 }
@@ -81,10 +144,15 @@ impl Raw {
         match name {
             "mmap" => {
                 let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-                let file = std::fs::File::create(dir.path().join("raw.log"))
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(dir.path().join("raw.log"))
                     .map_err(|e| format!("raw file: {e}"))?;
                 Ok(Some(Raw::File {
                     file,
+                    len: 0,
                     sync: always,
                     _dir: dir,
                 }))
@@ -167,7 +235,9 @@ impl Raw {
     ) -> Result<Duration, String> {
         let _ = rt;
         match self {
-            Raw::File { file, sync, .. } => {
+            Raw::File {
+                file, len, sync, ..
+            } => {
                 use std::io::Write;
                 let bytes = value.repeat(batch);
                 let started = Instant::now();
@@ -177,7 +247,9 @@ impl Raw {
                         file.sync_data().map_err(|e| e.to_string())?;
                     }
                 }
-                Ok(started.elapsed())
+                let took = started.elapsed();
+                *len += iters * bytes.len() as u64;
+                Ok(took)
             }
             #[cfg(feature = "rocksdb")]
             Raw::Rocks { db, sync, next, .. } => {
@@ -233,6 +305,105 @@ impl Raw {
                         .execute(&mut *conn)
                         .await
                         .map_err(|e| e.to_string())?;
+                }
+                Ok(started.elapsed())
+            }),
+        }
+    }
+
+    /// Write `n` copies of `value` (untimed, in batches of 1,000), then read
+    /// them back in order, 1,000 a call; the time the reading took. The
+    /// raw side of `read/from_start`:
+    ///
+    /// | backend | one read call |
+    /// |---|---|
+    /// | `mmap` | `pread` of 1,000 values' bytes |
+    /// | `rocksdb` | 1,000 steps of an iterator from the first key written |
+    /// | `redis` | `XRANGE key (<last id> + COUNT 1000` |
+    /// | `postgres` | `SELECT off, v FROM raw WHERE off >= $1 ORDER BY off LIMIT 1000` |
+    ///
+    /// # Errors
+    /// The engine's error, as text.
+    pub fn read(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        n: u64,
+        value: &[u8],
+    ) -> Result<Duration, String> {
+        const CHUNK: u64 = 1000;
+        let start = match self {
+            Raw::File { len, .. } => *len,
+            #[cfg(feature = "rocksdb")]
+            Raw::Rocks { next, .. } => *next,
+            #[cfg(feature = "redis")]
+            Raw::Redis { .. } => 0,
+            #[cfg(feature = "postgres")]
+            Raw::Postgres { next, .. } => *next as u64,
+        };
+        #[cfg(feature = "redis")]
+        if let Raw::Redis { conn, key } = self {
+            return rt.block_on(redis_read(conn, key, n, value));
+        }
+        let mut left = n;
+        while left > 0 {
+            let batch = left.min(CHUNK);
+            self.produce(rt, 1, batch as usize, value)?;
+            left -= batch;
+        }
+        match self {
+            Raw::File { file, .. } => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; CHUNK as usize * value.len()];
+                let started = Instant::now();
+                let mut at = 0;
+                while at < n {
+                    let k = (n - at).min(CHUNK) as usize * value.len();
+                    let offset = start + at * value.len() as u64;
+                    file.read_exact_at(&mut buf[..k], offset)
+                        .map_err(|e| e.to_string())?;
+                    at += CHUNK;
+                }
+                Ok(started.elapsed())
+            }
+            #[cfg(feature = "rocksdb")]
+            Raw::Rocks { db, .. } => {
+                use conveyor::rocksdb::rocksdb::{Direction, IteratorMode};
+                let mut from = [0u8; 16];
+                from[8..].copy_from_slice(&start.to_be_bytes());
+                let started = Instant::now();
+                let mut it = db.iterator(IteratorMode::From(&from, Direction::Forward));
+                let mut bytes = 0;
+                for _ in 0..n {
+                    let (_, v) = it
+                        .next()
+                        .ok_or("raw rocksdb: fewer records than written")?
+                        .map_err(|e| e.to_string())?;
+                    bytes += v.len();
+                }
+                std::hint::black_box(bytes);
+                Ok(started.elapsed())
+            }
+            #[cfg(feature = "redis")]
+            Raw::Redis { .. } => Err("raw redis: read above".into()),
+            #[cfg(feature = "postgres")]
+            Raw::Postgres { conn, .. } => rt.block_on(async {
+                use sqlx::Row;
+                let started = Instant::now();
+                let mut at = start as i64;
+                let end = (start + n) as i64;
+                while at < end {
+                    let rows = sqlx::query(
+                        "SELECT off, v FROM raw WHERE off >= $1 ORDER BY off LIMIT 1000",
+                    )
+                    .bind(at)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    let last: i64 = rows
+                        .last()
+                        .ok_or("raw postgres: fewer records than written")?
+                        .get(0);
+                    at = last + 1;
                 }
                 Ok(started.elapsed())
             }),

@@ -118,7 +118,7 @@ const SECTIONS: &[Section] = &[
         family: "read",
         durability: "none",
         title: "Read from the start",
-        about: "A new stream-mode group reads a topic of one partition from the start: polls of up to 1,000, each poll's batch committed before the next poll. The records are written before the clock starts.",
+        about: "A new stream-mode group reads a topic of one partition from the start: polls of up to 1,000, each poll's batch committed before the next poll. The records are written before the clock starts. The raw engines read the same records back, 1,000 a call, with nothing else to do.",
         metric: Metric::Messages,
         chart: Some("from_start"),
     },
@@ -431,10 +431,13 @@ pub fn chart(path: &Path, title: &str, unit: &str, bars: &[Bar]) -> Result<(), S
     let err = |e: &dyn std::fmt::Display| format!("chart {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let n = bars.len();
-    let labels: Vec<String> = bars.iter().map(|b| b.label.clone()).collect();
+    // The first bar on top.
+    let labels: Vec<String> = bars.iter().rev().map(|b| b.label.clone()).collect();
+    let row = |i: usize| n - 1 - i;
     let mut c = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(10)
+        .margin_right(40)
         .x_label_area_size(36)
         .y_label_area_size(190)
         .build_cartesian_2d((lo..hi).log_scale(), (0..n).into_segmented())
@@ -456,8 +459,8 @@ pub fn chart(path: &Path, title: &str, unit: &str, bars: &[Bar]) -> Result<(), S
         let colour = if b.raw { grey } else { blue };
         let mut r = Rectangle::new(
             [
-                (lo, SegmentValue::Exact(i)),
-                (b.value.max(lo), SegmentValue::Exact(i + 1)),
+                (lo, SegmentValue::Exact(row(i))),
+                (b.value.max(lo), SegmentValue::Exact(row(i) + 1)),
             ],
             colour.filled(),
         );
@@ -468,7 +471,7 @@ pub fn chart(path: &Path, title: &str, unit: &str, bars: &[Bar]) -> Result<(), S
     c.draw_series(bars.iter().enumerate().map(|(i, b)| {
         Text::new(
             format!(" {}", si(b.value)),
-            (b.value.max(lo), SegmentValue::CenterOf(i)),
+            (b.value.max(lo), SegmentValue::CenterOf(row(i))),
             ("sans-serif", 13),
         )
     }))
@@ -495,7 +498,10 @@ fn bars(results: &Results, workload: &str, durability: &str, metric: Metric) -> 
         }
         if let Some(r) = results.row(workload, durability, &b, true) {
             out.push(Bar {
-                label: format!("{b} raw: {}", crate::raw::label(&b).unwrap_or("raw")),
+                label: format!(
+                    "{b} raw: {}",
+                    crate::raw::label(&b, workload.starts_with("read/")).unwrap_or("raw")
+                ),
                 value: value(r),
                 raw: true,
             });
@@ -511,6 +517,13 @@ fn bars(results: &Results, workload: &str, durability: &str, metric: Metric) -> 
 /// Writing a file failed, as text.
 pub fn write(results: &Results, page: &Path, charts: &Path) -> Result<(), String> {
     std::fs::create_dir_all(charts).map_err(|e| format!("{}: {e}", charts.display()))?;
+    // The charts of an earlier run that this one may not draw.
+    for entry in std::fs::read_dir(charts).map_err(|e| format!("{}: {e}", charts.display()))? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.extension().is_some_and(|x| x == "svg") {
+            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
     let rel = charts
         .strip_prefix(page.parent().unwrap_or(Path::new("")))
         .unwrap_or(charts)
@@ -556,11 +569,11 @@ the median time per iteration. Each benchmark gets a fresh store: a new temporar
 Redis namespace or PostgreSQL schema, deleted after. Client and servers share the machine's cores. \
 Values are 100 bytes unless said; the tables give messages per second (and MB/s of values where sizes vary), \
 and for each backend with a raw engine its share of the engine's own rate, measured in the same group, same run:\n\n\
-| backend | raw engine, per batch |\n|---|---|\n\
-| mmap | one `write` of the batch's values to a plain file (+ `fdatasync` under `always`) |\n\
-| rocksdb | one `WriteBatch` of 16-byte keys and the values, LZ4 (synced under `always`) |\n\
-| redis | one pipelined `XADD key * v <value>` per record, one round trip |\n\
-| postgres | one multi-row `INSERT` of (offset, value); `synchronous_commit` off (on under `always`) |\n\n\
+| backend | raw engine: a batch of the produce workloads | raw engine: `read/from_start`, per 1,000 records |\n|---|---|---|\n\
+| mmap | one `write` of the batch's values to a plain file (+ `fdatasync` under `always`) | one `pread` of their bytes |\n\
+| rocksdb | one `WriteBatch` of 16-byte keys and the values, LZ4 (synced under `always`) | 1,000 iterator steps |\n\
+| redis | one pipelined `XADD key * v <value>` per record, one round trip | one `XRANGE ... COUNT 1000` |\n\
+| postgres | one multi-row `INSERT` of (offset, value); `synchronous_commit` off (on under `always`) | one `SELECT ... ORDER BY off LIMIT 1000` |\n\n\
 A backend's share of raw is the price of the queue on top: offsets, batching, headers, deduplication window, \
 indexes and, on the servers, doing each step in one script or transaction.\n\n\
 | machine | |\n|---|---|\n\

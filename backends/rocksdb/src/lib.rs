@@ -153,7 +153,7 @@
 //! after the other, seconds apart; on this host the raw baseline alone
 //! moved between 28.6 and 91 µs from one run to the next, so criterion's
 //! ratios ranged from 31% to 124% and decide nothing. The ratios below
-//! come from `examples/rocksdb_append_ratio.rs`, which runs the three
+//! come from `bench/examples/rocksdb_append_ratio.rs`, which runs the three
 //! workloads in rotating order in rounds of 200 (or 1,000) batches each,
 //! 30 rounds, and takes the median of the per-round ratios (raw time /
 //! append time), so a busy moment slows both sides of a ratio.

@@ -5,19 +5,20 @@
 //! `append/batch_in_task/100`, `append/raw_rocksdb_batch/100`): 100-byte
 //! values in batches of 100 to one partition, durability `none` (or the
 //! URL's), and the same keys and values as plain `WriteBatch`es of 100
-//! through the `rocksdb` crate. Each round runs `--iters` batches of each,
+//! through the `rocksdb` crate (the comparison's raw RocksDB engine,
+//! `conveyor_bench::raw`). Each round runs `--iters` batches of each,
 //! in rotating order; the report is the median per-batch time of each and
 //! the median of the per-round ratios to raw.
 //!
 //! ```text
-//! cargo run --profile bench --features rocksdb --example rocksdb_append_ratio -- --rounds 60
+//! cargo run --profile bench -p conveyor-bench --features rocksdb --example rocksdb_append_ratio -- --rounds 60
 //! ```
 
 // A measurement tool: a failed unwrap aborts the run, which is what we want.
 #![allow(clippy::unwrap_used)]
 
-use conveyor::rocksdb::rocksdb::{DBCompressionType, Options, WriteBatch, DB};
 use conveyor::{Record, TopicConfig};
+use conveyor_bench::raw::Raw;
 use std::time::{Duration, Instant};
 
 const VALUE: usize = 100;
@@ -61,12 +62,11 @@ fn main() {
     let producer = rt.block_on(broker.producer()).unwrap();
     let value = bytes::Bytes::from(vec![7u8; VALUE]);
 
-    let mut options = Options::default();
-    options.create_if_missing(true);
-    options.set_compression_type(DBCompressionType::Lz4);
-    let raw_db = DB::open(&options, dir.path().join("raw")).unwrap();
+    let mut raw_db = rt
+        .block_on(Raw::open("rocksdb", "", false))
+        .unwrap()
+        .expect("a raw RocksDB engine");
     let raw_value = vec![7u8; VALUE];
-    let mut raw_offset = 0u64;
 
     let inline = |n: usize| -> Duration {
         rt.block_on(async {
@@ -93,20 +93,8 @@ fn main() {
             .unwrap()
         })
     };
-    let mut raw = |n: usize| -> Duration {
-        let started = Instant::now();
-        for _ in 0..n {
-            let mut wb = WriteBatch::default();
-            for _ in 0..BATCH {
-                let mut key = [0u8; 16];
-                key[8..].copy_from_slice(&raw_offset.to_be_bytes());
-                wb.put(key, &raw_value);
-                raw_offset += 1;
-            }
-            raw_db.write(wb).unwrap();
-        }
-        started.elapsed()
-    };
+    let mut raw =
+        |n: usize| -> Duration { raw_db.produce(&rt, n as u64, BATCH, &raw_value).unwrap() };
 
     // Warm up (memtables, the first flushes).
     inline(iters);
