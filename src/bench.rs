@@ -8,12 +8,12 @@
 //! |---|---|
 //! | `produce/batch_1`, `produce/batch_100`, `produce/batch_1000` | one `send_batch` of that many 100-byte records to a topic of one partition, from a spawned task |
 //! | `value_size/100B`, `value_size/1KiB`, `value_size/64KiB` | one `send_batch` of 100 records of that size |
-//! | `producers/1`, `producers/2`, `producers/4` | each of that many producers (each its own task and [`Producer`]) sends one batch of 100 to one topic of 4 partitions |
+//! | `producers/1`, `producers/2`, `producers/4` | each of that many producers (each its own task and [`Producer`](crate::Producer)) sends one batch of 100 to one topic of 4 partitions |
 //! | `topics/1`, `topics/10`, `topics/1000` | one batch of 100 to the next of that many topics (one partition each), in turn |
 //! | `read/from_start` | 1,000 records read by a new stream-mode group from the start, polls of up to 1,000, each poll's batch committed |
 //! | `queue/single_ack` | 100 messages leased by 4 queue-mode consumers (polls of up to 100) and acked one by one, each ack awaited |
 //! | `queue/batch_ack` | the same with one `ack_batch` per poll |
-//! | `latency/produce_to_consume` | not iterated: records sent one by one at a fixed rate, each timed from the moment it is due to the moment a stream-mode consumer's `poll` returns it ([`latency`]) |
+//! | `latency/produce_to_consume` | not iterated: records sent one by one at a fixed rate, each timed from its `send` call to the moment a stream-mode consumer's `poll` returns it ([`latency`]) |
 //!
 //! Durability is the broker's (its URL's `durability=`), not the
 //! workload's. Records written before the clock starts (those that
@@ -510,11 +510,13 @@ impl LatencySummary {
 }
 
 /// Produce-to-consume latency: send `rate` records per second, one by one,
-/// for `duration`, each from its own task at the moment it is due (an open
+/// for `duration`, each from its own task started when it is due (an open
 /// loop: a slow send does not delay the next), to a topic of one
 /// partition that one stream-mode consumer polls; time each record from
-/// the moment it was due to the moment `poll` returned it. The value
-/// (`value_bytes`, at least 8) carries its due time.
+/// the moment its `send` was called to the moment `poll` returned it. The
+/// value (`value_bytes`, at least 8) carries its send time. (Not from the
+/// due time: tokio's timer fires up to a millisecond late, which would
+/// swamp what is measured.)
 ///
 /// # Errors
 /// The first error of a send or poll; `Unavailable` if a record does not
@@ -569,10 +571,11 @@ pub async fn latency(
     for i in 0..total {
         let due = every * i as u32;
         tokio::time::sleep_until((tokio::time::Instant::from_std(epoch)) + due).await;
-        let mut value = vec![0u8; value_bytes.max(8)];
-        value[..8].copy_from_slice(&(due.as_nanos() as u64).to_le_bytes());
         let (producer, topic) = (producer.clone(), topic.clone());
         sends.push(tokio::spawn(async move {
+            let mut value = vec![0u8; value_bytes.max(8)];
+            let sent = epoch.elapsed().as_nanos() as u64;
+            value[..8].copy_from_slice(&sent.to_le_bytes());
             producer.send(&topic, Record::new(value)).await
         }));
     }

@@ -36,6 +36,11 @@ struct Args {
     /// Make the page from a results.json without running anything.
     #[arg(long)]
     from: Option<PathBuf>,
+    /// Keep the other workloads' figures of the results.json already in
+    /// --charts: this run's workloads replace theirs (to rerun one workload
+    /// without rerunning all).
+    #[arg(long)]
+    merge: bool,
     /// A smoke run (CI): a fraction of a second per benchmark.
     #[arg(long)]
     quick: bool,
@@ -194,6 +199,9 @@ fn run(mut args: Args) -> Result<(), String> {
         }
     }
     results.generated = now_utc();
+    if args.merge {
+        results = merged(results, &args.charts)?;
+    }
     println!("\n{}", report::tables(&results));
     println!(
         "criterion's HTML report: {}",
@@ -208,6 +216,35 @@ fn run(mut args: Args) -> Result<(), String> {
         ));
     }
     publish(&results, &args, true)
+}
+
+/// `new` over the results.json in `charts`: the workloads `new` ran
+/// replace theirs, the rest are kept; the commands are listed in order.
+fn merged(new: Results, charts: &Path) -> Result<Results, String> {
+    let path = charts.join("results.json");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("--merge: {}: {e}", path.display()))?;
+    let mut old: Results =
+        serde_json::from_str(&text).map_err(|e| format!("--merge: {}: {e}", path.display()))?;
+    let ran: Vec<String> = new
+        .rows
+        .iter()
+        .map(|r| r.workload.clone())
+        .chain(new.skipped.iter().map(|s| s.workload.clone()))
+        .chain((!new.latency.is_empty()).then(|| "latency/produce_to_consume".to_string()))
+        .collect();
+    old.rows.retain(|r| !ran.contains(&r.workload));
+    old.skipped.retain(|s| !ran.contains(&s.workload));
+    if !new.latency.is_empty() {
+        old.latency = new.latency;
+        old.settings.latency_rate = new.settings.latency_rate;
+        old.settings.latency_s = new.settings.latency_s;
+    }
+    old.rows.extend(new.rows);
+    old.skipped.extend(new.skipped);
+    old.settings.command = format!("{}\n{}", old.settings.command, new.settings.command);
+    old.generated = new.generated;
+    Ok(old)
 }
 
 /// Write results.json (when `save_results`), the page and its charts.
