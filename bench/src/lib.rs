@@ -9,6 +9,7 @@
 //! ```text
 //! scripts/bench-report                       # everything (release build, all backends)
 //! scripts/bench-report --workload produce    # some workloads (the page shows what ran)
+//! scripts/bench-report --workload latency --merge   # rerun some, keep the rest
 //! scripts/bench-report --from docs/benchmarks/results.json   # remake the page only
 //! ```
 //!

@@ -349,40 +349,44 @@ fn which_when(results: &Results) -> String {
         })
     };
     let mut picks: Vec<String> = Vec::new();
-    let embedded: Vec<(&str, &str, &str)> = [
+    let workloads = [
         ("produce", "produce/batch_100", "none"),
         ("durable produce", "produce/batch_100", "always"),
         ("read", "read/from_start", "none"),
         ("queue single acks", "queue/single_ack", "none"),
         ("1,000 topics", "topics/1000", "none"),
-    ]
-    .to_vec();
-    let verdicts: Vec<String> = embedded
-        .iter()
-        .filter_map(|(label, w, d)| {
-            faster("mmap", "rocksdb", w, d).map(|(b, x)| format!("{label}: {b} ({x:.1}×)"))
-        })
-        .collect();
-    if !verdicts.is_empty() {
-        picks.push(format!(
-            "**One process, data kept on its disk**: mmap or rocksdb. Faster here, by workload: {}. \
-             mmap is the default and needs no C++ build; rocksdb compresses and keeps its files compacted.",
-            verdicts.join("; ")
-        ));
-    }
-    let servers: Vec<String> = embedded
-        .iter()
-        .filter_map(|(label, w, d)| {
-            faster("redis", "postgres", w, d).map(|(b, x)| format!("{label}: {b} ({x:.1}×)"))
-        })
-        .collect();
-    if !servers.is_empty() {
-        picks.push(format!(
-            "**Members in several processes or machines**: redis or postgres. Faster here, by workload: {}. \
-             Choose postgres when the queue must be as durable as your other data (and can share its transactions' server), \
+    ];
+    // The faster of two backends at each workload measured on both.
+    let duel = |a: &str, b: &str| -> Vec<String> {
+        workloads
+            .iter()
+            .filter_map(|(label, w, d)| {
+                faster(a, b, w, d).map(|(f, x)| format!("{label}: {f} ({x:.1}×)"))
+            })
+            .collect()
+    };
+    for (a, b, title, advice) in [
+        (
+            "mmap",
+            "rocksdb",
+            "One process, data kept on its disk",
+            "mmap is the default and needs no C++ build; rocksdb compresses and keeps its files compacted.",
+        ),
+        (
+            "redis",
+            "postgres",
+            "Members in several processes or machines",
+            "Choose postgres when the queue must be as durable as your other data (and can share its transactions' server), \
              redis when speed matters more and its memory holds the backlog.",
-            servers.join("; ")
-        ));
+        ),
+    ] {
+        let verdicts = duel(a, b);
+        if !verdicts.is_empty() {
+            picks.push(format!(
+                "**{title}**: {a} or {b}. Faster here, by workload: {}. {advice}",
+                verdicts.join("; ")
+            ));
+        }
     }
     if let (Some(best), Some(worst)) = (
         ranked(results, "produce/batch_1", "none").first().cloned(),
