@@ -586,7 +586,8 @@ pub fn write(results: &Results, page: &Path, charts: &Path) -> Result<(), String
         .unwrap_or(charts)
         .display()
         .to_string();
-    let md = page_text(results, &rel, |file, title, unit, bars| {
+    let source = charts.join("results.json").display().to_string();
+    let md = page_text(results, &rel, &source, |file, title, unit, bars| {
         if file.starts_with("latency") {
             chart(&charts.join(file), title, unit, bars, &micros)
         } else {
@@ -600,6 +601,7 @@ pub fn write(results: &Results, page: &Path, charts: &Path) -> Result<(), String
 fn page_text(
     results: &Results,
     charts: &str,
+    source: &str,
     mut draw: impl FnMut(&str, &str, &str, &[Bar]) -> Result<(), String>,
 ) -> Result<String, String> {
     let m = &results.machine;
@@ -608,8 +610,8 @@ fn page_text(
     let _ = write!(
         md,
         "# Benchmarks: which backend when\n\n\
-<!-- Made by `scripts/bench-report` from `{charts}/results.json` on {generated}. \
-Do not edit: change bench/src/report.rs and run `scripts/bench-report --from {charts}/results.json`. -->\n\n\
+<!-- Made by `scripts/bench-report` from `{source}` on {generated}. \
+Do not edit: change bench/src/report.rs and run `scripts/bench-report --from {source}`. -->\n\n\
 The same workloads, through the same public API, on every backend, each beside its storage engine used raw \
 (what the engine can do with the same bytes and no queue around it). The workloads are \
 `conveyor::bench`'s catalogue, the ones `conveyor bench --url ...` runs on your own server under the same names. \
@@ -802,10 +804,15 @@ mod tests {
     fn the_page_shows_each_figure_and_its_share_of_raw() {
         let r = sample();
         let mut charts = Vec::new();
-        let md = page_text(&r, "benchmarks", |file, _, _, bars| {
-            charts.push((file.to_string(), bars.len()));
-            Ok(())
-        })
+        let md = page_text(
+            &r,
+            "benchmarks",
+            "docs/benchmarks/results.json",
+            |file, _, _, bars| {
+                charts.push((file.to_string(), bars.len()));
+                Ok(())
+            },
+        )
         .unwrap();
         // 100 records per 50 µs = 2 M msg/s, half of raw's 4 M.
         assert!(
