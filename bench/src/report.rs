@@ -315,11 +315,12 @@ fn which_when(results: &Results) -> String {
                 continue;
             }
             if let Some(r) = rate(w, d, &b) {
-                let rank = ranked(results, w, d)
+                let order = ranked(results, w, d);
+                let rank = order
                     .iter()
                     .position(|(x, _)| *x == b)
                     .map_or(String::new(), |i| {
-                        format!(" (#{} of {})", i + 1, ranked(results, w, d).len())
+                        format!(" (#{} of {})", i + 1, order.len())
                     });
                 facts.push(format!("{label} {r}{rank}"));
             }
