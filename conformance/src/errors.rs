@@ -273,10 +273,22 @@ pub async fn extreme_values_do_not_panic(backend: &dyn Backend) -> Result<()> {
         .broker
         .consumer(&unique("g"), &[&topic], GroupConfig::stream())
         .await?;
+    // Offsets past the log end, up to the ones a signed 64-bit column or a
+    // Lua number cannot hold, are bad input, not an internal error.
+    let owned = poll_n(s.as_ref(), 2, WAIT).await?;
+    assert_eq!(owned.len(), 2);
+    for offset in [u64::MAX, 1 << 63, (1 << 53) + 1] {
+        expect_kind(
+            s.commit(&topic, 0, offset).await,
+            ErrorKind::InvalidArgument,
+        );
+    }
     let _ = s.seek(&topic, 0, SeekTo::Offset(u64::MAX)).await;
     let _ = s.seek(&topic, 0, SeekTo::Timestamp(u64::MAX)).await;
-    let _ = s.commit(&topic, 0, u64::MAX).await;
     let _ = s.poll(10, Duration::from_millis(10)).await?;
+    // The most a poll may ask for: the backend returns what it has.
+    let _ = s.poll(usize::MAX, Duration::from_millis(10)).await?;
+    let _ = q.poll(usize::MAX, Duration::from_millis(10)).await?;
     ctx.broker.describe_topic(&topic).await?;
     ctx.broker.list_groups().await?;
     Ok(())
@@ -354,5 +366,107 @@ pub async fn settling_is_bound_to_the_delivery(backend: &dyn Backend) -> Result<
             "nothing was dead-lettered"
         );
     }
+    Ok(())
+}
+
+/// §3, §7: a delivery time more than the documented maximum ahead
+/// (`validate::MAX_DELIVERY_DELAY`, ten years) is refused with
+/// `InvalidArgument` before anything is written, whatever the backend's
+/// clock arithmetic; the partition goes on serving its other records.
+pub async fn far_delivery_time_is_refused(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("far", 1).await?;
+    let p = ctx.producer().await?;
+    p.send(&topic, Record::new("before")).await?;
+    let far_future = std::time::SystemTime::now() + Duration::from_secs(100 * 365 * 86_400);
+    for bad in [
+        Record::new("x").with_delay(Duration::MAX),
+        Record::new("x").with_delay(Duration::from_secs(u64::MAX / 2)),
+        Record::new("x").with_deliver_at(far_future),
+        deliver_at(u64::MAX),
+        deliver_at(i64::MAX as u64 + 1),
+    ] {
+        expect_kind(p.send(&topic, bad).await, ErrorKind::InvalidArgument);
+    }
+    expect_kind(
+        p.send_batch(
+            &topic,
+            vec![
+                Record::new("ok"),
+                Record::new("x").with_delay(Duration::MAX),
+            ],
+        )
+        .await,
+        ErrorKind::InvalidArgument,
+    );
+    // A year ahead is fine: stored, not offered to a queue group yet.
+    p.send(
+        &topic,
+        Record::new("later").with_delay(Duration::from_secs(365 * 86_400)),
+    )
+    .await?;
+    p.send(&topic, Record::new("after")).await?;
+    assert_eq!(
+        ctx.log_ends(&topic).await?,
+        vec![3],
+        "only the good records"
+    );
+    let fetched = ctx.broker.fetch(&topic, 0, 0, 10).await?;
+    assert_eq!(fetched.len(), 3);
+    let q = ctx
+        .broker
+        .consumer(&unique("g"), &[&topic], GroupConfig::queue())
+        .await?;
+    let got = poll_n(q.as_ref(), 2, WAIT).await?;
+    let values: Vec<&[u8]> = got.iter().map(|m| m.value.as_ref()).collect();
+    assert_eq!(values, vec![&b"before"[..], &b"after"[..]]);
+    Ok(())
+}
+
+fn deliver_at(ms: u64) -> Record {
+    let mut r = Record::new("x");
+    r.deliver_at = Some(ms);
+    r
+}
+
+/// §3, §7: one caller's bad record fails that caller's send only: sends to
+/// one partition from many tasks at once (which a backend may merge into
+/// one write) succeed for every valid record, round after round, while a
+/// bad record among them is refused on its own.
+pub async fn bad_record_fails_only_its_own_send(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let topic = ctx.topic("isolated", 1).await?;
+    let p = ctx.producer().await?;
+    let mut stored = 0;
+    for round in 0..3 {
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let p = p.clone();
+            let topic = topic.clone();
+            let record = match i {
+                7 => Record::new("far").with_delay(Duration::MAX),
+                19 => Record::new("nul").with_idempotency_key("a\0b"),
+                31 => Record::new("long").with_idempotency_key("k".repeat(1 << 20)),
+                _ => Record::new(format!("{round}-{i}")).with_idempotency_key(unique("ok")),
+            };
+            tasks.push(tokio::spawn(
+                async move { (i, p.send(&topic, record).await) },
+            ));
+        }
+        for t in tasks {
+            let (i, result) = t.await.expect("task");
+            match i {
+                7 | 19 | 31 => {
+                    let e = expect_kind(result, ErrorKind::InvalidArgument);
+                    assert!(e.to_string().len() < 1024, "the key is not echoed whole");
+                }
+                _ => {
+                    result.unwrap_or_else(|e| panic!("round {round}: valid send {i} failed: {e}"));
+                    stored += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(ctx.log_ends(&topic).await?, vec![stored]);
     Ok(())
 }

@@ -7,7 +7,7 @@
 
 use crate::{eventually, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;
-use conveyor_core::{partition_for_key, Record, Result, TopicConfig};
+use conveyor_core::{partition_for_key, ErrorKind, Record, Result, TopicConfig};
 use std::time::Duration;
 
 /// §3: "a record with an idempotency key that was already appended to the same
@@ -201,6 +201,35 @@ pub async fn store_first_seen_atomic(backend: &dyn Backend) -> Result<()> {
         assert_eq!(firsts, 1, "exactly one first_seen is true");
         assert!(!store.first_seen(&key, Duration::from_secs(60)).await?);
     }
+    Ok(())
+}
+
+/// §7, §8: `first_seen` refuses what would not deduplicate or cannot be
+/// stored, on every backend alike, with `InvalidArgument` and a short
+/// message: an empty key, a zero TTL (it would remember nothing, so a
+/// wrapped handler would silently run twice), a TTL over the documented
+/// maximum, a key with a NUL character, a key over the maximum length.
+pub async fn store_refuses_bad_keys_and_ttls(backend: &dyn Backend) -> Result<()> {
+    let ctx = Ctx::open(backend).await?;
+    let store = ctx.broker.idempotency_store();
+    let key = crate::unique("bad");
+    let long = "k".repeat(1 << 20);
+    let ttl = Duration::from_secs(60);
+    for (key, ttl) in [
+        ("", ttl),
+        (key.as_str(), Duration::ZERO),
+        (key.as_str(), Duration::MAX),
+        ("a\0b", ttl),
+        (long.as_str(), ttl),
+    ] {
+        let e = crate::expect_kind(store.first_seen(key, ttl).await, ErrorKind::InvalidArgument);
+        assert!(
+            e.to_string().len() < 1024,
+            "the key is not echoed whole: {e}"
+        );
+    }
+    // Nothing was recorded: the key is still new.
+    assert!(store.first_seen(&key, ttl).await?);
     Ok(())
 }
 

@@ -475,6 +475,7 @@ macro_rules! __for_each_case {
             keys_are_per_topic,
             appends_again_after_dedup_window,
             store_first_seen_atomic,
+            store_refuses_bad_keys_and_ttls,
             store_ttl_expires,
             store_forget,
         );
@@ -549,6 +550,8 @@ macro_rules! __for_each_case {
             closed_broker_returns_closed,
             extreme_values_do_not_panic,
             settling_is_bound_to_the_delivery,
+            far_delivery_time_is_refused,
+            bad_record_fails_only_its_own_send,
         );
         $m!(lag:
             describe_topic_bounds,

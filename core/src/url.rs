@@ -21,7 +21,12 @@ use std::time::Duration;
 /// assert_eq!(url.backend_options(), &[("segment_bytes".to_string(), "4096".to_string())]);
 /// # Ok::<(), conveyor_core::Error>(())
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Its `Debug` and `Display` forms, and every error that names it, hide the
+/// password (`redis://:***@host/`), as sqlx and reqwest do; only
+/// [`BrokerUrl::as_str`] and [`BrokerUrl::url`] give it back, for
+/// connecting.
+#[derive(Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     raw: String,
     url: url::Url,
@@ -35,11 +40,19 @@ impl BrokerUrl {
     /// # Errors
     /// `InvalidArgument` naming the URL or the option at fault.
     pub fn parse(raw: &str) -> Result<Self> {
-        let url = url::Url::parse(raw)
-            .map_err(|e| Error::invalid(format!("broker URL `{raw}` is not a URL: {e}")))?;
+        let url = url::Url::parse(raw).map_err(|e| {
+            Error::invalid(format!("broker URL `{}` is not a URL: {e}", redact(raw)))
+        })?;
         let mut options = BrokerOptions::default();
         let mut rest = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for (k, v) in url.query_pairs() {
+            if !seen.insert(k.clone()) {
+                return Err(Error::invalid(format!(
+                    "broker URL `{}`: option `{k}` is given more than once",
+                    redact(raw)
+                )));
+            }
             match k.as_ref() {
                 "durability" => options.durability = parse_durability(&v)?,
                 "auto_create" => options.auto_create_topics = parse_bool("auto_create", &v)?,
@@ -59,9 +72,15 @@ impl BrokerUrl {
         self.url.scheme()
     }
 
-    /// The URL as given.
+    /// The URL as given, password included: for connecting, never for
+    /// showing (use [`BrokerUrl::redacted`] or `Display`).
     pub fn as_str(&self) -> &str {
         &self.raw
+    }
+
+    /// The URL with its password replaced by `***`: for messages and logs.
+    pub fn redacted(&self) -> String {
+        redact(&self.raw)
     }
 
     /// The parsed URL (host, path, credentials).
@@ -99,6 +118,84 @@ impl BrokerUrl {
             all.join(", ")
         ))
     }
+}
+
+impl std::fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl std::fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerUrl")
+            .field("url", &self.redacted())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `raw` with the password of its `user:password@` part replaced by `***`
+/// (the user name stays: it helps and is no secret). Works on text that
+/// does not parse as a URL too, so an error about a malformed URL does not
+/// leak its password either; query options named `password` or ending in
+/// `_key`/`secret` are hidden the same way.
+///
+/// ```
+/// use conveyor_core::backend::redact_url;
+/// assert_eq!(redact_url("redis://:s3cret@h:6379/?namespace=a"), "redis://:***@h:6379/?namespace=a");
+/// assert_eq!(redact_url("postgres://app:pw@db/q"), "postgres://app:***@db/q");
+/// assert_eq!(redact_url("postgres://db/q?password=pw"), "postgres://db/q?password=***");
+/// assert_eq!(redact_url("mmap:///var/q"), "mmap:///var/q");
+/// ```
+pub fn redact(raw: &str) -> String {
+    let (head, query) = match raw.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (raw, None),
+    };
+    let mut out = String::with_capacity(raw.len());
+    match head.split_once("://") {
+        Some((scheme, rest)) => {
+            out.push_str(scheme);
+            out.push_str("://");
+            // The authority ends at the first '/', after the last '@' in it.
+            let end = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(end);
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    match userinfo.split_once(':') {
+                        Some((user, _password)) => {
+                            out.push_str(user);
+                            out.push_str(":***");
+                        }
+                        None => out.push_str(userinfo),
+                    }
+                    out.push('@');
+                    out.push_str(host);
+                }
+                None => out.push_str(authority),
+            }
+            out.push_str(path);
+        }
+        None => out.push_str(head),
+    }
+    if let Some(query) = query {
+        out.push('?');
+        let parts: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if is_secret_option(k) => format!("{k}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push_str(&parts.join("&"));
+    }
+    out
+}
+
+fn is_secret_option(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name == "password" || name == "pass" || name.ends_with("secret") || name.ends_with("_key")
 }
 
 /// Parse `none`, `always` or `interval:<ms>`.
@@ -173,6 +270,8 @@ mod tests {
             "memory://?durability=sometimes",
             "memory://?durability=interval:0",
             "memory://?auto_create=maybe",
+            "memory://?durability=none&durability=always",
+            "postgres://h/db?schema=a&schema=b",
             "not a url",
         ] {
             assert_eq!(
@@ -181,5 +280,29 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        let u = BrokerUrl::parse("redis://user:s3cr3t-pw@h:6379/?namespace=a").unwrap();
+        assert_eq!(u.to_string(), "redis://user:***@h:6379/?namespace=a");
+        assert!(!format!("{u:?}").contains("s3cr3t"), "{u:?}");
+        assert_eq!(u.as_str(), "redis://user:s3cr3t-pw@h:6379/?namespace=a");
+        for bad in [
+            "postgres://u:pgs3cret@h/db?durability=sometimes",
+            "postgres://u:pgs3cret@h/db?schema=a&schema=b",
+            "postgres://u:pgs3cret@h:notaport/db",
+            "redis://:pgs3cret@/x?password=pgs3cret",
+        ] {
+            let e = BrokerUrl::parse(bad).unwrap_err();
+            assert!(!e.to_string().contains("pgs3cret"), "{e}");
+        }
+        assert_eq!(redact("a://u:p@h@x/y"), "a://u:***@x/y");
+        assert_eq!(redact("a://h/p@q"), "a://h/p@q");
+        assert_eq!(redact("no url:p@ss"), "no url:p@ss");
+        assert_eq!(
+            redact("rediss://h/?tls_key=k&ca=c"),
+            "rediss://h/?tls_key=***&ca=c"
+        );
     }
 }

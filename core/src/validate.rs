@@ -12,6 +12,21 @@ use std::time::Duration;
 pub const MAX_NAME_LEN: usize = 249;
 /// Most partitions a topic may have.
 pub const MAX_PARTITIONS: u32 = 10_000;
+/// Longest idempotency key, in bytes (a producer's
+/// [`Record::with_idempotency_key`] and a consumer's
+/// [`IdempotencyStore::first_seen`](crate::IdempotencyStore::first_seen)).
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 1024;
+/// Furthest a delivery time may lie ahead of the send: ten years.
+///
+/// A record's delay ([`Record::with_delay`]) or delivery time
+/// ([`Record::with_deliver_at`]) beyond this is refused with
+/// `InvalidArgument`, so every backend's clock arithmetic (Lua numbers,
+/// PostgreSQL `bigint`) holds.
+pub const MAX_DELIVERY_DELAY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+/// Longest time-to-live of an idempotency key
+/// ([`IdempotencyStore::first_seen`](crate::IdempotencyStore::first_seen)):
+/// ten years, like [`MAX_DELIVERY_DELAY`].
+pub const MAX_IDEMPOTENCY_TTL: Duration = MAX_DELIVERY_DELAY;
 
 fn check_name(what: &str, name: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
@@ -147,13 +162,109 @@ pub fn record(
         ));
     }
     if let Some(k) = &record.idempotency_key {
-        if k.is_empty() {
-            return Err(Error::invalid(format!(
-                "topic `{topic}`: idempotency key must not be empty"
-            )));
-        }
+        idempotency_key(k)
+            .map_err(|e| Error::invalid(format!("topic `{topic}`: {}", e.message())))?;
+    }
+    if let Some(at) = record.deliver_at {
+        delivery_time(topic, at, crate::now_ms())?;
     }
     Ok(())
+}
+
+/// A delivery time (ms since the Unix epoch) of a record sent at `now_ms`:
+/// at most [`MAX_DELIVERY_DELAY`] ahead. A time in the past means "now".
+///
+/// # Errors
+/// `InvalidArgument` naming the topic and how far ahead the time was.
+pub fn delivery_time(topic: &str, deliver_at_ms: u64, now_ms: u64) -> Result<()> {
+    let max_ms = u64::try_from(MAX_DELIVERY_DELAY.as_millis()).unwrap_or(u64::MAX);
+    let ahead = deliver_at_ms.saturating_sub(now_ms);
+    if ahead > max_ms {
+        return Err(Error::invalid(format!(
+            "topic `{topic}`: delivery time is {} ahead; the most is {} days",
+            describe_ms(ahead),
+            MAX_DELIVERY_DELAY.as_secs() / 86_400
+        )));
+    }
+    Ok(())
+}
+
+fn describe_ms(ms: u64) -> String {
+    let days = ms / 86_400_000;
+    if days >= 365 * 1000 {
+        format!("{} years", days / 365)
+    } else {
+        format!("{days} days")
+    }
+}
+
+/// An idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] bytes, no NUL
+/// character (no server stores one in a text column).
+///
+/// # Errors
+/// `InvalidArgument`; the message shows at most the key's first 64
+/// characters.
+pub fn idempotency_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid("idempotency key must not be empty"));
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(Error::invalid(format!(
+            "idempotency key `{}` is {} bytes; the most is {MAX_IDEMPOTENCY_KEY_BYTES}",
+            preview(key),
+            key.len()
+        )));
+    }
+    if key.contains('\0') {
+        return Err(Error::invalid(format!(
+            "idempotency key `{}` contains a NUL character",
+            preview(key)
+        )));
+    }
+    Ok(())
+}
+
+/// A consumer-side idempotency record
+/// ([`IdempotencyStore::first_seen`](crate::IdempotencyStore::first_seen)):
+/// a valid key and a time-to-live above zero and at most
+/// [`MAX_IDEMPOTENCY_TTL`]. A zero TTL would remember nothing, so a handler
+/// wrapped with it would silently stop deduplicating.
+///
+/// # Errors
+/// `InvalidArgument` naming the key (shortened) and the TTL.
+pub fn first_seen(key: &str, ttl: Duration) -> Result<()> {
+    idempotency_key(key)?;
+    if ttl.is_zero() {
+        return Err(Error::invalid(format!(
+            "idempotency key `{}`: ttl must be above zero",
+            preview(key)
+        )));
+    }
+    if ttl > MAX_IDEMPOTENCY_TTL {
+        return Err(Error::invalid(format!(
+            "idempotency key `{}`: ttl of {} is longer than the most, {} days",
+            preview(key),
+            describe_ms(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+            MAX_IDEMPOTENCY_TTL.as_secs() / 86_400
+        )));
+    }
+    Ok(())
+}
+
+/// The first 64 characters of `s`, escaped, with `...` when cut: what an
+/// error shows of user input that may be long.
+pub fn preview(s: &str) -> String {
+    const SHOWN: usize = 64;
+    let mut out: String = s
+        .chars()
+        .take(SHOWN)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
+    if s.chars().nth(SHOWN).is_some() {
+        out.push_str("...");
+    }
+    out
 }
 
 /// A partition number of a topic with `partitions` partitions.
@@ -176,6 +287,61 @@ mod tests {
             let err = topic_name(bad).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{bad}");
         }
+    }
+
+    #[test]
+    fn idempotency_keys() {
+        assert!(idempotency_key("evt-1").is_ok());
+        assert!(idempotency_key(&"k".repeat(MAX_IDEMPOTENCY_KEY_BYTES)).is_ok());
+        for bad in [
+            String::new(),
+            "k".repeat(MAX_IDEMPOTENCY_KEY_BYTES + 1),
+            "a\0b".to_string(),
+        ] {
+            let e = idempotency_key(&bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+            assert!(
+                e.to_string().len() < 300,
+                "the key is not echoed whole: {e}"
+            );
+        }
+        assert!(first_seen("k", Duration::from_secs(1)).is_ok());
+        assert!(first_seen("k", MAX_IDEMPOTENCY_TTL).is_ok());
+        for (key, ttl) in [
+            ("", Duration::from_secs(1)),
+            ("k", Duration::ZERO),
+            ("k", Duration::MAX),
+        ] {
+            let e = first_seen(key, ttl).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{key:?} {ttl:?}");
+        }
+    }
+
+    #[test]
+    fn delivery_times_are_bounded() {
+        let now = 1_700_000_000_000;
+        let max = u64::try_from(MAX_DELIVERY_DELAY.as_millis()).unwrap();
+        assert!(delivery_time("t", 0, now).is_ok(), "the past means now");
+        assert!(delivery_time("t", now + max, now).is_ok());
+        for bad in [now + max + 1, u64::MAX, i64::MAX as u64] {
+            let e = delivery_time("t", bad, now).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+            assert!(e.to_string().contains("3650 days"), "{e}");
+        }
+        let far = Record::new("x").with_delay(Duration::MAX);
+        assert_eq!(
+            record("t", &far, 1, 100).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        let ok = Record::new("x").with_delay(Duration::from_secs(86_400));
+        assert!(record("t", &ok, 1, 100).is_ok());
+    }
+
+    #[test]
+    fn previews_are_short() {
+        assert_eq!(preview("abc"), "abc");
+        assert_eq!(preview(&"x".repeat(100)), format!("{}...", "x".repeat(64)));
+        assert_eq!(preview("a\nb"), "a\\nb");
     }
 
     #[test]

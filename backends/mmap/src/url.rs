@@ -32,7 +32,7 @@ pub async fn open_url(url: &BrokerUrl) -> Result<Arc<dyn Broker>> {
     if path.is_empty() {
         return Err(Error::invalid(format!(
             "broker URL `{}` names no directory: use mmap:///absolute/dir or mmap://relative/dir",
-            url.as_str()
+            url.redacted()
         )));
     }
     let mut mmap = MmapOptions::default();

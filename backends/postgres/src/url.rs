@@ -29,14 +29,14 @@ pub fn parse(url: &BrokerUrl) -> Result<(String, PgOptions)> {
             "max_connections" => pg.with_max_connections(v.parse().map_err(|_| {
                 Error::invalid(format!(
                     "broker URL `{}`: max_connections must be a positive number, not `{v}`",
-                    url.as_str()
+                    url.redacted()
                 ))
             })?),
             "timeout_ms" => pg.with_timeout(std::time::Duration::from_millis(
                 v.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
                     Error::invalid(format!(
                         "broker URL `{}`: timeout_ms must be a positive number of milliseconds, not `{v}`",
-                        url.as_str()
+                        url.redacted()
                     ))
                 })?,
             )),

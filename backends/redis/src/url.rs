@@ -56,7 +56,7 @@ pub fn parse(url: &BrokerUrl) -> Result<(Topology, RedisOptions)> {
                 let ms: u64 = v.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
                     Error::invalid(format!(
                         "broker URL `{}`: timeout_ms must be a positive number of milliseconds, not `{v}`",
-                        url.as_str()
+                        url.redacted()
                     ))
                 })?;
                 opts = opts.with_timeout(std::time::Duration::from_millis(ms));
@@ -72,7 +72,7 @@ pub fn parse(url: &BrokerUrl) -> Result<(Topology, RedisOptions)> {
             if !nodes.is_empty() {
                 return Err(Error::invalid(format!(
                     "broker URL `{}`: `nodes` is for Redis Cluster (`redis+cluster://`)",
-                    url.as_str()
+                    url.redacted()
                 )));
             }
             Ok((Topology::single(conn.to_string()), opts))
@@ -88,7 +88,7 @@ pub fn parse(url: &BrokerUrl) -> Result<(Topology, RedisOptions)> {
             format!(
                 "broker URL `{}`: scheme `{other}` is not supported by the Redis backend \
                  (TLS is not compiled in); use redis:// or redis+cluster://",
-                url.as_str()
+                url.redacted()
             ),
         )),
     }

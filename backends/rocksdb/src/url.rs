@@ -29,7 +29,7 @@ pub async fn open_url(url: &BrokerUrl) -> Result<Arc<dyn Broker>> {
     if path.is_empty() {
         return Err(Error::invalid(format!(
             "broker URL `{}` names no directory: use rocksdb:///absolute/dir or rocksdb://relative/dir",
-            url.as_str()
+            url.redacted()
         )));
     }
     let mut rocks = RocksOptions::default();

@@ -5,15 +5,8 @@ use super::*;
 
 impl<S: LogStorage> Inner<S> {
     pub(super) async fn first_seen(&self, key: &str, ttl: Duration) -> Result<bool> {
+        crate::validate::first_seen(key, ttl)?;
         self.check_writable(&format!("record idempotency key `{key}`"))?;
-        if key.is_empty() {
-            return Err(Error::invalid("idempotency key must not be empty"));
-        }
-        if ttl.is_zero() {
-            return Err(Error::invalid(format!(
-                "idempotency key `{key}`: ttl must be above zero"
-            )));
-        }
         let now = now_ms();
         let fresh = {
             let mut map = self.idempotency.lock();
