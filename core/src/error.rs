@@ -36,8 +36,18 @@ pub enum ErrorKind {
     Corrupt,
     /// Another process owns the embedded store.
     Locked,
-    /// The server is unreachable; retry later.
+    /// The server is unreachable, or cannot take the call now (a full
+    /// Redis, a server whose durability settings changed under us); retry
+    /// later.
     Unavailable,
+    /// The server did not accept the credentials (wrong or missing user or
+    /// password, a TLS client certificate it refuses): fix the URL or the
+    /// server's users; retrying does not help.
+    Unauthenticated,
+    /// The server accepted who we are but refuses the operation (a
+    /// PostgreSQL role without the rights the docs list, a Redis ACL):
+    /// grant the rights; retrying does not help.
+    PermissionDenied,
     /// The broker was opened read-only (`?read_only=true`): it describes,
     /// shows lag and fetches, and refuses every write.
     ReadOnly,
@@ -69,6 +79,8 @@ impl ErrorKind {
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::Locked => "locked",
             ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission denied",
             ErrorKind::ReadOnly => "read-only",
             ErrorKind::Closed => "closed",
             ErrorKind::Unsupported => "unsupported",
