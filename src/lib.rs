@@ -40,15 +40,18 @@
 //! | `memory://` | in memory, nothing persists | `memory` (default) |
 //! | `mmap:///path/to/dir` | embedded segment log | `mmap` |
 //! | `rocksdb:///path/to/dir` | RocksDB | `rocksdb` |
-//! | `postgres://user@host/db?schema=NAME` | PostgreSQL, shared by many processes | `postgres` |
-//! | `redis://host:6379/?namespace=NAME` | Redis Streams, shared by many processes | `redis` |
-//! | `redis+cluster://host:7000/?namespace=NAME` | Redis Cluster (one node named, the rest discovered) | `redis` |
+//! | `postgres://user@host/db?schema=NAME` | PostgreSQL, shared by many processes (`?sslmode=require` and the other libpq TLS options for TLS) | `postgres` |
+//! | `redis://host:6379/?namespace=NAME`, `rediss://` (TLS) | Redis Streams, shared by many processes | `redis` |
+//! | `redis+cluster://host:7000/?namespace=NAME`, `rediss+cluster://` (TLS) | Redis Cluster (one node named, the rest discovered) | `redis` |
 //!
 //! Query options for every backend:
 //! - `durability=none|always|interval:<ms>` (default `none`): when `send`
 //!   may return relative to stable storage;
 //! - `auto_create=true|false` (default `false`): create missing topics on
 //!   produce or subscribe.
+//!
+//! An option given twice is refused, and a URL's password never shows in
+//! an error or a `Debug` output.
 //!
 //! Each backend owns the rest of its URL and refuses options it does not
 //! know; the facade only dispatches on the scheme, through one table of
@@ -149,7 +152,7 @@ const DRIVERS: &[Driver] = &[
     Driver {
         name: "redis",
         feature: Some("redis"),
-        schemes: &["redis", "rediss", "redis+cluster"],
+        schemes: &["redis", "rediss", "redis+cluster", "rediss+cluster"],
         #[cfg(feature = "redis")]
         open: Some(|url| Box::pin(conveyor_redis::open_url(url))),
         #[cfg(not(feature = "redis"))]
