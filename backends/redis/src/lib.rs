@@ -228,6 +228,8 @@ mod conn;
 mod consumer;
 mod keys;
 mod produce;
+mod servers;
+mod settings;
 mod url;
 
 pub use broker::RedisBroker;
@@ -236,8 +238,8 @@ pub use broker::RedisBroker;
 pub use redis;
 pub use url::{open_url, parse, URL_OPTIONS, URL_SCHEMES};
 
-use conn::Conn;
-use conveyor_core::{BrokerOptions, Error, ErrorKind, Result};
+use conveyor_core::{BrokerOptions, Result};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Options of the Redis backend.
@@ -247,8 +249,14 @@ pub struct RedisOptions {
     /// The prefix of every key (default `conveyor`): apps sharing a server
     /// never see each other's topics and groups.
     pub namespace: String,
-    /// How long a call waits for the server before it is `Unavailable`.
+    /// How long a call waits for the server before it is `Unavailable`
+    /// (default 30 s); [`open`] included.
     pub timeout: Duration,
+    /// How often a running broker reads the server's settings again
+    /// (`maxmemory-policy`, `appendonly`, `appendfsync`; default 1 s):
+    /// a change that breaks the broker's durability or allows eviction
+    /// stops sends within about this long (see "Server settings").
+    pub settings_check: Duration,
 }
 
 impl Default for RedisOptions {
@@ -256,6 +264,7 @@ impl Default for RedisOptions {
         RedisOptions {
             namespace: "conveyor".to_string(),
             timeout: Duration::from_secs(30),
+            settings_check: Duration::from_secs(1),
         }
     }
 }
@@ -272,31 +281,85 @@ impl RedisOptions {
         self.timeout = timeout;
         self
     }
+
+    /// Set how often the server's settings are checked while running
+    /// (at least 10 ms).
+    pub fn with_settings_check(mut self, every: Duration) -> Self {
+        self.settings_check = every.max(Duration::from_millis(10));
+        self
+    }
+}
+
+/// TLS material for `rediss://` servers, as PEM files (redis-cli's
+/// `--cacert`, `--cert`, `--key`). Without a CA file the system's trusted
+/// roots verify the server; the server's certificate is always verified
+/// (there is no insecure mode).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsFiles {
+    /// The CA certificate(s) that signed the server's certificate
+    /// (URL option `tls_ca`).
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate, for a server that checks clients
+    /// (`tls-auth-clients yes`; URL option `tls_cert`).
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (URL option `tls_key`).
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Set the CA file.
+    pub fn with_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// Set the client certificate and its key.
+    pub fn with_client_cert(
+        mut self,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.cert_file = Some(cert_file.into());
+        self.key_file = Some(key_file.into());
+        self
+    }
 }
 
 /// Where the servers are: one standalone server, or seed nodes of a
-/// cluster.
+/// cluster; `rediss://` URLs connect over TLS (see [`TlsFiles`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     seeds: Vec<String>,
     cluster: bool,
+    tls: TlsFiles,
 }
 
 impl Topology {
-    /// One standalone server (`redis://host:port/db`).
+    /// One standalone server (`redis://host:port/db`, or `rediss://` for
+    /// TLS).
     pub fn single(url: impl Into<String>) -> Self {
         Topology {
             seeds: vec![url.into()],
             cluster: false,
+            tls: TlsFiles::default(),
         }
     }
 
-    /// A Redis Cluster, from one or more of its nodes (`redis://host:port`).
+    /// A Redis Cluster, from one or more of its nodes (`redis://host:port`
+    /// or `rediss://host:port`).
     pub fn cluster(seeds: Vec<String>) -> Self {
         Topology {
             seeds,
             cluster: true,
+            tls: TlsFiles::default(),
         }
+    }
+
+    /// Use these TLS files (for `rediss://` URLs).
+    pub fn with_tls(mut self, tls: TlsFiles) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The URLs given.
@@ -309,181 +372,26 @@ impl Topology {
         self.cluster
     }
 
-    fn client(url: &str) -> Result<redis::Client> {
-        redis::Client::open(url).map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidArgument,
-                format!("Redis URL `{url}` is not valid: {e}"),
-            )
-        })
-    }
-
-    async fn connect(&self, timeout: Duration) -> Result<Conn> {
-        let what = format!("connect to Redis at {}", self.seeds.join(","));
-        let connect_timeout = timeout.min(Duration::from_secs(5));
-        if self.cluster {
-            let client = redis::cluster::ClusterClient::builder(self.seeds.clone())
-                .connection_timeout(connect_timeout)
-                .response_timeout(timeout)
-                .retries(2)
-                .build()
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::InvalidArgument,
-                        format!(
-                            "Redis Cluster URLs `{}` are not valid: {e}",
-                            self.seeds.join(",")
-                        ),
-                    )
-                })?;
-            let c = client
-                .get_async_connection()
-                .await
-                .map_err(conn::during(&what))?;
-            Ok(Conn::Cluster(c))
-        } else {
-            let client = Self::client(&self.seeds[0])?;
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(connect_timeout))
-                .set_response_timeout(Some(timeout))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(500));
-            let c = redis::aio::ConnectionManager::new_with_config(client, config)
-                .await
-                .map_err(conn::during(&what))?;
-            Ok(Conn::Single(c))
-        }
-    }
-
-    /// The URLs of every master (the seed for a standalone server).
-    async fn masters(&self) -> Result<Vec<String>> {
-        if !self.cluster {
-            return Ok(self.seeds.clone());
-        }
-        let what = "list the cluster's masters";
-        let mut last = None;
-        for seed in &self.seeds {
-            let client = Self::client(seed)?;
-            let mut c = match client.get_multiplexed_async_connection().await {
-                Ok(c) => c,
-                Err(e) => {
-                    last = Some(conn::map_err(what, e));
-                    continue;
-                }
-            };
-            let nodes: String = redis::cmd("CLUSTER")
-                .arg("NODES")
-                .query_async(&mut c)
-                .await
-                .map_err(conn::during(what))?;
-            let mut out = Vec::new();
-            for line in nodes.lines() {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                if f.len() > 2 && f[2].contains("master") && !f[2].contains("fail") {
-                    let addr = f[1].split('@').next().unwrap_or_default();
-                    out.push(format!("redis://{addr}"));
-                }
-            }
-            return Ok(out);
-        }
-        Err(last.unwrap_or_else(|| Error::invalid("no Redis Cluster seed node given")))
-    }
-
-    /// `(node, appendonly, appendfsync)` of every master.
-    async fn persistence(&self, conn: &Conn) -> Result<Vec<(String, String, String)>> {
-        let what = "read the server's persistence settings (CONFIG GET)";
-        let read = |mut c: Conn| async move {
-            let v: Vec<String> = redis::cmd("CONFIG")
-                .arg("GET")
-                .arg("append*")
-                .query_async(&mut c)
-                .await
-                .map_err(conn::during(what))?;
-            let get = |k: &str| {
-                v.chunks(2)
-                    .find(|p| p[0] == k)
-                    .and_then(|p| p.get(1).cloned())
-                    .unwrap_or_default()
-            };
-            Ok::<_, Error>((get("appendonly"), get("appendfsync")))
-        };
-        if !self.cluster {
-            let (a, f) = read(conn.clone()).await?;
-            return Ok(vec![(self.seeds[0].clone(), a, f)]);
-        }
-        let mut out = Vec::new();
-        for node in self.masters().await? {
-            let client = Self::client(&node)?;
-            let c = redis::aio::ConnectionManager::new(client)
-                .await
-                .map_err(conn::during(what))?;
-            let (a, f) = read(Conn::Single(c)).await?;
-            out.push((node, a, f));
-        }
-        Ok(out)
-    }
-
-    /// A pub/sub connection (on a cluster, to a seed node: `PUBLISH`
-    /// reaches every node).
-    async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
-        let mut last = None;
-        for seed in &self.seeds {
-            match redis::Client::open(seed.as_str()) {
-                Ok(c) => match c.get_async_pubsub().await {
-                    Ok(ps) => return Ok(ps),
-                    Err(e) => last = Some(e),
-                },
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "no seed"))))
-    }
-
-    /// Delete every key of namespace `ns`, on every master.
-    async fn drop_namespace(&self, ns: &str) -> Result<()> {
-        let what = format!("delete namespace `{ns}`");
-        for node in self.masters().await? {
-            let client = Self::client(&node)?;
-            let mut c = client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(conn::during(&what))?;
-            let mut cursor = 0u64;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(format!("{{{ns}/*"))
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut c)
-                    .await
-                    .map_err(conn::during(&what))?;
-                // One key per DEL: keys of many slots (UNLINK of one key
-                // is fine on any node that serves it).
-                for k in keys {
-                    redis::cmd("UNLINK")
-                        .arg(&k)
-                        .query_async::<i64>(&mut c)
-                        .await
-                        .map_err(conn::during(&what))?;
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
-        }
-        Ok(())
+    /// The TLS files.
+    pub fn tls(&self) -> &TlsFiles {
+        &self.tls
     }
 }
 
 /// Open Conveyor on Redis.
 ///
+/// Waits at most `redis.timeout` in all (connecting, authenticating,
+/// reading the server's settings).
+///
 /// # Errors
-/// `InvalidArgument` for a bad URL or namespace; `Unavailable` if the
-/// server cannot be reached; `Unsupported` if `options.durability` needs
-/// persistence settings the server does not have.
+/// `InvalidArgument` for a bad URL, namespace or TLS file; `Unavailable`
+/// if the server cannot be reached or does not answer within the
+/// timeout; `Unauthenticated` if it refuses the credentials (wrong or
+/// missing password) or the TLS handshake fails (an untrusted server
+/// certificate); `PermissionDenied` if the user's ACL forbids what
+/// Conveyor needs; `Unsupported` if the server may evict keys
+/// (`maxmemory-policy` other than `noeviction`) or `options.durability`
+/// needs persistence settings the server does not have.
 ///
 /// # Cancel safety
 /// Cancel safe: dropped, nothing is left behind.
@@ -492,7 +400,19 @@ pub async fn open(
     options: BrokerOptions,
     redis: RedisOptions,
 ) -> Result<RedisBroker> {
-    RedisBroker::open(topology, options, redis).await
+    let limit = redis.timeout;
+    let shown = topology
+        .seeds()
+        .iter()
+        .map(|s| conveyor_core::backend::redact_url(s))
+        .collect::<Vec<_>>()
+        .join(",");
+    conveyor_core::backend::within(
+        limit,
+        &format!("Redis at {shown} (open)"),
+        RedisBroker::open(topology, options, redis),
+    )
+    .await
 }
 
 /// Milliseconds of a duration, capped at 2^50 (about 35,000 years): Lua

@@ -43,6 +43,7 @@ impl Inner {
         if records.is_empty() {
             return Ok(Vec::new());
         }
+        self.settings_allow_send().await?;
         let window = crate::millis(t.config.dedup_window);
         let records = &records;
         let appended: Vec<(Vec<usize>, Vec<Receipt>)> =
@@ -83,6 +84,7 @@ impl Inner {
     /// original's size plus the DLQ headers may pass `max_message_bytes`,
     /// as the contract allows).
     pub(crate) async fn append_unchecked(&self, topic: &str, record: Record) -> Result<Receipt> {
+        self.settings_allow_send().await?;
         let t = self.topic_cached(topic).await?;
         let partition = {
             let mut rr = self.round_robin.lock();
