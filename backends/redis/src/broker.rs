@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use conveyor_core::backend::{decode_headers, validate, StoredMessage, TopicCache};
 use conveyor_core::{
-    Broker, BrokerOptions, Capabilities, Consumer, DeliveryMode, DeliveryToken, Error,
-    ErrorKind, GroupConfig, GroupDescription, GroupLag, IdempotencyStore, MemberDescription,
-    Message, PartitionDescription, PartitionLag, Producer, Result, TopicConfig, TopicDescription,
+    Broker, BrokerOptions, Capabilities, Consumer, DeliveryMode, DeliveryToken, Error, ErrorKind,
+    GroupConfig, GroupDescription, GroupLag, IdempotencyStore, MemberDescription, Message,
+    PartitionDescription, PartitionLag, Producer, Result, TopicConfig, TopicDescription,
 };
 use futures::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
@@ -988,9 +988,7 @@ impl RedisBroker {
         // Eviction, persistence, credentials: refused now, not at the
         // first send.
         let watch = settings::Watch::new(options.durability);
-        watch
-            .check(&servers, &conn, redis.timeout, true)
-            .await?;
+        watch.check(&servers, &conn, redis.timeout, true).await?;
         let (changed, _) = watch::channel(0u64);
         let inner = Arc::new(Inner {
             conn: parking_lot::RwLock::new(conn),
@@ -1014,7 +1012,10 @@ impl RedisBroker {
         let retention = tokio::spawn(retention(Arc::downgrade(&inner)));
         let sweep = tokio::spawn(crate::consumer::sweep(Arc::downgrade(&inner)));
         let check = tokio::spawn(watch_settings(Arc::downgrade(&inner)));
-        inner.tasks.lock().extend([listener, retention, sweep, check]);
+        inner
+            .tasks
+            .lock()
+            .extend([listener, retention, sweep, check]);
         Ok(RedisBroker { inner })
     }
 
@@ -1057,8 +1058,7 @@ async fn watch_settings(inner: Weak<Inner>) {
         let checked = conveyor_core::backend::within(
             i.op_timeout,
             "Redis (settings check)",
-            i.settings
-                .check(&i.servers, &i.conn(), i.op_timeout, false),
+            i.settings.check(&i.servers, &i.conn(), i.op_timeout, false),
         )
         .await;
         if let Err(e) = checked {

@@ -23,6 +23,8 @@ impl Inner {
         records: Vec<Record>,
     ) -> Result<Vec<Receipt>> {
         self.check_open()?;
+        // Before anything is written (an auto-created topic included).
+        self.settings_allow_send().await?;
         // Delivery times are made relative to this moment, and the script
         // adds them to the server's clock.
         let sent_at = conveyor_core::now_ms();
@@ -43,7 +45,6 @@ impl Inner {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        self.settings_allow_send().await?;
         let window = crate::millis(t.config.dedup_window);
         let records = &records;
         let appended: Vec<(Vec<usize>, Vec<Receipt>)> =

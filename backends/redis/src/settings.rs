@@ -85,9 +85,8 @@ pub(crate) async fn read<C: redis::aio::ConnectionLike + Send>(
             Ok(NodeSettings {
                 node: node.to_string(),
                 maxmemory_policy: field("maxmemory_policy"),
-                appendonly: field("aof_enabled").map(|v| {
-                    if v == "1" { "yes" } else { "no" }.to_string()
-                }),
+                appendonly: field("aof_enabled")
+                    .map(|v| if v == "1" { "yes" } else { "no" }.to_string()),
                 appendfsync: None,
                 config_refused: Some(mapped.message().to_string()),
             })
@@ -278,21 +277,24 @@ impl Watch {
                 ErrorKind::Unavailable,
                 format!("{p}; sends are refused until the setting is restored"),
             )),
-            Verdict::Unknown => self
-                .check(servers, main, timeout, false)
-                .await
-                .map_err(|e| match e.kind() {
-                    ErrorKind::Unavailable if self.verdict.lock().clone() != Verdict::Unknown => {
-                        Error::new(
-                            ErrorKind::Unavailable,
-                            format!(
-                                "{}; sends are refused until the setting is restored",
-                                e.message()
-                            ),
-                        )
-                    }
-                    _ => e,
-                }),
+            Verdict::Unknown => {
+                self.check(servers, main, timeout, false)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        ErrorKind::Unavailable
+                            if self.verdict.lock().clone() != Verdict::Unknown =>
+                        {
+                            Error::new(
+                                ErrorKind::Unavailable,
+                                format!(
+                                    "{}; sends are refused until the setting is restored",
+                                    e.message()
+                                ),
+                            )
+                        }
+                        _ => e,
+                    })
+            }
         }
     }
 }
@@ -321,9 +323,16 @@ mod tests {
         ] {
             assert_eq!(problem(&ok, d), None);
         }
-        let lru = problem(&node("allkeys-lru", "yes", Some("always")), Durability::None).unwrap();
+        let lru = problem(
+            &node("allkeys-lru", "yes", Some("always")),
+            Durability::None,
+        )
+        .unwrap();
         assert!(lru.contains("maxmemory-policy=allkeys-lru"), "{lru}");
-        assert!(lru.contains("CONFIG SET maxmemory-policy noeviction"), "{lru}");
+        assert!(
+            lru.contains("CONFIG SET maxmemory-policy noeviction"),
+            "{lru}"
+        );
         let everysec = node("noeviction", "yes", Some("everysec"));
         assert!(problem(&everysec, Durability::Always).is_some());
         assert!(problem(&everysec, Durability::Interval(Duration::from_secs(1))).is_none());

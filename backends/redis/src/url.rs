@@ -115,9 +115,11 @@ pub fn parse(url: &BrokerUrl) -> Result<(Topology, RedisOptions)> {
             Ok((Topology::single(conn.to_string()).with_tls(tls), opts))
         }
         "redis+cluster" | "rediss+cluster" => {
-            let seed = conn
-                .to_string()
-                .replacen(&format!("{plain}+cluster://"), &format!("{plain}://"), 1);
+            let seed = conn.to_string().replacen(
+                &format!("{plain}+cluster://"),
+                &format!("{plain}://"),
+                1,
+            );
             let mut seeds = vec![seed];
             seeds.extend(nodes.iter().map(|n| format!("{plain}://{n}")));
             Ok((Topology::cluster(seeds).with_tls(tls), opts))

@@ -87,6 +87,8 @@ pub struct RedisServer {
     args: Vec<String>,
     shell: Option<Child>,
     pid: u32,
+    /// Served over TLS only (readiness is a TCP connect, not a PING).
+    tls: bool,
 }
 
 fn free_port() -> u16 {
@@ -123,6 +125,131 @@ pub fn raw_command(port: u16, cmd: &str) -> std::io::Result<String> {
     Ok(line.trim().to_string())
 }
 
+/// [`raw_command`] after `AUTH password` (if given) on the same
+/// connection.
+pub fn raw_command_as(port: u16, password: Option<&str>, cmd: &str) -> std::io::Result<String> {
+    let Some(pw) = password else {
+        return raw_command(port, cmd);
+    };
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("AUTH {pw}\r\n{cmd}\r\n").as_bytes())?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if !line.starts_with("+OK") {
+        return Err(std::io::Error::other(format!("AUTH: {line}")));
+    }
+    line.clear();
+    r.read_line(&mut line)?;
+    if let Some(n) = line
+        .strip_prefix('$')
+        .and_then(|n| n.trim().parse::<usize>().ok())
+    {
+        let mut body = vec![0u8; n + 2];
+        r.read_exact(&mut body)?;
+        return Ok(String::from_utf8_lossy(&body[..n]).into_owned());
+    }
+    Ok(line.trim().to_string())
+}
+
+/// PEM files for a TLS test: a CA, a server certificate it signed (for
+/// 127.0.0.1 and localhost), and another CA that signed nothing here.
+pub struct TlsCerts {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub other_ca: PathBuf,
+}
+
+impl TlsCerts {
+    /// Generate them with the `openssl` command-line tool.
+    pub fn generate() -> TlsCerts {
+        let dir = tempfile::tempdir().expect("temp dir").keep();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("run openssl (the TLS tests need the `openssl` command: `apt-get install openssl`)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        for (key, pem, cn) in [
+            ("ca.key", "ca.pem", "Conveyor test CA"),
+            ("other.key", "other.pem", "Another CA"),
+        ] {
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                key,
+                "-out",
+                pem,
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={cn}"),
+            ]);
+        }
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write ext.cnf");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        TlsCerts {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            other_ca: dir.join("other.pem"),
+            dir,
+        }
+    }
+}
+
+impl Drop for TlsCerts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl RedisServer {
     /// Start `redis-server` on a free port in a new temporary directory,
     /// with `extra` settings (e.g. `--appendonly yes`).
@@ -131,10 +258,39 @@ impl RedisServer {
         Self::start_in(&dir, free_port(), extra)
     }
 
-    fn start_in(dir: &Path, port: u16, extra: &[&str]) -> RedisServer {
+    /// Start `redis-server` serving TLS only (`--port 0 --tls-port`),
+    /// with the server certificate of `certs` and clients not checked.
+    pub fn start_tls(certs: &TlsCerts, extra: &[&str]) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir").keep();
+        let port = free_port();
         let mut args: Vec<String> = vec![
             "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
             port.to_string(),
+            "--tls-cert-file".into(),
+            certs.server_cert.display().to_string(),
+            "--tls-key-file".into(),
+            certs.server_key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            certs.ca.display().to_string(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_with(&dir, port, &args, true)
+    }
+
+    fn start_in(dir: &Path, port: u16, extra: &[&str]) -> RedisServer {
+        let mut args: Vec<String> = vec!["--port".into(), port.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_with(dir, port, &args, false)
+    }
+
+    fn start_with(dir: &Path, port: u16, extra: &[&str], tls: bool) -> RedisServer {
+        let mut args: Vec<String> = vec![
             "--bind".into(),
             "127.0.0.1".into(),
             "--dir".into(),
@@ -153,6 +309,7 @@ impl RedisServer {
             args,
             shell: None,
             pid: 0,
+            tls,
         };
         server.spawn();
         server
@@ -186,7 +343,14 @@ kill -9 $rpid 2>/dev/null"#;
         self.shell = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if raw_command(self.port, "PING").is_ok_and(|r| r == "+PONG") {
+            let ready = if self.tls {
+                TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                // A server with `requirepass` answers NOAUTH: it is up.
+                raw_command(self.port, "PING")
+                    .is_ok_and(|r| r == "+PONG" || r.starts_with("-NOAUTH"))
+            };
+            if ready {
                 return;
             }
             assert!(
@@ -222,6 +386,19 @@ kill -9 $rpid 2>/dev/null"#;
     /// Start it again on the same port and directory (it reloads its AOF).
     pub fn restart(&mut self) {
         self.spawn();
+    }
+
+    /// Start it again (after [`RedisServer::kill`]) with `extra` settings
+    /// added (later ones win).
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn();
+    }
+
+    /// One command on this (plain) server, after `AUTH password` if given.
+    pub fn command(&self, password: Option<&str>, cmd: &str) -> String {
+        raw_command_as(self.port, password, cmd)
+            .unwrap_or_else(|e| panic!("`{cmd}` on port {}: {e}", self.port))
     }
 }
 
