@@ -424,11 +424,10 @@ impl Inner {
                 .await
                 .map_err(during(what))?;
             if reads {
-                redis::cmd("HINCRBY")
-                    .arg(&k.meta)
-                    .arg("mv")
-                    .arg(1)
-                    .query_async::<i64>(&mut c)
+                SCRIPTS
+                    .group_touch
+                    .key(&k.meta)
+                    .invoke_async::<i64>(&mut c)
                     .await
                     .map_err(during(what))?;
             }

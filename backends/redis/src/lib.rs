@@ -9,10 +9,27 @@
 //! Every rule of the delivery contract (`docs/semantics.md`) holds in the
 //! server: each step that writes is one Lua script (`lua/*.lua`, each with
 //! a KEYS/ARGV header), which Redis runs atomically, on the server's clock
-//! (`TIME`). A read (`fetch`, a partition's bounds) is a `MULTI`/`EXEC`
-//! transaction of `HMGET` and `XRANGE` on the partition's slot: as atomic,
-//! without the script's conversion of every entry to Lua and back.
+//! (`TIME`). A read (`fetch`, a partition's bounds) is a pipeline of
+//! `HMGET` (the bounds) then `XRANGE` on the partition's slot, entries at
+//! or past the end read first dropped: a snapshot without the script's
+//! conversion of every entry to Lua and back, and without `MULTI`/`EXEC`,
+//! which a full server refuses (see "Server settings").
 //! Members of a group may live in different processes and machines.
+//!
+//! ## URL options
+//!
+//! | option | default | what |
+//! |---|---|---|
+//! | scheme `redis://`, `rediss://` | | a standalone server; `rediss` is TLS |
+//! | scheme `redis+cluster://`, `rediss+cluster://` | | a Redis Cluster, from one of its nodes |
+//! | `user:password@` | none | the server's credentials (never shown in errors, logs or `Debug`) |
+//! | `namespace` | `conveyor` | the prefix of every key (`[A-Za-z0-9._-]`, 1 to 100) |
+//! | `timeout_ms` | 30000 | how long any call waits for the server, `open` included |
+//! | `settings_check_ms` | 1000 | how often the server's settings are read again while running |
+//! | `nodes` | none | more cluster seed nodes, `host:port,host:port` |
+//! | `tls_ca` | the system's roots | PEM file of the CA that signed the server's certificate (redis-cli's `--cacert`) |
+//! | `tls_cert`, `tls_key` | none | a client certificate and its key, PEM (redis-cli's `--cert`, `--key`), for `tls-auth-clients yes` |
+//! | `durability`, `auto_create` | `none`, on | the common options |
 //!
 //! ## Key layout
 //!
@@ -83,7 +100,8 @@
 //! ## Durability
 //!
 //! Redis promises what its persistence settings promise, and [`open`]
-//! checks them (`CONFIG GET`, on every master of a cluster):
+//! checks them (`CONFIG GET`, on every master of a cluster), then the
+//! broker checks them again while it runs (see "Server settings"):
 //!
 //! | durability | needs | what it means |
 //! |---|---|---|
@@ -97,12 +115,74 @@
 //! with `appendfsync everysec`): the target is Redis 7.0, which lacks it,
 //! so nothing here requires a newer server.
 //!
+//! ## Server settings
+//!
+//! The server's settings are part of the contract. What each must be, and
+//! what happens when it is not:
+//!
+//! | setting | must be | at open | while running |
+//! |---|---|---|---|
+//! | `maxmemory-policy` | `noeviction` (every master) | anything else is refused, `Unsupported`, naming the policy and the fix (`CONFIG SET maxmemory-policy noeviction`, and redis.conf): an evicting server drops acknowledged records, committed offsets and the topic registry without an error | sends fail `Unavailable` naming the setting until it is restored |
+//! | `appendonly`, `appendfsync` | per durability (table above; nothing for `none`) | refused, `Unsupported`, naming both values | sends fail `Unavailable` naming them until restored |
+//! | `maxmemory` | any; a full server is a normal state | | sends (and new idempotency keys, topic creation) fail `Unavailable`: "Redis at ... is full: maxmemory reached ..."; everything else keeps working (below) |
+//! | credentials (`requirepass`, ACL users) | the URL's user and password | wrong or missing: `Unauthenticated` at open | an ACL that forbids a command or key: `PermissionDenied` |
+//! | TLS (`tls-port`) | `rediss://`, and the server's certificate signed by `tls_ca` (or a system root) for the host in the URL | an untrusted certificate: `Unauthenticated`, naming TLS; an unreadable file: `InvalidArgument` | |
+//!
+//! **How the settings are read.** `CONFIG GET maxmemory-policy appendonly
+//! appendfsync` on every master (a cluster's masters are found with
+//! `CLUSTER NODES`). Where `CONFIG` is disabled or renamed (managed
+//! services) or forbidden by ACL, `INFO memory` (`maxmemory_policy`) and
+//! `INFO persistence` (`aof_enabled`) are read instead; `INFO` does not
+//! show `appendfsync`, so there only durability `none` can be verified,
+//! and `always`/`interval` are refused as unverifiable.
+//!
+//! **While running.** A broker reads the settings again every
+//! `settings_check_ms` (default 1 s), and before the next send after any
+//! `Unavailable` (a lost connection: the server may have restarted with
+//! other settings). While they are wrong, sends fail `Unavailable` (retry
+//! later) instead of issuing receipts the server cannot honour; reads,
+//! acks and commits go on. The window is honest but not zero: a setting
+//! changed on the server (`CONFIG SET appendonly no`) is noticed at the
+//! next check, so sends acknowledged within one check interval after the
+//! change (up to 1 s by default) had the old guarantee only until the
+//! change; a send already past its check when a connection is lost and
+//! re-established may land on the new server before the check. Lower
+//! `settings_check_ms` narrows the window at the cost of one `CONFIG GET`
+//! per master per interval.
+//!
+//! **A full server** (`noeviction` and `maxmemory` reached). Redis 7.0
+//! refuses, under OOM: every command flagged `denyoom` (`SET`, `SADD`,
+//! `HSET`, `HINCRBY`, `ZADD`, `XADD`, ...; `DEL`, `UNLINK`, `PUBLISH` and
+//! reads are allowed); *every* command queued inside `MULTI` (so a
+//! `MULTI`/`EXEC` of reads fails with `EXECABORT`); a script without a
+//! shebang whose first write is a `denyoom` command; and a script whose
+//! `#!lua` shebang lacks both `allow-oom` and `no-writes`, before it
+//! runs. So reads are plain pipelines; the scripts that read, settle or
+//! keep membership (`queue_poll`, `queue_settle`, `queue_state`,
+//! `queue_dead`, `queue_seek`, `commit`, `commit_init`, `join`,
+//! `group_register`, `group_touch`, `heartbeat`, `rebalance`, `leave`,
+//! `retain`, `topic_delete`) declare `#!lua flags=allow-oom` (their writes are
+//! small, and settling and retention free memory), `find_time` declares
+//! `no-writes`, and `append.lua` declares `#!lua` with no flag, so a full
+//! server refuses an append before any of it runs. Fetch, describe, lag,
+//! polls in both modes, ack, nack, extend, commit, join, heartbeat and
+//! leave work on a full server; sends fail `Unavailable` until memory is
+//! freed (retention, deleted topics) or `maxmemory` raised.
+//!
 //! ## Errors
 //!
-//! A lost connection, a timeout, `LOADING`, `BUSY`, `TRYAGAIN` and cluster
+//! A lost connection, a timeout, a full server, settings that no longer
+//! honour the durability, `LOADING`, `BUSY`, `TRYAGAIN` and cluster
 //! redirections that fail are `ErrorKind::Unavailable` (retriable); the
-//! connection is re-established by the next call. Every call has a
-//! deadline (`timeout_ms`, default 30 s).
+//! connection is re-established by the next call. Refused credentials
+//! (`WRONGPASS`, `NOAUTH`) and an untrusted TLS certificate are
+//! `Unauthenticated`, an ACL refusal (`NOPERM`) is `PermissionDenied`:
+//! neither is retried. Every call has a deadline (`timeout_ms`, default
+//! 30 s), `open` included (connecting, authenticating and reading the
+//! settings together). No message, source or `Debug` output contains a
+//! password. `close()` drops the broker's connections at once, even while
+//! producers and consumers are still held (their calls are then
+//! `Closed`).
 //!
 //! ## Measured
 //!
@@ -171,8 +251,9 @@
 //!   listener now subscribes only while the process has polls in progress.
 //! - **Reads converted every entry to Lua and back.** `read.lua`'s
 //!   `XRANGE` of 10,000 entries cost 23 ms of server time against 4 ms for
-//!   the bare `XRANGE`; reads are now a `MULTI`/`EXEC` of `HMGET` and
-//!   `XRANGE`. What is left is mostly the client: `perf` puts ~25% of the
+//!   the bare `XRANGE`; reads were then a `MULTI`/`EXEC` of `HMGET` and
+//!   `XRANGE` (now a plain pipeline of the two, so that a full server
+//!   still answers them; not measured again since). What is left is mostly the client: `perf` puts ~25% of the
 //!   bench's samples in the `redis` crate's reply parser and ~25% in
 //!   malloc/free (ten values per entry).
 //! - **A queue-mode ack was three round trips** (two `HGET`s of the topic

@@ -167,7 +167,13 @@ async fn a_full_server_reads_and_settles_and_sends_again_when_freed() {
     let t = Topology::single(server.url());
     let b = open(&t, "full", BrokerOptions::default()).await.unwrap();
     b.create_topic("t", TopicConfig::new(2)).await.unwrap();
+    b.create_topic("spare", TopicConfig::new(1)).await.unwrap();
     let p = b.producer().await.unwrap();
+    p.send("spare", Record::new("old")).await.unwrap();
+    let _reads_spare = b
+        .consumer("s", &["t", "spare"], GroupConfig::stream())
+        .await
+        .unwrap();
     for i in 0..20 {
         p.send("t", Record::new(format!("m{i}")).with_partition(i % 2))
             .await
@@ -252,6 +258,9 @@ async fn a_full_server_reads_and_settles_and_sends_again_when_freed() {
         .unwrap();
     new_group.close().await.unwrap();
     joined.close().await.unwrap();
+
+    // Deleting a topic (to free memory) works too.
+    b.delete_topic("spare").await.unwrap();
 
     // Freed: sends work again.
     for i in 0..filled {
