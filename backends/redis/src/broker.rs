@@ -1139,7 +1139,10 @@ async fn listen(inner: Weak<Inner>) {
                     }
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "wake-up listener cannot connect"),
+            Err(e) => tracing::debug!(
+                error = %conveyor_core::backend::redact_url(&e.to_string()),
+                "wake-up listener cannot connect"
+            ),
         }
         match inner.upgrade() {
             Some(i) => i.wake(),

@@ -6,6 +6,8 @@
 //! of the facade), `redis+cluster://host:7000/?namespace=NAME` for a
 //! cluster (one node is enough; the others are discovered), or [`open`].
 //!
+//! Needs Redis 7.0 or later (the scripts declare Redis 7 script flags).
+//!
 //! Every rule of the delivery contract (`docs/semantics.md`) holds in the
 //! server: each step that writes is one Lua script (`lua/*.lua`, each with
 //! a KEYS/ARGV header), which Redis runs atomically, on the server's clock
@@ -408,12 +410,28 @@ impl TlsFiles {
 }
 
 /// Where the servers are: one standalone server, or seed nodes of a
-/// cluster; `rediss://` URLs connect over TLS (see [`TlsFiles`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// cluster; `rediss://` URLs connect over TLS (see [`TlsFiles`]). Its
+/// `Debug` output shows the URLs without their passwords.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Topology {
     seeds: Vec<String>,
     cluster: bool,
     tls: TlsFiles,
+}
+
+impl std::fmt::Debug for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seeds: Vec<String> = self
+            .seeds
+            .iter()
+            .map(|s| conveyor_core::backend::redact_url(s))
+            .collect();
+        f.debug_struct("Topology")
+            .field("seeds", &seeds)
+            .field("cluster", &self.cluster)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl Topology {

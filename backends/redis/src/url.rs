@@ -199,6 +199,9 @@ mod tests {
             let e = parse(&BrokerUrl::parse(bad).unwrap()).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{bad}: {e}");
         }
+        let url = BrokerUrl::parse("redis://:s3cr3t@h:7/").unwrap();
+        let (t, _) = parse(&url).unwrap();
+        assert!(!format!("{t:?}").contains("s3cr3t"), "{t:?}");
         let e = parse(&BrokerUrl::parse("redis+tls://h/").unwrap()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
     }
