@@ -155,6 +155,36 @@ async fn evicting_policy_on_any_cluster_master_is_refused() {
         e.message().contains(&format!("127.0.0.1:{}", last.port)),
         "names the master: {e}"
     );
+
+    // While running: the same master changes its policy, sends stop
+    // (whichever partition they go to), and resume when it is restored.
+    last.command(None, "CONFIG SET maxmemory-policy noeviction");
+    let b = conveyor_redis::open(
+        t.clone(),
+        BrokerOptions::default(),
+        opts(&ns).with_settings_check(Duration::from_millis(100)),
+    )
+    .await
+    .unwrap();
+    b.create_topic("t", TopicConfig::new(6)).await.unwrap();
+    let p = b.producer().await.unwrap();
+    p.send("t", Record::new("before")).await.unwrap();
+    last.command(None, "CONFIG SET maxmemory-policy allkeys-lfu");
+    let e = until("sends refused on a cluster", || async {
+        p.send("t", Record::new("during").with_partition(0))
+            .await
+            .err()
+    })
+    .await;
+    assert_kind(&e, ErrorKind::Unavailable);
+    assert!(e.message().contains("maxmemory-policy=allkeys-lfu"), "{e}");
+    last.command(None, "CONFIG SET maxmemory-policy noeviction");
+    until("sends again on a cluster", || async {
+        p.send("t", Record::new("after")).await.ok()
+    })
+    .await;
+    b.drop_namespace().await.unwrap();
+    b.close().await.unwrap();
 }
 
 /// Used memory over `maxmemory` (policy `noeviction`): sends fail
@@ -616,6 +646,35 @@ async fn tls_connects_with_the_right_ca_and_refuses_another() {
     assert_eq!(b.fetch("t", 0, 0, 10).await.unwrap().len(), 1);
     b.close().await.unwrap();
 
+    // A server that checks clients: refused without a client
+    // certificate, served with one its CA signed.
+    let checking = RedisServer::start_tls_checking(&certs, true, &[]);
+    let url2 = format!("rediss://127.0.0.1:{}", checking.port);
+    let no_cert =
+        Topology::single(url2.clone()).with_tls(TlsFiles::default().with_ca_file(&certs.ca));
+    let e = open(&no_cert, "tls", BrokerOptions::default())
+        .await
+        .unwrap_err();
+    eprintln!("no client certificate: {}", e.chain());
+    assert!(
+        matches!(
+            e.kind(),
+            ErrorKind::Unauthenticated | ErrorKind::Unavailable
+        ),
+        "{}",
+        e.chain()
+    );
+    let with_cert = Topology::single(url2).with_tls(
+        TlsFiles::default()
+            .with_ca_file(&certs.ca)
+            .with_client_cert(&certs.client_cert, &certs.client_key),
+    );
+    let b = open(&with_cert, "tls", BrokerOptions::default())
+        .await
+        .unwrap();
+    b.create_topic("t", TopicConfig::new(1)).await.unwrap();
+    b.close().await.unwrap();
+
     // Another CA.
     let wrong =
         Topology::single(url.clone()).with_tls(TlsFiles::default().with_ca_file(&certs.other_ca));
@@ -631,4 +690,33 @@ async fn tls_connects_with_the_right_ca_and_refuses_another() {
         .await
         .unwrap_err();
     assert_kind(&e, ErrorKind::InvalidArgument);
+}
+
+/// `rediss+cluster://`: a Redis Cluster over TLS (`tls-cluster yes`):
+/// open (settings read on every master over TLS), produce to partitions
+/// on every shard, read them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_cluster_produces_and_reads() {
+    let certs = TlsCerts::generate();
+    let cluster = common::Cluster::start_tls(&certs);
+    let url = conveyor_core::backend::BrokerUrl::parse(&format!(
+        "rediss+cluster://127.0.0.1:{}/?namespace=tlscl&tls_ca={}&durability=always",
+        cluster.nodes[0].port,
+        certs.ca.display()
+    ))
+    .unwrap();
+    let b = conveyor_redis::open_url(&url).await.unwrap();
+    b.create_topic("t", TopicConfig::new(6)).await.unwrap();
+    let p = b.producer().await.unwrap();
+    for part in 0..6 {
+        p.send("t", Record::new(format!("p{part}")).with_partition(part))
+            .await
+            .unwrap();
+    }
+    for part in 0..6 {
+        let got = b.fetch("t", part, 0, 10).await.unwrap();
+        assert_eq!(got.len(), 1, "partition {part}");
+        assert_eq!(got[0].value.as_ref(), format!("p{part}").as_bytes());
+    }
+    b.close().await.unwrap();
 }

@@ -87,8 +87,9 @@ pub struct RedisServer {
     args: Vec<String>,
     shell: Option<Child>,
     pid: u32,
-    /// Served over TLS only (readiness is a TCP connect, not a PING).
-    tls: bool,
+    /// Served over TLS only, with the certificate this CA signed
+    /// (readiness is a TCP connect; commands go through `redis-cli`).
+    tls: Option<PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -154,12 +155,15 @@ pub fn raw_command_as(port: u16, password: Option<&str>, cmd: &str) -> std::io::
 }
 
 /// PEM files for a TLS test: a CA, a server certificate it signed (for
-/// 127.0.0.1 and localhost), and another CA that signed nothing here.
+/// 127.0.0.1 and localhost), a client certificate it signed, and another
+/// CA that signed nothing here.
 pub struct TlsCerts {
     pub dir: PathBuf,
     pub ca: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
     pub other_ca: PathBuf,
 }
 
@@ -211,10 +215,12 @@ impl TlsCerts {
             "-subj",
             "/CN=localhost",
         ]);
+        // clientAuth too: cluster nodes present it to each other on the
+        // cluster bus, which always checks the peer.
         std::fs::write(
             dir.join("ext.cnf"),
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n",
         )
         .expect("write ext.cnf");
         run(&[
@@ -234,7 +240,44 @@ impl TlsCerts {
             "-extfile",
             "ext.cnf",
         ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=conveyor-test-client",
+        ]);
+        std::fs::write(
+            dir.join("client.cnf"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=clientAuth\n",
+        )
+        .expect("write client.cnf");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "client.cnf",
+        ]);
         TlsCerts {
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
             ca: dir.join("ca.pem"),
             server_cert: dir.join("server.pem"),
             server_key: dir.join("server.key"),
@@ -261,6 +304,15 @@ impl RedisServer {
     /// Start `redis-server` serving TLS only (`--port 0 --tls-port`),
     /// with the server certificate of `certs` and clients not checked.
     pub fn start_tls(certs: &TlsCerts, extra: &[&str]) -> RedisServer {
+        Self::start_tls_checking(certs, false, extra)
+    }
+
+    /// [`RedisServer::start_tls`], with `tls-auth-clients` as given.
+    pub fn start_tls_checking(
+        certs: &TlsCerts,
+        check_clients: bool,
+        extra: &[&str],
+    ) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir").keep();
         let port = free_port();
         let mut args: Vec<String> = vec![
@@ -275,21 +327,21 @@ impl RedisServer {
             "--tls-ca-cert-file".into(),
             certs.ca.display().to_string(),
             "--tls-auth-clients".into(),
-            "no".into(),
+            if check_clients { "yes" } else { "no" }.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Self::start_with(&dir, port, &args, true)
+        Self::start_with(&dir, port, &args, Some(certs.ca.clone()))
     }
 
     fn start_in(dir: &Path, port: u16, extra: &[&str]) -> RedisServer {
         let mut args: Vec<String> = vec!["--port".into(), port.to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Self::start_with(dir, port, &args, false)
+        Self::start_with(dir, port, &args, None)
     }
 
-    fn start_with(dir: &Path, port: u16, extra: &[&str], tls: bool) -> RedisServer {
+    fn start_with(dir: &Path, port: u16, extra: &[&str], tls: Option<PathBuf>) -> RedisServer {
         let mut args: Vec<String> = vec![
             "--bind".into(),
             "127.0.0.1".into(),
@@ -343,7 +395,7 @@ kill -9 $rpid 2>/dev/null"#;
         self.shell = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let ready = if self.tls {
+            let ready = if self.tls.is_some() {
                 TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             } else {
                 // A server with `requirepass` answers NOAUTH: it is up.
@@ -395,8 +447,25 @@ kill -9 $rpid 2>/dev/null"#;
         self.spawn();
     }
 
-    /// One command on this (plain) server, after `AUTH password` if given.
+    /// One command on this server, after `AUTH password` if given (a
+    /// TLS server: through `redis-cli --tls`, arguments split on spaces).
     pub fn command(&self, password: Option<&str>, cmd: &str) -> String {
+        if let Some(ca) = &self.tls {
+            let mut cli = Command::new("redis-cli");
+            cli.arg("--tls")
+                .arg("--cacert")
+                .arg(ca)
+                .arg("-p")
+                .arg(self.port.to_string());
+            if let Some(pw) = password {
+                cli.arg("-a").arg(pw).arg("--no-auth-warning");
+            }
+            let out = cli
+                .args(cmd.split(' '))
+                .output()
+                .expect("run redis-cli (needs the `redis-tools` package)");
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
         raw_command_as(self.port, password, cmd)
             .unwrap_or_else(|e| panic!("`{cmd}` on port {}: {e}", self.port))
     }
@@ -424,23 +493,44 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Cluster {
+        Self::start_with(None)
+    }
+
+    /// The same cluster over TLS only (`tls-cluster yes`: clients, and
+    /// the nodes among themselves).
+    pub fn start_tls(certs: &TlsCerts) -> Cluster {
+        Self::start_with(Some(certs))
+    }
+
+    fn start_with(tls: Option<&TlsCerts>) -> Cluster {
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ];
         let nodes: Vec<RedisServer> = (0..3)
-            .map(|_| {
-                RedisServer::start(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "5000",
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "always",
-                ])
+            .map(|_| match tls {
+                None => RedisServer::start(&args),
+                Some(certs) => {
+                    let mut args = args.to_vec();
+                    args.extend(["--tls-cluster", "yes"]);
+                    RedisServer::start_tls(certs, &args)
+                }
             })
             .collect();
-        let mut create = Command::new("redis-cli");
+        // `timeout`: redis-cli waits for the nodes to join forever.
+        let mut create = Command::new("timeout");
+        create.arg("120").arg("redis-cli");
+        if let Some(certs) = tls {
+            create.arg("--tls").arg("--cacert").arg(&certs.ca);
+        }
         create.arg("--cluster").arg("create");
         for n in &nodes {
             create.arg(format!("127.0.0.1:{}", n.port));
@@ -458,7 +548,10 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         for n in &nodes {
             loop {
-                let info = raw_command(n.port, "CLUSTER INFO").unwrap_or_default();
+                let info = match n.tls {
+                    Some(_) => n.command(None, "CLUSTER INFO"),
+                    None => raw_command(n.port, "CLUSTER INFO").unwrap_or_default(),
+                };
                 if info.contains("cluster_state:ok") {
                     break;
                 }
