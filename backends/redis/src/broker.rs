@@ -122,7 +122,9 @@ impl Inner {
                 );
                 return Error::new(ErrorKind::Unavailable, named);
             }
-            self.settings.unknown();
+            if !e.message().ends_with(settings::REFUSED) {
+                self.settings.unknown();
+            }
             e
         })
     }

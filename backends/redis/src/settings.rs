@@ -148,6 +148,10 @@ pub(crate) fn problem(s: &NodeSettings, durability: Durability) -> Option<String
     })
 }
 
+/// The end of the message of a send refused for the server's settings
+/// (so that the refusal itself is not taken for a lost connection).
+pub(crate) const REFUSED: &str = "sends are refused until the setting is restored";
+
 /// Whether sends may go on, as the last check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Verdict {
@@ -275,7 +279,7 @@ impl Watch {
             Verdict::Fine => Ok(()),
             Verdict::Wrong(p) => Err(Error::new(
                 ErrorKind::Unavailable,
-                format!("{p}; sends are refused until the setting is restored"),
+                format!("{p}; {REFUSED}"),
             )),
             Verdict::Unknown => {
                 self.check(servers, main, timeout, false)
@@ -286,10 +290,7 @@ impl Watch {
                         {
                             Error::new(
                                 ErrorKind::Unavailable,
-                                format!(
-                                    "{}; sends are refused until the setting is restored",
-                                    e.message()
-                                ),
+                                format!("{}; {REFUSED}", e.message()),
                             )
                         }
                         _ => e,
