@@ -76,6 +76,8 @@ pub(crate) struct Inner {
     /// Connection details for the pub/sub listener, settings checks and
     /// cleanup.
     pub servers: Servers,
+    /// "Redis at <servers>", for messages (no password).
+    server_name: String,
     /// The server settings' verdict (see [`settings`]).
     settings: settings::Watch,
     /// How often the settings are read again.
@@ -106,10 +108,12 @@ impl Inner {
         extra: Duration,
         call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        let what = format!("Redis at {}", self.servers.shown());
-        let got =
-            conveyor_core::backend::within(self.op_timeout.saturating_add(extra), &what, call)
-                .await;
+        let got = conveyor_core::backend::within(
+            self.op_timeout.saturating_add(extra),
+            &self.server_name,
+            call,
+        )
+        .await;
         got.map_err(|e| {
             if e.kind() != ErrorKind::Unavailable {
                 return e;
@@ -117,7 +121,7 @@ impl Inner {
             if e.message().contains(crate::conn::FULL) {
                 let named = e.message().replacen(
                     crate::conn::FULL,
-                    &format!("Redis at {} is full", self.servers.shown()),
+                    &format!("{} is full", self.server_name),
                     1,
                 );
                 return Error::new(ErrorKind::Unavailable, named);
@@ -1005,6 +1009,7 @@ impl RedisBroker {
             members: Mutex::new(std::collections::BTreeMap::new()),
             round_robin: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
+            server_name: format!("Redis at {}", servers.shown()),
             servers,
             settings: watch,
             settings_every: redis.settings_check,
