@@ -1081,12 +1081,13 @@ async fn watch_settings(inner: Weak<Inner>) {
 /// every poll (messages may have been missed meanwhile); polls also look
 /// again every [`FALLBACK_POLL`].
 async fn listen(inner: Weak<Inner>) {
-    let (servers, channel, wanted, listening) = match inner.upgrade() {
+    let (servers, channel, wanted, listening, limit) = match inner.upgrade() {
         Some(i) => (
             i.servers.clone(),
             keys::wake_channel(&i.ns),
             i.listen_wanted.clone(),
             i.listening.clone(),
+            i.op_timeout,
         ),
         None => return,
     };
@@ -1109,7 +1110,16 @@ async fn listen(inner: Weak<Inner>) {
                 }
             }
         }
-        match servers.pubsub().await {
+        // Bounded: a black-holed server must not hold the listener.
+        let connected = tokio::time::timeout(limit, servers.pubsub())
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "the pub/sub connection timed out",
+                )))
+            });
+        match connected {
             Ok(mut ps) => {
                 if ps.subscribe(&channel).await.is_ok() {
                     listening.store(true, Ordering::Release);
