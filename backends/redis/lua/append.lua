@@ -1,3 +1,4 @@
+#!lua
 -- append.lua: append records to one partition, atomically and contiguously,
 -- with the dedup window for idempotent produce (contract §3).
 --

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- commit.lua: a stream-mode commit, fenced (contract §4a): it lands only
 -- if the member still owns the partition in the generation it got it in.
 --

@@ -1,3 +1,4 @@
+#!lua flags=no-writes
 -- find_time.lua: the first offset whose timestamp is >= a time (seek by
 -- timestamp). Timestamps never decrease within a partition, so this is a
 -- binary search over the dense offsets start..end.

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- heartbeat.lua: a member's heartbeat on the server's clock, and expiry of
 -- members silent for the session timeout (contract §4).
 --

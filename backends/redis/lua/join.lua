@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- join.lua: a member joins a group (contract §4). The group is created on
 -- first use; its mode and start are fixed then. The latest joiner's
 -- session timeout, visibility timeout and DLQ policy apply.

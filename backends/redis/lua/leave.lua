@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- leave.lua: a member leaves its group at once (close).
 --
 -- KEYS[1] group meta (hash: mv)

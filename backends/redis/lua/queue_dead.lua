@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- queue_dead.lua: the dead-letter moves of one partition's group (contract
 -- §5). "claim" takes up to ARGV[2] waiting moves not claimed in the last
 -- ARGV[3] ms (so two members never move the same message at once, and a

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- queue_poll.lua: lease up to `max` messages of one partition to a
 -- queue-mode group (contract §4b): expired leases first become available
 -- again (or, on their last attempt, wait for the dead-letter move), then

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- queue_seek.lua: move a queue-mode group's cursor in one partition (seek,
 -- replay). Leases, pending redeliveries and attempts of the partition are
 -- dropped: the group starts over from the target.

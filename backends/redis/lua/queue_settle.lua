@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- queue_settle.lua: ack, nack or extend messages of one partition under
 -- their leases (contract §4b). A message whose lease token no longer
 -- matches (expired and released or re-leased, or already settled) is

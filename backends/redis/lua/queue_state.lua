@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- queue_state.lua: a queue-mode group's standing in one partition (lag,
 -- contract §9), and optionally a start for a new cursor (a group that
 -- starts at `latest`, or a seek).

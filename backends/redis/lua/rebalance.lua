@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- rebalance.lua: install the owners a member computed with core's sticky
 -- assignment, if membership has not changed since it read it (a
 -- compare-and-set on mv). Bumps the generation; a partition whose owner

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- retain.lua: retention of one partition (contract §6): removes whole
 -- records from the head while they are older than the age limit or the
 -- partition holds more than the byte limit, and moves the log start. The

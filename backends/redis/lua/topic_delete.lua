@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- topic_delete.lua: unregister a topic. Its partitions' keys are deleted
 -- next, one partition at a time (other slots); a crash in between leaves
 -- keys under an id nobody will use again, never a half-visible topic.

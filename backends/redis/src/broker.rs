@@ -3,14 +3,16 @@
 
 use crate::conn::{during, reply, Conn, SCRIPTS};
 use crate::keys::{self, Group, Part, Registry};
+use crate::servers::Servers;
+use crate::settings;
 use crate::{RedisOptions, Topology};
 use async_trait::async_trait;
 use bytes::Bytes;
 use conveyor_core::backend::{decode_headers, validate, StoredMessage, TopicCache};
 use conveyor_core::{
-    Broker, BrokerOptions, Capabilities, Consumer, DeliveryMode, DeliveryToken, Durability, Error,
-    ErrorKind, GroupConfig, GroupDescription, GroupLag, IdempotencyStore, MemberDescription,
-    Message, PartitionDescription, PartitionLag, Producer, Result, TopicConfig, TopicDescription,
+    Broker, BrokerOptions, Capabilities, Consumer, DeliveryMode, DeliveryToken, Error, ErrorKind,
+    GroupConfig, GroupDescription, GroupLag, IdempotencyStore, MemberDescription, Message,
+    PartitionDescription, PartitionLag, Producer, Result, TopicConfig, TopicDescription,
 };
 use futures::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
@@ -51,7 +53,9 @@ pub(crate) struct Bounds {
 
 /// State shared by the broker and its producers and consumers.
 pub(crate) struct Inner {
-    pub conn: Conn,
+    /// The main connection; `Conn::Closed` once the broker is closed
+    /// (its sockets dropped, though handles may live on).
+    conn: parking_lot::RwLock<Conn>,
     pub ns: String,
     pub options: BrokerOptions,
     pub op_timeout: Duration,
@@ -69,8 +73,15 @@ pub(crate) struct Inner {
     pub members: Mutex<std::collections::BTreeMap<(Arc<str>, u64), crate::consumer::Leased>>,
     pub round_robin: Mutex<HashMap<String, u32>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// Connection details for the pub/sub listener and cleanup.
-    pub topology: Topology,
+    /// Connection details for the pub/sub listener, settings checks and
+    /// cleanup.
+    pub servers: Servers,
+    /// "Redis at <servers>", for messages (no password).
+    server_name: String,
+    /// The server settings' verdict (see [`settings`]).
+    settings: settings::Watch,
+    /// How often the settings are read again.
+    settings_every: Duration,
 }
 
 impl Inner {
@@ -83,18 +94,52 @@ impl Inner {
 
     /// A connection handle (clones share the multiplexed socket).
     pub(crate) fn conn(&self) -> Conn {
-        self.conn.clone()
+        self.conn.read().clone()
     }
 
     /// Run one call of the public API with the broker's deadline (plus
     /// `extra`, a poll's own timeout): a server that stops answering is
-    /// `Unavailable` after it, not a call that hangs forever.
+    /// `Unavailable` after it, not a call that hangs forever. A full
+    /// server is named in its error; after any `Unavailable` (a lost
+    /// connection: the server may have restarted with other settings)
+    /// the next send reads the server's settings again before writing.
     pub(crate) async fn bounded<T>(
         &self,
         extra: Duration,
         call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        conveyor_core::backend::within(self.op_timeout.saturating_add(extra), "Redis", call).await
+        let got = conveyor_core::backend::within(
+            self.op_timeout.saturating_add(extra),
+            &self.server_name,
+            call,
+        )
+        .await;
+        got.map_err(|e| {
+            if e.kind() != ErrorKind::Unavailable {
+                return e;
+            }
+            if e.message().contains(crate::conn::FULL) {
+                let named = e.message().replacen(
+                    crate::conn::FULL,
+                    &format!("{} is full", self.server_name),
+                    1,
+                );
+                return Error::new(ErrorKind::Unavailable, named);
+            }
+            if !e.message().ends_with(settings::REFUSED) {
+                self.settings.unknown();
+            }
+            e
+        })
+    }
+
+    /// May a send write now? Refused (`Unavailable`) while the server's
+    /// settings cannot honour the broker's durability or allow eviction;
+    /// read first if not known since the last lost connection.
+    pub(crate) async fn settings_allow_send(&self) -> Result<()> {
+        self.settings
+            .allow_send(&self.servers, &self.conn(), self.op_timeout)
+            .await
     }
 
     /// Wake-ups for a poll: the receiver fires on every append to the
@@ -385,11 +430,10 @@ impl Inner {
                 .await
                 .map_err(during(what))?;
             if reads {
-                redis::cmd("HINCRBY")
-                    .arg(&k.meta)
-                    .arg("mv")
-                    .arg(1)
-                    .query_async::<i64>(&mut c)
+                SCRIPTS
+                    .group_touch
+                    .key(&k.meta)
+                    .invoke_async::<i64>(&mut c)
                     .await
                     .map_err(during(what))?;
             }
@@ -408,13 +452,17 @@ impl Inner {
 
     /// A partition's bounds and up to `max` records from `from`.
     ///
-    /// A transaction of plain commands (`MULTI`, `HMGET` of
-    /// the bounds, `XRANGE`, `EXEC`; both keys in one slot): the same
-    /// snapshot, without converting every entry to a Lua table and back,
-    /// which cost four times the `XRANGE` itself. No clamp of `from` to
-    /// the log start is needed: retention removes the entries below the
-    /// start in the script that moves it, so `XRANGE` from below the start
-    /// begins at the start.
+    /// A pipeline of two plain reads (`HMGET` of the bounds, then
+    /// `XRANGE`; both keys in one slot), without converting every entry
+    /// to a Lua table and back, which cost four times the `XRANGE`
+    /// itself. Not a `MULTI`/`EXEC`: Redis refuses every command queued in
+    /// a transaction while it is over `maxmemory`, reads included, and
+    /// reads must work on a full server. The pair is made a snapshot by
+    /// hand: the bounds are read first, and entries appended between the
+    /// two reads (at or past the `end` read) are dropped. No clamp of
+    /// `from` to the log start is needed: retention removes the entries
+    /// below the start in the script that moves it, so `XRANGE` from below
+    /// the start begins at the start.
     pub(crate) async fn read(
         &self,
         topic: &str,
@@ -426,8 +474,7 @@ impl Inner {
         let what = format!("read `{topic}`/{partition}");
         let part = self.part(topic_id, partition);
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HMGET")
+        pipe.cmd("HMGET")
             .arg(&part.meta)
             .arg("start")
             .arg("end")
@@ -468,7 +515,14 @@ impl Inner {
                 .collect::<Result<Vec<_>>>()?,
             None => Vec::new(),
         };
-        Ok((bounds, entries.into_iter().map(|(m, _)| m).collect()))
+        Ok((
+            bounds,
+            entries
+                .into_iter()
+                .map(|(m, _)| m)
+                .take_while(|m| m.offset < bounds.log_end)
+                .collect(),
+        ))
     }
 
     /// A partition's bounds.
@@ -934,11 +988,15 @@ impl RedisBroker {
         redis: RedisOptions,
     ) -> Result<RedisBroker> {
         crate::url::check_namespace(&redis.namespace)?;
-        let conn = topology.connect(redis.timeout).await?;
-        check_durability(&topology, &conn, options.durability).await?;
+        let servers = Servers::resolve(&topology).await?;
+        let conn = servers.connect(redis.timeout).await?;
+        // Eviction, persistence, credentials: refused now, not at the
+        // first send.
+        let watch = settings::Watch::new(options.durability);
+        watch.check(&servers, &conn, redis.timeout, true).await?;
         let (changed, _) = watch::channel(0u64);
         let inner = Arc::new(Inner {
-            conn,
+            conn: parking_lot::RwLock::new(conn),
             registry: Registry::new(&redis.namespace),
             ns: redis.namespace,
             options,
@@ -951,12 +1009,19 @@ impl RedisBroker {
             members: Mutex::new(std::collections::BTreeMap::new()),
             round_robin: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
-            topology,
+            server_name: format!("Redis at {}", servers.shown()),
+            servers,
+            settings: watch,
+            settings_every: redis.settings_check,
         });
         let listener = tokio::spawn(listen(Arc::downgrade(&inner)));
         let retention = tokio::spawn(retention(Arc::downgrade(&inner)));
         let sweep = tokio::spawn(crate::consumer::sweep(Arc::downgrade(&inner)));
-        inner.tasks.lock().extend([listener, retention, sweep]);
+        let check = tokio::spawn(watch_settings(Arc::downgrade(&inner)));
+        inner
+            .tasks
+            .lock()
+            .extend([listener, retention, sweep, check]);
         Ok(RedisBroker { inner })
     }
 
@@ -976,39 +1041,36 @@ impl RedisBroker {
     /// Not atomic: cancelled, some keys may remain; calling it again
     /// finishes the job.
     pub async fn drop_namespace(&self) -> Result<()> {
-        self.inner.topology.drop_namespace(&self.inner.ns).await
+        self.inner
+            .servers
+            .drop_namespace(&self.inner.ns, self.inner.op_timeout)
+            .await
     }
 }
 
-/// Refuse a durability the server cannot honour (never pretend): `always`
-/// needs the append-only file with `appendfsync always` on every master;
-/// `interval(d)` needs the AOF with `always`, or `everysec` and d >= 1 s.
-async fn check_durability(topology: &Topology, conn: &Conn, durability: Durability) -> Result<()> {
-    if durability == Durability::None {
-        return Ok(());
-    }
-    for (node, appendonly, fsync) in topology.persistence(conn).await? {
-        let aof = appendonly == "yes";
-        let ok = match durability {
-            Durability::Always => aof && fsync == "always",
-            Durability::Interval(d) => {
-                aof && (fsync == "always" || (fsync == "everysec" && d >= Duration::from_secs(1)))
-            }
-            _ => true,
-        };
-        if !ok {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "durability {durability:?} needs Redis to write its append-only file with \
-                     `appendonly yes` and `appendfsync always` (or `everysec` for an interval of \
-                     1 s or more), but the server at {node} has appendonly={appendonly}, \
-                     appendfsync={fsync}; configure the server, or open with durability=none"
-                ),
-            ));
+/// Read the server's settings every `settings_every` (see
+/// [`settings`]): the verdict lets sends through or stops them.
+async fn watch_settings(inner: Weak<Inner>) {
+    let every = match inner.upgrade() {
+        Some(i) => i.settings_every,
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(i) = inner.upgrade() else { return };
+        if i.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let checked = conveyor_core::backend::within(
+            i.op_timeout,
+            "Redis (settings check)",
+            i.settings.check(&i.servers, &i.conn(), i.op_timeout, false),
+        )
+        .await;
+        if let Err(e) = checked {
+            tracing::debug!(error = %e, "Redis settings check");
         }
     }
-    Ok(())
 }
 
 /// Forward the namespace's wake-ups (published by every append) to this
@@ -1019,12 +1081,13 @@ async fn check_durability(topology: &Topology, conn: &Conn, durability: Durabili
 /// every poll (messages may have been missed meanwhile); polls also look
 /// again every [`FALLBACK_POLL`].
 async fn listen(inner: Weak<Inner>) {
-    let (topology, channel, wanted, listening) = match inner.upgrade() {
+    let (servers, channel, wanted, listening, limit) = match inner.upgrade() {
         Some(i) => (
-            i.topology.clone(),
+            i.servers.clone(),
             keys::wake_channel(&i.ns),
             i.listen_wanted.clone(),
             i.listening.clone(),
+            i.op_timeout,
         ),
         None => return,
     };
@@ -1047,7 +1110,16 @@ async fn listen(inner: Weak<Inner>) {
                 }
             }
         }
-        match topology.pubsub().await {
+        // Bounded: a black-holed server must not hold the listener.
+        let connected = tokio::time::timeout(limit, servers.pubsub())
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "the pub/sub connection timed out",
+                )))
+            });
+        match connected {
             Ok(mut ps) => {
                 if ps.subscribe(&channel).await.is_ok() {
                     listening.store(true, Ordering::Release);
@@ -1084,7 +1156,10 @@ async fn listen(inner: Weak<Inner>) {
                     }
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "wake-up listener cannot connect"),
+            Err(e) => tracing::debug!(
+                error = %conveyor_core::backend::redact_url(&e.to_string()),
+                "wake-up listener cannot connect"
+            ),
         }
         match inner.upgrade() {
             Some(i) => i.wake(),
@@ -1249,7 +1324,8 @@ impl Broker for RedisBroker {
         for t in self.inner.tasks.lock().drain(..) {
             t.abort();
         }
-        self.inner
+        let left = self
+            .inner
             .bounded(Duration::ZERO, async move {
                 let members: Vec<((Arc<str>, u64), crate::consumer::Leased)> =
                     std::mem::take(&mut *self.inner.members.lock())
@@ -1269,7 +1345,12 @@ impl Broker for RedisBroker {
                 self.inner.wake();
                 first_err.map_or(Ok(()), Err)
             })
-            .await
+            .await;
+        // The sockets go now, though producers and consumers may live on
+        // (their calls are `Closed`).
+        *self.inner.conn.write() = Conn::Closed;
+        self.inner.settings.close().await;
+        left
     }
 }
 
@@ -1297,6 +1378,7 @@ impl RedisIdempotency {
 impl IdempotencyStore for RedisIdempotency {
     async fn first_seen(&self, key: &str, ttl: Duration) -> Result<bool> {
         self.inner.check_open()?;
+        validate::first_seen(key, ttl)?;
         self.inner
             .bounded(Duration::ZERO, async move {
                 let set: Option<String> = redis::cmd("SET")

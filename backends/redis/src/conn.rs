@@ -1,6 +1,7 @@
 //! One connection type for standalone Redis and Redis Cluster, the
 //! server-side scripts, and the mapping of driver errors to [`ErrorKind`].
 
+use conveyor_core::backend::redact_url;
 use conveyor_core::{Error, ErrorKind, Result};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
@@ -9,11 +10,21 @@ use std::sync::LazyLock;
 
 /// A multiplexed connection: a standalone server (reconnected by the
 /// connection manager) or a cluster (each command routed to its slot's
-/// master). Cheap to clone; clones share the socket(s).
+/// master). Cheap to clone; clones share the socket(s). `Closed` is
+/// what a closed broker holds instead: its sockets are gone, and a call
+/// that still reaches the server fails as [`ErrorKind::Closed`].
 #[derive(Clone)]
 pub(crate) enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Closed,
+}
+
+/// The description of the driver error a `Conn::Closed` returns.
+const CLOSED: &str = "conveyor: the broker is closed";
+
+fn closed_error() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Client, CLOSED))
 }
 
 impl ConnectionLike for Conn {
@@ -21,6 +32,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Closed => Box::pin(async { Err(closed_error()) }),
         }
     }
 
@@ -33,6 +45,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Closed => Box::pin(async { Err(closed_error()) }),
         }
     }
 
@@ -40,12 +53,16 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Closed => 0,
         }
     }
 }
 
 /// The server-side code, one Lua file per step (`lua/*.lua`, each with its
-/// KEYS/ARGV header). `redis::Script` sends `EVALSHA` and loads the script
+/// KEYS/ARGV header). Each script's first line declares its Redis 7 flags:
+/// `allow-oom` for what must work on a full server (reading, settling,
+/// joining, heartbeats, retention), `no-writes` for pure reads, none
+/// (`#!lua`) for appends, which a full server refuses before they start. `redis::Script` sends `EVALSHA` and loads the script
 /// on `NOSCRIPT` (a restarted server, or a cluster node that never saw it).
 pub(crate) struct Scripts {
     pub append: redis::Script,
@@ -56,6 +73,9 @@ pub(crate) struct Scripts {
     pub topic_delete: redis::Script,
     pub partition_init: redis::Script,
     pub join: redis::Script,
+    pub group_register: redis::Script,
+    pub commit_init: redis::Script,
+    pub group_touch: redis::Script,
     pub heartbeat: redis::Script,
     pub rebalance: redis::Script,
     pub commit: redis::Script,
@@ -77,6 +97,9 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     topic_delete: redis::Script::new(include_str!("../lua/topic_delete.lua")),
     partition_init: redis::Script::new(include_str!("../lua/partition_init.lua")),
     join: redis::Script::new(include_str!("../lua/join.lua")),
+    group_register: redis::Script::new(include_str!("../lua/group_register.lua")),
+    commit_init: redis::Script::new(include_str!("../lua/commit_init.lua")),
+    group_touch: redis::Script::new(include_str!("../lua/group_touch.lua")),
     heartbeat: redis::Script::new(include_str!("../lua/heartbeat.lua")),
     rebalance: redis::Script::new(include_str!("../lua/rebalance.lua")),
     commit: redis::Script::new(include_str!("../lua/commit.lua")),
@@ -104,25 +127,92 @@ pub(crate) fn is_transient(e: &redis::RedisError) -> bool {
         || matches!(e.kind(), K::Io)
 }
 
-/// Map a driver error met while doing `what` to an [`Error`]: transient
-/// ones are `Unavailable` (retriable), a script's own refusal codes keep
-/// their meaning, anything else is `Internal` with the server's words.
+/// The words a "Redis is full" error carries; [`crate::broker::Inner`]
+/// names the server in them.
+pub(crate) const FULL: &str = "Redis is full";
+
+/// Is this driver error a failed TLS handshake because we do not trust
+/// the server's certificate (or the server refused ours)?
+fn tls_refused(text: &str) -> bool {
+    text.contains("invalid peer certificate")
+        || text.contains("UnknownIssuer")
+        || text.contains("NotValidForName")
+        || text.contains("received fatal alert")
+        || text.contains("CertificateRequired")
+}
+
+/// Map a driver error met while doing `what` to an [`Error`], saying
+/// whose fault it is: transient ones (a lost connection, a timeout, a
+/// full server) are `Unavailable` (retriable); refused credentials are
+/// `Unauthenticated`, missing ACL rights `PermissionDenied` (fix, do not
+/// retry); a script's own refusal codes keep their meaning; anything else
+/// is `Internal` with the server's words. No URL in the text keeps its
+/// password, and the driver's error is not kept as a source (its text is
+/// in the message once).
 pub(crate) fn map_err(what: &str, e: redis::RedisError) -> Error {
+    let text = redact_url(&e.to_string());
+    if e.kind() == redis::ErrorKind::Client && text.contains(CLOSED) {
+        return Error::new(ErrorKind::Closed, format!("{what}: the broker is closed"));
+    }
+    match e.code() {
+        Some("NOTOPIC") => {
+            return Error::new(ErrorKind::TopicNotFound, format!("{what}: no such topic"))
+        }
+        Some("NOGROUP") => {
+            return Error::new(ErrorKind::GroupNotFound, format!("{what}: no such group"))
+        }
+        Some("OOM") => {
+            return Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "{what}: {FULL}: maxmemory reached (the server answered `{text}`); reads, \
+                     acks and commits still work; free memory (retention, deleting topics, \
+                     consuming) or raise maxmemory, then retry"
+                ),
+            )
+        }
+        Some("NOPERM") => {
+            return Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "{what}: the Redis user lacks the rights for this ({text}); grant them in \
+                     the server's ACL (the user needs Conveyor's keys and the commands it uses)"
+                ),
+            )
+        }
+        Some("WRONGPASS" | "NOAUTH") => return unauthenticated(what, &text),
+        _ => {}
+    }
+    if e.kind() == redis::ErrorKind::AuthenticationFailed {
+        return unauthenticated(what, &text);
+    }
+    if tls_refused(&text) {
+        return Error::new(
+            ErrorKind::Unauthenticated,
+            format!(
+                "{what}: the TLS handshake failed ({text}); check that tls_ca names the CA \
+                 that signed the server's certificate and that the host name matches it (and \
+                 tls_cert/tls_key, if the server checks clients)"
+            ),
+        );
+    }
     if is_transient(&e) {
         return Error::new(
             ErrorKind::Unavailable,
-            format!("{what}: the Redis server is unavailable ({e}); retry when it is back"),
+            format!("{what}: the Redis server is unavailable ({text}); retry when it is back"),
         );
     }
-    match e.code() {
-        Some("NOTOPIC") => Error::new(ErrorKind::TopicNotFound, format!("{what}: no such topic")),
-        Some("NOGROUP") => Error::new(ErrorKind::GroupNotFound, format!("{what}: no such group")),
-        Some("NOPERM" | "NOAUTH" | "WRONGPASS") => Error::new(
-            ErrorKind::Unavailable,
-            format!("{what}: the Redis server refused the credentials ({e})"),
+    Error::internal(format!("{what}: Redis answered with an error: {text}"))
+}
+
+fn unauthenticated(what: &str, text: &str) -> Error {
+    Error::new(
+        ErrorKind::Unauthenticated,
+        format!(
+            "{what}: the Redis server refused the credentials ({text}); give the right user \
+             and password in the URL (redis://user:password@host:port)"
         ),
-        _ => Error::internal(format!("{what}: Redis answered with an error: {e}")),
-    }
+    )
 }
 
 /// `map_err` for `.map_err(during(..))`.

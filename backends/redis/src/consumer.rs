@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use crate::millis;
 use conveyor_core::now_ms;
 
+/// The most messages one poll returns (a larger `max` is clamped).
+const MAX_POLL: usize = 100_000;
 /// How long a member's claim on a dead-letter move lasts before another
 /// member may take it over.
 const DEAD_CLAIM: Duration = Duration::from_secs(30);
@@ -165,10 +167,11 @@ pub(crate) async fn join(
     let new_topics: Vec<String> = it.map(reply::string).collect::<Result<_>>()?;
     // The handle exists from here on: dropped, it leaves.
     let consumer = RedisConsumer::new(inner.clone(), group, member, names, config.mode);
-    redis::cmd("SADD")
-        .arg(&inner.registry.groups)
+    SCRIPTS
+        .group_register
+        .key(&inner.registry.groups)
         .arg(group)
-        .query_async::<i64>(&mut inner.conn())
+        .invoke_async::<i64>(&mut inner.conn())
         .await
         .map_err(during(&what))?;
     if stored_start == "latest" {
@@ -178,11 +181,12 @@ pub(crate) async fn join(
                 let end = inner.bounds(topic, t.id, p).await?.log_end;
                 match config.mode {
                     DeliveryMode::Stream => {
-                        redis::cmd("HSETNX")
-                            .arg(&k.commits)
+                        SCRIPTS
+                            .commit_init
+                            .key(&k.commits)
                             .arg(commit_field(t.id, p))
                             .arg(end)
-                            .query_async::<i64>(&mut inner.conn())
+                            .invoke_async::<i64>(&mut inner.conn())
                             .await
                             .map_err(during(&what))?;
                     }
@@ -1186,6 +1190,10 @@ impl Consumer for RedisConsumer {
                 if max == 0 {
                     return Ok(Vec::new());
                 }
+                // A poll returns at most this many: the count reaches Lua
+                // (doubles) and `XRANGE ... COUNT`, and a reply of
+                // millions of messages is no use to anyone.
+                let max = max.min(MAX_POLL);
                 poll_until(
                     self.inner.wakeups(),
                     timeout,

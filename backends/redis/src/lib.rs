@@ -6,13 +6,32 @@
 //! of the facade), `redis+cluster://host:7000/?namespace=NAME` for a
 //! cluster (one node is enough; the others are discovered), or [`open`].
 //!
+//! Needs Redis 7.0 or later (the scripts declare Redis 7 script flags).
+//!
 //! Every rule of the delivery contract (`docs/semantics.md`) holds in the
 //! server: each step that writes is one Lua script (`lua/*.lua`, each with
 //! a KEYS/ARGV header), which Redis runs atomically, on the server's clock
-//! (`TIME`). A read (`fetch`, a partition's bounds) is a `MULTI`/`EXEC`
-//! transaction of `HMGET` and `XRANGE` on the partition's slot: as atomic,
-//! without the script's conversion of every entry to Lua and back.
+//! (`TIME`). A read (`fetch`, a partition's bounds) is a pipeline of
+//! `HMGET` (the bounds) then `XRANGE` on the partition's slot, entries at
+//! or past the end read first dropped: a snapshot without the script's
+//! conversion of every entry to Lua and back, and without `MULTI`/`EXEC`,
+//! which a full server refuses (see "Server settings").
 //! Members of a group may live in different processes and machines.
+//!
+//! ## URL options
+//!
+//! | option | default | what |
+//! |---|---|---|
+//! | scheme `redis://`, `rediss://` | | a standalone server; `rediss` is TLS |
+//! | scheme `redis+cluster://`, `rediss+cluster://` | | a Redis Cluster, from one of its nodes |
+//! | `user:password@` | none | the server's credentials (never shown in errors, logs or `Debug`) |
+//! | `namespace` | `conveyor` | the prefix of every key (`[A-Za-z0-9._-]`, 1 to 100) |
+//! | `timeout_ms` | 30000 | how long any call waits for the server, `open` included |
+//! | `settings_check_ms` | 1000 | how often the server's settings are read again while running |
+//! | `nodes` | none | more cluster seed nodes, `host:port,host:port` |
+//! | `tls_ca` | the system's roots | PEM file of the CA that signed the server's certificate (redis-cli's `--cacert`) |
+//! | `tls_cert`, `tls_key` | none | a client certificate and its key, PEM (redis-cli's `--cert`, `--key`), for `tls-auth-clients yes` |
+//! | `durability`, `auto_create` | `none`, on | the common options |
 //!
 //! ## Key layout
 //!
@@ -83,7 +102,8 @@
 //! ## Durability
 //!
 //! Redis promises what its persistence settings promise, and [`open`]
-//! checks them (`CONFIG GET`, on every master of a cluster):
+//! checks them (`CONFIG GET`, on every master of a cluster), then the
+//! broker checks them again while it runs (see "Server settings"):
 //!
 //! | durability | needs | what it means |
 //! |---|---|---|
@@ -97,12 +117,74 @@
 //! with `appendfsync everysec`): the target is Redis 7.0, which lacks it,
 //! so nothing here requires a newer server.
 //!
+//! ## Server settings
+//!
+//! The server's settings are part of the contract. What each must be, and
+//! what happens when it is not:
+//!
+//! | setting | must be | at open | while running |
+//! |---|---|---|---|
+//! | `maxmemory-policy` | `noeviction` (every master) | anything else is refused, `Unsupported`, naming the policy and the fix (`CONFIG SET maxmemory-policy noeviction`, and redis.conf): an evicting server drops acknowledged records, committed offsets and the topic registry without an error | sends fail `Unavailable` naming the setting until it is restored |
+//! | `appendonly`, `appendfsync` | per durability (table above; nothing for `none`) | refused, `Unsupported`, naming both values | sends fail `Unavailable` naming them until restored |
+//! | `maxmemory` | any; a full server is a normal state | | sends (and new idempotency keys, topic creation) fail `Unavailable`: "Redis at ... is full: maxmemory reached ..."; everything else keeps working (below) |
+//! | credentials (`requirepass`, ACL users) | the URL's user and password | wrong or missing: `Unauthenticated` at open | an ACL that forbids a command or key: `PermissionDenied` |
+//! | TLS (`tls-port`) | `rediss://`, and the server's certificate signed by `tls_ca` (or a system root) for the host in the URL | an untrusted certificate: `Unauthenticated`, naming TLS; an unreadable file: `InvalidArgument` | |
+//!
+//! **How the settings are read.** `CONFIG GET maxmemory-policy appendonly
+//! appendfsync` on every master (a cluster's masters are found with
+//! `CLUSTER NODES`). Where `CONFIG` is disabled or renamed (managed
+//! services) or forbidden by ACL, `INFO memory` (`maxmemory_policy`) and
+//! `INFO persistence` (`aof_enabled`) are read instead; `INFO` does not
+//! show `appendfsync`, so there only durability `none` can be verified,
+//! and `always`/`interval` are refused as unverifiable.
+//!
+//! **While running.** A broker reads the settings again every
+//! `settings_check_ms` (default 1 s), and before the next send after any
+//! `Unavailable` (a lost connection: the server may have restarted with
+//! other settings). While they are wrong, sends fail `Unavailable` (retry
+//! later) instead of issuing receipts the server cannot honour; reads,
+//! acks and commits go on. The window is honest but not zero: a setting
+//! changed on the server (`CONFIG SET appendonly no`) is noticed at the
+//! next check, so sends acknowledged within one check interval after the
+//! change (up to 1 s by default) had the old guarantee only until the
+//! change; a send already past its check when a connection is lost and
+//! re-established may land on the new server before the check. Lower
+//! `settings_check_ms` narrows the window at the cost of one `CONFIG GET`
+//! per master per interval.
+//!
+//! **A full server** (`noeviction` and `maxmemory` reached). Redis 7.0
+//! refuses, under OOM: every command flagged `denyoom` (`SET`, `SADD`,
+//! `HSET`, `HINCRBY`, `ZADD`, `XADD`, ...; `DEL`, `UNLINK`, `PUBLISH` and
+//! reads are allowed); *every* command queued inside `MULTI` (so a
+//! `MULTI`/`EXEC` of reads fails with `EXECABORT`); a script without a
+//! shebang whose first write is a `denyoom` command; and a script whose
+//! `#!lua` shebang lacks both `allow-oom` and `no-writes`, before it
+//! runs. So reads are plain pipelines; the scripts that read, settle or
+//! keep membership (`queue_poll`, `queue_settle`, `queue_state`,
+//! `queue_dead`, `queue_seek`, `commit`, `commit_init`, `join`,
+//! `group_register`, `group_touch`, `heartbeat`, `rebalance`, `leave`,
+//! `retain`, `topic_delete`) declare `#!lua flags=allow-oom` (their writes are
+//! small, and settling and retention free memory), `find_time` declares
+//! `no-writes`, and `append.lua` declares `#!lua` with no flag, so a full
+//! server refuses an append before any of it runs. Fetch, describe, lag,
+//! polls in both modes, ack, nack, extend, commit, join, heartbeat and
+//! leave work on a full server; sends fail `Unavailable` until memory is
+//! freed (retention, deleted topics) or `maxmemory` raised.
+//!
 //! ## Errors
 //!
-//! A lost connection, a timeout, `LOADING`, `BUSY`, `TRYAGAIN` and cluster
+//! A lost connection, a timeout, a full server, settings that no longer
+//! honour the durability, `LOADING`, `BUSY`, `TRYAGAIN` and cluster
 //! redirections that fail are `ErrorKind::Unavailable` (retriable); the
-//! connection is re-established by the next call. Every call has a
-//! deadline (`timeout_ms`, default 30 s).
+//! connection is re-established by the next call. Refused credentials
+//! (`WRONGPASS`, `NOAUTH`) and an untrusted TLS certificate are
+//! `Unauthenticated`, an ACL refusal (`NOPERM`) is `PermissionDenied`:
+//! neither is retried. Every call has a deadline (`timeout_ms`, default
+//! 30 s), `open` included (connecting, authenticating and reading the
+//! settings together). No message, source or `Debug` output contains a
+//! password. `close()` drops the broker's connections at once, even while
+//! producers and consumers are still held (their calls are then
+//! `Closed`).
 //!
 //! ## Measured
 //!
@@ -171,8 +253,9 @@
 //!   listener now subscribes only while the process has polls in progress.
 //! - **Reads converted every entry to Lua and back.** `read.lua`'s
 //!   `XRANGE` of 10,000 entries cost 23 ms of server time against 4 ms for
-//!   the bare `XRANGE`; reads are now a `MULTI`/`EXEC` of `HMGET` and
-//!   `XRANGE`. What is left is mostly the client: `perf` puts ~25% of the
+//!   the bare `XRANGE`; reads were then a `MULTI`/`EXEC` of `HMGET` and
+//!   `XRANGE` (now a plain pipeline of the two, so that a full server
+//!   still answers them; not measured again since). What is left is mostly the client: `perf` puts ~25% of the
 //!   bench's samples in the `redis` crate's reply parser and ~25% in
 //!   malloc/free (ten values per entry).
 //! - **A queue-mode ack was three round trips** (two `HGET`s of the topic
@@ -228,6 +311,8 @@ mod conn;
 mod consumer;
 mod keys;
 mod produce;
+mod servers;
+mod settings;
 mod url;
 
 pub use broker::RedisBroker;
@@ -236,8 +321,8 @@ pub use broker::RedisBroker;
 pub use redis;
 pub use url::{open_url, parse, URL_OPTIONS, URL_SCHEMES};
 
-use conn::Conn;
-use conveyor_core::{BrokerOptions, Error, ErrorKind, Result};
+use conveyor_core::{BrokerOptions, Result};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Options of the Redis backend.
@@ -247,8 +332,14 @@ pub struct RedisOptions {
     /// The prefix of every key (default `conveyor`): apps sharing a server
     /// never see each other's topics and groups.
     pub namespace: String,
-    /// How long a call waits for the server before it is `Unavailable`.
+    /// How long a call waits for the server before it is `Unavailable`
+    /// (default 30 s); [`open`] included.
     pub timeout: Duration,
+    /// How often a running broker reads the server's settings again
+    /// (`maxmemory-policy`, `appendonly`, `appendfsync`; default 1 s):
+    /// a change that breaks the broker's durability or allows eviction
+    /// stops sends within about this long (see "Server settings").
+    pub settings_check: Duration,
 }
 
 impl Default for RedisOptions {
@@ -256,6 +347,7 @@ impl Default for RedisOptions {
         RedisOptions {
             namespace: "conveyor".to_string(),
             timeout: Duration::from_secs(30),
+            settings_check: Duration::from_secs(1),
         }
     }
 }
@@ -272,31 +364,101 @@ impl RedisOptions {
         self.timeout = timeout;
         self
     }
+
+    /// Set how often the server's settings are checked while running
+    /// (at least 10 ms).
+    pub fn with_settings_check(mut self, every: Duration) -> Self {
+        self.settings_check = every.max(Duration::from_millis(10));
+        self
+    }
+}
+
+/// TLS material for `rediss://` servers, as PEM files (redis-cli's
+/// `--cacert`, `--cert`, `--key`). Without a CA file the system's trusted
+/// roots verify the server; the server's certificate is always verified
+/// (there is no insecure mode).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsFiles {
+    /// The CA certificate(s) that signed the server's certificate
+    /// (URL option `tls_ca`).
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate, for a server that checks clients
+    /// (`tls-auth-clients yes`; URL option `tls_cert`).
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (URL option `tls_key`).
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Set the CA file.
+    pub fn with_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// Set the client certificate and its key.
+    pub fn with_client_cert(
+        mut self,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.cert_file = Some(cert_file.into());
+        self.key_file = Some(key_file.into());
+        self
+    }
 }
 
 /// Where the servers are: one standalone server, or seed nodes of a
-/// cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// cluster; `rediss://` URLs connect over TLS (see [`TlsFiles`]). Its
+/// `Debug` output shows the URLs without their passwords.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Topology {
     seeds: Vec<String>,
     cluster: bool,
+    tls: TlsFiles,
+}
+
+impl std::fmt::Debug for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seeds: Vec<String> = self
+            .seeds
+            .iter()
+            .map(|s| conveyor_core::backend::redact_url(s))
+            .collect();
+        f.debug_struct("Topology")
+            .field("seeds", &seeds)
+            .field("cluster", &self.cluster)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl Topology {
-    /// One standalone server (`redis://host:port/db`).
+    /// One standalone server (`redis://host:port/db`, or `rediss://` for
+    /// TLS).
     pub fn single(url: impl Into<String>) -> Self {
         Topology {
             seeds: vec![url.into()],
             cluster: false,
+            tls: TlsFiles::default(),
         }
     }
 
-    /// A Redis Cluster, from one or more of its nodes (`redis://host:port`).
+    /// A Redis Cluster, from one or more of its nodes (`redis://host:port`
+    /// or `rediss://host:port`).
     pub fn cluster(seeds: Vec<String>) -> Self {
         Topology {
             seeds,
             cluster: true,
+            tls: TlsFiles::default(),
         }
+    }
+
+    /// Use these TLS files (for `rediss://` URLs).
+    pub fn with_tls(mut self, tls: TlsFiles) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The URLs given.
@@ -309,181 +471,26 @@ impl Topology {
         self.cluster
     }
 
-    fn client(url: &str) -> Result<redis::Client> {
-        redis::Client::open(url).map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidArgument,
-                format!("Redis URL `{url}` is not valid: {e}"),
-            )
-        })
-    }
-
-    async fn connect(&self, timeout: Duration) -> Result<Conn> {
-        let what = format!("connect to Redis at {}", self.seeds.join(","));
-        let connect_timeout = timeout.min(Duration::from_secs(5));
-        if self.cluster {
-            let client = redis::cluster::ClusterClient::builder(self.seeds.clone())
-                .connection_timeout(connect_timeout)
-                .response_timeout(timeout)
-                .retries(2)
-                .build()
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::InvalidArgument,
-                        format!(
-                            "Redis Cluster URLs `{}` are not valid: {e}",
-                            self.seeds.join(",")
-                        ),
-                    )
-                })?;
-            let c = client
-                .get_async_connection()
-                .await
-                .map_err(conn::during(&what))?;
-            Ok(Conn::Cluster(c))
-        } else {
-            let client = Self::client(&self.seeds[0])?;
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(connect_timeout))
-                .set_response_timeout(Some(timeout))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(500));
-            let c = redis::aio::ConnectionManager::new_with_config(client, config)
-                .await
-                .map_err(conn::during(&what))?;
-            Ok(Conn::Single(c))
-        }
-    }
-
-    /// The URLs of every master (the seed for a standalone server).
-    async fn masters(&self) -> Result<Vec<String>> {
-        if !self.cluster {
-            return Ok(self.seeds.clone());
-        }
-        let what = "list the cluster's masters";
-        let mut last = None;
-        for seed in &self.seeds {
-            let client = Self::client(seed)?;
-            let mut c = match client.get_multiplexed_async_connection().await {
-                Ok(c) => c,
-                Err(e) => {
-                    last = Some(conn::map_err(what, e));
-                    continue;
-                }
-            };
-            let nodes: String = redis::cmd("CLUSTER")
-                .arg("NODES")
-                .query_async(&mut c)
-                .await
-                .map_err(conn::during(what))?;
-            let mut out = Vec::new();
-            for line in nodes.lines() {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                if f.len() > 2 && f[2].contains("master") && !f[2].contains("fail") {
-                    let addr = f[1].split('@').next().unwrap_or_default();
-                    out.push(format!("redis://{addr}"));
-                }
-            }
-            return Ok(out);
-        }
-        Err(last.unwrap_or_else(|| Error::invalid("no Redis Cluster seed node given")))
-    }
-
-    /// `(node, appendonly, appendfsync)` of every master.
-    async fn persistence(&self, conn: &Conn) -> Result<Vec<(String, String, String)>> {
-        let what = "read the server's persistence settings (CONFIG GET)";
-        let read = |mut c: Conn| async move {
-            let v: Vec<String> = redis::cmd("CONFIG")
-                .arg("GET")
-                .arg("append*")
-                .query_async(&mut c)
-                .await
-                .map_err(conn::during(what))?;
-            let get = |k: &str| {
-                v.chunks(2)
-                    .find(|p| p[0] == k)
-                    .and_then(|p| p.get(1).cloned())
-                    .unwrap_or_default()
-            };
-            Ok::<_, Error>((get("appendonly"), get("appendfsync")))
-        };
-        if !self.cluster {
-            let (a, f) = read(conn.clone()).await?;
-            return Ok(vec![(self.seeds[0].clone(), a, f)]);
-        }
-        let mut out = Vec::new();
-        for node in self.masters().await? {
-            let client = Self::client(&node)?;
-            let c = redis::aio::ConnectionManager::new(client)
-                .await
-                .map_err(conn::during(what))?;
-            let (a, f) = read(Conn::Single(c)).await?;
-            out.push((node, a, f));
-        }
-        Ok(out)
-    }
-
-    /// A pub/sub connection (on a cluster, to a seed node: `PUBLISH`
-    /// reaches every node).
-    async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
-        let mut last = None;
-        for seed in &self.seeds {
-            match redis::Client::open(seed.as_str()) {
-                Ok(c) => match c.get_async_pubsub().await {
-                    Ok(ps) => return Ok(ps),
-                    Err(e) => last = Some(e),
-                },
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "no seed"))))
-    }
-
-    /// Delete every key of namespace `ns`, on every master.
-    async fn drop_namespace(&self, ns: &str) -> Result<()> {
-        let what = format!("delete namespace `{ns}`");
-        for node in self.masters().await? {
-            let client = Self::client(&node)?;
-            let mut c = client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(conn::during(&what))?;
-            let mut cursor = 0u64;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(format!("{{{ns}/*"))
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut c)
-                    .await
-                    .map_err(conn::during(&what))?;
-                // One key per DEL: keys of many slots (UNLINK of one key
-                // is fine on any node that serves it).
-                for k in keys {
-                    redis::cmd("UNLINK")
-                        .arg(&k)
-                        .query_async::<i64>(&mut c)
-                        .await
-                        .map_err(conn::during(&what))?;
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
-        }
-        Ok(())
+    /// The TLS files.
+    pub fn tls(&self) -> &TlsFiles {
+        &self.tls
     }
 }
 
 /// Open Conveyor on Redis.
 ///
+/// Waits at most `redis.timeout` in all (connecting, authenticating,
+/// reading the server's settings).
+///
 /// # Errors
-/// `InvalidArgument` for a bad URL or namespace; `Unavailable` if the
-/// server cannot be reached; `Unsupported` if `options.durability` needs
-/// persistence settings the server does not have.
+/// `InvalidArgument` for a bad URL, namespace or TLS file; `Unavailable`
+/// if the server cannot be reached or does not answer within the
+/// timeout; `Unauthenticated` if it refuses the credentials (wrong or
+/// missing password) or the TLS handshake fails (an untrusted server
+/// certificate); `PermissionDenied` if the user's ACL forbids what
+/// Conveyor needs; `Unsupported` if the server may evict keys
+/// (`maxmemory-policy` other than `noeviction`) or `options.durability`
+/// needs persistence settings the server does not have.
 ///
 /// # Cancel safety
 /// Cancel safe: dropped, nothing is left behind.
@@ -492,7 +499,19 @@ pub async fn open(
     options: BrokerOptions,
     redis: RedisOptions,
 ) -> Result<RedisBroker> {
-    RedisBroker::open(topology, options, redis).await
+    let limit = redis.timeout;
+    let shown = topology
+        .seeds()
+        .iter()
+        .map(|s| conveyor_core::backend::redact_url(s))
+        .collect::<Vec<_>>()
+        .join(",");
+    conveyor_core::backend::within(
+        limit,
+        &format!("Redis at {shown} (open)"),
+        RedisBroker::open(topology, options, redis),
+    )
+    .await
 }
 
 /// Milliseconds of a duration, capped at 2^50 (about 35,000 years): Lua

@@ -23,6 +23,8 @@ impl Inner {
         records: Vec<Record>,
     ) -> Result<Vec<Receipt>> {
         self.check_open()?;
+        // Before anything is written (an auto-created topic included).
+        self.settings_allow_send().await?;
         // Delivery times are made relative to this moment, and the script
         // adds them to the server's clock.
         let sent_at = conveyor_core::now_ms();
@@ -83,6 +85,7 @@ impl Inner {
     /// original's size plus the DLQ headers may pass `max_message_bytes`,
     /// as the contract allows).
     pub(crate) async fn append_unchecked(&self, topic: &str, record: Record) -> Result<Receipt> {
+        self.settings_allow_send().await?;
         let t = self.topic_cached(topic).await?;
         let partition = {
             let mut rr = self.round_robin.lock();

@@ -87,6 +87,9 @@ pub struct RedisServer {
     args: Vec<String>,
     shell: Option<Child>,
     pid: u32,
+    /// Served over TLS only, with the certificate this CA signed
+    /// (readiness is a TCP connect; commands go through `redis-cli`).
+    tls: Option<PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -123,6 +126,173 @@ pub fn raw_command(port: u16, cmd: &str) -> std::io::Result<String> {
     Ok(line.trim().to_string())
 }
 
+/// [`raw_command`] after `AUTH password` (if given) on the same
+/// connection.
+pub fn raw_command_as(port: u16, password: Option<&str>, cmd: &str) -> std::io::Result<String> {
+    let Some(pw) = password else {
+        return raw_command(port, cmd);
+    };
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("AUTH {pw}\r\n{cmd}\r\n").as_bytes())?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if !line.starts_with("+OK") {
+        return Err(std::io::Error::other(format!("AUTH: {line}")));
+    }
+    line.clear();
+    r.read_line(&mut line)?;
+    if let Some(n) = line
+        .strip_prefix('$')
+        .and_then(|n| n.trim().parse::<usize>().ok())
+    {
+        let mut body = vec![0u8; n + 2];
+        r.read_exact(&mut body)?;
+        return Ok(String::from_utf8_lossy(&body[..n]).into_owned());
+    }
+    Ok(line.trim().to_string())
+}
+
+/// PEM files for a TLS test: a CA, a server certificate it signed (for
+/// 127.0.0.1 and localhost), a client certificate it signed, and another
+/// CA that signed nothing here.
+pub struct TlsCerts {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub other_ca: PathBuf,
+}
+
+impl TlsCerts {
+    /// Generate them with the `openssl` command-line tool.
+    pub fn generate() -> TlsCerts {
+        let dir = tempfile::tempdir().expect("temp dir").keep();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("run openssl (the TLS tests need the `openssl` command: `apt-get install openssl`)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        for (key, pem, cn) in [
+            ("ca.key", "ca.pem", "Conveyor test CA"),
+            ("other.key", "other.pem", "Another CA"),
+        ] {
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                key,
+                "-out",
+                pem,
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={cn}"),
+            ]);
+        }
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        // clientAuth too: cluster nodes present it to each other on the
+        // cluster bus, which always checks the peer.
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .expect("write ext.cnf");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=conveyor-test-client",
+        ]);
+        std::fs::write(
+            dir.join("client.cnf"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=clientAuth\n",
+        )
+        .expect("write client.cnf");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "client.cnf",
+        ]);
+        TlsCerts {
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            other_ca: dir.join("other.pem"),
+            dir,
+        }
+    }
+}
+
+impl Drop for TlsCerts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl RedisServer {
     /// Start `redis-server` on a free port in a new temporary directory,
     /// with `extra` settings (e.g. `--appendonly yes`).
@@ -131,10 +301,48 @@ impl RedisServer {
         Self::start_in(&dir, free_port(), extra)
     }
 
-    fn start_in(dir: &Path, port: u16, extra: &[&str]) -> RedisServer {
+    /// Start `redis-server` serving TLS only (`--port 0 --tls-port`),
+    /// with the server certificate of `certs` and clients not checked.
+    pub fn start_tls(certs: &TlsCerts, extra: &[&str]) -> RedisServer {
+        Self::start_tls_checking(certs, false, extra)
+    }
+
+    /// [`RedisServer::start_tls`], with `tls-auth-clients` as given.
+    pub fn start_tls_checking(
+        certs: &TlsCerts,
+        check_clients: bool,
+        extra: &[&str],
+    ) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir").keep();
+        let port = free_port();
         let mut args: Vec<String> = vec![
             "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
             port.to_string(),
+            "--tls-cert-file".into(),
+            certs.server_cert.display().to_string(),
+            "--tls-key-file".into(),
+            certs.server_key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            certs.ca.display().to_string(),
+            "--tls-auth-clients".into(),
+            if check_clients { "yes" } else { "no" }.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_with(&dir, port, &args, Some(certs.ca.clone()))
+    }
+
+    fn start_in(dir: &Path, port: u16, extra: &[&str]) -> RedisServer {
+        let mut args: Vec<String> = vec!["--port".into(), port.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_with(dir, port, &args, None)
+    }
+
+    fn start_with(dir: &Path, port: u16, extra: &[&str], tls: Option<PathBuf>) -> RedisServer {
+        let mut args: Vec<String> = vec![
             "--bind".into(),
             "127.0.0.1".into(),
             "--dir".into(),
@@ -153,6 +361,7 @@ impl RedisServer {
             args,
             shell: None,
             pid: 0,
+            tls,
         };
         server.spawn();
         server
@@ -186,7 +395,14 @@ kill -9 $rpid 2>/dev/null"#;
         self.shell = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if raw_command(self.port, "PING").is_ok_and(|r| r == "+PONG") {
+            let ready = if self.tls.is_some() {
+                TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                // A server with `requirepass` answers NOAUTH: it is up.
+                raw_command(self.port, "PING")
+                    .is_ok_and(|r| r == "+PONG" || r.starts_with("-NOAUTH"))
+            };
+            if ready {
                 return;
             }
             assert!(
@@ -223,6 +439,36 @@ kill -9 $rpid 2>/dev/null"#;
     pub fn restart(&mut self) {
         self.spawn();
     }
+
+    /// Start it again (after [`RedisServer::kill`]) with `extra` settings
+    /// added (later ones win).
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn();
+    }
+
+    /// One command on this server, after `AUTH password` if given (a
+    /// TLS server: through `redis-cli --tls`, arguments split on spaces).
+    pub fn command(&self, password: Option<&str>, cmd: &str) -> String {
+        if let Some(ca) = &self.tls {
+            let mut cli = Command::new("redis-cli");
+            cli.arg("--tls")
+                .arg("--cacert")
+                .arg(ca)
+                .arg("-p")
+                .arg(self.port.to_string());
+            if let Some(pw) = password {
+                cli.arg("-a").arg(pw).arg("--no-auth-warning");
+            }
+            let out = cli
+                .args(cmd.split(' '))
+                .output()
+                .expect("run redis-cli (needs the `redis-tools` package)");
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        raw_command_as(self.port, password, cmd)
+            .unwrap_or_else(|e| panic!("`{cmd}` on port {}: {e}", self.port))
+    }
 }
 
 impl Drop for RedisServer {
@@ -247,23 +493,44 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Cluster {
+        Self::start_with(None)
+    }
+
+    /// The same cluster over TLS only (`tls-cluster yes`: clients, and
+    /// the nodes among themselves).
+    pub fn start_tls(certs: &TlsCerts) -> Cluster {
+        Self::start_with(Some(certs))
+    }
+
+    fn start_with(tls: Option<&TlsCerts>) -> Cluster {
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ];
         let nodes: Vec<RedisServer> = (0..3)
-            .map(|_| {
-                RedisServer::start(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "5000",
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "always",
-                ])
+            .map(|_| match tls {
+                None => RedisServer::start(&args),
+                Some(certs) => {
+                    let mut args = args.to_vec();
+                    args.extend(["--tls-cluster", "yes"]);
+                    RedisServer::start_tls(certs, &args)
+                }
             })
             .collect();
-        let mut create = Command::new("redis-cli");
+        // `timeout`: redis-cli waits for the nodes to join forever.
+        let mut create = Command::new("timeout");
+        create.arg("120").arg("redis-cli");
+        if let Some(certs) = tls {
+            create.arg("--tls").arg("--cacert").arg(&certs.ca);
+        }
         create.arg("--cluster").arg("create");
         for n in &nodes {
             create.arg(format!("127.0.0.1:{}", n.port));
@@ -281,7 +548,10 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         for n in &nodes {
             loop {
-                let info = raw_command(n.port, "CLUSTER INFO").unwrap_or_default();
+                let info = match n.tls {
+                    Some(_) => n.command(None, "CLUSTER INFO"),
+                    None => raw_command(n.port, "CLUSTER INFO").unwrap_or_default(),
+                };
                 if info.contains("cluster_state:ok") {
                     break;
                 }
