@@ -1,7 +1,8 @@
 //! The broker: connection pool, topic administration, lag, fetch, the
 //! notification listener and the idempotency store.
 
-use crate::error::{during, map};
+use crate::connect::Target;
+use crate::error::during;
 use crate::queries::{self, existing_topic, topic_config, TopicRow};
 use crate::{check_schema, PgOptions};
 use async_trait::async_trait;
@@ -12,10 +13,9 @@ use conveyor_core::{
     Message, PartitionDescription, PartitionLag, Producer, Result, TopicConfig, TopicDescription,
 };
 use parking_lot::Mutex;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, Row};
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -418,66 +418,14 @@ impl PgBroker {
         if pg.max_connections == 0 {
             return Err(Error::invalid("max_connections must be at least 1"));
         }
-        let connect = PgConnectOptions::from_str(url).map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidArgument,
-                format!("PostgreSQL URL `{url}` is not valid: {e}"),
-            )
-            .with_source(e)
-        })?;
+        let target = Target::parse(url)?;
+        let what = format!("open schema `{}`", pg.schema);
+        // Every step of opening (connecting, TLS, authenticating,
+        // migrating, checking) under the broker's deadline.
+        let pool = target
+            .within(pg.timeout, &what, Self::connect(&target, &options, &pg))
+            .await?;
         let schema = pg.schema.clone();
-        // The schema first, on a plain connection (concurrent opens may
-        // race to create it: the loser sees it exists).
-        {
-            let mut conn = sqlx::PgConnection::connect_with(&connect)
-                .await
-                .map_err(during(format!("connect to PostgreSQL at `{url}`")))?;
-            if let Err(e) = conn
-                .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
-                .await
-            {
-                let exists = matches!(&e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("23505") | Some("42P06")));
-                if !exists {
-                    return Err(map(&format!("create schema `{schema}`"), e));
-                }
-            }
-            let _ = conn.close().await;
-        }
-        let sync = options.durability == Durability::Always;
-        let set = format!(
-            "SET search_path TO \"{schema}\"; SET synchronous_commit TO {}",
-            if sync { "on" } else { "off" }
-        );
-        let pool = PgPoolOptions::new()
-            .max_connections(pg.max_connections)
-            // No ping before every checkout: a connection that died is
-            // found by its first statement, which fails `Unavailable`
-            // (retriable), and the pool replaces it.
-            .test_before_acquire(false)
-            .acquire_timeout(pg.timeout.min(Duration::from_secs(5)))
-            .after_connect(move |conn, _| {
-                let set = set.clone();
-                Box::pin(async move {
-                    conn.execute(set.as_str()).await?;
-                    Ok(())
-                })
-            })
-            .connect_with(connect)
-            .await
-            .map_err(during(format!("connect to PostgreSQL at `{url}`")))?;
-        sqlx::migrate!("./migrations")
-            .run(&pool)
-            .await
-            .map_err(|e| match e {
-                sqlx::migrate::MigrateError::Execute(e) => {
-                    map(&format!("migrate schema `{schema}`"), e)
-                }
-                other => Error::new(
-                    ErrorKind::Internal,
-                    format!("migrate schema `{schema}`: {other}"),
-                )
-                .with_source(other),
-            })?;
         let (changed, _) = watch::channel(0u64);
         let inner = Arc::new(Inner {
             pool,
@@ -499,6 +447,47 @@ impl PgBroker {
         Ok(PgBroker { inner })
     }
 
+    /// Migrate if asked, connect the pool and check the schema.
+    async fn connect(target: &Target, options: &BrokerOptions, pg: &PgOptions) -> Result<PgPool> {
+        let schema = pg.schema.clone();
+        let connecting = || format!("connect to PostgreSQL at `{}`", target.shown);
+        if pg.migrate.unwrap_or(options.auto_create_topics) {
+            let mut conn = sqlx::PgConnection::connect_with(&target.options)
+                .await
+                .map_err(during(connecting()))?;
+            let migrated = crate::schema::migrate_on(&mut conn, &schema).await;
+            let _ = conn.close().await;
+            migrated?;
+        }
+        let sync = options.durability == Durability::Always;
+        let set = format!(
+            "SET search_path TO \"{schema}\"; SET synchronous_commit TO {}",
+            if sync { "on" } else { "off" }
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(pg.max_connections)
+            // No ping before every checkout: a connection that died is
+            // found by its first statement, which fails `Unavailable`
+            // (retriable), and the pool replaces it.
+            .test_before_acquire(false)
+            .acquire_timeout(pg.timeout.min(Duration::from_secs(5)))
+            .after_connect(move |conn, _| {
+                let set = set.clone();
+                Box::pin(async move {
+                    conn.execute(set.as_str()).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(target.options.clone())
+            .await
+            .map_err(during(connecting()))?;
+        if let Err(e) = crate::schema::check_migrated(&pool, &schema, &target.shown).await {
+            pool.close().await;
+            return Err(e);
+        }
+        Ok(pool)
+    }
+
     /// The broker's connection pool (its connections use the broker's
     /// schema and durability), for an application's own statements next
     /// to Conveyor's, such as reading what a consumer wrote in the same
@@ -513,21 +502,23 @@ impl PgBroker {
     }
 
     /// Drop the schema and everything in it (tests and tools; every
-    /// broker on the schema stops working).
+    /// broker on the schema stops working), if Conveyor created it
+    /// ([`migrate`](crate::migrate) marks a schema it creates); a schema
+    /// that existed before is left as it is.
     ///
     /// # Errors
-    /// `Unavailable` if the server cannot be reached.
+    /// `InvalidArgument` for a schema Conveyor did not create;
+    /// `PermissionDenied` if the role may not drop it; `Unavailable` if the
+    /// server cannot be reached.
     ///
     /// # Cancel safety
     /// Cancel safe: the drop is one statement.
     pub async fn drop_schema(&self) -> Result<()> {
-        let schema = &self.inner.schema;
         self.inner
-            .pool
-            .execute(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE").as_str())
+            .bounded(Duration::ZERO, async {
+                crate::schema::drop_marked(&self.inner.pool, &self.inner.schema).await
+            })
             .await
-            .map_err(during(format!("drop schema `{schema}`")))?;
-        Ok(())
     }
 }
 
@@ -865,6 +856,7 @@ impl IdempotencyStore for PgIdempotency {
         self.inner
             .bounded(Duration::ZERO, async move {
                 self.inner.check_open()?;
+                validate::first_seen(key, ttl)?;
                 let ttl = crate::millis(ttl);
                 let row = sqlx::query(
                     "INSERT INTO idempotency (key, expires_at) VALUES ($1, now_ms() + $2)

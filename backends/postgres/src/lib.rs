@@ -144,28 +144,32 @@
 #![deny(missing_docs)]
 
 mod broker;
+mod connect;
 mod consumer;
 mod error;
 mod group;
 mod produce;
 mod queries;
 mod retention;
+mod schema;
 mod tx;
 mod url;
 
 pub use broker::PgBroker;
-pub use url::{open_url, parse as parse_url, URL_OPTIONS, URL_SCHEMES};
+pub use url::{migrate_url, open_url, parse as parse_url, URL_OPTIONS, URL_SCHEMES};
 
 #[cfg(doc)]
 use conveyor_core::{backend::assign, IdempotencyStore};
-use conveyor_core::{BrokerOptions, Error, Result};
+use conveyor_core::{BrokerOptions, Result};
+pub(crate) use schema::check_schema;
 
 /// Where and how to connect, besides the connection URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgOptions {
-    /// The schema holding Conveyor's tables (created if missing): lower
-    /// case letters, digits and `_`, not starting with a digit, at most 63
-    /// characters. Default `conveyor`.
+    /// The schema holding Conveyor's tables: lower case letters, digits
+    /// and `_`, not starting with a digit, at most 63 characters, and not a
+    /// system or shared schema (`public`, `information_schema`, `pg_*`).
+    /// Default `conveyor`.
     pub schema: String,
     /// Connections in the pool (default 10), plus one for notifications.
     pub max_connections: u32,
@@ -174,6 +178,12 @@ pub struct PgOptions {
     /// top of its own timeout). Without it, a connection whose packets are
     /// dropped (a network partition) would hang a call until TCP gives up.
     pub timeout: std::time::Duration,
+    /// Whether `open` creates the schema and runs the migrations (needs
+    /// DDL rights): `Some(true)` always, `Some(false)` never (the schema
+    /// must have been migrated, see [`migrate`]), `None` (the default) only
+    /// when the broker options auto-create topics (development). URL
+    /// option `migrate=true|false`.
+    pub migrate: Option<bool>,
 }
 
 impl Default for PgOptions {
@@ -182,6 +192,7 @@ impl Default for PgOptions {
             schema: "conveyor".to_string(),
             max_connections: 10,
             timeout: std::time::Duration::from_secs(30),
+            migrate: None,
         }
     }
 }
@@ -204,6 +215,12 @@ impl PgOptions {
         self.timeout = timeout;
         self
     }
+
+    /// Whether `open` migrates the schema (see [`PgOptions::migrate`]).
+    pub fn with_migrate(mut self, migrate: bool) -> Self {
+        self.migrate = Some(migrate);
+        self
+    }
 }
 
 /// The local clock in ms since the epoch (only to convert a producer's
@@ -220,31 +237,20 @@ pub(crate) fn millis(d: std::time::Duration) -> i64 {
     d.as_millis().min(100 * 365 * 24 * 3600 * 1000) as i64
 }
 
-/// Check a schema name (it is spliced into `SET search_path`, so only a
-/// plain identifier is allowed).
-pub(crate) fn check_schema(schema: &str) -> Result<()> {
-    let ok = !schema.is_empty()
-        && schema.len() <= 63
-        && !schema.starts_with(|c: char| c.is_ascii_digit())
-        && schema
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "schema `{schema}`: use 1 to 63 lower-case letters, digits and `_`, not starting with a digit"
-        )))
-    }
-}
-
-/// Connect to the database at `url` (a libpq-style URL without query
-/// options), create the schema if missing, run the migrations, and start
-/// the notification listener and the retention task.
+/// Connect to the database at `url` (a libpq-style URL; its query may
+/// carry `sslmode`, `sslrootcert`, `sslcert`, `sslkey` and
+/// `application_name`), check that the schema is migrated (or migrate it,
+/// with [`PgOptions::migrate`]), and start the notification listener and
+/// the retention task. Without migration, opening creates nothing.
 ///
 /// # Errors
-/// `InvalidArgument` for a bad URL or schema; `Unavailable` if the server
-/// cannot be reached; `Internal` if a migration fails.
+/// `InvalidArgument` for a bad URL or schema, a schema that is missing or
+/// not migrated (the message names the schema and the command to run), a
+/// TLS setup that does not match the server; `Unauthenticated` if the
+/// server refuses the credentials; `PermissionDenied` if the role lacks a
+/// right (see "Server settings and rights"); `Unavailable` if the server
+/// cannot be reached or does not answer within [`PgOptions::timeout`].
+/// No message holds the URL's password.
 ///
 /// # Cancel safety
 /// Cancel safe: dropped, nothing is left but what the migrations created
@@ -253,17 +259,19 @@ pub async fn open(url: &str, options: BrokerOptions, pg: PgOptions) -> Result<Pg
     PgBroker::open(url, options, pg).await
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schema_names_are_plain_identifiers() {
-        for ok in ["conveyor", "app_1", "_x"] {
-            assert!(check_schema(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", "1a", "A", "a-b", "a\"; drop", &"x".repeat(64)] {
-            assert!(check_schema(bad).is_err(), "{bad}");
-        }
-    }
+/// Create the schema (marked as Conveyor's, so [`PgBroker::drop_schema`]
+/// may drop it) if it is missing, and bring its tables to this version:
+/// the step to run, as a role with the rights to create (the schema's
+/// owner), before applications open the schema without DDL rights. Running
+/// it again changes nothing. The CLI runs it as `conveyor --url ... migrate`.
+///
+/// # Errors
+/// As [`open`]; `PermissionDenied` if the role may not create the schema or
+/// its tables.
+///
+/// # Cancel safety
+/// Cancel safe: each migration runs in a transaction; dropped, the schema
+/// may exist with the migrations that finished.
+pub async fn migrate(url: &str, pg: &PgOptions) -> Result<()> {
+    schema::migrate(url, pg).await
 }

@@ -26,11 +26,16 @@ pub fn unique_schema(prefix: &str) -> String {
     )
 }
 
-/// Open a broker on `schema`; a server that cannot be reached fails the
-/// test with how to get one.
+/// Open a broker on `schema`, migrating it (created if missing); a server
+/// that cannot be reached fails the test with how to get one.
 pub async fn open(schema: &str, options: BrokerOptions) -> Result<PgBroker> {
+    open_with(schema, options, PgOptions::default().with_migrate(true)).await
+}
+
+/// [`open`] with PostgreSQL options (`schema` is set here).
+pub async fn open_with(schema: &str, options: BrokerOptions, pg: PgOptions) -> Result<PgBroker> {
     let url = url();
-    conveyor_postgres::open(&url, options, PgOptions::default().with_schema(schema))
+    conveyor_postgres::open(&url, options, pg.with_schema(schema))
         .await
         .map_err(|e| {
             Error::new(
