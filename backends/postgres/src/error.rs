@@ -32,6 +32,10 @@ fn transient_code(code: &str) -> bool {
         )
 }
 
+/// What to check when TLS fails.
+const TLS_ADVICE: &str = " (check sslmode, sslrootcert, sslcert and sslkey against the \
+                          server's certificate and settings)";
+
 /// The kind of a database error by its SQLSTATE.
 fn kind_of_code(code: &str) -> ErrorKind {
     if transient_code(code) {
@@ -72,13 +76,22 @@ fn advice(code: &str, kind: ErrorKind, message: &str) -> &'static str {
 /// Map a driver error met while doing `what`.
 pub(crate) fn map(what: &str, e: sqlx::Error) -> Error {
     let (kind, detail) = match &e {
+        // rustls reports a failed handshake (an unknown issuer, a name
+        // mismatch, an expired certificate) as `InvalidData` I/O: the TLS
+        // setup is wrong, not the network.
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => (
+            ErrorKind::InvalidArgument,
+            format!("TLS to PostgreSQL failed: {io}{TLS_ADVICE}"),
+        ),
         sqlx::Error::Io(io) => (
             ErrorKind::Unavailable,
             format!("PostgreSQL unavailable: {io}"),
         ),
         sqlx::Error::PoolTimedOut => (
             ErrorKind::Unavailable,
-            "PostgreSQL unavailable: no connection could be had in time".to_string(),
+            "PostgreSQL unavailable: no connection within the deadline (the server did not \
+             answer, or every pooled connection was busy)"
+                .to_string(),
         ),
         sqlx::Error::Protocol(p) => (
             ErrorKind::Unavailable,
@@ -86,10 +99,7 @@ pub(crate) fn map(what: &str, e: sqlx::Error) -> Error {
         ),
         sqlx::Error::Tls(t) => (
             ErrorKind::InvalidArgument,
-            format!(
-                "TLS to PostgreSQL failed: {t} (check sslmode, sslrootcert, sslcert and sslkey \
-                 against the server's certificate and settings)"
-            ),
+            format!("TLS to PostgreSQL failed: {t}{TLS_ADVICE}"),
         ),
         sqlx::Error::Configuration(c) => (
             ErrorKind::InvalidArgument,
@@ -141,6 +151,10 @@ mod tests {
         assert!(e.is_retriable());
         assert!(e.message().contains("send to `t`"), "{e}");
         assert_eq!(e.chain().to_string().matches("refused").count(), 1, "{e}");
+        let tls = std::io::Error::new(std::io::ErrorKind::InvalidData, "UnknownIssuer");
+        let e = map("connect", sqlx::Error::Io(tls));
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(e.message().contains("sslrootcert"), "{e}");
         assert_eq!(
             map("x", sqlx::Error::PoolTimedOut).kind(),
             ErrorKind::Unavailable
@@ -171,8 +185,12 @@ mod tests {
         ] {
             assert_eq!(kind_of_code(code), kind, "{code}");
         }
-        assert!(advice("28000", ErrorKind::Unauthenticated, "no pg_hba.conf entry, no encryption")
-            .contains("sslmode=require"));
+        assert!(advice(
+            "28000",
+            ErrorKind::Unauthenticated,
+            "no pg_hba.conf entry, no encryption"
+        )
+        .contains("sslmode=require"));
     }
 
     #[test]

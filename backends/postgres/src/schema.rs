@@ -10,7 +10,7 @@ use crate::PgOptions;
 use conveyor_core::{Error, ErrorKind, Result};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::PgPool;
-use sqlx::{Connection, Executor, PgConnection, PgExecutor};
+use sqlx::{Connection, Executor, PgConnection};
 
 /// The migrations (`migrations/`), embedded in the binary.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -92,7 +92,7 @@ pub(crate) async fn migrate_on(conn: &mut PgConnection, schema: &str) -> Result<
     conn.execute(format!("SET search_path TO \"{schema}\"").as_str())
         .await
         .map_err(during(&what))?;
-    MIGRATOR.run(&mut *conn).await.map_err(|e| match e {
+    MIGRATOR.run_direct(conn).await.map_err(|e| match e {
         MigrateError::Execute(e) => map(&what, e),
         other => Error::new(ErrorKind::Internal, format!("{what}: {other}")),
     })?;
@@ -205,20 +205,20 @@ pub(crate) async fn check_migrated(pool: &PgPool, schema: &str, shown: &str) -> 
 ///
 /// # Errors
 /// `InvalidArgument` for a schema Conveyor did not create (it is left).
-pub(crate) async fn drop_marked<'e, E: PgExecutor<'e> + Copy>(ex: E, schema: &str) -> Result<()> {
+pub(crate) async fn drop_marked(pool: &PgPool, schema: &str) -> Result<()> {
     let what = format!("drop schema `{schema}`");
     check_schema(schema)?;
     let comment: Option<Option<String>> = sqlx::query_scalar(
         "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = $1",
     )
     .bind(schema)
-    .fetch_optional(ex)
+    .fetch_optional(pool)
     .await
     .map_err(during(&what))?;
     match comment {
         None => Ok(()),
         Some(Some(c)) if c == MARKER => {
-            ex.execute(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE").as_str())
+            pool.execute(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE").as_str())
                 .await
                 .map_err(during(&what))?;
             Ok(())

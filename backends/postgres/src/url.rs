@@ -163,7 +163,13 @@ mod tests {
             "postgres://u:pw@h/db?sslmode=verify-full&sslrootcert=%2Fca.pem"
         );
         assert_eq!(pg.migrate, Some(true));
-        assert_eq!(parse(&BrokerUrl::parse("postgres://h/db").unwrap()).unwrap().1.migrate, None);
+        assert_eq!(
+            parse(&BrokerUrl::parse("postgres://h/db").unwrap())
+                .unwrap()
+                .1
+                .migrate,
+            None
+        );
         for bad in ["sslmode=maybe", "migrate=yes"] {
             let bad = BrokerUrl::parse(&format!("postgres://u:pgs3cret@h/db?{bad}")).unwrap();
             let e = parse(&bad).unwrap_err();

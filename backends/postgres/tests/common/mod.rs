@@ -2,6 +2,8 @@
 //! each test works in a schema of its own, dropped afterwards.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use conveyor_core::{Broker, BrokerOptions, Error, Result};
 use conveyor_postgres::{PgBroker, PgOptions};
 use std::sync::atomic::{AtomicU64, Ordering};
