@@ -784,28 +784,44 @@ impl Broker for PgBroker {
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner
-            .bounded(Duration::ZERO, async move {
-                if self.inner.closed.swap(true, Ordering::AcqRel) {
-                    return Ok(());
-                }
-                for t in self.inner.tasks.lock().drain(..) {
-                    t.abort();
-                }
-                let members: Vec<(Arc<str>, i64)> = std::mem::take(&mut *self.inner.members.lock())
-                    .into_iter()
-                    .collect();
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        for t in self.inner.tasks.lock().drain(..) {
+            t.abort();
+        }
+        let members: Vec<(Arc<str>, i64)> = std::mem::take(&mut *self.inner.members.lock())
+            .into_iter()
+            .collect();
+        // Members leave within the deadline; whatever happens there, the
+        // pool is closed after, by a task of its own, so its connections
+        // go even if this call is cut at the deadline or dropped (an
+        // interrupted `PgPool::close` leaves idle connections open for as
+        // long as any handle keeps the pool).
+        let left = self
+            .inner
+            .bounded(Duration::ZERO, async {
                 let mut first_err = None;
                 for (group, member) in members {
                     if let Err(e) = crate::group::leave(&self.inner, &group, member).await {
                         first_err.get_or_insert(e);
                     }
                 }
-                self.inner.wake();
-                self.inner.pool.close().await;
                 first_err.map_or(Ok(()), Err)
             })
-            .await
+            .await;
+        self.inner.wake();
+        let pool = self.inner.pool.clone();
+        let closing = tokio::spawn(async move { pool.close().await });
+        let closed = self
+            .inner
+            .bounded(Duration::ZERO, async {
+                closing
+                    .await
+                    .map_err(|e| Error::internal(format!("close the connection pool: {e}")))
+            })
+            .await;
+        left.and(closed)
     }
 }
 

@@ -655,3 +655,67 @@ async fn close_releases_every_connection_while_handles_live() {
     let _ = conn.close().await;
     common::drop_schema(&cleanup.schema).await;
 }
+
+/// `close` cut at its deadline (here a connection of the broker's pool
+/// is held by the application, so the pool cannot finish closing in time)
+/// still releases every connection once it is given back, while the
+/// broker's handles live: an interrupted pool close left the idle
+/// connections open for as long as any handle kept the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_cut_at_its_deadline_still_releases_every_connection() {
+    let cleanup = Cleanup::new("close_cut");
+    let name = format!("cv_cut_{}", cleanup.schema);
+    let url = format!("{}?application_name={name}", common::url());
+    let b = conveyor_postgres::open(
+        &url,
+        BrokerOptions::default(),
+        PgOptions::default()
+            .with_schema(&cleanup.schema)
+            .with_migrate(true)
+            .with_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    b.create_topic("t", TopicConfig::new(4)).await.unwrap();
+    let p = b.producer().await.unwrap();
+    // Several pooled connections, idle after this.
+    let sends: Vec<_> = (0..8)
+        .map(|i| {
+            let p = p.clone();
+            tokio::spawn(async move { p.send("t", Record::new(format!("{i}"))).await })
+        })
+        .collect();
+    for s in sends {
+        s.await.unwrap().unwrap();
+    }
+    let held = b.pool().acquire().await.unwrap();
+    let mut conn = admin().await;
+    assert!(connections_named(&mut conn, &name).await > 1);
+    let started = Instant::now();
+    let closed = b.close().await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Cut at the deadline or not, the broker is closed.
+    if let Err(e) = closed {
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    }
+    drop(held);
+    let started = Instant::now();
+    loop {
+        let open = connections_named(&mut conn, &name).await;
+        if open == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{open} connections still open after close"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        p.send("t", Record::new("y")).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+    drop(p);
+    let _ = conn.close().await;
+    common::drop_schema(&cleanup.schema).await;
+}
