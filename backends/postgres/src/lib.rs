@@ -10,12 +10,12 @@
 //! ```no_run
 //! # async fn demo() -> conveyor_core::Result<()> {
 //! use conveyor_core::{BrokerOptions, prelude::*};
-//! let broker = conveyor_postgres::open(
-//!     "postgres://postgres@127.0.0.1/test",
-//!     BrokerOptions::default(),
-//!     conveyor_postgres::PgOptions::default().with_schema("orders_app"),
-//! )
-//! .await?;
+//! let url = "postgres://postgres@127.0.0.1/test";
+//! let pg = conveyor_postgres::PgOptions::default().with_schema("orders_app");
+//! // Once, as the schema's owner (or `conveyor --url ... migrate`):
+//! conveyor_postgres::migrate(url, &pg).await?;
+//! // Then, as the application, with DML rights only:
+//! let broker = conveyor_postgres::open(url, BrokerOptions::default(), pg).await?;
 //! broker.create_topic("orders", TopicConfig::new(4)).await?;
 //! # Ok(())
 //! # }
@@ -24,12 +24,32 @@
 //! Or through the facade: `conveyor::open("postgres://user@host/db?schema=orders_app")`
 //! (feature `postgres`).
 //!
+//! # URL options
+//!
+//! | option | default | meaning |
+//! |---|---|---|
+//! | `schema` | `conveyor` | the schema of Conveyor's tables; never `public`, `information_schema` or `pg_*` |
+//! | `migrate` | `true` with `auto_create=true`, else `false` | whether opening creates the schema and runs the migrations (needs DDL rights) |
+//! | `max_connections` | 10 | pool size (plus one connection for notifications) |
+//! | `timeout_ms` | 30000 | the deadline of every call, `open` and `migrate` included |
+//! | `sslmode` | `prefer` | `disable`, `prefer`, `require` (encrypted, certificate not checked), `verify-ca` (signed by a trusted CA), `verify-full` (and issued for the host) |
+//! | `sslrootcert` | the system's roots | PEM file of the CA(s) `verify-ca`/`verify-full` trust |
+//! | `sslcert`, `sslkey` | none | PEM client certificate and key, for `cert` authentication |
+//! | `application_name` | `conveyor` | what `pg_stat_activity` shows for the broker's connections |
+//! | `durability` | `none` | `none`, `always`, `interval:<ms>`: see "Durability" |
+//! | `auto_create` | `false` | create topics on first send; also migrates the schema at open unless `migrate=false` (development) |
+//!
+//! Any other option is refused by name (`InvalidArgument`). The TLS and
+//! `application_name` options are libpq's names and meanings (libpq's
+//! `allow` mode is not supported); TLS is rustls.
+//!
 //! # Layout
 //!
-//! The tables live in the URL's `schema` (default `conveyor`), created on
-//! open and migrated with `sqlx::migrate!` (`migrations/`, embedded in the
-//! binary; no live database is needed to build). Two apps, or two tests,
-//! with different schemas never see each other.
+//! The tables live in the URL's `schema` (default `conveyor`), created and
+//! migrated by [`migrate`] (`migrations/`, embedded in the binary with
+//! `sqlx::migrate!`; no live database is needed to build). Two apps, or two
+//! tests, with different schemas never see each other. Opening never
+//! creates anything unless asked (see "Server settings and rights").
 //!
 //! - `topics`, `partitions` (one row per partition: `next_offset`,
 //!   `log_start`, bytes, last timestamp), `records` (primary key topic id,
@@ -54,7 +74,10 @@
 //!   partition's lane in this process; when the append returns, one
 //!   statement appends all of them (each send's records contiguous and
 //!   atomic, receipts split back). Under `always` that is one WAL flush for
-//!   all of them, the main lever for throughput (figures below).
+//!   all of them, the main lever for throughput (figures below). If the
+//!   database refuses the merged statement for its data (a constraint, a
+//!   value out of range), each send is appended again on its own, so one
+//!   caller's bad record never fails another caller's send.
 //! - **Idempotent produce.** Records with an idempotency key go in a
 //!   transaction that locks the partition row first, then looks the keys up
 //!   among the partition's records younger than the dedup window (a partial
@@ -105,9 +128,15 @@
 //! # Failures
 //!
 //! - Every call has a deadline ([`PgOptions::timeout`], `?timeout_ms=`,
-//!   default 30 s; a poll gets its own timeout on top): a server that stops
-//!   answering, or a connection whose packets are dropped, makes the call
-//!   fail with `ErrorKind::Unavailable` instead of hanging.
+//!   default 30 s; a poll gets its own timeout on top), `open` and
+//!   [`migrate`] included (connecting, TLS, authenticating, migrating): a
+//!   server that stops answering, a server that accepts the connection and
+//!   never answers, or a connection whose packets are dropped, makes the
+//!   call fail with `ErrorKind::Unavailable` instead of hanging.
+//! - `close` makes the group members of this broker leave, then closes the
+//!   connection pool in a task of its own: every connection goes, even if
+//!   the call is cut at its deadline, while producers and consumers of the
+//!   broker are still held (they then fail with `Closed`).
 //! - A transaction abandoned unfinished (its call was dropped or hit the
 //!   deadline) closes its connection, so the server rolls it back at once
 //!   and releases its row locks; nothing half-done is ever committed.
@@ -134,13 +163,81 @@
 //! ping.) The test suite checks that sends queued behind an append share
 //! one transaction (`tests/server.rs`, through `xmin`).
 //!
+//! # Server settings and rights
+//!
+//! **Migrations are their own step.** [`migrate`] (or `conveyor --url
+//! 'postgres://owner@host/db?schema=NAME' migrate`) creates the schema if
+//! it is missing, marks it as Conveyor's (a `COMMENT ON SCHEMA`), and runs
+//! the migrations it lacks; running it again changes nothing. It needs a
+//! role that may create the schema (`CREATE` on the database) or owns it.
+//! [`open`] then only checks that the schema has every migration of this
+//! build; a schema that is missing or behind fails with `InvalidArgument`
+//! naming the schema and the command to run, and nothing is created (a
+//! read with a mistyped schema creates nothing). For development,
+//! `migrate=true` (or `auto_create=true`, unless `migrate=false`) makes
+//! `open` migrate first, as the owner would. A schema that already holds
+//! every migration is opened without any DDL, so a least-privilege role
+//! may keep `migrate=true`.
+//!
+//! **Rights of the application's role**, after the owner migrated
+//! (exactly what `tests/chaos.rs` grants a fresh role, which then produces
+//! and consumes in stream and queue mode, and cannot create a table):
+//!
+//! ```sql
+//! GRANT USAGE ON SCHEMA app TO app_role;
+//! GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA app TO app_role;
+//! GRANT USAGE ON ALL SEQUENCES IN SCHEMA app TO app_role;
+//! GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA app TO app_role;
+//! ```
+//!
+//! (`EXECUTE` is PostgreSQL's default for `PUBLIC`; grant it if your
+//! database revoked that. Rerun the `ALL TABLES`/`ALL SEQUENCES` grants
+//! after a migration that adds tables, or set `ALTER DEFAULT PRIVILEGES`
+//! for the owner.) A missing right is `PermissionDenied` naming the
+//! statement's object; the role never needs `CREATE`, `TRUNCATE` or
+//! ownership. [`PgBroker::drop_schema`] needs ownership, and drops only a
+//! schema [`migrate`] created.
+//!
+//! **Schemas.** `public`, `information_schema` and `pg_*` are refused
+//! (`InvalidArgument`): Conveyor's tables, functions and trigger never go
+//! into a schema other users share, and `drop_schema` can never drop one.
+//!
+//! **TLS.** `sslmode=require` encrypts without checking the certificate;
+//! `verify-ca`/`verify-full` check it against `sslrootcert` (else the
+//! system's roots), `verify-full` also the host name. A certificate that
+//! does not verify, or a server without TLS under `require`, fails with
+//! `InvalidArgument` ("TLS to PostgreSQL failed: ...", naming the options
+//! to check); a `hostssl`-only `pg_hba.conf` rule met with
+//! `sslmode=disable` is `Unauthenticated`, saying TLS is required.
+//!
+//! **Durability** needs `synchronous_commit`: the broker sets it on its
+//! own connections (`on` for `always`, `off` otherwise; any role may set
+//! it), so the server's default does not matter. With synchronous
+//! replication configured on the server, `always` also waits for the
+//! standby.
+//!
+//! **Authentication.** Any method PostgreSQL offers over TCP that sqlx
+//! speaks (`scram-sha-256`, `md5`, `password`, `trust`, `cert` with
+//! `sslcert`/`sslkey`). Wrong credentials or an unknown role are
+//! `Unauthenticated`; an unknown database is `InvalidArgument`. No error
+//! message, source chain, `Debug` output or log line holds the password:
+//! URLs are shown with it hidden, and messages are scrubbed of it.
+//!
 //! # Errors
 //!
-//! `error.rs` maps sqlx's errors: a lost or refused connection, a pool
-//! timeout, a server shutting down, a serialization failure or deadlock
-//! are `ErrorKind::Unavailable` (retriable: nothing was committed, or the
-//! call is safe to repeat); other driver errors are `Internal` naming the
-//! operation.
+//! `error.rs` maps sqlx's errors by whose fault they are, each said once
+//! (the driver's error is in the message, not repeated as a source):
+//!
+//! | what | SQLSTATE / driver error | kind |
+//! |---|---|---|
+//! | connection lost or refused, server shutting down or out of resources, a pool or call deadline, serialization failure, deadlock, statement cancelled, read-only standby | I/O, protocol, `08xxx`, `53xxx`, `57P01`–`57P03`, `57014`, `40001`, `40P01`, `25006` | `Unavailable` (retriable: nothing was committed, or the call is safe to repeat) |
+//! | credentials refused | `28xxx` | `Unauthenticated` |
+//! | missing right | `42501` | `PermissionDenied` |
+//! | unknown database, schema without tables, data the database refuses, a bad connection option or TLS setup | `3D000`, `3F000`, `42P01`, `22xxx`, `23502`, `23514`, `54xxx`, TLS, configuration | `InvalidArgument` |
+//! | anything else | | `Internal`, naming the operation and the SQLSTATE |
+//!
+//! A send merged with others (see above) that the database refuses for
+//! its data is appended again on its own, so only the faulty send fails.
 #![deny(missing_docs)]
 
 mod broker;
