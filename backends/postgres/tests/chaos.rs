@@ -303,8 +303,7 @@ async fn missing_rights_are_permission_denied() {
     let pg = PgOptions::default().with_schema(cleanup.schema.clone());
     let e = conveyor_postgres::open(&url_as(&role, None), BrokerOptions::default(), pg.clone())
         .await
-        .err()
-        .expect("no rights");
+        .expect_err("no rights");
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
     assert!(e.message().contains("GRANT"), "{e}");
     assert_said_once(&e);
@@ -316,8 +315,7 @@ async fn missing_rights_are_permission_denied() {
     .await;
     let e = conveyor_postgres::open(&url_as(&role, None), BrokerOptions::default(), pg)
         .await
-        .err()
-        .expect("no table rights");
+        .expect_err("no table rights");
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
 }
 
@@ -411,8 +409,7 @@ async fn system_schemas_are_refused_and_only_conveyors_schema_is_dropped() {
                 .with_migrate(migrate);
             let e = conveyor_postgres::open(&common::url(), BrokerOptions::default(), pg.clone())
                 .await
-                .err()
-                .expect("refused");
+                .expect_err("refused");
             assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{schema}: {e}");
             assert!(e.message().contains("system or shared"), "{e}");
             let e = conveyor_postgres::migrate(&common::url(), &pg)
