@@ -199,7 +199,8 @@ async fn lost_connections_are_unavailable_then_recover_and_lose_nothing() {
     let proxy = FaultProxy::start(server_addr()).await.unwrap();
     let pg = PgOptions::default()
         .with_schema(schema.0.clone())
-        .with_max_connections(2);
+        .with_max_connections(2)
+        .with_migrate(true);
     let broker: Arc<dyn Broker> = Arc::new(
         conveyor_postgres::open(&through(&proxy), BrokerOptions::default(), pg)
             .await
