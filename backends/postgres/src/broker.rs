@@ -451,14 +451,21 @@ impl PgBroker {
     async fn connect(target: &Target, options: &BrokerOptions, pg: &PgOptions) -> Result<PgPool> {
         let schema = pg.schema.clone();
         let connecting = || format!("connect to PostgreSQL at `{}`", target.shown);
-        if pg.migrate.unwrap_or(options.auto_create_topics) {
-            let mut conn = sqlx::PgConnection::connect_with(&target.options)
-                .await
-                .map_err(during(connecting()))?;
-            let migrated = crate::schema::migrate_on(&mut conn, &schema).await;
-            let _ = conn.close().await;
-            migrated?;
+        // One plain connection first: its error says what is wrong (a
+        // refused connection, credentials, TLS), where the pool would only
+        // time out retrying. It migrates if asked, then checks the schema.
+        let mut conn = sqlx::PgConnection::connect_with(&target.options)
+            .await
+            .map_err(during(connecting()))?;
+        let ready = async {
+            if pg.migrate.unwrap_or(options.auto_create_topics) {
+                crate::schema::migrate_on(&mut conn, &schema).await?;
+            }
+            crate::schema::check_migrated(&mut conn, &schema, &target.shown).await
         }
+        .await;
+        let _ = conn.close().await;
+        ready?;
         let sync = options.durability == Durability::Always;
         let set = format!(
             "SET search_path TO \"{schema}\"; SET synchronous_commit TO {}",
@@ -481,10 +488,6 @@ impl PgBroker {
             .connect_with(target.options.clone())
             .await
             .map_err(during(connecting()))?;
-        if let Err(e) = crate::schema::check_migrated(&pool, &schema, &target.shown).await {
-            pool.close().await;
-            return Err(e);
-        }
         Ok(pool)
     }
 

@@ -175,13 +175,13 @@ async fn missing(conn: &mut PgConnection, schema: &str) -> Result<Vec<i64>> {
 ///
 /// # Errors
 /// `InvalidArgument` naming the schema and the command to run.
-pub(crate) async fn check_migrated(pool: &PgPool, schema: &str, shown: &str) -> Result<()> {
+pub(crate) async fn check_migrated(
+    conn: &mut PgConnection,
+    schema: &str,
+    shown: &str,
+) -> Result<()> {
     let fix = || migrate_command(shown, schema);
-    let mut conn = pool
-        .acquire()
-        .await
-        .map_err(during(format!("check schema `{schema}`")))?;
-    match missing(&mut conn, schema).await {
+    match missing(conn, schema).await {
         Ok(m) if m.is_empty() => Ok(()),
         Ok(m) if m.len() == MIGRATOR.iter().count() => Err(Error::invalid(format!(
             "schema `{schema}` has no Conveyor tables: create them with {}",

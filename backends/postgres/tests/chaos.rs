@@ -28,6 +28,7 @@ fn every_text(e: &Error) -> String {
 /// No text of `e` shows `secret`.
 fn assert_hidden(e: &Error, secret: &str) {
     let text = every_text(e);
+    eprintln!("{text}\n");
     assert!(!text.contains(secret), "the password shows: {text}");
 }
 
@@ -230,6 +231,7 @@ async fn open_against_a_closed_port_is_unavailable_and_hides_the_password() {
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
     assert!(e.is_retriable());
     assert!(e.message().contains("127.0.0.1"), "names the server: {e}");
+    assert!(e.message().contains("refused"), "says why: {e}");
     assert_hidden(&e, "pgs3cret");
     // A bad option of the same URL: the URL is shown, not its password.
     let bad = BrokerUrl::parse(&format!(
@@ -322,19 +324,30 @@ async fn missing_rights_are_permission_denied() {
 /// TLS against a private cluster with `ssl = on` and a certificate made
 /// for the test: `sslmode=require` works (and the connection is
 /// encrypted), `verify-full` with the right CA works, with a wrong CA it
-/// is refused with a clear error, and a `hostssl`-only rule refuses
-/// `sslmode=disable` saying TLS is required.
+/// is refused with a clear error, `verify-ca` checks only the CA, a client
+/// certificate (`sslcert`, `sslkey`) passes `cert` authentication, and a
+/// `hostssl`-only rule refuses `sslmode=disable` saying TLS is required.
 #[tokio::test]
 async fn tls_modes_against_a_server_with_a_test_certificate() {
     let certs = TempDir::new("conveyor-certs");
     let (ca, cert, key) = cluster::certificates(&certs.0.join("right"), "conveyor-test-ca");
     let (wrong_ca, _, _) = cluster::certificates(&certs.0.join("wrong"), "conveyor-other-ca");
+    let (client_cert, client_key) = cluster::client_certificate(&certs.0.join("right"), "certuser");
+    let ca_pem = std::fs::read(&ca).unwrap();
     let c = Cluster::start(
-        "hostssl all tlsonly 127.0.0.1/32 trust\nhost all postgres 127.0.0.1/32 trust",
-        "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
-        &[("server.crt", cert), ("server.key", key)],
+        "hostssl all tlsonly 127.0.0.1/32 trust\n\
+         hostssl all certuser 127.0.0.1/32 cert\n\
+         host all postgres 127.0.0.1/32 trust",
+        "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+         ssl_ca_file = 'root.crt'\n",
+        &[
+            ("server.crt", cert),
+            ("server.key", key),
+            ("root.crt", ca_pem),
+        ],
     );
     c.psql("CREATE ROLE tlsonly LOGIN SUPERUSER");
+    c.psql("CREATE ROLE certuser LOGIN SUPERUSER");
     let open = |user: &str, host: &str, query: String| {
         let url = format!(
             "postgres://{user}@{host}:{}/postgres?timeout_ms=20000&migrate=true&{query}",
@@ -369,6 +382,34 @@ async fn tls_modes_against_a_server_with_a_test_certificate() {
     let right = format!("sslmode=verify-full&sslrootcert={}", ca.display());
     let b = open("tlsonly", "localhost", right.clone()).await.unwrap();
     use_it(b).await;
+
+    // verify-ca checks the CA, not the name.
+    let b = open(
+        "tlsonly",
+        "127.0.0.1",
+        format!("sslmode=verify-ca&sslrootcert={}", ca.display()),
+    )
+    .await
+    .unwrap();
+    use_it(b).await;
+    // Client certificate authentication (`cert` in pg_hba.conf).
+    let b = open(
+        "certuser",
+        "localhost",
+        format!(
+            "{right}&sslcert={}&sslkey={}",
+            client_cert.display(),
+            client_key.display()
+        ),
+    )
+    .await
+    .unwrap();
+    use_it(b).await;
+    let e = open("certuser", "localhost", right.clone())
+        .await
+        .err()
+        .expect("no client certificate");
+    assert_eq!(e.kind(), ErrorKind::Unauthenticated, "{e}");
 
     let wrong = format!("sslmode=verify-full&sslrootcert={}", wrong_ca.display());
     let e = open("tlsonly", "localhost", wrong)
