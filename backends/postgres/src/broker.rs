@@ -815,7 +815,7 @@ impl Broker for PgBroker {
             .await;
         self.inner.wake();
         let pool = self.inner.pool.clone();
-        let closing = tokio::spawn(async move { pool.close().await });
+        let closing = tokio::spawn(close_pool(pool));
         let closed = self
             .inner
             .bounded(Duration::ZERO, async {
@@ -825,6 +825,24 @@ impl Broker for PgBroker {
             })
             .await;
         left.and(closed)
+    }
+}
+
+/// Close `pool` and every connection it has. sqlx's `PgPool::close`
+/// stops once it holds every permit, without looking at the idle queue
+/// again: a connection given back while it ran (a transaction that just
+/// committed) stays idle and open for as long as anything holds the pool
+/// (seen: one connection left behind a closed broker whose handles
+/// lived). Once `close` returns, no connection is checked out, so what
+/// is left is idle and the next `close` takes it (at most a few rounds;
+/// `size`, not `num_idle`, which `close` does not update).
+async fn close_pool(pool: PgPool) {
+    for _ in 0..8 {
+        pool.close().await;
+        if pool.size() == 0 {
+            return;
+        }
+        tokio::task::yield_now().await;
     }
 }
 

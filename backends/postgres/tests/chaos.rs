@@ -69,6 +69,11 @@ async fn admin() -> sqlx::PgConnection {
         })
 }
 
+/// Fail at once, saying how to get one, if the shared server is not there.
+async fn require_server() {
+    let _ = admin().await.close().await;
+}
+
 /// Run `sql` on the shared server as its superuser.
 async fn admin_sql(sql: &str) {
     use sqlx::Executor;
@@ -88,9 +93,15 @@ fn cleanup_sql(sql: String) {
         {
             rt.block_on(async {
                 use sqlx::Executor;
-                if let Ok(mut conn) = sqlx::PgConnection::connect(&common::url()).await {
-                    if let Err(e) = conn.execute(sql.as_str()).await {
-                        eprintln!("cleanup `{sql}`: {e}");
+                // A few tries: a busy server may refuse a connection, or
+                // pick this statement as a deadlock victim.
+                for _ in 0..5 {
+                    match sqlx::PgConnection::connect(&common::url()).await {
+                        Ok(mut conn) => match conn.execute(sql.as_str()).await {
+                            Ok(_) => return,
+                            Err(e) => eprintln!("cleanup `{sql}`: {e}"),
+                        },
+                        Err(e) => eprintln!("cleanup `{sql}`: {e}"),
                     }
                 }
             });
@@ -115,6 +126,18 @@ async fn connections_named(conn: &mut sqlx::PgConnection, name: &str) -> i64 {
         .fetch_one(conn)
         .await
         .expect("count connections")
+}
+
+/// What the server's connections with `application_name` are doing.
+async fn connections_doing(conn: &mut sqlx::PgConnection, name: &str) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT coalesce(state, ''), coalesce(query, '') FROM pg_stat_activity
+          WHERE application_name = $1",
+    )
+    .bind(name)
+    .fetch_all(conn)
+    .await
+    .expect("list connections")
 }
 
 /// A schema (and roles) dropped at the end of the test, passed or failed.
@@ -294,6 +317,7 @@ async fn wrong_credentials_unknown_role_and_unknown_database_say_whose_fault() {
 /// the GRANTs, not `Internal`.
 #[tokio::test]
 async fn missing_rights_are_permission_denied() {
+    require_server().await;
     let mut cleanup = Cleanup::new("perm");
     conveyor_postgres::migrate(
         &common::url(),
@@ -443,6 +467,7 @@ async fn tls_modes_against_a_server_with_a_test_certificate() {
 /// created, never one that was there before.
 #[tokio::test]
 async fn system_schemas_are_refused_and_only_conveyors_schema_is_dropped() {
+    require_server().await;
     for schema in ["public", "information_schema", "pg_catalog", "pg_toast"] {
         for migrate in [true, false] {
             let pg = PgOptions::default()
@@ -506,6 +531,7 @@ async fn system_schemas_are_refused_and_only_conveyors_schema_is_dropped() {
 /// `auto_create=true` (development) and `migrate=true` still create.
 #[tokio::test]
 async fn opening_without_migrate_never_creates_a_schema() {
+    require_server().await;
     let typo = Cleanup::new("ux_typo");
     let url = BrokerUrl::parse(&format!("{}?schema={}", common::url(), typo.schema)).unwrap();
     let e = conveyor_postgres::open_url(&url).await.err().expect("typo");
@@ -550,6 +576,7 @@ async fn opening_without_migrate_never_creates_a_schema() {
 /// table).
 #[tokio::test]
 async fn a_least_privilege_role_produces_and_consumes_but_cannot_run_ddl() {
+    require_server().await;
     let mut cleanup = Cleanup::new("least");
     let schema = cleanup.schema.clone();
     conveyor_postgres::migrate(&common::url(), &PgOptions::default().with_schema(&schema))
@@ -633,6 +660,7 @@ async fn a_least_privilege_role_produces_and_consumes_but_cannot_run_ddl() {
 /// its producers and consumers are still held (two stayed open before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_releases_every_connection_while_handles_live() {
+    require_server().await;
     let cleanup = Cleanup::new("close");
     let name = format!("cv_close_{}", cleanup.schema);
     let url = format!("{}?application_name={name}", common::url());
@@ -677,10 +705,10 @@ async fn close_releases_every_connection_while_handles_live() {
         if open == 0 {
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{open} connections still open after close"
-        );
+        if started.elapsed() > Duration::from_secs(30) {
+            let doing = connections_doing(&mut conn, &name).await;
+            panic!("{open} connections still open after close: {doing:?}");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The handles still live, and say the broker is closed.
@@ -701,16 +729,23 @@ async fn close_releases_every_connection_while_handles_live() {
 /// connections open for as long as any handle kept the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_cut_at_its_deadline_still_releases_every_connection() {
+    require_server().await;
     let cleanup = Cleanup::new("close_cut");
     let name = format!("cv_cut_{}", cleanup.schema);
     let url = format!("{}?application_name={name}", common::url());
+    conveyor_postgres::migrate(
+        &common::url(),
+        &PgOptions::default().with_schema(&cleanup.schema),
+    )
+    .await
+    .unwrap();
+    // A short deadline, so that the close below is cut at it.
     let b = conveyor_postgres::open(
         &url,
         BrokerOptions::default(),
         PgOptions::default()
             .with_schema(&cleanup.schema)
-            .with_migrate(true)
-            .with_timeout(Duration::from_secs(1)),
+            .with_timeout(Duration::from_secs(3)),
     )
     .await
     .unwrap();
@@ -743,10 +778,10 @@ async fn close_cut_at_its_deadline_still_releases_every_connection() {
         if open == 0 {
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{open} connections still open after close"
-        );
+        if started.elapsed() > Duration::from_secs(30) {
+            let doing = connections_doing(&mut conn, &name).await;
+            panic!("{open} connections still open after close: {doing:?}");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
