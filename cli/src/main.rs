@@ -10,6 +10,7 @@ mod consume;
 mod dlq;
 mod group;
 mod message;
+mod migrate;
 mod output;
 mod produce;
 mod time;
@@ -30,7 +31,9 @@ use std::sync::Arc;
     Read commands (topic list/describe, group list/describe/lag, dlq list, consume without \
     --group) open an mmap:// store read-only, so they work while a service owns it. \
     Commands that change a store never create one at a mistyped path: only `topic create`, \
-    `bench` and produce with auto_create=true do (or add create=true to the URL).")]
+    `bench` and produce with auto_create=true do (or add create=true to the URL). \
+    A postgres:// schema is created by `conveyor --url 'postgres://...?schema=NAME' migrate` \
+    (or auto_create=true / migrate=true in the URL, for development).")]
 struct Cli {
     /// Broker URL: mmap:///dir (embedded), rocksdb:///dir, postgres://...
     /// or redis://... (when built with the rocksdb, postgres or redis
@@ -63,6 +66,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Check every batch and state frame of an mmap:// store, read-only.
     Verify(verify::VerifyArgs),
+    /// Create a postgres:// schema's tables, or bring them to this version
+    /// (run as the schema's owner, before applications open it).
+    Migrate,
 }
 
 /// What a command does to the store, which decides how it is opened.
@@ -88,6 +94,7 @@ impl Command {
             Command::Dlq(c) => c.access(),
             Command::Bench(_) => Access::Create,
             Command::Verify(_) => Access::Read,
+            Command::Migrate => Access::Create,
         }
     }
 
@@ -100,6 +107,7 @@ impl Command {
             Command::Dlq(_) => "dlq",
             Command::Bench(_) => "bench",
             Command::Verify(_) => "verify",
+            Command::Migrate => "migrate",
         }
     }
 }
@@ -148,6 +156,10 @@ async fn run(cli: Cli) -> CliResult {
         "no broker URL: pass --url (e.g. --url mmap:///var/lib/app/queue) or set CONVEYOR_URL"
             .to_string()
     })?;
+    // `migrate` is its own step: it opens no broker.
+    if let Command::Migrate = command {
+        return migrate::run(&url, cli.format).await;
+    }
     let access = command.access(&url);
     if url.starts_with("memory:") && access != Access::Read && !matches!(command, Command::Bench(_))
     {
@@ -167,6 +179,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Dlq(c) => dlq::run(&broker, c, format).await,
         Command::Bench(a) => bench::run(&broker, a, format, &url).await,
         Command::Verify(a) => verify::run(Some(&url), a).await,
+        Command::Migrate => migrate::run(&url, format).await,
     };
     let closed = broker.close().await.map_err(|e| CliError::from(fail(e)));
     outcome.and(closed)

@@ -640,3 +640,69 @@ fn bench_refuses_unknown_workloads_and_bad_seconds() {
             .stderr(predicate::str::contains("--seconds must be"));
     }
 }
+
+/// `migrate` is a postgres:// step; other stores are told they need none.
+#[test]
+fn migrate_is_only_for_postgres_urls() {
+    conveyor("memory://")
+        .arg("migrate")
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("need no migration step"));
+}
+
+/// A postgres:// schema is created by `migrate`, never by a read: `group
+/// lag` on a mistyped schema fails naming the schema and the command, and
+/// creates nothing; after `migrate`, the schema is used; a second
+/// `migrate` changes nothing. Needs the server of `CONVEYOR_POSTGRES_URL`
+/// (else the local one).
+#[cfg(feature = "postgres")]
+#[test]
+fn migrate_creates_a_postgres_schema_and_reads_never_do() {
+    struct DropSchema(String, String);
+    impl Drop for DropSchema {
+        fn drop(&mut self) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async {
+                let pg = conveyor::postgres::PgOptions::default().with_schema(&self.1);
+                if let Ok(b) = conveyor::postgres::open(&self.0, Default::default(), pg).await {
+                    let _ = b.drop_schema().await;
+                    let _ = b.close().await;
+                }
+            });
+        }
+    }
+    let base = std::env::var("CONVEYOR_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let schema = format!("cli_migrate_{}", std::process::id());
+    let _cleanup = DropSchema(base.clone(), schema.clone());
+    let url = format!("{base}?schema={schema}");
+    conveyor(&url)
+        .args(["group", "lag", "email"])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains(format!("schema `{schema}` does not exist"))
+                .and(predicate::str::contains("migrate")),
+        );
+    conveyor(&url)
+        .arg("migrate")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(format!(
+            "schema `{schema}` is migrated"
+        )));
+    conveyor(&url)
+        .args(["topic", "create", "orders", "--partitions", "2"])
+        .assert()
+        .success();
+    conveyor(&url)
+        .args(["topic", "list"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("orders"));
+    conveyor(&url).arg("migrate").assert().success();
+}

@@ -29,7 +29,9 @@ async fn main() -> conveyor_core::Result<()> {
     let broker = conveyor_postgres::open(
         &url,
         BrokerOptions::default().with_durability(durability),
-        PgOptions::default().with_schema(schema.clone()),
+        PgOptions::default()
+            .with_schema(schema.clone())
+            .with_migrate(true),
     )
     .await?;
     broker.create_topic("load", TopicConfig::new(1)).await?;

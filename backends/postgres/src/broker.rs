@@ -1,7 +1,8 @@
 //! The broker: connection pool, topic administration, lag, fetch, the
 //! notification listener and the idempotency store.
 
-use crate::error::{during, map};
+use crate::connect::Target;
+use crate::error::during;
 use crate::queries::{self, existing_topic, topic_config, TopicRow};
 use crate::{check_schema, PgOptions};
 use async_trait::async_trait;
@@ -12,10 +13,9 @@ use conveyor_core::{
     Message, PartitionDescription, PartitionLag, Producer, Result, TopicConfig, TopicDescription,
 };
 use parking_lot::Mutex;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, Row};
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -418,66 +418,14 @@ impl PgBroker {
         if pg.max_connections == 0 {
             return Err(Error::invalid("max_connections must be at least 1"));
         }
-        let connect = PgConnectOptions::from_str(url).map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidArgument,
-                format!("PostgreSQL URL `{url}` is not valid: {e}"),
-            )
-            .with_source(e)
-        })?;
+        let target = Target::parse(url)?;
+        let what = format!("open schema `{}`", pg.schema);
+        // Every step of opening (connecting, TLS, authenticating,
+        // migrating, checking) under the broker's deadline.
+        let pool = target
+            .within(pg.timeout, &what, Self::connect(&target, &options, &pg))
+            .await?;
         let schema = pg.schema.clone();
-        // The schema first, on a plain connection (concurrent opens may
-        // race to create it: the loser sees it exists).
-        {
-            let mut conn = sqlx::PgConnection::connect_with(&connect)
-                .await
-                .map_err(during(format!("connect to PostgreSQL at `{url}`")))?;
-            if let Err(e) = conn
-                .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
-                .await
-            {
-                let exists = matches!(&e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("23505") | Some("42P06")));
-                if !exists {
-                    return Err(map(&format!("create schema `{schema}`"), e));
-                }
-            }
-            let _ = conn.close().await;
-        }
-        let sync = options.durability == Durability::Always;
-        let set = format!(
-            "SET search_path TO \"{schema}\"; SET synchronous_commit TO {}",
-            if sync { "on" } else { "off" }
-        );
-        let pool = PgPoolOptions::new()
-            .max_connections(pg.max_connections)
-            // No ping before every checkout: a connection that died is
-            // found by its first statement, which fails `Unavailable`
-            // (retriable), and the pool replaces it.
-            .test_before_acquire(false)
-            .acquire_timeout(pg.timeout.min(Duration::from_secs(5)))
-            .after_connect(move |conn, _| {
-                let set = set.clone();
-                Box::pin(async move {
-                    conn.execute(set.as_str()).await?;
-                    Ok(())
-                })
-            })
-            .connect_with(connect)
-            .await
-            .map_err(during(format!("connect to PostgreSQL at `{url}`")))?;
-        sqlx::migrate!("./migrations")
-            .run(&pool)
-            .await
-            .map_err(|e| match e {
-                sqlx::migrate::MigrateError::Execute(e) => {
-                    map(&format!("migrate schema `{schema}`"), e)
-                }
-                other => Error::new(
-                    ErrorKind::Internal,
-                    format!("migrate schema `{schema}`: {other}"),
-                )
-                .with_source(other),
-            })?;
         let (changed, _) = watch::channel(0u64);
         let inner = Arc::new(Inner {
             pool,
@@ -499,6 +447,50 @@ impl PgBroker {
         Ok(PgBroker { inner })
     }
 
+    /// Migrate if asked, connect the pool and check the schema.
+    async fn connect(target: &Target, options: &BrokerOptions, pg: &PgOptions) -> Result<PgPool> {
+        let schema = pg.schema.clone();
+        let connecting = || format!("connect to PostgreSQL at `{}`", target.shown);
+        // One plain connection first: its error says what is wrong (a
+        // refused connection, credentials, TLS), where the pool would only
+        // time out retrying. It migrates if asked, then checks the schema.
+        let mut conn = sqlx::PgConnection::connect_with(&target.options)
+            .await
+            .map_err(during(connecting()))?;
+        let ready = async {
+            if pg.migrate.unwrap_or(options.auto_create_topics) {
+                crate::schema::migrate_on(&mut conn, &schema).await?;
+            }
+            crate::schema::check_migrated(&mut conn, &schema, &target.shown).await
+        }
+        .await;
+        let _ = conn.close().await;
+        ready?;
+        let sync = options.durability == Durability::Always;
+        let set = format!(
+            "SET search_path TO \"{schema}\"; SET synchronous_commit TO {}",
+            if sync { "on" } else { "off" }
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(pg.max_connections)
+            // No ping before every checkout: a connection that died is
+            // found by its first statement, which fails `Unavailable`
+            // (retriable), and the pool replaces it.
+            .test_before_acquire(false)
+            .acquire_timeout(pg.timeout.min(Duration::from_secs(5)))
+            .after_connect(move |conn, _| {
+                let set = set.clone();
+                Box::pin(async move {
+                    conn.execute(set.as_str()).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(target.options.clone())
+            .await
+            .map_err(during(connecting()))?;
+        Ok(pool)
+    }
+
     /// The broker's connection pool (its connections use the broker's
     /// schema and durability), for an application's own statements next
     /// to Conveyor's, such as reading what a consumer wrote in the same
@@ -513,21 +505,23 @@ impl PgBroker {
     }
 
     /// Drop the schema and everything in it (tests and tools; every
-    /// broker on the schema stops working).
+    /// broker on the schema stops working), if Conveyor created it
+    /// ([`migrate`](crate::migrate) marks a schema it creates); a schema
+    /// that existed before is left as it is.
     ///
     /// # Errors
-    /// `Unavailable` if the server cannot be reached.
+    /// `InvalidArgument` for a schema Conveyor did not create;
+    /// `PermissionDenied` if the role may not drop it; `Unavailable` if the
+    /// server cannot be reached.
     ///
     /// # Cancel safety
     /// Cancel safe: the drop is one statement.
     pub async fn drop_schema(&self) -> Result<()> {
-        let schema = &self.inner.schema;
         self.inner
-            .pool
-            .execute(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE").as_str())
+            .bounded(Duration::ZERO, async {
+                crate::schema::drop_marked(&self.inner.pool, &self.inner.schema).await
+            })
             .await
-            .map_err(during(format!("drop schema `{schema}`")))?;
-        Ok(())
     }
 }
 
@@ -793,28 +787,62 @@ impl Broker for PgBroker {
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner
-            .bounded(Duration::ZERO, async move {
-                if self.inner.closed.swap(true, Ordering::AcqRel) {
-                    return Ok(());
-                }
-                for t in self.inner.tasks.lock().drain(..) {
-                    t.abort();
-                }
-                let members: Vec<(Arc<str>, i64)> = std::mem::take(&mut *self.inner.members.lock())
-                    .into_iter()
-                    .collect();
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        for t in self.inner.tasks.lock().drain(..) {
+            t.abort();
+        }
+        let members: Vec<(Arc<str>, i64)> = std::mem::take(&mut *self.inner.members.lock())
+            .into_iter()
+            .collect();
+        // Members leave within the deadline; whatever happens there, the
+        // pool is closed after, by a task of its own, so its connections
+        // go even if this call is cut at the deadline or dropped (an
+        // interrupted `PgPool::close` leaves idle connections open for as
+        // long as any handle keeps the pool).
+        let left = self
+            .inner
+            .bounded(Duration::ZERO, async {
                 let mut first_err = None;
                 for (group, member) in members {
                     if let Err(e) = crate::group::leave(&self.inner, &group, member).await {
                         first_err.get_or_insert(e);
                     }
                 }
-                self.inner.wake();
-                self.inner.pool.close().await;
                 first_err.map_or(Ok(()), Err)
             })
-            .await
+            .await;
+        self.inner.wake();
+        let pool = self.inner.pool.clone();
+        let closing = tokio::spawn(close_pool(pool));
+        let closed = self
+            .inner
+            .bounded(Duration::ZERO, async {
+                closing
+                    .await
+                    .map_err(|e| Error::internal(format!("close the connection pool: {e}")))
+            })
+            .await;
+        left.and(closed)
+    }
+}
+
+/// Close `pool` and every connection it has. sqlx's `PgPool::close`
+/// stops once it holds every permit, without looking at the idle queue
+/// again: a connection given back while it ran (a transaction that just
+/// committed) stays idle and open for as long as anything holds the pool
+/// (seen: one connection left behind a closed broker whose handles
+/// lived). Once `close` returns, no connection is checked out, so what
+/// is left is idle and the next `close` takes it (at most a few rounds;
+/// `size`, not `num_idle`, which `close` does not update).
+async fn close_pool(pool: PgPool) {
+    for _ in 0..8 {
+        pool.close().await;
+        if pool.size() == 0 {
+            return;
+        }
+        tokio::task::yield_now().await;
     }
 }
 
@@ -865,6 +893,7 @@ impl IdempotencyStore for PgIdempotency {
         self.inner
             .bounded(Duration::ZERO, async move {
                 self.inner.check_open()?;
+                validate::first_seen(key, ttl)?;
                 let ttl = crate::millis(ttl);
                 let row = sqlx::query(
                     "INSERT INTO idempotency (key, expires_at) VALUES ($1, now_ms() + $2)

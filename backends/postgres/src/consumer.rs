@@ -389,7 +389,8 @@ impl PgConsumer {
             }
         }
         match log_end {
-            Some(end) if offset as i64 > end => Error::invalid(format!(
+            // Compared as u64: `offset as i64` wraps for offsets past 2^63.
+            Some(end) if offset > end.max(0) as u64 => Error::invalid(format!(
                 "group `{}`: cannot commit offset {offset} for {tp}: log end is {end}",
                 self.group
             )),

@@ -10,12 +10,12 @@
 //! ```no_run
 //! # async fn demo() -> conveyor_core::Result<()> {
 //! use conveyor_core::{BrokerOptions, prelude::*};
-//! let broker = conveyor_postgres::open(
-//!     "postgres://postgres@127.0.0.1/test",
-//!     BrokerOptions::default(),
-//!     conveyor_postgres::PgOptions::default().with_schema("orders_app"),
-//! )
-//! .await?;
+//! let url = "postgres://postgres@127.0.0.1/test";
+//! let pg = conveyor_postgres::PgOptions::default().with_schema("orders_app");
+//! // Once, as the schema's owner (or `conveyor --url ... migrate`):
+//! conveyor_postgres::migrate(url, &pg).await?;
+//! // Then, as the application, with DML rights only:
+//! let broker = conveyor_postgres::open(url, BrokerOptions::default(), pg).await?;
 //! broker.create_topic("orders", TopicConfig::new(4)).await?;
 //! # Ok(())
 //! # }
@@ -24,12 +24,32 @@
 //! Or through the facade: `conveyor::open("postgres://user@host/db?schema=orders_app")`
 //! (feature `postgres`).
 //!
+//! # URL options
+//!
+//! | option | default | meaning |
+//! |---|---|---|
+//! | `schema` | `conveyor` | the schema of Conveyor's tables; never `public`, `information_schema` or `pg_*` |
+//! | `migrate` | `true` with `auto_create=true`, else `false` | whether opening creates the schema and runs the migrations (needs DDL rights) |
+//! | `max_connections` | 10 | pool size (plus one connection for notifications) |
+//! | `timeout_ms` | 30000 | the deadline of every call, `open` and `migrate` included |
+//! | `sslmode` | `prefer` | `disable`, `prefer`, `require` (encrypted, certificate not checked), `verify-ca` (signed by a trusted CA), `verify-full` (and issued for the host) |
+//! | `sslrootcert` | the system's roots | PEM file of the CA(s) `verify-ca`/`verify-full` trust |
+//! | `sslcert`, `sslkey` | none | PEM client certificate and key, for `cert` authentication |
+//! | `application_name` | `conveyor` | what `pg_stat_activity` shows for the broker's connections |
+//! | `durability` | `none` | `none`, `always`, `interval:<ms>`: see "Durability" |
+//! | `auto_create` | `false` | create topics on first send; also migrates the schema at open unless `migrate=false` (development) |
+//!
+//! Any other option is refused by name (`InvalidArgument`). The TLS and
+//! `application_name` options are libpq's names and meanings (libpq's
+//! `allow` mode is not supported); TLS is rustls.
+//!
 //! # Layout
 //!
-//! The tables live in the URL's `schema` (default `conveyor`), created on
-//! open and migrated with `sqlx::migrate!` (`migrations/`, embedded in the
-//! binary; no live database is needed to build). Two apps, or two tests,
-//! with different schemas never see each other.
+//! The tables live in the URL's `schema` (default `conveyor`), created and
+//! migrated by [`migrate`] (`migrations/`, embedded in the binary with
+//! `sqlx::migrate!`; no live database is needed to build). Two apps, or two
+//! tests, with different schemas never see each other. Opening never
+//! creates anything unless asked (see "Server settings and rights").
 //!
 //! - `topics`, `partitions` (one row per partition: `next_offset`,
 //!   `log_start`, bytes, last timestamp), `records` (primary key topic id,
@@ -54,7 +74,10 @@
 //!   partition's lane in this process; when the append returns, one
 //!   statement appends all of them (each send's records contiguous and
 //!   atomic, receipts split back). Under `always` that is one WAL flush for
-//!   all of them, the main lever for throughput (figures below).
+//!   all of them, the main lever for throughput (figures below). If the
+//!   database refuses the merged statement for its data (a constraint, a
+//!   value out of range), each send is appended again on its own, so one
+//!   caller's bad record never fails another caller's send.
 //! - **Idempotent produce.** Records with an idempotency key go in a
 //!   transaction that locks the partition row first, then looks the keys up
 //!   among the partition's records younger than the dedup window (a partial
@@ -105,9 +128,15 @@
 //! # Failures
 //!
 //! - Every call has a deadline ([`PgOptions::timeout`], `?timeout_ms=`,
-//!   default 30 s; a poll gets its own timeout on top): a server that stops
-//!   answering, or a connection whose packets are dropped, makes the call
-//!   fail with `ErrorKind::Unavailable` instead of hanging.
+//!   default 30 s; a poll gets its own timeout on top), `open` and
+//!   [`migrate`] included (connecting, TLS, authenticating, migrating): a
+//!   server that stops answering, a server that accepts the connection and
+//!   never answers, or a connection whose packets are dropped, makes the
+//!   call fail with `ErrorKind::Unavailable` instead of hanging.
+//! - `close` makes the group members of this broker leave, then closes the
+//!   connection pool in a task of its own: every connection goes, even if
+//!   the call is cut at its deadline, while producers and consumers of the
+//!   broker are still held (they then fail with `Closed`).
 //! - A transaction abandoned unfinished (its call was dropped or hit the
 //!   deadline) closes its connection, so the server rolls it back at once
 //!   and releases its row locks; nothing half-done is ever committed.
@@ -134,38 +163,115 @@
 //! ping.) The test suite checks that sends queued behind an append share
 //! one transaction (`tests/server.rs`, through `xmin`).
 //!
+//! # Server settings and rights
+//!
+//! **Migrations are their own step.** [`migrate`] (or `conveyor --url
+//! 'postgres://owner@host/db?schema=NAME' migrate`) creates the schema if
+//! it is missing, marks it as Conveyor's (a `COMMENT ON SCHEMA`), and runs
+//! the migrations it lacks; running it again changes nothing. It needs a
+//! role that may create the schema (`CREATE` on the database) or owns it.
+//! [`open`] then only checks that the schema has every migration of this
+//! build; a schema that is missing or behind fails with `InvalidArgument`
+//! naming the schema and the command to run, and nothing is created (a
+//! read with a mistyped schema creates nothing). For development,
+//! `migrate=true` (or `auto_create=true`, unless `migrate=false`) makes
+//! `open` migrate first, as the owner would. A schema that already holds
+//! every migration is opened without any DDL, so a least-privilege role
+//! may keep `migrate=true`.
+//!
+//! **Rights of the application's role**, after the owner migrated
+//! (exactly what `tests/chaos.rs` grants a fresh role, which then produces
+//! and consumes in stream and queue mode, and cannot create a table):
+//!
+//! ```sql
+//! GRANT USAGE ON SCHEMA app TO app_role;
+//! GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA app TO app_role;
+//! GRANT USAGE ON ALL SEQUENCES IN SCHEMA app TO app_role;
+//! GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA app TO app_role;
+//! ```
+//!
+//! (`EXECUTE` is PostgreSQL's default for `PUBLIC`; grant it if your
+//! database revoked that. Rerun the `ALL TABLES`/`ALL SEQUENCES` grants
+//! after a migration that adds tables, or set `ALTER DEFAULT PRIVILEGES`
+//! for the owner.) A missing right is `PermissionDenied` naming the
+//! statement's object; the role never needs `CREATE`, `TRUNCATE` or
+//! ownership. [`PgBroker::drop_schema`] needs ownership, and drops only a
+//! schema [`migrate`] created.
+//!
+//! **Schemas.** `public`, `information_schema` and `pg_*` are refused
+//! (`InvalidArgument`): Conveyor's tables, functions and trigger never go
+//! into a schema other users share, and `drop_schema` can never drop one.
+//!
+//! **TLS.** Without `sslmode`, the connection is encrypted if the server
+//! offers TLS (`prefer`, libpq's default; before TLS support, Conveyor's
+//! connections were always plain). On a loopback or otherwise trusted
+//! network, `sslmode=disable` saves the encryption's cost (the figures
+//! under "Measured" were taken without TLS).
+//! `sslmode=require` encrypts without checking the certificate;
+//! `verify-ca`/`verify-full` check it against `sslrootcert` (else the
+//! system's roots), `verify-full` also the host name. A certificate that
+//! does not verify, or a server without TLS under `require`, fails with
+//! `InvalidArgument` ("TLS to PostgreSQL failed: ...", naming the options
+//! to check); a `hostssl`-only `pg_hba.conf` rule met with
+//! `sslmode=disable` is `Unauthenticated`, saying TLS is required.
+//!
+//! **Durability** needs `synchronous_commit`: the broker sets it on its
+//! own connections (`on` for `always`, `off` otherwise; any role may set
+//! it), so the server's default does not matter. With synchronous
+//! replication configured on the server, `always` also waits for the
+//! standby.
+//!
+//! **Authentication.** Any method PostgreSQL offers over TCP that sqlx
+//! speaks (`scram-sha-256`, `md5`, `password`, `trust`, `cert` with
+//! `sslcert`/`sslkey`). Wrong credentials or an unknown role are
+//! `Unauthenticated`; an unknown database is `InvalidArgument`. No error
+//! message, source chain, `Debug` output or log line holds the password:
+//! URLs are shown with it hidden, and messages are scrubbed of it.
+//!
 //! # Errors
 //!
-//! `error.rs` maps sqlx's errors: a lost or refused connection, a pool
-//! timeout, a server shutting down, a serialization failure or deadlock
-//! are `ErrorKind::Unavailable` (retriable: nothing was committed, or the
-//! call is safe to repeat); other driver errors are `Internal` naming the
-//! operation.
+//! `error.rs` maps sqlx's errors by whose fault they are, each said once
+//! (the driver's error is in the message, not repeated as a source):
+//!
+//! | what | SQLSTATE / driver error | kind |
+//! |---|---|---|
+//! | connection lost or refused, server shutting down or out of resources, a pool or call deadline, serialization failure, deadlock, statement cancelled, read-only standby | I/O, protocol, `08xxx`, `53xxx`, `57P01`–`57P03`, `57014`, `40001`, `40P01`, `25006` | `Unavailable` (retriable: nothing was committed, or the call is safe to repeat) |
+//! | credentials refused | `28xxx` | `Unauthenticated` |
+//! | missing right | `42501` | `PermissionDenied` |
+//! | unknown database, schema without tables, data the database refuses, a bad connection option or TLS setup | `3D000`, `3F000`, `42P01`, `22xxx`, `23502`, `23514`, `54xxx`, TLS, configuration | `InvalidArgument` |
+//! | anything else | | `Internal`, naming the operation and the SQLSTATE |
+//!
+//! A send merged with others (see above) that the database refuses for
+//! its data is appended again on its own, so only the faulty send fails.
 #![deny(missing_docs)]
 
 mod broker;
+mod connect;
 mod consumer;
 mod error;
 mod group;
 mod produce;
 mod queries;
 mod retention;
+mod schema;
 mod tx;
 mod url;
 
 pub use broker::PgBroker;
-pub use url::{open_url, parse as parse_url, URL_OPTIONS, URL_SCHEMES};
+pub use url::{migrate_url, open_url, parse as parse_url, URL_OPTIONS, URL_SCHEMES};
 
 #[cfg(doc)]
 use conveyor_core::{backend::assign, IdempotencyStore};
-use conveyor_core::{BrokerOptions, Error, Result};
+use conveyor_core::{BrokerOptions, Result};
+pub(crate) use schema::check_schema;
 
 /// Where and how to connect, besides the connection URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgOptions {
-    /// The schema holding Conveyor's tables (created if missing): lower
-    /// case letters, digits and `_`, not starting with a digit, at most 63
-    /// characters. Default `conveyor`.
+    /// The schema holding Conveyor's tables: lower case letters, digits
+    /// and `_`, not starting with a digit, at most 63 characters, and not a
+    /// system or shared schema (`public`, `information_schema`, `pg_*`).
+    /// Default `conveyor`.
     pub schema: String,
     /// Connections in the pool (default 10), plus one for notifications.
     pub max_connections: u32,
@@ -174,6 +280,12 @@ pub struct PgOptions {
     /// top of its own timeout). Without it, a connection whose packets are
     /// dropped (a network partition) would hang a call until TCP gives up.
     pub timeout: std::time::Duration,
+    /// Whether `open` creates the schema and runs the migrations (needs
+    /// DDL rights): `Some(true)` always, `Some(false)` never (the schema
+    /// must have been migrated, see [`migrate`]), `None` (the default) only
+    /// when the broker options auto-create topics (development). URL
+    /// option `migrate=true|false`.
+    pub migrate: Option<bool>,
 }
 
 impl Default for PgOptions {
@@ -182,6 +294,7 @@ impl Default for PgOptions {
             schema: "conveyor".to_string(),
             max_connections: 10,
             timeout: std::time::Duration::from_secs(30),
+            migrate: None,
         }
     }
 }
@@ -204,6 +317,12 @@ impl PgOptions {
         self.timeout = timeout;
         self
     }
+
+    /// Whether `open` migrates the schema (see [`PgOptions::migrate`]).
+    pub fn with_migrate(mut self, migrate: bool) -> Self {
+        self.migrate = Some(migrate);
+        self
+    }
 }
 
 /// The local clock in ms since the epoch (only to convert a producer's
@@ -220,31 +339,20 @@ pub(crate) fn millis(d: std::time::Duration) -> i64 {
     d.as_millis().min(100 * 365 * 24 * 3600 * 1000) as i64
 }
 
-/// Check a schema name (it is spliced into `SET search_path`, so only a
-/// plain identifier is allowed).
-pub(crate) fn check_schema(schema: &str) -> Result<()> {
-    let ok = !schema.is_empty()
-        && schema.len() <= 63
-        && !schema.starts_with(|c: char| c.is_ascii_digit())
-        && schema
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "schema `{schema}`: use 1 to 63 lower-case letters, digits and `_`, not starting with a digit"
-        )))
-    }
-}
-
-/// Connect to the database at `url` (a libpq-style URL without query
-/// options), create the schema if missing, run the migrations, and start
-/// the notification listener and the retention task.
+/// Connect to the database at `url` (a libpq-style URL; its query may
+/// carry `sslmode`, `sslrootcert`, `sslcert`, `sslkey` and
+/// `application_name`), check that the schema is migrated (or migrate it,
+/// with [`PgOptions::migrate`]), and start the notification listener and
+/// the retention task. Without migration, opening creates nothing.
 ///
 /// # Errors
-/// `InvalidArgument` for a bad URL or schema; `Unavailable` if the server
-/// cannot be reached; `Internal` if a migration fails.
+/// `InvalidArgument` for a bad URL or schema, a schema that is missing or
+/// not migrated (the message names the schema and the command to run), a
+/// TLS setup that does not match the server; `Unauthenticated` if the
+/// server refuses the credentials; `PermissionDenied` if the role lacks a
+/// right (see "Server settings and rights"); `Unavailable` if the server
+/// cannot be reached or does not answer within [`PgOptions::timeout`].
+/// No message holds the URL's password.
 ///
 /// # Cancel safety
 /// Cancel safe: dropped, nothing is left but what the migrations created
@@ -253,17 +361,19 @@ pub async fn open(url: &str, options: BrokerOptions, pg: PgOptions) -> Result<Pg
     PgBroker::open(url, options, pg).await
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schema_names_are_plain_identifiers() {
-        for ok in ["conveyor", "app_1", "_x"] {
-            assert!(check_schema(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", "1a", "A", "a-b", "a\"; drop", &"x".repeat(64)] {
-            assert!(check_schema(bad).is_err(), "{bad}");
-        }
-    }
+/// Create the schema (marked as Conveyor's, so [`PgBroker::drop_schema`]
+/// may drop it) if it is missing, and bring its tables to this version:
+/// the step to run, as a role with the rights to create (the schema's
+/// owner), before applications open the schema without DDL rights. Running
+/// it again changes nothing. The CLI runs it as `conveyor --url ... migrate`.
+///
+/// # Errors
+/// As [`open`]; `PermissionDenied` if the role may not create the schema or
+/// its tables.
+///
+/// # Cancel safety
+/// Cancel safe: each migration runs in a transaction; dropped, the schema
+/// may exist with the migrations that finished.
+pub async fn migrate(url: &str, pg: &PgOptions) -> Result<()> {
+    schema::migrate(url, pg).await
 }

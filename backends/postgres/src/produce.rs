@@ -265,12 +265,8 @@ async fn flush_lane(inner: Arc<Inner>, topic: String, topic_id: i64, partition: 
             .iter()
             .flat_map(|p| std::iter::repeat_n(p.sent_at, p.records.len()))
             .collect();
-        let result = match inner.pool.acquire().await {
-            Ok(mut conn) => {
-                append_sent(&mut conn, &topic, topic_id, partition, &records, &sent_at).await
-            }
-            Err(e) => Err(crate::error::map(&format!("send to `{topic}`"), e)),
-        };
+        let result = append_pooled(&inner, &topic, topic_id, partition, &records, &sent_at).await;
+        drop(records);
         match result {
             Ok(receipts) => {
                 let mut rest = receipts.into_iter();
@@ -279,12 +275,58 @@ async fn flush_lane(inner: Arc<Inner>, topic: String, topic_id: i64, partition: 
                     let _ = p.reply.send(Ok(mine));
                 }
             }
+            // The database refused the merged statement (not the
+            // connection): one send's records may be the cause, and no
+            // caller's records may fail another's. Each send again on its
+            // own, so only the faulty one gets the error.
+            Err(e) if batch.len() > 1 && !merged_failure_is_shared(e.kind()) => {
+                tracing::debug!(topic, partition, sends = batch.len(), error = %e,
+                    "merged append refused: appending each send on its own");
+                for p in batch {
+                    let records: Vec<&Record> = p.records.iter().collect();
+                    let sent_at = vec![p.sent_at; records.len()];
+                    let result =
+                        append_pooled(&inner, &topic, topic_id, partition, &records, &sent_at)
+                            .await;
+                    let _ = p.reply.send(result);
+                }
+            }
             Err(e) => {
                 for p in batch {
                     let _ = p.reply.send(Err(Error::new(e.kind(), e.message())));
                 }
             }
         }
+    }
+}
+
+/// Whether a merged append's failure is every merged send's, whatever
+/// their records (the server or the topic, not the data): then there is no
+/// point in appending each send on its own.
+fn merged_failure_is_shared(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::Unavailable
+            | ErrorKind::Closed
+            | ErrorKind::TopicNotFound
+            | ErrorKind::Unauthenticated
+            | ErrorKind::PermissionDenied
+    )
+}
+
+/// [`append_sent`] on a connection from the pool (no transaction: the
+/// statement is its own).
+async fn append_pooled(
+    inner: &Inner,
+    topic: &str,
+    topic_id: i64,
+    partition: u32,
+    records: &[&Record],
+    sent_at: &[u64],
+) -> Result<Vec<Receipt>> {
+    match inner.pool.acquire().await {
+        Ok(mut conn) => append_sent(&mut conn, topic, topic_id, partition, records, sent_at).await,
+        Err(e) => Err(crate::error::map(&format!("send to `{topic}`"), e)),
     }
 }
 

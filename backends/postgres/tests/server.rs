@@ -199,7 +199,8 @@ async fn lost_connections_are_unavailable_then_recover_and_lose_nothing() {
     let proxy = FaultProxy::start(server_addr()).await.unwrap();
     let pg = PgOptions::default()
         .with_schema(schema.0.clone())
-        .with_max_connections(2);
+        .with_max_connections(2)
+        .with_migrate(true);
     let broker: Arc<dyn Broker> = Arc::new(
         conveyor_postgres::open(&through(&proxy), BrokerOptions::default(), pg)
             .await
@@ -306,6 +307,117 @@ async fn concurrent_sends_to_one_partition_share_a_transaction() {
     assert!(
         xmins.iter().all(|x| *x == xmins[0]),
         "the 9 sends queued behind the first were appended in one transaction: {xmins:?}"
+    );
+    broker.close().await.unwrap();
+}
+
+/// §3: a record the database refuses fails only its own send. Concurrent
+/// sends to a partition are merged into one statement; one record the
+/// database refuses (here a CHECK constraint this test adds to its own
+/// schema, which core's validation cannot know) failed every send merged
+/// with it. Several rounds of 40 sends queued behind a held append, one of
+/// them poison: the 39 others succeed, the poison one is `InvalidArgument`.
+#[tokio::test]
+async fn a_record_the_database_refuses_fails_only_its_own_send() {
+    use sqlx::{Connection, Executor};
+    let schema = Schema::new("poison");
+    let app = format!("cv_{}", schema.0);
+    let broker = conveyor_postgres::open(
+        &format!("{}?application_name={app}", common::url()),
+        BrokerOptions::default(),
+        PgOptions::default()
+            .with_schema(schema.0.clone())
+            .with_migrate(true),
+    )
+    .await
+    .unwrap();
+    broker.create_topic("m", TopicConfig::new(1)).await.unwrap();
+    broker
+        .pool()
+        .execute(
+            format!(
+                "ALTER TABLE \"{}\".records ADD CONSTRAINT no_poison \
+                 CHECK (value <> convert_to('poison', 'UTF8'))",
+                schema.0
+            )
+            .as_str(),
+        )
+        .await
+        .unwrap();
+    let p = broker.producer().await.unwrap();
+    p.send("m", Record::new("warm")).await.unwrap(); // the topic is cached
+    let mut watcher = sqlx::PgConnection::connect(&common::url()).await.unwrap();
+    for round in 0..4 {
+        // Hold the partition's row lock, so the first send's statement
+        // waits and the next 40 queue behind it.
+        let mut holder = sqlx::PgConnection::connect(&common::url()).await.unwrap();
+        let mut tx = holder.begin().await.unwrap();
+        sqlx::query(&format!(
+            "SELECT 1 FROM \"{0}\".partitions p JOIN \"{0}\".topics t ON t.id = p.topic_id
+              WHERE t.name = 'm' FOR UPDATE",
+            schema.0
+        ))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let first = {
+            let p = p.clone();
+            tokio::spawn(async move { p.send("m", Record::new("first")).await })
+        };
+        let started = Instant::now();
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                   AND application_name = $1",
+            )
+            .bind(&app)
+            .fetch_one(&mut watcher)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the first append never waited"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let poison_at = (round * 13 + 7) % 40;
+        let sends: Vec<_> = (0..40)
+            .map(|i| {
+                let p = p.clone();
+                let value = if i == poison_at {
+                    "poison".to_string()
+                } else {
+                    format!("{round}-{i}")
+                };
+                tokio::spawn(async move { p.send("m", Record::new(value)).await })
+            })
+            .collect();
+        // This runtime has one thread: each task runs until it waits for
+        // its receipt, queued in the partition's lane.
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        tx.commit().await.unwrap();
+        first.await.unwrap().unwrap();
+        for (i, s) in sends.into_iter().enumerate() {
+            let got = s.await.unwrap();
+            if i == poison_at {
+                let e = got.unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::InvalidArgument, "round {round}: {e}");
+                assert!(e.message().contains("no_poison"), "{e}");
+            } else {
+                got.unwrap_or_else(|e| panic!("round {round}: valid send {i} failed: {e}"));
+            }
+        }
+    }
+    let d = broker.describe_topic("m").await.unwrap();
+    assert_eq!(
+        d.partitions[0].log_end,
+        1 + 4 * 40,
+        "every valid record went in"
     );
     broker.close().await.unwrap();
 }

@@ -2,6 +2,8 @@
 //! each test works in a schema of its own, dropped afterwards.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use conveyor_core::{Broker, BrokerOptions, Error, Result};
 use conveyor_postgres::{PgBroker, PgOptions};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,11 +28,16 @@ pub fn unique_schema(prefix: &str) -> String {
     )
 }
 
-/// Open a broker on `schema`; a server that cannot be reached fails the
-/// test with how to get one.
+/// Open a broker on `schema`, migrating it (created if missing); a server
+/// that cannot be reached fails the test with how to get one.
 pub async fn open(schema: &str, options: BrokerOptions) -> Result<PgBroker> {
+    open_with(schema, options, PgOptions::default().with_migrate(true)).await
+}
+
+/// [`open`] with PostgreSQL options (`schema` is set here).
+pub async fn open_with(schema: &str, options: BrokerOptions, pg: PgOptions) -> Result<PgBroker> {
     let url = url();
-    conveyor_postgres::open(&url, options, PgOptions::default().with_schema(schema))
+    conveyor_postgres::open(&url, options, pg.with_schema(schema))
         .await
         .map_err(|e| {
             Error::new(
