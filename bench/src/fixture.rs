@@ -146,7 +146,13 @@ impl Fixture {
     pub async fn open(url: &str) -> Result<Fixture, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
         let mut url = url.replace("{tmp}", &dir.path().display().to_string());
-        let fail = |url: &str, e: conveyor::Error| format!("open {url}: {e}");
+        let fail = |url: &str, e: conveyor::Error| {
+            format!(
+                "open {}: {e}",
+                conveyor::BrokerUrl::parse(url)
+                    .map_or_else(|_| "(a URL)".to_string(), |u| u.redacted())
+            )
+        };
         match name_of(&url) {
             "redis" => {
                 url = with_param(
@@ -181,6 +187,9 @@ impl Fixture {
                     let parsed = conveyor::BrokerUrl::parse(&url).map_err(|e| fail(&url, e))?;
                     let (conn, options) =
                         conveyor::postgres::parse_url(&parsed).map_err(|e| fail(&url, e))?;
+                    // A fresh schema of its own: create it (the migration
+                    // step), as an owner would before the application runs.
+                    let options = options.with_migrate(true);
                     let broker = conveyor::postgres::open(&conn, parsed.options().clone(), options)
                         .await
                         .map_err(|e| fail(&url, e))?;
