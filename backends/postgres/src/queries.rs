@@ -76,6 +76,12 @@ pub(crate) fn stored(row: &PgRow, topic: &str, partition: u32) -> Result<StoredM
 
 /// Up to `max` records of a partition from `from` (raised to the log
 /// start), in offset order.
+///
+/// `offset >= $3` stands alone so that it bounds the primary-key index
+/// scan; `greatest($3, p.log_start)` cannot (it depends on the joined
+/// row), and made every read scan the partition from its start: at offset
+/// 150,000 of 200,000 records, 43.6 ms for 1,000 records, against 0.30 ms
+/// this way (EXPLAIN ANALYZE, PostgreSQL 15).
 pub(crate) async fn read<'e, E: PgExecutor<'e>>(
     ex: E,
     topic: &str,
@@ -87,7 +93,8 @@ pub(crate) async fn read<'e, E: PgExecutor<'e>>(
     let sql = format!(
         r#"SELECT {RECORD_COLUMNS} FROM records r
            JOIN partitions p ON p.topic_id = r.topic_id AND p.partition = r.partition
-           WHERE r.topic_id = $1 AND r.partition = $2 AND r."offset" >= greatest($3, p.log_start)
+           WHERE r.topic_id = $1 AND r.partition = $2
+             AND r."offset" >= $3 AND r."offset" >= p.log_start
            ORDER BY r."offset" LIMIT $4"#
     );
     let rows = sqlx::query(&sql)
