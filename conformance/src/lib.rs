@@ -57,6 +57,9 @@
 //! [`proxy::FaultProxy`], a TCP proxy between a backend and its server that
 //! resets, black-holes or refuses connections on demand.
 //!
+//! [`tls`] makes throw-away certificates (a CA, a server and a client
+//! certificate, another CA) for the server backends' TLS tests.
+//!
 //! The [`model`] cases are randomized: their seed is printed on start and
 //! on failure, and `CONVEYOR_SEED=<n>` replays the same random choices.
 //!
@@ -85,6 +88,7 @@ pub mod queue;
 pub mod records;
 pub mod retention;
 pub mod stream;
+pub mod tls;
 pub mod topics;
 
 use async_trait::async_trait;

@@ -12,7 +12,8 @@
 
 mod common;
 
-use common::cluster::{self, Cluster, TempDir};
+use common::cluster::{self, Cluster};
+use conveyor_conformance::tls::TestCerts;
 use conveyor_core::backend::BrokerUrl;
 use conveyor_core::prelude::*;
 use conveyor_core::{BrokerOptions, Error, ErrorKind, GroupConfig, Record, TopicConfig};
@@ -353,10 +354,11 @@ async fn missing_rights_are_permission_denied() {
 /// `hostssl`-only rule refuses `sslmode=disable` saying TLS is required.
 #[tokio::test]
 async fn tls_modes_against_a_server_with_a_test_certificate() {
-    let certs = TempDir::new("conveyor-certs");
-    let (ca, cert, key) = cluster::certificates(&certs.0.join("right"), "conveyor-test-ca");
-    let (wrong_ca, _, _) = cluster::certificates(&certs.0.join("wrong"), "conveyor-other-ca");
-    let (client_cert, client_key) = cluster::client_certificate(&certs.0.join("right"), "certuser");
+    let certs = TestCerts::generate("certuser");
+    let (ca, wrong_ca) = (certs.ca.clone(), certs.other_ca.clone());
+    let cert = std::fs::read(&certs.server_cert).unwrap();
+    let key = std::fs::read(&certs.server_key).unwrap();
+    let (client_cert, client_key) = (certs.client_cert.clone(), certs.client_key.clone());
     let ca_pem = std::fs::read(&ca).unwrap();
     let c = Cluster::start(
         "hostssl all tlsonly 127.0.0.1/32 trust\n\

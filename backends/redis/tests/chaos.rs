@@ -613,7 +613,7 @@ async fn close_drops_the_connections_while_handles_live() {
 /// that does not exist is `InvalidArgument`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_connects_with_the_right_ca_and_refuses_another() {
-    let certs = TlsCerts::generate();
+    let certs = TlsCerts::generate("conveyor-test-client");
     let server = RedisServer::start_tls(&certs, &[]);
     let url = format!("rediss://127.0.0.1:{}", server.port);
     let t = Topology::single(url.clone()).with_tls(TlsFiles::default().with_ca_file(&certs.ca));
@@ -697,7 +697,7 @@ async fn tls_connects_with_the_right_ca_and_refuses_another() {
 /// on every shard, read them back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_cluster_produces_and_reads() {
-    let certs = TlsCerts::generate();
+    let certs = TlsCerts::generate("conveyor-test-client");
     let cluster = common::Cluster::start_tls(&certs);
     let url = conveyor_core::backend::BrokerUrl::parse(&format!(
         "rediss+cluster://127.0.0.1:{}/?namespace=tlscl&tls_ca={}&durability=always",
