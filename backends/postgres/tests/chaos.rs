@@ -120,6 +120,23 @@ async fn schemas_named(conn: &mut sqlx::PgConnection, schema: &str) -> i64 {
         .expect("count schemas")
 }
 
+/// Wait until no connection named `name` is left (a close releases
+/// them in a task of its own); fail, saying what they do, after 30 s.
+async fn wait_until_released(conn: &mut sqlx::PgConnection, name: &str) {
+    let started = Instant::now();
+    loop {
+        let open = connections_named(conn, name).await;
+        if open == 0 {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let doing = connections_doing(conn, name).await;
+            panic!("{open} connections still open after close: {doing:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// How many server connections carry `application_name`.
 async fn connections_named(conn: &mut sqlx::PgConnection, name: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
@@ -701,18 +718,7 @@ async fn close_releases_every_connection_while_handles_live() {
         "the broker is connected"
     );
     b.close().await.unwrap();
-    let started = Instant::now();
-    loop {
-        let open = connections_named(&mut conn, &name).await;
-        if open == 0 {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            let doing = connections_doing(&mut conn, &name).await;
-            panic!("{open} connections still open after close: {doing:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_released(&mut conn, &name).await;
     // The handles still live, and say the broker is closed.
     assert_eq!(
         p.send("t", Record::new("y")).await.unwrap_err().kind(),
@@ -774,18 +780,7 @@ async fn close_cut_at_its_deadline_still_releases_every_connection() {
         assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
     }
     drop(held);
-    let started = Instant::now();
-    loop {
-        let open = connections_named(&mut conn, &name).await;
-        if open == 0 {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            let doing = connections_doing(&mut conn, &name).await;
-            panic!("{open} connections still open after close: {doing:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_released(&mut conn, &name).await;
     assert_eq!(
         p.send("t", Record::new("y")).await.unwrap_err().kind(),
         ErrorKind::Closed
