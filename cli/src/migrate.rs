@@ -4,7 +4,9 @@
 //! backends need no such step; this command opens no broker.
 
 use crate::fail;
-use crate::output::{out, out_json, CliResult, Format};
+#[cfg(feature = "postgres")]
+use crate::output::{out, out_json};
+use crate::output::{CliResult, Format};
 
 /// Migrate the schema `url` names (`?schema=`, default `conveyor`).
 pub(crate) async fn run(url: &str, format: Format) -> CliResult {

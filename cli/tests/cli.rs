@@ -706,3 +706,27 @@ fn migrate_creates_a_postgres_schema_and_reads_never_do() {
         .stdout(predicate::str::contains("orders"));
     conveyor(&url).arg("migrate").assert().success();
 }
+
+#[test]
+fn a_url_password_is_never_printed() {
+    for url in [
+        "postgres://app:s3cr3t-pw@127.0.0.1:1/db?schema=a&schema=b",
+        "redis://:s3cr3t-pw@127.0.0.1:1/?namespace=a&namespace=b",
+        "redis://:s3cr3t-pw@127.0.0.1:1/?namespace=a&durability=sometimes",
+        "postgres://app:s3cr3t-pw@[::1/db",
+    ] {
+        conveyor(url)
+            .args(["topic", "list"])
+            .assert()
+            .failure()
+            .stderr(predicate::str::contains("s3cr3t").not());
+    }
+    conveyor("postgres://app:s3cr3t-pw@127.0.0.1:1/db?schema=a&schema=b")
+        .args(["topic", "list"])
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("given more than once")
+                .and(predicate::str::contains("app:***@127.0.0.1:1")),
+        );
+}
