@@ -418,3 +418,52 @@ where
     }
     direct.close().await.unwrap();
 }
+
+/// A TCP server that accepts every connection and never sends a byte: a
+/// hung server, for checking that `open` ends at its deadline. It holds
+/// what it accepted until dropped. Unlike [`FaultProxy::blackhole`], it
+/// needs no real server behind it.
+#[derive(Debug)]
+pub struct SilentServer {
+    port: u16,
+    task: JoinHandle<()>,
+}
+
+impl SilentServer {
+    /// Listen on a free loopback port.
+    ///
+    /// # Errors
+    /// When no loopback port can be bound.
+    pub async fn start() -> std::io::Result<SilentServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        Ok(SilentServer { port, task })
+    }
+
+    /// The port it listens on (at 127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for SilentServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A loopback port nothing listens on (bound, then released): connecting
+/// to it is refused at once.
+///
+/// # Errors
+/// When no loopback port can be bound.
+pub fn closed_port() -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}

@@ -13,6 +13,7 @@
 mod common;
 
 use common::cluster::{self, Cluster};
+use conveyor_conformance::proxy::{closed_port, SilentServer};
 use conveyor_conformance::tls::TestCerts;
 use conveyor_core::backend::BrokerUrl;
 use conveyor_core::prelude::*;
@@ -191,45 +192,16 @@ impl Drop for Cleanup {
     }
 }
 
-/// A TCP server that accepts connections and never answers (a hung
-/// PostgreSQL), stopped when dropped.
-struct Silent {
-    port: u16,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Silent {
-    async fn start() -> Silent {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a loopback port");
-        let port = listener.local_addr().expect("an address").port();
-        let task = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
-        Silent { port, task }
-    }
-}
-
-impl Drop for Silent {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// §7: opening against a server that accepts the connection and never
 /// answers ends at the deadline with `Unavailable` (it hung for good
 /// before: the schema connection had no deadline), and shows no password.
 #[tokio::test]
 async fn open_against_a_silent_server_is_unavailable_at_its_deadline() {
-    let silent = Silent::start().await;
+    let silent = SilentServer::start().await.expect("a loopback port");
     for migrate in ["true", "false"] {
         let url = BrokerUrl::parse(&format!(
             "postgres://app:pgs3cret@127.0.0.1:{}/db?timeout_ms=1000&migrate={migrate}",
-            silent.port
+            silent.port()
         ))
         .unwrap();
         let started = Instant::now();
@@ -258,7 +230,7 @@ async fn open_against_a_silent_server_is_unavailable_at_its_deadline() {
 /// §7: a closed port is `Unavailable` (retriable) and shows no password.
 #[tokio::test]
 async fn open_against_a_closed_port_is_unavailable_and_hides_the_password() {
-    let port = cluster::free_port();
+    let port = closed_port().expect("a loopback port");
     let url = BrokerUrl::parse(&format!(
         "postgres://app:pgs3cret@127.0.0.1:{port}/db?timeout_ms=5000"
     ))

@@ -12,6 +12,7 @@
 mod common;
 
 use common::{RedisServer, TlsCerts};
+use conveyor_conformance::proxy::{closed_port, SilentServer};
 use conveyor_core::prelude::*;
 use conveyor_core::{
     BrokerOptions, Durability, Error, ErrorKind, GroupConfig, NackOptions, Record, TopicConfig,
@@ -483,10 +484,7 @@ async fn credentials_are_refused_at_open_and_never_shown() {
         "said once: {e}"
     );
     // (b) a closed port.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let closed = closed_port().expect("a loopback port");
     let e = open(
         &Topology::single(format!("redis://:{secret}@127.0.0.1:{closed}")),
         "auth",
@@ -526,22 +524,9 @@ async fn missing_acl_rights_are_permission_denied() {
 /// a generous bound: ten times the timeout).
 #[tokio::test]
 async fn open_ends_within_its_timeout_on_a_silent_server_or_a_closed_port() {
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let silent_port = silent.local_addr().unwrap().port();
-    // Accept and hold every connection, never writing a byte.
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for c in silent.incoming() {
-            match c {
-                Ok(c) => held.push(c),
-                Err(_) => return,
-            }
-        }
-    });
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let silent = SilentServer::start().await.expect("a loopback port");
+    let silent_port = silent.port();
+    let closed = closed_port().expect("a loopback port");
     let timeout = Duration::from_millis(1000);
     for port in [silent_port, closed] {
         let started = Instant::now();
