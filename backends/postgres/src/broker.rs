@@ -796,55 +796,65 @@ impl Broker for PgBroker {
         let members: Vec<(Arc<str>, i64)> = std::mem::take(&mut *self.inner.members.lock())
             .into_iter()
             .collect();
-        // Members leave within the deadline; whatever happens there, the
-        // pool is closed after, by a task of its own, so its connections
-        // go even if this call is cut at the deadline or dropped (an
-        // interrupted `PgPool::close` leaves idle connections open for as
-        // long as any handle keeps the pool).
-        let left = self
-            .inner
-            .bounded(Duration::ZERO, async {
-                let mut first_err = None;
-                for (group, member) in members {
-                    if let Err(e) = crate::group::leave(&self.inner, &group, member).await {
-                        first_err.get_or_insert(e);
+        // Members leave within the deadline, then the pool closes, all in a
+        // task of its own: a `close` cut at its deadline or dropped still
+        // lets the members go and every connection close.
+        let inner = self.inner.clone();
+        let closing = tokio::spawn(async move {
+            let left = inner
+                .bounded(Duration::ZERO, async {
+                    let mut first_err = None;
+                    for (group, member) in members {
+                        if let Err(e) = crate::group::leave(&inner, &group, member).await {
+                            first_err.get_or_insert(e);
+                        }
                     }
-                }
-                first_err.map_or(Ok(()), Err)
-            })
-            .await;
-        self.inner.wake();
-        let pool = self.inner.pool.clone();
-        let closing = tokio::spawn(close_pool(pool));
-        let closed = self
-            .inner
-            .bounded(Duration::ZERO, async {
-                closing
-                    .await
-                    .map_err(|e| Error::internal(format!("close the connection pool: {e}")))
-            })
-            .await;
-        left.and(closed)
+                    first_err.map_or(Ok(()), Err)
+                })
+                .await;
+            inner.wake();
+            // The idle connections close now; the ones callers still hold
+            // (a poll waiting out its timeout) when they come back (see
+            // `close_pool`), without `close` waiting for other calls.
+            tokio::spawn(close_pool(inner.pool.clone()));
+            left
+        });
+        closing
+            .await
+            .map_err(|e| Error::internal(format!("close the broker: {e}")))?
     }
 }
 
-/// Close `pool` and every connection it has. sqlx's `PgPool::close`
-/// stops once it holds every permit, without looking at the idle queue
-/// again: a connection given back while it ran (a transaction that just
-/// committed) stays idle and open for as long as anything holds the pool
-/// (seen: one connection left behind a closed broker whose handles
-/// lived). Once `close` returns, no connection is checked out, so what
-/// is left is idle and the next `close` takes it (at most a few rounds;
-/// `size`, not `num_idle`, which `close` does not update).
+/// Close `pool` and every connection it has, however long its users hold
+/// them. sqlx's `PgPool::close` closes the idle connections and returns
+/// without waiting for the checked-out ones; a checked-out connection is
+/// closed when it comes back, unless it was on its way back (past the
+/// pool's closed check, pinging) while the pool closed: then it lands in
+/// the idle queue of the closed pool and stays open for as long as
+/// anything holds the pool (seen under load: a closed broker kept one or
+/// two connections whose handles lived). So close again until no
+/// connection is left: a waiting poll may hold one until its own timeout
+/// (`size`, not `num_idle`, which `close` does not update).
 async fn close_pool(pool: PgPool) {
-    for _ in 0..8 {
+    pool.close().await;
+    let mut pause = Duration::from_millis(5);
+    let started = std::time::Instant::now();
+    while pool.size() > 0 && started.elapsed() < CLOSE_POOL_PATIENCE {
+        tokio::time::sleep(pause).await;
         pool.close().await;
-        if pool.size() == 0 {
-            return;
-        }
-        tokio::task::yield_now().await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    if pool.size() > 0 {
+        tracing::warn!(
+            connections = pool.size(),
+            "PostgreSQL connections still checked out {CLOSE_POOL_PATIENCE:?} after close"
+        );
     }
 }
+
+/// How long a closed broker's pool waits for connections its callers
+/// still hold (every call ends within its own deadline well before).
+const CLOSE_POOL_PATIENCE: Duration = Duration::from_secs(3600);
 
 impl Drop for Inner {
     fn drop(&mut self) {

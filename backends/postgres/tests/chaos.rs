@@ -150,7 +150,12 @@ async fn connections_named(conn: &mut sqlx::PgConnection, name: &str) -> i64 {
 /// What the server's connections with `application_name` are doing.
 async fn connections_doing(conn: &mut sqlx::PgConnection, name: &str) -> Vec<(String, String)> {
     sqlx::query_as(
-        "SELECT coalesce(state, ''), coalesce(query, '') FROM pg_stat_activity
+        "SELECT coalesce(state, ''),
+                coalesce(query, '') || ' (started ' || backend_start::text || ', last change '
+                  || coalesce(state_change::text, '-') || ', now ' || now()::text
+                  || ', ssl ' || coalesce((SELECT ssl::text FROM pg_stat_ssl s WHERE s.pid = a.pid), '?')
+                  || ', port ' || coalesce(client_port::text, '-') || ')'
+           FROM pg_stat_activity a
           WHERE application_name = $1",
     )
     .bind(name)
