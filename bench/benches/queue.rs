@@ -414,25 +414,27 @@ fn queue_in_flight(c: &mut Criterion) {
             let hold = (in_flight as usize / CONSUMERS).max(1);
             // The held leases, taken when the case first runs (not at all
             // when a filter leaves it out); each sample appends what it acks.
-            let setup = || rt.block_on(async {
-                f.broker
-                    .create_topic(&topic, TopicConfig::new(PARTITIONS))
-                    .await
-                    .unwrap();
-                fill(f.broker.as_ref(), &topic, in_flight).await;
-                let mut consumers: Vec<Holder> = Vec::new();
-                for _ in 0..CONSUMERS {
-                    let consumer = f
-                        .broker
-                        .consumer("holders", &[&topic], group_config())
+            let setup = || {
+                rt.block_on(async {
+                    f.broker
+                        .create_topic(&topic, TopicConfig::new(PARTITIONS))
                         .await
                         .unwrap();
-                    let mut held = VecDeque::new();
-                    take_leases(&consumer, &mut held, hold).await;
-                    consumers.push((consumer, Arc::new(tokio::sync::Mutex::new(held))));
-                }
-                consumers
-            });
+                    fill(f.broker.as_ref(), &topic, in_flight).await;
+                    let mut consumers: Vec<Holder> = Vec::new();
+                    for _ in 0..CONSUMERS {
+                        let consumer = f
+                            .broker
+                            .consumer("holders", &[&topic], group_config())
+                            .await
+                            .unwrap();
+                        let mut held = VecDeque::new();
+                        take_leases(&consumer, &mut held, hold).await;
+                        consumers.push((consumer, Arc::new(tokio::sync::Mutex::new(held))));
+                    }
+                    consumers
+                })
+            };
             let mut taken: Option<Vec<Holder>> = None;
             group.bench_function(BenchmarkId::new(backend, in_flight), |b| {
                 let consumers = taken.get_or_insert_with(&setup).clone();

@@ -306,6 +306,7 @@
 //!   the client's parsing and allocation (above).
 #![deny(missing_docs)]
 
+mod acks;
 mod broker;
 mod conn;
 mod consumer;
