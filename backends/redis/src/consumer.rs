@@ -530,9 +530,47 @@ impl RedisConsumer {
 
     /// One stream-mode attempt. Cancel safe: all reads happen before any
     /// position moves; the positions move under the lock with no await.
+    ///
+    /// The heartbeat and the reads go out together (one round trip, not
+    /// two), the reads planned from the last heartbeat's view; what they
+    /// read is delivered only if the new heartbeat finds the same owned
+    /// partitions in the same generations (a generation only grows, so
+    /// nothing moved between the two heartbeats, and the reads lie between
+    /// them). Otherwise the reads are dropped and done again under the new
+    /// view.
     async fn poll_stream(&self, max: usize) -> Result<(Vec<Message>, Option<u64>)> {
-        let view = self.beat(true, true).await?;
-        let owned = self.rotated(view.owned.clone());
+        let last = {
+            let v = self.view.lock();
+            v.1.map(|_| v.0.owned.clone())
+        };
+        let (view, reads) = match last {
+            Some(last) => {
+                let (view, reads) =
+                    futures::join!(self.beat(true, true), self.stream_reads(&last, max));
+                let view = view?;
+                if same_owned(&view.owned, &last) {
+                    (view, Some(reads?))
+                } else {
+                    (view, None)
+                }
+            }
+            None => (self.beat(true, true).await?, None),
+        };
+        let reads = match reads {
+            Some(reads) => reads,
+            None => self.stream_reads(&view.owned, max).await?,
+        };
+        self.stream_deliver(reads).await
+    }
+
+    /// The reads of one stream-mode attempt over `owned` (no position
+    /// moves): what each partition returned, and when to try again.
+    async fn stream_reads(
+        &self,
+        owned: &[(TopicPartition, u64)],
+        max: usize,
+    ) -> Result<StreamReads> {
+        let owned = self.rotated(owned.to_vec());
         let now = now_ms();
         let mut due = None;
         // Committed offsets of partitions without a position yet.
@@ -638,6 +676,25 @@ impl RedisConsumer {
             planned += found.len();
             reads.push((tp, generation, pos, bounds, found, t.id));
         }
+        Ok(StreamReads {
+            now,
+            due,
+            planned,
+            reads,
+        })
+    }
+
+    /// Deliver what [`Self::stream_reads`] read: positions move under the
+    /// lock (reads of a partition whose position or generation moved
+    /// meanwhile are dropped), then the group's commit is carried over
+    /// passed runs.
+    async fn stream_deliver(&self, r: StreamReads) -> Result<(Vec<Message>, Option<u64>)> {
+        let StreamReads {
+            now,
+            mut due,
+            planned,
+            reads,
+        } = r;
         let mut out = Vec::with_capacity(planned);
         let mut commits = Vec::new();
         {
@@ -1010,6 +1067,31 @@ impl RedisConsumer {
             _ => Err(lease_lost(m.offset, &what)),
         }
     }
+}
+
+/// What one stream-mode attempt read, before any position moves: the
+/// time it planned at, when to try again, how many messages, and per
+/// partition (partition, generation, position read from, bounds, messages,
+/// topic id).
+struct StreamReads {
+    now: u64,
+    due: Option<u64>,
+    planned: usize,
+    #[allow(clippy::type_complexity)]
+    reads: Vec<(
+        TopicPartition,
+        u64,
+        u64,
+        Bounds,
+        Vec<conveyor_core::backend::StoredMessage>,
+        u64,
+    )>,
+}
+
+/// The same partitions in the same generations, in any order.
+fn same_owned(a: &[(TopicPartition, u64)], b: &[(TopicPartition, u64)]) -> bool {
+    let set = |v: &[(TopicPartition, u64)]| v.iter().cloned().collect::<BTreeSet<_>>();
+    a.len() == b.len() && set(a) == set(b)
 }
 
 /// A queue-mode poll script in flight. Dropped while armed (the poll was
