@@ -16,6 +16,8 @@
 //! - `queue_ack/{backend}/concurrent`: each consumer's acks of a poll of
 //!   100 all in flight at once (what a `Runner` with concurrency 100
 //!   does): with `durability=always` this is where acks share syncs;
+//! - `queue_ack/{backend}/single_1p`, `batch_100_1p`: `single` and
+//!   `batch_100` on a topic of one partition (the 4 consumers share it);
 //! - `queue_in_flight/{backend}/{n}`: 4 consumers holding `n` leases in
 //!   all (n/4 each), each acking its 10 oldest one by one and polling 10
 //!   more: the cost of an ack against the number of messages in flight.
@@ -25,7 +27,9 @@
 //!   each its own slot), one Redis consumer group, 4 consumers (tasks
 //!   sharing one multiplexed connection, as a broker's consumers do), each
 //!   taking turns over the streams with `XREADGROUP ... COUNT 100 ... >`
-//!   and acking the entries one by one with `XACK`, each awaited.
+//!   and acking the entries one by one with `XACK`, each awaited;
+//!   `raw_redis_xreadgroup/batch_100` acks each read's entries with one
+//!   `XACK`; `single_1p` and `batch_100_1p` are the same on one stream.
 //!
 //! A Redis URL gets a namespace of its own per fixture
 //! (`namespace=NAME` becomes `NAME_<pid>_<n>`), deleted at the end.
@@ -164,10 +168,12 @@ fn queue_ack(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     for (backend, f) in backends(&rt) {
         let mut round = 0u64;
-        for (name, how) in [
-            ("single", Ack::Single),
-            ("batch_100", Ack::Batch),
-            ("concurrent", Ack::Concurrent),
+        for (name, how, partitions) in [
+            ("single", Ack::Single, PARTITIONS),
+            ("batch_100", Ack::Batch, PARTITIONS),
+            ("concurrent", Ack::Concurrent, PARTITIONS),
+            ("single_1p", Ack::Single, 1),
+            ("batch_100_1p", Ack::Batch, 1),
         ] {
             group.bench_function(BenchmarkId::new(backend, name), |b| {
                 b.iter_custom(|iters| {
@@ -175,7 +181,7 @@ fn queue_ack(c: &mut Criterion) {
                     let topic = format!("q.{name}.{round}");
                     rt.block_on(async {
                         f.broker
-                            .create_topic(&topic, TopicConfig::new(PARTITIONS))
+                            .create_topic(&topic, TopicConfig::new(partitions))
                             .await
                             .unwrap();
                         fill(f.broker.as_ref(), &topic, iters).await;
@@ -194,7 +200,8 @@ fn queue_ack(c: &mut Criterion) {
     group.finish();
 }
 
-/// The raw Redis baseline of `single` (see the module docs).
+/// The raw Redis baselines of `single`, `batch_100`, `single_1p` and
+/// `batch_100_1p` (see the module docs).
 #[cfg(feature = "redis")]
 fn raw_redis(
     rt: &tokio::runtime::Runtime,
@@ -208,26 +215,46 @@ fn raw_redis(
     let ns = fixture::unique("rawq");
     let url = conveyor::BrokerUrl::parse(&bench_url()).unwrap();
     let (topology, _) = conveyor::redis::parse(&url).unwrap();
-    let id = BenchmarkId::new("raw_redis_xreadgroup", "single");
+    let cases = [
+        ("single", false, PARTITIONS),
+        ("batch_100", true, PARTITIONS),
+        ("single_1p", false, 1),
+        ("batch_100_1p", true, 1),
+    ];
     if topology.is_cluster() {
         let client = redis::cluster::ClusterClient::new(topology.seeds().to_vec()).unwrap();
         let c = rt.block_on(client.get_async_connection()).unwrap();
-        group.bench_function(id, |b| raw_redis_iter(rt, b, &ns, &c));
+        for (name, batch, partitions) in cases {
+            let id = BenchmarkId::new("raw_redis_xreadgroup", name);
+            let ns = format!("{ns}.{name}");
+            group.bench_function(id, |b| raw_redis_iter(rt, b, &ns, &c, partitions, batch));
+        }
     } else {
         let client = redis::Client::open(topology.seeds()[0].as_str()).unwrap();
         let c = rt
             .block_on(client.get_multiplexed_async_connection())
             .unwrap();
-        group.bench_function(id, |b| raw_redis_iter(rt, b, &ns, &c));
+        for (name, batch, partitions) in cases {
+            let id = BenchmarkId::new("raw_redis_xreadgroup", name);
+            let ns = format!("{ns}.{name}");
+            group.bench_function(id, |b| raw_redis_iter(rt, b, &ns, &c, partitions, batch));
+        }
     }
 }
 
-/// One sample of the raw baseline: fill 4 streams with `iters` entries
-/// in all, then time 4 consumers draining them with `XREADGROUP` and one
-/// `XACK` per entry.
+/// One sample of the raw baseline: fill `partitions` streams with
+/// `iters` entries in all, then time 4 consumers draining them with
+/// `XREADGROUP` and one `XACK` per entry (`batch` false) or one `XACK` of
+/// all the entries a read returned (`batch` true).
 #[cfg(feature = "redis")]
-fn raw_redis_iter<C>(rt: &tokio::runtime::Runtime, b: &mut criterion::Bencher<'_>, ns: &str, c: &C)
-where
+fn raw_redis_iter<C>(
+    rt: &tokio::runtime::Runtime,
+    b: &mut criterion::Bencher<'_>,
+    ns: &str,
+    c: &C,
+    partitions: u32,
+    batch: bool,
+) where
     C: conveyor::redis::redis::aio::ConnectionLike + Clone + Send + 'static,
 {
     use conveyor::redis::redis::{self, streams::StreamReadReply};
@@ -235,7 +262,7 @@ where
     b.iter_custom(|iters| {
         round += 1;
         let keys: Arc<Vec<String>> = Arc::new(
-            (0..PARTITIONS)
+            (0..partitions)
                 .map(|p| format!("{{{ns}/rawq.{round}.{p}}}:s"))
                 .collect(),
         );
@@ -301,7 +328,16 @@ where
                                 .flat_map(|k| k.ids)
                                 .map(|e| e.id)
                                 .collect();
-                            for id in &ids {
+                            if batch && !ids.is_empty() {
+                                redis::cmd("XACK")
+                                    .arg(key)
+                                    .arg("workers")
+                                    .arg(&ids)
+                                    .query_async::<i64>(&mut conn)
+                                    .await
+                                    .unwrap();
+                            }
+                            for id in ids.iter().filter(|_| !batch) {
                                 redis::cmd("XACK")
                                     .arg(key)
                                     .arg("workers")
@@ -376,27 +412,32 @@ fn queue_in_flight(c: &mut Criterion) {
         for in_flight in [10u64, 100, 1_000, 10_000, 100_000] {
             let topic = format!("inflight.{in_flight}");
             let hold = (in_flight as usize / CONSUMERS).max(1);
-            // The held leases; each sample appends what it acks.
-            let consumers = rt.block_on(async {
-                f.broker
-                    .create_topic(&topic, TopicConfig::new(PARTITIONS))
-                    .await
-                    .unwrap();
-                fill(f.broker.as_ref(), &topic, in_flight).await;
-                let mut consumers: Vec<Holder> = Vec::new();
-                for _ in 0..CONSUMERS {
-                    let consumer = f
-                        .broker
-                        .consumer("holders", &[&topic], group_config())
+            // The held leases, taken when the case first runs (not at all
+            // when a filter leaves it out); each sample appends what it acks.
+            let setup = || {
+                rt.block_on(async {
+                    f.broker
+                        .create_topic(&topic, TopicConfig::new(PARTITIONS))
                         .await
                         .unwrap();
-                    let mut held = VecDeque::new();
-                    take_leases(&consumer, &mut held, hold).await;
-                    consumers.push((consumer, Arc::new(tokio::sync::Mutex::new(held))));
-                }
-                consumers
-            });
+                    fill(f.broker.as_ref(), &topic, in_flight).await;
+                    let mut consumers: Vec<Holder> = Vec::new();
+                    for _ in 0..CONSUMERS {
+                        let consumer = f
+                            .broker
+                            .consumer("holders", &[&topic], group_config())
+                            .await
+                            .unwrap();
+                        let mut held = VecDeque::new();
+                        take_leases(&consumer, &mut held, hold).await;
+                        consumers.push((consumer, Arc::new(tokio::sync::Mutex::new(held))));
+                    }
+                    consumers
+                })
+            };
+            let mut taken: Option<Vec<Holder>> = None;
             group.bench_function(BenchmarkId::new(backend, in_flight), |b| {
+                let consumers = taken.get_or_insert_with(&setup).clone();
                 b.iter_custom(|iters| {
                     rt.block_on(async {
                         // What this sample acks, appended before the clock starts.
@@ -414,6 +455,9 @@ fn queue_in_flight(c: &mut Criterion) {
                     })
                 })
             });
+            let Some(consumers) = taken else {
+                continue;
+            };
             rt.block_on(async {
                 for (c, _) in consumers {
                     c.close().await.unwrap();

@@ -190,7 +190,7 @@ fn run(mut args: Args) -> Result<(), String> {
                         results: &mut results,
                     };
                     failed += bench.backend(w, b.name, &url);
-                    if matches!(family, "produce" | "value_size" | "read") {
+                    if matches!(family, "produce" | "value_size" | "read" | "queue") {
                         failed += bench.raw(w, b.name, &url);
                     }
                 }
@@ -409,14 +409,19 @@ impl Bench<'_, '_> {
     /// producer and topic, or the read workload); 1 if it failed, 0 if it
     /// ran or the backend has none.
     fn raw(&mut self, w: &Workload, backend: &str, url: &str) -> usize {
-        let (batch, value_bytes) = match w.kind() {
+        // `batch` 0: the read workload; `queue`: a queue workload (Redis
+        // only), with batch acks or not.
+        let (batch, value_bytes, queue) = match w.kind() {
             Kind::Produce {
                 batch,
                 value_bytes,
                 producers: 1,
                 topics: 1,
-            } => (batch, value_bytes),
-            Kind::Read => (0, w.value_bytes()),
+            } => (batch, value_bytes, None),
+            Kind::Read => (0, w.value_bytes(), None),
+            Kind::Queue { batch_ack } if backend == "redis" => {
+                (0, w.value_bytes(), Some(batch_ack))
+            }
             _ => return 0,
         };
         let rt = self.rt;
@@ -436,8 +441,12 @@ impl Bench<'_, '_> {
                     if failure.is_some() {
                         return Duration::from_nanos(1);
                     }
-                    let took = if batch == 0 {
-                        raw.read(rt, iters * w.messages_per_iteration(), &value)
+                    let n = iters * w.messages_per_iteration();
+                    let took = if let Some(batch_ack) = queue {
+                        raw.queue(rt, n, batch_ack, &value)
+                            .and_then(|t| t.ok_or_else(|| "raw engine: no queue".to_string()))
+                    } else if batch == 0 {
+                        raw.read(rt, n, &value)
                     } else {
                         raw.produce(rt, iters, batch, &value)
                     };

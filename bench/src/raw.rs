@@ -116,9 +116,128 @@ async fn redis_read(
     Ok(took)
 }
 
-/// What each backend's raw baseline is called in the report: of a
-/// produce workload, or of the read workload when `read`.
-pub fn label(backend: &str, read: bool) -> Option<&'static str> {
+/// The raw Redis queue (see [`Raw::queue`]): `partitions` streams of
+/// its own filled with `n` entries in all, one Redis consumer group, 4
+/// consumers (tasks sharing the connection) taking turns over the
+/// streams with `XREADGROUP ... COUNT 100`, acking each entry with its own
+/// `XACK` (each awaited), or each read's entries with one `XACK` when
+/// `batch_ack`; the streams are deleted after.
+#[cfg(feature = "redis")]
+async fn redis_queue(
+    conn: &conveyor::redis::redis::aio::MultiplexedConnection,
+    key: &str,
+    n: u64,
+    batch_ack: bool,
+    value: &[u8],
+) -> Result<Duration, String> {
+    use conveyor::redis::redis::{self, streams::StreamReadReply};
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::Arc;
+    const CONSUMERS: usize = 4;
+    const PARTITIONS: u64 = 4;
+    let e = |e: redis::RedisError| e.to_string();
+    let mut c = conn.clone();
+    let keys: Arc<Vec<String>> = Arc::new((0..PARTITIONS).map(|p| format!("{key}.q{p}")).collect());
+    for (i, k) in keys.iter().enumerate() {
+        let mut left = n / PARTITIONS + u64::from((i as u64) < n % PARTITIONS);
+        while left > 0 {
+            let batch = left.min(1000);
+            let mut pipe = redis::pipe();
+            for _ in 0..batch {
+                pipe.cmd("XADD")
+                    .arg(k)
+                    .arg("*")
+                    .arg("v")
+                    .arg(value)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut c).await.map_err(e)?;
+            left -= batch;
+        }
+        redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(k)
+            .arg("workers")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(e)?;
+    }
+    let left = Arc::new(AtomicI64::new(n as i64));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CONSUMERS)
+        .map(|i| {
+            let (mut c, keys, left) = (conn.clone(), keys.clone(), left.clone());
+            tokio::spawn(async move {
+                let mut turn = i;
+                while left.load(Ordering::Relaxed) > 0 {
+                    let k = &keys[turn % keys.len()];
+                    turn += 1;
+                    let got: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg("workers")
+                        .arg(format!("c{i}"))
+                        .arg("COUNT")
+                        .arg(100)
+                        .arg("STREAMS")
+                        .arg(k)
+                        .arg(">")
+                        .query_async(&mut c)
+                        .await?;
+                    let ids: Vec<String> = got
+                        .into_iter()
+                        .flat_map(|r| r.keys)
+                        .flat_map(|k| k.ids)
+                        .map(|e| e.id)
+                        .collect();
+                    if batch_ack && !ids.is_empty() {
+                        redis::cmd("XACK")
+                            .arg(k)
+                            .arg("workers")
+                            .arg(&ids)
+                            .query_async::<i64>(&mut c)
+                            .await?;
+                    }
+                    for id in ids.iter().filter(|_| !batch_ack) {
+                        redis::cmd("XACK")
+                            .arg(k)
+                            .arg("workers")
+                            .arg(id)
+                            .query_async::<i64>(&mut c)
+                            .await?;
+                    }
+                    left.fetch_sub(ids.len() as i64, Ordering::Relaxed);
+                }
+                Ok::<_, redis::RedisError>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())?.map_err(e)?;
+    }
+    let took = started.elapsed();
+    for k in keys.iter() {
+        redis::cmd("UNLINK")
+            .arg(k)
+            .query_async::<i64>(&mut c)
+            .await
+            .map_err(e)?;
+    }
+    Ok(took)
+}
+
+/// What each backend's raw baseline is called in the report, for the
+/// workload named `workload` (`produce/...`, `read/...`, `queue/...`).
+pub fn label(backend: &str, workload: &str) -> Option<&'static str> {
+    if workload.starts_with("queue/") {
+        return match (backend, workload.ends_with("batch_ack")) {
+            ("redis", false) => Some("XREADGROUP + XACK each"),
+            ("redis", true) => Some("XREADGROUP + one XACK per read"),
+            _ => None,
+        };
+    }
+    let read = workload.starts_with("read/");
     Some(match (backend, read) {
         ("mmap", false) => "write (+ fdatasync)",
         ("rocksdb", false) => "WriteBatch",
@@ -408,6 +527,30 @@ impl Raw {
                 Ok(started.elapsed())
             }),
         }
+    }
+
+    /// The raw side of the queue workloads, Redis only: `n` entries leased
+    /// with `XREADGROUP` by 4 consumers over 4 streams and acked with
+    /// `XACK`, one by one or (`batch_ack`) one call per read; the time the
+    /// draining took. `Ok(None)` for an engine without a queue.
+    ///
+    /// # Errors
+    /// The server's error, as text.
+    pub fn queue(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        n: u64,
+        batch_ack: bool,
+        value: &[u8],
+    ) -> Result<Option<Duration>, String> {
+        #[cfg(feature = "redis")]
+        if let Raw::Redis { conn, key } = self {
+            return rt
+                .block_on(redis_queue(conn, key, n, batch_ack, value))
+                .map(Some);
+        }
+        let _ = (rt, n, batch_ack, value);
+        Ok(None)
     }
 
     /// Delete what the engine wrote (the servers' key or schema; the

@@ -558,7 +558,7 @@ fn bars(results: &Results, workload: &str, durability: &str, metric: Metric) -> 
             out.push(Bar {
                 label: format!(
                     "{b} raw: {}",
-                    crate::raw::label(&b, workload.starts_with("read/")).unwrap_or("raw")
+                    crate::raw::label(&b, workload).unwrap_or("raw")
                 ),
                 value: value(r),
                 raw: true,

@@ -65,7 +65,7 @@ end
 
 -- What this poll leases, in delivery order: {offset (a string, as the
 -- entry id has it), fields}. The leases are written after the scan, with
--- one HINCRBY of the token counter and one ZADD and HSET per 100.
+-- one HINCRBY of the token counter and a few calls per 100 (below).
 local pend = {}
 local function lease(o, fields)
   pend[#pend + 1] = {o, fields}
@@ -115,23 +115,31 @@ redis.call('HSET', KEYS[3], 'cur', fmt('%d', cur))
 
 local out = {}
 if #pend > 0 then
+  -- Per 100 leases: one HMGET and one HSET of the attempts, one ZADD of
+  -- the deadlines, one HSET of the tokens (not a call per message).
   local deadline = fmt('%d', now + vis)
   local tok0 = redis.call('HINCRBY', KEYS[3], 'tok', #pend) - #pend
-  local z, h = {}, {}
-  for i, p in ipairs(pend) do
-    local o = p[1]
-    local a = redis.call('HINCRBY', KEYS[6], o, 1)
-    local tok = fmt('%d', tok0 + i) .. ':' .. ARGV[6]
-    z[#z + 1] = deadline
-    z[#z + 1] = o
-    h[#h + 1] = o
-    h[#h + 1] = tok
-    out[#out + 1] = {tonumber(o), a, tok, p[2]}
-    if #z >= 200 or i == #pend then
-      redis.call('ZADD', KEYS[4], unpack(z))
-      redis.call('HSET', KEYS[7], unpack(h))
-      z, h = {}, {}
+  for c0 = 1, #pend, 100 do
+    local c1 = math.min(c0 + 99, #pend)
+    local offs = {}
+    for i = c0, c1 do offs[#offs + 1] = pend[i][1] end
+    local prev = redis.call('HMGET', KEYS[6], unpack(offs))
+    local z, h, at = {}, {}, {}
+    for i = c0, c1 do
+      local o = pend[i][1]
+      local a = tonumber(prev[i - c0 + 1] or '0') + 1
+      local tok = fmt('%d', tok0 + i) .. ':' .. ARGV[6]
+      z[#z + 1] = deadline
+      z[#z + 1] = o
+      h[#h + 1] = o
+      h[#h + 1] = tok
+      at[#at + 1] = o
+      at[#at + 1] = fmt('%d', a)
+      out[#out + 1] = {tonumber(o), a, tok, pend[i][2]}
     end
+    redis.call('HSET', KEYS[6], unpack(at))
+    redis.call('ZADD', KEYS[4], unpack(z))
+    redis.call('HSET', KEYS[7], unpack(h))
   end
 end
 

@@ -82,6 +82,8 @@ pub(crate) struct Inner {
     settings: settings::Watch,
     /// How often the settings are read again.
     settings_every: Duration,
+    /// Queue-mode acks in flight, merged per partition (see [`crate::acks`]).
+    pub acks: crate::acks::AckMerge,
 }
 
 impl Inner {
@@ -1013,6 +1015,7 @@ impl RedisBroker {
             servers,
             settings: watch,
             settings_every: redis.settings_check,
+            acks: Default::default(),
         });
         let listener = tokio::spawn(listen(Arc::downgrade(&inner)));
         let retention = tokio::spawn(retention(Arc::downgrade(&inner)));

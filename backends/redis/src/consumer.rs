@@ -50,7 +50,7 @@ fn poll_call(part: &keys::Part, q: &keys::Queue) -> redis::ScriptInvocation<'sta
 
 /// `queue_settle.lua` on one partition's group state, its keys and the
 /// action's arguments given (the items or member follow).
-fn settle_call(
+pub(crate) fn settle_call(
     q: &keys::Queue,
     action: &str,
     ms: u64,
@@ -530,9 +530,47 @@ impl RedisConsumer {
 
     /// One stream-mode attempt. Cancel safe: all reads happen before any
     /// position moves; the positions move under the lock with no await.
+    ///
+    /// The heartbeat and the reads go out together (one round trip, not
+    /// two), the reads planned from the last heartbeat's view; what they
+    /// read is delivered only if the new heartbeat finds the same owned
+    /// partitions in the same generations (a generation only grows, so
+    /// nothing moved between the two heartbeats, and the reads lie between
+    /// them). Otherwise the reads are dropped and done again under the new
+    /// view.
     async fn poll_stream(&self, max: usize) -> Result<(Vec<Message>, Option<u64>)> {
-        let view = self.beat(true, true).await?;
-        let owned = self.rotated(view.owned.clone());
+        let last = {
+            let v = self.view.lock();
+            v.1.map(|_| v.0.owned.clone())
+        };
+        let (view, reads) = match last {
+            Some(last) => {
+                let (view, reads) =
+                    futures::join!(self.beat(true, true), self.stream_reads(&last, max));
+                let view = view?;
+                if same_owned(&view.owned, &last) {
+                    (view, Some(reads?))
+                } else {
+                    (view, None)
+                }
+            }
+            None => (self.beat(true, true).await?, None),
+        };
+        let reads = match reads {
+            Some(reads) => reads,
+            None => self.stream_reads(&view.owned, max).await?,
+        };
+        self.stream_deliver(reads).await
+    }
+
+    /// The reads of one stream-mode attempt over `owned` (no position
+    /// moves): what each partition returned, and when to try again.
+    async fn stream_reads(
+        &self,
+        owned: &[(TopicPartition, u64)],
+        max: usize,
+    ) -> Result<StreamReads> {
+        let owned = self.rotated(owned.to_vec());
         let now = now_ms();
         let mut due = None;
         // Committed offsets of partitions without a position yet.
@@ -548,10 +586,21 @@ impl RedisConsumer {
                 .cloned()
                 .collect()
         };
+        // Topic ids from the broker's topic cache (two round trips saved
+        // per poll); a stale id (topic deleted, or deleted and created
+        // again) finds no partition below and is looked up again.
         let mut rows: HashMap<String, TopicRow> = HashMap::new();
         for (tp, _) in &owned {
             if !rows.contains_key(&tp.topic) {
-                match self.inner.topic(&tp.topic).await? {
+                let row = match self.inner.cached_topic(&tp.topic) {
+                    Some(t) => Some(t),
+                    None => self
+                        .inner
+                        .topic(&tp.topic)
+                        .await?
+                        .inspect(|t| self.inner.cache_topic(&tp.topic, t)),
+                };
+                match row {
                     Some(t) => {
                         rows.insert(tp.topic.clone(), t);
                     }
@@ -610,13 +659,42 @@ impl RedisConsumer {
             let Some(t) = rows.get(&tp.topic) else {
                 continue;
             };
-            let (bounds, found) = self
+            let (bounds, found) = match self
                 .inner
                 .read(&tp.topic, t.id, tp.partition, pos, max - planned)
-                .await?;
+                .await
+            {
+                Ok(got) => got,
+                Err(e) if e.kind() == ErrorKind::TopicNotFound => {
+                    // Deleted since it was cached: looked up again next time.
+                    self.inner.forget_topic(&tp.topic);
+                    due = Some(now);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             planned += found.len();
             reads.push((tp, generation, pos, bounds, found, t.id));
         }
+        Ok(StreamReads {
+            now,
+            due,
+            planned,
+            reads,
+        })
+    }
+
+    /// Deliver what [`Self::stream_reads`] read: positions move under the
+    /// lock (reads of a partition whose position or generation moved
+    /// meanwhile are dropped), then the group's commit is carried over
+    /// passed runs.
+    async fn stream_deliver(&self, r: StreamReads) -> Result<(Vec<Message>, Option<u64>)> {
+        let StreamReads {
+            now,
+            mut due,
+            planned,
+            reads,
+        } = r;
         let mut out = Vec::with_capacity(planned);
         let mut commits = Vec::new();
         {
@@ -947,17 +1025,73 @@ impl RedisConsumer {
         }
     }
 
+    /// A single ack: merged with the other acks of its partition in
+    /// flight from this broker (one script call for all, see
+    /// [`crate::acks`]); as [`Self::ack_leases`], a lease found lost under
+    /// the cached topic id is tried again under a fresh one.
     async fn ack_queue(&self, m: &Message) -> Result<()> {
         let lease = self.lease_of(m)?;
         let what = self.what(m);
-        let codes = self
-            .ack_leases(&m.topic, m.partition, &[(m.offset, lease)], &what)
-            .await?;
-        match codes.first() {
-            Some(1) => Ok(()),
+        let (_, t) = self.subscribed_cached(&m.topic, m.partition).await?;
+        self.beat(false, false).await?;
+        let code = crate::acks::ack(
+            &self.inner,
+            &self.group,
+            t.id,
+            m.partition,
+            m.offset,
+            lease.clone(),
+            &what,
+        )
+        .await?;
+        let code = match code {
+            1 => 1,
+            _ => match self.subscribed_fresh(&m.topic, m.partition, t.id).await? {
+                Some(t) => self
+                    .settle(
+                        t.id,
+                        m.partition,
+                        ("ack", 0, ""),
+                        &[(m.offset, lease)],
+                        &what,
+                    )
+                    .await?
+                    .first()
+                    .copied()
+                    .unwrap_or(0),
+                None => code,
+            },
+        };
+        match code {
+            1 => Ok(()),
             _ => Err(lease_lost(m.offset, &what)),
         }
     }
+}
+
+/// What one stream-mode attempt read, before any position moves: the
+/// time it planned at, when to try again, how many messages, and per
+/// partition (partition, generation, position read from, bounds, messages,
+/// topic id).
+struct StreamReads {
+    now: u64,
+    due: Option<u64>,
+    planned: usize,
+    #[allow(clippy::type_complexity)]
+    reads: Vec<(
+        TopicPartition,
+        u64,
+        u64,
+        Bounds,
+        Vec<conveyor_core::backend::StoredMessage>,
+        u64,
+    )>,
+}
+
+/// The same partitions in the same generations, in any order.
+fn same_owned(a: &[(TopicPartition, u64)], b: &[(TopicPartition, u64)]) -> bool {
+    let set = |v: &[(TopicPartition, u64)]| v.iter().cloned().collect::<BTreeSet<_>>();
+    a.len() == b.len() && set(a) == set(b)
 }
 
 /// A queue-mode poll script in flight. Dropped while armed (the poll was
@@ -1450,7 +1584,10 @@ impl Consumer for RedisConsumer {
         self.inner
             .bounded(Duration::ZERO, async move {
                 self.check_open()?;
-                let (tp, t) = self.subscribed(topic, partition).await?;
+                // The topic's id from the cache (two round trips saved); a
+                // stale one (topic deleted, or deleted and created again)
+                // finds no bounds, and the registry is read again.
+                let (tp, mut t) = self.subscribed_cached(topic, partition).await?;
                 if self.mode != DeliveryMode::Stream {
                     return Err(Error::wrong_mode(
                         &self.group,
@@ -1459,7 +1596,16 @@ impl Consumer for RedisConsumer {
                     ));
                 }
                 self.beat(false, false).await?;
-                let b = self.inner.bounds(topic, t.id, partition).await?;
+                let b = match self.inner.bounds(topic, t.id, partition).await {
+                    Ok(b) => b,
+                    Err(e) if e.kind() == ErrorKind::TopicNotFound => {
+                        self.inner.forget_topic(topic);
+                        t = self.subscribed(topic, partition).await?.1;
+                        self.inner.cache_topic(topic, &t);
+                        self.inner.bounds(topic, t.id, partition).await?
+                    }
+                    Err(e) => return Err(e),
+                };
                 if offset > b.log_end {
                     // Fencing first, as the embedded engine does.
                     self.check_owner(&tp, None).await?;
