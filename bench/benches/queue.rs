@@ -255,115 +255,20 @@ fn raw_redis_iter<C>(
     partitions: u32,
     batch: bool,
 ) where
-    C: conveyor::redis::redis::aio::ConnectionLike + Clone + Send + 'static,
+    C: conveyor::redis::redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
 {
-    use conveyor::redis::redis::{self, streams::StreamReadReply};
     let mut round = 0u64;
     b.iter_custom(|iters| {
         round += 1;
-        let keys: Arc<Vec<String>> = Arc::new(
-            (0..partitions)
-                .map(|p| format!("{{{ns}/rawq.{round}.{p}}}:s"))
-                .collect(),
-        );
-        rt.block_on(async {
-            let mut conn = c.clone();
-            let value = vec![7u8; VALUE];
-            // One pipeline per stream (on a cluster, a pipeline stays in
-            // one slot), `iters` entries spread evenly.
-            for (i, key) in keys.iter().enumerate() {
-                let mut left =
-                    iters / keys.len() as u64 + u64::from((i as u64) < iters % keys.len() as u64);
-                while left > 0 {
-                    let n = left.min(1000);
-                    let mut pipe = redis::pipe();
-                    for _ in 0..n {
-                        pipe.cmd("XADD")
-                            .arg(key)
-                            .arg("*")
-                            .arg("v")
-                            .arg(&value)
-                            .ignore();
-                    }
-                    pipe.query_async::<()>(&mut conn).await.unwrap();
-                    left -= n;
-                }
-            }
-            for k in keys.iter() {
-                redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(k)
-                    .arg("workers")
-                    .arg("0")
-                    .arg("MKSTREAM")
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .unwrap();
-            }
-            let left = Arc::new(AtomicI64::new(iters as i64));
-            let started = Instant::now();
-            let tasks: Vec<_> = (0..CONSUMERS)
-                .map(|i| {
-                    let (mut conn, keys, left) = (c.clone(), keys.clone(), left.clone());
-                    tokio::spawn(async move {
-                        let mut turn = i;
-                        while left.load(Ordering::Relaxed) > 0 {
-                            let key = &keys[turn % keys.len()];
-                            turn += 1;
-                            let got: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-                                .arg("GROUP")
-                                .arg("workers")
-                                .arg(format!("c{i}"))
-                                .arg("COUNT")
-                                .arg(POLL)
-                                .arg("STREAMS")
-                                .arg(key)
-                                .arg(">")
-                                .query_async(&mut conn)
-                                .await
-                                .unwrap();
-                            let ids: Vec<String> = got
-                                .into_iter()
-                                .flat_map(|r| r.keys)
-                                .flat_map(|k| k.ids)
-                                .map(|e| e.id)
-                                .collect();
-                            if batch && !ids.is_empty() {
-                                redis::cmd("XACK")
-                                    .arg(key)
-                                    .arg("workers")
-                                    .arg(&ids)
-                                    .query_async::<i64>(&mut conn)
-                                    .await
-                                    .unwrap();
-                            }
-                            for id in ids.iter().filter(|_| !batch) {
-                                redis::cmd("XACK")
-                                    .arg(key)
-                                    .arg("workers")
-                                    .arg(id)
-                                    .query_async::<i64>(&mut conn)
-                                    .await
-                                    .unwrap();
-                            }
-                            left.fetch_sub(ids.len() as i64, Ordering::Relaxed);
-                        }
-                    })
-                })
-                .collect();
-            for t in tasks {
-                t.await.unwrap();
-            }
-            let took = started.elapsed();
-            for k in keys.iter() {
-                redis::cmd("UNLINK")
-                    .arg(k)
-                    .query_async::<i64>(&mut conn)
-                    .await
-                    .unwrap();
-            }
-            took
-        })
+        // A hash tag per stream: each is a slot of its own on a cluster.
+        let keys: Vec<String> = (0..partitions)
+            .map(|p| format!("{{{ns}/rawq.{round}.{p}}}:s"))
+            .collect();
+        let value = vec![7u8; VALUE];
+        rt.block_on(conveyor_bench::raw::redis_queue(
+            c, &keys, iters, batch, &value,
+        ))
+        .expect("the raw Redis queue")
     });
 }
 
