@@ -233,16 +233,7 @@ async fn concurrent_sends_to_one_partition_share_a_transaction() {
     p.send("m", Record::new("warm")).await.unwrap(); // the topic is cached
 
     // Hold the partition's row lock, so the first send's statement waits.
-    let mut holder = sqlx::PgConnection::connect(&common::url()).await.unwrap();
-    let mut tx = holder.begin().await.unwrap();
-    sqlx::query(&format!(
-        "SELECT 1 FROM \"{0}\".partitions p JOIN \"{0}\".topics t ON t.id = p.topic_id
-          WHERE t.name = 'm' FOR UPDATE",
-        schema.0
-    ))
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    let tx = lock_partitions(&schema.0, "m").await;
     let first = {
         let p = p.clone();
         tokio::spawn(async move { p.send_batch("m", vec![Record::new("first")]).await })
@@ -350,16 +341,7 @@ async fn a_record_the_database_refuses_fails_only_its_own_send() {
     for round in 0..4 {
         // Hold the partition's row lock, so the first send's statement
         // waits and the next 40 queue behind it.
-        let mut holder = sqlx::PgConnection::connect(&common::url()).await.unwrap();
-        let mut tx = holder.begin().await.unwrap();
-        sqlx::query(&format!(
-            "SELECT 1 FROM \"{0}\".partitions p JOIN \"{0}\".topics t ON t.id = p.topic_id
-              WHERE t.name = 'm' FOR UPDATE",
-            schema.0
-        ))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+        let tx = lock_partitions(&schema.0, "m").await;
         let first = {
             let p = p.clone();
             tokio::spawn(async move { p.send("m", Record::new("first")).await })
@@ -420,4 +402,22 @@ async fn a_record_the_database_refuses_fails_only_its_own_send() {
         "every valid record went in"
     );
     broker.close().await.unwrap();
+}
+
+/// A transaction of its own holding the row locks of `topic`'s partitions
+/// in `schema`, so appends to them wait until it ends (`commit`).
+async fn lock_partitions(schema: &str, topic: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let holder = sqlx::PgPool::connect(&common::url())
+        .await
+        .expect("connect to PostgreSQL");
+    let mut tx = holder.begin().await.expect("BEGIN");
+    sqlx::query(&format!(
+        "SELECT 1 FROM \"{schema}\".partitions p JOIN \"{schema}\".topics t ON t.id = p.topic_id
+          WHERE t.name = $1 FOR UPDATE"
+    ))
+    .bind(topic)
+    .execute(&mut *tx)
+    .await
+    .expect("lock the partitions");
+    tx
 }

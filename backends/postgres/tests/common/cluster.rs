@@ -74,6 +74,19 @@ pub struct Cluster {
 pub const SUPERUSER_PASSWORD: &str = "owner-pw-7";
 
 impl Cluster {
+    /// As root, hand the cluster's directory to the `postgres` user (the
+    /// server refuses to run as root); otherwise nothing to do.
+    fn give_to_postgres(&self) {
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&self.dir)
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown the cluster's directory");
+        }
+    }
+
     /// A cluster whose `pg_hba.conf` is `hba` (after `local all all
     /// trust`), with `conf` appended to `postgresql.conf` and `files`
     /// (name, contents) written into the data directory, mode 0600.
@@ -92,14 +105,7 @@ impl Cluster {
         let data = cluster.dir.join("data");
         let pw = cluster.dir.join("pw");
         std::fs::write(&pw, SUPERUSER_PASSWORD).expect("write the password file");
-        if is_root() {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&cluster.dir)
-                .status()
-                .expect("chown");
-            assert!(status.success(), "chown the cluster's directory");
-        }
+        cluster.give_to_postgres();
         run(
             &bin("initdb"),
             &[
@@ -138,14 +144,7 @@ impl Cluster {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                 .expect("chmod 600");
         }
-        if is_root() {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&cluster.dir)
-                .status()
-                .expect("chown");
-            assert!(status.success(), "chown the cluster's directory");
-        }
+        cluster.give_to_postgres();
         run(
             &bin("pg_ctl"),
             &[

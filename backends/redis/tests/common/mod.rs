@@ -109,39 +109,25 @@ fn free_port() -> u16 {
 /// Send one inline command and read the first reply line (and, for a bulk
 /// reply, its body).
 pub fn raw_command(port: u16, cmd: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(format!("{cmd}\r\n").as_bytes())?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    if let Some(n) = line
-        .strip_prefix('$')
-        .and_then(|n| n.trim().parse::<usize>().ok())
-    {
-        let mut body = vec![0u8; n + 2];
-        r.read_exact(&mut body)?;
-        return Ok(String::from_utf8_lossy(&body[..n]).into_owned());
-    }
-    Ok(line.trim().to_string())
+    raw_command_as(port, None, cmd)
 }
 
 /// [`raw_command`] after `AUTH password` (if given) on the same
 /// connection.
 pub fn raw_command_as(port: u16, password: Option<&str>, cmd: &str) -> std::io::Result<String> {
-    let Some(pw) = password else {
-        return raw_command(port, cmd);
-    };
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("AUTH {pw}\r\n{cmd}\r\n").as_bytes())?;
+    let auth = password.map_or(String::new(), |pw| format!("AUTH {pw}\r\n"));
+    s.write_all(format!("{auth}{cmd}\r\n").as_bytes())?;
     let mut r = BufReader::new(s);
     let mut line = String::new();
-    r.read_line(&mut line)?;
-    if !line.starts_with("+OK") {
-        return Err(std::io::Error::other(format!("AUTH: {line}")));
+    if password.is_some() {
+        r.read_line(&mut line)?;
+        if !line.starts_with("+OK") {
+            return Err(std::io::Error::other(format!("AUTH: {line}")));
+        }
+        line.clear();
     }
-    line.clear();
     r.read_line(&mut line)?;
     if let Some(n) = line
         .strip_prefix('$')
