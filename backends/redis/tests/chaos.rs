@@ -12,13 +12,13 @@
 mod common;
 
 use common::{RedisServer, TlsCerts};
+use conveyor_conformance::eventually;
 use conveyor_conformance::proxy::{closed_port, SilentServer};
 use conveyor_core::prelude::*;
 use conveyor_core::{
     BrokerOptions, Durability, Error, ErrorKind, GroupConfig, NackOptions, Record, TopicConfig,
 };
 use conveyor_redis::{RedisBroker, RedisOptions, TlsFiles, Topology};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,22 +33,6 @@ fn opts(ns: &str) -> RedisOptions {
 
 async fn open(t: &Topology, ns: &str, o: BrokerOptions) -> conveyor_core::Result<RedisBroker> {
     conveyor_redis::open(t.clone(), o, opts(ns)).await
-}
-
-/// Run `f` until it returns `Some`, failing after [`DEADLINE`].
-async fn until<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(started.elapsed() < DEADLINE, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn assert_kind(e: &Error, kind: ErrorKind) {
@@ -171,7 +155,7 @@ async fn evicting_policy_on_any_cluster_master_is_refused() {
     let p = b.producer().await.unwrap();
     p.send("t", Record::new("before")).await.unwrap();
     last.command(None, "CONFIG SET maxmemory-policy allkeys-lfu");
-    let e = until("sends refused on a cluster", || async {
+    let e = eventually("sends refused on a cluster", DEADLINE, || async {
         p.send("t", Record::new("during").with_partition(0))
             .await
             .err()
@@ -180,7 +164,7 @@ async fn evicting_policy_on_any_cluster_master_is_refused() {
     assert_kind(&e, ErrorKind::Unavailable);
     assert!(e.message().contains("maxmemory-policy=allkeys-lfu"), "{e}");
     last.command(None, "CONFIG SET maxmemory-policy noeviction");
-    until("sends again on a cluster", || async {
+    eventually("sends again on a cluster", DEADLINE, || async {
         p.send("t", Record::new("after")).await.ok()
     })
     .await;
@@ -261,14 +245,14 @@ async fn a_full_server_reads_and_settles_and_sends_again_when_freed() {
     b.group_lag("q").await.unwrap();
     b.describe_group("q").await.unwrap();
     // Stream mode: poll (heartbeat, rebalance) and commit.
-    let got = until("stream poll on a full server", || async {
+    let got = eventually("stream poll on a full server", DEADLINE, || async {
         let got = stream.poll(100, Duration::from_millis(200)).await.unwrap();
         (!got.is_empty()).then_some(got)
     })
     .await;
     stream.commit_batch(&got).await.unwrap();
     // Queue mode: poll, ack, nack.
-    let got = until("queue poll on a full server", || async {
+    let got = eventually("queue poll on a full server", DEADLINE, || async {
         let got = queue.poll(4, Duration::from_millis(200)).await.unwrap();
         (got.len() >= 2).then_some(got)
     })
@@ -301,7 +285,7 @@ async fn a_full_server_reads_and_settles_and_sends_again_when_freed() {
             .await
             .unwrap();
     }
-    until("a send after memory was freed", || async {
+    eventually("a send after memory was freed", DEADLINE, || async {
         p.send("t", Record::new("fits again")).await.ok()
     })
     .await;
@@ -365,7 +349,7 @@ async fn settings_changed_while_running_stop_sends_until_restored() {
     ] {
         server.command(None, bad);
         let receipts_in_window = std::sync::atomic::AtomicU32::new(0);
-        let e = until(bad, || async {
+        let e = eventually(bad, DEADLINE, || async {
             match p.send("t", Record::new("during")).await {
                 Ok(_) => {
                     receipts_in_window.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -389,7 +373,7 @@ async fn settings_changed_while_running_stop_sends_until_restored() {
         // Reads are not affected.
         b.fetch("t", 0, 0, 1).await.unwrap();
         server.command(None, good);
-        until(good, || async {
+        eventually(good, DEADLINE, || async {
             p.send("t", Record::new("after")).await.ok()
         })
         .await;
@@ -420,7 +404,7 @@ async fn a_server_restarted_without_aof_is_checked_before_the_next_send() {
     p.send("t", Record::new("before")).await.unwrap();
     server.kill();
     server.restart_with(&["--appendonly", "no"]);
-    let e = until("a send refused for appendonly=no", || async {
+    let e = eventually("a send refused for appendonly=no", DEADLINE, || async {
         match p.send("t", Record::new("after")).await {
             Ok(r) => panic!("a receipt without the AOF: {r:?}"),
             Err(e) if e.message().contains("appendonly=no") => Some(e),
@@ -571,12 +555,12 @@ async fn close_drops_the_connections_while_handles_live() {
     p.send("t", Record::new("x")).await.unwrap();
     let c = b.consumer("g", &["t"], GroupConfig::queue()).await.unwrap();
     c.poll(1, Duration::from_millis(500)).await.unwrap();
-    until("the broker's connections", || async {
+    eventually("the broker's connections", DEADLINE, || async {
         (clients(&server) >= 1).then_some(())
     })
     .await;
     b.close().await.unwrap();
-    until("no connection after close", || async {
+    eventually("no connection after close", DEADLINE, || async {
         (clients(&server) == 0).then_some(())
     })
     .await;
@@ -611,7 +595,7 @@ async fn tls_connects_with_the_right_ca_and_refuses_another() {
         .await
         .unwrap();
     let c = b.consumer("g", &["t"], GroupConfig::queue()).await.unwrap();
-    let got = until("a message over TLS", || async {
+    let got = eventually("a message over TLS", DEADLINE, || async {
         let got = c.poll(1, Duration::from_millis(200)).await.unwrap();
         (!got.is_empty()).then_some(got)
     })
