@@ -63,7 +63,9 @@ pub mod backend {
     pub use crate::headers::{decode_headers, encode_headers};
     pub use crate::member_partition::{MemberPartition, Retry};
     pub use crate::topic_cache::TopicCache;
-    pub use crate::url::{parse_bool, parse_durability, redact as redact_url, BrokerUrl};
+    pub use crate::url::{
+        parse_bool, parse_durability, redact as redact_url, url_password, BrokerUrl,
+    };
     pub use crate::waiting::{poll_until, within};
 
     pub mod validate {

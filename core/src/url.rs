@@ -153,32 +153,10 @@ pub fn redact(raw: &str) -> String {
         Some((h, q)) => (h, Some(q)),
         None => (raw, None),
     };
-    let mut out = String::with_capacity(raw.len());
-    match head.split_once("://") {
-        Some((scheme, rest)) => {
-            out.push_str(scheme);
-            out.push_str("://");
-            // The authority ends at the first '/', after the last '@' in it.
-            let end = rest.find('/').unwrap_or(rest.len());
-            let (authority, path) = rest.split_at(end);
-            match authority.rsplit_once('@') {
-                Some((userinfo, host)) => {
-                    match userinfo.split_once(':') {
-                        Some((user, _password)) => {
-                            out.push_str(user);
-                            out.push_str(":***");
-                        }
-                        None => out.push_str(userinfo),
-                    }
-                    out.push('@');
-                    out.push_str(host);
-                }
-                None => out.push_str(authority),
-            }
-            out.push_str(path);
-        }
-        None => out.push_str(head),
-    }
+    let mut out = match password_span(head) {
+        Some((from, to)) => format!("{}***{}", &head[..from], &head[to..]),
+        None => head.to_string(),
+    };
     if let Some(query) = query {
         out.push('?');
         let parts: Vec<String> = query
@@ -191,6 +169,34 @@ pub fn redact(raw: &str) -> String {
         out.push_str(&parts.join("&"));
     }
     out
+}
+
+/// The password of `raw`'s `user:password@` part, as written (still
+/// percent-encoded), if it has one: what a backend scrubs from a driver's
+/// error text. Works on text that does not parse as a URL.
+///
+/// ```
+/// use conveyor_core::backend::url_password;
+/// assert_eq!(url_password("postgres://app:s3cret@db/q"), Some("s3cret"));
+/// assert_eq!(url_password("postgres://app@db/q"), None);
+/// ```
+pub fn url_password(raw: &str) -> Option<&str> {
+    let head = raw.split(['?', '#']).next().unwrap_or_default();
+    password_span(head)
+        .map(|(from, to)| &head[from..to])
+        .filter(|p| !p.is_empty())
+}
+
+/// Where the password of `head` (a URL up to its query) lies: after the
+/// first `:` of the user info, which ends at the last `@` before the
+/// first `/` after `scheme://`.
+fn password_span(head: &str) -> Option<(usize, usize)> {
+    let start = head.find("://")? + 3;
+    let rest = &head[start..];
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let userinfo = authority.rsplit_once('@')?.0;
+    let colon = userinfo.find(':')?;
+    Some((start + colon + 1, start + userinfo.len()))
 }
 
 fn is_secret_option(name: &str) -> bool {

@@ -4,7 +4,7 @@
 //! know about schemas or tables.
 
 use crate::error::scrub;
-use conveyor_core::backend::redact_url;
+use conveyor_core::backend::{redact_url, url_password};
 use conveyor_core::{Error, ErrorKind, Result};
 use sqlx::postgres::PgConnectOptions;
 use std::future::Future;
@@ -32,13 +32,13 @@ impl Target {
     /// `InvalidArgument` naming the URL (password hidden) and what is wrong.
     pub fn parse(url: &str) -> Result<Target> {
         let shown = redact_url(url);
-        let secrets = password_of(url)
+        let secrets = url_password(url)
             .map(|p| {
-                let decoded = percent_decode(&p);
+                let decoded = percent_decode(p);
                 if decoded == p {
-                    vec![p]
+                    vec![decoded]
                 } else {
-                    vec![p, decoded]
+                    vec![p.to_string(), decoded]
                 }
             })
             .unwrap_or_default();
@@ -89,15 +89,6 @@ impl Target {
     }
 }
 
-/// The password in a URL's user info, as written.
-fn password_of(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    let userinfo = authority.rsplit_once('@')?.0;
-    let password = userinfo.split_once(':')?.1;
-    (!password.is_empty()).then(|| password.to_string())
-}
-
 /// `%XX` sequences decoded (invalid ones kept as they are).
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
@@ -126,11 +117,11 @@ mod tests {
     #[test]
     fn the_password_is_found_and_never_shown() {
         assert_eq!(
-            password_of("postgres://u:pgs3cret@h:5/db").as_deref(),
+            url_password("postgres://u:pgs3cret@h:5/db"),
             Some("pgs3cret")
         );
-        assert_eq!(password_of("postgres://u@h/db"), None);
-        assert_eq!(password_of("postgres://h/db?x=a:b@c"), None);
+        assert_eq!(url_password("postgres://u@h/db"), None);
+        assert_eq!(url_password("postgres://h/db?x=a:b@c"), None);
         assert_eq!(percent_decode("p%40ss%2Fw"), "p@ss/w");
         let e = Target::parse("postgres://u:p%40ss@h:notaport/db")
             .err()
