@@ -37,6 +37,7 @@ pub mod partitioner;
 pub mod record;
 pub mod runner;
 mod topic_cache;
+mod merge;
 mod url;
 mod validate;
 mod waiting;
@@ -62,6 +63,7 @@ pub mod backend {
     };
     pub use crate::headers::{decode_headers, encode_headers};
     pub use crate::member_partition::{MemberPartition, Retry};
+    pub use crate::merge::{Merge, MergedCall};
     pub use crate::topic_cache::TopicCache;
     pub use crate::url::{
         parse_bool, parse_durability, redact as redact_url, url_password, BrokerUrl,

@@ -6,7 +6,7 @@ use crate::error::during;
 use crate::queries::{self, existing_topic, topic_config, TopicRow};
 use crate::{check_schema, PgOptions};
 use async_trait::async_trait;
-use conveyor_core::backend::{validate, TopicCache};
+use conveyor_core::backend::{validate, Merge, TopicCache};
 use conveyor_core::{
     Broker, BrokerOptions, Capabilities, Consumer, DeliveryMode, DeliveryToken, Durability, Error,
     ErrorKind, GroupConfig, GroupDescription, GroupLag, IdempotencyStore, MemberDescription,
@@ -48,6 +48,9 @@ pub(crate) struct Inner {
     /// Concurrent sends per (topic id, partition), merged (see
     /// `produce::Lane`).
     pub lanes: Mutex<HashMap<(i64, u32), crate::produce::Lane>>,
+    /// Queue-mode acks in flight per group, merged into one statement
+    /// (see `consumer::ack_leases`).
+    pub acks: Arc<Merge<Arc<str>, crate::consumer::AckItem, bool>>,
     /// Topics as last read, for sends (see [`Inner::topic_cached`]).
     topics: TopicCache<TopicRow>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -437,6 +440,7 @@ impl PgBroker {
             op_timeout: pg.timeout,
             members: Mutex::new(std::collections::BTreeSet::new()),
             lanes: Mutex::new(HashMap::new()),
+            acks: Arc::new(Merge::new(crate::consumer::ACK_MERGE_MAX)),
             topics: TopicCache::new(TOPIC_CACHE),
             tasks: Mutex::new(Vec::new()),
         });
@@ -873,11 +877,10 @@ pub(crate) async fn offset_for_timestamp<'e, E: sqlx::PgExecutor<'e>>(
     partition: u32,
     timestamp: u64,
 ) -> Result<u64> {
+    // A binary search over the offsets (`offset_for_ts`, migration 2):
+    // timestamps never decrease within a partition.
     let found: i64 = sqlx::query_scalar(
-        r#"SELECT coalesce(
-               (SELECT min(r."offset") FROM records r WHERE r.topic_id = $1 AND r.partition = $2
-                   AND r.ts >= $3 AND r."offset" >= p.log_start),
-               p.next_offset)
+        r#"SELECT offset_for_ts($1, $2, $3, p.log_start, p.next_offset)
              FROM partitions p WHERE p.topic_id = $1 AND p.partition = $2"#,
     )
     .bind(topic_id)

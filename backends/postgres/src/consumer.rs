@@ -10,7 +10,7 @@ use crate::group::{heartbeat, leave};
 use crate::produce::append;
 use crate::queries::{self, existing_topic, Bounds};
 use async_trait::async_trait;
-use conveyor_core::backend::{poll_until, MemberPartition, StoredMessage};
+use conveyor_core::backend::{poll_until, MemberPartition, MergedCall, StoredMessage};
 use conveyor_core::dlq::{self, DeadLetter};
 use conveyor_core::{
     partitioner, BatchAck, Consumer, DeliveryMode, DeliveryToken, Error, ErrorKind, GroupConfig,
@@ -19,8 +19,8 @@ use conveyor_core::{
 };
 use parking_lot::Mutex;
 use sqlx::{PgConnection, Row};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,8 @@ pub(crate) struct PgConsumer {
     mode: DeliveryMode,
     closed: AtomicBool,
     rotate: AtomicUsize,
+    /// Queue mode: this member's poll number (see [`PollGuard`]).
+    polls: AtomicU64,
     parts: Mutex<HashMap<TopicPartition, Part>>,
     /// The group's session timeout as of the last heartbeat (the latest
     /// joiner's setting), and when that heartbeat began.
@@ -74,6 +76,7 @@ impl PgConsumer {
             mode,
             closed: AtomicBool::new(false),
             rotate: AtomicUsize::new(0),
+            polls: AtomicU64::new(0),
             parts: Mutex::new(HashMap::new()),
             session: Mutex::new(session),
             last_beat: Mutex::new(Some(Instant::now())),
@@ -452,271 +455,123 @@ impl PgConsumer {
     // Queue mode
     // ---------------------------------------------------------------
 
-    /// One queue-mode attempt, one transaction: dead-letter expired leases
-    /// on their last attempt, re-lease what is available again (`FOR
-    /// UPDATE SKIP LOCKED`), then take fresh offsets by moving partition
-    /// cursors (rows locked `SKIP LOCKED` too). Dropped before the commit,
-    /// the transaction rolls back and nothing is taken.
+    /// One queue-mode attempt: one statement, `queue_poll` (see
+    /// `migrations/0002_queue_poll.sql`), which re-leases what is due and
+    /// takes fresh offsets from the partitions' cursors on the server.
+    /// Dropped before its answer arrived, the poll gives back exactly the
+    /// leases it took (see [`PollGuard`]).
     async fn poll_queue(&self, max: usize) -> Result<(Vec<Message>, Option<u64>)> {
         self.heartbeat(true).await?;
         let what = format!("poll group `{}`", self.group);
-        let mut tx = crate::tx::Tx::begin(&self.inner.pool)
-            .await
-            .map_err(during(&what))?;
-        let g = sqlx::query(
-            "SELECT visibility_ms, max_deliveries, config, now_ms(), txid_current() FROM groups WHERE name = $1",
-        )
-        .bind(self.group())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(during(&what))?
-        .ok_or_else(|| Error::group_not_found(&self.group))?;
-        let visibility: i64 = g.get(0);
-        let max_deliveries: i32 = g.get(1);
-        let config: GroupConfig = serde_json::from_value(g.get(2)).map_err(|e| {
-            Error::internal(format!(
-                "group `{}`: stored config is unreadable: {e}",
-                self.group
-            ))
-        })?;
-        let now = g.get::<i64, _>(3) as u64;
-        let xid: i64 = g.get(4);
-        let ids: HashMap<String, i64> =
-            sqlx::query("SELECT name, id FROM topics WHERE name = ANY($1)")
-                .bind(&self.topic_list)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(during(&what))?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-
-        // 1. Expired leases on their last attempt go to the DLQ.
-        expire_last_attempts(
-            &mut tx,
-            &self.inner,
-            self.group(),
-            &config,
-            max_deliveries,
-            &self.topic_list,
-        )
-        .await?;
-
-        // 2. Redeliveries: nacked (after their delay), expired, delayed.
-        let mut out: Vec<Message> = Vec::new();
-        let again = sqlx::query(
-            r#"WITH c AS (
-                 SELECT topic, partition, "offset" FROM leases
-                  WHERE group_name = $1 AND topic = ANY($2)
-                    AND ((member_id IS NULL AND not_before <= now_ms())
-                      OR (member_id IS NOT NULL AND deadline <= now_ms() AND attempts < $3))
-                  ORDER BY topic, partition, "offset" LIMIT $4 FOR UPDATE SKIP LOCKED)
-               UPDATE leases l SET member_id = $5, lease_id = nextval('lease_ids'),
-                      deadline = now_ms() + $6, attempts = l.attempts + 1, not_before = 0
-                 FROM c WHERE l.group_name = $1 AND l.topic = c.topic AND l.partition = c.partition
-                  AND l."offset" = c."offset"
-               RETURNING l.topic, l.partition, l."offset", l.lease_id, l.attempts"#,
+        let poll = self.polls.fetch_add(1, Ordering::Relaxed) as i64;
+        let conn = self.inner.pool.acquire().await.map_err(during(&what))?;
+        let mut guard = PollGuard {
+            conn: Some(conn),
+            group: self.group.clone(),
+            member: self.member,
+            poll,
+        };
+        let rows = sqlx::query(
+            "SELECT * FROM queue_poll($1, $2, $3, $4, $5, $6)",
         )
         .bind(self.group())
         .bind(&self.topic_list)
-        .bind(max_deliveries)
-        .bind(max.min(i64::MAX as usize) as i64)
+        .bind(max.min(i32::MAX as usize) as i32)
         .bind(self.member)
-        .bind(visibility)
-        .fetch_all(&mut *tx)
+        .bind(poll)
+        .bind((self.rotate.fetch_add(1, Ordering::Relaxed) % (i32::MAX as usize)) as i32)
+        .fetch_all(&mut **guard.conn.as_mut().expect("held until the answer"))
         .await
-        .map_err(during(&what))?;
-        let mut by_tp: BTreeMap<TopicPartition, Vec<(i64, i64, u32)>> = BTreeMap::new();
-        for r in &again {
-            by_tp
-                .entry(TopicPartition::new(
-                    r.get::<String, _>(0),
-                    r.get::<i32, _>(1) as u32,
-                ))
-                .or_default()
-                .push((r.get(2), r.get(3), r.get::<i32, _>(4) as u32));
-        }
-        for (tp, leased) in by_tp {
-            let Some(&id) = ids.get(&tp.topic) else {
+        .map_err(|e| match &e {
+            sqlx::Error::Database(d) if d.code().as_deref() == Some("P0002") => {
+                Error::group_not_found(&self.group)
+            }
+            _ => during(&what)(e),
+        });
+        // Answered (or refused): nothing to give back.
+        drop(guard.conn.take());
+        let rows = rows?;
+        let mut out = Vec::with_capacity(rows.len());
+        // Leases to settle unseen: records removed by retention meanwhile,
+        // and records redriven to another group.
+        let mut settle: Vec<AckItem> = Vec::new();
+        for r in &rows {
+            let tp = TopicPartition::new(r.get::<String, _>(0), r.get::<i32, _>(1) as u32);
+            let offset: i64 = r.get(2);
+            let lease: i64 = r.get(3);
+            let attempts = r.get::<i32, _>(4) as u32;
+            let Some(value) = r.get::<Option<Vec<u8>>, _>(7) else {
+                settle.push((tp.topic, tp.partition as i32, offset, lease));
                 continue;
             };
-            let offsets: Vec<i64> = leased.iter().map(|l| l.0).collect();
-            let found =
-                queries::read_offsets(&mut *tx, &tp.topic, id, tp.partition, &offsets).await?;
-            let mut found: HashMap<u64, StoredMessage> =
-                found.into_iter().map(|m| (m.offset, m)).collect();
-            for (offset, lease, attempts) in leased {
-                match found.remove(&(offset as u64)) {
-                    Some(stored) => out.push(self.leased(&tp, stored, lease, attempts)),
-                    // Removed by retention meanwhile: nothing to deliver.
-                    None => delete_lease(&mut tx, self.group(), &tp, offset).await?,
-                }
+            let headers: Vec<u8> = r.get(8);
+            let stored = StoredMessage {
+                offset: offset as u64,
+                timestamp: r.get::<i64, _>(5) as u64,
+                key: r.get::<Option<Vec<u8>>, _>(6).map(bytes::Bytes::from),
+                value: bytes::Bytes::from(value),
+                headers: conveyor_core::backend::decode_headers(&headers, &|| {
+                    format!("`{}`/{} offset {offset}", tp.topic, tp.partition)
+                })?,
+                idempotency_key: r.get(9),
+                deliver_at: r.get::<Option<i64>, _>(10).map(|t| t as u64),
+            };
+            if !dlq::is_for_group(&stored.headers, self.group()) {
+                settle.push((tp.topic, tp.partition as i32, offset, lease));
+                continue;
             }
+            out.push(self.leased(&tp, stored, lease, attempts));
         }
-
-        // 3. Fresh offsets, partition by partition.
-        if out.len() < max {
-            let candidates = sqlx::query(
-                r#"SELECT t.name, t.id, p.partition, p.log_start, q.next IS NULL
-                     FROM topics t JOIN partitions p ON p.topic_id = t.id
-                     LEFT JOIN queue_cursors q ON q.group_name = $1 AND q.topic = t.name AND q.partition = p.partition
-                    WHERE t.name = ANY($2) AND greatest(coalesce(q.next, 0), p.log_start) < p.next_offset"#,
-            )
-            .bind(self.group())
-            .bind(&self.topic_list)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(during(&what))?;
-            let candidates: Vec<(TopicPartition, i64, i64, bool)> = candidates
-                .iter()
-                .map(|r| {
-                    (
-                        TopicPartition::new(r.get::<String, _>(0), r.get::<i32, _>(2) as u32),
-                        r.get(1),
-                        r.get(3),
-                        r.get(4),
-                    )
-                })
-                .collect();
-            for (tp, id, log_start, missing) in self.rotated(candidates) {
-                if out.len() >= max {
-                    break;
-                }
-                if missing {
-                    sqlx::query(
-                        "INSERT INTO queue_cursors (group_name, topic, partition, next) VALUES ($1, $2, $3, $4)
-                         ON CONFLICT DO NOTHING",
-                    )
-                    .bind(self.group())
-                    .bind(&tp.topic)
-                    .bind(tp.partition as i32)
-                    .bind(log_start)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(during(&what))?;
-                }
-                let next: Option<i64> = sqlx::query_scalar(
-                    "SELECT next FROM queue_cursors WHERE group_name = $1 AND topic = $2 AND partition = $3
-                       FOR UPDATE SKIP LOCKED",
-                )
-                .bind(self.group())
-                .bind(&tp.topic)
-                .bind(tp.partition as i32)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(during(&what))?;
-                let Some(next) = next else { continue };
-                let found = queries::read(
-                    &mut *tx,
-                    &tp.topic,
-                    id,
-                    tp.partition,
-                    next as u64,
-                    max - out.len(),
-                )
-                .await?;
-                let Some(last) = found.last().map(|m| m.offset) else {
-                    continue;
-                };
-                let (mut offs, mut lease, mut not_before) = (Vec::new(), Vec::new(), Vec::new());
-                let mut deliver = Vec::new();
-                for m in found {
-                    if !dlq::is_for_group(&m.headers, self.group()) {
-                        continue; // redriven to another group: settled unseen
-                    }
-                    offs.push(m.offset as i64);
-                    match m.deliver_at {
-                        Some(at) if at > now => {
-                            lease.push(false);
-                            not_before.push(at.min(i64::MAX as u64) as i64);
-                        }
-                        _ => {
-                            lease.push(true);
-                            not_before.push(0);
-                            deliver.push(m);
-                        }
-                    }
-                }
-                let rows = sqlx::query(
-                    r#"INSERT INTO leases (group_name, topic, partition, "offset", member_id, lease_id,
-                                           deadline, not_before, attempts)
-                       SELECT $1, $2, $3, u.o,
-                              CASE WHEN u.lease THEN $4::bigint END,
-                              CASE WHEN u.lease THEN nextval('lease_ids') END,
-                              CASE WHEN u.lease THEN now_ms() + $5 END,
-                              u.nb, CASE WHEN u.lease THEN 1 ELSE 0 END
-                         FROM unnest($6::bigint[], $7::bool[], $8::bigint[]) AS u(o, lease, nb)
-                       RETURNING "offset", lease_id"#,
-                )
-                .bind(self.group())
-                .bind(&tp.topic)
-                .bind(tp.partition as i32)
-                .bind(self.member)
-                .bind(visibility)
-                .bind(&offs)
-                .bind(&lease)
-                .bind(&not_before)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(during(&what))?;
-                let ids_of: HashMap<i64, i64> = rows
-                    .iter()
-                    .filter_map(|r| r.get::<Option<i64>, _>(1).map(|l| (r.get::<i64, _>(0), l)))
-                    .collect();
-                sqlx::query(
-                    "UPDATE queue_cursors SET next = $4 WHERE group_name = $1 AND topic = $2 AND partition = $3",
-                )
-                .bind(self.group())
-                .bind(&tp.topic)
-                .bind(tp.partition as i32)
-                .bind(last as i64 + 1)
-                .execute(&mut *tx)
-                .await
-                .map_err(during(&what))?;
-                for m in deliver {
-                    let lease = ids_of.get(&(m.offset as i64)).copied().unwrap_or_default();
-                    out.push(self.leased(&tp, m, lease, 1));
-                }
-            }
+        if !settle.is_empty() {
+            ack_leases(&self.inner.pool, self.group(), &settle).await?;
         }
-        let due = if out.is_empty() {
-            let next: Option<i64> = sqlx::query_scalar(
-                "SELECT min(CASE WHEN member_id IS NULL THEN not_before ELSE deadline END) FROM leases
-                  WHERE group_name = $1 AND topic = ANY($2)",
-            )
-            .bind(self.group())
-            .bind(&self.topic_list)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(during(&what))?;
-            // On the server's clock; as a wait from now it is close enough
-            // (a poll then looks again).
-            next.map(|at| (at as u64).saturating_sub(now).saturating_add(now_ms()))
-        } else {
-            None
-        };
         if !out.is_empty() {
-            // Dropped while the COMMIT is on its way, the leases may be
-            // taken with nobody to receive them: give them back then.
-            let leases = out
-                .iter()
-                .filter_map(|m| {
-                    m.token()
-                        .lease()
-                        .as_ref()
-                        .try_into()
-                        .ok()
-                        .map(i64::from_be_bytes)
-                })
-                .collect();
-            tx.on_abandon(Box::pin(give_back(
-                self.inner.pool.clone(),
-                self.group.to_string(),
-                xid,
-                leases,
-            )));
+            return Ok((out, None));
         }
-        tx.commit().await.map_err(during(&what))?;
+        if !settle.is_empty() {
+            // Only unseen ones this time: look again at once.
+            return Ok((out, Some(now_ms())));
+        }
+        // Nothing: dead-letter leases expired on their last attempt, and
+        // say when the next lease comes due.
+        let idle = sqlx::query(
+            r#"SELECT min(CASE WHEN l.member_id IS NULL THEN l.not_before ELSE l.deadline END),
+                      count(*) FILTER (WHERE l.member_id IS NOT NULL AND l.deadline <= now_ms()
+                                         AND l.attempts >= g.max_deliveries),
+                      now_ms()
+                 FROM groups g LEFT JOIN leases l ON l.group_name = g.name AND l.topic = ANY($2)
+                WHERE g.name = $1"#,
+        )
+        .bind(self.group())
+        .bind(&self.topic_list)
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(during(&what))?
+        .ok_or_else(|| Error::group_not_found(&self.group))?;
+        let next: Option<i64> = idle.get(0);
+        let dead: i64 = idle.get(1);
+        let now = idle.get::<i64, _>(2) as u64;
+        if dead > 0 {
+            let config = self.group_config().await?;
+            let mut tx = crate::tx::Tx::begin(&self.inner.pool)
+                .await
+                .map_err(during(&what))?;
+            let max_deliveries = config.dlq.max_deliveries.min(i32::MAX as u32) as i32;
+            expire_last_attempts(
+                &mut tx,
+                &self.inner,
+                self.group(),
+                &config,
+                max_deliveries,
+                &self.topic_list,
+            )
+            .await?;
+            tx.commit().await.map_err(during(&what))?;
+            return Ok((out, Some(now_ms())));
+        }
+        // On the server's clock; as a wait from now it is close enough (a
+        // poll then looks again).
+        let due = next.map(|at| (at as u64).saturating_sub(now).saturating_add(now_ms()));
         Ok((out, due))
     }
 
@@ -752,64 +607,98 @@ impl PgConsumer {
             )));
         }
         self.heartbeat(false).await?;
-        let done = sqlx::query(
-            r#"DELETE FROM leases WHERE group_name = $1 AND topic = $2 AND partition = $3
-                 AND "offset" = $4 AND lease_id = $5 RETURNING 1"#,
-        )
-        .bind(self.group())
-        .bind(&m.topic)
-        .bind(m.partition as i32)
-        .bind(m.offset as i64)
-        .bind(lease)
-        .fetch_optional(&self.inner.pool)
-        .await
-        .map_err(during(format!("ack {}", self.what(m))))?;
-        match done {
-            Some(_) => Ok(()),
-            None => Err(lease_lost(m.offset, &self.what(m))),
+        let item = (m.topic.clone(), m.partition as i32, m.offset as i64, lease);
+        let pool = self.inner.pool.clone();
+        let settled = self
+            .inner
+            .acks
+            .call(
+                self.group.clone(),
+                item,
+                move |group: Arc<str>, items: Vec<AckItem>| -> MergedCall<bool> {
+                    let pool = pool.clone();
+                    Box::pin(async move { ack_leases(&pool, &group, &items).await })
+                },
+            )
+            .await
+            .map_err(|e| Error::new(e.kind(), format!("ack {}: {}", self.what(m), e.message())))?;
+        if settled {
+            Ok(())
+        } else {
+            Err(lease_lost(m.offset, &self.what(m)))
         }
     }
 }
 
-/// Give back the leases of a poll that was dropped while its transaction
-/// (`xid`) was committing: once the server has decided it, if it
-/// committed, the leases are released and their attempts restored, as if
-/// the poll had never run (contract §4: a dropped poll takes nothing).
-/// Takes one or two round trips after the drop.
-async fn give_back(pool: sqlx::PgPool, group: String, xid: i64, leases: Vec<i64>) {
-    let started = std::time::Instant::now();
-    loop {
-        let status: std::result::Result<Option<String>, _> =
-            sqlx::query_scalar("SELECT txid_status($1)")
-                .bind(xid)
-                .fetch_one(&pool)
-                .await;
-        match status.as_ref().map(|s| s.as_deref()) {
-            Ok(Some("committed")) => break,
-            Ok(Some("in progress")) if started.elapsed() < Duration::from_secs(60) => {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Ok(_) => return,
-            Err(e) => {
-                tracing::warn!(group, error = %e, "could not check a dropped poll's transaction");
-                if started.elapsed() > Duration::from_secs(60) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    let done = sqlx::query(
-        "UPDATE leases SET member_id = NULL, lease_id = NULL, deadline = NULL, not_before = 0,
-                attempts = attempts - 1
-          WHERE group_name = $1 AND lease_id = ANY($2)",
+/// A queue-mode lease to settle: topic, partition, offset, lease id.
+pub(crate) type AckItem = (String, i32, i64, i64);
+
+/// At most this many acks share one statement.
+pub(crate) const ACK_MERGE_MAX: usize = 1000;
+
+/// Ack `items` of `group` in one statement: for each, whether its lease
+/// was still held (and is now settled). Concurrent acks of one group from
+/// this process share it (the broker's `acks`).
+async fn ack_leases(pool: &sqlx::PgPool, group: &str, items: &[AckItem]) -> Result<Vec<bool>> {
+    let rows = sqlx::query(
+        r#"DELETE FROM leases l USING unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[])
+                  AS a(topic, partition, o, lease)
+            WHERE l.group_name = $1 AND l.topic = a.topic AND l.partition = a.partition
+              AND l."offset" = a.o AND l.lease_id = a.lease
+           RETURNING l.lease_id"#,
     )
-    .bind(&group)
-    .bind(&leases)
-    .execute(&pool)
-    .await;
-    if let Err(e) = done {
-        tracing::warn!(group, error = %e, "could not give back a dropped poll's leases (they expire at the visibility timeout)");
+    .bind(group)
+    .bind(items.iter().map(|l| l.0.clone()).collect::<Vec<_>>())
+    .bind(items.iter().map(|l| l.1).collect::<Vec<_>>())
+    .bind(items.iter().map(|l| l.2).collect::<Vec<_>>())
+    .bind(items.iter().map(|l| l.3).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await
+    .map_err(during(format!("group `{group}`: ack {} messages", items.len())))?;
+    let settled: BTreeSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+    Ok(items.iter().map(|l| settled.contains(&l.3)).collect())
+}
+
+/// A queue-mode poll's connection while its statement may be on the
+/// wire. Dropped before the answer arrived, it gives back the leases that
+/// poll took, on the same connection: sqlx finishes the dropped statement
+/// before it sends the next, so the give-back runs after the poll
+/// whatever the poll did (contract §4: a dropped poll takes nothing).
+struct PollGuard {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+    group: Arc<str>,
+    member: i64,
+    poll: i64,
+}
+
+impl Drop for PollGuard {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            // No runtime: close the connection; the leases expire at the
+            // visibility timeout.
+            drop(conn.detach());
+            return;
+        };
+        let (group, member, poll) = (self.group.clone(), self.member, self.poll);
+        rt.spawn(async move {
+            let done = sqlx::query(
+                "UPDATE leases SET member_id = NULL, lease_id = NULL, poll = NULL, deadline = NULL,
+                        not_before = 0, attempts = attempts - 1
+                  WHERE group_name = $1 AND member_id = $2 AND poll = $3",
+            )
+            .bind(&*group)
+            .bind(member)
+            .bind(poll)
+            .execute(&mut *conn)
+            .await;
+            if let Err(e) = done {
+                drop(conn.detach());
+                tracing::warn!(%group, error = %e, "could not give back a dropped poll's leases (they expire at the visibility timeout)");
+            }
+        });
     }
 }
 
@@ -1081,24 +970,13 @@ impl Consumer for PgConsumer {
             }
             if !batch.is_empty() {
                 self.heartbeat(false).await?;
-                let rows = sqlx::query(
-                    r#"DELETE FROM leases l USING unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[])
-                              AS a(topic, partition, o, lease)
-                        WHERE l.group_name = $1 AND l.topic = a.topic AND l.partition = a.partition
-                          AND l."offset" = a.o AND l.lease_id = a.lease
-                       RETURNING l.lease_id"#,
-                )
-                .bind(self.group())
-                .bind(batch.iter().map(|(_, m, _)| m.topic.clone()).collect::<Vec<_>>())
-                .bind(batch.iter().map(|(_, m, _)| m.partition as i32).collect::<Vec<_>>())
-                .bind(batch.iter().map(|(_, m, _)| m.offset as i64).collect::<Vec<_>>())
-                .bind(batch.iter().map(|(_, _, l)| *l).collect::<Vec<_>>())
-                .fetch_all(&self.inner.pool)
-                .await
-                .map_err(during(format!("ack a batch in group `{}`", self.group)))?;
-                let settled: BTreeSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-                for (i, m, lease) in batch {
-                    if settled.contains(&lease) {
+                let items: Vec<AckItem> = batch
+                    .iter()
+                    .map(|(_, m, l)| (m.topic.clone(), m.partition as i32, m.offset as i64, *l))
+                    .collect();
+                let settled = ack_leases(&self.inner.pool, self.group(), &items).await?;
+                for ((i, m, _), settled) in batch.into_iter().zip(settled) {
+                    if settled {
                         outcome.acked += 1;
                     } else {
                         outcome

@@ -16,9 +16,6 @@ use std::ops::{Deref, DerefMut};
 /// An open transaction on a pooled connection (see the module docs).
 pub(crate) struct Tx {
     conn: Option<PoolConnection<Postgres>>,
-    /// What to run (in a task) if the transaction is abandoned after this
-    /// was set: its `COMMIT` may have reached the server.
-    on_abandon: Option<futures::future::BoxFuture<'static, ()>>,
 }
 
 impl Tx {
@@ -26,18 +23,9 @@ impl Tx {
     pub(crate) async fn begin(pool: &PgPool) -> Result<Tx, sqlx::Error> {
         let mut tx = Tx {
             conn: Some(pool.acquire().await?),
-            on_abandon: None,
         };
         tx.execute("BEGIN").await?;
         Ok(tx)
-    }
-
-    /// Run `undo` in a task if this transaction is abandoned from now on
-    /// (typically: set just before [`Tx::commit`], whose `COMMIT` may reach
-    /// the server although the caller is gone; `undo` then finds out
-    /// whether it committed and reverts what the caller never received).
-    pub(crate) fn on_abandon(&mut self, undo: futures::future::BoxFuture<'static, ()>) {
-        self.on_abandon = Some(undo);
     }
 
     /// `COMMIT`, and give the connection back to the pool.
@@ -45,7 +33,6 @@ impl Tx {
         self.execute("COMMIT").await?;
         // Finished: the connection goes back to the pool as it is.
         drop(self.conn.take());
-        self.on_abandon = None;
         Ok(())
     }
 }
@@ -74,12 +61,6 @@ impl Drop for Tx {
             // Unfinished: close the connection (not back to the pool), so
             // the server aborts the transaction now.
             drop(conn.detach());
-            if let (Some(undo), Ok(rt)) = (
-                self.on_abandon.take(),
-                tokio::runtime::Handle::try_current(),
-            ) {
-                rt.spawn(undo);
-            }
         }
     }
 }
