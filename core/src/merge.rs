@@ -1,7 +1,10 @@
 //! Concurrent calls of one key, merged into fewer round trips: the first
-//! call of a key goes out at once; calls that arrive while it is on the
-//! wire queue behind it and, when it returns (or is dropped), go out
-//! together as one call, in a task of their own, until none are left.
+//! calls of a key (up to a number of calls in flight) go out at once;
+//! calls that arrive while those are on the wire queue and, when one
+//! returns (or is dropped), go out together as one call, in a task of
+//! their own, until none are left. With few callers nothing waits (as
+//! many round trips in flight as callers, up to the limit); with many,
+//! the server sees few statements carrying many items.
 //!
 //! Server backends use it to settle the acks of concurrent consumers of
 //! one process in one statement or script call. It decides only which
@@ -18,8 +21,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
-/// An item waiting for the call in flight, and where its answer goes.
+/// An item waiting for a call in flight, and where its answer goes.
 type Waiting<I, O> = (I, oneshot::Sender<Result<O>>);
+
+/// A key's calls in flight and the items queued behind them.
+struct Busy<I, O> {
+    calls: usize,
+    queue: Vec<Waiting<I, O>>,
+}
 
 /// The future a merged call returns: one answer per item, in order.
 pub type MergedCall<O> = Pin<Box<dyn Future<Output = Result<Vec<O>>> + Send>>;
@@ -32,7 +41,7 @@ pub type MergedCall<O> = Pin<Box<dyn Future<Output = Result<Vec<O>>> + Send>>;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> conveyor_core::Result<()> {
-/// let merge: Arc<Merge<&'static str, u32, u32>> = Arc::new(Merge::new(100));
+/// let merge: Arc<Merge<&'static str, u32, u32>> = Arc::new(Merge::new(100, 4));
 /// // `run` gets the key and every item of one call; one answer per item.
 /// let run = |_key: &'static str, items: Vec<u32>| -> MergedCall<u32> {
 ///     Box::pin(async move { Ok(items.into_iter().map(|i| i * 2).collect()) })
@@ -42,8 +51,9 @@ pub type MergedCall<O> = Pin<Box<dyn Future<Output = Result<Vec<O>>> + Send>>;
 /// # }
 /// ```
 pub struct Merge<K, I, O> {
-    busy: Mutex<HashMap<K, Vec<Waiting<I, O>>>>,
+    busy: Mutex<HashMap<K, Busy<I, O>>>,
     max: usize,
+    calls: usize,
 }
 
 impl<K, I, O> Merge<K, I, O>
@@ -52,11 +62,13 @@ where
     I: Send + 'static,
     O: Send + 'static,
 {
-    /// At most `max` items share one call (at least one).
-    pub fn new(max: usize) -> Self {
+    /// At most `max` items share one call, and at most `calls` calls of
+    /// one key are in flight (each at least one).
+    pub fn new(max: usize, calls: usize) -> Self {
         Merge {
             busy: Mutex::new(HashMap::new()),
             max: max.max(1),
+            calls: calls.max(1),
         }
     }
 
@@ -83,16 +95,17 @@ where
     {
         let waiting = {
             let mut busy = self.busy.lock();
-            match busy.get_mut(&key) {
-                Some(queue) => {
-                    let (tx, rx) = oneshot::channel();
-                    queue.push((item, tx));
-                    Err(rx)
-                }
-                None => {
-                    busy.insert(key.clone(), Vec::new());
-                    Ok(item)
-                }
+            let busy = busy.entry(key.clone()).or_insert_with(|| Busy {
+                calls: 0,
+                queue: Vec::new(),
+            });
+            if busy.calls < self.calls {
+                busy.calls += 1;
+                Ok(item)
+            } else {
+                let (tx, rx) = oneshot::channel();
+                busy.queue.push((item, tx));
+                Err(rx)
             }
         };
         let item = match waiting {
@@ -106,8 +119,8 @@ where
                 })
             }
         };
-        // This call leads: sent at once; when it is answered (or dropped),
-        // the items that queued behind it go out together.
+        // This call goes out at once; when it is answered (or dropped),
+        // the items queued meanwhile go out together.
         let lead = Lead {
             merge: self.clone(),
             key: key.clone(),
@@ -119,17 +132,21 @@ where
         one(answers)
     }
 
-    /// The items queued for `key` (at most `max`), or `None` (and the key
-    /// marked idle) when there are none.
+    /// A call of `key` ended: the items queued for it (at most `max`),
+    /// which go out as the next call, or `None` (one call fewer in
+    /// flight) when there are none.
     fn take(&self, key: &K) -> Option<Vec<Waiting<I, O>>> {
-        let mut busy = self.busy.lock();
-        let queue = busy.get_mut(key)?;
-        if queue.is_empty() {
-            busy.remove(key);
+        let mut all = self.busy.lock();
+        let busy = all.get_mut(key)?;
+        if busy.queue.is_empty() {
+            busy.calls = busy.calls.saturating_sub(1);
+            if busy.calls == 0 {
+                all.remove(key);
+            }
             return None;
         }
-        let n = queue.len().min(self.max);
-        Some(queue.drain(..n).collect())
+        let n = busy.queue.len().min(self.max);
+        Some(busy.queue.drain(..n).collect())
     }
 
     /// Send queued items, one call per batch, until none are left.
@@ -216,7 +233,14 @@ where
                         "no runtime to send the call on",
                     )));
                 }
-                self.merge.busy.lock().remove(&self.key);
+                // Ended without a call: one fewer in flight.
+                let mut all = self.merge.busy.lock();
+                if let Some(busy) = all.get_mut(&self.key) {
+                    busy.calls = busy.calls.saturating_sub(1);
+                    if busy.calls == 0 && busy.queue.is_empty() {
+                        all.remove(&self.key);
+                    }
+                }
             }
         }
     }
@@ -230,7 +254,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_calls_share_one_call_and_each_gets_its_answer() {
-        let merge: Arc<Merge<u8, u32, u32>> = Arc::new(Merge::new(1000));
+        let merge: Arc<Merge<u8, u32, u32>> = Arc::new(Merge::new(1000, 1));
         let calls = Arc::new(AtomicUsize::new(0));
         let (open, gate) = tokio::sync::watch::channel(false);
         let run = {
@@ -254,7 +278,7 @@ mod tests {
             }));
         }
         // Every item is in flight or queued before the first call returns.
-        while merge.busy.lock().get(&0).map_or(0, Vec::len) < 9 {
+        while merge.busy.lock().get(&0).map_or(0, |b| b.queue.len()) < 9 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         open.send(true).expect("receivers live");
@@ -267,8 +291,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn up_to_the_limit_calls_go_out_at_once() {
+        let merge: Arc<Merge<u8, u32, u32>> = Arc::new(Merge::new(1000, 3));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (open, gate) = tokio::sync::watch::channel(false);
+        let run = {
+            let calls = calls.clone();
+            Arc::new(move |_k: u8, items: Vec<u32>| -> MergedCall<u32> {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let mut gate = gate.clone();
+                Box::pin(async move {
+                    let _ = gate.wait_for(|open| *open).await;
+                    Ok(items)
+                })
+            })
+        };
+        let tasks: Vec<_> = (0..10u32)
+            .map(|i| {
+                let (merge, run) = (merge.clone(), run.clone());
+                tokio::spawn(async move { merge.call(0, i, move |k, items| run(k, items)).await })
+            })
+            .collect();
+        // Three calls in flight, the other seven queued behind them.
+        while merge.busy.lock().get(&0).map_or(0, |b| b.queue.len()) < 7 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        open.send(true).expect("receivers live");
+        for (i, t) in (0..10u32).zip(tasks) {
+            assert_eq!(t.await.expect("task").expect("answer"), i);
+        }
+        // The first call to return took the seven queued ones, as one.
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert!(merge.busy.lock().is_empty());
+    }
+
+    #[tokio::test]
     async fn answers_follow_their_items_and_errors_reach_each() {
-        let merge: Arc<Merge<u8, u32, u32>> = Arc::new(Merge::new(2));
+        let merge: Arc<Merge<u8, u32, u32>> = Arc::new(Merge::new(2, 1));
         let got = merge
             .call(1, 5, |_k, items| -> MergedCall<u32> {
                 Box::pin(async move { Ok(items.iter().map(|i| i * 10).collect()) })

@@ -75,6 +75,7 @@ DECLARE
     names text[];
     ids bigint[];
     parts integer[];
+    missing boolean[];
     skipped integer[] := '{}';
     locked boolean := false;
     n integer;
@@ -120,8 +121,9 @@ BEGIN
     -- 2. Fresh offsets: the partitions with records past the cursor.
     SELECT array_agg(t.name ORDER BY t.name, p.partition),
            array_agg(t.id ORDER BY t.name, p.partition),
-           array_agg(p.partition ORDER BY t.name, p.partition)
-      INTO names, ids, parts
+           array_agg(p.partition ORDER BY t.name, p.partition),
+           array_agg(q.next IS NULL ORDER BY t.name, p.partition)
+      INTO names, ids, parts, missing
       FROM topics t JOIN partitions p ON p.topic_id = t.id
       LEFT JOIN queue_cursors q ON q.group_name = p_group AND q.topic = t.name
                                AND q.partition = p.partition
@@ -132,10 +134,12 @@ BEGIN
             EXIT WHEN taken >= p_max;
             i := (p_rotate + k) % n + 1;
             IF pass = 1 THEN
-                INSERT INTO queue_cursors AS q (group_name, topic, partition, next)
-                SELECT p_group, names[i], parts[i], p.log_start FROM partitions p
-                 WHERE p.topic_id = ids[i] AND p.partition = parts[i]
-                ON CONFLICT DO NOTHING;
+                IF missing[i] THEN
+                    INSERT INTO queue_cursors AS q (group_name, topic, partition, next)
+                    SELECT p_group, names[i], parts[i], p.log_start FROM partitions p
+                     WHERE p.topic_id = ids[i] AND p.partition = parts[i]
+                    ON CONFLICT DO NOTHING;
+                END IF;
                 SELECT q.next INTO cur FROM queue_cursors q
                  WHERE q.group_name = p_group AND q.topic = names[i] AND q.partition = parts[i]
                    FOR UPDATE SKIP LOCKED;
@@ -160,30 +164,33 @@ BEGIN
             cur := greatest(cur, p_start);
             upto := least(p_end, cur + (p_max - taken));
             CONTINUE WHEN cur >= upto;
+            -- Lease what is due now; delayed records wait, not leased,
+            -- until their delivery time. No lease exists at or past a
+            -- cursor (only this statement, holding the cursor, adds
+            -- leases; a seek takes the cursor before it deletes them).
             RETURN QUERY
-            WITH r AS (
+            WITH r AS MATERIALIZED (
                 SELECT r."offset", r.ts, r.key, r.value, r.headers, r.idem, r.deliver_at,
-                       coalesce(r.deliver_at > t_now, false) AS later
+                       CASE WHEN coalesce(r.deliver_at > t_now, false) THEN NULL
+                            ELSE nextval('lease_ids') END AS lease
                   FROM records r
                  WHERE r.topic_id = ids[i] AND r.partition = parts[i]
-                   AND r."offset" >= cur AND r."offset" < upto),
+                   AND r."offset" >= cur AND r."offset" < upto
+                 ORDER BY r."offset"),
             ins AS (
-                INSERT INTO leases AS l (group_name, topic, partition, "offset", member_id, lease_id,
-                                         poll, deadline, not_before, attempts)
+                INSERT INTO leases (group_name, topic, partition, "offset", member_id, lease_id,
+                                    poll, deadline, not_before, attempts)
                 SELECT p_group, names[i], parts[i], r."offset",
-                       CASE WHEN r.later THEN NULL ELSE p_member END,
-                       CASE WHEN r.later THEN NULL ELSE nextval('lease_ids') END,
-                       CASE WHEN r.later THEN NULL ELSE p_poll END,
-                       CASE WHEN r.later THEN NULL ELSE t_now + g.visibility_ms END,
-                       CASE WHEN r.later THEN r.deliver_at ELSE 0 END,
-                       CASE WHEN r.later THEN 0 ELSE 1 END
-                  FROM r
-                ON CONFLICT DO NOTHING
-                RETURNING l."offset", l.lease_id)
-            SELECT names[i], parts[i], r."offset", ins.lease_id, 1,
+                       CASE WHEN r.lease IS NULL THEN NULL ELSE p_member END,
+                       r.lease,
+                       CASE WHEN r.lease IS NULL THEN NULL ELSE p_poll END,
+                       CASE WHEN r.lease IS NULL THEN NULL ELSE t_now + g.visibility_ms END,
+                       CASE WHEN r.lease IS NULL THEN r.deliver_at ELSE 0 END,
+                       CASE WHEN r.lease IS NULL THEN 0 ELSE 1 END
+                  FROM r)
+            SELECT names[i], parts[i], r."offset", r.lease, 1,
                    r.ts, r.key, r.value, r.headers, r.idem, r.deliver_at
-              FROM r JOIN ins ON ins."offset" = r."offset"
-             WHERE ins.lease_id IS NOT NULL
+              FROM r WHERE r.lease IS NOT NULL
              ORDER BY r."offset";
             GET DIAGNOSTICS got = ROW_COUNT;
             taken := taken + got;

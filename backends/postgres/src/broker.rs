@@ -440,7 +440,10 @@ impl PgBroker {
             op_timeout: pg.timeout,
             members: Mutex::new(std::collections::BTreeSet::new()),
             lanes: Mutex::new(HashMap::new()),
-            acks: Arc::new(Merge::new(crate::consumer::ACK_MERGE_MAX)),
+            acks: Arc::new(Merge::new(
+                crate::consumer::ACK_MERGE_MAX,
+                crate::consumer::ACK_CALLS,
+            )),
             topics: TopicCache::new(TOPIC_CACHE),
             tasks: Mutex::new(Vec::new()),
         });

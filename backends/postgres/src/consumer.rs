@@ -471,23 +471,21 @@ impl PgConsumer {
             member: self.member,
             poll,
         };
-        let rows = sqlx::query(
-            "SELECT * FROM queue_poll($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(self.group())
-        .bind(&self.topic_list)
-        .bind(max.min(i32::MAX as usize) as i32)
-        .bind(self.member)
-        .bind(poll)
-        .bind((self.rotate.fetch_add(1, Ordering::Relaxed) % (i32::MAX as usize)) as i32)
-        .fetch_all(&mut **guard.conn.as_mut().expect("held until the answer"))
-        .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(d) if d.code().as_deref() == Some("P0002") => {
-                Error::group_not_found(&self.group)
-            }
-            _ => during(&what)(e),
-        });
+        let rows = sqlx::query("SELECT * FROM queue_poll($1, $2, $3, $4, $5, $6)")
+            .bind(self.group())
+            .bind(&self.topic_list)
+            .bind(max.min(i32::MAX as usize) as i32)
+            .bind(self.member)
+            .bind(poll)
+            .bind((self.rotate.fetch_add(1, Ordering::Relaxed) % (i32::MAX as usize)) as i32)
+            .fetch_all(&mut **guard.conn.as_mut().expect("held until the answer"))
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(d) if d.code().as_deref() == Some("P0002") => {
+                    Error::group_not_found(&self.group)
+                }
+                _ => during(&what)(e),
+            });
         // Answered (or refused): nothing to give back.
         drop(guard.conn.take());
         let rows = rows?;
@@ -636,6 +634,12 @@ pub(crate) type AckItem = (String, i32, i64, i64);
 /// At most this many acks share one statement.
 pub(crate) const ACK_MERGE_MAX: usize = 1000;
 
+/// At most this many ack statements of one group in flight from this
+/// process: below it acks go out at once, each on its own connection (as
+/// many round trips in flight as acking consumers); above it they queue
+/// and share the next statement. Leaves most of the pool to polls.
+pub(crate) const ACK_CALLS: usize = 4;
+
 /// Ack `items` of `group` in one statement: for each, whether its lease
 /// was still held (and is now settled). Concurrent acks of one group from
 /// this process share it (the broker's `acks`).
@@ -654,7 +658,10 @@ async fn ack_leases(pool: &sqlx::PgPool, group: &str, items: &[AckItem]) -> Resu
     .bind(items.iter().map(|l| l.3).collect::<Vec<_>>())
     .fetch_all(pool)
     .await
-    .map_err(during(format!("group `{group}`: ack {} messages", items.len())))?;
+    .map_err(during(format!(
+        "group `{group}`: ack {} messages",
+        items.len()
+    )))?;
     let settled: BTreeSet<i64> = rows.iter().map(|r| r.get(0)).collect();
     Ok(items.iter().map(|l| settled.contains(&l.3)).collect())
 }
@@ -939,56 +946,62 @@ impl Consumer for PgConsumer {
     }
 
     async fn ack_batch(&self, messages: &[Message]) -> Result<BatchAck> {
-        self.inner.bounded(Duration::ZERO, async move {
-            self.check_open()?;
-            let mut outcome = BatchAck::default();
-            if self.mode == DeliveryMode::Stream {
-                for (i, m) in messages.iter().enumerate() {
-                    match self.ack_stream(m).await {
-                        Ok(()) => outcome.acked += 1,
-                        Err(e) if matches!(e.kind(), ErrorKind::Closed | ErrorKind::Unavailable) => {
-                            return Err(e)
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.check_open()?;
+                let mut outcome = BatchAck::default();
+                if self.mode == DeliveryMode::Stream {
+                    for (i, m) in messages.iter().enumerate() {
+                        match self.ack_stream(m).await {
+                            Ok(()) => outcome.acked += 1,
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    ErrorKind::Closed | ErrorKind::Unavailable
+                                ) =>
+                            {
+                                return Err(e)
+                            }
+                            Err(e) => outcome.failed.push((i, e)),
                         }
+                    }
+                    return Ok(outcome);
+                }
+                let mut batch = Vec::new();
+                for (i, m) in messages.iter().enumerate() {
+                    match self.lease_of(m) {
+                        Ok(lease) if self.topics.contains(&m.topic) => batch.push((i, m, lease)),
+                        Ok(_) => outcome.failed.push((
+                            i,
+                            Error::invalid(format!(
+                                "group `{}`: this consumer does not read topic `{}`",
+                                self.group, m.topic
+                            )),
+                        )),
                         Err(e) => outcome.failed.push((i, e)),
                     }
                 }
-                return Ok(outcome);
-            }
-            let mut batch = Vec::new();
-            for (i, m) in messages.iter().enumerate() {
-                match self.lease_of(m) {
-                    Ok(lease) if self.topics.contains(&m.topic) => batch.push((i, m, lease)),
-                    Ok(_) => outcome.failed.push((
-                        i,
-                        Error::invalid(format!(
-                            "group `{}`: this consumer does not read topic `{}`",
-                            self.group, m.topic
-                        )),
-                    )),
-                    Err(e) => outcome.failed.push((i, e)),
-                }
-            }
-            if !batch.is_empty() {
-                self.heartbeat(false).await?;
-                let items: Vec<AckItem> = batch
-                    .iter()
-                    .map(|(_, m, l)| (m.topic.clone(), m.partition as i32, m.offset as i64, *l))
-                    .collect();
-                let settled = ack_leases(&self.inner.pool, self.group(), &items).await?;
-                for ((i, m, _), settled) in batch.into_iter().zip(settled) {
-                    if settled {
-                        outcome.acked += 1;
-                    } else {
-                        outcome
-                            .failed
-                            .push((i, lease_lost(m.offset, &self.what(m))));
+                if !batch.is_empty() {
+                    self.heartbeat(false).await?;
+                    let items: Vec<AckItem> = batch
+                        .iter()
+                        .map(|(_, m, l)| (m.topic.clone(), m.partition as i32, m.offset as i64, *l))
+                        .collect();
+                    let settled = ack_leases(&self.inner.pool, self.group(), &items).await?;
+                    for ((i, m, _), settled) in batch.into_iter().zip(settled) {
+                        if settled {
+                            outcome.acked += 1;
+                        } else {
+                            outcome
+                                .failed
+                                .push((i, lease_lost(m.offset, &self.what(m))));
+                        }
                     }
                 }
-            }
-            outcome.failed.sort_by_key(|(i, _)| *i);
-            Ok(outcome)
-        })
-        .await
+                outcome.failed.sort_by_key(|(i, _)| *i);
+                Ok(outcome)
+            })
+            .await
     }
 
     async fn nack(&self, m: &Message, options: NackOptions) -> Result<NackOutcome> {
@@ -1204,15 +1217,9 @@ impl Consumer for PgConsumer {
                 _ => {
                     let what = format!("group `{}`: seek {tp}", self.group);
                     let mut tx = crate::tx::Tx::begin(&self.inner.pool).await.map_err(during(&what))?;
-                    sqlx::query(
-                        "DELETE FROM leases WHERE group_name = $1 AND topic = $2 AND partition = $3",
-                    )
-                    .bind(self.group())
-                    .bind(&tp.topic)
-                    .bind(tp.partition as i32)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(during(&what))?;
+                    // The cursor first: a poll holding it finishes before
+                    // the leases it took are deleted, and none starts until
+                    // this commits (no lease ever exists past a cursor).
                     sqlx::query(
                         "INSERT INTO queue_cursors (group_name, topic, partition, next) VALUES ($1, $2, $3, $4)
                          ON CONFLICT (group_name, topic, partition) DO UPDATE SET next = excluded.next",
@@ -1221,6 +1228,15 @@ impl Consumer for PgConsumer {
                     .bind(&tp.topic)
                     .bind(tp.partition as i32)
                     .bind(target as i64)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(during(&what))?;
+                    sqlx::query(
+                        "DELETE FROM leases WHERE group_name = $1 AND topic = $2 AND partition = $3",
+                    )
+                    .bind(self.group())
+                    .bind(&tp.topic)
+                    .bind(tp.partition as i32)
                     .execute(&mut *tx)
                     .await
                     .map_err(during(&what))?;
