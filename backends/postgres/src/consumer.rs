@@ -344,7 +344,8 @@ impl PgConsumer {
                     (SELECT generation FROM owners WHERE group_name = $1 AND topic = $2 AND partition = $3),
                     (SELECT generation FROM groups WHERE name = $1),
                     (SELECT p.next_offset FROM partitions p JOIN topics t ON t.id = p.topic_id
-                      WHERE t.name = $2 AND p.partition = $3)",
+                      WHERE t.name = $2 AND p.partition = $3),
+                    (SELECT partitions FROM topics WHERE name = $2)",
         )
         .bind(self.group())
         .bind(&tp.topic)
@@ -361,6 +362,14 @@ impl PgConsumer {
         let owned_in: Option<i64> = row.get(2);
         let group_generation: i64 = row.get::<Option<i64>, _>(3).unwrap_or(0);
         let log_end: Option<i64> = row.get(4);
+        let partitions: Option<i32> = row.get(5);
+        match (partitions, log_end) {
+            (None, _) => return Error::topic_not_found(&tp.topic),
+            (Some(n), None) => {
+                return Error::partition_out_of_range(&tp.topic, tp.partition, n as u32)
+            }
+            _ => {}
+        }
         if !member_alive {
             return Error::new(
                 ErrorKind::Fenced,
@@ -434,8 +443,19 @@ impl PgConsumer {
     async fn ack_stream(&self, m: &Message) -> Result<()> {
         let token = m.delivery(self.group())?;
         let generation = token.generation();
-        let (tp, _, b) = self.subscribed(&m.topic, m.partition).await?;
-        let next = next_offset(m, &b, &self.what(m))?;
+        if !self.topics.contains(&m.topic) {
+            return Err(Error::invalid(format!(
+                "group `{}`: this consumer does not read topic `{}`",
+                self.group, m.topic
+            )));
+        }
+        let tp = TopicPartition::new(m.topic.clone(), m.partition);
+        // The log end, the topic and the partition are checked by the
+        // commit statement (and, when it refuses, explained by
+        // `why_not_committed`): one round trip.
+        let next = m.offset.checked_add(1).ok_or_else(|| {
+            Error::invalid(format!("{}: offset {} has no next", self.what(m), m.offset))
+        })?;
         self.heartbeat(false).await?;
         let to = {
             let mut parts = self.parts.lock();

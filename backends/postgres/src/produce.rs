@@ -15,10 +15,12 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 /// Appends `n` records to a partition: locks its row (held to commit),
-/// takes `n` offsets, inserts the records with them, returns offset and
-/// timestamp of each. Delivery times (`$9`, on the producer's clock, read
-/// as `$11` when `send` was called) are moved onto the server's clock, so
-/// a delay counts from the append's timestamp whatever the two clocks say.
+/// takes `n` offsets, inserts the records with them, returns the first
+/// offset and the timestamp (one row; the records take consecutive
+/// offsets in input order, all with that timestamp). Delivery times (`$9`,
+/// on the producer's clock, read as `$11` when `send` was called) are
+/// moved onto the server's clock, so a delay counts from the append's
+/// timestamp whatever the two clocks say.
 const APPEND: &str = r#"
 WITH p AS (
     UPDATE partitions
@@ -27,14 +29,15 @@ WITH p AS (
            bytes = bytes + $4
      WHERE topic_id = $1 AND partition = $2
  RETURNING next_offset - $3 AS base, last_ts AS ts
-)
+), ins AS (
 INSERT INTO records (topic_id, partition, "offset", ts, key, value, headers, idem, deliver_at, size)
 SELECT $1, $2, p.base + t.i - 1, p.ts, t.key, t.value, t.headers, t.idem,
        t.deliver_at + (p.ts - t.sent_at), t.size
   FROM p, unnest($5::bytea[], $6::bytea[], $7::bytea[], $8::text[], $9::bigint[], $10::bigint[],
                  $11::bigint[])
        WITH ORDINALITY AS t(key, value, headers, idem, deliver_at, size, sent_at, i)
-RETURNING "offset", ts"#;
+)
+SELECT base, ts FROM p"#;
 
 /// Appends `records` to one partition in `conn` (in the caller's
 /// transaction, if any). Receipts in input order.
@@ -79,7 +82,7 @@ async fn append_sent(
     let mut total = 0i64;
     for r in records {
         keys.push(r.key.as_ref().map(|k| k.to_vec()));
-        values.push(r.value.to_vec());
+        values.push(r.value.as_ref());
         headers.push(encode_headers(&r.headers));
         idems.push(r.idempotency_key.clone());
         deliver.push(r.deliver_at.map(|t| t.min(i64::MAX as u64) as i64));
@@ -87,7 +90,7 @@ async fn append_sent(
         sizes.push(size);
         total += size;
     }
-    let rows = sqlx::query(APPEND)
+    let row = sqlx::query(APPEND)
         .bind(topic_id)
         .bind(partition as i32)
         .bind(n as i64)
@@ -104,23 +107,20 @@ async fn append_sent(
                 .map(|t| (*t).min(i64::MAX as u64) as i64)
                 .collect::<Vec<_>>(),
         )
-        .fetch_all(&mut *conn)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(during(format!("append to `{topic}`/{partition}")))?;
-    if rows.len() != n {
-        // No partition row: the topic was deleted meanwhile.
-        return Err(Error::topic_not_found(topic));
-    }
-    let mut receipts: Vec<Receipt> = rows
-        .iter()
-        .map(|r| Receipt {
+    // No partition row: the topic was deleted meanwhile.
+    let row = row.ok_or_else(|| Error::topic_not_found(topic))?;
+    let base = row.get::<i64, _>(0) as u64;
+    let timestamp = row.get::<i64, _>(1) as u64;
+    Ok((0..n as u64)
+        .map(|i| Receipt {
             partition,
-            offset: r.get::<i64, _>(0) as u64,
-            timestamp: r.get::<i64, _>(1) as u64,
+            offset: base + i,
+            timestamp,
         })
-        .collect();
-    receipts.sort_by_key(|r| r.offset);
-    Ok(receipts)
+        .collect())
 }
 
 /// Appends to one partition, leaving out records whose idempotency key
