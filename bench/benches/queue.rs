@@ -266,9 +266,10 @@ fn raw_redis_iter<C>(
             .collect();
         let value = vec![7u8; VALUE];
         rt.block_on(conveyor_bench::raw::redis_queue(
-            c, &keys, iters, batch, &value,
+            c, &keys, iters, CONSUMERS, batch, &value,
         ))
         .expect("the raw Redis queue")
+        .took
     });
 }
 
