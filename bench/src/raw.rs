@@ -365,7 +365,10 @@ where
 ///
 /// (`$1` now + 30 s, `$2` now) and delete each leased row with its own
 /// `DELETE FROM q WHERE id = $1` (each awaited), or, `batch_ack`, a
-/// lease's rows with one `DELETE FROM q WHERE id = ANY($1)`. Every
+/// lease's rows with one `DELETE FROM q WHERE id = ANY($1)`. A consumer
+/// whose lease came back empty (the others hold the last rows) waits 1
+/// ms before the next, as a polling worker does, rather than take the
+/// server's cores from the others' deletes. Every
 /// connection has `synchronous_commit` off (Conveyor's durability
 /// `none`). Only the draining is timed; the table is dropped after.
 /// `url` is a connection URL ([`postgres_connection`]); the table is
@@ -439,6 +442,9 @@ pub async fn postgres_queue(
                         if idle.elapsed() > Duration::from_secs(10) {
                             return Err("raw postgres queue: nothing leased for 10 s".to_string());
                         }
+                        // The others hold the last rows: wait a little
+                        // rather than take the server's cores from them.
+                        tokio::time::sleep(Duration::from_millis(1)).await;
                         continue;
                     }
                     idle = Instant::now();

@@ -69,8 +69,8 @@ struct Section {
     title: &'static str,
     about: &'static str,
     metric: Metric,
-    /// The headline case drawn as a chart.
-    chart: Option<&'static str>,
+    /// The headline cases, each drawn as a chart.
+    charts: &'static [&'static str],
 }
 
 const SECTIONS: &[Section] = &[
@@ -80,7 +80,7 @@ const SECTIONS: &[Section] = &[
         title: "Produce, durability `none`",
         about: "One producer sends batches of 1, 100 and 1,000 records of 100 bytes to a topic of one partition, each `send_batch` awaited before the next, from a spawned task. `none`: `send` returns once the backend has the records (in the OS page cache, in the server's memory); a crash of the machine may lose the last ones.",
         metric: Metric::Messages,
-        chart: Some("batch_100"),
+        charts: &["batch_100"],
     },
     Section {
         family: "produce",
@@ -88,7 +88,7 @@ const SECTIONS: &[Section] = &[
         title: "Produce, durability `always`",
         about: "The same, with `durability=always`: `send` returns after the records are on stable storage (mmap: `fdatasync`; RocksDB: a synced WAL write; Redis: `appendfsync always`, on a private server started for the run; PostgreSQL: `synchronous_commit = on`). One producer awaiting each batch pays one sync per batch, so the batch size decides the rate. The memory backend accepts the setting and has nothing to sync: its figures are no durable rate.",
         metric: Metric::Messages,
-        chart: Some("batch_100"),
+        charts: &["batch_100"],
     },
     Section {
         family: "value_size",
@@ -96,7 +96,7 @@ const SECTIONS: &[Section] = &[
         title: "Value size",
         about: "Batches of 100 records of 100 bytes, 1 KiB and 64 KiB, durability `none`. MB/s counts value bytes only. The memory backend keeps the values it is given (shared, not copied), so its MB/s grows with the value size and means little.",
         metric: Metric::Bytes,
-        chart: Some("64KiB"),
+        charts: &["64KiB"],
     },
     Section {
         family: "producers",
@@ -104,7 +104,7 @@ const SECTIONS: &[Section] = &[
         title: "Concurrent producers",
         about: "1, 2 and 4 producers (each its own `Producer` and task) send batches of 100 to one topic of 4 partitions at once, durability `none`.",
         metric: Metric::Messages,
-        chart: None,
+        charts: &[],
     },
     Section {
         family: "topics",
@@ -112,7 +112,7 @@ const SECTIONS: &[Section] = &[
         title: "Many topics",
         about: "One producer sends batches of 100 to 1, 10 and 1,000 topics (one partition each) in turn, durability `none`: what a backend pays per topic it keeps open.",
         metric: Metric::Messages,
-        chart: None,
+        charts: &[],
     },
     Section {
         family: "read",
@@ -120,7 +120,7 @@ const SECTIONS: &[Section] = &[
         title: "Read",
         about: "A new stream-mode group reads a topic of one partition: polls of up to 1,000, each poll's batch committed before the next poll. `read/from_start`: from the start of a topic holding what the run reads (the records are written before the clock starts). `read/deep`: from offset {deep_from} of a topic of {deep} records written once, before any run (each run's group seeks there first, and back there at the end). The target: a deep read at 90% or more of the rate of `read/from_start`. The raw engines read the same records back, 1,000 a call (`read/deep`: from the same depth of a table or stream as large, on the servers), with nothing else to do.",
         metric: Metric::Messages,
-        chart: Some("from_start"),
+        charts: &["from_start", "deep"],
     },
     Section {
         family: "queue",
@@ -128,7 +128,7 @@ const SECTIONS: &[Section] = &[
         title: "Queue mode",
         about: "4 queue-mode consumers (tasks on the 2-worker runtime) share a topic of 4 partitions: each polls up to 100 messages and acks them, one by one with each ack awaited (`single_ack`) or with one `ack_batch` per poll (`batch_ack`); `_1p`: the same on a topic of one partition; `single_ack_1p_1c`: one consumer alone (the target: 4 consumers at 2.5 times its rate or more). The time covers leasing and acking; the records are written before the clock starts. The raw engines, with as many consumers: Redis, one stream per partition, one consumer group, `XREADGROUP ... COUNT 100` and `XACK` (each entry, or one per read); PostgreSQL, the design of pgmq and River, one table whatever the partitions (`id` primary key, `vt` visibility deadline, `read_ct`, `msg`), each consumer on a connection of its own leasing with `UPDATE ... SET vt = now + 30 s WHERE id IN (SELECT id ... WHERE vt <= now ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED) RETURNING id, msg` and deleting each row with its own `DELETE` (or a lease's rows with one `DELETE ... WHERE id = ANY($1)`), `synchronous_commit` off.",
         metric: Metric::Messages,
-        chart: Some("single_ack"),
+        charts: &["single_ack", "single_ack_1p", "single_ack_1p_1c"],
     },
 ];
 
@@ -743,7 +743,7 @@ The criterion HTML report (each workload with the backends as series, and their 
             section.title,
             about(section, results)
         );
-        if let Some(case) = section.chart {
+        for case in section.charts {
             let workload = format!("{}/{case}", section.family);
             let bars = bars(results, &workload, section.durability, section.metric);
             if !bars.is_empty() {
@@ -764,7 +764,7 @@ The criterion HTML report (each workload with the backends as series, and their 
         let _ = write!(
             md,
             "## Produce-to-consume latency\n\n\
-{rate} records a second for {secs:.0} s, each sent on its own (`send`, durability `none`) from a task started when it is due, \
+{rate} records a second for {secs} s, each sent on its own (`send`, durability `none`) from a task started when it is due, \
 whether or not the previous send has returned; one stream-mode consumer polls the topic. Each record is timed \
 from its `send` call to the moment `poll` returned it: the producer's write, the wake-up of the waiting \
 poll (in-process on the embedded backends; Redis pub/sub and PostgreSQL `LISTEN`/`NOTIFY` on the servers) and \
@@ -986,6 +986,10 @@ mod tests {
         // The raw bar is drawn beside its backend's.
         assert!(
             charts.contains(&("produce_batch_100_none.svg".to_string(), 3)),
+            "{charts:?}"
+        );
+        assert!(
+            charts.contains(&("read_deep_none.svg".to_string(), 2)),
             "{charts:?}"
         );
         assert!(charts.contains(&("latency_p99.svg".to_string(), 3)));
