@@ -243,6 +243,9 @@ fn merged(new: Results, charts: &Path) -> Result<Results, String> {
         .collect();
     old.rows.retain(|r| !ran.contains(&r.workload));
     old.skipped.retain(|s| !ran.contains(&s.workload));
+    if new.rows.iter().any(|r| r.workload == "read/deep") {
+        old.settings.deep_records = new.settings.deep_records;
+    }
     if !new.latency.is_empty() {
         old.latency = new.latency;
         old.settings.latency_rate = new.settings.latency_rate;

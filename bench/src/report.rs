@@ -255,7 +255,11 @@ fn latency_table(results: &Results) -> Option<String> {
 
 /// The section's text, with the deep read's figures filled in.
 fn about(section: &Section, results: &Results) -> String {
-    let deep = results.settings.deep_records;
+    // Results made before `read/deep` existed do not say.
+    let deep = match results.settings.deep_records {
+        0 => conveyor::bench::DEEP_TOPIC_RECORDS,
+        n => n,
+    };
     section
         .about
         .replace("{deep_from}", &thousands(deep - deep / 10))
