@@ -29,5 +29,6 @@ pub mod machine;
 pub mod raw;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 pub mod raw_latency;
+pub mod raw_queue;
 pub mod report;
 pub mod results;
