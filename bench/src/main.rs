@@ -24,7 +24,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     backends: Vec<String>,
     /// Only the workloads whose name starts with one of these
-    /// (`produce`, `queue/single_ack`, `latency`, ...).
+    /// (`produce`, `read/deep`, `latency`, ...; `queue/single_ack` picks
+    /// `queue/single_ack_1p` and `queue/single_ack_1p_1c` too).
     #[arg(long = "workload")]
     workloads: Vec<String>,
     /// The page to write.
