@@ -265,10 +265,11 @@ fn raw_redis_iter<C>(
             .map(|p| format!("{{{ns}/rawq.{round}.{p}}}:s"))
             .collect();
         let value = vec![7u8; VALUE];
-        rt.block_on(conveyor_bench::raw::redis_queue(
-            c, &keys, iters, batch, &value,
+        rt.block_on(conveyor_bench::raw_queue::redis_queue(
+            c, &keys, iters, CONSUMERS, batch, &value,
         ))
         .expect("the raw Redis queue")
+        .took
     });
 }
 

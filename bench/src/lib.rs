@@ -2,7 +2,8 @@
 //!
 //! The backend comparison: every workload of `conveyor::bench`'s
 //! catalogue on every compiled-in backend (memory, mmap, rocksdb, redis,
-//! postgres), each produce workload beside the backend's raw engine,
+//! postgres), each beside the backend's raw engine where it has one
+//! (produce, read, queue and latency: [`raw`], `raw_latency`),
 //! measured by criterion in one run; then `docs/benchmarks.md`, its charts
 //! and `docs/benchmarks/results.json` made from what the run printed.
 //!
@@ -26,5 +27,8 @@
 pub mod fixture;
 pub mod machine;
 pub mod raw;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub mod raw_latency;
+pub mod raw_queue;
 pub mod report;
 pub mod results;

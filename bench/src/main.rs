@@ -7,7 +7,7 @@
 use clap::Parser;
 use conveyor::bench::{catalogue, Kind, Workload};
 use conveyor_bench::fixture::{self, Backend, Fixture};
-use conveyor_bench::raw::Raw;
+use conveyor_bench::raw::{self, Raw};
 use conveyor_bench::report;
 use conveyor_bench::results::{LatencyRow, Results, Row, Settings, Skipped};
 use criterion::measurement::WallTime;
@@ -24,7 +24,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     backends: Vec<String>,
     /// Only the workloads whose name starts with one of these
-    /// (`produce`, `queue/single_ack`, `latency`, ...).
+    /// (`produce`, `read/deep`, `latency`, ...; `queue/single_ack` picks
+    /// `queue/single_ack_1p` and `queue/single_ack_1p_1c` too).
     #[arg(long = "workload")]
     workloads: Vec<String>,
     /// The page to write.
@@ -53,6 +54,10 @@ struct Args {
     /// Seconds the latency workload sends for.
     #[arg(long, default_value_t = 5.0)]
     latency_seconds: f64,
+    /// Records of the topic `read/deep` reads (default 1,000,000; 20,000
+    /// with --quick, which has no time to write more).
+    #[arg(long)]
+    deep_records: Option<u64>,
 }
 
 fn main() {
@@ -73,6 +78,11 @@ fn run(mut args: Args) -> Result<(), String> {
     if args.quick {
         (args.warm_up, args.measurement, args.latency_seconds) = (0.05, 0.1, 0.3);
     }
+    let deep_records = args.deep_records.unwrap_or(if args.quick {
+        20_000
+    } else {
+        conveyor::bench::DEEP_TOPIC_RECORDS
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -120,6 +130,7 @@ fn run(mut args: Args) -> Result<(), String> {
             latency_rate: 0,
             latency_s: args.latency_seconds,
             quick: args.quick,
+            deep_records,
         },
         ..Results::default()
     };
@@ -153,7 +164,7 @@ fn run(mut args: Args) -> Result<(), String> {
         for &durability in durabilities {
             let workloads: Vec<Workload> = catalogue()
                 .iter()
-                .copied()
+                .map(|w| w.with_topic_records(deep_records))
                 .filter(|w| w.family() == family && wanted(w))
                 .collect();
             if workloads.is_empty() {
@@ -190,9 +201,7 @@ fn run(mut args: Args) -> Result<(), String> {
                         results: &mut results,
                     };
                     failed += bench.backend(w, b.name, &url);
-                    if matches!(family, "produce" | "value_size" | "read" | "queue") {
-                        failed += bench.raw(w, b.name, &url);
-                    }
+                    failed += bench.raw(w, b.name, &url);
                 }
             }
             group.finish();
@@ -235,6 +244,9 @@ fn merged(new: Results, charts: &Path) -> Result<Results, String> {
         .collect();
     old.rows.retain(|r| !ran.contains(&r.workload));
     old.skipped.retain(|s| !ran.contains(&s.workload));
+    if new.rows.iter().any(|r| r.workload == "read/deep") {
+        old.settings.deep_records = new.settings.deep_records;
+    }
     if !new.latency.is_empty() {
         old.latency = new.latency;
         old.settings.latency_rate = new.settings.latency_rate;
@@ -406,35 +418,35 @@ impl Bench<'_, '_> {
     }
 
     /// Run the raw engine of `backend` on `w` (a produce workload of one
-    /// producer and topic, or the read workload); 1 if it failed, 0 if it
-    /// ran or the backend has none.
+    /// producer and topic, a read or a queue workload, where
+    /// [`conveyor_bench::raw::label`] names a baseline); 1 if it failed, 0
+    /// if it ran or the backend has none.
     fn raw(&mut self, w: &Workload, backend: &str, url: &str) -> usize {
-        // `batch` 0: the read workload; `queue`: a queue workload (Redis
-        // only), with batch acks or not.
-        let (batch, value_bytes, queue) = match w.kind() {
+        let single_producer = matches!(
+            w.kind(),
             Kind::Produce {
-                batch,
-                value_bytes,
                 producers: 1,
                 topics: 1,
-            } => (batch, value_bytes, None),
-            Kind::Read => (0, w.value_bytes(), None),
-            Kind::Queue { batch_ack } if backend == "redis" => {
-                (0, w.value_bytes(), Some(batch_ack))
+                ..
             }
-            _ => return 0,
-        };
+        );
+        let iterated =
+            single_producer || matches!(w.kind(), Kind::Read { .. } | Kind::Queue { .. });
+        if !iterated || raw::label(backend, &w.name()).is_none() {
+            return 0;
+        }
         let rt = self.rt;
         let always = self.durability == "always";
-        let mut raw = match rt.block_on(Raw::open(backend, url, always)) {
+        let mut engine = match rt.block_on(Raw::open(backend, url, always)) {
             Ok(Some(r)) => r,
             Ok(None) => return 0,
             Err(e) => return self.fail(w, backend, &format!("raw engine: {e}")),
         };
         self.throughput(w);
-        let value = vec![7u8; value_bytes];
+        let value = vec![7u8; w.value_bytes()];
         let function = format!("raw_{backend}");
         let mut failure: Option<String> = None;
+        let (mut leases, mut empty_leases) = (0, 0);
         self.group
             .bench_function(BenchmarkId::new(&function, Self::value(w)), |b| {
                 b.iter_custom(|iters| {
@@ -442,13 +454,26 @@ impl Bench<'_, '_> {
                         return Duration::from_nanos(1);
                     }
                     let n = iters * w.messages_per_iteration();
-                    let took = if let Some(batch_ack) = queue {
-                        raw.queue(rt, n, batch_ack, &value)
-                            .and_then(|t| t.ok_or_else(|| "raw engine: no queue".to_string()))
-                    } else if batch == 0 {
-                        raw.read(rt, n, &value)
-                    } else {
-                        raw.produce(rt, iters, batch, &value)
+                    let none = || format!("raw engine: no baseline of {}", w.name());
+                    let took = match w.kind() {
+                        Kind::Produce { batch, .. } => engine.produce(rt, iters, batch, &value),
+                        Kind::Read { topic_records: 0 } => engine.read(rt, n, &value),
+                        Kind::Read { topic_records } => engine
+                            .read_deep(rt, topic_records, n, &value)
+                            .and_then(|t| t.ok_or_else(none)),
+                        Kind::Queue {
+                            batch_ack,
+                            partitions,
+                            consumers,
+                        } => engine
+                            .queue(rt, n, partitions, consumers, batch_ack, &value)
+                            .and_then(|q| q.ok_or_else(none))
+                            .map(|q| {
+                                leases += q.leases;
+                                empty_leases += q.empty_leases;
+                                q.took
+                            }),
+                        Kind::Latency { .. } => Err(none()),
                     };
                     match took {
                         Ok(took) => took,
@@ -459,7 +484,13 @@ impl Bench<'_, '_> {
                     }
                 })
             });
-        let closed = raw.close(rt);
+        if leases > 0 {
+            println!(
+                "{}/raw_{backend}: {empty_leases} of {leases} leases empty",
+                w.name()
+            );
+        }
+        let closed = engine.close(rt);
         if let Some(e) = failure.or(closed.err()) {
             return self.fail(w, backend, &format!("raw engine: {e}"));
         }
@@ -467,7 +498,8 @@ impl Bench<'_, '_> {
     }
 }
 
-/// The latency workload on `b`; 1 if it failed.
+/// The latency workload on `b`, then on its raw engine if it has one;
+/// the number that failed.
 fn latency(
     rt: &tokio::runtime::Runtime,
     results: &mut Results,
@@ -476,18 +508,61 @@ fn latency(
     seconds: f64,
 ) -> usize {
     let name = "latency/produce_to_consume";
+    let duration = Duration::from_secs_f64(seconds);
     let outcome = rt.block_on(async {
         let f = Fixture::open(&b.url).await?;
-        conveyor::bench::latency(&f.broker, rate, Duration::from_secs_f64(seconds), 100)
+        conveyor::bench::latency(&f.broker, rate, duration, 100)
             .await
             .map_err(|e| e.to_string())
     });
+    let mut failed = record_latency(results, b.name, false, outcome);
+    if raw::label(b.name, name).is_some() {
+        let outcome = rt.block_on(raw_latency(b, rate, duration));
+        failed += record_latency(results, b.name, true, outcome);
+    }
+    failed
+}
+
+/// The raw latency baseline of `b` (see `conveyor_bench::raw_latency`).
+async fn raw_latency(
+    b: &Backend,
+    rate: u32,
+    duration: Duration,
+) -> Result<conveyor::bench::LatencySummary, String> {
+    let _ = (rate, duration);
+    match b.name {
+        #[cfg(feature = "redis")]
+        "redis" => match raw::redis_server(&b.url)? {
+            Some(server) => conveyor_bench::raw_latency::redis(&server, rate, duration, 100).await,
+            None => Err("no raw baseline on a cluster".into()),
+        },
+        #[cfg(feature = "postgres")]
+        "postgres" => {
+            let url = raw::postgres_connection(&b.url)?;
+            conveyor_bench::raw_latency::postgres(&url, rate, duration, 100).await
+        }
+        other => Err(format!("{other} has no raw latency baseline")),
+    }
+}
+
+/// Print and keep one latency run's figures; 1 if it failed.
+fn record_latency(
+    results: &mut Results,
+    backend: &str,
+    raw: bool,
+    outcome: Result<conveyor::bench::LatencySummary, String>,
+) -> usize {
+    let name = "latency/produce_to_consume";
+    let who = if raw {
+        format!("raw_{backend}")
+    } else {
+        backend.to_string()
+    };
     match outcome {
         Ok(s) => {
             let us = |d: Duration| d.as_secs_f64() * 1e6;
             println!(
-                "{name}/{}: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs ({} records)",
-                b.name,
+                "{name}/{who}: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs ({} records)",
                 us(s.p50),
                 us(s.p99),
                 us(s.p999),
@@ -495,7 +570,8 @@ fn latency(
                 s.samples
             );
             results.latency.push(LatencyRow {
-                backend: b.name.into(),
+                backend: backend.into(),
+                raw,
                 samples: s.samples,
                 p50_us: us(s.p50),
                 p99_us: us(s.p99),
@@ -505,7 +581,12 @@ fn latency(
             0
         }
         Err(e) => {
-            note_skip(results, b.name, name, "none", &format!("failed: {e}"));
+            let why = if raw {
+                format!("failed (raw engine): {e}")
+            } else {
+                format!("failed: {e}")
+            };
+            note_skip(results, backend, name, "none", &why);
             1
         }
     }

@@ -9,10 +9,12 @@
 //! | `redis` | `XADD key * v <value>` per record, pipelined, one round trip per batch |
 //! | `postgres` | one multi-row `INSERT` of (offset, value) rows; `synchronous_commit` off, or on under `always` |
 //!
-//! The read workload's raw side is [`Raw::read`]. `memory` has none: it is
-//! no engine. The mmap and RocksDB baselines
-//! block: they run on the calling thread, which is the bench's own, never
-//! an async worker.
+//! The read workloads' raw side is [`Raw::read`] and [`Raw::read_deep`],
+//! the queue workloads' [`Raw::queue`] (the servers only, with
+//! [`crate::raw_queue`]), the latency workload's `crate::raw_latency`.
+//! `memory` has none: it is no engine.
+//! The mmap and RocksDB baselines block: they run on the calling thread,
+//! which is the bench's own, never an async worker.
 
 use std::time::{Duration, Instant};
 
@@ -46,19 +48,152 @@ pub enum Raw {
     Redis {
         /// A multiplexed connection.
         conn: conveyor::redis::redis::aio::MultiplexedConnection,
-        /// The stream's key (deleted by [`Raw::close`]).
+        /// The stream's key (deleted by [`Raw::close`], as are the
+        /// `<key>.deep` stream of [`Raw::read_deep`] and the queue's).
         key: String,
+        /// Entries in the `<key>.deep` stream.
+        deep: u64,
     },
     /// One PostgreSQL table in a schema of its own.
     #[cfg(feature = "postgres")]
     Postgres {
         /// One connection.
         conn: sqlx::PgConnection,
+        /// The connection URL, for the queue's consumers' connections.
+        url: String,
         /// The schema (dropped by [`Raw::close`]).
         schema: String,
         /// The next offset.
         next: i64,
+        /// Rows in the `deep` table of [`Raw::read_deep`].
+        deep: u64,
     },
+}
+
+/// The Redis server of a broker URL (`redis://...`); `None` for a cluster.
+///
+/// # Errors
+/// The URL does not parse, as text.
+#[cfg(feature = "redis")]
+pub fn redis_server(url: &str) -> Result<Option<String>, String> {
+    let parsed = conveyor::BrokerUrl::parse(url).map_err(|e| e.to_string())?;
+    let (topology, _) = conveyor::redis::parse(&parsed).map_err(|e| e.to_string())?;
+    Ok((!topology.is_cluster()).then(|| topology.seeds()[0].clone()))
+}
+
+/// The connection URL of a PostgreSQL broker URL (Conveyor's options
+/// taken out).
+///
+/// # Errors
+/// The URL does not parse, as text.
+#[cfg(feature = "postgres")]
+pub fn postgres_connection(url: &str) -> Result<String, String> {
+    let parsed = conveyor::BrokerUrl::parse(url).map_err(|e| e.to_string())?;
+    let (conn_url, _) = conveyor::postgres::parse_url(&parsed).map_err(|e| e.to_string())?;
+    Ok(conn_url)
+}
+
+/// A connection to `url` working in `schema`, with `synchronous_commit`
+/// on when `always`, else off (Conveyor's durability `none`).
+///
+/// # Errors
+/// Connecting failed, as text.
+///
+/// # Cancel safety
+/// Cancel safe: dropped, the connection is dropped.
+#[cfg(feature = "postgres")]
+pub async fn postgres_connect(
+    url: &str,
+    schema: &str,
+    always: bool,
+) -> Result<sqlx::PgConnection, String> {
+    use sqlx::{Connection, Executor};
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .map_err(|e| format!("raw postgres: {e}"))?;
+    let sync = if always { "on" } else { "off" };
+    conn.execute(
+        format!("SET search_path TO \"{schema}\"; SET synchronous_commit TO {sync}").as_str(),
+    )
+    .await
+    .map_err(|e| format!("raw postgres: {e}"))?;
+    Ok(conn)
+}
+
+/// Append `n` entries of `value` to the stream `key`, pipelined 1,000 a
+/// round trip; with ids `0-<first>`, `0-<first + 1>`, ... when `first` is
+/// given (so a reader can start at a known position), else `*`.
+#[cfg(feature = "redis")]
+pub(crate) async fn redis_fill<C>(
+    conn: &mut C,
+    key: &str,
+    first: Option<u64>,
+    n: u64,
+    value: &[u8],
+) -> Result<(), String>
+where
+    C: conveyor::redis::redis::aio::ConnectionLike,
+{
+    use conveyor::redis::redis;
+    let mut at = 0;
+    while at < n {
+        let batch = (n - at).min(1000);
+        let mut pipe = redis::pipe();
+        for i in at..at + batch {
+            let id = first.map_or_else(|| "*".to_string(), |f| format!("0-{}", f + i));
+            pipe.cmd("XADD")
+                .arg(key)
+                .arg(id)
+                .arg("v")
+                .arg(value)
+                .ignore();
+        }
+        pipe.query_async::<()>(conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        at += batch;
+    }
+    Ok(())
+}
+
+/// One `XRANGE key <from> + COUNT 1000`: the entries it returned and the
+/// last one's id.
+#[cfg(feature = "redis")]
+async fn redis_range(
+    conn: &mut conveyor::redis::redis::aio::MultiplexedConnection,
+    key: &str,
+    from: &str,
+) -> Result<(u64, Option<String>), String> {
+    use conveyor::redis::redis::{self, streams::StreamRangeReply};
+    let got: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(key)
+        .arg(from)
+        .arg("+")
+        .arg("COUNT")
+        .arg(1000)
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((got.ids.len() as u64, got.ids.last().map(|e| e.id.clone())))
+}
+
+/// One `SELECT off, v FROM <table> WHERE off >= $1 ORDER BY off LIMIT
+/// 1000`: the rows it returned and the last one's offset.
+#[cfg(feature = "postgres")]
+async fn postgres_range(
+    conn: &mut sqlx::PgConnection,
+    table: &str,
+    at: i64,
+) -> Result<(u64, Option<i64>), String> {
+    use sqlx::Row;
+    let rows = sqlx::query(&format!(
+        "SELECT off, v FROM {table} WHERE off >= $1 ORDER BY off LIMIT 1000"
+    ))
+    .bind(at)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok((rows.len() as u64, rows.last().map(|r| r.get(0))))
 }
 
 /// The raw Redis read (see [`Raw::read`]): a stream of its own, filled
@@ -70,180 +205,51 @@ async fn redis_read(
     n: u64,
     value: &[u8],
 ) -> Result<Duration, String> {
-    use conveyor::redis::redis::{self, streams::StreamRangeReply};
+    use conveyor::redis::redis;
     let key = format!("{key}.read");
-    let e = |e: redis::RedisError| e.to_string();
-    let mut left = n;
-    while left > 0 {
-        let batch = left.min(1000);
-        let mut pipe = redis::pipe();
-        for _ in 0..batch {
-            pipe.cmd("XADD")
-                .arg(&key)
-                .arg("*")
-                .arg("v")
-                .arg(value)
-                .ignore();
-        }
-        pipe.query_async::<()>(conn).await.map_err(e)?;
-        left -= batch;
-    }
+    redis_fill(conn, &key, None, n, value).await?;
     let started = Instant::now();
     let (mut from, mut read) = ("-".to_string(), 0);
     while read < n {
-        let got: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(&key)
-            .arg(&from)
-            .arg("+")
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .map_err(e)?;
-        let last = got
-            .ids
-            .last()
-            .ok_or("raw redis: fewer entries than written")?;
-        from = format!("({}", last.id);
-        read += got.ids.len() as u64;
+        let (got, last) = redis_range(conn, &key, &from).await?;
+        let last = last.ok_or("raw redis: fewer entries than written")?;
+        from = format!("({last}");
+        read += got;
     }
     let took = started.elapsed();
     redis::cmd("UNLINK")
         .arg(&key)
         .query_async::<i64>(conn)
         .await
-        .map_err(e)?;
-    Ok(took)
-}
-
-/// The raw Redis queue, the way a well-built queue uses Redis: the
-/// `keys` streams (one hash slot each, so it runs on a cluster too),
-/// filled with `n` entries in all, one Redis consumer group, 4 consumers
-/// (tasks sharing the connection) taking turns over the streams with
-/// `XREADGROUP ... COUNT 100`, acking each entry with its own `XACK`
-/// (each awaited), or each read's entries with one `XACK` when
-/// `batch_ack`. Only the draining is timed; the streams are deleted after.
-/// [`Raw::queue`] (the comparison) and the `queue` criterion bench both
-/// use it.
-///
-/// # Errors
-/// The server's error, as text.
-#[cfg(feature = "redis")]
-pub async fn redis_queue<C>(
-    conn: &C,
-    keys: &[String],
-    n: u64,
-    batch_ack: bool,
-    value: &[u8],
-) -> Result<Duration, String>
-where
-    C: conveyor::redis::redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
-{
-    use conveyor::redis::redis::{self, streams::StreamReadReply};
-    use std::sync::atomic::{AtomicI64, Ordering};
-    use std::sync::Arc;
-    const CONSUMERS: usize = 4;
-    let e = |e: redis::RedisError| e.to_string();
-    let mut c = conn.clone();
-    let keys: Arc<Vec<String>> = Arc::new(keys.to_vec());
-    let streams = keys.len() as u64;
-    for (i, k) in keys.iter().enumerate() {
-        // One pipeline per stream: on a cluster, a pipeline stays in one slot.
-        let mut left = n / streams + u64::from((i as u64) < n % streams);
-        while left > 0 {
-            let batch = left.min(1000);
-            let mut pipe = redis::pipe();
-            for _ in 0..batch {
-                pipe.cmd("XADD")
-                    .arg(k)
-                    .arg("*")
-                    .arg("v")
-                    .arg(value)
-                    .ignore();
-            }
-            pipe.query_async::<()>(&mut c).await.map_err(e)?;
-            left -= batch;
-        }
-        redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(k)
-            .arg("workers")
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async::<()>(&mut c)
-            .await
-            .map_err(e)?;
-    }
-    let left = Arc::new(AtomicI64::new(n as i64));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..CONSUMERS)
-        .map(|i| {
-            let (mut c, keys, left) = (conn.clone(), keys.clone(), left.clone());
-            tokio::spawn(async move {
-                let mut turn = i;
-                while left.load(Ordering::Relaxed) > 0 {
-                    let k = &keys[turn % keys.len()];
-                    turn += 1;
-                    let got: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-                        .arg("GROUP")
-                        .arg("workers")
-                        .arg(format!("c{i}"))
-                        .arg("COUNT")
-                        .arg(100)
-                        .arg("STREAMS")
-                        .arg(k)
-                        .arg(">")
-                        .query_async(&mut c)
-                        .await?;
-                    let ids: Vec<String> = got
-                        .into_iter()
-                        .flat_map(|r| r.keys)
-                        .flat_map(|k| k.ids)
-                        .map(|e| e.id)
-                        .collect();
-                    if batch_ack && !ids.is_empty() {
-                        redis::cmd("XACK")
-                            .arg(k)
-                            .arg("workers")
-                            .arg(&ids)
-                            .query_async::<i64>(&mut c)
-                            .await?;
-                    }
-                    for id in ids.iter().filter(|_| !batch_ack) {
-                        redis::cmd("XACK")
-                            .arg(k)
-                            .arg("workers")
-                            .arg(id)
-                            .query_async::<i64>(&mut c)
-                            .await?;
-                    }
-                    left.fetch_sub(ids.len() as i64, Ordering::Relaxed);
-                }
-                Ok::<_, redis::RedisError>(())
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.map_err(|e| e.to_string())?.map_err(e)?;
-    }
-    let took = started.elapsed();
-    for k in keys.iter() {
-        redis::cmd("UNLINK")
-            .arg(k)
-            .query_async::<i64>(&mut c)
-            .await
-            .map_err(e)?;
-    }
+        .map_err(|e| e.to_string())?;
     Ok(took)
 }
 
 /// What each backend's raw baseline is called in the report, for the
-/// workload named `workload` (`produce/...`, `read/...`, `queue/...`).
+/// workload named `workload` (`produce/...`, `read/...`, `queue/...`,
+/// `latency/...`); `None` where it has none (the comparison then runs
+/// none).
 pub fn label(backend: &str, workload: &str) -> Option<&'static str> {
     if workload.starts_with("queue/") {
-        return match (backend, workload.ends_with("batch_ack")) {
+        return match (backend, workload.contains("batch_ack")) {
             ("redis", false) => Some("XREADGROUP + XACK each"),
             ("redis", true) => Some("XREADGROUP + one XACK per read"),
+            ("postgres", false) => Some("UPDATE … SKIP LOCKED + DELETE each"),
+            ("postgres", true) => Some("UPDATE … SKIP LOCKED + one DELETE per lease"),
+            _ => None,
+        };
+    }
+    if workload.starts_with("latency/") {
+        return match backend {
+            "redis" => Some("XADD + XREAD BLOCK"),
+            "postgres" => Some("INSERT + NOTIFY, LISTEN + SELECT"),
+            _ => None,
+        };
+    }
+    if workload == "read/deep" {
+        return match backend {
+            "redis" => Some("XRANGE from entry 900,001"),
+            "postgres" => Some("SELECT from offset 900,000"),
             _ => None,
         };
     }
@@ -304,13 +310,11 @@ impl Raw {
             #[cfg(feature = "redis")]
             "redis" => {
                 use conveyor::redis::redis;
-                let parsed = conveyor::BrokerUrl::parse(url).map_err(|e| e.to_string())?;
-                let (topology, _) = conveyor::redis::parse(&parsed).map_err(|e| e.to_string())?;
-                if topology.is_cluster() {
+                let Some(server) = redis_server(url)? else {
                     return Ok(None);
-                }
-                let client = redis::Client::open(topology.seeds()[0].as_str())
-                    .map_err(|e| format!("raw redis: {e}"))?;
+                };
+                let client =
+                    redis::Client::open(server.as_str()).map_err(|e| format!("raw redis: {e}"))?;
                 let conn = client
                     .get_multiplexed_async_connection()
                     .await
@@ -318,23 +322,18 @@ impl Raw {
                 Ok(Some(Raw::Redis {
                     conn,
                     key: format!("{{{}}}:raw", crate::fixture::unique("bench.raw")),
+                    deep: 0,
                 }))
             }
             #[cfg(feature = "postgres")]
             "postgres" => {
-                use sqlx::{Connection, Executor};
-                let parsed = conveyor::BrokerUrl::parse(url).map_err(|e| e.to_string())?;
-                let (conn_url, _) =
-                    conveyor::postgres::parse_url(&parsed).map_err(|e| e.to_string())?;
-                let mut conn = sqlx::PgConnection::connect(&conn_url)
-                    .await
-                    .map_err(|e| format!("raw postgres: {e}"))?;
+                use sqlx::Executor;
+                let conn_url = postgres_connection(url)?;
                 let schema = crate::fixture::unique("bench_raw");
-                let sync = if always { "on" } else { "off" };
+                let mut conn = postgres_connect(&conn_url, &schema, always).await?;
                 conn.execute(
                     format!(
-                        "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\"; \
-                         SET synchronous_commit TO {sync}; \
+                        "CREATE SCHEMA \"{schema}\"; \
                          CREATE TABLE raw (off bigint PRIMARY KEY, v bytea NOT NULL)"
                     )
                     .as_str(),
@@ -343,8 +342,10 @@ impl Raw {
                 .map_err(|e| format!("raw postgres: {e}"))?;
                 Ok(Some(Raw::Postgres {
                     conn,
+                    url: conn_url,
                     schema,
                     next: 0,
+                    deep: 0,
                 }))
             }
             _ => Ok(None),
@@ -399,7 +400,7 @@ impl Raw {
                 Ok(started.elapsed())
             }
             #[cfg(feature = "redis")]
-            Raw::Redis { conn, key } => {
+            Raw::Redis { conn, key, .. } => {
                 use conveyor::redis::redis;
                 let mut pipe = redis::pipe();
                 for _ in 0..batch {
@@ -470,7 +471,7 @@ impl Raw {
             Raw::Postgres { next, .. } => *next as u64,
         };
         #[cfg(feature = "redis")]
-        if let Raw::Redis { conn, key } = self {
+        if let Raw::Redis { conn, key, .. } = self {
             return rt.block_on(redis_read(conn, key, n, value));
         }
         let mut left = n;
@@ -516,33 +517,107 @@ impl Raw {
             Raw::Redis { .. } => Err("raw redis: read above".into()),
             #[cfg(feature = "postgres")]
             Raw::Postgres { conn, .. } => rt.block_on(async {
-                use sqlx::Row;
                 let started = Instant::now();
                 let mut at = start as i64;
                 let end = (start + n) as i64;
                 while at < end {
-                    let rows = sqlx::query(
-                        "SELECT off, v FROM raw WHERE off >= $1 ORDER BY off LIMIT 1000",
-                    )
-                    .bind(at)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    let last: i64 = rows
-                        .last()
-                        .ok_or("raw postgres: fewer records than written")?
-                        .get(0);
-                    at = last + 1;
+                    let (_, last) = postgres_range(conn, "raw", at).await?;
+                    at = last.ok_or("raw postgres: fewer records than written")? + 1;
                 }
                 Ok(started.elapsed())
             }),
         }
     }
 
-    /// The raw side of the queue workloads, Redis only: `n` entries leased
-    /// with `XREADGROUP` by 4 consumers over 4 streams and acked with
-    /// `XACK`, one by one or (`batch_ack`) one call per read; the time the
-    /// draining took. `Ok(None)` for an engine without a queue.
+    /// The raw side of `read/deep`, the servers only: a table or stream
+    /// of `topic_records` copies of `value` (written the first time, one
+    /// `INSERT ... SELECT generate_series`, or pipelined `XADD`s with ids
+    /// `0-1`, `0-2`, ...; untimed), then `n` of them read in order from
+    /// the last tenth (offset 900,000 of 1,000,000), 1,000 a call as in
+    /// [`Raw::read`], starting over there at the end; the time the
+    /// reading took. `Ok(None)` for an engine without this baseline.
+    ///
+    /// # Errors
+    /// The server's error, as text.
+    pub fn read_deep(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        topic_records: u64,
+        n: u64,
+        value: &[u8],
+    ) -> Result<Option<Duration>, String> {
+        let from = topic_records - topic_records / 10;
+        match self {
+            #[cfg(feature = "redis")]
+            Raw::Redis { conn, key, deep } => rt.block_on(async {
+                let key = format!("{key}.deep");
+                if *deep != topic_records {
+                    conveyor::redis::redis::cmd("UNLINK")
+                        .arg(&key)
+                        .query_async::<i64>(&mut *conn)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    redis_fill(conn, &key, Some(1), topic_records, value).await?;
+                    *deep = topic_records;
+                }
+                let first = format!("0-{}", from + 1);
+                let started = Instant::now();
+                let (mut at, mut read) = (first.clone(), 0);
+                while read < n {
+                    let (got, last) = redis_range(conn, &key, &at).await?;
+                    read += got;
+                    at = match last {
+                        Some(id) if id != format!("0-{topic_records}") => format!("({id}"),
+                        _ => first.clone(),
+                    };
+                }
+                Ok(Some(started.elapsed()))
+            }),
+            #[cfg(feature = "postgres")]
+            Raw::Postgres { conn, deep, .. } => rt.block_on(async {
+                use sqlx::Executor;
+                if *deep != topic_records {
+                    conn.execute(
+                        "DROP TABLE IF EXISTS deep; \
+                         CREATE TABLE deep (off bigint PRIMARY KEY, v bytea NOT NULL)",
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    sqlx::query("INSERT INTO deep SELECT g, $1 FROM generate_series(0, $2 - 1) g")
+                        .bind(value)
+                        .bind(topic_records as i64)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    conn.execute("ANALYZE deep")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    *deep = topic_records;
+                }
+                let started = Instant::now();
+                let (mut at, mut read) = (from as i64, 0);
+                while read < n {
+                    let (got, last) = postgres_range(conn, "deep", at).await?;
+                    read += got;
+                    at = match last {
+                        Some(off) if off + 1 < topic_records as i64 => off + 1,
+                        _ => from as i64,
+                    };
+                }
+                Ok(Some(started.elapsed()))
+            }),
+            _ => {
+                let _ = (rt, n, value, from);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The raw side of the queue workloads, the servers only: `n`
+    /// messages leased by `consumers` consumers and acked one by one, or
+    /// (`batch_ack`) one call per lease; Redis with [`redis_queue`](crate::raw_queue::redis_queue) over
+    /// `partitions` streams, PostgreSQL with [`postgres_queue`](crate::raw_queue::postgres_queue) (one table,
+    /// whatever the partitions). `Ok(None)` for an engine without a queue.
     ///
     /// # Errors
     /// The server's error, as text.
@@ -550,18 +625,31 @@ impl Raw {
         &mut self,
         rt: &tokio::runtime::Runtime,
         n: u64,
+        partitions: u32,
+        consumers: usize,
         batch_ack: bool,
         value: &[u8],
-    ) -> Result<Option<Duration>, String> {
-        #[cfg(feature = "redis")]
-        if let Raw::Redis { conn, key } = self {
-            let keys: Vec<String> = (0..4).map(|p| format!("{key}.q{p}")).collect();
-            return rt
-                .block_on(redis_queue(conn, &keys, n, batch_ack, value))
-                .map(Some);
+    ) -> Result<Option<crate::raw_queue::QueueRun>, String> {
+        match self {
+            #[cfg(feature = "redis")]
+            Raw::Redis { conn, key, .. } => {
+                let keys: Vec<String> = (0..partitions).map(|p| format!("{key}.q{p}")).collect();
+                rt.block_on(crate::raw_queue::redis_queue(
+                    conn, &keys, n, consumers, batch_ack, value,
+                ))
+                .map(Some)
+            }
+            #[cfg(feature = "postgres")]
+            Raw::Postgres { url, schema, .. } => rt
+                .block_on(crate::raw_queue::postgres_queue(
+                    url, schema, n, consumers, batch_ack, value,
+                ))
+                .map(Some),
+            _ => {
+                let _ = (rt, n, partitions, consumers, batch_ack, value);
+                Ok(None)
+            }
         }
-        let _ = (rt, n, batch_ack, value);
-        Ok(None)
     }
 
     /// Delete what the engine wrote (the servers' key or schema; the
@@ -573,9 +661,10 @@ impl Raw {
         let _ = rt;
         match self {
             #[cfg(feature = "redis")]
-            Raw::Redis { mut conn, key } => rt.block_on(async {
+            Raw::Redis { mut conn, key, .. } => rt.block_on(async {
                 conveyor::redis::redis::cmd("UNLINK")
                     .arg(&key)
+                    .arg(format!("{key}.deep"))
                     .query_async::<i64>(&mut conn)
                     .await
                     .map(drop)

@@ -69,8 +69,8 @@ struct Section {
     title: &'static str,
     about: &'static str,
     metric: Metric,
-    /// The headline case drawn as a chart.
-    chart: Option<&'static str>,
+    /// The headline cases, each drawn as a chart.
+    charts: &'static [&'static str],
 }
 
 const SECTIONS: &[Section] = &[
@@ -80,7 +80,7 @@ const SECTIONS: &[Section] = &[
         title: "Produce, durability `none`",
         about: "One producer sends batches of 1, 100 and 1,000 records of 100 bytes to a topic of one partition, each `send_batch` awaited before the next, from a spawned task. `none`: `send` returns once the backend has the records (in the OS page cache, in the server's memory); a crash of the machine may lose the last ones.",
         metric: Metric::Messages,
-        chart: Some("batch_100"),
+        charts: &["batch_100"],
     },
     Section {
         family: "produce",
@@ -88,7 +88,7 @@ const SECTIONS: &[Section] = &[
         title: "Produce, durability `always`",
         about: "The same, with `durability=always`: `send` returns after the records are on stable storage (mmap: `fdatasync`; RocksDB: a synced WAL write; Redis: `appendfsync always`, on a private server started for the run; PostgreSQL: `synchronous_commit = on`). One producer awaiting each batch pays one sync per batch, so the batch size decides the rate. The memory backend accepts the setting and has nothing to sync: its figures are no durable rate.",
         metric: Metric::Messages,
-        chart: Some("batch_100"),
+        charts: &["batch_100"],
     },
     Section {
         family: "value_size",
@@ -96,7 +96,7 @@ const SECTIONS: &[Section] = &[
         title: "Value size",
         about: "Batches of 100 records of 100 bytes, 1 KiB and 64 KiB, durability `none`. MB/s counts value bytes only. The memory backend keeps the values it is given (shared, not copied), so its MB/s grows with the value size and means little.",
         metric: Metric::Bytes,
-        chart: Some("64KiB"),
+        charts: &["64KiB"],
     },
     Section {
         family: "producers",
@@ -104,7 +104,7 @@ const SECTIONS: &[Section] = &[
         title: "Concurrent producers",
         about: "1, 2 and 4 producers (each its own `Producer` and task) send batches of 100 to one topic of 4 partitions at once, durability `none`.",
         metric: Metric::Messages,
-        chart: None,
+        charts: &[],
     },
     Section {
         family: "topics",
@@ -112,23 +112,23 @@ const SECTIONS: &[Section] = &[
         title: "Many topics",
         about: "One producer sends batches of 100 to 1, 10 and 1,000 topics (one partition each) in turn, durability `none`: what a backend pays per topic it keeps open.",
         metric: Metric::Messages,
-        chart: None,
+        charts: &[],
     },
     Section {
         family: "read",
         durability: "none",
-        title: "Read from the start",
-        about: "A new stream-mode group reads a topic of one partition from the start: polls of up to 1,000, each poll's batch committed before the next poll. The records are written before the clock starts. The raw engines read the same records back, 1,000 a call, with nothing else to do.",
+        title: "Read",
+        about: "A new stream-mode group reads a topic of one partition: polls of up to 1,000, each poll's batch committed before the next poll. `read/from_start`: from the start of a topic holding what the run reads (the records are written before the clock starts). `read/deep`: from offset {deep_from} of a topic of {deep} records written once, before any run (each run's group seeks there first, and back there at the end). The target: a deep read at 90% or more of the rate of `read/from_start`. The raw engines read the same records back, 1,000 a call (`read/deep`: from the same depth of a table or stream as large, on the servers), with nothing else to do.",
         metric: Metric::Messages,
-        chart: Some("from_start"),
+        charts: &["from_start", "deep"],
     },
     Section {
         family: "queue",
         durability: "none",
         title: "Queue mode",
-        about: "4 queue-mode consumers (tasks on the 2-worker runtime) share a topic of 4 partitions: each polls up to 100 messages and acks them, one by one with each ack awaited (`single_ack`) or with one `ack_batch` per poll (`batch_ack`). The time covers leasing and acking; the records are written before the clock starts.",
+        about: "4 queue-mode consumers (tasks on the 2-worker runtime) share a topic of 4 partitions: each polls up to 100 messages and acks them, one by one with each ack awaited (`single_ack`) or with one `ack_batch` per poll (`batch_ack`); `_1p`: the same on a topic of one partition; `single_ack_1p_1c`: one consumer alone (the target: 4 consumers at 2.5 times its rate or more). The time covers leasing and acking; the records are written before the clock starts. The raw engines, with as many consumers: Redis, one stream per partition, one consumer group, `XREADGROUP ... COUNT 100` and `XACK` (each entry, or one per read); PostgreSQL, the design of pgmq and River, one table whatever the partitions (`id` primary key, `vt` visibility deadline, `read_ct`, `msg`), each consumer on a connection of its own leasing with `UPDATE ... SET vt = now + 30 s WHERE id IN (SELECT id ... WHERE vt <= now ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED) RETURNING id, msg` and deleting each row with its own `DELETE` (or a lease's rows with one `DELETE ... WHERE id = ANY($1)`), `synchronous_commit` off.",
         metric: Metric::Messages,
-        chart: Some("single_ack"),
+        charts: &["single_ack", "single_ack_1p", "single_ack_1p_1c"],
     },
 ];
 
@@ -220,21 +220,63 @@ fn latency_table(results: &Results) -> Option<String> {
         return None;
     }
     let mut t = String::from(
-        "| backend | p50 | p99 | p99.9 | max | records |\n|---|---|---|---|---|---|\n",
+        "| backend | p50 | p99 | p99.9 | max | records | raw engine |\n|---|---|---|---|---|---|---|\n",
     );
-    for l in &results.latency {
+    // A percentile beside the raw engine's, and how many times it is.
+    let beside = |us: f64, raw: Option<f64>| match raw {
+        Some(r) => format!(
+            "{} · **{:.1}×** raw's {}",
+            micros(us),
+            us / r.max(1e-9),
+            micros(r)
+        ),
+        None => micros(us),
+    };
+    for l in results.latency.iter().filter(|l| !l.raw) {
+        let raw = results
+            .latency
+            .iter()
+            .find(|r| r.raw && r.backend == l.backend);
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             l.backend,
-            micros(l.p50_us),
-            micros(l.p99_us),
+            beside(l.p50_us, raw.map(|r| r.p50_us)),
+            beside(l.p99_us, raw.map(|r| r.p99_us)),
             micros(l.p999_us),
             micros(l.max_us),
-            l.samples
+            l.samples,
+            raw.and_then(|_| crate::raw::label(&l.backend, "latency/produce_to_consume"))
+                .unwrap_or("–"),
         );
     }
     Some(t)
+}
+
+/// The section's text, with the deep read's figures filled in.
+fn about(section: &Section, results: &Results) -> String {
+    // Results made before `read/deep` existed do not say.
+    let deep = match results.settings.deep_records {
+        0 => conveyor::bench::DEEP_TOPIC_RECORDS,
+        n => n,
+    };
+    section
+        .about
+        .replace("{deep_from}", &thousands(deep - deep / 10))
+        .replace("{deep}", &thousands(deep))
+}
+
+/// `1000000` as `1,000,000`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Every table, as the command prints them after a run (and as the page
@@ -279,7 +321,10 @@ fn rate_of(results: &Results, workload: &str, durability: &str, backend: &str) -
 }
 
 fn latency_of<'a>(results: &'a Results, backend: &str) -> Option<&'a LatencyRow> {
-    results.latency.iter().find(|l| l.backend == backend)
+    results
+        .latency
+        .iter()
+        .find(|l| !l.raw && l.backend == backend)
 }
 
 /// What each backend is, whatever the numbers.
@@ -436,9 +481,37 @@ fn which_when(results: &Results) -> String {
             acks.join(", ")
         ));
     }
+    let consumers = per_backend(&|b: &str| {
+        let (four, one) = (
+            rate_of(results, "queue/single_ack_1p", "none", b)?,
+            rate_of(results, "queue/single_ack_1p_1c", "none", b)?,
+        );
+        Some(format!("{b} {:.1}×", four / one))
+    });
+    if !consumers.is_empty() {
+        picks.push(format!(
+            "**Queue mode: more consumers** (4 against 1, single acks, one partition; target 2.5× or more): {}.",
+            consumers.join(", ")
+        ));
+    }
+    let deep = per_backend(&|b: &str| {
+        let (deep, start) = (
+            rate_of(results, "read/deep", "none", b)?,
+            rate_of(results, "read/from_start", "none", b)?,
+        );
+        Some(format!("{b} {:.0}%", 100.0 * deep / start))
+    });
+    if !deep.is_empty() {
+        picks.push(format!(
+            "**Reading deep in a large topic** (`read/deep`, a topic of {} records, against `read/from_start`; target 90% or more): {}.",
+            thousands(results.settings.deep_records),
+            deep.join(", ")
+        ));
+    }
     if let Some(l) = results
         .latency
         .iter()
+        .filter(|l| !l.raw)
         .min_by(|a, b| a.p99_us.total_cmp(&b.p99_us))
     {
         picks.push(format!(
@@ -638,6 +711,9 @@ and for each backend with a raw engine its share of the engine's own rate, measu
 | rocksdb | one `WriteBatch` of 16-byte keys and the values, LZ4 (synced under `always`) | 1,000 iterator steps |\n\
 | redis | one pipelined `XADD key * v <value>` per record, one round trip | one `XRANGE ... COUNT 1000` |\n\
 | postgres | one multi-row `INSERT` of (offset, value); `synchronous_commit` off (on under `always`) | one `SELECT ... ORDER BY off LIMIT 1000` |\n\n\
+The queue workloads' raw engines (Redis `XREADGROUP` + `XACK`, PostgreSQL's pgmq-style table leased with \
+`UPDATE ... FOR UPDATE SKIP LOCKED`) and the latency workload's (`XREAD BLOCK`, `LISTEN`/`NOTIFY`) are described with \
+their tables.\n\n\
 A backend's share of raw is the price of the queue on top: offsets, batching, headers, deduplication window, \
 indexes and, on the servers, doing each step in one script or transaction.\n\n\
 | machine | |\n|---|---|\n\
@@ -665,8 +741,13 @@ The criterion HTML report (each workload with the backends as series, and their 
         let Some(t) = table(results, section) else {
             continue;
         };
-        let _ = write!(md, "## {}\n\n{}\n\n", section.title, section.about);
-        if let Some(case) = section.chart {
+        let _ = write!(
+            md,
+            "## {}\n\n{}\n\n",
+            section.title,
+            about(section, results)
+        );
+        for case in section.charts {
             let workload = format!("{}/{case}", section.family);
             let bars = bars(results, &workload, section.durability, section.metric);
             if !bars.is_empty() {
@@ -687,11 +768,15 @@ The criterion HTML report (each workload with the backends as series, and their 
         let _ = write!(
             md,
             "## Produce-to-consume latency\n\n\
-{rate} records a second for {secs:.0} s, each sent on its own (`send`, durability `none`) from a task started when it is due, \
+{rate} records a second for {secs} s, each sent on its own (`send`, durability `none`) from a task started when it is due, \
 whether or not the previous send has returned; one stream-mode consumer polls the topic. Each record is timed \
 from its `send` call to the moment `poll` returned it: the producer's write, the wake-up of the waiting \
 poll (in-process on the embedded backends; Redis pub/sub and PostgreSQL `LISTEN`/`NOTIFY` on the servers) and \
-the read.\n\n",
+the read. The servers' raw engines run the same open loop at the same rate, each record timed in the process \
+from the writer's call to the moment the reader has it: Redis, `XADD` on one connection and a reader blocked in \
+`XREAD BLOCK` on another; PostgreSQL, one statement inserting the row and calling `pg_notify` (one transaction, \
+`synchronous_commit` off, a pool of 4 connections) and a reader that `LISTEN`s and, on each notification, \
+`SELECT`s the rows past those it has. Each percentile is shown beside the raw engine's, and how many times it is.\n\n",
             rate = s.latency_rate,
             secs = s.latency_s,
         );
@@ -699,9 +784,18 @@ the read.\n\n",
             .latency
             .iter()
             .map(|l| Bar {
-                label: l.backend.clone(),
+                label: if l.raw {
+                    format!(
+                        "{} raw: {}",
+                        l.backend,
+                        crate::raw::label(&l.backend, "latency/produce_to_consume")
+                            .unwrap_or("raw")
+                    )
+                } else {
+                    l.backend.clone()
+                },
                 value: l.p99_us,
-                raw: false,
+                raw: l.raw,
             })
             .collect();
         draw(
@@ -740,7 +834,7 @@ the read.\n\n",
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::{Results, Skipped};
+    use crate::results::{Results, Settings, Skipped};
 
     fn row(workload: &str, durability: &str, backend: &str, raw: bool, ns: f64) -> Row {
         Row {
@@ -771,21 +865,58 @@ mod tests {
                     bytes: 100,
                     ..row("produce/batch_1", "none", "redis", false, 100_000.0)
                 },
+                row("read/from_start", "none", "redis", false, 1_000_000.0),
+                row("read/deep", "none", "redis", false, 1_250_000.0),
+                row("read/deep", "none", "redis", true, 250_000.0),
+                row("queue/single_ack_1p", "none", "redis", false, 1_000_000.0),
+                row("queue/single_ack_1p", "none", "redis", true, 500_000.0),
+                row(
+                    "queue/single_ack_1p_1c",
+                    "none",
+                    "redis",
+                    false,
+                    3_000_000.0,
+                ),
             ],
-            latency: vec![LatencyRow {
-                backend: "mmap".into(),
-                samples: 5000,
-                p50_us: 40.0,
-                p99_us: 120.0,
-                p999_us: 900.0,
-                max_us: 1500.0,
-            }],
+            latency: vec![
+                LatencyRow {
+                    backend: "mmap".into(),
+                    raw: false,
+                    samples: 5000,
+                    p50_us: 40.0,
+                    p99_us: 120.0,
+                    p999_us: 900.0,
+                    max_us: 1500.0,
+                },
+                LatencyRow {
+                    backend: "redis".into(),
+                    raw: false,
+                    samples: 5000,
+                    p50_us: 300.0,
+                    p99_us: 900.0,
+                    p999_us: 2000.0,
+                    max_us: 3000.0,
+                },
+                LatencyRow {
+                    backend: "redis".into(),
+                    raw: true,
+                    samples: 5000,
+                    p50_us: 100.0,
+                    p99_us: 300.0,
+                    p999_us: 500.0,
+                    max_us: 800.0,
+                },
+            ],
             skipped: vec![Skipped {
                 backend: "redis".into(),
                 workload: "*".into(),
                 durability: "always".into(),
                 why: "no AOF".into(),
             }],
+            settings: Settings {
+                deep_records: 1_000_000,
+                ..Settings::default()
+            },
             ..Results::default()
         }
     }
@@ -825,9 +956,33 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| mmap | 40.0 µs | 120 µs | 900 µs | 1.50 ms | 5000 |"),
+            md.contains("| mmap | 40.0 µs | 120 µs | 900 µs | 1.50 ms | 5000 | – |"),
             "{md}"
         );
+        // A server's latency beside its raw engine's.
+        assert!(
+            md.contains(
+                "| redis | 300 µs · **3.0×** raw's 100 µs | 900 µs · **3.0×** raw's 300 µs | 2.00 ms | 3.00 ms | 5000 | XADD + XREAD BLOCK |"
+            ),
+            "{md}"
+        );
+        // The new rows beside their raw baselines, and the targets read off them.
+        assert!(
+            md.contains("| `read/deep` | – | 80.0 K msg/s · **20%** of 400 K |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `queue/single_ack_1p` | – | 100 K msg/s · **50%** of 200 K |"),
+            "{md}"
+        );
+        assert!(md.contains("from offset 900,000 of a topic of 1,000,000 records"));
+        assert!(
+            md.contains(
+                "4 against 1, single acks, one partition; target 2.5× or more): redis 3.0×"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("target 90% or more): redis 80%"), "{md}");
         assert!(
             md.contains("- redis `*` (durability `always`): no AOF"),
             "{md}"
@@ -837,7 +992,11 @@ mod tests {
             charts.contains(&("produce_batch_100_none.svg".to_string(), 3)),
             "{charts:?}"
         );
-        assert!(charts.contains(&("latency_p99.svg".to_string(), 1)));
+        assert!(
+            charts.contains(&("read_deep_none.svg".to_string(), 2)),
+            "{charts:?}"
+        );
+        assert!(charts.contains(&("latency_p99.svg".to_string(), 3)));
         // The choice follows from the numbers: mmap is the faster here.
         assert!(
             md.contains("produce: redis") || md.contains("**mmap**"),

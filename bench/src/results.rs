@@ -59,6 +59,10 @@ pub struct Settings {
     pub latency_s: f64,
     /// A short smoke run (CI): figures not meant for the page.
     pub quick: bool,
+    /// Records of the topic `read/deep` read (0 in results made before
+    /// it existed).
+    #[serde(default)]
+    pub deep_records: u64,
 }
 
 /// One measured benchmark.
@@ -98,6 +102,10 @@ impl Row {
 pub struct LatencyRow {
     /// The backend.
     pub backend: String,
+    /// The backend's raw engine (`conveyor_bench::raw_latency`), not the
+    /// backend.
+    #[serde(default)]
+    pub raw: bool,
     /// Records timed.
     pub samples: u64,
     /// Median, microseconds.
