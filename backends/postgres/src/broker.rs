@@ -51,6 +51,9 @@ pub(crate) struct Inner {
     /// Queue-mode acks in flight per group, merged into one statement
     /// (see `consumer::ack_leases`).
     pub acks: Arc<Merge<Arc<str>, crate::consumer::AckItem, bool>>,
+    /// Connections kept out of the pool for per-message statements (see
+    /// `spare`).
+    pub spare: Arc<crate::spare::Spare>,
     /// Topics as last read, for sends (see [`Inner::topic_cached`]).
     topics: TopicCache<TopicRow>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -76,6 +79,16 @@ impl Inner {
     ) -> Result<T> {
         conveyor_core::backend::within(self.op_timeout.saturating_add(extra), "PostgreSQL", call)
             .await
+    }
+
+    /// A connection for one statement outside a transaction (see
+    /// `spare`): give it back by dropping it, after
+    /// [`crate::spare::Conn::checked`] on the statement's result.
+    pub(crate) async fn conn(&self, what: &str) -> Result<crate::spare::Conn> {
+        self.spare
+            .get(&self.pool)
+            .await
+            .map_err(crate::error::during(what))
     }
 
     /// Wake this process's waiting polls (other processes are woken by
@@ -440,6 +453,9 @@ impl PgBroker {
             op_timeout: pg.timeout,
             members: Mutex::new(std::collections::BTreeSet::new()),
             lanes: Mutex::new(HashMap::new()),
+            // At most half the pool, and never all of it (transactions take
+            // theirs from the pool).
+            spare: crate::spare::Spare::new((pg.max_connections as usize - 1) / 2),
             acks: Arc::new(Merge::new(
                 crate::consumer::ACK_MERGE_MAX,
                 crate::consumer::ACK_CALLS,
@@ -820,6 +836,7 @@ impl Broker for PgBroker {
                 })
                 .await;
             inner.wake();
+            inner.spare.close();
             // The idle connections close now; the ones callers still hold
             // (a poll waiting out its timeout) when they come back (see
             // `close_pool`), without `close` waiting for other calls.

@@ -254,6 +254,7 @@ mod produce;
 mod queries;
 mod retention;
 mod schema;
+mod spare;
 mod tx;
 mod url;
 

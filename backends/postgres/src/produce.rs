@@ -324,10 +324,9 @@ async fn append_pooled(
     records: &[&Record],
     sent_at: &[u64],
 ) -> Result<Vec<Receipt>> {
-    match inner.pool.acquire().await {
-        Ok(mut conn) => append_sent(&mut conn, topic, topic_id, partition, records, sent_at).await,
-        Err(e) => Err(crate::error::map(&format!("send to `{topic}`"), e)),
-    }
+    let mut conn = inner.conn(&format!("send to `{topic}`")).await?;
+    let appended = append_sent(&mut conn, topic, topic_id, partition, records, sent_at).await;
+    conn.checked(appended)
 }
 
 impl Inner {
