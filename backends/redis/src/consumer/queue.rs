@@ -35,10 +35,7 @@ fn poll_call(part: &keys::Part, q: &keys::Queue) -> redis::ScriptInvocation<'sta
     call.key(&part.meta)
         .key(&part.log)
         .key(&q.cursor)
-        .key(&q.leases)
-        .key(&q.ready)
-        .key(&q.attempts)
-        .key(&q.tokens)
+        .key(&q.state)
         .key(&q.dead)
         .key(&part.groups);
     call
@@ -54,10 +51,7 @@ pub(crate) fn settle_call(
     reason: &str,
 ) -> redis::ScriptInvocation<'static> {
     let mut call = SCRIPTS.queue_settle.prepare_invoke();
-    call.key(&q.leases)
-        .key(&q.ready)
-        .key(&q.attempts)
-        .key(&q.tokens)
+    call.key(&q.state)
         .key(&q.dead)
         .arg(action)
         .arg(ms)
@@ -124,6 +118,7 @@ impl RedisConsumer {
             if out.len() >= max {
                 break;
             }
+            crate::migrate::queue_state(&self.inner, self.group(), id, p).await?;
             let poll = self.polls.fetch_add(1, Ordering::Relaxed);
             let tag = format!("{}:{poll}", self.member);
             // Dropped before the reply arrives (a cancelled poll), the
@@ -420,15 +415,13 @@ impl RedisConsumer {
         topic_id: u64,
         target: u64,
     ) -> Result<()> {
+        crate::migrate::queue_state(&self.inner, self.group(), topic_id, tp.partition).await?;
         let part = self.inner.part(topic_id, tp.partition);
         let q = part.queue(self.group());
         SCRIPTS
             .queue_seek
             .key(&q.cursor)
-            .key(&q.leases)
-            .key(&q.ready)
-            .key(&q.attempts)
-            .key(&q.tokens)
+            .key(&q.state)
             .key(&q.dead)
             .key(&part.groups)
             .arg(self.group())
@@ -512,7 +505,6 @@ async fn move_dead_letters(
     let claimed: Vec<Value> = SCRIPTS
         .queue_dead
         .key(&q.dead)
-        .key(&q.attempts)
         .arg("claim")
         .arg(100)
         .arg(millis(DEAD_CLAIM))
@@ -558,7 +550,7 @@ async fn move_dead_letters(
         done.push(offset);
     }
     let mut call = SCRIPTS.queue_dead.prepare_invoke();
-    call.key(&q.dead).key(&q.attempts).arg("done");
+    call.key(&q.dead).arg("done");
     for o in &done {
         call.arg(*o);
     }
@@ -604,6 +596,7 @@ async fn sweep_group(inner: &Inner, group: &str) -> Result<()> {
             continue;
         };
         for p in 0..t.config.partitions {
+            crate::migrate::queue_state(inner, group, t.id, p).await?;
             let part = inner.part(t.id, p);
             let q = part.queue(group);
             let got: Vec<Value> = poll_call(&part, &q)
