@@ -2,7 +2,8 @@
 -- queue_migrate.lua: convert a queue-mode group's state in one partition
 -- from the layout of four structures (leases, ready, attempts, lease
 -- tokens) to the one sorted set (queue_settle.lua has its format): every
--- lease keeps its deadline, attempts and holder, every waiting message
+-- lease keeps its deadline, attempts and holder (the old token
+-- "counter:member:poll" loses its counter), every waiting message
 -- its time and attempts. The old keys are deleted. Safe to run again:
 -- with no old keys it does nothing.
 --
@@ -23,7 +24,7 @@ for i = 1, #tk, 2 do tokens[tk[i]] = tk[i + 1] end
 local n = 0
 local function put(o, at, tok)
   local m = o .. ':' .. (attempts[o] or '0')
-  if tok then m = m .. ':' .. tok end
+  if tok then m = m .. ':' .. string.match(tok, '^%d+:(.*)$') end
   redis.call('ZADD', KEYS[1], at, m)
   n = n + 1
 end

@@ -13,8 +13,8 @@
 --
 -- KEYS[1] partition meta (hash: start, end)
 -- KEYS[2] partition log (stream)
--- KEYS[3] group cursor (hash: cur = next fresh offset, tok = lease counter)
--- KEYS[4] state (zset: "offset:attempts:counter:member:poll" (leased) or
+-- KEYS[3] group cursor (hash: cur = next fresh offset)
+-- KEYS[4] state (zset: "offset:attempts:member:poll" (leased) or
 --         "offset:attempts" (waiting) -> when available, server ms)
 -- KEYS[5] dead letters to move (hash: offset -> "attempts|claimed until|error")
 -- KEYS[6] groups with state in this partition (set)
@@ -28,7 +28,7 @@
 --         leases it took: queue_settle.lua "giveback")
 -- Returns {messages, dead letters waiting, ms until the next lease expiry
 -- or redelivery (-1: none)}; a message is {offset, attempt, token
--- ("attempt:counter:member:poll"), fields}.
+-- ("attempt:member:poll": unique, as a poll leases an offset once), fields}.
 -- Error "NOTOPIC" when the partition does not exist.
 --
 -- Numbers go into arguments as strings made with string.format('%d'): a
@@ -53,10 +53,9 @@ else
 end
 if cur < start then cur = start end
 
--- What this poll leases, in delivery order: {offset (a string, as the
--- entry id has it), attempts made before, fields}. The leases are written
--- after the scan, with one HINCRBY of the token counter and one ZADD per
--- 100 (below).
+-- What this poll leases, in delivery order: {offset, attempt (strings,
+-- as the entry id and the state have them), fields}. The leases are
+-- written after the scan, one ZADD per 100 (below).
 local pend = {}
 local function lease(o, a, fields)
   pend[#pend + 1] = {o, a, fields}
@@ -81,7 +80,7 @@ for _, mem in ipairs(due) do
       e = redis.call('XRANGE', KEYS[2], os .. '-1', os .. '-1')
     end
     -- Removed by retention: settled unseen.
-    if #e > 0 then lease(os, a, e[1][2]) end
+    if #e > 0 then lease(os, fmt('%d', a + 1), e[1][2]) end
   end
 end
 if #gone > 0 then redis.call('ZREM', KEYS[4], unpack(gone)) end
@@ -106,7 +105,7 @@ while #pend < max and cur < stop do
     elseif d and d > now then
       redis.call('ZADD', KEYS[4], fmt('%d', d), os .. ':0')
     else
-      lease(os, 0, f)
+      lease(os, '1', f)
     end
   end
 end
@@ -115,16 +114,15 @@ redis.call('HSET', KEYS[3], 'cur', fmt('%d', cur))
 local out = {}
 if #pend > 0 then
   local deadline = fmt('%d', now + vis)
-  local tok0 = redis.call('HINCRBY', KEYS[3], 'tok', #pend) - #pend
+  local tail = ':' .. ARGV[6]
   for c0 = 1, #pend, 100 do
     local z = {}
     for i = c0, math.min(c0 + 99, #pend) do
       local p = pend[i]
-      local a = p[2] + 1
-      local tok = fmt('%d:%d:', a, tok0 + i) .. ARGV[6]
+      local tok = p[2] .. tail
       z[#z + 1] = deadline
       z[#z + 1] = p[1] .. ':' .. tok
-      out[#out + 1] = {tonumber(p[1]), a, tok, p[3]}
+      out[#out + 1] = {p[1], p[2], tok, p[3]}
     end
     redis.call('ZADD', KEYS[4], unpack(z))
   end

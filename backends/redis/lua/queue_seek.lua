@@ -3,7 +3,7 @@
 -- replay). Leases, pending redeliveries and attempts of the partition are
 -- dropped: the group starts over from the target.
 --
--- KEYS[1] group cursor (hash: cur, tok)
+-- KEYS[1] group cursor (hash: cur)
 -- KEYS[2] state (zset: leases and waiting messages; queue_settle.lua)
 -- KEYS[3] dead letters to move (hash)
 -- KEYS[4] groups with state in this partition (set)

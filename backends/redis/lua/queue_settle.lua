@@ -1,19 +1,22 @@
 #!lua flags=allow-oom
--- queue_settle.lua: ack, nack or extend messages of one partition under
--- their leases (contract §4b). A message whose lease no longer holds
--- (expired and re-leased, given back, or already settled) is refused and
--- nothing about it changes.
+-- queue_settle.lua: nack or extend messages of one partition under their
+-- leases, release a member's leases or give back a dropped poll's
+-- (contract §4b). A message whose lease no longer holds (expired and
+-- re-leased, given back, or already settled) is refused and nothing about
+-- it changes. (An ack is a plain ZREM of the lease's member, which checks
+-- and settles in one step: src/acks.rs.)
 --
 -- A lease is one member of the group's state (a sorted set):
--- "offset:attempts:counter:member:poll", scored by its deadline (server
--- ms); its token, given to the consumer, is everything after the offset.
--- A message waiting to be offered again is "offset:attempts", scored by
--- when. So a lease is checked by the member's presence (ZMSCORE) and
--- settled by removing it: no other structure holds per-message state.
+-- "offset:attempts:member:poll", scored by its deadline (server ms); its
+-- token, given to the consumer, is everything after the offset (unique: a
+-- poll leases an offset once, and member ids are random). A message
+-- waiting to be offered again is "offset:attempts", scored by when. So a
+-- lease is checked by the member's presence and settled by removing it:
+-- no other structure holds per-message state.
 --
 -- KEYS[1] state (zset: see above)
 -- KEYS[2] dead letters to move (hash: offset -> "attempts|claimed until|error")
--- ARGV[1] action: "ack", "nack", "extend", "release" (every live lease
+-- ARGV[1] action: "nack", "extend", "release" (every live lease
 --         of member ARGV[5] expires now: it left; attempts are kept) or
 --         "giveback" (the leases of poll ARGV[5] = "member:poll", whose
 --         reply nobody received, are undone: attempts restored, offered
@@ -28,31 +31,6 @@
 local fmt = string.format
 local action, ms, maxd = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
-if action == 'ack' then
-  -- Acks in bulk, 100 per round of calls: one ZMSCORE checks them all,
-  -- one ZREM settles those that hold. An offset given twice settles
-  -- once: the second gets 0, as it would one call later.
-  local seen = {}
-  for c0 = 5, #ARGV, 200 do
-    local mems = {}
-    for i = c0, math.min(c0 + 199, #ARGV), 2 do
-      mems[#mems + 1] = ARGV[i] .. ':' .. ARGV[i + 1]
-    end
-    local live = redis.call('ZMSCORE', KEYS[1], unpack(mems))
-    local done = {}
-    for j, mem in ipairs(mems) do
-      if live[j] and not seen[mem] then
-        seen[mem] = true
-        done[#done + 1] = mem
-        out[#out + 1] = 1
-      else
-        out[#out + 1] = 0
-      end
-    end
-    if #done > 0 then redis.call('ZREM', KEYS[1], unpack(done)) end
-  end
-  return out
-end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if action == 'release' or action == 'giveback' then
@@ -60,7 +38,7 @@ if action == 'release' or action == 'giveback' then
   local n = 0
   for i = 1, #all, 2 do
     local mem, at = all[i], tonumber(all[i + 1])
-    local o, a, member, poll = string.match(mem, '^(%d+):(%d+):%d+:(%d+):(%d+)$')
+    local o, a, member, poll = string.match(mem, '^(%d+):(%d+):(%d+):(%d+)$')
     if not o then
       -- waiting, not leased
     elseif action == 'release' and member == ARGV[5] then

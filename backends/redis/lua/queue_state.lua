@@ -4,8 +4,8 @@
 -- starts at `latest`, or a seek).
 --
 -- KEYS[1] partition meta (hash: start, end)
--- KEYS[2] group cursor (hash: cur, tok)
--- KEYS[3] state (zset: "offset:attempts:counter:member:poll" (leased) or
+-- KEYS[2] group cursor (hash: cur)
+-- KEYS[3] state (zset: "offset:attempts:member:poll" (leased) or
 --         "offset:attempts" (waiting) -> when available; queue_settle.lua)
 -- KEYS[4] dead letters to move (hash)
 -- KEYS[5] groups with state in this partition (set)
@@ -32,7 +32,7 @@ local per = {}
 -- bounded by what is in flight or waiting).
 local all = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
 for i = 1, #all, 2 do
-  local o, member = string.match(all[i], '^(%d+):%d+:?%d*:?(%d*)')
+  local o, member = string.match(all[i], '^(%d+):%d+:?(%d*)')
   local at = tonumber(all[i + 1])
   o = tonumber(o)
   if low < 0 or o < low then low = o end

@@ -8,7 +8,7 @@
 mod queue;
 mod stream;
 
-pub(crate) use queue::{release_leases, settle_call, sweep, Leased};
+pub(crate) use queue::{release_leases, sweep, Leased};
 
 use crate::broker::{Inner, TopicRow, FALLBACK_POLL};
 use crate::conn::{during, map_err, reply, SCRIPTS};

@@ -66,7 +66,7 @@ impl Part {
 
 /// A queue-mode group's keys in one partition.
 pub(crate) struct Queue {
-    /// Hash: `cur` (the next fresh offset), `tok` (the lease counter).
+    /// Hash: `cur` (the next fresh offset).
     pub cursor: String,
     /// Sorted set: every message leased or waiting to be offered again,
     /// one member each (`queue_settle.lua` has the format).

@@ -45,7 +45,7 @@
 //! | `{ns/t<id>.<p>}:log` | partition `p` of topic `id`: a stream whose entry id for offset N is `N-1` (fields `t` time, `s` size, `v` value, `k` key, `h` headers, `i` idempotency key, `d` delivery time, `g` addressed group) |
 //! | `{ns/t<id>.<p>}:m` | its bounds: `end` (the next offset), `start`, `bytes`, `lastts` |
 //! | `{ns/t<id>.<p>}:idem`, `:idemt` | the dedup window: idempotency key → `offset:time`, and key → time |
-//! | `{ns/t<id>.<p>}:q:<group>:c`, `:s`, `:d` | a queue-mode group in that partition: cursor and lease counter; its state, one sorted-set member per message leased (`offset:attempts:counter:member:poll` → deadline) or waiting to be offered again (`offset:attempts` → when); dead letters waiting for their move. (Earlier versions kept leases, ready, attempts and tokens in four keys `:l`, `:r`, `:a`, `:t`; a broker converts them on first touch, see `queue_migrate.lua`.) |
+//! | `{ns/t<id>.<p>}:q:<group>:c`, `:s`, `:d` | a queue-mode group in that partition: its cursor; its state, one sorted-set member per message leased (`offset:attempts:member:poll` → deadline) or waiting to be offered again (`offset:attempts` → when); dead letters waiting for their move. (Earlier versions kept leases, ready, attempts and tokens in four keys `:l`, `:r`, `:a`, `:t`; a broker converts them on first touch, see `queue_migrate.lua`.) |
 //! | `{ns/g.<group>}:meta`, `:mem`, `:sub`, `:topics`, `:own`, `:commits` | a group: mode, config, generation and membership version; members (id → session deadline); their topics; topics read; owners (`topic/p` → `member:generation`); committed offsets (`topic id/p` → offset) |
 //! | `{ns/i:<key>}` | the idempotency store (`SET NX PX`) |
 //!
@@ -91,11 +91,12 @@
 //!   whole queue state (attempts, holder, deadline or time it is offered
 //!   again) is one member of one sorted set, so a lease is checked by the
 //!   member's presence and settled by removing it, and an expired lease is
-//!   simply a member whose time has come. Acks settle in
-//!   bulk (all the tokens checked, then settled, by two calls per 100),
-//!   and single acks of one partition and group that are in flight at the
-//!   same time in one broker share one script call (`acks.rs`); each
-//!   token is still checked on the server.
+//!   simply a member whose time has come. An ack is a `ZREM` of its
+//!   lease's member (it settles only if the lease holds, and says whether
+//!   it did), all the acks of a batch in one pipeline, and single acks of
+//!   one partition and group that are in flight at the same time in one
+//!   broker share one round trip (`acks.rs`); each lease is still checked
+//!   on the server.
 //! - **Dead letters** span two slots (the failing group's partition, the
 //!   DLQ topic's partition): the failing message first waits in the
 //!   group's dead-letter hash (not offered, not settled), is then

@@ -5,6 +5,7 @@
 //! Nothing of stream mode is here.
 
 use super::{dead_letter, RedisConsumer};
+use crate::acks::settle_acks;
 use crate::broker::{decode_fields, Inner, TopicRow};
 use crate::conn::{during, map_err, reply, SCRIPTS};
 use crate::keys;
@@ -43,7 +44,7 @@ fn poll_call(part: &keys::Part, q: &keys::Queue) -> redis::ScriptInvocation<'sta
 
 /// `queue_settle.lua` on one partition's group state, its keys and the
 /// action's arguments given (the items or member follow).
-pub(crate) fn settle_call(
+fn settle_call(
     q: &keys::Queue,
     action: &str,
     ms: u64,
@@ -189,7 +190,7 @@ impl RedisConsumer {
         Ok((out, due))
     }
 
-    /// The lease token `m` was delivered with (`counter:member`).
+    /// The lease token `m` was delivered with (`attempt:member:poll`).
     fn lease_of(&self, m: &Message) -> Result<String> {
         let token = m.delivery(self.group())?;
         std::str::from_utf8(token.lease())
@@ -238,17 +239,13 @@ impl RedisConsumer {
         what: &str,
     ) -> Result<Vec<i64>> {
         let (_, t) = self.subscribed_cached(topic, partition).await?;
-        let codes = self
-            .settle(t.id, partition, ("ack", 0, ""), items, what)
-            .await?;
+        self.beat(false, false).await?;
+        let codes = settle_acks(&self.inner, &self.group, t.id, partition, items, what).await?;
         if codes.iter().all(|c| *c == 1) {
             return Ok(codes);
         }
         match self.subscribed_fresh(topic, partition, t.id).await? {
-            Some(t) => {
-                self.settle(t.id, partition, ("ack", 0, ""), items, what)
-                    .await
-            }
+            Some(t) => settle_acks(&self.inner, &self.group, t.id, partition, items, what).await,
             None => Ok(codes),
         }
     }
@@ -275,18 +272,18 @@ impl RedisConsumer {
         let code = match code {
             1 => 1,
             _ => match self.subscribed_fresh(&m.topic, m.partition, t.id).await? {
-                Some(t) => self
-                    .settle(
-                        t.id,
-                        m.partition,
-                        ("ack", 0, ""),
-                        &[(m.offset, lease)],
-                        &what,
-                    )
-                    .await?
-                    .first()
-                    .copied()
-                    .unwrap_or(0),
+                Some(t) => settle_acks(
+                    &self.inner,
+                    &self.group,
+                    t.id,
+                    m.partition,
+                    &[(m.offset, lease)],
+                    &what,
+                )
+                .await?
+                .first()
+                .copied()
+                .unwrap_or(0),
                 None => code,
             },
         };
@@ -296,7 +293,7 @@ impl RedisConsumer {
         }
     }
 
-    /// Queue-mode `ack_batch`: one script per partition.
+    /// Queue-mode `ack_batch`: one round trip per partition.
     pub(super) async fn ack_batch_queue(&self, messages: &[Message]) -> Result<BatchAck> {
         let mut outcome = BatchAck::default();
         let mut by_part: ByPartition = BTreeMap::new();
