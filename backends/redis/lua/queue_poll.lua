@@ -27,8 +27,10 @@
 --         (a poll dropped before its reply arrived gives back exactly the
 --         leases it took: queue_settle.lua "giveback")
 -- Returns {messages, dead letters waiting, ms until the next lease expiry
--- or redelivery (-1: none)}; a message is {offset, attempt, token
--- ("attempt:member:poll": unique, as a poll leases an offset once), fields}.
+-- or redelivery (-1: none)}; messages is flat: offset, attempt, fields,
+-- offset, attempt, fields, ... (one table for all: each table and string
+-- in the reply costs its conversion). A message's lease token is
+-- "attempt:" .. ARGV[6] (unique, as a poll leases an offset once).
 -- Error "NOTOPIC" when the partition does not exist.
 --
 -- Numbers go into arguments as strings made with string.format('%d'): a
@@ -53,12 +55,19 @@ else
 end
 if cur < start then cur = start end
 
--- What this poll leases, in delivery order: {offset, attempt (strings,
--- as the entry id and the state have them), fields}. The leases are
--- written after the scan, one ZADD per 100 (below).
-local pend = {}
+-- What this poll leases, in delivery order: `out` (the reply: offset,
+-- attempt (strings, as the entry id and the state have them), fields) and
+-- `z` (deadline, state member: written after the scan, one ZADD per 100).
+local out, z, n = {}, {}, 0
+local deadline = fmt('%d', now + vis)
+local tail = ':' .. ARGV[6]
 local function lease(o, a, fields)
-  pend[#pend + 1] = {o, a, fields}
+  n = n + 1
+  out[#out + 1] = o
+  out[#out + 1] = a
+  out[#out + 1] = fields
+  z[#z + 1] = deadline
+  z[#z + 1] = o .. ':' .. a .. tail
 end
 
 -- Due entries: up to `max` to lease, and up to 1000 expired leases on
@@ -73,7 +82,7 @@ for _, mem in ipairs(due) do
     gone[#gone + 1] = mem
     dead[#dead + 1] = os
     dead[#dead + 1] = as .. '|0|'
-  elseif #pend < max then
+  elseif n < max then
     gone[#gone + 1] = mem
     local e = {}
     if tonumber(os) >= start then
@@ -86,8 +95,8 @@ end
 if #gone > 0 then redis.call('ZREM', KEYS[4], unpack(gone)) end
 if #dead > 0 then redis.call('HSET', KEYS[5], unpack(dead)) end
 
-while #pend < max and cur < stop do
-  local es = redis.call('XRANGE', KEYS[2], fmt('%d-1', cur), '+', 'COUNT', max - #pend)
+while n < max and cur < stop do
+  local es = redis.call('XRANGE', KEYS[2], fmt('%d-1', cur), '+', 'COUNT', max - n)
   if #es == 0 then
     cur = stop
     break
@@ -111,21 +120,8 @@ while #pend < max and cur < stop do
 end
 redis.call('HSET', KEYS[3], 'cur', fmt('%d', cur))
 
-local out = {}
-if #pend > 0 then
-  local deadline = fmt('%d', now + vis)
-  local tail = ':' .. ARGV[6]
-  for c0 = 1, #pend, 100 do
-    local z = {}
-    for i = c0, math.min(c0 + 99, #pend) do
-      local p = pend[i]
-      local tok = p[2] .. tail
-      z[#z + 1] = deadline
-      z[#z + 1] = p[1] .. ':' .. tok
-      out[#out + 1] = {p[1], p[2], tok, p[3]}
-    end
-    redis.call('ZADD', KEYS[4], unpack(z))
-  end
+for c0 = 1, #z, 200 do
+  redis.call('ZADD', KEYS[4], unpack(z, c0, math.min(c0 + 199, #z)))
 end
 
 local wait = -1

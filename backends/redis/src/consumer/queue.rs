@@ -163,16 +163,15 @@ impl RedisConsumer {
                 let at = now_ms().saturating_add(wait as u64);
                 due = Some(due.map_or(at, |d| d.min(at)));
             }
-            for m in messages {
-                let mut f = reply::array(m)?.into_iter();
-                let (Some(o), Some(a), Some(tok), Some(fields)) =
-                    (f.next(), f.next(), f.next(), f.next())
-                else {
-                    return Err(Error::internal(format!("{what}: short reply")));
-                };
+            if messages.len() % 3 != 0 {
+                return Err(Error::internal(format!("{what}: short reply")));
+            }
+            let mut it = messages.into_iter();
+            while let (Some(o), Some(a), Some(fields)) = (it.next(), it.next(), it.next()) {
                 let offset = reply::uint(&o)?;
                 let attempt = reply::uint(&a)?.min(u32::MAX as u64) as u32;
-                let tok = reply::bytes(tok)?;
+                // The lease token, as the script wrote it into the state.
+                let tok = format!("{attempt}:{tag}");
                 let (stored, _) = decode_fields(offset, fields, &|| format!("`{topic}`/{p}"))?;
                 let token = DeliveryToken::queue(self.group.clone(), Bytes::from(tok));
                 out.push(Message::from_stored(
