@@ -419,6 +419,44 @@
 //!   (~30–60 µs) where raw sends one `XADD`.
 //! - **Produce and read** (targets 70% and 80% of raw) were not worked on
 //!   in this round; see the first round above.
+//!
+//! ### Third round: one structure per lease (branch `redis-queue`)
+//!
+//! Same setup (a private `redis-server` 7.0.15, `save ""`, `appendonly
+//! no`; 2 shared cores, load average 5–7 during the runs, so old and new
+//! builds ran interleaved, each beside its raw baseline in the same run).
+//! `conveyor-bench --backends redis --workload queue` (4 partitions, 4
+//! consumers, polls of 100; raw: `XREADGROUP COUNT 100` + `XACK`):
+//!
+//! | workload | before (4 runs) | after (4 runs) | after / raw, same runs | target |
+//! |---|---|---|---|---|
+//! | `queue/single_ack` | 30.0 / 26.7 / 31.3 / 15.4 K msg/s (25% / 23% / 29% / 26% of raw) | 44.0 / 57.7 / 45.6 / 39.6 K msg/s | 61% / 61% / 45% / 32% (median 53%) | ≥ 70% |
+//! | `queue/batch_ack` | 66.2 / 64.6 / 63.2 / 32.2 K (21% / 24% / 18% / 16%) | 110 / 115 / 94.1 / 79.5 K | 33% / 34% / 31% / 31% (median 32%) | ≥ 40% |
+//!
+//! What changed: a message's whole queue-mode state is one member of one
+//! sorted set (see "Key layout"; leases, ready, attempts and tokens were
+//! four structures); an ack is a `ZREM` of that member (~0.4 µs on the
+//! server; the ack script cost ~5–25 µs, most of it the cost of running a
+//! script at all); the poll's reply is one flat list, and its leases go
+//! straight into the reply and one `ZADD` per 100. Server time of a poll
+//! of 100 (60 polls, median, on an otherwise idle private server): ~590
+//! µs before, ~305 µs after; `XREADGROUP COUNT 100` ~125 µs.
+//!
+//! Where a poll's ~305 µs go (the same script with parts removed):
+//! `XRANGE` of 100 ~35 µs plus ~80 µs to convert its reply into Lua; the
+//! per-entry loop (offset, the `g`/`d` fields) ~60 µs; the `ZADD` of 100
+//! leases ~50–90 µs (each member a string of ~40 bytes); the reply's
+//! conversion back ~60–120 µs. What is still missed, and why: both
+//! targets, because the poll converts every record into Lua and back
+//! (~2 µs a message) where `XREADGROUP` writes its PEL in C (~1.2 µs a
+//! message); the rest of the single-ack gap is the client (`perf`: ~45%
+//! of the bench's samples in the scheduler and socket writes, one per
+//! awaited ack, as in the raw loop). The next step is a poll that does
+//! not carry the records through Lua: an index of the offsets that carry
+//! a delivery time or an addressed group (written by `append.lua`), so a
+//! poll leases a fresh range without reading its entries, and the client
+//! reads them with `XRANGE` (tried in the first round with the old
+//! four-structure layout, without gain then: the lease writes dominated).
 #![deny(missing_docs)]
 
 mod acks;
