@@ -5,7 +5,6 @@
 -- mover that died is replaced); "done" settles moved messages for good.
 --
 -- KEYS[1] dead letters to move (hash: offset -> "attempts|claimed until|error")
--- KEYS[2] attempts (hash: offset -> deliveries made)
 -- ARGV[1] "claim" or "done"
 -- claim: ARGV[2] most moves, ARGV[3] claim time, ms
 --   Returns {offset, attempts, error, ...}.
@@ -16,7 +15,6 @@ if ARGV[1] == 'done' then
   local n = 0
   for i = 2, #ARGV do
     n = n + redis.call('HDEL', KEYS[1], ARGV[i])
-    redis.call('HDEL', KEYS[2], ARGV[i])
   end
   return n
 end
@@ -27,7 +25,7 @@ for i = 1, #all, 2 do
   if #out >= max * 3 then break end
   local a, until_, err = string.match(all[i + 1], '^(%d+)|(%d+)|(.*)$')
   if a and tonumber(until_) <= now then
-    redis.call('HSET', KEYS[1], all[i], a .. '|' .. (now + hold) .. '|' .. err)
+    redis.call('HSET', KEYS[1], all[i], a .. '|' .. string.format('%d', now + hold) .. '|' .. err)
     out[#out + 1] = all[i]
     out[#out + 1] = a
     out[#out + 1] = err

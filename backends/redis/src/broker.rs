@@ -84,6 +84,9 @@ pub(crate) struct Inner {
     settings_every: Duration,
     /// Queue-mode acks in flight, merged per partition (see [`crate::acks`]).
     pub acks: crate::acks::AckMerge,
+    /// Queue-mode partitions whose old-layout state this broker has
+    /// converted (see [`crate::migrate`]).
+    pub migrated: crate::migrate::Migrated,
 }
 
 impl Inner {
@@ -747,17 +750,16 @@ impl Inner {
         init: Option<u64>,
         what: &str,
     ) -> Result<QueueState> {
+        crate::migrate::queue_state(self, group, topic_id, partition).await?;
         let part = self.part(topic_id, partition);
         let q = part.queue(group);
         let v: Vec<i64> = SCRIPTS
             .queue_state
             .key(&part.meta)
             .key(&q.cursor)
-            .key(&q.leases)
-            .key(&q.ready)
+            .key(&q.state)
             .key(&q.dead)
             .key(&part.groups)
-            .key(&q.tokens)
             .arg(group)
             .arg(init.map_or_else(String::new, |o| o.to_string()))
             .invoke_async(&mut self.conn())
@@ -1016,6 +1018,7 @@ impl RedisBroker {
             settings: watch,
             settings_every: redis.settings_check,
             acks: Default::default(),
+            migrated: Default::default(),
         });
         let listener = tokio::spawn(listen(Arc::downgrade(&inner)));
         let retention = tokio::spawn(retention(Arc::downgrade(&inner)));

@@ -85,6 +85,7 @@ pub(crate) struct Scripts {
     pub queue_dead: redis::Script,
     pub queue_state: redis::Script,
     pub queue_seek: redis::Script,
+    pub queue_migrate: redis::Script,
 }
 
 /// The scripts, hashed once per process.
@@ -109,6 +110,7 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     queue_dead: redis::Script::new(include_str!("../lua/queue_dead.lua")),
     queue_state: redis::Script::new(include_str!("../lua/queue_state.lua")),
     queue_seek: redis::Script::new(include_str!("../lua/queue_seek.lua")),
+    queue_migrate: redis::Script::new(include_str!("../lua/queue_migrate.lua")),
 });
 
 /// Is this driver error the server (or the network to it) being

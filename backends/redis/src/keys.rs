@@ -52,35 +52,38 @@ impl Part {
         let q = format!("{}:q:{group}", self.prefix);
         Queue {
             cursor: format!("{q}:c"),
-            leases: format!("{q}:l"),
-            ready: format!("{q}:r"),
-            attempts: format!("{q}:a"),
-            tokens: format!("{q}:t"),
+            state: format!("{q}:s"),
             dead: format!("{q}:d"),
+            legacy: [
+                format!("{q}:l"),
+                format!("{q}:r"),
+                format!("{q}:a"),
+                format!("{q}:t"),
+            ],
         }
     }
 }
 
 /// A queue-mode group's keys in one partition.
 pub(crate) struct Queue {
+    /// Hash: `cur` (the next fresh offset).
     pub cursor: String,
-    pub leases: String,
-    pub ready: String,
-    pub attempts: String,
-    pub tokens: String,
+    /// Sorted set: every message leased or waiting to be offered again,
+    /// one member each (`queue_settle.lua` has the format).
+    pub state: String,
+    /// Hash: dead letters waiting for their move to the DLQ.
     pub dead: String,
+    /// The layout before the state set: leases, ready, attempts, lease
+    /// tokens (converted by `queue_migrate.lua`, see [`crate::migrate`]).
+    pub legacy: [String; 4],
 }
 
 impl Queue {
-    pub(crate) fn all(&self) -> [&str; 6] {
-        [
-            &self.cursor,
-            &self.leases,
-            &self.ready,
-            &self.attempts,
-            &self.tokens,
-            &self.dead,
-        ]
+    /// Every key, the legacy ones included (to delete a group).
+    pub(crate) fn all(&self) -> Vec<&str> {
+        let mut all = vec![self.cursor.as_str(), &self.state, &self.dead];
+        all.extend(self.legacy.iter().map(String::as_str));
+        all
     }
 }
 

@@ -45,7 +45,7 @@
 //! | `{ns/t<id>.<p>}:log` | partition `p` of topic `id`: a stream whose entry id for offset N is `N-1` (fields `t` time, `s` size, `v` value, `k` key, `h` headers, `i` idempotency key, `d` delivery time, `g` addressed group) |
 //! | `{ns/t<id>.<p>}:m` | its bounds: `end` (the next offset), `start`, `bytes`, `lastts` |
 //! | `{ns/t<id>.<p>}:idem`, `:idemt` | the dedup window: idempotency key → `offset:time`, and key → time |
-//! | `{ns/t<id>.<p>}:q:<group>:c`, `:l`, `:r`, `:a`, `:t`, `:d` | a queue-mode group in that partition: cursor and lease counter, leases (offset → deadline), ready (offset → when), attempts, lease tokens, dead letters waiting for their move |
+//! | `{ns/t<id>.<p>}:q:<group>:c`, `:s`, `:d` | a queue-mode group in that partition: its cursor; its state, one sorted-set member per message leased (`offset:attempts:member:poll` → deadline) or waiting to be offered again (`offset:attempts` → when); dead letters waiting for their move. (Earlier versions kept leases, ready, attempts and tokens in four keys `:l`, `:r`, `:a`, `:t`; a broker converts them on first touch, see `queue_migrate.lua`.) |
 //! | `{ns/g.<group>}:meta`, `:mem`, `:sub`, `:topics`, `:own`, `:commits` | a group: mode, config, generation and membership version; members (id → session deadline); their topics; topics read; owners (`topic/p` → `member:generation`); committed offsets (`topic id/p` → offset) |
 //! | `{ns/i:<key>}` | the idempotency store (`SET NX PX`) |
 //!
@@ -87,11 +87,16 @@
 //!   leases, takes due redeliveries, then fresh records from the group's
 //!   cursor, and leases them with a token; acks, nacks and extends
 //!   (`queue_settle.lua`) check the token, so a message whose lease expired
-//!   and was re-leased cannot be settled by its old holder. Acks settle in
-//!   bulk (all the tokens checked, then settled, by a few calls per 100),
-//!   and single acks of one partition and group that are in flight at the
-//!   same time in one broker share one script call (`acks.rs`); each
-//!   token is still checked on the server.
+//!   and was re-leased cannot be settled by its old holder. A message's
+//!   whole queue state (attempts, holder, deadline or time it is offered
+//!   again) is one member of one sorted set, so a lease is checked by the
+//!   member's presence and settled by removing it, and an expired lease is
+//!   simply a member whose time has come. An ack is a `ZREM` of its
+//!   lease's member (it settles only if the lease holds, and says whether
+//!   it did), all the acks of a batch in one pipeline, and single acks of
+//!   one partition and group that are in flight at the same time in one
+//!   broker share one round trip (`acks.rs`); each lease is still checked
+//!   on the server.
 //! - **Dead letters** span two slots (the failing group's partition, the
 //!   DLQ topic's partition): the failing message first waits in the
 //!   group's dead-letter hash (not offered, not settled), is then
@@ -414,6 +419,47 @@
 //!   (~30–60 µs) where raw sends one `XADD`.
 //! - **Produce and read** (targets 70% and 80% of raw) were not worked on
 //!   in this round; see the first round above.
+//!
+//! ### Third round: one structure per lease (branch `redis-queue`)
+//!
+//! Same setup (a private `redis-server` 7.0.15, `save ""`, `appendonly
+//! no`; 2 shared cores, load average 5–7 during the runs, so old and new
+//! builds ran interleaved, each beside its raw baseline in the same run).
+//! `conveyor-bench --backends redis --workload queue` (4 partitions, 4
+//! consumers, polls of 100; raw: `XREADGROUP COUNT 100` + `XACK`):
+//!
+//! | workload | before (6 runs) | after (6 runs, interleaved with before) | before / raw | after / raw | target |
+//! |---|---|---|---|---|---|
+//! | `queue/single_ack` | 30.0 / 26.7 / 31.3 / 15.4 / 30.5 / 19.3 K msg/s | 44.0 / 57.7 / 45.6 / 39.6 / 24.6 / 24.9 K msg/s | 25 / 23 / 29 / 26 / 25 / 41% (median 26%) | 61 / 61 / 45 / 32 / 21 / 51% (median 48%) | ≥ 70% |
+//! | `queue/batch_ack` | 66.2 / 64.6 / 63.2 / 32.2 / 70.1 / 96.4 K | 110 / 115 / 94.1 / 79.5 / 121 / 121 K | 21 / 24 / 18 / 16 / 19 / 23% (median 20%) | 33 / 34 / 31 / 31 / 32 / 34% (median 32.5%) | ≥ 40% |
+//!
+//! (The raw loop itself moved between 47 K and 125 K msg/s for single
+//! acks over the hour, with the host's load; compare within a run.)
+//!
+//! What changed: a message's whole queue-mode state is one member of one
+//! sorted set (see "Key layout"; leases, ready, attempts and tokens were
+//! four structures); an ack is a `ZREM` of that member (~0.4 µs on the
+//! server; the ack script cost ~5–25 µs, most of it the cost of running a
+//! script at all); the poll's reply is one flat list, and its leases go
+//! straight into the reply and one `ZADD` per 100. Server time of a poll
+//! of 100 (60 polls, median, on an otherwise idle private server): ~590
+//! µs before, ~305 µs after; `XREADGROUP COUNT 100` ~125 µs.
+//!
+//! Where a poll's ~305 µs go (the same script with parts removed):
+//! `XRANGE` of 100 ~35 µs plus ~80 µs to convert its reply into Lua; the
+//! per-entry loop (offset, the `g`/`d` fields) ~60 µs; the `ZADD` of 100
+//! leases ~50–90 µs (each member a string of ~40 bytes); the reply's
+//! conversion back ~60–120 µs. What is still missed, and why: both
+//! targets, because the poll converts every record into Lua and back
+//! (~2 µs a message) where `XREADGROUP` writes its PEL in C (~1.2 µs a
+//! message); the rest of the single-ack gap is the client (`perf`: ~45%
+//! of the bench's samples in the scheduler and socket writes, one per
+//! awaited ack, as in the raw loop). The next step is a poll that does
+//! not carry the records through Lua: an index of the offsets that carry
+//! a delivery time or an addressed group (written by `append.lua`), so a
+//! poll leases a fresh range without reading its entries, and the client
+//! reads them with `XRANGE` (tried in the first round with the old
+//! four-structure layout, without gain then: the lease writes dominated).
 #![deny(missing_docs)]
 
 mod acks;
@@ -421,6 +467,7 @@ mod broker;
 mod conn;
 mod consumer;
 mod keys;
+mod migrate;
 mod produce;
 mod servers;
 mod settings;

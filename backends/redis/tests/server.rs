@@ -276,3 +276,76 @@ async fn lost_connections_are_unavailable_then_recover_and_lose_nothing() {
     )
     .await;
 }
+
+/// Queue-mode state written in the layout before the single state set
+/// (leases, ready, attempts and lease tokens in four keys) is converted
+/// on first touch: an expired lease and a waiting redelivery are offered
+/// again with their attempts counted, a live lease stays in flight with
+/// its deadline, and the old keys are gone.
+#[tokio::test]
+async fn queue_state_of_the_old_layout_is_converted() {
+    let server = RedisServer::start(&["--appendonly", "no"]);
+    let t = Topology::single(server.url());
+    let ns = "migrate";
+    let b = common::open(&t, ns, BrokerOptions::default())
+        .await
+        .unwrap();
+    b.create_topic("t", TopicConfig::new(1)).await.unwrap();
+    let p = b.producer().await.unwrap();
+    for v in ["a", "b", "c"] {
+        p.send("t", Record::new(v)).await.unwrap();
+    }
+    b.consumer("g", &["t"], GroupConfig::queue())
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    b.close().await.unwrap();
+    let id = common::raw_command(server.port, &format!("HGET {{{ns}/m}}:topics t")).unwrap();
+    let q = format!("{{{ns}/t{id}.0}}:q:g");
+    let far = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 3_600_000)
+        .to_string();
+    for cmd in [
+        format!("HSET {q}:c cur 3 tok 10"),
+        format!("SADD {{{ns}/t{id}.0}}:groups g"),
+        // offset 0: leased by a member long gone, expired, 2 deliveries
+        // offset 2: leased, live for an hour, 1 delivery
+        format!("ZADD {q}:l 1 0 {far} 2"),
+        format!("HSET {q}:t 0 8:111:4 2 9:222:5"),
+        // offset 1: waiting for its redelivery since time 0, 1 delivery
+        format!("ZADD {q}:r 0 1"),
+        format!("HSET {q}:a 0 2 1 1 2 1"),
+    ] {
+        common::raw_command(server.port, &cmd).unwrap();
+    }
+    let b = common::open(&t, ns, BrokerOptions::default())
+        .await
+        .unwrap();
+    let lag = b.group_lag("g").await.unwrap();
+    assert_eq!(lag.partitions[0].in_flight, 1, "{lag:?}");
+    assert_eq!(lag.partitions[0].available, 2, "{lag:?}");
+    let c = b.consumer("g", &["t"], GroupConfig::queue()).await.unwrap();
+    let mut got: Vec<(u64, u32)> = c
+        .poll(10, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| (m.offset, m.attempt))
+        .collect();
+    got.sort();
+    assert_eq!(got, [(0, 3), (1, 2)]);
+    for k in ["l", "r", "a", "t"] {
+        assert_eq!(
+            common::raw_command(server.port, &format!("EXISTS {q}:{k}")).unwrap(),
+            ":0"
+        );
+    }
+    let lag = b.group_lag("g").await.unwrap();
+    assert_eq!(lag.partitions[0].in_flight, 3, "{lag:?}");
+    b.close().await.unwrap();
+}
