@@ -1,33 +1,33 @@
 //! Queue-mode acks of one partition that are in flight at the same time,
 //! from any consumer of this broker in the same group, merged into one
-//! round trip: the first ack of a partition goes out at once; acks that
-//! arrive while it is on the wire wait and then go out together, as one
-//! pipeline ([`settle_acks`]). Every lease is still checked on the server,
-//! one at a time; this module only decides which acks share a round trip. It owns nothing else (no lease state lives in the process).
+//! round trip with core's [`Merge`]: the first ack of a partition goes out
+//! at once; acks that arrive while it is on the wire wait and then go out
+//! together, as one pipeline ([`settle_acks`]). Every lease is still
+//! checked on the server, one at a time; this module only decides which
+//! acks share a round trip. It owns nothing else (no lease state lives in
+//! the process).
 
 use crate::broker::Inner;
 use crate::conn::during;
-use conveyor_core::{Error, ErrorKind, Result};
-use parking_lot::Mutex;
-use std::collections::HashMap;
+use conveyor_core::backend::{Merge, MergedCall};
+use conveyor_core::{Error, Result};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
 
-/// At most this many acks share one script call.
+/// At most this many acks share one pipeline.
 const MERGE_MAX: usize = 1000;
 
 /// (group, topic id, partition).
 type Key = (Arc<str>, u64, u32);
 
-/// An ack waiting for the call in flight: offset, lease token, and where
-/// its code goes (1 settled, 0 lease lost).
-type Waiting = (u64, String, oneshot::Sender<Result<i64>>);
+/// The acks of each partition and group in flight, merged (one call in
+/// flight per partition: the multiplexed connection pipelines the rest).
+pub(crate) struct AckMerge(Arc<Merge<Key, (u64, String), i64>>);
 
-/// The partitions with an ack call in flight, and the acks waiting for it.
-#[derive(Default)]
-pub(crate) struct AckMerge {
-    busy: Mutex<HashMap<Key, Vec<Waiting>>>,
+impl Default for AckMerge {
+    fn default() -> Self {
+        AckMerge(Arc::new(Merge::new(MERGE_MAX, 1)))
+    }
 }
 
 /// Ack one message: its code (1 settled, 0 lease lost). Merged with the
@@ -35,7 +35,7 @@ pub(crate) struct AckMerge {
 /// module doc).
 ///
 /// # Cancel safety
-/// As one script call: dropped, the ack may or may not have happened;
+/// As one round trip: dropped, the ack may or may not have happened;
 /// acks waiting behind a dropped one still go out.
 pub(crate) async fn ack(
     inner: &Arc<Inner>,
@@ -47,36 +47,29 @@ pub(crate) async fn ack(
     what: &str,
 ) -> Result<i64> {
     let key: Key = (group.clone(), topic_id, partition);
-    let waiting = {
-        let mut busy = inner.acks.busy.lock();
-        match busy.get_mut(&key) {
-            Some(queue) => {
-                let (tx, rx) = oneshot::channel();
-                queue.push((offset, lease.clone(), tx));
-                Some(rx)
-            }
-            None => {
-                busy.insert(key.clone(), Vec::new());
-                None
-            }
-        }
+    let run_inner = inner.clone();
+    let run = move |key: Key, items: Vec<(u64, String)>| -> MergedCall<i64> {
+        let inner = run_inner.clone();
+        Box::pin(async move {
+            let (group, topic_id, partition) = (&key.0, key.1, key.2);
+            let what = format!(
+                "group `{group}`: ack {} messages of partition {partition}",
+                items.len()
+            );
+            inner
+                .bounded(
+                    Duration::ZERO,
+                    settle_acks(&inner, group, topic_id, partition, &items, &what),
+                )
+                .await
+        })
     };
-    if let Some(rx) = waiting {
-        return rx.await.unwrap_or_else(|_| {
-            Err(Error::new(
-                ErrorKind::Unavailable,
-                format!("{what}: the ack was not sent (the broker is shutting down)"),
-            ))
-        });
-    }
-    // This ack leads: sent at once; when it is answered (or dropped), the
-    // acks that queued behind it go out together.
-    let _lead = Lead {
-        inner: inner.clone(),
-        key,
-    };
-    let codes = settle_acks(inner, group, topic_id, partition, &[(offset, lease)], what).await?;
-    Ok(codes.first().copied().unwrap_or(0))
+    inner
+        .acks
+        .0
+        .call(key, (offset, lease), run)
+        .await
+        .map_err(|e| Error::new(e.kind(), format!("{what}: {}", e.message())))
 }
 
 /// Ack `items` (offset, lease token) of one partition's group: one code
@@ -113,82 +106,4 @@ pub(crate) async fn settle_acks(
         )));
     }
     Ok(codes)
-}
-
-/// The ack in flight of one partition. Dropped (answered or cancelled),
-/// it sends the acks that queued behind it, in a task of their own, or
-/// marks the partition idle.
-struct Lead {
-    inner: Arc<Inner>,
-    key: Key,
-}
-
-impl Drop for Lead {
-    fn drop(&mut self) {
-        let Some(first) = take(&self.inner, &self.key) else {
-            return;
-        };
-        let (inner, key) = (self.inner.clone(), self.key.clone());
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(flush(inner, key, first));
-            }
-            Err(_) => {
-                for (_, _, tx) in first {
-                    let _ = tx.send(Err(Error::new(
-                        ErrorKind::Unavailable,
-                        "ack: no runtime to send it on",
-                    )));
-                }
-                inner.acks.busy.lock().remove(&key);
-            }
-        }
-    }
-}
-
-/// The acks queued for `key` (at most [`MERGE_MAX`]), or `None` (and the
-/// partition marked idle) when there are none.
-fn take(inner: &Inner, key: &Key) -> Option<Vec<Waiting>> {
-    let mut busy = inner.acks.busy.lock();
-    let queue = busy.get_mut(key)?;
-    if queue.is_empty() {
-        busy.remove(key);
-        return None;
-    }
-    let n = queue.len().min(MERGE_MAX);
-    Some(queue.drain(..n).collect())
-}
-
-/// Send queued acks, one script call per batch, until none are left.
-async fn flush(inner: Arc<Inner>, key: Key, mut batch: Vec<Waiting>) {
-    loop {
-        let (group, topic_id, partition) = (&key.0, key.1, key.2);
-        let what = format!(
-            "group `{group}`: ack {} messages of partition {partition}",
-            batch.len()
-        );
-        let items: Vec<(u64, String)> = batch.iter().map(|(o, l, _)| (*o, l.clone())).collect();
-        let got = inner
-            .bounded(
-                Duration::ZERO,
-                settle_acks(&inner, group, topic_id, partition, &items, &what),
-            )
-            .await;
-        match got {
-            Ok(codes) => {
-                for ((_, _, tx), code) in batch.into_iter().zip(codes) {
-                    let _ = tx.send(Ok(code));
-                }
-            }
-            Err(e) => {
-                for (_, _, tx) in batch {
-                    let _ = tx.send(Err(Error::new(e.kind(), e.message().to_string())));
-                }
-            }
-        }
-        match take(&inner, &key) {
-            Some(next) => batch = next,
-            None => return,
-        }
-    }
 }
