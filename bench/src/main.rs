@@ -37,9 +37,9 @@ struct Args {
     /// Make the page from a results.json without running anything.
     #[arg(long)]
     from: Option<PathBuf>,
-    /// Keep the other workloads' figures of the results.json already in
-    /// --charts: this run's workloads replace theirs (to rerun one workload
-    /// without rerunning all).
+    /// Keep the other figures of the results.json already in --charts:
+    /// this run's (workload, backend) pairs replace theirs (to rerun one
+    /// workload, or one backend, without rerunning all).
     #[arg(long)]
     merge: bool,
     /// A smoke run (CI): a fraction of a second per benchmark.
@@ -227,28 +227,39 @@ fn run(mut args: Args) -> Result<(), String> {
     publish(&results, &args, true)
 }
 
-/// `new` over the results.json in `charts`: the workloads `new` ran
-/// replace theirs, the rest are kept; the commands are listed in order.
+/// `new` over the results.json in `charts`: the (workload, backend) pairs
+/// `new` ran replace theirs (with their raw baselines), the rest are kept;
+/// the commands are listed in order. So one backend, or one workload, can
+/// be run again without running the others.
 fn merged(new: Results, charts: &Path) -> Result<Results, String> {
     let path = charts.join("results.json");
     let text =
         std::fs::read_to_string(&path).map_err(|e| format!("--merge: {}: {e}", path.display()))?;
     let mut old: Results =
         serde_json::from_str(&text).map_err(|e| format!("--merge: {}: {e}", path.display()))?;
-    let ran: Vec<String> = new
+    let ran: Vec<(String, String)> = new
         .rows
         .iter()
-        .map(|r| r.workload.clone())
-        .chain(new.skipped.iter().map(|s| s.workload.clone()))
-        .chain((!new.latency.is_empty()).then(|| "latency/produce_to_consume".to_string()))
+        .map(|r| (r.workload.clone(), r.backend.clone()))
+        .chain(
+            new.skipped
+                .iter()
+                .map(|s| (s.workload.clone(), s.backend.clone())),
+        )
         .collect();
-    old.rows.retain(|r| !ran.contains(&r.workload));
-    old.skipped.retain(|s| !ran.contains(&s.workload));
+    let replaced = |workload: &str, backend: &str| {
+        ran.iter()
+            .any(|(w, b)| b == backend && (w == workload || w == "*"))
+    };
+    old.rows.retain(|r| !replaced(&r.workload, &r.backend));
+    old.skipped.retain(|s| !replaced(&s.workload, &s.backend));
     if new.rows.iter().any(|r| r.workload == "read/deep") {
         old.settings.deep_records = new.settings.deep_records;
     }
     if !new.latency.is_empty() {
-        old.latency = new.latency;
+        old.latency
+            .retain(|l| !new.latency.iter().any(|n| n.backend == l.backend));
+        old.latency.extend(new.latency);
         old.settings.latency_rate = new.settings.latency_rate;
         old.settings.latency_s = new.settings.latency_s;
     }
