@@ -14,8 +14,11 @@
 --   delay in ms from now, on the server's clock ("" = none; stored as an
 --   absolute server time), addressed group ("" = every group), has key ("1"/"0"),
 --   key, value, headers (Conveyor's header encoding)
--- Returns one "offset:timestamp" per record, in input order (a duplicate
--- gets the original's). Error "NOTOPIC" when the partition does not exist.
+-- Returns, when no record carries an idempotency key, {first offset,
+-- timestamp} (the records got the offsets from the first on, in input
+-- order, and the one timestamp); else one "offset:timestamp" per record,
+-- in input order (a duplicate gets the original's). Error "NOTOPIC" when
+-- the partition does not exist.
 -- Nothing is written before every check has passed; a retry after a
 -- timeout appends again unless the records carry idempotency keys.
 --
@@ -42,6 +45,8 @@ if #old > 0 then
 end
 
 local n = tonumber(ARGV[4])
+local first = off
+local keyed = false
 local out = {}
 local seen = {}
 local added = 0
@@ -55,12 +60,19 @@ for i = 0, n - 1 do
     prior = seen[idem] or call('HGET', KEYS[3], idem)
   end
   if prior then
+    keyed = true
     out[#out + 1] = prior
   else
     local offs = fmt('%d', off)
     if idem == '' and argv[b + 4] ~= '1' and argv[b + 2] == '' and argv[b + 3] == '' then
       -- The common case: no key, no idempotency key, no delay, no group.
-      call('XADD', log, offs .. '-1', 't', nows, 's', argv[b + 1], 'v', argv[b + 6], 'h', argv[b + 7])
+      if argv[b + 7] == '' then
+        -- Nor headers: the size is the value's, and both fields are
+        -- left out (fewer strings to store, and to parse on every read).
+        call('XADD', log, offs .. '-1', 't', nows, 'v', argv[b + 6])
+      else
+        call('XADD', log, offs .. '-1', 't', nows, 's', argv[b + 1], 'v', argv[b + 6], 'h', argv[b + 7])
+      end
     else
       local f = {'t', nows, 's', argv[b + 1], 'v', argv[b + 6], 'h', argv[b + 7]}
       if argv[b + 4] == '1' then f[#f + 1] = 'k'; f[#f + 1] = argv[b + 5] end
@@ -69,13 +81,14 @@ for i = 0, n - 1 do
       if argv[b + 3] ~= '' then f[#f + 1] = 'g'; f[#f + 1] = argv[b + 3] end
       call('XADD', log, offs .. '-1', unpack(f))
     end
-    local r = offs .. ':' .. nows
     if idem ~= '' then
+      local r = offs .. ':' .. nows
       call('HSET', KEYS[3], idem, r)
       call('ZADD', KEYS[4], nows, idem)
       seen[idem] = r
+      keyed = true
     end
-    out[#out + 1] = r
+    out[#out + 1] = offs
     off = off + 1
     bytes = bytes + tonumber(argv[b + 1])
     added = added + 1
@@ -84,5 +97,9 @@ end
 if added > 0 then
   redis.call('HSET', KEYS[1], 'end', fmt('%d', off), 'bytes', fmt('%d', bytes), 'lastts', nows)
   redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+if not keyed then return {fmt('%d', first), nows} end
+for i = 1, #out do
+  if not string.find(out[i], ':', 1, true) then out[i] = out[i] .. ':' .. nows end
 end
 return out

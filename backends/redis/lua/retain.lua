@@ -25,10 +25,15 @@ while not done and at < stop and (at - start) < budget do
   for _, e in ipairs(es) do
     local o = tonumber(string.match(e[1], '^(%d+)'))
     local f = e[2]
-    local ts, size = 0, 0
+    local ts, size, vsize = 0, nil, 0
     for i = 1, #f, 2 do
-      if f[i] == 't' then ts = tonumber(f[i + 1]) elseif f[i] == 's' then size = tonumber(f[i + 1]) end
+      local n = f[i]
+      if n == 't' then ts = tonumber(f[i + 1])
+      elseif n == 's' then size = tonumber(f[i + 1])
+      elseif n == 'v' then vsize = #f[i + 1] end
     end
+    -- No `s`: a record of a value alone (append.lua), its size the value's.
+    size = size or vsize
     local old = age >= 0 and ts < now - age
     local big = maxb >= 0 and bytes > maxb
     if (old or big) and (o - start) < budget then

@@ -513,21 +513,19 @@ impl Inner {
             log_end: field(1)?,
             bytes: field(2)?,
         };
-        let entries = match it.next() {
-            Some(v) => reply::array(v)?
-                .into_iter()
-                .map(|e| decode_entry(e, &|| what.clone()))
-                .collect::<Result<Vec<_>>>()?,
-            None => Vec::new(),
-        };
-        Ok((
-            bounds,
-            entries
-                .into_iter()
-                .map(|(m, _)| m)
-                .take_while(|m| m.offset < bounds.log_end)
-                .collect(),
-        ))
+        let mut entries = Vec::new();
+        if let Some(v) = it.next() {
+            let found = reply::array(v)?;
+            entries.reserve_exact(found.len());
+            for e in found {
+                let (m, _) = decode_entry(e, &|| what.clone())?;
+                if m.offset >= bounds.log_end {
+                    break;
+                }
+                entries.push(m);
+            }
+        }
+        Ok((bounds, entries))
     }
 
     /// A partition's bounds.

@@ -396,6 +396,40 @@ impl RedisConsumer {
         ))
     }
 
+    /// The last heartbeat's view while it is younger than a quarter of
+    /// the session timeout (a member that beat that recently cannot have
+    /// been removed for silence), else `None`.
+    fn fresh_view(&self) -> Option<View> {
+        let v = self.view.lock();
+        match v.1 {
+            Some(at) if at.elapsed() < v.0.session / 4 => Some(v.0.clone()),
+            _ => None,
+        }
+    }
+
+    /// Did the group move since a view of `generation` was taken? One
+    /// `HMGET` of the group's generation and membership versions, far
+    /// cheaper than the heartbeat script: the owners change only in a
+    /// rebalance, which raises the generation, and every change that calls
+    /// for one (join, leave, expiry, a topic that grew or went) moves the
+    /// membership version first. A group that is gone counts as moved
+    /// (the heartbeat then says so).
+    async fn group_moved(&self, generation: u64) -> Result<bool> {
+        let k = self.inner.group_keys(self.group());
+        let (gen, mv, done): (Option<u64>, Option<u64>, Option<u64>) = redis::cmd("HMGET")
+            .arg(&k.meta)
+            .arg("gen")
+            .arg("mv")
+            .arg("done_mv")
+            .query_async(&mut self.inner.conn())
+            .await
+            .map_err(during(format!(
+                "group `{}`: read its generation",
+                self.group
+            )))?;
+        Ok(mv.is_none() || mv != done || gen.unwrap_or(0) != generation)
+    }
+
     fn rotated<T>(&self, mut items: Vec<T>) -> Vec<T> {
         if !items.is_empty() {
             let start = self.rotate.fetch_add(1, Ordering::Relaxed) % items.len();

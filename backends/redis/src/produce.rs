@@ -164,6 +164,25 @@ impl Inner {
             }
             Err(e) => return Err(crate::conn::map_err(&what, e)),
         };
+        let keyed = records
+            .iter()
+            .any(|r| r.idempotency_key.as_deref().is_some_and(|k| !k.is_empty()));
+        if !keyed {
+            // No dedup: the records got consecutive offsets from the first
+            // one, all with one timestamp (the script's compact reply).
+            let mut it = got.iter();
+            let (Some(first), Some(ts), None) = (it.next(), it.next(), it.next()) else {
+                return Err(Error::internal(format!("{what}: bad receipts")));
+            };
+            let (first, timestamp) = (reply::uint(first)?, reply::uint(ts)?);
+            return Ok((0..records.len() as u64)
+                .map(|i| Receipt {
+                    partition,
+                    offset: first + i,
+                    timestamp,
+                })
+                .collect());
+        }
         got.into_iter()
             .map(|v| {
                 let s = reply::string(v)?;

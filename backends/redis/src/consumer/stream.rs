@@ -20,30 +20,52 @@ impl RedisConsumer {
     /// One stream-mode attempt. Cancel safe: all reads happen before any
     /// position moves; the positions move under the lock with no await.
     ///
-    /// The heartbeat and the reads go out together (one round trip, not
-    /// two), the reads planned from the last heartbeat's view; what they
-    /// read is delivered only if the new heartbeat finds the same owned
+    /// While the last heartbeat is younger than a quarter of the session
+    /// timeout, the reads go out with a read of the group's generation and
+    /// membership versions (one round trip, two plain reads): what they
+    /// read is delivered if neither moved since that heartbeat (the owners
+    /// are then the same, and the reads lie between the two). Otherwise,
+    /// and when the heartbeat is due, the heartbeat goes out with the
+    /// reads, which are delivered only if it finds the same owned
     /// partitions in the same generations (a generation only grows, so
-    /// nothing moved between the two heartbeats, and the reads lie between
-    /// them). Otherwise the reads are dropped and done again under the new
-    /// view.
+    /// nothing moved between the two heartbeats). Reads under a moved
+    /// view are dropped and done again under the new one.
     pub(super) async fn poll_stream(&self, max: usize) -> Result<(Vec<Message>, Option<u64>)> {
-        let last = {
-            let v = self.view.lock();
-            v.1.map(|_| v.0.owned.clone())
-        };
-        let (view, reads) = match last {
+        let (view, reads) = match self.fresh_view() {
             Some(last) => {
-                let (view, reads) =
-                    futures::join!(self.beat(true, true), self.stream_reads(&last, max));
-                let view = view?;
-                if same_owned(&view.owned, &last) {
-                    (view, Some(reads?))
+                let (moved, reads) = futures::join!(
+                    self.group_moved(last.generation),
+                    self.stream_reads(&last.owned, max)
+                );
+                if moved? {
+                    let view = self.beat(true, true).await?;
+                    let reads = same_owned(&view.owned, &last.owned)
+                        .then_some(reads)
+                        .transpose()?;
+                    (view, reads)
                 } else {
-                    (view, None)
+                    (last, Some(reads?))
                 }
             }
-            None => (self.beat(true, true).await?, None),
+            None => {
+                let last = {
+                    let v = self.view.lock();
+                    v.1.map(|_| v.0.owned.clone())
+                };
+                match last {
+                    Some(last) => {
+                        let (view, reads) =
+                            futures::join!(self.beat(true, true), self.stream_reads(&last, max));
+                        let view = view?;
+                        if same_owned(&view.owned, &last) {
+                            (view, Some(reads?))
+                        } else {
+                            (view, None)
+                        }
+                    }
+                    None => (self.beat(true, true).await?, None),
+                }
+            }
         };
         let reads = match reads {
             Some(reads) => reads,
@@ -331,8 +353,7 @@ impl RedisConsumer {
     pub(super) async fn ack_stream(&self, m: &Message) -> Result<()> {
         let token = m.delivery(self.group())?;
         let generation = token.generation();
-        let (tp, t) = self.subscribed(&m.topic, m.partition).await?;
-        let b = self.inner.bounds(&m.topic, t.id, m.partition).await?;
+        let (tp, t, b) = self.subscribed_bounds(&m.topic, m.partition).await?;
         let next = next_offset(m, &b, &self.what(m))?;
         self.beat(false, false).await?;
         let to = {
@@ -444,10 +465,7 @@ impl RedisConsumer {
         partition: u32,
         offset: u64,
     ) -> Result<()> {
-        // The topic's id from the cache (two round trips saved); a
-        // stale one (topic deleted, or deleted and created again)
-        // finds no bounds, and the registry is read again.
-        let (tp, mut t) = self.subscribed_cached(topic, partition).await?;
+        self.subscribed_cached(topic, partition).await?;
         if self.mode != DeliveryMode::Stream {
             return Err(Error::wrong_mode(
                 &self.group,
@@ -456,16 +474,7 @@ impl RedisConsumer {
             ));
         }
         self.beat(false, false).await?;
-        let b = match self.inner.bounds(topic, t.id, partition).await {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::TopicNotFound => {
-                self.inner.forget_topic(topic);
-                t = self.subscribed(topic, partition).await?.1;
-                self.inner.cache_topic(topic, &t);
-                self.inner.bounds(topic, t.id, partition).await?
-            }
-            Err(e) => return Err(e),
-        };
+        let (tp, t, b) = self.subscribed_bounds(topic, partition).await?;
         if offset > b.log_end {
             // Fencing first, as the embedded engine does.
             self.check_owner(&tp, None).await?;
@@ -479,6 +488,29 @@ impl RedisConsumer {
             part.committed(offset);
         }
         Ok(())
+    }
+
+    /// The topic is read by this consumer, the partition exists: its
+    /// entry and bounds. The topic's id comes from the cache (one round
+    /// trip saved); a stale one (topic deleted, or deleted and created
+    /// again) finds no bounds, and the registry is read again.
+    async fn subscribed_bounds(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<(TopicPartition, TopicRow, Bounds)> {
+        let (tp, t) = self.subscribed_cached(topic, partition).await?;
+        match self.inner.bounds(topic, t.id, partition).await {
+            Ok(b) => Ok((tp, t, b)),
+            Err(e) if e.kind() == ErrorKind::TopicNotFound => {
+                self.inner.forget_topic(topic);
+                let (tp, t) = self.subscribed(topic, partition).await?;
+                self.inner.cache_topic(topic, &t);
+                let b = self.inner.bounds(topic, t.id, partition).await?;
+                Ok((tp, t, b))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Stream-mode seek: this member's position in `tp` (which it must
