@@ -188,6 +188,18 @@ impl Error {
         )
     }
 
+    /// Shorthand for [`ErrorKind::LeaseExpired`]: a settle of `offset`
+    /// (`what`: the group and message) under a lease no longer held.
+    pub fn lease_lost(offset: u64, what: &str) -> Self {
+        Error::new(
+            ErrorKind::LeaseExpired,
+            format!(
+                "{what}: the lease on offset {offset} is no longer held (it expired and was \
+                 released or re-leased, or the message was already settled)"
+            ),
+        )
+    }
+
     /// Shorthand for [`ErrorKind::GroupNotFound`] naming the group.
     pub fn group_not_found(group: &str) -> Self {
         Error::new(

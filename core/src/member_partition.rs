@@ -9,7 +9,7 @@ use crate::backend::StoredMessage;
 use crate::broker::TopicPartition;
 use crate::dlq::{self, PassedRuns};
 use crate::record::{DeliveryToken, Message};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// A nacked offset waiting to be delivered again.
@@ -109,6 +109,30 @@ impl MemberPartition {
                 not_before_ms,
             },
         );
+    }
+
+    /// A stream-mode nack of `m` (delivered in `generation`) that is not
+    /// dead-lettered, in a member's map of partitions: the member reads
+    /// it again from its offset, as the next attempt, once `delay` has
+    /// passed; nothing changes if the partition is held in another
+    /// generation now.
+    pub fn nacked(
+        parts: &mut HashMap<TopicPartition, MemberPartition>,
+        tp: TopicPartition,
+        generation: u64,
+        m: &Message,
+        delay: std::time::Duration,
+    ) {
+        let part = parts
+            .entry(tp)
+            .or_insert_with(|| MemberPartition::new(generation));
+        if part.generation == generation {
+            part.retry(
+                m.offset,
+                m.attempt.saturating_add(1),
+                crate::deadline_ms(delay),
+            );
+        }
     }
 
     /// Where a commit of `next` lands once carried over passed runs.

@@ -28,7 +28,7 @@ use crate::now_ms;
 mod queue;
 mod stream;
 
-use queue::{ack_leases, lease_lost};
+use queue::ack_leases;
 pub(crate) use queue::{sweep, AckItem, ACK_CALLS, ACK_MERGE_MAX};
 
 /// This member's state of one owned stream-mode partition.
@@ -321,7 +321,7 @@ impl Consumer for PgConsumer {
                         } else {
                             outcome
                                 .failed
-                                .push((i, lease_lost(m.offset, &self.what(m))));
+                                .push((i, Error::lease_lost(m.offset, &self.what(m))));
                         }
                     }
                 }

@@ -6,7 +6,7 @@
 //! returning.
 
 use super::group::{Group, Member, Retry};
-use super::lease::{lease_lost, Lease, LeaseTable};
+use super::lease::{Lease, LeaseTable};
 use super::{millis, persist, Inner, LogStorage, ReadRange, StateKey, MAX_POLL_BYTES};
 use crate::broker::{
     BatchAck, Consumer, NackOptions, NackOutcome, TopicPartition, MAX_REDELIVERY_DELAY,
@@ -529,7 +529,7 @@ impl<S: LogStorage> EngineConsumer<S> {
                     ));
                 };
                 if !table.try_ack(m.offset, lease) {
-                    return Err(lease_lost(m.offset, &self.what(m)));
+                    return Err(Error::lease_lost(m.offset, &self.what(m)));
                 }
                 Ok(tp)
             }

@@ -107,17 +107,6 @@ pub(crate) struct Changes {
     pub entries: Vec<u64>,
 }
 
-/// The error for a settle under a lease no longer held.
-pub(crate) fn lease_lost(offset: u64, what: &str) -> Error {
-    Error::new(
-        ErrorKind::LeaseExpired,
-        format!(
-            "{what}: the lease on offset {offset} is no longer held (it expired and was \
-             released or re-leased, or the message was already settled)"
-        ),
-    )
-}
-
 /// A persisted header or entry that cannot be read.
 fn bad(what: &str) -> Error {
     Error::new(ErrorKind::Corrupt, format!("lease table: {what}"))
@@ -489,7 +478,7 @@ impl LeaseTable {
     fn check(&self, offset: u64, lease_id: u64, what: &str) -> Result<Lease> {
         match self.inflight.get(&offset) {
             Some(l) if l.id == lease_id => Ok(*l),
-            _ => Err(lease_lost(offset, what)),
+            _ => Err(Error::lease_lost(offset, what)),
         }
     }
 
@@ -513,7 +502,7 @@ impl LeaseTable {
     #[cfg(test)]
     pub fn ack(&mut self, offset: u64, lease_id: u64, what: &str) -> Result<()> {
         if !self.try_ack(offset, lease_id) {
-            return Err(lease_lost(offset, what));
+            return Err(Error::lease_lost(offset, what));
         }
         Ok(())
     }

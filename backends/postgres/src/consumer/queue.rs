@@ -190,7 +190,7 @@ impl PgConsumer {
         if settled {
             Ok(())
         } else {
-            Err(lease_lost(m.offset, &self.what(m)))
+            Err(Error::lease_lost(m.offset, &self.what(m)))
         }
     }
 
@@ -221,7 +221,7 @@ impl PgConsumer {
         .fetch_optional(&mut *tx)
         .await
         .map_err(during(what))?;
-        let attempts = attempts.ok_or_else(|| lease_lost(m.offset, what))? as u32;
+        let attempts = attempts.ok_or_else(|| Error::lease_lost(m.offset, what))? as u32;
         if attempts >= config.dlq.max_deliveries {
             dead_letter(
                 &mut tx,
@@ -279,7 +279,8 @@ impl PgConsumer {
         .fetch_optional(&self.inner.pool)
         .await
         .map_err(during(format!("extend {what}")))?;
-        done.map(|_| ()).ok_or_else(|| lease_lost(m.offset, &what))
+        done.map(|_| ())
+            .ok_or_else(|| Error::lease_lost(m.offset, &what))
     }
 }
 
@@ -494,16 +495,6 @@ async fn sweep_once(inner: &Inner) -> Result<()> {
         }
     }
     Ok(())
-}
-
-pub(super) fn lease_lost(offset: u64, what: &str) -> Error {
-    Error::new(
-        ErrorKind::LeaseExpired,
-        format!(
-            "{what}: the lease on offset {offset} is no longer held (it expired and was \
-             released or re-leased, or the message was already settled)"
-        ),
-    )
 }
 
 async fn delete_lease(

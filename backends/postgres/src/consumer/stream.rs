@@ -4,9 +4,10 @@
 //! and commits live in the server and are checked in the statement that
 //! commits.
 
-use super::{dead_letter, Owned, Part, PgConsumer};
+use super::{dead_letter, Owned, PgConsumer};
 use crate::error::during;
 use crate::queries::{self, Bounds};
+use conveyor_core::backend::MemberPartition;
 use conveyor_core::{Error, ErrorKind, Message, NackOptions, NackOutcome, Result, TopicPartition};
 use sqlx::Row;
 use std::collections::BTreeSet;
@@ -365,16 +366,7 @@ impl PgConsumer {
             return Ok(NackOutcome::DeadLettered);
         }
         let delay = options.delay_or(config.retry_backoff.delay_after(m.attempt));
-        let mut parts = self.parts.lock();
-        let part = parts.entry(tp).or_insert_with(|| Part::new(generation));
-        if part.generation == generation {
-            part.retry(
-                m.offset,
-                m.attempt.saturating_add(1),
-                conveyor_core::deadline_ms(delay),
-            );
-        }
-        drop(parts);
+        MemberPartition::nacked(&mut self.parts.lock(), tp, generation, m, delay);
         self.inner.wake();
         Ok(NackOutcome::Redeliver)
     }

@@ -288,7 +288,7 @@ impl RedisConsumer {
         };
         match code {
             1 => Ok(()),
-            _ => Err(lease_lost(m.offset, &what)),
+            _ => Err(Error::lease_lost(m.offset, &what)),
         }
     }
 
@@ -335,7 +335,7 @@ impl RedisConsumer {
                 } else {
                     outcome.failed.push((
                         i,
-                        lease_lost(o, &format!("group `{}`: `{topic}`/{p}@{o}", self.group)),
+                        Error::lease_lost(o, &format!("group `{}`: `{topic}`/{p}@{o}", self.group)),
                     ));
                 }
             }
@@ -378,7 +378,7 @@ impl RedisConsumer {
                 move_dead_letters(&self.inner, self.group(), &m.topic, t.id, m.partition).await?;
                 Ok(NackOutcome::DeadLettered)
             }
-            _ => Err(lease_lost(m.offset, &what)),
+            _ => Err(Error::lease_lost(m.offset, &what)),
         }
     }
 
@@ -399,7 +399,7 @@ impl RedisConsumer {
             .await?;
         match codes.first() {
             Some(1) => Ok(()),
-            _ => Err(lease_lost(m.offset, &what)),
+            _ => Err(Error::lease_lost(m.offset, &what)),
         }
     }
 
@@ -611,14 +611,4 @@ async fn sweep_group(inner: &Inner, group: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn lease_lost(offset: u64, what: &str) -> Error {
-    Error::new(
-        ErrorKind::LeaseExpired,
-        format!(
-            "{what}: the lease on offset {offset} is no longer held (it expired and was \
-             released or re-leased, or the message was already settled)"
-        ),
-    )
 }

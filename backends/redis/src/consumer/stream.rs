@@ -3,10 +3,11 @@
 //! (core's `MemberPartition`); owners, generations and commits live in
 //! Redis, written only by fenced scripts. Nothing of queue mode is here.
 
-use super::{dead_letter, Part, RedisConsumer};
+use super::{dead_letter, RedisConsumer};
 use crate::broker::{Bounds, TopicRow};
 use crate::conn::{during, reply, SCRIPTS};
 use crate::keys::{commit_field, owner_field};
+use conveyor_core::backend::MemberPartition;
 use conveyor_core::dlq::DeadLetter;
 use conveyor_core::now_ms;
 use conveyor_core::{
@@ -444,16 +445,7 @@ impl RedisConsumer {
             return Ok(NackOutcome::DeadLettered);
         }
         let delay = options.delay_or(config.retry_backoff.delay_after(m.attempt));
-        let mut parts = self.parts.lock();
-        let part = parts.entry(tp).or_insert_with(|| Part::new(generation));
-        if part.generation == generation {
-            part.retry(
-                m.offset,
-                m.attempt.saturating_add(1),
-                conveyor_core::deadline_ms(delay),
-            );
-        }
-        drop(parts);
+        MemberPartition::nacked(&mut self.parts.lock(), tp, generation, m, delay);
         self.inner.wake();
         Ok(NackOutcome::Redeliver)
     }
