@@ -334,7 +334,7 @@ fn nature(backend: &str) -> &'static str {
         "mmap" => "the embedded default: a segment log in files of one directory, owned by one process (others may read it read-only).",
         "rocksdb" => "embedded, on RocksDB (an LSM tree with compression), owned by one process.",
         "redis" => "a Redis server (or Cluster) shared by any number of processes and machines; the data lives in the server's memory, and survives a crash only with AOF (`appendfsync always` for `durability=always`).",
-        "postgres" => "a PostgreSQL server shared by any number of processes and machines; every step is a transaction, durable by default.",
+        "postgres" => "a PostgreSQL server shared by any number of processes and machines; every step is a transaction; with `durability=always` a send returns once its commit is flushed (the default, `none`, commits with `synchronous_commit = off`: a server crash can lose the last few hundred milliseconds).",
         _ => "",
     }
 }
