@@ -135,6 +135,21 @@ impl MemberPartition {
         }
     }
 
+    /// Where a commit of `next` for a message delivered in `generation`
+    /// lands, in a member's map of partitions: carried over passed runs
+    /// if the partition is still held in that generation, else `next`.
+    pub fn carried(
+        parts: &mut HashMap<TopicPartition, MemberPartition>,
+        tp: &TopicPartition,
+        generation: u64,
+        next: u64,
+    ) -> u64 {
+        match parts.get_mut(tp) {
+            Some(part) if part.generation == generation => part.carry(next),
+            _ => next,
+        }
+    }
+
     /// Where a commit of `next` lands once carried over passed runs.
     pub fn carry(&mut self, next: u64) -> u64 {
         self.skipped.carry(next)

@@ -293,13 +293,7 @@ impl PgConsumer {
             Error::invalid(format!("{}: offset {} has no next", self.what(m), m.offset))
         })?;
         self.heartbeat(false).await?;
-        let to = {
-            let mut parts = self.parts.lock();
-            match parts.get_mut(&tp) {
-                Some(part) if part.generation == generation => part.carry(next),
-                _ => next,
-            }
-        };
+        let to = MemberPartition::carried(&mut self.parts.lock(), &tp, generation, next);
         self.commit_offset(&tp, to, Some(generation), true).await?;
         if let Some(part) = self.parts.lock().get_mut(&tp) {
             part.committed(to);
@@ -336,13 +330,8 @@ impl PgConsumer {
                 options.reason.as_deref(),
             )
             .await?;
-            let to = {
-                let mut parts = self.parts.lock();
-                match parts.get_mut(&tp) {
-                    Some(part) if part.generation == generation => part.carry(m.offset + 1),
-                    _ => m.offset + 1,
-                }
-            };
+            let to =
+                MemberPartition::carried(&mut self.parts.lock(), &tp, generation, m.offset + 1);
             let done = sqlx::query(COMMIT)
                 .bind(self.group())
                 .bind(&tp.topic)

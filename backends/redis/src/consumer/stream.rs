@@ -18,6 +18,25 @@ use redis::Value;
 use std::collections::{BTreeSet, HashMap};
 
 impl RedisConsumer {
+    /// The group's committed offset of `tp` (topic id `id`) in the
+    /// `commits` hash, if any.
+    async fn read_commit(
+        &self,
+        commits: &str,
+        id: u64,
+        tp: &TopicPartition,
+    ) -> Result<Option<u64>> {
+        redis::cmd("HGET")
+            .arg(commits)
+            .arg(commit_field(id, tp.partition))
+            .query_async(&mut self.inner.conn())
+            .await
+            .map_err(during(format!(
+                "group `{}`: read the commit of {tp}",
+                self.group
+            )))
+    }
+
     /// One stream-mode attempt. Cancel safe: all reads happen before any
     /// position moves; the positions move under the lock with no await.
     ///
@@ -127,15 +146,7 @@ impl RedisConsumer {
                 let Some(t) = rows.get(&tp.topic) else {
                     continue;
                 };
-                let c: Option<u64> = redis::cmd("HGET")
-                    .arg(&k.commits)
-                    .arg(commit_field(t.id, tp.partition))
-                    .query_async(&mut self.inner.conn())
-                    .await
-                    .map_err(during(format!(
-                        "group `{}`: read the commit of {tp}",
-                        self.group
-                    )))?;
+                let c = self.read_commit(&k.commits, t.id, tp).await?;
                 committed.insert(tp.clone(), c);
             }
         }
@@ -235,15 +246,7 @@ impl RedisConsumer {
         for (tp, id, generation) in commits {
             // Carry the group's commit over passed runs it has reached.
             let k = self.inner.group_keys(self.group());
-            let c: Option<u64> = redis::cmd("HGET")
-                .arg(&k.commits)
-                .arg(commit_field(id, tp.partition))
-                .query_async(&mut self.inner.conn())
-                .await
-                .map_err(during(format!(
-                    "group `{}`: read the commit of {tp}",
-                    self.group
-                )))?;
+            let c = self.read_commit(&k.commits, id, &tp).await?;
             let base = c.unwrap_or(0);
             let to = match self.parts.lock().get_mut(&tp) {
                 Some(p) if p.generation == generation => p.carry(base),
@@ -357,13 +360,7 @@ impl RedisConsumer {
         let (tp, t, b) = self.subscribed_bounds(&m.topic, m.partition).await?;
         let next = next_offset(m, &b, &self.what(m))?;
         self.beat(false, false).await?;
-        let to = {
-            let mut parts = self.parts.lock();
-            match parts.get_mut(&tp) {
-                Some(part) if part.generation == generation => part.carry(next),
-                _ => next,
-            }
-        };
+        let to = MemberPartition::carried(&mut self.parts.lock(), &tp, generation, next);
         self.commit_offset(&tp, t.id, to, Some(generation), true)
             .await?;
         if let Some(part) = self.parts.lock().get_mut(&tp) {
@@ -426,13 +423,8 @@ impl RedisConsumer {
                 &m.headers,
             )
             .await?;
-            let to = {
-                let mut parts = self.parts.lock();
-                match parts.get_mut(&tp) {
-                    Some(part) if part.generation == generation => part.carry(m.offset + 1),
-                    _ => m.offset + 1,
-                }
-            };
+            let to =
+                MemberPartition::carried(&mut self.parts.lock(), &tp, generation, m.offset + 1);
             self.commit_offset(&tp, t.id, to, Some(generation), true)
                 .await?;
             if let Some(part) = self.parts.lock().get_mut(&tp) {
