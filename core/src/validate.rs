@@ -275,9 +275,32 @@ pub fn partition(topic: &str, partition: u32, partitions: u32) -> Result<()> {
     Ok(())
 }
 
+/// Stream mode: the offset after `offset` (a message being acked or
+/// nacked), which must not pass the partition's log end `log_end`.
+///
+/// # Errors
+/// `InvalidArgument`, naming `what`, when it would.
+pub fn next_offset(offset: u64, log_end: u64, what: &str) -> Result<u64> {
+    match offset.checked_add(1) {
+        Some(next) if next <= log_end => Ok(next),
+        _ => Err(Error::invalid(format!(
+            "{what}: offset {offset} is at or past the log end ({log_end})"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_offset_stays_within_the_log() {
+        assert_eq!(next_offset(4, 5, "ack").expect("below the end"), 5);
+        for (offset, end) in [(5, 5), (9, 5), (u64::MAX, u64::MAX)] {
+            let e = next_offset(offset, end, "ack").expect_err("at or past the end");
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        }
+    }
 
     #[test]
     fn names() {

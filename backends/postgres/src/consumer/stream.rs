@@ -7,7 +7,7 @@
 use super::{dead_letter, Owned, PgConsumer};
 use crate::error::during;
 use crate::queries::{self, Bounds};
-use conveyor_core::backend::MemberPartition;
+use conveyor_core::backend::{validate, MemberPartition};
 use conveyor_core::{Error, ErrorKind, Message, NackOptions, NackOutcome, Result, TopicPartition};
 use sqlx::Row;
 use std::collections::BTreeSet;
@@ -312,7 +312,7 @@ impl PgConsumer {
         tp: TopicPartition,
         b: &Bounds,
     ) -> Result<NackOutcome> {
-        next_offset(m, b, what)?;
+        validate::next_offset(m.offset, b.log_end, what)?;
         self.heartbeat(false).await?;
         self.check_owner(&tp, Some(generation)).await?;
         let config = self.group_config().await?;
@@ -376,14 +376,3 @@ ON CONFLICT (group_name, topic, partition) DO UPDATE
    SET committed = CASE WHEN $7 THEN greatest(commits.committed, excluded.committed)
                         ELSE excluded.committed END
 RETURNING committed"#;
-
-/// Stream mode: the offset after `m`, which must not pass the log end.
-fn next_offset(m: &Message, b: &Bounds, what: &str) -> Result<u64> {
-    match m.offset.checked_add(1) {
-        Some(next) if next <= b.log_end => Ok(next),
-        _ => Err(Error::invalid(format!(
-            "{what}: offset {} is at or past the log end ({})",
-            m.offset, b.log_end
-        ))),
-    }
-}

@@ -7,7 +7,7 @@ use super::{dead_letter, RedisConsumer};
 use crate::broker::{Bounds, TopicRow};
 use crate::conn::{during, reply, SCRIPTS};
 use crate::keys::{commit_field, owner_field};
-use conveyor_core::backend::MemberPartition;
+use conveyor_core::backend::{validate, MemberPartition};
 use conveyor_core::dlq::DeadLetter;
 use conveyor_core::now_ms;
 use conveyor_core::{
@@ -358,7 +358,7 @@ impl RedisConsumer {
         let token = m.delivery(self.group())?;
         let generation = token.generation();
         let (tp, t, b) = self.subscribed_bounds(&m.topic, m.partition).await?;
-        let next = next_offset(m, &b, &self.what(m))?;
+        let next = validate::next_offset(m.offset, b.log_end, &self.what(m))?;
         self.beat(false, false).await?;
         let to = MemberPartition::carried(&mut self.parts.lock(), &tp, generation, next);
         self.commit_offset(&tp, t.id, to, Some(generation), true)
@@ -398,7 +398,7 @@ impl RedisConsumer {
         let token = m.delivery(self.group())?;
         let what = self.what(m);
         let b = self.inner.bounds(&m.topic, t.id, m.partition).await?;
-        next_offset(m, &b, &what)?;
+        validate::next_offset(m.offset, b.log_end, &what)?;
         self.beat(false, false).await?;
         let generation = token.generation();
         self.check_owner(&tp, Some(generation)).await?;
@@ -532,15 +532,4 @@ struct StreamReads {
 fn same_owned(a: &[(TopicPartition, u64)], b: &[(TopicPartition, u64)]) -> bool {
     let set = |v: &[(TopicPartition, u64)]| v.iter().cloned().collect::<BTreeSet<_>>();
     a.len() == b.len() && set(a) == set(b)
-}
-
-/// Stream mode: the offset after `m`, which must not pass the log end.
-fn next_offset(m: &Message, b: &Bounds, what: &str) -> Result<u64> {
-    match m.offset.checked_add(1) {
-        Some(next) if next <= b.log_end => Ok(next),
-        _ => Err(Error::invalid(format!(
-            "{what}: offset {} is at or past the log end ({})",
-            m.offset, b.log_end
-        ))),
-    }
 }
