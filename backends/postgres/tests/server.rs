@@ -239,24 +239,13 @@ async fn concurrent_sends_to_one_partition_share_a_transaction() {
         tokio::spawn(async move { p.send_batch("m", vec![Record::new("first")]).await })
     };
     let mut watcher = sqlx::PgConnection::connect(&common::url()).await.unwrap();
-    let started = Instant::now();
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
-               AND query LIKE '%UPDATE partitions%'",
-        )
-        .fetch_one(&mut watcher)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the first append never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_one_waits(
+        &mut watcher,
+        "query LIKE $1",
+        "%UPDATE partitions%",
+        Duration::from_secs(10),
+    )
+    .await;
     // The first append is in flight: these queue behind it (this runtime
     // has one thread, so each task runs until it waits for its receipt).
     let later: Vec<_> = (0..9)
@@ -346,25 +335,13 @@ async fn a_record_the_database_refuses_fails_only_its_own_send() {
             let p = p.clone();
             tokio::spawn(async move { p.send("m", Record::new("first")).await })
         };
-        let started = Instant::now();
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
-                   AND application_name = $1",
-            )
-            .bind(&app)
-            .fetch_one(&mut watcher)
-            .await
-            .unwrap();
-            if waiting > 0 {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the first append never waited"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_one_waits(
+            &mut watcher,
+            "application_name = $1",
+            &app,
+            Duration::from_secs(30),
+        )
+        .await;
         let poison_at = (round * 13 + 7) % 40;
         let sends: Vec<_> = (0..40)
             .map(|i| {
@@ -402,6 +379,36 @@ async fn a_record_the_database_refuses_fails_only_its_own_send() {
         "every valid record went in"
     );
     broker.close().await.unwrap();
+}
+
+/// Wait until a session matching `filter` (an SQL condition on
+/// `pg_stat_activity` with `$1` = `arg`) waits for a lock: the first append
+/// is in flight. Fails after `patience`.
+async fn until_one_waits(
+    watcher: &mut sqlx::PgConnection,
+    filter: &str,
+    arg: &str,
+    patience: Duration,
+) {
+    let started = Instant::now();
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND {filter}"
+    );
+    loop {
+        let waiting: i64 = sqlx::query_scalar(&sql)
+            .bind(arg)
+            .fetch_one(&mut *watcher)
+            .await
+            .expect("read pg_stat_activity");
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < patience,
+            "the first append never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// A transaction of its own holding the row locks of `topic`'s partitions
