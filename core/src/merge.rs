@@ -124,10 +124,12 @@ where
         let lead = Lead {
             merge: self.clone(),
             key: key.clone(),
-            run: Some(Arc::new(run)),
+            run: Some(run),
         };
-        let run = lead.run.clone().expect("set above");
-        let answers = run(key, vec![item]).await;
+        // The call's future owns what it needs: `run` stays with the lead,
+        // for the items that queue meanwhile.
+        let call = (lead.run.as_ref().expect("set above"))(key, vec![item]);
+        let answers = call.await;
         drop(lead);
         one(answers)
     }
@@ -150,7 +152,7 @@ where
     }
 
     /// Send queued items, one call per batch, until none are left.
-    async fn flush<F>(self: Arc<Self>, key: K, mut batch: Vec<Waiting<I, O>>, run: Arc<F>)
+    async fn flush<F>(self: Arc<Self>, key: K, mut batch: Vec<Waiting<I, O>>, run: F)
     where
         F: Fn(K, Vec<I>) -> MergedCall<O> + Send + Sync + 'static,
     {
@@ -207,7 +209,7 @@ where
 {
     merge: Arc<Merge<K, I, O>>,
     key: K,
-    run: Option<Arc<F>>,
+    run: Option<F>,
 }
 
 impl<K, I, O, F> Drop for Lead<K, I, O, F>

@@ -84,11 +84,12 @@ impl Inner {
     /// A connection for one statement outside a transaction (see
     /// `spare`): give it back by dropping it, after
     /// [`crate::spare::Conn::checked`] on the statement's result.
-    pub(crate) async fn conn(&self, what: &str) -> Result<crate::spare::Conn> {
+    /// `what` names the call for an error (made only then).
+    pub(crate) async fn conn(&self, what: impl FnOnce() -> String) -> Result<crate::spare::Conn> {
         self.spare
             .get(&self.pool)
             .await
-            .map_err(crate::error::during(what))
+            .map_err(|e| crate::error::during(what())(e))
     }
 
     /// Wake this process's waiting polls (other processes are woken by

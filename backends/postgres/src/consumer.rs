@@ -459,7 +459,7 @@ impl Consumer for PgConsumer {
             self.heartbeat(true).await?;
             match self.mode {
                 DeliveryMode::Stream => {
-                    let mut conn = self.inner.conn(&format!("group `{}`: assignment", self.group)).await?;
+                    let mut conn = self.inner.conn(|| format!("group `{}`: assignment", self.group)).await?;
                     Ok(self.owned(&mut conn).await?.into_iter().map(|o| o.tp).collect())
                 }
                 _ => {

@@ -314,8 +314,8 @@ fn merged_failure_is_shared(kind: ErrorKind) -> bool {
     )
 }
 
-/// [`append_sent`] on a connection from the pool (no transaction: the
-/// statement is its own).
+/// [`append_sent`] on a kept connection (see `spare`; no transaction:
+/// the statement is its own).
 async fn append_pooled(
     inner: &Inner,
     topic: &str,
@@ -324,7 +324,7 @@ async fn append_pooled(
     records: &[&Record],
     sent_at: &[u64],
 ) -> Result<Vec<Receipt>> {
-    let mut conn = inner.conn(&format!("send to `{topic}`")).await?;
+    let mut conn = inner.conn(|| format!("send to `{topic}`")).await?;
     let appended = append_sent(&mut conn, topic, topic_id, partition, records, sent_at).await;
     conn.checked(appended)
 }

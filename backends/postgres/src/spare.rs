@@ -80,12 +80,22 @@ impl Conn {
     pub(crate) fn checked<T>(&mut self, result: Result<T>) -> Result<T> {
         if let Err(e) = &result {
             if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Internal) {
-                if let Some(conn) = self.conn.take() {
-                    drop(conn.detach());
-                }
+                self.close_now();
             }
         }
         result
+    }
+
+    /// Close the connection now instead of keeping it (its statement may
+    /// be unfinished and no task is left to finish it).
+    pub(crate) fn discard(mut self) {
+        self.close_now();
+    }
+
+    fn close_now(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
     }
 }
 

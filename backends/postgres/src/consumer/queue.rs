@@ -10,8 +10,8 @@ use crate::queries;
 use conveyor_core::backend::{MergedCall, StoredMessage};
 use conveyor_core::dlq;
 use conveyor_core::{
-    DeliveryToken, Error, ErrorKind, GroupConfig, Message, NackOptions, NackOutcome, Result,
-    TopicPartition, MAX_REDELIVERY_DELAY,
+    DeliveryToken, Error, GroupConfig, Message, NackOptions, NackOutcome, Result, TopicPartition,
+    MAX_REDELIVERY_DELAY,
 };
 use sqlx::{PgConnection, Row};
 use std::collections::BTreeSet;
@@ -31,7 +31,7 @@ impl PgConsumer {
         self.heartbeat(true).await?;
         let what = format!("poll group `{}`", self.group);
         let poll = self.polls.fetch_add(1, Ordering::Relaxed) as i64;
-        let conn = self.inner.conn(&what).await?;
+        let conn = self.inner.conn(|| what.clone()).await?;
         let mut guard = PollGuard {
             conn: Some(conn),
             group: self.group.clone(),
@@ -300,8 +300,9 @@ pub(crate) const ACK_CALLS: usize = 4;
 /// was still held (and is now settled). Concurrent acks of one group from
 /// this process share it (the broker's `acks`).
 pub(super) async fn ack_leases(inner: &Inner, group: &str, items: &[AckItem]) -> Result<Vec<bool>> {
-    let what = format!("group `{group}`: ack {} messages", items.len());
-    let mut conn = inner.conn(&what).await?;
+    let mut conn = inner
+        .conn(|| format!("group `{group}`: ack {} messages", items.len()))
+        .await?;
     let acked = ack_on(&mut conn, group, items).await;
     conn.checked(acked)
 }
@@ -322,9 +323,11 @@ async fn ack_on(conn: &mut PgConnection, group: &str, items: &[AckItem]) -> Resu
         .bind(lease)
         .fetch_optional(&mut *conn)
         .await
-        .map_err(during(format!(
-            "group `{group}`: ack {topic}/{partition} offset {offset}"
-        )))?;
+        .map_err(|e| {
+            during(format!(
+                "group `{group}`: ack {topic}/{partition} offset {offset}"
+            ))(e)
+        })?;
         return Ok(vec![done.is_some()]);
     }
     let rows = sqlx::query(
@@ -369,7 +372,7 @@ impl Drop for PollGuard {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             // No runtime: close the connection; the leases expire at the
             // visibility timeout.
-            drop(conn.checked::<()>(Err(Error::new(ErrorKind::Unavailable, "no runtime"))));
+            conn.discard();
             return;
         };
         let (group, member, poll) = (self.group.clone(), self.member, self.poll);

@@ -53,7 +53,7 @@ impl PgConsumer {
         self.heartbeat(true).await?;
         let mut conn = self
             .inner
-            .conn(&format!("poll group `{}`", self.group))
+            .conn(|| format!("poll group `{}`", self.group))
             .await?;
         let owned = self.rotated(self.owned(&mut conn).await?);
         let now = now_ms();
@@ -143,7 +143,7 @@ impl PgConsumer {
         cumulative: bool,
     ) -> Result<()> {
         let what = format!("group `{}`: commit {tp}", self.group);
-        let mut conn = self.inner.conn(&what).await?;
+        let mut conn = self.inner.conn(|| what.clone()).await?;
         let done = sqlx::query(COMMIT)
             .bind(self.group())
             .bind(&tp.topic)
