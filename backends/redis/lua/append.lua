@@ -3,7 +3,10 @@
 -- with the dedup window for idempotent produce (contract §3).
 --
 -- KEYS[1] partition meta (hash: end, start, bytes, lastts)
--- KEYS[2] partition log (stream; the entry id of offset N is "N-1")
+-- KEYS[2] partition log (stream; the entry id of offset N is "N-T", T the
+--         append time in ms: the record's timestamp rides in the id, not
+--         in a field, which made every read return half as many strings.
+--         Entries written before this are "N-1" with a field `t`)
 -- KEYS[3] dedup keys (hash: idempotency key -> "offset:timestamp")
 -- KEYS[4] dedup times (zset: idempotency key -> append time, ms)
 -- ARGV[1] dedup window, ms
@@ -51,6 +54,7 @@ local out = {}
 local seen = {}
 local added = 0
 local log = KEYS[2]
+local tail = '-' .. nows
 local call, argv = redis.call, ARGV
 for i = 0, n - 1 do
   local b = 5 + i * 8
@@ -64,22 +68,23 @@ for i = 0, n - 1 do
     out[#out + 1] = prior
   else
     local offs = fmt('%d', off)
+    local id = offs .. tail
     if idem == '' and argv[b + 4] ~= '1' and argv[b + 2] == '' and argv[b + 3] == '' then
       -- The common case: no key, no idempotency key, no delay, no group.
       if argv[b + 7] == '' then
         -- Nor headers: the size is the value's, and both fields are
         -- left out (fewer strings to store, and to parse on every read).
-        call('XADD', log, offs .. '-1', 't', nows, 'v', argv[b + 6])
+        call('XADD', log, id, 'v', argv[b + 6])
       else
-        call('XADD', log, offs .. '-1', 't', nows, 's', argv[b + 1], 'v', argv[b + 6], 'h', argv[b + 7])
+        call('XADD', log, id, 's', argv[b + 1], 'v', argv[b + 6], 'h', argv[b + 7])
       end
     else
-      local f = {'t', nows, 's', argv[b + 1], 'v', argv[b + 6], 'h', argv[b + 7]}
+      local f = {'s', argv[b + 1], 'v', argv[b + 6], 'h', argv[b + 7]}
       if argv[b + 4] == '1' then f[#f + 1] = 'k'; f[#f + 1] = argv[b + 5] end
       if idem ~= '' then f[#f + 1] = 'i'; f[#f + 1] = idem end
       if argv[b + 2] ~= '' then f[#f + 1] = 'd'; f[#f + 1] = fmt('%d', now + tonumber(argv[b + 2])) end
       if argv[b + 3] ~= '' then f[#f + 1] = 'g'; f[#f + 1] = argv[b + 3] end
-      call('XADD', log, offs .. '-1', unpack(f))
+      call('XADD', log, id, unpack(f))
     end
     if idem ~= '' then
       local r = offs .. ':' .. nows

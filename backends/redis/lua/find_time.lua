@@ -16,10 +16,12 @@ local lo, hi = tonumber(m[1]), tonumber(m[2])
 local want = tonumber(ARGV[1])
 while lo < hi do
   local mid = math.floor((lo + hi) / 2)
-  local e = redis.call('XRANGE', KEYS[2], mid .. '-1', '+', 'COUNT', 1)
+  local e = redis.call('XRANGE', KEYS[2], string.format('%d', mid), '+', 'COUNT', 1)
   if #e == 0 then return hi end
+  -- The append time: the entry id's second part ("N-T"), or the field
+  -- `t` of an entry written before ids carried it ("N-1").
+  local ts = tonumber(string.match(e[1][1], '-(%d+)$'))
   local f = e[1][2]
-  local ts = 0
   for i = 1, #f, 2 do if f[i] == 't' then ts = tonumber(f[i + 1]) end end
   if ts >= want then hi = mid else lo = mid + 1 end
 end

@@ -27,8 +27,9 @@
 --         (a poll dropped before its reply arrived gives back exactly the
 --         leases it took: queue_settle.lua "giveback")
 -- Returns {messages, dead letters waiting, ms until the next lease expiry
--- or redelivery (-1: none)}; messages is flat: offset, attempt, fields,
--- offset, attempt, fields, ... (one table for all: each table and string
+-- or redelivery (-1: none)}; messages is flat: entry id, attempt, fields,
+-- entry id, attempt, fields, ... (the id "offset-append time", or
+-- "offset-1" for an entry with a field `t`; one table for all: each table and string
 -- in the reply costs its conversion). A message's lease token is
 -- "attempt:" .. ARGV[6] (unique, as a poll leases an offset once).
 -- Error "NOTOPIC" when the partition does not exist.
@@ -55,15 +56,15 @@ else
 end
 if cur < start then cur = start end
 
--- What this poll leases, in delivery order: `out` (the reply: offset,
+-- What this poll leases, in delivery order: `out` (the reply: entry id,
 -- attempt (strings, as the entry id and the state have them), fields) and
 -- `z` (deadline, state member: written after the scan, one ZADD per 100).
 local out, z, n = {}, {}, 0
 local deadline = fmt('%d', now + vis)
 local tail = ':' .. ARGV[6]
-local function lease(o, a, fields)
+local function lease(o, id, a, fields)
   n = n + 1
-  out[#out + 1] = o
+  out[#out + 1] = id
   out[#out + 1] = a
   out[#out + 1] = fields
   z[#z + 1] = deadline
@@ -86,17 +87,17 @@ for _, mem in ipairs(due) do
     gone[#gone + 1] = mem
     local e = {}
     if tonumber(os) >= start then
-      e = redis.call('XRANGE', KEYS[2], os .. '-1', os .. '-1')
+      e = redis.call('XRANGE', KEYS[2], os, os)
     end
     -- Removed by retention: settled unseen.
-    if #e > 0 then lease(os, fmt('%d', a + 1), e[1][2]) end
+    if #e > 0 then lease(os, e[1][1], fmt('%d', a + 1), e[1][2]) end
   end
 end
 if #gone > 0 then redis.call('ZREM', KEYS[4], unpack(gone)) end
 if #dead > 0 then redis.call('HSET', KEYS[5], unpack(dead)) end
 
 while n < max and cur < stop do
-  local es = redis.call('XRANGE', KEYS[2], fmt('%d-1', cur), '+', 'COUNT', max - n)
+  local es = redis.call('XRANGE', KEYS[2], fmt('%d', cur), '+', 'COUNT', max - n)
   if #es == 0 then
     cur = stop
     break
@@ -114,7 +115,7 @@ while n < max and cur < stop do
     elseif d and d > now then
       redis.call('ZADD', KEYS[4], fmt('%d', d), os .. ':0')
     else
-      lease(os, '1', f)
+      lease(os, e[1], '1', f)
     end
   end
 end

@@ -20,12 +20,15 @@ local age, maxb, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]
 local at = start
 local done = false
 while not done and at < stop and (at - start) < budget do
-  local es = redis.call('XRANGE', KEYS[2], at .. '-1', '+', 'COUNT', 100)
+  local es = redis.call('XRANGE', KEYS[2], string.format('%d', at), '+', 'COUNT', 100)
   if #es == 0 then break end
   for _, e in ipairs(es) do
-    local o = tonumber(string.match(e[1], '^(%d+)'))
+    -- The id is "offset-append time" (or "offset-1" with a field `t`,
+    -- for entries written before ids carried the time).
+    local os, tid = string.match(e[1], '^(%d+)-(%d+)$')
+    local o = tonumber(os)
     local f = e[2]
-    local ts, size, vsize = 0, nil, 0
+    local ts, size, vsize = tonumber(tid), nil, 0
     for i = 1, #f, 2 do
       local n = f[i]
       if n == 't' then ts = tonumber(f[i + 1])
@@ -46,7 +49,7 @@ while not done and at < stop and (at - start) < budget do
   end
 end
 if at > start then
-  redis.call('XTRIM', KEYS[2], 'MINID', at .. '-1')
+  redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', at))
   redis.call('HSET', KEYS[1], 'start', at, 'bytes', bytes)
 end
 return at - start

@@ -487,7 +487,8 @@ impl Inner {
         if max > 0 {
             pipe.cmd("XRANGE")
                 .arg(&part.log)
-                .arg(format!("{}-1", from.min(1 << 53)))
+                // "N" as a start is "N-0": offset N, whichever id form.
+                .arg(from.min(1 << 53))
                 .arg("+")
                 .arg("COUNT")
                 .arg(max.min(100_000));
@@ -908,26 +909,30 @@ pub(crate) fn decode_entry(
     let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
         return Err(corrupt(at, "an entry without id or fields"));
     };
-    let id = reply::string(id)?;
-    let offset = id
-        .split('-')
-        .next()
-        .and_then(|o| o.parse().ok())
-        .ok_or_else(|| corrupt(at, &format!("entry id `{id}`")))?;
-    decode_fields(offset, fields, at)
+    decode_fields(id, fields, at)
 }
 
-/// A stream entry's fields as [`StoredMessage`] at `offset`, and the
-/// group it is addressed to.
+/// A stream entry (its id and fields) as [`StoredMessage`], and the group
+/// it is addressed to.
+///
+/// The id is "offset-append time" (the time in ms); entries written
+/// before the id carried the time are "offset-1" with a field `t`, which
+/// wins when present.
 pub(crate) fn decode_fields(
-    offset: u64,
+    id: Value,
     fields: Value,
     at: &dyn Fn() -> String,
 ) -> Result<(StoredMessage, Option<String>)> {
+    let id = reply::bytes(id)?;
+    let (offset, timestamp) = std::str::from_utf8(&id)
+        .ok()
+        .and_then(|id| id.split_once('-'))
+        .and_then(|(o, t)| Some((o.parse::<u64>().ok()?, t.parse::<u64>().ok()?)))
+        .ok_or_else(|| corrupt(at, &format!("entry id `{}`", String::from_utf8_lossy(&id))))?;
     let fields = reply::array(fields)?;
     let mut m = StoredMessage {
         offset,
-        timestamp: 0,
+        timestamp,
         key: None,
         value: Bytes::new(),
         headers: Vec::new(),

@@ -42,7 +42,7 @@
 //! | keys | what |
 //! |---|---|
 //! | `{ns/m}:topics`, `:configs`, `:seq`, `:groups` | the namespace's registry: topic name → id, id → config (JSON), the id counter, the groups |
-//! | `{ns/t<id>.<p>}:log` | partition `p` of topic `id`: a stream whose entry id for offset N is `N-1` (fields `t` time, `s` size, `v` value, `k` key, `h` headers, `i` idempotency key, `d` delivery time, `g` addressed group; a record of a value alone, without key, headers, idempotency key, delivery time or group, has only `t` and `v`: its size is the value's) |
+//! | `{ns/t<id>.<p>}:log` | partition `p` of topic `id`: a stream whose entry id for offset N is `N-T`, T the append time in ms (fields `s` size, `v` value, `k` key, `h` headers, `i` idempotency key, `d` delivery time, `g` addressed group; a record of a value alone, without key, headers, idempotency key, delivery time or group, has only `v`: its size is the value's). Entries written before the time moved into the id are `N-1` with the time in a field `t`; both forms are read |
 //! | `{ns/t<id>.<p>}:m` | its bounds: `end` (the next offset), `start`, `bytes`, `lastts` |
 //! | `{ns/t<id>.<p>}:idem`, `:idemt` | the dedup window: idempotency key → `offset:time`, and key → time |
 //! | `{ns/t<id>.<p>}:q:<group>:c`, `:s`, `:d` | a queue-mode group in that partition: its cursor; its state, one sorted-set member per message leased (`offset:attempts:member:poll` → deadline) or waiting to be offered again (`offset:attempts` → when); dead letters waiting for their move. (Earlier versions kept leases, ready, attempts and tokens in four keys `:l`, `:r`, `:a`, `:t`; a broker converts them on first touch, see `queue_migrate.lua`.) |

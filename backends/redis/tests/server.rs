@@ -349,3 +349,104 @@ async fn queue_state_of_the_old_layout_is_converted() {
     assert_eq!(lag.partitions[0].in_flight, 3, "{lag:?}");
     b.close().await.unwrap();
 }
+
+/// Records stored before the append time moved into the stream entry id
+/// (ids `N-1`, the time in a field `t`) read as they were written, beside
+/// records of the current form (`N-<time>`): fetch, a queue poll, a seek
+/// by timestamp and time retention all see each record's own time.
+#[tokio::test]
+async fn records_of_the_old_entry_form_are_read_with_their_times() {
+    let server = RedisServer::start(&["--appendonly", "no"]);
+    let t = Topology::single(server.url());
+    let ns = "oldform";
+    let b = common::open(&t, ns, BrokerOptions::default())
+        .await
+        .unwrap();
+    b.create_topic("t", TopicConfig::new(1)).await.unwrap();
+    let p = b.producer().await.unwrap();
+    for v in ["a", "b"] {
+        p.send("t", Record::new(v)).await.unwrap();
+    }
+    let id = common::raw_command(server.port, &format!("HGET {{{ns}/m}}:topics t")).unwrap();
+    let log = format!("{{{ns}/t{id}.0}}:log");
+    // The two records again, as the earlier version wrote them (the meta
+    // hash, with their end and bytes, stays as the appends left it).
+    for cmd in [
+        format!("DEL {log}"),
+        format!("XADD {log} 0-1 t 1000 v a"),
+        format!("XADD {log} 1-1 t 2000 s 1 v b"),
+    ] {
+        common::raw_command(server.port, &cmd).unwrap();
+    }
+    let before = conveyor_core::now_ms();
+    let new = p.send("t", Record::new("c")).await.unwrap();
+    assert_eq!(new.offset, 2);
+    let got = b.fetch("t", 0, 0, 10).await.unwrap();
+    let seen: Vec<(u64, u64, &[u8])> = got
+        .iter()
+        .map(|m| (m.offset, m.timestamp, &m.value[..]))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (0, 1000, &b"a"[..]),
+            (1, 2000, b"b"),
+            (2, new.timestamp, b"c")
+        ]
+    );
+    assert!(new.timestamp >= before, "{new:?}");
+    assert_eq!(b.offset_for_timestamp("t", 0, 1500).await.unwrap(), 1);
+    assert_eq!(b.offset_for_timestamp("t", 0, 2001).await.unwrap(), 2);
+
+    let c = b.consumer("q", &["t"], GroupConfig::queue()).await.unwrap();
+    let polled = c.poll(10, Duration::from_secs(5)).await.unwrap();
+    let seen: Vec<(u64, u64)> = polled.iter().map(|m| (m.offset, m.timestamp)).collect();
+    assert_eq!(seen, [(0, 1000), (1, 2000), (2, new.timestamp)]);
+    // Redelivered (a lookup of one entry by its offset): the same record.
+    c.nack(&polled[0], conveyor_core::NackOptions::new())
+        .await
+        .unwrap();
+    let again = c.poll(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        again
+            .iter()
+            .map(|m| (m.offset, m.timestamp, m.attempt))
+            .collect::<Vec<_>>(),
+        [(0, 1000, 2)]
+    );
+    c.close().await.unwrap();
+
+    // Time retention (an hour) removes the two old records only, by the
+    // times in their fields; the new one is kept by the time in its id.
+    b.create_topic(
+        "r",
+        TopicConfig::new(1).with_retention(
+            conveyor_core::Retention::forever().with_max_age(Duration::from_secs(3600)),
+        ),
+    )
+    .await
+    .unwrap();
+    for v in ["a", "b"] {
+        p.send("r", Record::new(v)).await.unwrap();
+    }
+    let id = common::raw_command(server.port, &format!("HGET {{{ns}/m}}:topics r")).unwrap();
+    let log = format!("{{{ns}/t{id}.0}}:log");
+    for cmd in [
+        format!("DEL {log}"),
+        format!("XADD {log} 0-1 t 1000 v a"),
+        format!("XADD {log} 1-1 t 2000 s 1 v b"),
+    ] {
+        common::raw_command(server.port, &cmd).unwrap();
+    }
+    p.send("r", Record::new("c")).await.unwrap();
+    // Describing a topic applies its retention first.
+    let d = b.describe_topic("r").await.unwrap();
+    assert_eq!(
+        (d.partitions[0].log_start, d.partitions[0].log_end),
+        (2, 3),
+        "{d:?}"
+    );
+    let kept = b.fetch("r", 0, 0, 10).await.unwrap();
+    assert_eq!(kept.iter().map(|m| m.offset).collect::<Vec<_>>(), [2]);
+    b.close().await.unwrap();
+}

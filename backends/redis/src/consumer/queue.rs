@@ -167,12 +167,11 @@ impl RedisConsumer {
                 return Err(Error::internal(format!("{what}: short reply")));
             }
             let mut it = messages.into_iter();
-            while let (Some(o), Some(a), Some(fields)) = (it.next(), it.next(), it.next()) {
-                let offset = reply::uint(&o)?;
+            while let (Some(id), Some(a), Some(fields)) = (it.next(), it.next(), it.next()) {
                 let attempt = reply::uint(&a)?.min(u32::MAX as u64) as u32;
                 // The lease token, as the script wrote it into the state.
                 let tok = format!("{attempt}:{tag}");
-                let (stored, _) = decode_fields(offset, fields, &|| format!("`{topic}`/{p}"))?;
+                let (stored, _) = decode_fields(id, fields, &|| format!("`{topic}`/{p}"))?;
                 let token = DeliveryToken::queue(self.group.clone(), Bytes::from(tok));
                 out.push(Message::from_stored(
                     topic.clone(),
