@@ -762,11 +762,18 @@ pub fn event_id(scope: &str, message: &Message) -> Option<String> {
 type EventId = dyn Fn(&Message) -> Option<String> + Send + Sync;
 
 /// A handler that runs at most once per event id within `ttl`, through an
-/// [`IdempotencyStore`]. Duplicates are acked without running the handler;
-/// a failed run forgets the id so the retry runs again.
+/// [`IdempotencyStore`]. Duplicates are acked without running the handler.
+///
+/// The id is claimed when the handler starts and kept only if it
+/// succeeds. Every other way out forgets it, so the redelivery runs the
+/// handler again: a failure, a panic, a handler dropped by
+/// [`RunnerConfig::handler_timeout`], and a handler future dropped for
+/// any other reason (a runner stopped by dropping its future). While the
+/// first delivery runs, a second delivery of the same event is skipped as
+/// a duplicate; if the first then fails, its own redelivery runs.
 ///
 /// A process that dies inside the handler leaves the id recorded, so the
-/// redelivery is skipped: at most once, by design (contract §8).
+/// redelivery is skipped until the TTL runs out (contract §8).
 pub struct Idempotent<H> {
     store: Arc<dyn IdempotencyStore>,
     ttl: Duration,
@@ -845,12 +852,78 @@ impl<H: Handler> Handler for Idempotent<H> {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
+        // From here until the handler succeeds, the id is only claimed:
+        // a failure, a panic, a timeout or a dropped future forgets it, so
+        // the redelivery runs.
+        let claim = Claim {
+            store: Some(self.store.clone()),
+            id,
+        };
         match self.inner.handle(message).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                claim.keep();
+                Ok(())
+            }
             Err(e) => {
-                self.store.forget(&id).await?;
+                claim.forget().await?;
                 Err(e)
             }
+        }
+    }
+}
+
+/// An event id recorded by [`Idempotent`] while its handler runs. Unless
+/// [`Claim::keep`] is called (the handler succeeded), the id is forgotten:
+/// by [`Claim::forget`], or when the claim is dropped (the handler panicked
+/// or its future was dropped: a timeout, a shutdown).
+struct Claim {
+    /// `None` once kept or forgotten.
+    store: Option<Arc<dyn IdempotencyStore>>,
+    id: String,
+}
+
+impl Claim {
+    /// The handler succeeded: the id stays recorded.
+    fn keep(mut self) {
+        self.store = None;
+    }
+
+    /// The handler failed: forget the id now.
+    async fn forget(mut self) -> Result<()> {
+        match self.store.take() {
+            Some(store) => store.forget(&self.id).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let id = std::mem::take(&mut self.id);
+        // A store that answers at once (the embedded ones) forgets here;
+        // one that must wait (a server) forgets on a task of its own.
+        let forget = async move {
+            if let Err(e) = store.forget(&id).await {
+                tracing::warn!(event_id = %id, error = %e,
+                    "could not forget the event id of an unfinished handler; \
+                     its redelivery is skipped until the id's TTL runs out");
+            }
+        };
+        let mut forget = Box::pin(forget);
+        if forget.as_mut().now_or_never().is_some() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(forget);
+            }
+            Err(_) => tracing::warn!(
+                "no runtime to forget the event id of an unfinished handler; \
+                 its redelivery is skipped until the id's TTL runs out"
+            ),
         }
     }
 }

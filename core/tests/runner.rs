@@ -475,3 +475,233 @@ async fn acks_of_concurrent_handlers_share_ack_batch_calls() {
     let lag = broker.group_lag("workers").await.unwrap();
     assert_eq!(lag.total_lag(), 0);
 }
+
+/// One message with idempotency key `evt-1` on a one-partition topic.
+async fn one_event(topic: &str) -> conveyor_memory::MemoryBroker {
+    let broker = conveyor_memory::open_default();
+    broker
+        .create_topic(topic, TopicConfig::new(1))
+        .await
+        .unwrap();
+    broker
+        .producer()
+        .await
+        .unwrap()
+        .send(topic, Record::new("work").with_idempotency_key("evt-1"))
+        .await
+        .unwrap();
+    broker
+}
+
+/// How an attempt of [`unfinished_first`]'s handler ends.
+#[derive(Clone, Copy)]
+enum FirstAttempt {
+    /// Never finishes (until dropped).
+    Hangs,
+    /// Panics.
+    Panics,
+}
+
+/// An idempotent handler (keyed on the idempotency key) whose first
+/// attempt does not finish as `first` says, and whose later attempts
+/// succeed; `started` counts attempts, `completed` successful ones, and
+/// `entered` is told when the first attempt is running.
+fn unfinished_first(
+    broker: &conveyor_memory::MemoryBroker,
+    first: FirstAttempt,
+    started: Arc<AtomicU64>,
+    completed: Arc<AtomicU64>,
+    entered: Arc<tokio::sync::Notify>,
+) -> Idempotent<impl conveyor_core::runner::Handler> {
+    let inner = move |_m: Message| {
+        let (started, completed, entered) = (started.clone(), completed.clone(), entered.clone());
+        async move {
+            if started.fetch_add(1, Ordering::SeqCst) == 0 {
+                entered.notify_one();
+                match first {
+                    FirstAttempt::Hangs => std::future::pending::<()>().await,
+                    FirstAttempt::Panics => panic!("handler bug"),
+                }
+            }
+            completed.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), HandlerError>(())
+        }
+    };
+    Idempotent::by_idempotency_key(
+        broker.idempotency_store(),
+        Duration::from_secs(3600),
+        "workers",
+        inner,
+    )
+}
+
+fn quick_retries() -> GroupConfig {
+    GroupConfig::queue()
+        .with_retry_backoff(RetryBackoff::none())
+        .with_dlq(DlqPolicy::new(10))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_idempotent_handler_runs_again() {
+    let broker = one_event("jobs").await;
+    let (started, completed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let handler = unfinished_first(
+        &broker,
+        FirstAttempt::Hangs,
+        started.clone(),
+        completed.clone(),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let duplicates = handler.duplicates();
+    let group = quick_retries();
+    let consumer = broker
+        .consumer("workers", &["jobs"], group.clone())
+        .await
+        .unwrap();
+    let config = RunnerConfig::for_group(&group).with_handler_timeout(Duration::from_millis(300));
+    let stats = Runner::new(consumer, config)
+        .run_until_idle(handler, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(
+        completed.load(Ordering::SeqCst),
+        1,
+        "the retry ran: {stats:?}"
+    );
+    assert_eq!(started.load(Ordering::SeqCst), 2);
+    assert_eq!(duplicates.load(Ordering::SeqCst), 0, "not skipped");
+    assert_eq!((stats.succeeded, stats.failed), (1, 1));
+    assert_eq!(broker.group_lag("workers").await.unwrap().total_lag(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicked_idempotent_handler_runs_again() {
+    let broker = one_event("jobs").await;
+    let (started, completed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let group = quick_retries();
+    let run = |handler| {
+        let broker = broker.clone();
+        let group = group.clone();
+        async move {
+            let consumer = broker
+                .consumer("workers", &["jobs"], group.clone())
+                .await
+                .unwrap();
+            Runner::new(consumer, RunnerConfig::for_group(&group))
+                .run_until_idle(handler, Duration::from_millis(300))
+                .await
+        }
+    };
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let handler = unfinished_first(
+        &broker,
+        FirstAttempt::Panics,
+        started.clone(),
+        completed.clone(),
+        entered.clone(),
+    );
+    let duplicates = handler.duplicates();
+    // The panic ends the run (its consumer leaves, releasing the lease)...
+    assert!(run(handler).await.is_err());
+    assert_eq!(completed.load(Ordering::SeqCst), 0);
+    // ... and the next run handles the message.
+    let handler = unfinished_first(
+        &broker,
+        FirstAttempt::Panics,
+        started.clone(),
+        completed.clone(),
+        entered,
+    );
+    let stats = run(handler).await.unwrap();
+    assert_eq!(completed.load(Ordering::SeqCst), 1, "{stats:?}");
+    assert_eq!(duplicates.load(Ordering::SeqCst), 0, "not skipped");
+    assert_eq!(broker.group_lag("workers").await.unwrap().total_lag(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_idempotent_handler_future_forgets_the_event() {
+    use conveyor_core::runner::Handler;
+    let broker = one_event("jobs").await;
+    let consumer = broker
+        .consumer("workers", &["jobs"], quick_retries())
+        .await
+        .unwrap();
+    let message = consumer
+        .poll(1, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .remove(0);
+    let (started, completed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let handler = Arc::new(unfinished_first(
+        &broker,
+        FirstAttempt::Hangs,
+        started.clone(),
+        completed.clone(),
+        entered.clone(),
+    ));
+    let running = tokio::spawn({
+        let (handler, message) = (handler.clone(), message.clone());
+        async move { handler.handle(message).await }
+    });
+    entered.notified().await;
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    // Run again (as a redelivery would): not skipped as a duplicate.
+    handler.handle(message).await.unwrap();
+    assert_eq!(completed.load(Ordering::SeqCst), 1);
+    assert_eq!(handler.duplicates().load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_handler_stopped_with_its_runner_runs_again() {
+    let broker = one_event("jobs").await;
+    let (started, completed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let group = quick_retries();
+    let consumer = broker
+        .consumer("workers", &["jobs"], group.clone())
+        .await
+        .unwrap();
+    let handler = unfinished_first(
+        &broker,
+        FirstAttempt::Hangs,
+        started.clone(),
+        completed.clone(),
+        entered.clone(),
+    );
+    // The service stops: its runner's future is dropped mid-handler (the
+    // consumer goes with it, releasing the lease).
+    let running = tokio::spawn(
+        Runner::new(consumer, RunnerConfig::for_group(&group)).run(handler, std::future::pending()),
+    );
+    entered.notified().await;
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    assert_eq!(completed.load(Ordering::SeqCst), 0);
+    // The aborted tasks drop the last handle of the consumer, which
+    // releases the lease.
+    while broker.group_lag("workers").await.unwrap().total_in_flight() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The next process handles the message.
+    let consumer = broker
+        .consumer("workers", &["jobs"], group.clone())
+        .await
+        .unwrap();
+    let handler = unfinished_first(
+        &broker,
+        FirstAttempt::Hangs,
+        started.clone(),
+        completed.clone(),
+        entered,
+    );
+    let duplicates = handler.duplicates();
+    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+        .run_until_idle(handler, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(completed.load(Ordering::SeqCst), 1, "{stats:?}");
+    assert_eq!(duplicates.load(Ordering::SeqCst), 0, "not skipped");
+    assert_eq!(broker.group_lag("workers").await.unwrap().total_lag(), 0);
+}
