@@ -24,6 +24,7 @@
 #![deny(missing_docs)]
 
 mod assignment;
+mod backoff;
 pub mod broker;
 pub mod config;
 pub mod describe;
