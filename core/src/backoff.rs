@@ -2,7 +2,7 @@
 //! retries of a call that failed `Unavailable`.
 //!
 //! Written once for the runner's polls and the producer's sends
-//! (`RetryingProducer`); it owns only the delays and the
+//! ([`crate::RetryingProducer`]); it owns only the delays and the
 //! bookkeeping of one outage, not what is retried or what is logged.
 
 use crate::config::RetryBackoff;

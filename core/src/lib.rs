@@ -33,10 +33,13 @@ mod embedded;
 mod engine;
 pub mod error;
 mod headers;
+#[cfg(feature = "json")]
+pub mod json;
 mod member_partition;
 mod merge;
 pub mod partitioner;
 pub mod record;
+mod retrying_producer;
 pub mod runner;
 mod topic_cache;
 mod url;
@@ -103,6 +106,7 @@ pub use describe::{
 pub use error::{Error, ErrorKind, Result};
 pub use partitioner::{murmur2, partition_for_key};
 pub use record::{DeliveryToken, Header, Message, Receipt, Record};
+pub use retrying_producer::{RetryingProducer, SendRetry};
 
 /// The first whole millisecond since the Unix epoch that is at least
 /// `delay` from now: rounded up, so that a time kept in milliseconds
