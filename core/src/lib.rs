@@ -19,8 +19,8 @@
 //! use those paths.
 //!
 //! "Contract §N" in these docs refers to the numbered sections of the
-//! semantics page (`docs/semantics.md`, rendered as `conveyor::semantics`),
-//! which follow the normative delivery contract.
+//! semantics page (`docs/semantics.md`, rendered as `conveyor::semantics`):
+//! the delivery contract every backend keeps.
 #![deny(missing_docs)]
 
 mod assignment;
