@@ -493,6 +493,22 @@ async fn one_event(topic: &str) -> conveyor_memory::MemoryBroker {
     broker
 }
 
+/// Wait until `done()` holds, checking every 5 ms; after 30 s (far more
+/// than any of these waits needs) fail the test rather than hang.
+async fn wait_until<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        while !done().await {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out waiting for {what}");
+}
+
 /// How an attempt of [`unfinished_first`]'s handler ends.
 #[derive(Clone, Copy)]
 enum FirstAttempt {
@@ -681,9 +697,10 @@ async fn an_idempotent_handler_stopped_with_its_runner_runs_again() {
     assert_eq!(completed.load(Ordering::SeqCst), 0);
     // The aborted tasks drop the last handle of the consumer, which
     // releases the lease.
-    while broker.group_lag("workers").await.unwrap().total_in_flight() > 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("the lease to be released", || async {
+        broker.group_lag("workers").await.unwrap().total_in_flight() == 0
+    })
+    .await;
     // The next process handles the message.
     let consumer = broker
         .consumer("workers", &["jobs"], group.clone())
@@ -875,15 +892,14 @@ async fn live_stats_are_readable_while_the_runner_runs() {
     let runner = Runner::new(consumer, RunnerConfig::default());
     let stats = runner.stats();
     let run = tokio::spawn(runner.run_until_cancelled(handler, stop.clone()));
-    while stats.snapshot().succeeded < 2 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("two handled", || async { stats.snapshot().succeeded >= 2 }).await;
     assert_eq!(stats.snapshot().succeeded, 2, "the third is still running");
     assert!(!run.is_finished());
     release.notify_one();
-    while stats.snapshot().succeeded < 3 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("three handled", || async {
+        stats.snapshot().succeeded >= 3
+    })
+    .await;
     stop.cancel();
     let last = run.await.unwrap().unwrap();
     assert_eq!(last, stats.snapshot());
@@ -919,9 +935,10 @@ async fn one_cancellation_token_stops_several_runners_after_their_handlers_finis
             runner.run_until_cancelled(handler, stop.child_token()),
         ));
     }
-    while started.load(Ordering::SeqCst) < 3 {
-        tokio::task::yield_now().await;
-    }
+    wait_until("three handlers started", || async {
+        started.load(Ordering::SeqCst) >= 3
+    })
+    .await;
     stop.cancel();
     let mut succeeded = 0;
     for run in runs {
@@ -1047,9 +1064,10 @@ async fn an_outage_is_waited_out_with_growing_delays_and_logged_once_each_way() 
         |_m: Message| async { Ok::<(), HandlerError>(()) },
         stop.clone(),
     ));
-    while stats.snapshot().succeeded < 5 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("the five handled", || async {
+        stats.snapshot().succeeded >= 5
+    })
+    .await;
     stop.cancel();
     run.await.unwrap().unwrap();
     let failed = consumer.failed_polls.load(Ordering::SeqCst);
@@ -1063,4 +1081,81 @@ async fn an_outage_is_waited_out_with_growing_delays_and_logged_once_each_way() 
         "one WARN as it starts"
     );
     assert_eq!(events.info.load(Ordering::SeqCst), 1, "one INFO as it ends");
+}
+
+/// An idempotency store that, like a server's, answers `forget` only
+/// after a round trip (it yields first), and counts the forgets done.
+struct RoundTrips {
+    inner: Arc<dyn IdempotencyStore>,
+    forgotten: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl IdempotencyStore for RoundTrips {
+    async fn first_seen(&self, key: &str, ttl: Duration) -> conveyor_core::Result<bool> {
+        self.inner.first_seen(key, ttl).await
+    }
+    async fn forget(&self, key: &str) -> conveyor_core::Result<()> {
+        tokio::task::yield_now().await;
+        self.inner.forget(key).await?;
+        self.forgotten.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_handler_forgets_through_a_store_that_must_wait() {
+    use conveyor_core::runner::Handler;
+    let broker = one_event("jobs").await;
+    let consumer = broker
+        .consumer("workers", &["jobs"], quick_retries())
+        .await
+        .unwrap();
+    let message = consumer
+        .poll(1, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .remove(0);
+    let store = Arc::new(RoundTrips {
+        inner: broker.idempotency_store(),
+        forgotten: AtomicU64::new(0),
+    });
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let completed = Arc::new(AtomicU64::new(0));
+    let inner = {
+        let (entered, completed) = (entered.clone(), completed.clone());
+        let first = Arc::new(AtomicU64::new(0));
+        move |_m: Message| {
+            let (entered, completed, first) = (entered.clone(), completed.clone(), first.clone());
+            async move {
+                if first.fetch_add(1, Ordering::SeqCst) == 0 {
+                    entered.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                completed.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), HandlerError>(())
+            }
+        }
+    };
+    let handler = Arc::new(Idempotent::by_idempotency_key(
+        store.clone(),
+        Duration::from_secs(3600),
+        "workers",
+        inner,
+    ));
+    let running = tokio::spawn({
+        let (handler, message) = (handler.clone(), message.clone());
+        async move { handler.handle(message).await }
+    });
+    entered.notified().await;
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    // The forget went to a task of its own; wait for it.
+    wait_until("the event id to be forgotten", || async {
+        store.forgotten.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    handler.handle(message).await.unwrap();
+    assert_eq!(completed.load(Ordering::SeqCst), 1);
+    assert_eq!(handler.duplicates().load(Ordering::SeqCst), 0);
 }
