@@ -19,7 +19,8 @@
 //!   runs once, and a crashed process's leases still expire.
 //! - **Handler timeout** ([`RunnerConfig::handler_timeout`]): a handler
 //!   running longer is dropped and its message nacked with the reason
-//!   "handler timed out after ...".
+//!   "handler timed out after ...". A handler that panics is a failure
+//!   too, nacked with the reason "handler panicked: ...".
 //! - **Rate limit** ([`RunnerConfig::max_per_second`]) besides the
 //!   concurrency limit (the most messages in flight).
 //! - **Permanent failures** ([`HandlerError::permanent`]): a message that
@@ -220,7 +221,9 @@ pub trait Handler: Send + Sync + 'static {
     ///
     /// # Errors
     /// A [`HandlerError`] with the reason (it becomes the DLQ header
-    /// `conveyor.dlq.error`) and, optionally, when to retry.
+    /// `conveyor.dlq.error`) and, optionally, when to retry. A panic
+    /// counts as a failure with the reason "handler panicked: ..." (the
+    /// runner goes on).
     ///
     /// # Cancel safety
     /// The runner drops a running handler only when it passes
@@ -488,8 +491,9 @@ impl Runner {
     ///
     /// # Errors
     /// The first poll error that is not retriable (`Unavailable` is
-    /// retried, see [`RunnerConfig::outage_backoff`]), a handler task that
-    /// panicked, or the error of leaving the
+    /// retried, see [`RunnerConfig::outage_backoff`]), a task of the
+    /// runner that failed (not a handler's panic: that is a failure like an
+    /// `Err`, nacked with the panic's text), or the error of leaving the
     /// group; the runner then stops as on shutdown. Refused settles are
     /// counted in [`RunStats`] and logged, not returned. (Shutdown races a
     /// `poll` in `select!`, which is fine because `poll` is cancel safe.)
@@ -711,7 +715,15 @@ fn duration_text(d: Duration) -> String {
     }
 }
 
-/// Wait until a handler slot is free; how many are free then.
+/// The message of a panic (`panic!("...")`'s text), or a placeholder.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)")
+}
+
 /// Wait until `refill` handler slots are free; the number free then.
 /// Refilling a quarter of the slots at a time, not one by one, keeps polls
 /// (and their bookkeeping) few while no lease waits long for a slot.
@@ -773,9 +785,21 @@ async fn handle_one(
     message: &Message,
     config: &RunnerConfig,
 ) -> Result<(), HandlerError> {
+    // A panic is a failure like any other: the message is nacked with
+    // the panic's text, and the runner goes on.
+    let caught = std::panic::AssertUnwindSafe(handler.handle(message.clone()))
+        .catch_unwind()
+        .map(|outcome| {
+            outcome.unwrap_or_else(|panic| {
+                Err(HandlerError::new(format!(
+                    "handler panicked: {}",
+                    panic_text(&*panic)
+                )))
+            })
+        });
     let work = async {
         match config.handler_timeout {
-            Some(limit) => tokio::time::timeout(limit, handler.handle(message.clone()))
+            Some(limit) => tokio::time::timeout(limit, caught)
                 .await
                 .unwrap_or_else(|_| {
                     Err(HandlerError::new(format!(
@@ -783,7 +807,7 @@ async fn handle_one(
                         duration_text(limit)
                     )))
                 }),
-            None => handler.handle(message.clone()).await,
+            None => caught.await,
         }
     };
     let queue = message.token().mode() == Some(DeliveryMode::Queue);

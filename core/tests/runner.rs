@@ -594,44 +594,60 @@ async fn a_timed_out_idempotent_handler_runs_again() {
 async fn a_panicked_idempotent_handler_runs_again() {
     let broker = one_event("jobs").await;
     let (started, completed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let group = quick_retries();
-    let run = |handler| {
-        let broker = broker.clone();
-        let group = group.clone();
-        async move {
-            let consumer = broker
-                .consumer("workers", &["jobs"], group.clone())
-                .await
-                .unwrap();
-            Runner::new(consumer, RunnerConfig::for_group(&group))
-                .run_until_idle(handler, Duration::from_millis(300))
-                .await
-        }
-    };
-    let entered = Arc::new(tokio::sync::Notify::new());
     let handler = unfinished_first(
         &broker,
         FirstAttempt::Panics,
         started.clone(),
         completed.clone(),
-        entered.clone(),
+        Arc::new(tokio::sync::Notify::new()),
     );
     let duplicates = handler.duplicates();
-    // The panic ends the run (its consumer leaves, releasing the lease)...
-    assert!(run(handler).await.is_err());
-    assert_eq!(completed.load(Ordering::SeqCst), 0);
-    // ... and the next run handles the message.
-    let handler = unfinished_first(
-        &broker,
-        FirstAttempt::Panics,
-        started.clone(),
-        completed.clone(),
-        entered,
+    let group = quick_retries();
+    let consumer = broker
+        .consumer("workers", &["jobs"], group.clone())
+        .await
+        .unwrap();
+    // The panic is a failure like an `Err`: nacked, and the runner goes on.
+    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+        .run_until_idle(handler, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        completed.load(Ordering::SeqCst),
+        1,
+        "the retry ran: {stats:?}"
     );
-    let stats = run(handler).await.unwrap();
-    assert_eq!(completed.load(Ordering::SeqCst), 1, "{stats:?}");
+    assert_eq!(started.load(Ordering::SeqCst), 2);
     assert_eq!(duplicates.load(Ordering::SeqCst), 0, "not skipped");
+    assert_eq!((stats.succeeded, stats.failed), (1, 1));
     assert_eq!(broker.group_lag("workers").await.unwrap().total_lag(), 0);
+}
+
+#[tokio::test]
+async fn a_panic_is_nacked_with_its_text() {
+    let broker = one_event("jobs").await;
+    let group = GroupConfig::queue().with_dlq(DlqPolicy::new(1));
+    let consumer = broker
+        .consumer("workers", &["jobs"], group.clone())
+        .await
+        .unwrap();
+    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+        .run_until_idle(
+            |m: Message| async move {
+                let n: Option<u32> = std::str::from_utf8(&m.value).unwrap().parse().ok();
+                let _ = n.expect("a numeric job");
+                Ok::<(), HandlerError>(())
+            },
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap();
+    assert_eq!((stats.failed, stats.dead_lettered), (1, 1), "{stats:?}");
+    let dead = dead_letters(&broker, "jobs.workers.dlq").await;
+    assert_eq!(
+        dead[0].header_str(conveyor_core::dlq::HEADER_ERROR),
+        Some("handler panicked: a numeric job")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
