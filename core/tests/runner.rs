@@ -1043,7 +1043,7 @@ impl tracing::Subscriber for RunnerEvents {
     fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
     fn event(&self, event: &tracing::Event<'_>) {
         let meta = event.metadata();
-        if meta.target() != "conveyor_core::runner" {
+        if !meta.target().starts_with("conveyor_core::runner") {
             return;
         }
         match *meta.level() {

@@ -42,9 +42,9 @@
 //! partition's batch, so a cumulative commit never passes an unhandled
 //! message. In queue mode any message may run beside any other.
 //!
-//! [`Idempotent`] wraps a handler with an [`IdempotencyStore`] so it runs at
-//! most once per event id within a TTL, even when a message is delivered
-//! twice.
+//! [`Idempotent`] wraps a handler with an
+//! [`IdempotencyStore`](crate::IdempotencyStore) so it runs at most once
+//! per event id within a TTL, even when a message is delivered twice.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -81,170 +81,31 @@
 //! # }
 //! ```
 
-use crate::backoff::Backoff;
-use crate::broker::{
-    Broker, Consumer, IdempotencyStore, NackOptions, NackOutcome, Producer, ProducerExt,
-};
-use crate::config::{DeliveryMode, DlqPolicy, GroupConfig, RetryBackoff, TopicConfig};
-use crate::dlq::{dead_letter_record, DeadLetter};
+use crate::broker::{Broker, Consumer, NackOptions, NackOutcome};
+use crate::config::{DeliveryMode, GroupConfig, RetryBackoff};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::Message;
-use async_trait::async_trait;
+use dead_letters::DeadLetters;
 use futures::future::{FutureExt, Shared};
+use outage::Outage;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod dead_letters;
+mod handler;
+mod idempotent;
+mod outage;
+
+pub use handler::{Handler, HandlerError};
+pub use idempotent::{event_id, Idempotent};
+
 /// The token [`Runner::run_until_cancelled`] stops on (tokio-util's): one
 /// token, or children of it, stops every runner of a service at once.
 pub use tokio_util::sync::CancellationToken;
-
-/// Why a handler failed; the text goes to the DLQ header
-/// `conveyor.dlq.error` if the message is dead-lettered.
-///
-/// Any error converts into it, so `?` works inside a handler: every
-/// `std::error::Error + Send + Sync`, `anyhow::Error`, `eyre::Report`,
-/// `Box<dyn Error + Send + Sync>`, and a `String` or `&str`. The text
-/// keeps the whole cause chain (`error: its source: its source`):
-///
-/// ```
-/// use conveyor::runner::HandlerError;
-/// use conveyor::Message;
-///
-/// async fn handle(m: Message) -> Result<(), HandlerError> {
-///     let event: serde_json::Value = serde_json::from_slice(&m.value)
-///         // Bad input stays bad: straight to the DLQ, no retries.
-///         .map_err(HandlerError::permanent)?;
-///     if event["to"].is_null() {
-///         return Err(HandlerError::permanent("no recipient"));
-///     }
-///     // ... send it; a failure here is retried (`?` on any error).
-///     # let send = || Ok::<(), std::io::Error>(());
-///     send()?;
-///     Ok(())
-/// }
-/// ```
-///
-/// A failure is retried after the group's backoff (or
-/// [`retry_after`](HandlerError::retry_after)) until the group's
-/// `max_deliveries`, then dead-lettered. A
-/// [`permanent`](HandlerError::permanent) one (a message that can never
-/// succeed: it does not parse, it names nothing that exists) is never
-/// retried: the runner dead-letters it at once.
-///
-/// (It is not itself a `std::error::Error`: that is what lets every
-/// error convert into it.)
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct HandlerError {
-    /// The reason.
-    pub reason: String,
-    /// Redeliver after this delay instead of the group's backoff.
-    pub retry_after: Option<Duration>,
-    /// Never retry: dead-letter the message at once.
-    pub permanent: bool,
-}
-
-impl HandlerError {
-    /// A failure with a reason; redelivered after the group's backoff.
-    pub fn new(reason: impl Into<String>) -> Self {
-        HandlerError {
-            reason: reason.into(),
-            retry_after: None,
-            permanent: false,
-        }
-    }
-
-    /// A failure that no retry can mend: the runner dead-letters the
-    /// message at once, with this reason (and its causes) in the
-    /// `conveyor.dlq.error` header. Takes whatever `?` takes.
-    ///
-    /// ```
-    /// use conveyor::runner::HandlerError;
-    /// let e = HandlerError::permanent("unknown template `welcome-v0`");
-    /// assert!(e.permanent);
-    /// let parse = "x".parse::<u32>().map_err(HandlerError::permanent).unwrap_err();
-    /// assert_eq!(parse.reason, "invalid digit found in string");
-    /// ```
-    pub fn permanent(error: impl Into<HandlerError>) -> Self {
-        let mut e = error.into();
-        e.permanent = true;
-        e.retry_after = None;
-        e
-    }
-
-    /// Redeliver after `delay`.
-    pub fn retry_after(mut self, delay: Duration) -> Self {
-        self.retry_after = Some(delay);
-        self
-    }
-}
-
-impl std::fmt::Display for HandlerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.reason)
-    }
-}
-
-/// Everything that converts into `Box<dyn Error + Send + Sync>`: every
-/// `std::error::Error + Send + Sync + 'static`, `anyhow::Error` and
-/// `eyre::Report` (each converts into that box keeping its chain),
-/// `String` and `&str`.
-impl<E: Into<Box<dyn std::error::Error + Send + Sync + 'static>>> From<E> for HandlerError {
-    /// The error and its sources, `: `-separated.
-    fn from(e: E) -> Self {
-        let e: Box<dyn std::error::Error + Send + Sync + 'static> = e.into();
-        let mut reason = e.to_string();
-        let mut next = e.source();
-        while let Some(cause) = next {
-            let text = cause.to_string();
-            // Some errors repeat their source in their own message.
-            if !reason.ends_with(&text) {
-                reason.push_str(": ");
-                reason.push_str(&text);
-            }
-            next = cause.source();
-        }
-        HandlerError::new(reason)
-    }
-}
-
-/// Processes one message. Closures `Fn(Message) -> impl Future<Output =
-/// Result<(), HandlerError>>` are handlers.
-#[async_trait]
-pub trait Handler: Send + Sync + 'static {
-    /// Handle a message; `Err` means it should be redelivered (or
-    /// dead-lettered once out of attempts).
-    ///
-    /// # Errors
-    /// A [`HandlerError`] with the reason (it becomes the DLQ header
-    /// `conveyor.dlq.error`) and, optionally, when to retry. A panic
-    /// counts as a failure with the reason "handler panicked: ..." (the
-    /// runner goes on).
-    ///
-    /// # Cancel safety
-    /// The runner drops a running handler only when it passes
-    /// [`RunnerConfig::handler_timeout`] (the message is then nacked with
-    /// the reason "handler timed out after ...") or when the runner's own
-    /// future is dropped; at shutdown it waits for in-flight handlers to
-    /// finish and settles their messages. A dropped handler's message
-    /// comes again ([`Idempotent`] forgets its event id).
-    async fn handle(&self, message: Message) -> Result<(), HandlerError>;
-}
-
-#[async_trait]
-impl<F, Fut> Handler for F
-where
-    F: Fn(Message) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
-{
-    async fn handle(&self, message: Message) -> Result<(), HandlerError> {
-        (self)(message).await
-    }
-}
 
 /// Settings of a [`Runner`].
 ///
@@ -450,12 +311,7 @@ impl Runner {
     /// Without it, a permanent failure is retried like any other (and a
     /// WARN says so once).
     pub fn with_dead_letters(mut self, broker: Arc<dyn Broker>, group: &GroupConfig) -> Self {
-        self.dead_letters = Some(Arc::new(DeadLetters {
-            broker,
-            policy: group.dlq.clone(),
-            producer: tokio::sync::OnceCell::new(),
-            created: Mutex::new(HashSet::new()),
-        }));
+        self.dead_letters = Some(Arc::new(DeadLetters::new(broker, group.dlq.clone())));
         self
     }
 
@@ -1043,277 +899,6 @@ impl Lane<'_> {
                     Then::Next
                 }
             }
-        }
-    }
-}
-
-/// Where a runner sends permanent failures ([`Runner::with_dead_letters`]).
-struct DeadLetters {
-    broker: Arc<dyn Broker>,
-    policy: DlqPolicy,
-    producer: tokio::sync::OnceCell<Arc<dyn Producer>>,
-    /// DLQ topics known to exist.
-    created: Mutex<HashSet<String>>,
-}
-
-impl DeadLetters {
-    /// Append `message`'s DLQ record (built as the brokers build theirs)
-    /// to its DLQ topic, creating the topic if needed; the topic's name.
-    async fn send(&self, message: &Message, reason: &str) -> Result<String> {
-        let group = message.token().group().ok_or_else(|| {
-            Error::invalid(format!(
-                "{} was read without a group: it cannot be dead-lettered",
-                message.position()
-            ))
-        })?;
-        let dlq = self.policy.topic_for(&message.topic, group);
-        if !self.created.lock().contains(&dlq) {
-            match self.broker.create_topic(&dlq, TopicConfig::new(1)).await {
-                Ok(()) => {}
-                // It exists (with other settings): use it as it is.
-                Err(e) if e.kind() == ErrorKind::TopicExists => {}
-                Err(e) => return Err(e),
-            }
-            self.created.lock().insert(dlq.clone());
-        }
-        let dead = DeadLetter {
-            topic: &message.topic,
-            partition: message.partition,
-            offset: message.offset,
-            group,
-            attempts: message.attempt,
-            error: Some(reason),
-            failed_at: crate::now_ms(),
-            idempotency_key: message.idempotency_key.as_deref(),
-        };
-        let record = dead_letter_record(
-            message.key.clone(),
-            message.value.clone(),
-            &message.headers,
-            &dead,
-        );
-        let producer = self
-            .producer
-            .get_or_try_init(|| self.broker.producer())
-            .await?;
-        producer.send(&dlq, record).await?;
-        Ok(dlq)
-    }
-}
-
-/// The runner's view of a backend outage (polls failing `Unavailable`):
-/// the delays between polls, and one log line when it starts and one when
-/// it ends.
-struct Outage {
-    backoff: Backoff,
-    since: Option<Instant>,
-}
-
-impl Outage {
-    fn new(policy: RetryBackoff) -> Self {
-        Outage {
-            backoff: Backoff::new(policy),
-            since: None,
-        }
-    }
-
-    /// A poll failed with `error` (retriable): how long to wait.
-    fn failed(&mut self, error: &Error) -> Duration {
-        let delay = self.backoff.next_delay();
-        if self.since.is_none() {
-            self.since = Some(Instant::now());
-            tracing::warn!(%error, "consumer unavailable: polling again with growing delays until it is back (logged once, and again when it ends)");
-        } else {
-            tracing::debug!(%error, failures = self.backoff.failures(), delay = %duration_text(delay), "consumer still unavailable");
-        }
-        delay
-    }
-
-    /// A poll succeeded.
-    fn over(&mut self) {
-        if let Some(since) = self.since.take() {
-            tracing::info!(failed_polls = self.backoff.failures(), after = %duration_text(since.elapsed()), "consumer available again");
-            self.backoff.reset();
-        }
-    }
-}
-
-/// The id [`Idempotent::by_idempotency_key`] records for `message` within
-/// `scope`: `{scope}:{idempotency key}`, or `None` if it was sent without
-/// one. For code that checks the store by hand in the same scope.
-pub fn event_id(scope: &str, message: &Message) -> Option<String> {
-    message
-        .idempotency_key
-        .as_ref()
-        .map(|k| format!("{scope}:{k}"))
-}
-
-/// Extracts an event id from a message.
-type EventId = dyn Fn(&Message) -> Option<String> + Send + Sync;
-
-/// A handler that runs at most once per event id within `ttl`, through an
-/// [`IdempotencyStore`]. Duplicates are acked without running the handler.
-///
-/// The id is claimed when the handler starts and kept only if it
-/// succeeds. Every other way out forgets it, so the redelivery runs the
-/// handler again: a failure, a panic, a handler dropped by
-/// [`RunnerConfig::handler_timeout`], and a handler future dropped for
-/// any other reason (a runner stopped by dropping its future). While the
-/// first delivery runs, a second delivery of the same event is skipped as
-/// a duplicate; if the first then fails, its own redelivery runs.
-///
-/// A process that dies inside the handler leaves the id recorded, so the
-/// redelivery is skipped until the TTL runs out (contract §8).
-pub struct Idempotent<H> {
-    store: Arc<dyn IdempotencyStore>,
-    ttl: Duration,
-    key: Box<EventId>,
-    inner: H,
-    duplicates: Arc<AtomicU64>,
-}
-
-impl<H: Handler> Idempotent<H> {
-    /// Wrap `inner`; `key` extracts the event id (messages without one run
-    /// every time).
-    pub fn new(
-        store: Arc<dyn IdempotencyStore>,
-        ttl: Duration,
-        key: impl Fn(&Message) -> Option<String> + Send + Sync + 'static,
-        inner: H,
-    ) -> Self {
-        Idempotent {
-            store,
-            ttl,
-            key: Box::new(key),
-            inner,
-            duplicates: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    /// Wrap `inner`, keyed on the producer's idempotency key
-    /// ([`Message::idempotency_key`]) within `scope` (use the group name:
-    /// the store is shared, and each group must handle an event once).
-    /// Messages sent without an idempotency key run every time.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> conveyor::Result<()> {
-    /// use conveyor::prelude::*;
-    /// use conveyor::runner::{HandlerError, Idempotent};
-    /// use std::time::Duration;
-    ///
-    /// let broker = conveyor::open("memory://").await?;
-    /// let handler = Idempotent::by_idempotency_key(
-    ///     broker.idempotency_store(),
-    ///     Duration::from_secs(3600),
-    ///     "email",
-    ///     |m: Message| async move {
-    ///         println!("emailing about {:?}", m.idempotency_key);
-    ///         Ok::<(), HandlerError>(())
-    ///     },
-    /// );
-    /// # let _ = handler;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn by_idempotency_key(
-        store: Arc<dyn IdempotencyStore>,
-        ttl: Duration,
-        scope: impl Into<String>,
-        inner: H,
-    ) -> Self {
-        let scope = scope.into();
-        Self::new(store, ttl, move |m: &Message| event_id(&scope, m), inner)
-    }
-
-    /// A counter of duplicates skipped, shared with the handler.
-    pub fn duplicates(&self) -> Arc<AtomicU64> {
-        self.duplicates.clone()
-    }
-}
-
-#[async_trait]
-impl<H: Handler> Handler for Idempotent<H> {
-    async fn handle(&self, message: Message) -> Result<(), HandlerError> {
-        let Some(id) = (self.key)(&message) else {
-            return self.inner.handle(message).await;
-        };
-        if !self.store.first_seen(&id, self.ttl).await? {
-            self.duplicates.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        // From here until the handler succeeds, the id is only claimed:
-        // a failure, a panic, a timeout or a dropped future forgets it, so
-        // the redelivery runs.
-        let claim = Claim {
-            store: Some(self.store.clone()),
-            id,
-        };
-        match self.inner.handle(message).await {
-            Ok(()) => {
-                claim.keep();
-                Ok(())
-            }
-            Err(e) => {
-                claim.forget().await?;
-                Err(e)
-            }
-        }
-    }
-}
-
-/// An event id recorded by [`Idempotent`] while its handler runs. Unless
-/// [`Claim::keep`] is called (the handler succeeded), the id is forgotten:
-/// by [`Claim::forget`], or when the claim is dropped (the handler panicked
-/// or its future was dropped: a timeout, a shutdown).
-struct Claim {
-    /// `None` once kept or forgotten.
-    store: Option<Arc<dyn IdempotencyStore>>,
-    id: String,
-}
-
-impl Claim {
-    /// The handler succeeded: the id stays recorded.
-    fn keep(mut self) {
-        self.store = None;
-    }
-
-    /// The handler failed: forget the id now.
-    async fn forget(mut self) -> Result<()> {
-        match self.store.take() {
-            Some(store) => store.forget(&self.id).await,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        let Some(store) = self.store.take() else {
-            return;
-        };
-        let id = std::mem::take(&mut self.id);
-        // A store that answers at once (the embedded ones) forgets here;
-        // one that must wait (a server) forgets on a task of its own.
-        let forget = async move {
-            if let Err(e) = store.forget(&id).await {
-                tracing::warn!(event_id = %id, error = %e,
-                    "could not forget the event id of an unfinished handler; \
-                     its redelivery is skipped until the id's TTL runs out");
-            }
-        };
-        let mut forget = Box::pin(forget);
-        if forget.as_mut().now_or_never().is_some() {
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(forget);
-            }
-            Err(_) => tracing::warn!(
-                "no runtime to forget the event id of an unfinished handler; \
-                 its redelivery is skipped until the id's TTL runs out"
-            ),
         }
     }
 }
