@@ -24,7 +24,9 @@
 
 use clap::Parser;
 use conveyor::prelude::*;
-use conveyor::runner::{event_id, Handler, HandlerError, Idempotent, Runner, RunnerConfig};
+use conveyor::runner::{
+    event_id, CancellationToken, Handler, HandlerError, Idempotent, Runner, RunnerConfig,
+};
 use conveyor::{
     Broker, DlqPolicy, GroupConfig, IdempotencyStore, Message, Record, RetryBackoff, TopicConfig,
 };
@@ -183,9 +185,9 @@ impl Provider {
     }
 }
 
+/// An event that does not decode never will: straight to the DLQ.
 fn decode(message: &Message) -> Result<Event, HandlerError> {
-    serde_json::from_slice(&message.value)
-        .map_err(|e| HandlerError::new(format!("bad event at {}: {e}", message.position())))
+    message.json().map_err(HandlerError::permanent)
 }
 
 /// The channel service's handler: send if the channel wants the event.
@@ -417,13 +419,8 @@ async fn run(args: Args) -> conveyor::Result<Summary> {
     let dlq = channel_config.dlq.topic_for(TOPIC, "sms");
 
     // The services start before the burst, like real ones.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let shutdown = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
+    // One token stops them all (a real service cancels it on Ctrl-C).
+    let stop = CancellationToken::new();
     let mut providers = HashMap::new();
     let mut suppressed = Vec::new();
     let mut services = tokio::task::JoinSet::new();
@@ -454,8 +451,9 @@ async fn run(args: Args) -> conveyor::Result<Summary> {
                 RunnerConfig::for_group(&channel_config)
                     .with_concurrency(16)
                     .with_batch(64),
-            );
-            services.spawn(runner.run(handler, shutdown()));
+            )
+            .with_dead_letters(broker.clone(), &channel_config);
+            services.spawn(runner.run_until_cancelled(handler, stop.child_token()));
         }
     }
     let loyalty = Arc::new(Loyalty::default());
@@ -467,7 +465,9 @@ async fn run(args: Args) -> conveyor::Result<Summary> {
             consumer,
             RunnerConfig::default().with_concurrency(8).with_batch(256),
         );
-        services.spawn(runner.run(loyalty_handler(loyalty.clone()), shutdown()));
+        services.spawn(
+            runner.run_until_cancelled(loyalty_handler(loyalty.clone()), stop.child_token()),
+        );
     }
 
     // The burst: as fast as the order service can, in batches.
@@ -482,7 +482,8 @@ async fn run(args: Args) -> conveyor::Result<Summary> {
                 let records = chunk
                     .iter()
                     .map(|e| {
-                        Record::new(serde_json::to_vec(e).expect("event serialises"))
+                        Record::json(e)
+                            .expect("event serialises")
                             .with_key(format!("order-{}", e.order))
                             .with_header("event-kind", e.kind.name())
                             .with_idempotency_key(format!("evt-{}", e.id))
@@ -593,7 +594,7 @@ async fn run(args: Args) -> conveyor::Result<Summary> {
     let crashes_injected = crashes
         .await
         .map_err(|e| conveyor::Error::internal(e.to_string()))??;
-    let _ = stop_tx.send(true);
+    stop.cancel();
     while let Some(done) = services.join_next().await {
         done.map_err(|e| conveyor::Error::internal(e.to_string()))??;
     }

@@ -87,12 +87,14 @@ pub use conveyor_core::backend::BrokerUrl;
 pub use conveyor_core::{
     dlq, partitioner, prelude, runner, BatchAck, Broker, BrokerExt, BrokerOptions, Capabilities,
     Consumer, ConsumerExt, DeliveryMode, DeliveryToken, DlqPolicy, Durability, Error, ErrorKind,
-    GroupConfig, GroupLag, Header, IdempotencyStore, Message, NackOptions, NackOutcome,
-    PartitionDescription, PartitionLag, Producer, ProducerExt, Receipt, Record, Result, Retention,
-    RetryBackoff, SeekTo, StartFrom, TopicConfig, TopicDescription, TopicPartition,
-    MAX_REDELIVERY_DELAY,
+    GroupConfig, GroupDescription, GroupLag, Header, IdempotencyStore, MemberDescription, Message,
+    NackOptions, NackOutcome, PartitionDescription, PartitionLag, Producer, ProducerExt, Receipt,
+    Record, Result, Retention, RetryBackoff, RetryingProducer, SeekTo, SendRetry, StartFrom,
+    TopicConfig, TopicDescription, TopicPartition, MAX_REDELIVERY_DELAY,
 };
 
+#[cfg(feature = "json")]
+pub use conveyor_core::json;
 #[cfg(feature = "memory")]
 pub use conveyor_memory as memory;
 #[cfg(feature = "mmap")]

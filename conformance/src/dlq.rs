@@ -2,9 +2,9 @@
 //! record with every header, default and custom DLQ topics, redrive to the
 //! failing group only, and (§4) groups' independence.
 //!
-//! `§N` names a section of `docs/semantics.md`, which is numbered as the
-//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
-//! comment starts with the sections it checks.
+//! `§N` names a section of `docs/semantics.md`;
+//! quoted text is the rule a case checks. Each case's doc comment starts
+//! with the sections it checks.
 
 use crate::{eventually, poll_exactly, poll_n, unique, Backend, Ctx, WAIT};
 use conveyor_core::dlq::{

@@ -3,9 +3,9 @@
 //! `Closed`; and two rules of §4: a group keeps its mode, and a message is
 //! settled only by the group it was delivered to.
 //!
-//! `§N` names a section of `docs/semantics.md`, which is numbered as the
-//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
-//! comment starts with the sections it checks.
+//! `§N` names a section of `docs/semantics.md`;
+//! quoted text is the rule a case checks. Each case's doc comment starts
+//! with the sections it checks.
 
 use crate::{expect_kind, poll_n, unique, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;

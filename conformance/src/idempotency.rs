@@ -1,9 +1,9 @@
 //! §3 idempotent produce and §8 idempotent consumers: dedup of producer
 //! idempotency keys within the window, and the atomic `IdempotencyStore`.
 //!
-//! `§N` names a section of `docs/semantics.md`, which is numbered as the
-//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
-//! comment starts with the sections it checks.
+//! `§N` names a section of `docs/semantics.md`;
+//! quoted text is the rule a case checks. Each case's doc comment starts
+//! with the sections it checks.
 
 use crate::{eventually, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;

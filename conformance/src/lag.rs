@@ -1,9 +1,9 @@
 //! §9, observability, and the read-only calls: `describe_topic`, `group_lag`
 //! (stream and queue), `list_groups`, `fetch`, `offset_for_timestamp`.
 //!
-//! `§N` names a section of `docs/semantics.md`, which is numbered as the
-//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
-//! comment starts with the sections it checks.
+//! `§N` names a section of `docs/semantics.md`;
+//! quoted text is the rule a case checks. Each case's doc comment starts
+//! with the sections it checks.
 
 use crate::{poll_exactly, poll_n, unique, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;

@@ -36,8 +36,8 @@
 //! records and messages, §3 producing, §4 consumer groups with §4a stream
 //! mode and §4b queue mode, §5 dead letters, §6 retention, §7 failure, bad
 //! input and persistence, §8 idempotent consumers, §9 observability) is
-//! that of the normative contract, `CONTRACT.md`; quoted text is the
-//! normative contract's.
+//! the one the project's docs and code comments cite; quoted text is the
+//! rule a case checks.
 //!
 //! [`faulty`] is not a section: it holds [`faulty::FaultyStorage`], a
 //! storage decorator that fails chosen calls, for testing the engine's

@@ -3,9 +3,9 @@
 //! topic, then the history is checked against a simple model of the
 //! contract.
 //!
-//! `§N` names a section of `docs/semantics.md`, which is numbered as the
-//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
-//! comment starts with the sections it checks.
+//! `§N` names a section of `docs/semantics.md`;
+//! quoted text is the rule a case checks. Each case's doc comment starts
+//! with the sections it checks.
 //!
 //! Seeded: the seed is printed on start and on failure, and can be set with
 //! the `CONVEYOR_SEED` environment variable. The seed fixes every random

@@ -4,9 +4,9 @@
 //! offsets never reused). Only for backends whose capabilities say
 //! `persistent`; others skip, saying so on stderr.
 //!
-//! `§N` names a section of `docs/semantics.md`, which is numbered as the
-//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
-//! comment starts with the sections it checks.
+//! `§N` names a section of `docs/semantics.md`;
+//! quoted text is the rule a case checks. Each case's doc comment starts
+//! with the sections it checks.
 
 use crate::{poll_exactly, poll_n, skip, unique, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;

@@ -1,9 +1,9 @@
 //! §1 and §3, producing: dense offsets, visibility, partitioning, atomic
 //! batches, order under concurrency, no late lower offsets.
 //!
-//! `§N` names a section of `docs/semantics.md`, which is numbered as the
-//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
-//! comment starts with the sections it checks.
+//! `§N` names a section of `docs/semantics.md`;
+//! quoted text is the rule a case checks. Each case's doc comment starts
+//! with the sections it checks.
 
 use crate::{expect_kind, poll_n, unique, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;

@@ -2,9 +2,9 @@
 //! ack, nack with delay, lease expiry, extend, `LeaseExpired`, attempt
 //! counts, leaving, and `poll`'s cancel safety.
 //!
-//! `§N` names a section of `docs/semantics.md`, which is numbered as the
-//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
-//! comment starts with the sections it checks.
+//! `§N` names a section of `docs/semantics.md`;
+//! quoted text is the rule a case checks. Each case's doc comment starts
+//! with the sections it checks.
 
 use crate::{expect_kind, nack_options, poll_exactly, poll_n, unique, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;

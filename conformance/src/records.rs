@@ -1,9 +1,9 @@
 //! §2, records and messages: key, value and headers come back byte for byte;
 //! the broker sets the timestamp; the first attempt is 1.
 //!
-//! `§N` names a section of `docs/semantics.md`, which is numbered as the
-//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
-//! comment starts with the sections it checks.
+//! `§N` names a section of `docs/semantics.md`;
+//! quoted text is the rule a case checks. Each case's doc comment starts
+//! with the sections it checks.
 
 use crate::{poll_exactly, unique, Backend, Ctx};
 use bytes::Bytes;

@@ -2,9 +2,9 @@
 //! moves, log end untouched, offsets never reused, groups before the log start
 //! continue at the log start.
 //!
-//! `§N` names a section of `docs/semantics.md`, which is numbered as the
-//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
-//! comment starts with the sections it checks.
+//! `§N` names a section of `docs/semantics.md`;
+//! quoted text is the rule a case checks. Each case's doc comment starts
+//! with the sections it checks.
 //!
 //! Byte retention is checked the way a segment log can honour it too:
 //! the log start moved, and everything from the log start to the end is

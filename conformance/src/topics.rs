@@ -1,9 +1,9 @@
 //! §1, topics and partitions: names, partition counts, creation, growth,
 //! `TopicNotFound`, listing and deletion.
 //!
-//! `§N` names a section of `docs/semantics.md`, which is numbered as the
-//! normative `CONTRACT.md`; quoted text is the contract's. Each case's doc
-//! comment starts with the sections it checks.
+//! `§N` names a section of `docs/semantics.md`;
+//! quoted text is the rule a case checks. Each case's doc comment starts
+//! with the sections it checks.
 
 use crate::{expect_kind, unique, Backend, Ctx};
 use conveyor_core::prelude::*;

@@ -19,11 +19,12 @@
 //! use those paths.
 //!
 //! "Contract §N" in these docs refers to the numbered sections of the
-//! semantics page (`docs/semantics.md`, rendered as `conveyor::semantics`),
-//! which follow the normative delivery contract.
+//! semantics page (`docs/semantics.md`, rendered as `conveyor::semantics`):
+//! the delivery contract every backend keeps.
 #![deny(missing_docs)]
 
 mod assignment;
+mod backoff;
 pub mod broker;
 pub mod config;
 pub mod describe;
@@ -32,10 +33,13 @@ mod embedded;
 mod engine;
 pub mod error;
 mod headers;
+#[cfg(feature = "json")]
+pub mod json;
 mod member_partition;
 mod merge;
 pub mod partitioner;
 pub mod record;
+mod retrying_producer;
 pub mod runner;
 mod topic_cache;
 mod url;
@@ -102,6 +106,7 @@ pub use describe::{
 pub use error::{Error, ErrorKind, Result};
 pub use partitioner::{murmur2, partition_for_key};
 pub use record::{DeliveryToken, Header, Message, Receipt, Record};
+pub use retrying_producer::{RetryingProducer, SendRetry};
 
 /// The first whole millisecond since the Unix epoch that is at least
 /// `delay` from now: rounded up, so that a time kept in milliseconds

@@ -475,3 +475,703 @@ async fn acks_of_concurrent_handlers_share_ack_batch_calls() {
     let lag = broker.group_lag("workers").await.unwrap();
     assert_eq!(lag.total_lag(), 0);
 }
+
+/// One message with idempotency key `evt-1` on a one-partition topic.
+async fn one_event(topic: &str) -> conveyor_memory::MemoryBroker {
+    let broker = conveyor_memory::open_default();
+    broker
+        .create_topic(topic, TopicConfig::new(1))
+        .await
+        .unwrap();
+    broker
+        .producer()
+        .await
+        .unwrap()
+        .send(topic, Record::new("work").with_idempotency_key("evt-1"))
+        .await
+        .unwrap();
+    broker
+}
+
+/// Wait until `done()` holds, checking every 5 ms; after 30 s (far more
+/// than any of these waits needs) fail the test rather than hang.
+async fn wait_until<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        while !done().await {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out waiting for {what}");
+}
+
+/// How an attempt of [`unfinished_first`]'s handler ends.
+#[derive(Clone, Copy)]
+enum FirstAttempt {
+    /// Never finishes (until dropped).
+    Hangs,
+    /// Panics.
+    Panics,
+}
+
+/// An idempotent handler (keyed on the idempotency key) whose first
+/// attempt does not finish as `first` says, and whose later attempts
+/// succeed; `started` counts attempts, `completed` successful ones, and
+/// `entered` is told when the first attempt is running.
+fn unfinished_first(
+    broker: &conveyor_memory::MemoryBroker,
+    first: FirstAttempt,
+    started: Arc<AtomicU64>,
+    completed: Arc<AtomicU64>,
+    entered: Arc<tokio::sync::Notify>,
+) -> Idempotent<impl conveyor_core::runner::Handler> {
+    let inner = move |_m: Message| {
+        let (started, completed, entered) = (started.clone(), completed.clone(), entered.clone());
+        async move {
+            if started.fetch_add(1, Ordering::SeqCst) == 0 {
+                entered.notify_one();
+                match first {
+                    FirstAttempt::Hangs => std::future::pending::<()>().await,
+                    FirstAttempt::Panics => panic!("handler bug"),
+                }
+            }
+            completed.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), HandlerError>(())
+        }
+    };
+    Idempotent::by_idempotency_key(
+        broker.idempotency_store(),
+        Duration::from_secs(3600),
+        "workers",
+        inner,
+    )
+}
+
+fn quick_retries() -> GroupConfig {
+    GroupConfig::queue()
+        .with_retry_backoff(RetryBackoff::none())
+        .with_dlq(DlqPolicy::new(10))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_idempotent_handler_runs_again() {
+    let broker = one_event("jobs").await;
+    let (started, completed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let handler = unfinished_first(
+        &broker,
+        FirstAttempt::Hangs,
+        started.clone(),
+        completed.clone(),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let duplicates = handler.duplicates();
+    let group = quick_retries();
+    let consumer = broker
+        .consumer("workers", &["jobs"], group.clone())
+        .await
+        .unwrap();
+    let config = RunnerConfig::for_group(&group).with_handler_timeout(Duration::from_millis(300));
+    let stats = Runner::new(consumer, config)
+        .run_until_idle(handler, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(
+        completed.load(Ordering::SeqCst),
+        1,
+        "the retry ran: {stats:?}"
+    );
+    assert_eq!(started.load(Ordering::SeqCst), 2);
+    assert_eq!(duplicates.load(Ordering::SeqCst), 0, "not skipped");
+    assert_eq!((stats.succeeded, stats.failed), (1, 1));
+    assert_eq!(broker.group_lag("workers").await.unwrap().total_lag(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicked_idempotent_handler_runs_again() {
+    let broker = one_event("jobs").await;
+    let (started, completed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let handler = unfinished_first(
+        &broker,
+        FirstAttempt::Panics,
+        started.clone(),
+        completed.clone(),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let duplicates = handler.duplicates();
+    let group = quick_retries();
+    let consumer = broker
+        .consumer("workers", &["jobs"], group.clone())
+        .await
+        .unwrap();
+    // The panic is a failure like an `Err`: nacked, and the runner goes on.
+    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+        .run_until_idle(handler, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        completed.load(Ordering::SeqCst),
+        1,
+        "the retry ran: {stats:?}"
+    );
+    assert_eq!(started.load(Ordering::SeqCst), 2);
+    assert_eq!(duplicates.load(Ordering::SeqCst), 0, "not skipped");
+    assert_eq!((stats.succeeded, stats.failed), (1, 1));
+    assert_eq!(broker.group_lag("workers").await.unwrap().total_lag(), 0);
+}
+
+#[tokio::test]
+async fn a_panic_is_nacked_with_its_text() {
+    let broker = one_event("jobs").await;
+    let group = GroupConfig::queue().with_dlq(DlqPolicy::new(1));
+    let consumer = broker
+        .consumer("workers", &["jobs"], group.clone())
+        .await
+        .unwrap();
+    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+        .run_until_idle(
+            |m: Message| async move {
+                let n: Option<u32> = std::str::from_utf8(&m.value).unwrap().parse().ok();
+                let _ = n.expect("a numeric job");
+                Ok::<(), HandlerError>(())
+            },
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap();
+    assert_eq!((stats.failed, stats.dead_lettered), (1, 1), "{stats:?}");
+    let dead = dead_letters(&broker, "jobs.workers.dlq").await;
+    assert_eq!(
+        dead[0].header_str(conveyor_core::dlq::HEADER_ERROR),
+        Some("handler panicked: a numeric job")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_idempotent_handler_future_forgets_the_event() {
+    use conveyor_core::runner::Handler;
+    let broker = one_event("jobs").await;
+    let consumer = broker
+        .consumer("workers", &["jobs"], quick_retries())
+        .await
+        .unwrap();
+    let message = consumer
+        .poll(1, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .remove(0);
+    let (started, completed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let handler = Arc::new(unfinished_first(
+        &broker,
+        FirstAttempt::Hangs,
+        started.clone(),
+        completed.clone(),
+        entered.clone(),
+    ));
+    let running = tokio::spawn({
+        let (handler, message) = (handler.clone(), message.clone());
+        async move { handler.handle(message).await }
+    });
+    entered.notified().await;
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    // Run again (as a redelivery would): not skipped as a duplicate.
+    handler.handle(message).await.unwrap();
+    assert_eq!(completed.load(Ordering::SeqCst), 1);
+    assert_eq!(handler.duplicates().load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_handler_stopped_with_its_runner_runs_again() {
+    let broker = one_event("jobs").await;
+    let (started, completed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let group = quick_retries();
+    let consumer = broker
+        .consumer("workers", &["jobs"], group.clone())
+        .await
+        .unwrap();
+    let handler = unfinished_first(
+        &broker,
+        FirstAttempt::Hangs,
+        started.clone(),
+        completed.clone(),
+        entered.clone(),
+    );
+    // The service stops: its runner's future is dropped mid-handler (the
+    // consumer goes with it, releasing the lease).
+    let running = tokio::spawn(
+        Runner::new(consumer, RunnerConfig::for_group(&group)).run(handler, std::future::pending()),
+    );
+    entered.notified().await;
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    assert_eq!(completed.load(Ordering::SeqCst), 0);
+    // The aborted tasks drop the last handle of the consumer, which
+    // releases the lease.
+    wait_until("the lease to be released", || async {
+        broker.group_lag("workers").await.unwrap().total_in_flight() == 0
+    })
+    .await;
+    // The next process handles the message.
+    let consumer = broker
+        .consumer("workers", &["jobs"], group.clone())
+        .await
+        .unwrap();
+    let handler = unfinished_first(
+        &broker,
+        FirstAttempt::Hangs,
+        started.clone(),
+        completed.clone(),
+        entered,
+    );
+    let duplicates = handler.duplicates();
+    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+        .run_until_idle(handler, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(completed.load(Ordering::SeqCst), 1, "{stats:?}");
+    assert_eq!(duplicates.load(Ordering::SeqCst), 0, "not skipped");
+    assert_eq!(broker.group_lag("workers").await.unwrap().total_lag(), 0);
+}
+
+#[test]
+fn question_mark_works_on_anyhow_and_eyre_errors_with_their_context() {
+    fn with_anyhow() -> Result<(), HandlerError> {
+        use anyhow::Context;
+        let _: u32 = "x".parse::<u32>().context("reading the count")?;
+        Ok(())
+    }
+    fn with_eyre() -> Result<(), HandlerError> {
+        use eyre::WrapErr;
+        let _: u32 = "x".parse::<u32>().wrap_err("reading the count")?;
+        Ok(())
+    }
+    fn with_text() -> Result<(), HandlerError> {
+        Err("no recipient")?
+    }
+    let expected = "reading the count: invalid digit found in string";
+    assert_eq!(with_anyhow().unwrap_err().reason, expected);
+    assert_eq!(with_eyre().unwrap_err().reason, expected);
+    assert_eq!(with_text().unwrap_err().reason, "no recipient");
+    let permanent = HandlerError::permanent(anyhow::anyhow!("bad order"));
+    assert!(permanent.permanent);
+    assert_eq!(permanent.reason, "bad order");
+}
+
+/// A handler that counts its runs and fails every one permanently.
+fn never_parses(runs: Arc<AtomicU64>) -> impl conveyor_core::runner::Handler {
+    move |m: Message| {
+        let runs = runs.clone();
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let _n: u32 = std::str::from_utf8(&m.value)?
+                .parse()
+                .map_err(HandlerError::permanent)?;
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_goes_to_the_dlq_at_once_with_its_reason() {
+    let broker = broker_with("orders", 1, 0).await;
+    let producer = broker.producer().await.unwrap();
+    producer
+        .send(
+            "orders",
+            Record::new("not a number").with_idempotency_key("evt-7"),
+        )
+        .await
+        .unwrap();
+    producer.send("orders", Record::new("12")).await.unwrap();
+    // Ten deliveries allowed, an hour apart: only a permanent failure
+    // reaches the DLQ within the test.
+    let group = GroupConfig::queue()
+        .with_retry_backoff(RetryBackoff::fixed(Duration::from_secs(3600)))
+        .with_dlq(DlqPolicy::new(10));
+    let consumer = broker
+        .consumer("billing", &["orders"], group.clone())
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+        .with_dead_letters(Arc::new(broker.clone()), &group)
+        .run_until_idle(never_parses(runs.clone()), Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "each message ran once");
+    assert_eq!(
+        (stats.succeeded, stats.failed, stats.dead_lettered),
+        (1, 1, 1),
+        "{stats:?}"
+    );
+    let dead = dead_letters(&broker, "orders.billing.dlq").await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(&dead[0].value[..], b"not a number");
+    assert_eq!(
+        dead[0].header_str(conveyor_core::dlq::HEADER_ERROR),
+        Some("invalid digit found in string")
+    );
+    assert_eq!(
+        dead[0].header_str(conveyor_core::dlq::HEADER_ATTEMPTS),
+        Some("1")
+    );
+    assert_eq!(
+        dead[0].header_str(conveyor_core::dlq::HEADER_GROUP),
+        Some("billing")
+    );
+    assert_eq!(dead[0].idempotency_key.as_deref(), Some("evt-7"));
+    let lag = broker.group_lag("billing").await.unwrap();
+    assert_eq!(lag.total_lag(), 0, "settled for the group: {lag:?}");
+    // Redrive brings it back to the group, as for any dead letter.
+    assert_eq!(broker.redrive("orders.billing.dlq", None).await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_in_stream_mode_is_dead_lettered_and_the_partition_goes_on() {
+    let broker = broker_with("orders", 1, 0).await;
+    let producer = broker.producer().await.unwrap();
+    for v in ["1", "two", "3"] {
+        producer.send("orders", Record::new(v)).await.unwrap();
+    }
+    let group = GroupConfig::stream()
+        .with_retry_backoff(RetryBackoff::fixed(Duration::from_secs(3600)))
+        .with_dlq(DlqPolicy::new(10).with_topic("billing.dead"));
+    let consumer = broker
+        .consumer("billing", &["orders"], group.clone())
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+        .with_dead_letters(Arc::new(broker.clone()), &group)
+        .run_until_idle(never_parses(runs.clone()), Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    assert_eq!((stats.succeeded, stats.dead_lettered), (2, 1), "{stats:?}");
+    let dead = dead_letters(&broker, "billing.dead").await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(&dead[0].value[..], b"two");
+    assert_eq!(broker.group_lag("billing").await.unwrap().total_lag(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_dlq_a_permanent_failure_is_retried_and_counted_when_dead_lettered() {
+    let broker = broker_with("orders", 1, 0).await;
+    let producer = broker.producer().await.unwrap();
+    producer.send("orders", Record::new("nope")).await.unwrap();
+    let group = GroupConfig::queue()
+        .with_retry_backoff(RetryBackoff::none())
+        .with_dlq(DlqPolicy::new(3));
+    let consumer = broker
+        .consumer("billing", &["orders"], group.clone())
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+        .run_until_idle(never_parses(runs.clone()), Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "retried as usual");
+    assert_eq!((stats.failed, stats.dead_lettered), (3, 1), "{stats:?}");
+    assert_eq!(dead_letters(&broker, "orders.billing.dlq").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_stats_are_readable_while_the_runner_runs() {
+    let broker = broker_with("jobs", 1, 3).await;
+    let consumer = broker
+        .consumer("workers", &["jobs"], GroupConfig::stream())
+        .await
+        .unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let release = release.clone();
+        move |m: Message| {
+            let release = release.clone();
+            async move {
+                // The last message waits until the test has seen the
+                // first two counted.
+                if number(&m) == 2 {
+                    release.notified().await;
+                }
+                Ok::<(), HandlerError>(())
+            }
+        }
+    };
+    let stop = conveyor_core::runner::CancellationToken::new();
+    let runner = Runner::new(consumer, RunnerConfig::default());
+    let stats = runner.stats();
+    let run = tokio::spawn(runner.run_until_cancelled(handler, stop.clone()));
+    wait_until("two handled", || async { stats.snapshot().succeeded >= 2 }).await;
+    assert_eq!(stats.snapshot().succeeded, 2, "the third is still running");
+    assert!(!run.is_finished());
+    release.notify_one();
+    wait_until("three handled", || async {
+        stats.snapshot().succeeded >= 3
+    })
+    .await;
+    stop.cancel();
+    let last = run.await.unwrap().unwrap();
+    assert_eq!(last, stats.snapshot());
+    assert_eq!(last.succeeded, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_cancellation_token_stops_several_runners_after_their_handlers_finish() {
+    let broker = broker_with("orders", 2, 40).await;
+    let stop = conveyor_core::runner::CancellationToken::new();
+    let started = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicU64::new(0));
+    let mut runs = Vec::new();
+    for group in ["email", "sms", "push"] {
+        let consumer = broker
+            .consumer(group, &["orders"], GroupConfig::queue())
+            .await
+            .unwrap();
+        let handler = {
+            let (started, finished) = (started.clone(), finished.clone());
+            move |_m: Message| {
+                let (started, finished) = (started.clone(), finished.clone());
+                async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    finished.fetch_add(1, Ordering::SeqCst);
+                    Ok::<(), HandlerError>(())
+                }
+            }
+        };
+        let runner = Runner::new(consumer, RunnerConfig::default().with_concurrency(2));
+        runs.push(tokio::spawn(
+            runner.run_until_cancelled(handler, stop.child_token()),
+        ));
+    }
+    wait_until("three handlers started", || async {
+        started.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    stop.cancel();
+    let mut succeeded = 0;
+    for run in runs {
+        succeeded += run.await.unwrap().unwrap().succeeded;
+    }
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        finished.load(Ordering::SeqCst)
+    );
+    assert_eq!(succeeded, finished.load(Ordering::SeqCst));
+    assert!(succeeded < 120, "stopped early ({succeeded} of 120)");
+    let mut lag = 0;
+    for group in ["email", "sms", "push"] {
+        let l = broker.group_lag(group).await.unwrap();
+        assert_eq!(l.total_in_flight(), 0, "{group}: nothing left leased");
+        lag += l.total_lag();
+    }
+    assert_eq!(lag, 120 - succeeded, "what was handled was acked");
+}
+
+/// A consumer whose polls fail `Unavailable` until `down_until` (a
+/// server backend's outage), counting the failed polls.
+struct Outage {
+    inner: Arc<dyn conveyor_core::Consumer>,
+    down_until: tokio::time::Instant,
+    failed_polls: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl conveyor_core::Consumer for Outage {
+    async fn poll(&self, max: usize, timeout: Duration) -> conveyor_core::Result<Vec<Message>> {
+        if tokio::time::Instant::now() < self.down_until {
+            self.failed_polls.fetch_add(1, Ordering::SeqCst);
+            return Err(conveyor_core::Error::new(
+                conveyor_core::ErrorKind::Unavailable,
+                "server at 10.0.0.7:6379: connection refused",
+            ));
+        }
+        self.inner.poll(max, timeout).await
+    }
+    async fn ack(&self, m: &Message) -> conveyor_core::Result<()> {
+        self.inner.ack(m).await
+    }
+    async fn nack(
+        &self,
+        m: &Message,
+        o: conveyor_core::NackOptions,
+    ) -> conveyor_core::Result<conveyor_core::NackOutcome> {
+        self.inner.nack(m, o).await
+    }
+    async fn extend(&self, m: &Message, by: Duration) -> conveyor_core::Result<()> {
+        self.inner.extend(m, by).await
+    }
+    async fn commit(&self, t: &str, p: u32, o: u64) -> conveyor_core::Result<()> {
+        self.inner.commit(t, p, o).await
+    }
+    async fn seek(&self, t: &str, p: u32, to: conveyor_core::SeekTo) -> conveyor_core::Result<()> {
+        self.inner.seek(t, p, to).await
+    }
+    async fn assignment(&self) -> conveyor_core::Result<Vec<conveyor_core::TopicPartition>> {
+        self.inner.assignment().await
+    }
+    async fn generation(&self) -> conveyor_core::Result<u64> {
+        self.inner.generation().await
+    }
+    async fn close(&self) -> conveyor_core::Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// Counts the runner's log events by level.
+#[derive(Default)]
+struct RunnerEvents {
+    warn: AtomicU64,
+    info: AtomicU64,
+}
+
+impl tracing::Subscriber for RunnerEvents {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let meta = event.metadata();
+        if !meta.target().starts_with("conveyor_core::runner") {
+            return;
+        }
+        match *meta.level() {
+            tracing::Level::WARN => self.warn.fetch_add(1, Ordering::SeqCst),
+            tracing::Level::INFO => self.info.fetch_add(1, Ordering::SeqCst),
+            _ => 0,
+        };
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+// Paused time: the 4 s outage passes in no real time, and the count of
+// polls does not depend on the machine's speed.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_outage_is_waited_out_with_growing_delays_and_logged_once_each_way() {
+    let events = Arc::new(RunnerEvents::default());
+    let _log = tracing::dispatcher::set_default(&tracing::Dispatch::from(events.clone()));
+    let broker = broker_with("jobs", 1, 5).await;
+    let inner = broker
+        .consumer("workers", &["jobs"], GroupConfig::queue())
+        .await
+        .unwrap();
+    let outage = Duration::from_secs(4);
+    let consumer = Arc::new(Outage {
+        inner,
+        down_until: tokio::time::Instant::now() + outage,
+        failed_polls: AtomicU64::new(0),
+    });
+    let stop = conveyor_core::runner::CancellationToken::new();
+    let runner = Runner::new(consumer.clone(), RunnerConfig::default());
+    let stats = runner.stats();
+    let run = tokio::spawn(runner.run_until_cancelled(
+        |_m: Message| async { Ok::<(), HandlerError>(()) },
+        stop.clone(),
+    ));
+    wait_until("the five handled", || async {
+        stats.snapshot().succeeded >= 5
+    })
+    .await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let failed = consumer.failed_polls.load(Ordering::SeqCst);
+    // 100 ms doubling to 10 s, jittered to half or more: 100, 200, 400,
+    // 800, 1600, 3200 ms at most... about 6 to 9 polls in 4 s (a fixed
+    // 100 ms would make 40).
+    assert!((4..=12).contains(&failed), "{failed} polls in a 4 s outage");
+    assert_eq!(
+        events.warn.load(Ordering::SeqCst),
+        1,
+        "one WARN as it starts"
+    );
+    assert_eq!(events.info.load(Ordering::SeqCst), 1, "one INFO as it ends");
+}
+
+/// An idempotency store that, like a server's, answers `forget` only
+/// after a round trip (it yields first), and counts the forgets done.
+struct RoundTrips {
+    inner: Arc<dyn IdempotencyStore>,
+    forgotten: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl IdempotencyStore for RoundTrips {
+    async fn first_seen(&self, key: &str, ttl: Duration) -> conveyor_core::Result<bool> {
+        self.inner.first_seen(key, ttl).await
+    }
+    async fn forget(&self, key: &str) -> conveyor_core::Result<()> {
+        tokio::task::yield_now().await;
+        self.inner.forget(key).await?;
+        self.forgotten.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_handler_forgets_through_a_store_that_must_wait() {
+    use conveyor_core::runner::Handler;
+    let broker = one_event("jobs").await;
+    let consumer = broker
+        .consumer("workers", &["jobs"], quick_retries())
+        .await
+        .unwrap();
+    let message = consumer
+        .poll(1, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .remove(0);
+    let store = Arc::new(RoundTrips {
+        inner: broker.idempotency_store(),
+        forgotten: AtomicU64::new(0),
+    });
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let completed = Arc::new(AtomicU64::new(0));
+    let inner = {
+        let (entered, completed) = (entered.clone(), completed.clone());
+        let first = Arc::new(AtomicU64::new(0));
+        move |_m: Message| {
+            let (entered, completed, first) = (entered.clone(), completed.clone(), first.clone());
+            async move {
+                if first.fetch_add(1, Ordering::SeqCst) == 0 {
+                    entered.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                completed.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), HandlerError>(())
+            }
+        }
+    };
+    let handler = Arc::new(Idempotent::by_idempotency_key(
+        store.clone(),
+        Duration::from_secs(3600),
+        "workers",
+        inner,
+    ));
+    let running = tokio::spawn({
+        let (handler, message) = (handler.clone(), message.clone());
+        async move { handler.handle(message).await }
+    });
+    entered.notified().await;
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    // The forget went to a task of its own; wait for it.
+    wait_until("the event id to be forgotten", || async {
+        store.forgotten.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    handler.handle(message).await.unwrap();
+    assert_eq!(completed.load(Ordering::SeqCst), 1);
+    assert_eq!(handler.duplicates().load(Ordering::SeqCst), 0);
+}

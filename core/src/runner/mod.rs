@@ -19,9 +19,19 @@
 //!   runs once, and a crashed process's leases still expire.
 //! - **Handler timeout** ([`RunnerConfig::handler_timeout`]): a handler
 //!   running longer is dropped and its message nacked with the reason
-//!   "handler timed out after ...".
+//!   "handler timed out after ...". A handler that panics is a failure
+//!   too, nacked with the reason "handler panicked: ...".
 //! - **Rate limit** ([`RunnerConfig::max_per_second`]) besides the
 //!   concurrency limit (the most messages in flight).
+//! - **Permanent failures** ([`HandlerError::permanent`]): a message that
+//!   can never succeed goes to the DLQ at once, with the reason, instead
+//!   of using up its deliveries ([`Runner::with_dead_letters`]).
+//! - **Outages**: while polls fail `Unavailable`, the runner waits growing,
+//!   jittered delays between them ([`RunnerConfig::outage_backoff`]) and
+//!   logs the outage once when it starts and once when it ends.
+//! - **Live counts** ([`Runner::stats`]) while it runs, and a
+//!   [`CancellationToken`] to stop many runners at once
+//!   ([`Runner::run_until_cancelled`]).
 //! - **Batched acks**: acks of handlers that finish together go in one
 //!   [`Consumer::ack_batch`] call (one write, and one sync under
 //!   `durability=always`, for all of them). An ack that finds no call in
@@ -32,9 +42,9 @@
 //! partition's batch, so a cumulative commit never passes an unhandled
 //! message. In queue mode any message may run beside any other.
 //!
-//! [`Idempotent`] wraps a handler with an [`IdempotencyStore`] so it runs at
-//! most once per event id within a TTL, even when a message is delivered
-//! twice.
+//! [`Idempotent`] wraps a handler with an
+//! [`IdempotencyStore`](crate::IdempotencyStore) so it runs at most once
+//! per event id within a TTL, even when a message is delivered twice.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -71,12 +81,13 @@
 //! # }
 //! ```
 
-use crate::broker::{Consumer, IdempotencyStore, NackOptions, NackOutcome};
-use crate::config::DeliveryMode;
+use crate::broker::{Broker, Consumer, NackOptions, NackOutcome};
+use crate::config::{DeliveryMode, GroupConfig, RetryBackoff};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::Message;
-use async_trait::async_trait;
+use dead_letters::DeadLetters;
 use futures::future::{FutureExt, Shared};
+use outage::Outage;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -84,103 +95,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Why a handler failed; the text goes to the DLQ header
-/// `conveyor.dlq.error` if the message is dead-lettered.
-///
-/// Any error converts into it, so `?` works inside a handler; the text
-/// keeps the whole cause chain (`error: its source: its source`):
-///
-/// ```
-/// use conveyor::runner::HandlerError;
-/// use conveyor::Message;
-///
-/// async fn handle(m: Message) -> Result<(), HandlerError> {
-///     let event: serde_json::Value = serde_json::from_slice(&m.value)?;
-///     if event["to"].is_null() {
-///         return Err(HandlerError::new("no recipient"));
-///     }
-///     Ok(())
-/// }
-/// ```
-///
-/// (It is not itself a `std::error::Error`: that is what lets every
-/// error convert into it.)
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HandlerError {
-    /// The reason.
-    pub reason: String,
-    /// Redeliver after this delay instead of the group's backoff.
-    pub retry_after: Option<Duration>,
-}
+mod dead_letters;
+mod handler;
+mod idempotent;
+mod outage;
 
-impl HandlerError {
-    /// A failure with a reason; redelivered after the group's backoff.
-    pub fn new(reason: impl Into<String>) -> Self {
-        HandlerError {
-            reason: reason.into(),
-            retry_after: None,
-        }
-    }
-    /// Redeliver after `delay`.
-    pub fn retry_after(mut self, delay: Duration) -> Self {
-        self.retry_after = Some(delay);
-        self
-    }
-}
+pub use handler::{Handler, HandlerError};
+pub use idempotent::{event_id, Idempotent};
 
-impl std::fmt::Display for HandlerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.reason)
-    }
-}
-
-impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
-    /// The error and its sources, `: `-separated.
-    fn from(e: E) -> Self {
-        let mut reason = e.to_string();
-        let mut next = e.source();
-        while let Some(cause) = next {
-            let text = cause.to_string();
-            // Some errors repeat their source in their own message.
-            if !reason.ends_with(&text) {
-                reason.push_str(": ");
-                reason.push_str(&text);
-            }
-            next = cause.source();
-        }
-        HandlerError::new(reason)
-    }
-}
-
-/// Processes one message. Closures `Fn(Message) -> impl Future<Output =
-/// Result<(), HandlerError>>` are handlers.
-#[async_trait]
-pub trait Handler: Send + Sync + 'static {
-    /// Handle a message; `Err` means it should be redelivered (or
-    /// dead-lettered once out of attempts).
-    ///
-    /// # Errors
-    /// A [`HandlerError`] with the reason (it becomes the DLQ header
-    /// `conveyor.dlq.error`) and, optionally, when to retry.
-    ///
-    /// # Cancel safety
-    /// The runner drops a running handler only when it passes
-    /// [`RunnerConfig::handler_timeout`] (the message is then nacked with
-    /// the reason "handler timed out after ..."); at shutdown it waits for
-    /// in-flight handlers to finish and settles their messages.
-    async fn handle(&self, message: Message) -> Result<(), HandlerError>;
-}
-
-#[async_trait]
-impl<F, Fut> Handler for F
-where
-    F: Fn(Message) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
-{
-    async fn handle(&self, message: Message) -> Result<(), HandlerError> {
-        (self)(message).await
-    }
-}
+/// The token [`Runner::run_until_cancelled`] stops on (tokio-util's): one
+/// token, or children of it, stops every runner of a service at once.
+pub use tokio_util::sync::CancellationToken;
 
 /// Settings of a [`Runner`].
 ///
@@ -221,6 +146,12 @@ pub struct RunnerConfig {
     pub handler_timeout: Option<Duration>,
     /// Start at most this many messages a second (default: no limit).
     pub max_per_second: Option<u32>,
+    /// While polls fail `Unavailable` (a server backend's outage), wait
+    /// this long between them: growing from 100 ms to at most 10 s by
+    /// default, each delay jittered to between half and all of it. The
+    /// outage is logged once when it starts (WARN) and once when it ends
+    /// (INFO).
+    pub outage_backoff: RetryBackoff,
 }
 
 impl Default for RunnerConfig {
@@ -233,6 +164,10 @@ impl Default for RunnerConfig {
             extend_leases: true,
             handler_timeout: None,
             max_per_second: None,
+            outage_backoff: RetryBackoff::exponential(
+                Duration::from_millis(100),
+                Duration::from_secs(10),
+            ),
         }
     }
 }
@@ -279,15 +214,26 @@ impl RunnerConfig {
         self.max_per_second = Some(n.max(1));
         self
     }
+    /// Set the delays between polls while the backend is unavailable
+    /// (jittered; see [`RunnerConfig::outage_backoff`]).
+    pub fn with_outage_backoff(mut self, backoff: RetryBackoff) -> Self {
+        self.outage_backoff = backoff;
+        self
+    }
 }
 
-/// What a run did.
+/// What a run did: returned when it ends, and readable at any time while
+/// it runs through [`Runner::stats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct RunStats {
     /// Messages handled and settled.
     pub succeeded: u64,
-    /// Handler failures (each nacked: retried or dead-lettered).
+    /// Handler failures (each nacked to be retried, or dead-lettered).
     pub failed: u64,
+    /// Failed messages that went to the DLQ: out of attempts, or failed
+    /// [permanently](HandlerError::permanent).
+    pub dead_lettered: u64,
     /// Settle calls refused (lease lost, fenced): the message will come
     /// again to someone.
     pub settle_refused: u64,
@@ -297,7 +243,10 @@ pub struct RunStats {
 struct Counters {
     succeeded: AtomicU64,
     failed: AtomicU64,
+    dead_lettered: AtomicU64,
     settle_refused: AtomicU64,
+    /// A permanent failure without a DLQ was logged.
+    warned_no_dlq: std::sync::atomic::AtomicBool,
 }
 
 impl Counters {
@@ -305,8 +254,28 @@ impl Counters {
         RunStats {
             succeeded: self.succeeded.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             settle_refused: self.settle_refused.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// The live counts of a [`Runner`] ([`Runner::stats`]): cheap to clone,
+/// readable from any task while the runner runs and after it ended (a
+/// metrics exporter, a health endpoint).
+#[derive(Clone)]
+pub struct LiveStats(Arc<Counters>);
+
+impl LiveStats {
+    /// The counts now.
+    pub fn snapshot(&self) -> RunStats {
+        self.0.snapshot()
+    }
+}
+
+impl std::fmt::Debug for LiveStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LiveStats").field(&self.snapshot()).finish()
     }
 }
 
@@ -314,12 +283,63 @@ impl Counters {
 pub struct Runner {
     consumer: Arc<dyn Consumer>,
     config: RunnerConfig,
+    counters: Arc<Counters>,
+    dead_letters: Option<Arc<DeadLetters>>,
 }
 
 impl Runner {
     /// A runner over `consumer`.
     pub fn new(consumer: Arc<dyn Consumer>, config: RunnerConfig) -> Self {
-        Runner { consumer, config }
+        Runner {
+            consumer,
+            config,
+            counters: Arc::new(Counters::default()),
+            dead_letters: None,
+        }
+    }
+
+    /// Dead-letter [permanent](HandlerError::permanent) failures at once,
+    /// through `broker` (the one the consumer came from), to the DLQ
+    /// topic of `group` (the config the consumer joined with): by default
+    /// `{topic}.{group}.dlq`, created when first needed, as the broker
+    /// does for messages out of attempts. The DLQ record is the one the
+    /// broker would write (`conveyor.dlq.*` headers, the handler's reason
+    /// in `conveyor.dlq.error`); it is appended before the message is
+    /// settled, so a crash between the two leaves a duplicate in the DLQ,
+    /// never a loss.
+    ///
+    /// Without it, a permanent failure is retried like any other (and a
+    /// WARN says so once).
+    pub fn with_dead_letters(mut self, broker: Arc<dyn Broker>, group: &GroupConfig) -> Self {
+        self.dead_letters = Some(Arc::new(DeadLetters::new(broker, group.dlq.clone())));
+        self
+    }
+
+    /// Live counts of this runner, readable while it runs (the final
+    /// counts are also what [`Runner::run`] returns).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> conveyor::Result<()> {
+    /// use conveyor::prelude::*;
+    /// use conveyor::runner::{HandlerError, Runner, RunnerConfig};
+    /// use std::time::Duration;
+    ///
+    /// let broker = conveyor::open("memory://").await?;
+    /// broker.create_topic("jobs", TopicConfig::new(1)).await?;
+    /// broker.producer().await?.send("jobs", Record::new("resize 7")).await?;
+    /// let consumer = broker.consumer("workers", &["jobs"], GroupConfig::queue()).await?;
+    /// let runner = Runner::new(consumer, RunnerConfig::default());
+    /// let stats = runner.stats(); // clone it into a metrics task
+    /// runner
+    ///     .run_until_idle(|_m: Message| async { Ok::<(), HandlerError>(()) }, Duration::from_millis(100))
+    ///     .await?;
+    /// assert_eq!(stats.snapshot().succeeded, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn stats(&self) -> LiveStats {
+        LiveStats(self.counters.clone())
     }
 
     /// Run until `shutdown` completes, then finish in-flight handlers and
@@ -327,7 +347,9 @@ impl Runner {
     ///
     /// # Errors
     /// The first poll error that is not retriable (`Unavailable` is
-    /// retried), a handler task that panicked, or the error of leaving the
+    /// retried, see [`RunnerConfig::outage_backoff`]), a task of the
+    /// runner that failed (not a handler's panic: that is a failure like an
+    /// `Err`, nacked with the panic's text), or the error of leaving the
     /// group; the runner then stops as on shutdown. Refused settles are
     /// counted in [`RunStats`] and logged, not returned. (Shutdown races a
     /// `poll` in `select!`, which is fine because `poll` is cancel safe.)
@@ -356,6 +378,49 @@ impl Runner {
             .await
     }
 
+    /// Run until `token` is cancelled, then stop as [`Runner::run`] does
+    /// on shutdown. Give each runner of a service the same token (or a
+    /// [child](CancellationToken::child_token)) and cancel it once, on
+    /// Ctrl-C or SIGTERM, to stop them all.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> conveyor::Result<()> {
+    /// use conveyor::prelude::*;
+    /// use conveyor::runner::{CancellationToken, HandlerError, Runner, RunnerConfig};
+    ///
+    /// let broker = conveyor::open("memory://").await?;
+    /// broker.create_topic("orders", TopicConfig::new(2)).await?;
+    /// let stop = CancellationToken::new();
+    /// let mut runners = Vec::new();
+    /// for group in ["email", "sms"] {
+    ///     let consumer = broker.consumer(group, &["orders"], GroupConfig::queue()).await?;
+    ///     let runner = Runner::new(consumer, RunnerConfig::default());
+    ///     let handler = |_m: Message| async { Ok::<(), HandlerError>(()) };
+    ///     runners.push(tokio::spawn(runner.run_until_cancelled(handler, stop.child_token())));
+    /// }
+    /// // In a service: `tokio::signal::ctrl_c().await?;`
+    /// stop.cancel();
+    /// for runner in runners {
+    ///     runner.await.expect("runner task")?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Runner::run`].
+    ///
+    /// # Cancel safety
+    /// As [`Runner::run`]: not cancel safe; cancel the token to stop.
+    pub async fn run_until_cancelled<H: Handler>(
+        self,
+        handler: H,
+        token: CancellationToken,
+    ) -> Result<RunStats> {
+        self.drive(handler, token.cancelled_owned(), None).await
+    }
+
     async fn drive<H: Handler>(
         self,
         handler: H,
@@ -363,7 +428,9 @@ impl Runner {
         idle: Option<Duration>,
     ) -> Result<RunStats> {
         let handler = Arc::new(handler);
-        let counters = Arc::new(Counters::default());
+        let counters = self.counters.clone();
+        let dead_letters = self.dead_letters.clone();
+        let mut outage = Outage::new(self.config.outage_backoff);
         let permits = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency));
         let refill = (self.config.concurrency / 4).clamp(1, self.config.batch.max(1));
         let mut tasks = tokio::task::JoinSet::new();
@@ -416,11 +483,17 @@ impl Runner {
                 r = self.consumer.poll(want.max(1), wait) => r,
             };
             let messages = match polled {
-                Ok(m) => m,
+                Ok(m) => {
+                    outage.over();
+                    m
+                }
                 Err(e) if e.is_retriable() => {
-                    tracing::warn!(error = %e, "poll failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+                    let delay = outage.failed(&e);
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(delay) => continue,
+                    }
                 }
                 Err(e) => {
                     failure = Some(e);
@@ -446,6 +519,7 @@ impl Runner {
                 let counters = counters.clone();
                 let rewinds = rewinds.clone();
                 let acks = acks.clone();
+                let dead_letters = dead_letters.clone();
                 // Stream mode: a partition's lanes run one after another, in
                 // the order they were polled.
                 let (done, previous) = match lane.first() {
@@ -461,10 +535,16 @@ impl Runner {
                     if let Some(previous) = previous {
                         let _ = previous.await;
                     }
-                    run_lane(
-                        &*consumer, &*handler, lane, &counters, &rewinds, &acks, &config,
-                    )
-                    .await;
+                    let lane_ctx = Lane {
+                        consumer: &*consumer,
+                        handler: &*handler,
+                        counters: &counters,
+                        rewinds: &rewinds,
+                        acks: &acks,
+                        dead_letters: dead_letters.as_deref(),
+                        config: &config,
+                    };
+                    lane_ctx.run(lane).await;
                     drop(done);
                 });
             }
@@ -491,7 +571,15 @@ fn duration_text(d: Duration) -> String {
     }
 }
 
-/// Wait until a handler slot is free; how many are free then.
+/// The message of a panic (`panic!("...")`'s text), or a placeholder.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)")
+}
+
 /// Wait until `refill` handler slots are free; the number free then.
 /// Refilling a quarter of the slots at a time, not one by one, keeps polls
 /// (and their bookkeeping) few while no lease waits long for a slot.
@@ -553,9 +641,21 @@ async fn handle_one(
     message: &Message,
     config: &RunnerConfig,
 ) -> Result<(), HandlerError> {
+    // A panic is a failure like any other: the message is nacked with
+    // the panic's text, and the runner goes on.
+    let caught = std::panic::AssertUnwindSafe(handler.handle(message.clone()))
+        .catch_unwind()
+        .map(|outcome| {
+            outcome.unwrap_or_else(|panic| {
+                Err(HandlerError::new(format!(
+                    "handler panicked: {}",
+                    panic_text(&*panic)
+                )))
+            })
+        });
     let work = async {
         match config.handler_timeout {
-            Some(limit) => tokio::time::timeout(limit, handler.handle(message.clone()))
+            Some(limit) => tokio::time::timeout(limit, caught)
                 .await
                 .unwrap_or_else(|_| {
                     Err(HandlerError::new(format!(
@@ -563,7 +663,7 @@ async fn handle_one(
                         duration_text(limit)
                     )))
                 }),
-            None => handler.handle(message.clone()).await,
+            None => caught.await,
         }
     };
     let queue = message.token().mode() == Some(DeliveryMode::Queue);
@@ -672,184 +772,132 @@ impl AckBatcher {
     }
 }
 
-async fn run_lane(
-    consumer: &dyn Consumer,
-    handler: &dyn Handler,
-    lane: Vec<Message>,
-    counters: &Counters,
-    rewinds: &Rewinds,
-    acks: &AckBatcher,
-    config: &RunnerConfig,
-) {
-    let stream = lane
-        .first()
-        .is_some_and(|m| m.token().mode() == Some(DeliveryMode::Stream));
-    for message in lane {
-        if stream {
-            let key = (message.topic.clone(), message.partition);
-            let mut rewound = rewinds.lock();
-            match rewound.get(&key) {
-                // Polled before the rewind: it comes again after the
-                // redelivery of the nacked message.
-                Some(at) if message.offset > *at => continue,
-                Some(_) => {
-                    rewound.remove(&key);
+/// What a lane's task works with.
+struct Lane<'a> {
+    consumer: &'a dyn Consumer,
+    handler: &'a dyn Handler,
+    counters: &'a Counters,
+    rewinds: &'a Rewinds,
+    acks: &'a AckBatcher,
+    dead_letters: Option<&'a DeadLetters>,
+    config: &'a RunnerConfig,
+}
+
+/// After a message of a lane: go on with the next, or stop the lane (its
+/// partition was rewound, or is no longer ours).
+enum Then {
+    Next,
+    Stop,
+}
+
+impl Lane<'_> {
+    async fn run(&self, lane: Vec<Message>) {
+        let stream = lane
+            .first()
+            .is_some_and(|m| m.token().mode() == Some(DeliveryMode::Stream));
+        for message in lane {
+            if stream {
+                let key = (message.topic.clone(), message.partition);
+                let mut rewound = self.rewinds.lock();
+                match rewound.get(&key) {
+                    // Polled before the rewind: it comes again after the
+                    // redelivery of the nacked message.
+                    Some(at) if message.offset > *at => continue,
+                    Some(_) => {
+                        rewound.remove(&key);
+                    }
+                    None => {}
                 }
-                None => {}
             }
-        }
-        match handle_one(consumer, handler, &message, config).await {
-            Ok(()) => match acks.ack(consumer, &message).await {
-                Ok(()) => {
-                    counters.succeeded.fetch_add(1, Ordering::Relaxed);
+            let then = match handle_one(self.consumer, self.handler, &message, self.config).await {
+                Ok(()) => self.ack(&message, false).await,
+                Err(failure) => {
+                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(message = %message.position(), attempt = message.attempt, reason = %failure, permanent = failure.permanent, "handler failed");
+                    self.failed(&message, failure, stream).await
                 }
-                Err(e) => {
-                    counters.settle_refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(message = %message.position(), error = %e, "ack refused");
-                    if matches!(e.kind(), ErrorKind::Fenced) {
-                        return;
-                    }
-                }
-            },
-            Err(failure) => {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(message = %message.position(), attempt = message.attempt, reason = %failure, "handler failed");
-                match consumer
-                    .nack(&message, {
-                        let options = NackOptions::new().with_reason(failure.reason.clone());
-                        match failure.retry_after {
-                            Some(d) => options.with_delay(d),
-                            None => options,
-                        }
-                    })
-                    .await
-                {
-                    Ok(NackOutcome::Redeliver) if stream => {
-                        // The partition restarts at this message: what was
-                        // polled after it comes again, so skip it now.
-                        rewinds
-                            .lock()
-                            .insert((message.topic.clone(), message.partition), message.offset);
-                        return;
-                    }
-                    // Dead-lettered: the position stayed; go on with the lane.
-                    Ok(_) => {}
-                    Err(e) => {
-                        counters.settle_refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(message = %message.position(), error = %e, "nack refused");
-                        if stream {
-                            // Fenced or closed: the new owner redelivers.
-                            return;
-                        }
-                    }
-                }
+            };
+            if matches!(then, Then::Stop) {
+                return;
             }
         }
     }
-}
 
-/// The id [`Idempotent::by_idempotency_key`] records for `message` within
-/// `scope`: `{scope}:{idempotency key}`, or `None` if it was sent without
-/// one. For code that checks the store by hand in the same scope.
-pub fn event_id(scope: &str, message: &Message) -> Option<String> {
-    message
-        .idempotency_key
-        .as_ref()
-        .map(|k| format!("{scope}:{k}"))
-}
-
-/// Extracts an event id from a message.
-type EventId = dyn Fn(&Message) -> Option<String> + Send + Sync;
-
-/// A handler that runs at most once per event id within `ttl`, through an
-/// [`IdempotencyStore`]. Duplicates are acked without running the handler;
-/// a failed run forgets the id so the retry runs again.
-///
-/// A process that dies inside the handler leaves the id recorded, so the
-/// redelivery is skipped: at most once, by design (contract §8).
-pub struct Idempotent<H> {
-    store: Arc<dyn IdempotencyStore>,
-    ttl: Duration,
-    key: Box<EventId>,
-    inner: H,
-    duplicates: Arc<AtomicU64>,
-}
-
-impl<H: Handler> Idempotent<H> {
-    /// Wrap `inner`; `key` extracts the event id (messages without one run
-    /// every time).
-    pub fn new(
-        store: Arc<dyn IdempotencyStore>,
-        ttl: Duration,
-        key: impl Fn(&Message) -> Option<String> + Send + Sync + 'static,
-        inner: H,
-    ) -> Self {
-        Idempotent {
-            store,
-            ttl,
-            key: Box::new(key),
-            inner,
-            duplicates: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    /// Wrap `inner`, keyed on the producer's idempotency key
-    /// ([`Message::idempotency_key`]) within `scope` (use the group name:
-    /// the store is shared, and each group must handle an event once).
-    /// Messages sent without an idempotency key run every time.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> conveyor::Result<()> {
-    /// use conveyor::prelude::*;
-    /// use conveyor::runner::{HandlerError, Idempotent};
-    /// use std::time::Duration;
-    ///
-    /// let broker = conveyor::open("memory://").await?;
-    /// let handler = Idempotent::by_idempotency_key(
-    ///     broker.idempotency_store(),
-    ///     Duration::from_secs(3600),
-    ///     "email",
-    ///     |m: Message| async move {
-    ///         println!("emailing about {:?}", m.idempotency_key);
-    ///         Ok::<(), HandlerError>(())
-    ///     },
-    /// );
-    /// # let _ = handler;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn by_idempotency_key(
-        store: Arc<dyn IdempotencyStore>,
-        ttl: Duration,
-        scope: impl Into<String>,
-        inner: H,
-    ) -> Self {
-        let scope = scope.into();
-        Self::new(store, ttl, move |m: &Message| event_id(&scope, m), inner)
-    }
-
-    /// A counter of duplicates skipped, shared with the handler.
-    pub fn duplicates(&self) -> Arc<AtomicU64> {
-        self.duplicates.clone()
-    }
-}
-
-#[async_trait]
-impl<H: Handler> Handler for Idempotent<H> {
-    async fn handle(&self, message: Message) -> Result<(), HandlerError> {
-        let Some(id) = (self.key)(&message) else {
-            return self.inner.handle(message).await;
-        };
-        if !self.store.first_seen(&id, self.ttl).await? {
-            self.duplicates.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        match self.inner.handle(message).await {
-            Ok(()) => Ok(()),
+    /// Settle a handled (or dead-lettered) message.
+    async fn ack(&self, message: &Message, dead_lettered: bool) -> Then {
+        match self.acks.ack(self.consumer, message).await {
+            Ok(()) => {
+                if !dead_lettered {
+                    self.counters.succeeded.fetch_add(1, Ordering::Relaxed);
+                }
+                Then::Next
+            }
             Err(e) => {
-                self.store.forget(&id).await?;
-                Err(e)
+                self.counters.settle_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(message = %message.position(), error = %e, "ack refused");
+                if matches!(e.kind(), ErrorKind::Fenced) {
+                    Then::Stop
+                } else {
+                    Then::Next
+                }
+            }
+        }
+    }
+
+    /// A handler failed: dead-letter a permanent failure at once (if the
+    /// runner has a DLQ), nack anything else.
+    async fn failed(&self, message: &Message, failure: HandlerError, stream: bool) -> Then {
+        if failure.permanent {
+            match self.dead_letters {
+                Some(dead_letters) => match dead_letters.send(message, &failure.reason).await {
+                    Ok(dlq) => {
+                        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(message = %message.position(), attempt = message.attempt, dlq = %dlq, reason = %failure, "permanent failure: dead-lettered");
+                        return self.ack(message, true).await;
+                    }
+                    // Not in the DLQ: nack it, so it comes again.
+                    Err(e) => {
+                        tracing::warn!(message = %message.position(), error = %e, "permanent failure: could not dead-letter; nacked instead")
+                    }
+                },
+                None => {
+                    if !self.counters.warned_no_dlq.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(message = %message.position(), reason = %failure,
+                            "permanent failure retried like any other: this runner has no DLQ \
+                             (Runner::with_dead_letters); logged once");
+                    }
+                }
+            }
+        }
+        let options = NackOptions::new().with_reason(failure.reason);
+        let options = match failure.retry_after {
+            Some(d) => options.with_delay(d),
+            None => options,
+        };
+        match self.consumer.nack(message, options).await {
+            Ok(NackOutcome::Redeliver) if stream => {
+                // The partition restarts at this message: what was
+                // polled after it comes again, so skip it now.
+                self.rewinds
+                    .lock()
+                    .insert((message.topic.clone(), message.partition), message.offset);
+                Then::Stop
+            }
+            Ok(NackOutcome::Redeliver) => Then::Next,
+            // Dead-lettered: the position stayed; go on with the lane.
+            Ok(NackOutcome::DeadLettered) => {
+                self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                Then::Next
+            }
+            Err(e) => {
+                self.counters.settle_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(message = %message.position(), error = %e, "nack refused");
+                if stream {
+                    // Fenced or closed: the new owner redelivers.
+                    Then::Stop
+                } else {
+                    Then::Next
+                }
             }
         }
     }
