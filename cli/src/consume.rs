@@ -10,7 +10,7 @@
 //! again to the group.
 
 use crate::message::message_json;
-use crate::output::{out, progress, CliError, CliResult, Format};
+use crate::output::{out, progress, CliResult, Format};
 use crate::time::parse_timestamp;
 use crate::{fail, Access};
 use clap::{Args, ValueEnum};
@@ -153,7 +153,7 @@ async fn through_group(
     let result = print_through(&*consumer, args, format).await;
     // Leave the group whatever happened: unprinted queue-mode leases are
     // released, stream-mode partitions move on from the last commit.
-    let left = consumer.close().await.map_err(|e| CliError::from(fail(e)));
+    let left = consumer.close().await.map_err(fail);
     result.and(left)
 }
 
@@ -209,8 +209,7 @@ async fn from_position(broker: &Arc<dyn Broker>, args: &ConsumeArgs, format: For
                     &args.topic,
                     p,
                     description.config.partitions,
-                ))
-                .into());
+                )));
             }
             vec![p]
         }
