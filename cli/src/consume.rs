@@ -43,8 +43,9 @@ pub enum From {
     | conveyor --url mmap:///backup produce orders.events --json\n\n\
     --format json writes one object a line: topic, partition, offset, timestamp, attempt, \
     key, value (embedded JSON, text or base64, named by key_encoding/value_encoding), \
-    headers ([name, value] or [name, value, \"base64\"]), idempotency_key; \
-    produce --json reads the same lines back.")]
+    headers ([name, value] or [name, value, \"base64\"]), idempotency_key, deliver_at; \
+    produce --json reads the same lines back. A value that is one JSON document on one line \
+    is embedded as its stored bytes, never re-serialised (key order and spaces kept).")]
 pub struct ConsumeArgs {
     /// Topic to read.
     topic: String,

@@ -60,7 +60,8 @@ pub struct ProduceArgs {
     /// Topic to append to.
     topic: String,
     /// Read JSON lines: {"key", "value", "value_encoding", "headers",
-    /// "partition", "idempotency_key"}, as `consume --format json` writes them.
+    /// "partition", "idempotency_key", "deliver_at"}, as `consume --format
+    /// json` writes them.
     #[arg(long, conflicts_with = "base64")]
     json: bool,
     /// Each line is the base64 of a value (for binary values).
