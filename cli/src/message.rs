@@ -54,17 +54,28 @@ fn embeddable(text: &str) -> bool {
         && text != "null"
 }
 
-/// The bytes as a JSON value and the name of its encoding.
-fn encode(bytes: &[u8], allow_json: bool) -> (Encoded, &'static str) {
-    let Ok(text) = std::str::from_utf8(bytes) else {
-        return (Encoded::Text(BASE64.encode(bytes)), "base64");
-    };
-    if allow_json && embeddable(text) {
-        if let Ok(raw) = RawValue::from_string(text.to_string()) {
-            return (Encoded::Json(raw), "json");
+/// Bytes as a JSON string and the name of its encoding: `text` for
+/// UTF-8, else `base64` (keys and header values).
+fn encode_text(bytes: &[u8]) -> (String, &'static str) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => (text.to_string(), "text"),
+        Err(_) => (BASE64.encode(bytes), "base64"),
+    }
+}
+
+/// A value as it appears in the line and the name of its encoding: a JSON
+/// document as its own bytes when [`embeddable`], else as
+/// [`encode_text`].
+fn encode_value(bytes: &[u8]) -> (Encoded, &'static str) {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        if embeddable(text) {
+            if let Ok(raw) = RawValue::from_string(text.to_string()) {
+                return (Encoded::Json(raw), "json");
+            }
         }
     }
-    (Encoded::Text(text.to_string()), "text")
+    let (text, encoding) = encode_text(bytes);
+    (Encoded::Text(text), encoding)
 }
 
 /// A message as one JSON line (see the module docs). `extra` holds what a
@@ -77,7 +88,7 @@ pub struct MessageLine<'a> {
     timestamp: u64,
     attempt: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
-    key: Option<Encoded>,
+    key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     key_encoding: Option<&'static str>,
     value: Encoded,
@@ -101,19 +112,17 @@ impl fmt::Display for MessageLine<'_> {
 
 /// A message as one JSON line (see the module docs).
 pub fn message_json(m: &Message) -> MessageLine<'_> {
-    let (key, key_encoding) = match m.key.as_deref().map(|k| encode(k, false)) {
+    let (key, key_encoding) = match m.key.as_deref().map(encode_text) {
         Some((key, encoding)) => (Some(key), Some(encoding)),
         None => (None, None),
     };
-    let (value, value_encoding) = encode(&m.value, true);
+    let (value, value_encoding) = encode_value(&m.value);
     let headers = m
         .headers
         .iter()
-        .map(|h| match encode(&h.value, false) {
-            (Encoded::Text(v), "text") => json!([h.name, v]),
-            (Encoded::Text(v), encoding) => json!([h.name, v, encoding]),
-            // Headers are never embedded as JSON (allow_json is false).
-            (Encoded::Json(v), _) => json!([h.name, v.get()]),
+        .map(|h| match encode_text(&h.value) {
+            (v, "text") => json!([h.name, v]),
+            (v, encoding) => json!([h.name, v, encoding]),
         })
         .collect();
     MessageLine {
