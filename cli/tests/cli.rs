@@ -653,6 +653,123 @@ fn migrate_is_only_for_postgres_urls() {
         .stderr(predicate::str::contains("need no migration step"));
 }
 
+/// Drops a PostgreSQL schema (server URL, schema) when the test ends.
+#[cfg(feature = "postgres")]
+struct DropSchema(String, String);
+
+#[cfg(feature = "postgres")]
+impl Drop for DropSchema {
+    fn drop(&mut self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            let pg = conveyor::postgres::PgOptions::default().with_schema(&self.1);
+            if let Ok(b) = conveyor::postgres::open(&self.0, Default::default(), pg).await {
+                let _ = b.drop_schema().await;
+                let _ = b.close().await;
+            }
+        });
+    }
+}
+
+/// The PostgreSQL server of the tests: `CONVEYOR_POSTGRES_URL`, else the local one.
+#[cfg(feature = "postgres")]
+fn postgres_base() -> String {
+    std::env::var("CONVEYOR_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// Deletes a Redis namespace (server URL, namespace) when the test ends.
+#[cfg(feature = "redis")]
+struct DropNamespace(String, String);
+
+#[cfg(feature = "redis")]
+impl Drop for DropNamespace {
+    fn drop(&mut self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            let options = conveyor::redis::RedisOptions::default().with_namespace(&self.1);
+            let topology = conveyor::redis::Topology::single(&self.0);
+            if let Ok(b) = conveyor::redis::open(topology, Default::default(), options).await {
+                let _ = b.drop_namespace().await;
+                let _ = b.close().await;
+            }
+        });
+    }
+}
+
+/// On the server backends too: `produce --json` stores a JSON value as
+/// written and `--key`/`--header`/`--delay` reach the record (a queue
+/// group is not offered it before its time); `consume` shows it as stored.
+#[cfg(any(feature = "postgres", feature = "redis"))]
+#[test]
+fn server_backends_keep_json_as_written_and_take_produce_flags() {
+    let ns = format!("cli_produce_{}", std::process::id());
+    let mut urls = Vec::new();
+    #[cfg(feature = "postgres")]
+    let _schema = {
+        urls.push(format!("{}?schema={ns}&migrate=true", postgres_base()));
+        DropSchema(postgres_base(), ns.clone())
+    };
+    #[cfg(feature = "redis")]
+    let _namespace = {
+        let base = std::env::var("CONVEYOR_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
+        urls.push(format!("{base}/?namespace={ns}"));
+        DropNamespace(base, ns.clone())
+    };
+    for url in urls {
+        conveyor(&url)
+            .args(["topic", "create", "jobs", "--partitions", "2"])
+            .assert()
+            .success();
+        conveyor(&url)
+            .args([
+                "produce", "jobs", "--json", "--key", "k", "--header", "h=1", "--delay", "1h",
+            ])
+            .write_stdin("{\"value\": {\"z\": 1,  \"a\": [2, 1]}}\n")
+            .assert()
+            .success();
+        let out = conveyor(&url)
+            .args(["consume", "jobs", "--format", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout.clone()).unwrap();
+        assert!(
+            text.contains("\"value\":{\"z\": 1,  \"a\": [2, 1]},\"value_encoding\":\"json\""),
+            "{url}: {text}"
+        );
+        let m = &json_lines(&out.stdout)[0];
+        assert_eq!(m["key"], "k", "{url}");
+        assert_eq!(m["headers"], serde_json::json!([["h", "1"]]), "{url}");
+        assert!(m["deliver_at"].as_u64().unwrap() > m["timestamp"].as_u64().unwrap() + 3_000_000);
+        conveyor(&url)
+            .args([
+                "consume",
+                "jobs",
+                "--group",
+                "w",
+                "--mode",
+                "queue",
+                "--wait-ms",
+                "200",
+            ])
+            .assert()
+            .success()
+            .stdout(predicate::str::is_empty());
+    }
+}
+
 /// A postgres:// schema is created by `migrate`, never by a read: `group
 /// lag` on a mistyped schema fails naming the schema and the command, and
 /// creates nothing; after `migrate`, the schema is used; a second
@@ -661,24 +778,7 @@ fn migrate_is_only_for_postgres_urls() {
 #[cfg(feature = "postgres")]
 #[test]
 fn migrate_creates_a_postgres_schema_and_reads_never_do() {
-    struct DropSchema(String, String);
-    impl Drop for DropSchema {
-        fn drop(&mut self) {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            rt.block_on(async {
-                let pg = conveyor::postgres::PgOptions::default().with_schema(&self.1);
-                if let Ok(b) = conveyor::postgres::open(&self.0, Default::default(), pg).await {
-                    let _ = b.drop_schema().await;
-                    let _ = b.close().await;
-                }
-            });
-        }
-    }
-    let base = std::env::var("CONVEYOR_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let base = postgres_base();
     let schema = format!("cli_migrate_{}", std::process::id());
     let _cleanup = DropSchema(base.clone(), schema.clone());
     let url = format!("{base}?schema={schema}");
