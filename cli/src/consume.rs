@@ -119,7 +119,26 @@ fn print_message(m: &Message, format: Format, verbose: bool) -> CliResult {
     }
 }
 
+/// Completes on Ctrl-C (never, if the handler cannot be installed). The
+/// handler is installed when this is called, not when it is first polled:
+/// a Ctrl-C after the first message is printed ends the loop the same way
+/// (settling what was printed) instead of killing the process.
+#[cfg(unix)]
+fn interrupted() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let listener = signal(SignalKind::interrupt());
+    async move {
+        match listener {
+            Ok(mut interrupt) => {
+                interrupt.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    }
+}
+
 /// Completes on Ctrl-C (never, if the handler cannot be installed).
+#[cfg(not(unix))]
 async fn interrupted() {
     if tokio::signal::ctrl_c().await.is_err() {
         std::future::pending::<()>().await;
