@@ -175,17 +175,23 @@ pub async fn run(broker: &Arc<dyn Broker>, command: TopicCommand, format: Format
         }
         TopicCommand::Delete { name } => {
             broker.delete_topic(&name).await.map_err(fail)?;
-            out(format!("topic `{name}` deleted"))?;
+            match format {
+                Format::Json => out_json(&json!({"topic": name, "deleted": true}))?,
+                Format::Text => out(format!("topic `{name}` deleted"))?,
+            }
         }
         TopicCommand::AddPartitions { name, partitions } => {
             broker
                 .add_partitions(&name, partitions)
                 .await
                 .map_err(fail)?;
-            out(format!(
-                "topic `{name}` has {}",
-                count(partitions.into(), "partition")
-            ))?;
+            match format {
+                Format::Json => out_json(&json!({"topic": name, "partitions": partitions}))?,
+                Format::Text => out(format!(
+                    "topic `{name}` has {}",
+                    count(partitions.into(), "partition")
+                ))?,
+            }
         }
     }
     Ok(())

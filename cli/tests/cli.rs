@@ -1073,6 +1073,33 @@ fn group_json_is_one_style() {
     );
 }
 
+/// Commands that change topics answer in JSON when asked.
+#[test]
+fn topic_changes_answer_in_json() {
+    let store = Store::with_topic("t", 1);
+    let json_of = |args: &[&str]| -> serde_json::Value {
+        let out = store.run().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let grown = json_of(&[
+        "topic",
+        "add-partitions",
+        "t",
+        "--partitions",
+        "3",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(grown, serde_json::json!({"topic": "t", "partitions": 3}));
+    let deleted = json_of(&["topic", "delete", "t", "--format", "json"]);
+    assert_eq!(deleted, serde_json::json!({"topic": "t", "deleted": true}));
+}
+
 /// A script can tell failures apart by the exit status, listed in --help.
 #[test]
 fn exit_status_says_what_kind_of_failure() {
