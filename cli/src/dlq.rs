@@ -18,7 +18,11 @@ use std::sync::Arc;
 pub enum DlqCommand {
     /// List the messages of a DLQ topic with where they came from and why
     /// they failed.
-    #[command(after_help = "Example:\n  conveyor dlq list orders.events.sms.dlq")]
+    #[command(after_help = "Example:\n  conveyor dlq list orders.events.sms.dlq\n\n\
+        A DLQ nothing was dead-lettered to yet does not exist: it lists as empty (exit 0). \
+        Records without the conveyor.dlq.* headers are shown as \"not dead letter\". \
+        --format json: {dlq_topic, exists, total, messages}, each message as consume \
+        --format json writes it, with its state (waiting, redriven, not_dead_letter).")]
     List {
         /// The DLQ topic (default name: `{topic}.{group}.dlq`).
         dlq_topic: String,
