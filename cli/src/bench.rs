@@ -3,7 +3,9 @@
 //! or directory beside the figures in `docs/benchmarks.md`.
 
 use crate::fail;
-use crate::output::{human_duration, out, out_json, progress, table, thousands, CliResult, Format};
+use crate::output::{
+    human_duration, out, out_json, progress, table, thousands, CliError, CliResult, Format,
+};
 use clap::Args;
 use conveyor::bench::{self, Kind, Workload};
 use conveyor::{Broker, BrokerUrl, Durability};
@@ -35,9 +37,9 @@ pub struct BenchArgs {
     /// from a first short run).
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
-    /// List the workloads and exit.
+    /// List the workloads and exit (needs no --url).
     #[arg(long)]
-    list: bool,
+    pub(crate) list: bool,
     /// No progress line.
     #[arg(long)]
     quiet: bool,
@@ -66,11 +68,10 @@ fn pick(names: &[String]) -> CliResult<Vec<Workload>> {
             .collect();
         if matched.is_empty() {
             let known: Vec<String> = bench::catalogue().iter().map(Workload::name).collect();
-            return Err(format!(
+            return Err(CliError::usage(format!(
                 "no workload `{name}`; the workloads: {} (or a family: produce, value_size, ...; or all)",
                 known.join(", ")
-            )
-            .into());
+            )));
         }
         picked.extend(matched);
     }
@@ -104,13 +105,12 @@ pub async fn run(
     url: &str,
 ) -> CliResult {
     if args.list {
-        for w in bench::catalogue() {
-            out(w.name())?;
-        }
-        return Ok(());
+        return list(format);
     }
     if !(args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 3600.0) {
-        return Err("--seconds must be more than 0 and at most 3600".into());
+        return Err(CliError::usage(
+            "--seconds must be more than 0 and at most 3600",
+        ));
     }
     let workloads = pick(&args.workloads)?;
     let durability = BrokerUrl::parse(url)
@@ -126,9 +126,24 @@ pub async fn run(
         };
         let outcome = measure(broker, w, seconds).await;
         pb.finish_and_clear();
-        outcomes.push(outcome.map_err(|e| format!("{}: {}", w.name(), fail(e)))?);
+        outcomes.push(outcome.map_err(|e| fail(e).context(&format!("{}: ", w.name())))?);
     }
     report(&outcomes, format, durability)
+}
+
+/// `bench --list`: the catalogue's names, a line each (text) or one JSON
+/// array. Opens no broker.
+pub fn list(format: Format) -> CliResult {
+    let names: Vec<String> = bench::catalogue().iter().map(Workload::name).collect();
+    match format {
+        Format::Json => out_json(&json!(names)),
+        Format::Text => {
+            for name in names {
+                out(name)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Warm up with runs of 1, 2, 4, ... iterations until one takes a tenth
@@ -199,14 +214,18 @@ fn report(outcomes: &[Outcome], format: Format, durability: Durability) -> CliRe
                 row
             })
             .collect();
-        return out_json(&json!({
+        let mut doc = json!({
             "durability": match durability {
-                Durability::None => "none".to_string(),
-                Durability::Always => "always".to_string(),
-                Durability::Interval(d) => format!("interval:{}", d.as_millis()),
+                Durability::None => "none",
+                Durability::Always => "always",
+                Durability::Interval(_) => "interval",
             },
             "workloads": rows,
-        }));
+        });
+        if let Durability::Interval(every) = durability {
+            doc["sync_interval_ms"] = json!(u64::try_from(every.as_millis()).unwrap_or(u64::MAX));
+        }
+        return out_json(&doc);
     }
     let mut t = table(&[
         "workload", "messages", "seconds", "msg/s", "MB/s", "p50", "p99", "p99.9", "max",

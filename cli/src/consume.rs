@@ -10,7 +10,7 @@
 //! again to the group.
 
 use crate::message::message_json;
-use crate::output::{out, progress, CliError, CliResult, Format};
+use crate::output::{out, progress, CliResult, Format};
 use crate::time::parse_timestamp;
 use crate::{fail, Access};
 use clap::{Args, ValueEnum};
@@ -43,8 +43,9 @@ pub enum From {
     | conveyor --url mmap:///backup produce orders.events --json\n\n\
     --format json writes one object a line: topic, partition, offset, timestamp, attempt, \
     key, value (embedded JSON, text or base64, named by key_encoding/value_encoding), \
-    headers ([name, value] or [name, value, \"base64\"]), idempotency_key; \
-    produce --json reads the same lines back.")]
+    headers ([name, value] or [name, value, \"base64\"]), idempotency_key, deliver_at; \
+    produce --json reads the same lines back. A value that is one JSON document on one line \
+    is embedded as its stored bytes, never re-serialised (key order and spaces kept).")]
 pub struct ConsumeArgs {
     /// Topic to read.
     topic: String,
@@ -118,7 +119,26 @@ fn print_message(m: &Message, format: Format, verbose: bool) -> CliResult {
     }
 }
 
+/// Completes on Ctrl-C (never, if the handler cannot be installed). The
+/// handler is installed when this is called, not when it is first polled:
+/// a Ctrl-C after the first message is printed ends the loop the same way
+/// (settling what was printed) instead of killing the process.
+#[cfg(unix)]
+fn interrupted() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let listener = signal(SignalKind::interrupt());
+    async move {
+        match listener {
+            Ok(mut interrupt) => {
+                interrupt.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    }
+}
+
 /// Completes on Ctrl-C (never, if the handler cannot be installed).
+#[cfg(not(unix))]
 async fn interrupted() {
     if tokio::signal::ctrl_c().await.is_err() {
         std::future::pending::<()>().await;
@@ -153,7 +173,7 @@ async fn through_group(
     let result = print_through(&*consumer, args, format).await;
     // Leave the group whatever happened: unprinted queue-mode leases are
     // released, stream-mode partitions move on from the last commit.
-    let left = consumer.close().await.map_err(|e| CliError::from(fail(e)));
+    let left = consumer.close().await.map_err(fail);
     result.and(left)
 }
 
@@ -209,8 +229,7 @@ async fn from_position(broker: &Arc<dyn Broker>, args: &ConsumeArgs, format: For
                     &args.topic,
                     p,
                     description.config.partitions,
-                ))
-                .into());
+                )));
             }
             vec![p]
         }

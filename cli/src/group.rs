@@ -1,12 +1,14 @@
 //! `conveyor group …`
 
-use crate::output::{out, out_json, table, thousands, CliResult, Format};
+use crate::exit::Exit;
+use crate::output::{out, out_json, table, thousands, CliError, CliResult, Format};
 use crate::time::parse_timestamp;
 use crate::{fail, Access};
 use clap::{Subcommand, ValueEnum};
-use conveyor::{Broker, DeliveryMode, GroupConfig, GroupLag, SeekTo};
+use conveyor::{Broker, DeliveryMode, GroupConfig, GroupLag, SeekTo, StartFrom};
 use serde_json::json;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ResetTo {
@@ -73,10 +75,34 @@ impl GroupCommand {
 }
 
 fn mode_name(mode: DeliveryMode) -> &'static str {
-    match mode {
-        DeliveryMode::Stream => "stream",
-        DeliveryMode::Queue => "queue",
-    }
+    mode.name()
+}
+
+/// Milliseconds of a duration, for `*_ms` keys.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A group's config as JSON: lower-case names, durations in `*_ms`.
+fn config_json(c: &GroupConfig) -> serde_json::Value {
+    json!({
+        "mode": mode_name(c.mode),
+        "start": match c.start {
+            StartFrom::Earliest => "earliest",
+            StartFrom::Latest => "latest",
+        },
+        "visibility_timeout_ms": ms(c.visibility_timeout),
+        "session_timeout_ms": ms(c.session_timeout),
+        "dlq": {
+            "max_deliveries": c.dlq.max_deliveries,
+            "topic": c.dlq.topic,
+        },
+        "retry_backoff": {
+            "initial_ms": ms(c.retry_backoff.initial),
+            "max_ms": ms(c.retry_backoff.max),
+            "multiplier": c.retry_backoff.multiplier,
+        },
+    })
 }
 
 /// A group's lag as JSON.
@@ -165,9 +191,9 @@ pub async fn run(broker: &Arc<dyn Broker>, command: GroupCommand, format: Format
                 (_, Some(o), _) => SeekTo::Offset(o),
                 (_, _, Some(t)) => SeekTo::Timestamp(t),
                 _ => {
-                    return Err(
-                        "say where to: --to earliest|latest, --offset N or --timestamp TIME".into(),
-                    )
+                    return Err(CliError::usage(
+                        "say where to: --to earliest|latest, --offset N or --timestamp TIME",
+                    ))
                 }
             };
             let partitions = broker
@@ -179,8 +205,7 @@ pub async fn run(broker: &Arc<dyn Broker>, command: GroupCommand, format: Format
             if let Some(p) = partition.filter(|p| *p >= partitions) {
                 return Err(fail(conveyor::Error::partition_out_of_range(
                     &topic, p, partitions,
-                ))
-                .into());
+                )));
             }
             let lag = broker.group_lag(&group).await.map_err(fail)?;
             let mode = lag.mode;
@@ -239,8 +264,24 @@ async fn describe(broker: &Arc<dyn Broker>, group: &str, format: Format) -> CliR
         doc["topics"] = json!(topics);
         doc["generation"] = json!(d.generation);
         doc["members_visible"] = json!(d.members_visible);
-        doc["members"] = json!(d.members);
-        doc["config"] = json!(d.config);
+        // Each member: what it reads and holds.
+        doc["members"] = d
+            .members
+            .iter()
+            .map(|m| {
+                json!({
+                    "id": m.id,
+                    "topics": m.topics,
+                    "assignment": m.assignment.iter().map(|(topic, partition)| json!({
+                        "topic": topic,
+                        "partition": partition,
+                    })).collect::<Vec<_>>(),
+                    "leases": m.leases,
+                    "idle_ms": m.idle_ms,
+                })
+            })
+            .collect();
+        doc["config"] = d.config.as_ref().map_or(json!(null), config_json);
         return out_json(&doc);
     }
     out(format!("group `{}`", lag.group))?;
@@ -322,10 +363,10 @@ async fn reset(
             .map(|tp| tp.partition)
             .collect();
         if let Some(p) = wanted.iter().find(|p| !owned.contains(p)) {
-            return Err(format!(
-                "group `{group}` has active members holding {topic}/{p}: stop them first"
-            )
-            .into());
+            return Err(CliError::new(
+                Exit::Conflict,
+                format!("group `{group}` has active members holding {topic}/{p}: stop them first"),
+            ));
         }
         for p in wanted {
             consumer.seek(topic, *p, target).await.map_err(fail)?;

@@ -8,6 +8,7 @@
 mod bench;
 mod consume;
 mod dlq;
+mod exit;
 mod group;
 mod message;
 mod migrate;
@@ -18,22 +19,41 @@ mod topic;
 mod verify;
 
 use clap::{Parser, Subcommand};
+use exit::Exit;
 use output::{CliError, CliResult, Format};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+fn after_help() -> String {
+    format!(
+        "Examples:\n  \
+        conveyor --url mmap:///var/lib/app/queue topic create orders.events --partitions 8\n  \
+        conveyor --url mmap:///var/lib/app/queue group lag email --format json\n\n\
+        Read commands (topic list/describe, group list/describe/lag, dlq list, consume without \
+        --group) open an mmap:// store read-only, so they work while a service owns it. \
+        Commands that change a store never create one at a mistyped path: only `topic create`, \
+        `bench` and produce with auto_create=true do (or add create=true to the URL). \
+        A postgres:// schema is created by `conveyor --url 'postgres://...?schema=NAME' migrate` \
+        (or auto_create=true / migrate=true in the URL, for development).\n\n\
+        Server backends: postgres:// and redis:// need the CLI built with their features: \
+        `cargo install --path cli --features postgres,redis` (rocksdb:// with --features \
+        rocksdb, which needs clang).\n\n\
+        {JSON_HELP}\n\n{}",
+        exit::TABLE
+    )
+}
+
+/// The conventions of every `--format json` document.
+const JSON_HELP: &str = "JSON output (--format json): one JSON document on one line, or one \
+    object a line for messages (consume, produce --verbose). Keys are snake_case, names of \
+    modes and states lower case (\"mode\":\"queue\"), durations integer milliseconds in keys \
+    ending _ms (bench latencies: microseconds, _us), times milliseconds since the epoch. \
+    Errors are never JSON: one line on stderr and the exit status below.";
+
 /// Topics, produce, consume, groups and dead letters on any Conveyor backend.
 #[derive(Parser, Debug)]
 #[command(name = "conveyor", version, about, long_about = None)]
-#[command(after_help = "Examples:\n  \
-    conveyor --url mmap:///var/lib/app/queue topic create orders.events --partitions 8\n  \
-    conveyor --url mmap:///var/lib/app/queue group lag email --format json\n\n\
-    Read commands (topic list/describe, group list/describe/lag, dlq list, consume without \
-    --group) open an mmap:// store read-only, so they work while a service owns it. \
-    Commands that change a store never create one at a mistyped path: only `topic create`, \
-    `bench` and produce with auto_create=true do (or add create=true to the URL). \
-    A postgres:// schema is created by `conveyor --url 'postgres://...?schema=NAME' migrate` \
-    (or auto_create=true / migrate=true in the URL, for development).")]
+#[command(after_help = after_help())]
 struct Cli {
     /// Broker URL: mmap:///dir (embedded), rocksdb:///dir, postgres://...
     /// or redis://... (when built with the rocksdb, postgres or redis
@@ -116,8 +136,46 @@ fn auto_create(url: &str) -> bool {
     conveyor::BrokerUrl::parse(url).is_ok_and(|u| u.options().auto_create_topics)
 }
 
-pub(crate) fn fail(e: conveyor::Error) -> String {
-    e.chain().to_string()
+/// A conveyor error as a command's failure (its message and the exit
+/// status of its kind).
+pub(crate) fn fail(e: conveyor::Error) -> CliError {
+    CliError::from(e)
+}
+
+/// The CLI feature a URL's backend needs, when this build lacks it (the
+/// facade's own error names the facade's feature, which `cargo install
+/// --path cli` cannot set).
+fn missing_feature(url: &str) -> Option<&'static str> {
+    let parsed = conveyor::BrokerUrl::parse(url).ok()?;
+    match parsed.scheme() {
+        "postgres" | "postgresql" if !cfg!(feature = "postgres") => Some("postgres"),
+        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" if !cfg!(feature = "redis") => {
+            Some("redis")
+        }
+        "rocksdb" if !cfg!(feature = "rocksdb") => Some("rocksdb"),
+        _ => None,
+    }
+}
+
+/// The error for a URL whose backend this `conveyor` was built without.
+pub(crate) fn not_compiled_in(url: &str) -> Option<CliError> {
+    let feature = missing_feature(url)?;
+    let scheme = conveyor::BrokerUrl::parse(url)
+        .map(|u| u.scheme().to_string())
+        .unwrap_or_default();
+    let extra = if feature == "rocksdb" {
+        " (RocksDB's C++ build needs clang)"
+    } else {
+        ""
+    };
+    Some(CliError::new(
+        Exit::Unsupported,
+        format!(
+            "unsupported: this `conveyor` was built without the {scheme}:// backend: rebuild it \
+             with `cargo install --path cli --features {feature}` (from a checkout; or \
+             `cargo install conveyor-cli --features {feature}`){extra}"
+        ),
+    ))
 }
 
 /// The URL to open for a command of `access`: for embedded stores
@@ -142,19 +200,25 @@ fn url_for(url: &str, access: Access) -> String {
     format!("{url}{sep}{option}")
 }
 
-async fn broker(url: &str, access: Access) -> Result<Arc<dyn conveyor::Broker>, String> {
+async fn broker(url: &str, access: Access) -> CliResult<Arc<dyn conveyor::Broker>> {
+    if let Some(e) = not_compiled_in(url) {
+        return Err(e);
+    }
     conveyor::open(&url_for(url, access)).await.map_err(fail)
 }
 
 async fn run(cli: Cli) -> CliResult {
     // `verify` reads the files of a closed store: it opens no broker.
     let command = match cli.command {
-        Command::Verify(a) => return verify::run(cli.url.as_deref(), a).await,
+        Command::Verify(a) => return verify::run(cli.url.as_deref(), a, cli.format).await,
+        // `bench --list` prints the catalogue: it needs no broker either.
+        Command::Bench(a) if a.list => return bench::list(cli.format),
         command => command,
     };
     let url = cli.url.ok_or_else(|| {
-        "no broker URL: pass --url (e.g. --url mmap:///var/lib/app/queue) or set CONVEYOR_URL"
-            .to_string()
+        CliError::usage(
+            "no broker URL: pass --url (e.g. --url mmap:///var/lib/app/queue) or set CONVEYOR_URL",
+        )
     })?;
     // `migrate` is its own step: it opens no broker.
     if let Command::Migrate = command {
@@ -178,10 +242,10 @@ async fn run(cli: Cli) -> CliResult {
         Command::Group(c) => group::run(&broker, c, format).await,
         Command::Dlq(c) => dlq::run(&broker, c, format).await,
         Command::Bench(a) => bench::run(&broker, a, format, &url).await,
-        Command::Verify(a) => verify::run(Some(&url), a).await,
+        Command::Verify(a) => verify::run(Some(&url), a, format).await,
         Command::Migrate => migrate::run(&url, format).await,
     };
-    let closed = broker.close().await.map_err(|e| CliError::from(fail(e)));
+    let closed = broker.close().await.map_err(fail);
     outcome.and(closed)
 }
 
@@ -190,9 +254,9 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) | Err(CliError::BrokenPipe) => ExitCode::SUCCESS,
-        Err(CliError::Message(message)) => {
+        Err(CliError::Failed { message, exit }) => {
             eprintln!("conveyor: error: {message}");
-            ExitCode::FAILURE
+            ExitCode::from(exit.code())
         }
     }
 }

@@ -6,18 +6,20 @@
 use crate::fail;
 #[cfg(feature = "postgres")]
 use crate::output::{out, out_json};
-use crate::output::{CliResult, Format};
+use crate::output::{CliError, CliResult, Format};
 
 /// Migrate the schema `url` names (`?schema=`, default `conveyor`).
 pub(crate) async fn run(url: &str, format: Format) -> CliResult {
     let parsed = conveyor::BrokerUrl::parse(url).map_err(fail)?;
     match parsed.scheme() {
-        "postgres" | "postgresql" => postgres(&parsed, format).await,
-        other => Err(format!(
+        "postgres" | "postgresql" => match crate::not_compiled_in(url) {
+            Some(e) => Err(e),
+            None => postgres(&parsed, format).await,
+        },
+        other => Err(CliError::usage(format!(
             "`migrate` is for postgres:// URLs: {other}:// stores need no migration step \
              (`topic create` creates them)"
-        )
-        .into()),
+        ))),
     }
 }
 
@@ -36,9 +38,9 @@ async fn postgres(url: &conveyor::BrokerUrl, format: Format) -> CliResult {
 
 #[cfg(not(feature = "postgres"))]
 async fn postgres(_: &conveyor::BrokerUrl, _: Format) -> CliResult {
-    Err(
-        "postgres:// URLs need the CLI built with the `postgres` feature \
-         (`cargo install conveyor-cli --features postgres`)"
-            .into(),
-    )
+    // `run` returned `not_compiled_in` before calling this.
+    Err(CliError::new(
+        crate::exit::Exit::Unsupported,
+        "postgres:// is not compiled into this `conveyor`",
+    ))
 }

@@ -3,6 +3,7 @@
 //! tables or JSON, counts with correct plurals and thousands separators,
 //! rates and durations in human units.
 
+use crate::exit::Exit;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, ContentArrangement, Table};
 use std::fmt::Display;
 use std::io::Write;
@@ -21,21 +22,65 @@ pub enum Format {
 /// Why a command ended without success.
 #[derive(Debug)]
 pub enum CliError {
-    /// An error line for stderr.
-    Message(String),
+    /// An error line for stderr, and the exit status that says what kind
+    /// of failure it was.
+    Failed {
+        /// What went wrong, where.
+        message: String,
+        /// The exit status.
+        exit: Exit,
+    },
     /// Whoever read stdout closed it (`| head -1`): end quietly.
     BrokenPipe,
 }
 
+impl CliError {
+    /// A failure of this kind.
+    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
+        CliError::Failed {
+            message: message.into(),
+            exit,
+        }
+    }
+
+    /// A wrong command line (exit 2).
+    pub fn usage(message: impl Into<String>) -> Self {
+        CliError::new(Exit::Usage, message)
+    }
+
+    /// The same failure with `prefix` before its message.
+    pub fn context(self, prefix: &str) -> Self {
+        self.map_message(|m| format!("{prefix}{m}"))
+    }
+
+    /// The same failure (and exit status) with its message rewritten.
+    pub fn map_message(self, f: impl FnOnce(String) -> String) -> Self {
+        match self {
+            CliError::Failed { message, exit } => CliError::Failed {
+                message: f(message),
+                exit,
+            },
+            pipe => pipe,
+        }
+    }
+}
+
+impl From<conveyor::Error> for CliError {
+    fn from(e: conveyor::Error) -> Self {
+        CliError::new(Exit::of(e.kind()), e.chain().to_string())
+    }
+}
+
+/// A message without a kind: a plain failure (exit 1).
 impl From<String> for CliError {
     fn from(s: String) -> Self {
-        CliError::Message(s)
+        CliError::new(Exit::Failure, s)
     }
 }
 
 impl From<&str> for CliError {
     fn from(s: &str) -> Self {
-        CliError::Message(s.to_string())
+        CliError::new(Exit::Failure, s)
     }
 }
 
@@ -48,7 +93,7 @@ pub fn out(line: impl Display) -> CliResult {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}").map_err(|e| match e.kind() {
         std::io::ErrorKind::BrokenPipe => CliError::BrokenPipe,
-        _ => CliError::Message(format!("writing to stdout: {e}")),
+        _ => CliError::new(Exit::Io, format!("writing to stdout: {e}")),
     })
 }
 

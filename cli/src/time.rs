@@ -1,5 +1,32 @@
 //! Times on the command line: milliseconds since the Unix epoch, or an
-//! RFC 3339 date-time (`2024-05-01T12:00:00Z`, `2024-05-01T14:00:00.250+02:00`).
+//! RFC 3339 date-time (`2024-05-01T12:00:00Z`, `2024-05-01T14:00:00.250+02:00`);
+//! spans of time as a number and a unit (`1500ms`, `30s`, `5m`, `2h`, `1d`).
+
+use std::time::Duration;
+
+/// Parse a span of time such as `--delay 30s`: a whole number and one of
+/// `ms`, `s`, `m` (or `min`), `h`, `d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let bad = || {
+        format!(
+            "`{s}` is not a span of time: use a whole number and a unit: 1500ms, 30s, 5m, 2h, 1d"
+        )
+    };
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let ms_per = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(ms_per)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("`{s}` is too long"))
+}
 
 /// Parse `--timestamp`: epoch milliseconds or RFC 3339.
 pub fn parse_timestamp(s: &str) -> Result<u64, String> {
@@ -80,6 +107,27 @@ fn rfc3339_ms(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_of_time() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("5min"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        for bad in [
+            "30",
+            "s",
+            "-5s",
+            "1.5s",
+            "3 weeks",
+            "",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn epoch_ms_and_rfc3339() {

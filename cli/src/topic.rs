@@ -1,6 +1,8 @@
 //! `conveyor topic …`
 
-use crate::output::{count, human_duration, out, out_json, table, thousands, CliResult, Format};
+use crate::output::{
+    count, human_duration, out, out_json, table, thousands, CliError, CliResult, Format,
+};
 use crate::{fail, Access};
 use clap::Subcommand;
 use conveyor::{Broker, Retention, TopicConfig, TopicDescription};
@@ -103,10 +105,10 @@ pub async fn run(broker: &Arc<dyn Broker>, command: TopicCommand, format: Format
             let mut retention = Retention::forever();
             if let Some(h) = retention_hours {
                 let secs = h.checked_mul(3600).ok_or_else(|| {
-                    format!(
+                    CliError::usage(format!(
                         "--retention-hours {h} is too large (at most {})",
                         u64::MAX / 3600
-                    )
+                    ))
                 })?;
                 retention = retention.with_max_age(Duration::from_secs(secs));
             }
@@ -173,17 +175,23 @@ pub async fn run(broker: &Arc<dyn Broker>, command: TopicCommand, format: Format
         }
         TopicCommand::Delete { name } => {
             broker.delete_topic(&name).await.map_err(fail)?;
-            out(format!("topic `{name}` deleted"))?;
+            match format {
+                Format::Json => out_json(&json!({"topic": name, "deleted": true}))?,
+                Format::Text => out(format!("topic `{name}` deleted"))?,
+            }
         }
         TopicCommand::AddPartitions { name, partitions } => {
             broker
                 .add_partitions(&name, partitions)
                 .await
                 .map_err(fail)?;
-            out(format!(
-                "topic `{name}` has {}",
-                count(partitions.into(), "partition")
-            ))?;
+            match format {
+                Format::Json => out_json(&json!({"topic": name, "partitions": partitions}))?,
+                Format::Text => out(format!(
+                    "topic `{name}` has {}",
+                    count(partitions.into(), "partition")
+                ))?,
+            }
         }
     }
     Ok(())

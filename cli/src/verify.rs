@@ -1,9 +1,11 @@
 //! `conveyor verify`: check every batch and state frame of an embedded
 //! (`mmap://`) store without opening it for writing
-//! ([`conveyor::mmap::verify`]). Exit 0 with the counts; damage is an
-//! error line naming the file and byte position, and exit 1.
+//! ([`conveyor::mmap::verify`]). Exit 0 with the counts (a line of text,
+//! or one JSON document); damage is an error line naming the file and
+//! byte position, and exit 8 (corrupt).
 
-use crate::output::{out, CliResult};
+use crate::output::{out, out_json, CliError, CliResult, Format};
+use serde_json::json;
 use std::path::PathBuf;
 
 /// Arguments of `verify` (the store is `--url mmap:///dir`).
@@ -27,13 +29,29 @@ fn store_dir(url: Option<&str>) -> Result<PathBuf, String> {
     Ok(PathBuf::from(path))
 }
 
-pub async fn run(url: Option<&str>, _args: VerifyArgs) -> CliResult {
-    let dir = store_dir(url)?;
+pub async fn run(url: Option<&str>, _args: VerifyArgs, format: Format) -> CliResult {
+    let dir = store_dir(url).map_err(CliError::usage)?;
     let shown = dir.display().to_string();
     let report = tokio::task::spawn_blocking(move || conveyor::mmap::verify(dir))
         .await
         .map_err(|e| format!("verify task: {e}"))?
         .map_err(crate::fail)?;
+    if format == Format::Json {
+        return out_json(&json!({
+            "store": shown,
+            "ok": true,
+            "partitions": report.partitions,
+            "segments": report.segments,
+            "batches": report.batches,
+            "records": report.records,
+            "bytes": report.bytes,
+            "state_frames": report.state_frames,
+            "torn_tails": report.torn_tails.iter().map(|(file, at)| json!({
+                "file": file.display().to_string(),
+                "at_byte": at,
+            })).collect::<Vec<_>>(),
+        }));
+    }
     out(format!(
         "{shown}: ok: {} partitions, {} segments, {} batches, {} records, {} bytes; \
          state.log: {} frames",

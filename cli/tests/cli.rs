@@ -483,7 +483,7 @@ fn read_commands_never_create_a_store() {
             .args(&args)
             .write_stdin("x\n")
             .assert()
-            .code(1)
+            .code(5)
             .stderr(predicate::str::contains("no conveyor-mmap store here"));
         assert!(!missing.exists(), "{args:?} created {}", missing.display());
     }
@@ -519,8 +519,10 @@ fn backends_not_compiled_in_name_their_feature() {
     conveyor("redis://localhost:6379")
         .args(["topic", "list"])
         .assert()
-        .code(1)
-        .stderr(predicate::str::contains("enable the `redis` feature"));
+        .code(7)
+        .stderr(predicate::str::contains(
+            "rebuild it with `cargo install --path cli --features redis`",
+        ));
     Command::cargo_bin("conveyor")
         .unwrap()
         .arg("--help")
@@ -536,7 +538,7 @@ fn huge_retention_hours_is_refused_not_a_panic() {
         .run()
         .args(["topic", "create", "t", "--retention-hours", "18446744073709551615"])
         .assert()
-        .code(1)
+        .code(2)
         .stderr(predicate::eq(
             "conveyor: error: --retention-hours 18446744073709551615 is too large (at most 5124095576030431)\n",
         ));
@@ -561,7 +563,7 @@ fn produce_to_unknown_topic_is_one_line_and_stops() {
         .args(["produce", "missing.topic", "--batch", "1"])
         .write_stdin("a\nb\nc\n")
         .assert()
-        .code(1)
+        .code(3)
         .stderr(predicate::eq(
             "conveyor: error: topic not found: topic `missing.topic` does not exist \
              (stopped at line 1; sent 0 records to `missing.topic`)\n",
@@ -576,7 +578,7 @@ fn produce_with_bad_partition_is_one_line_and_stops() {
         .args(["produce", "two", "--partition", "9", "--batch", "2"])
         .write_stdin("a\nb\nc\nd\ne\n")
         .assert()
-        .code(1)
+        .code(5)
         .stderr(
             predicate::str::contains("partition 9 out of range (topic has 2)")
                 .and(predicate::str::contains(
@@ -595,7 +597,7 @@ fn non_utf8_line_is_reported_by_number_and_the_rest_is_sent() {
         .args(["produce", "events", "--verbose"])
         .write_stdin(input)
         .assert()
-        .code(1)
+        .code(5)
         .stdout(predicate::str::contains("│ 1 ").and(predicate::str::contains("│ 3 ")))
         .stderr(
             predicate::str::contains("line 2: not valid UTF-8 (bad byte at column 2)")
@@ -616,7 +618,7 @@ fn reset_offsets_names_the_partition_out_of_range() {
         .run()
         .args(["group", "reset-offsets", "g", "two", "--to", "earliest", "--partition", "9"])
         .assert()
-        .code(1)
+        .code(5)
         .stderr(predicate::eq(
             "conveyor: error: partition out of range: topic `two`: partition 9 out of range (topic has 2)\n",
         ));
@@ -627,7 +629,7 @@ fn bench_refuses_unknown_workloads_and_bad_seconds() {
     conveyor("memory://")
         .args(["bench", "--workload", "produce/batch_7", "--quiet"])
         .assert()
-        .code(1)
+        .code(2)
         .stderr(
             predicate::str::contains("no workload `produce/batch_7`")
                 .and(predicate::str::contains("produce/batch_100")),
@@ -636,7 +638,7 @@ fn bench_refuses_unknown_workloads_and_bad_seconds() {
         conveyor("memory://")
             .args(["bench", &format!("--seconds={seconds}"), "--quiet"])
             .assert()
-            .code(1)
+            .code(2)
             .stderr(predicate::str::contains("--seconds must be"));
     }
 }
@@ -647,8 +649,125 @@ fn migrate_is_only_for_postgres_urls() {
     conveyor("memory://")
         .arg("migrate")
         .assert()
-        .code(1)
+        .code(2)
         .stderr(predicate::str::contains("need no migration step"));
+}
+
+/// Drops a PostgreSQL schema (server URL, schema) when the test ends.
+#[cfg(feature = "postgres")]
+struct DropSchema(String, String);
+
+#[cfg(feature = "postgres")]
+impl Drop for DropSchema {
+    fn drop(&mut self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            let pg = conveyor::postgres::PgOptions::default().with_schema(&self.1);
+            if let Ok(b) = conveyor::postgres::open(&self.0, Default::default(), pg).await {
+                let _ = b.drop_schema().await;
+                let _ = b.close().await;
+            }
+        });
+    }
+}
+
+/// The PostgreSQL server of the tests: `CONVEYOR_POSTGRES_URL`, else the local one.
+#[cfg(feature = "postgres")]
+fn postgres_base() -> String {
+    std::env::var("CONVEYOR_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// Deletes a Redis namespace (server URL, namespace) when the test ends.
+#[cfg(feature = "redis")]
+struct DropNamespace(String, String);
+
+#[cfg(feature = "redis")]
+impl Drop for DropNamespace {
+    fn drop(&mut self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            let options = conveyor::redis::RedisOptions::default().with_namespace(&self.1);
+            let topology = conveyor::redis::Topology::single(&self.0);
+            if let Ok(b) = conveyor::redis::open(topology, Default::default(), options).await {
+                let _ = b.drop_namespace().await;
+                let _ = b.close().await;
+            }
+        });
+    }
+}
+
+/// On the server backends too: `produce --json` stores a JSON value as
+/// written and `--key`/`--header`/`--delay` reach the record (a queue
+/// group is not offered it before its time); `consume` shows it as stored.
+#[cfg(any(feature = "postgres", feature = "redis"))]
+#[test]
+fn server_backends_keep_json_as_written_and_take_produce_flags() {
+    let ns = format!("cli_produce_{}", std::process::id());
+    let mut urls = Vec::new();
+    #[cfg(feature = "postgres")]
+    let _schema = {
+        urls.push(format!("{}?schema={ns}&migrate=true", postgres_base()));
+        DropSchema(postgres_base(), ns.clone())
+    };
+    #[cfg(feature = "redis")]
+    let _namespace = {
+        let base = std::env::var("CONVEYOR_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
+        urls.push(format!("{base}/?namespace={ns}"));
+        DropNamespace(base, ns.clone())
+    };
+    for url in urls {
+        conveyor(&url)
+            .args(["topic", "create", "jobs", "--partitions", "2"])
+            .assert()
+            .success();
+        conveyor(&url)
+            .args([
+                "produce", "jobs", "--json", "--key", "k", "--header", "h=1", "--delay", "1h",
+            ])
+            .write_stdin("{\"value\": {\"z\": 1,  \"a\": [2, 1]}}\n")
+            .assert()
+            .success();
+        let out = conveyor(&url)
+            .args(["consume", "jobs", "--format", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout.clone()).unwrap();
+        assert!(
+            text.contains("\"value\":{\"z\": 1,  \"a\": [2, 1]},\"value_encoding\":\"json\""),
+            "{url}: {text}"
+        );
+        let m = &json_lines(&out.stdout)[0];
+        assert_eq!(m["key"], "k", "{url}");
+        assert_eq!(m["headers"], serde_json::json!([["h", "1"]]), "{url}");
+        assert!(m["deliver_at"].as_u64().unwrap() > m["timestamp"].as_u64().unwrap() + 3_000_000);
+        conveyor(&url)
+            .args([
+                "consume",
+                "jobs",
+                "--group",
+                "w",
+                "--mode",
+                "queue",
+                "--wait-ms",
+                "200",
+            ])
+            .assert()
+            .success()
+            .stdout(predicate::str::is_empty());
+    }
 }
 
 /// A postgres:// schema is created by `migrate`, never by a read: `group
@@ -659,31 +778,14 @@ fn migrate_is_only_for_postgres_urls() {
 #[cfg(feature = "postgres")]
 #[test]
 fn migrate_creates_a_postgres_schema_and_reads_never_do() {
-    struct DropSchema(String, String);
-    impl Drop for DropSchema {
-        fn drop(&mut self) {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            rt.block_on(async {
-                let pg = conveyor::postgres::PgOptions::default().with_schema(&self.1);
-                if let Ok(b) = conveyor::postgres::open(&self.0, Default::default(), pg).await {
-                    let _ = b.drop_schema().await;
-                    let _ = b.close().await;
-                }
-            });
-        }
-    }
-    let base = std::env::var("CONVEYOR_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let base = postgres_base();
     let schema = format!("cli_migrate_{}", std::process::id());
     let _cleanup = DropSchema(base.clone(), schema.clone());
     let url = format!("{base}?schema={schema}");
     conveyor(&url)
         .args(["group", "lag", "email"])
         .assert()
-        .code(1)
+        .code(5)
         .stderr(
             predicate::str::contains(format!("schema `{schema}` does not exist"))
                 .and(predicate::str::contains("migrate")),
@@ -728,5 +830,308 @@ fn a_url_password_is_never_printed() {
         .stderr(
             predicate::str::contains("given more than once")
                 .and(predicate::str::contains("app:***@127.0.0.1:1")),
+        );
+}
+
+/// The value lines of `consume --format json`, parsed.
+fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8(out.to_vec())
+        .expect("UTF-8 output")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// `produce --json` stores a JSON value as the text the user wrote (key
+/// order, spaces), and `consume` shows the same bytes: as text, and
+/// embedded as-is in `--format json`.
+#[test]
+fn json_values_are_stored_and_shown_as_written() {
+    let store = Store::with_topic("orders", 1);
+    store
+        .run()
+        .args(["produce", "orders", "--json"])
+        .write_stdin(
+            "{\"value\":{\"event\":\"placed\",\"amount\":10}}\n\
+             {\"value\": {\"z\": [2, 1],  \"a\": null} }\n\
+             {\"value\":\"{not json\"}\n",
+        )
+        .assert()
+        .success();
+    // Text mode prints the stored bytes.
+    store
+        .run()
+        .args(["consume", "orders"])
+        .assert()
+        .success()
+        .stdout(predicate::eq(
+            "{\"event\":\"placed\",\"amount\":10}\n{\"z\": [2, 1],  \"a\": null}\n{not json\n",
+        ));
+    let out = store
+        .run()
+        .args(["consume", "orders", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(
+        text.contains("\"value\":{\"event\":\"placed\",\"amount\":10},\"value_encoding\":\"json\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"value\":{\"z\": [2, 1],  \"a\": null},\"value_encoding\":\"json\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"value\":\"{not json\",\"value_encoding\":\"text\""),
+        "{text}"
+    );
+    assert_eq!(json_lines(&out.stdout).len(), 3);
+}
+
+/// `--key`, `--header` (repeatable) and `--delay` apply to every line; a
+/// delayed record is in the log at once (stream reads see it) and not
+/// offered to a queue-mode group before its time.
+#[test]
+fn produce_sets_key_headers_and_delay() {
+    let store = Store::with_topic("jobs", 4);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    store
+        .run()
+        .args([
+            "produce",
+            "jobs",
+            "--key",
+            "image-7",
+            "--header",
+            "source=cron",
+            "--header",
+            "trace=a=b",
+            "--delay",
+            "1h",
+        ])
+        .write_stdin("resize\ncrop\n")
+        .assert()
+        .success();
+    let out = store
+        .run()
+        .args(["consume", "jobs", "--format", "json"])
+        .output()
+        .unwrap();
+    let lines = json_lines(&out.stdout);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for m in &lines {
+        assert_eq!(m["key"], "image-7");
+        assert_eq!(
+            m["partition"], lines[0]["partition"],
+            "same key, same partition"
+        );
+        assert_eq!(
+            m["headers"],
+            serde_json::json!([["source", "cron"], ["trace", "a=b"]])
+        );
+        let at = m["deliver_at"].as_u64().unwrap();
+        assert!(at >= before + 3_600_000, "{m}");
+    }
+    store
+        .run()
+        .args([
+            "consume",
+            "jobs",
+            "--group",
+            "w",
+            "--mode",
+            "queue",
+            "--wait-ms",
+            "200",
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::str::is_empty());
+    // Bad flags are usage errors.
+    store
+        .run()
+        .args(["produce", "jobs", "--header", "no-equals"])
+        .write_stdin("x\n")
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("NAME=VALUE"));
+    store
+        .run()
+        .args(["produce", "jobs", "--delay", "30"])
+        .write_stdin("x\n")
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("30s"));
+}
+
+/// A DLQ nothing was dead-lettered to yet is empty, not an error; a topic
+/// that is not a DLQ shows its records and says they are not dead letters.
+#[test]
+fn dlq_list_of_a_missing_dlq_or_a_plain_topic() {
+    let store = Store::with_topic("mail", 1);
+    store
+        .run()
+        .args(["dlq", "list", "mail.sender.dlq"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("0 messages")
+                .and(predicate::str::contains("no such topic yet")),
+        );
+    let out = store
+        .run()
+        .args(["dlq", "list", "mail.sender.dlq", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["exists"], false);
+    assert_eq!(doc["total"], 0);
+    store
+        .run()
+        .args(["produce", "mail"])
+        .write_stdin("to: someone\n")
+        .assert()
+        .success();
+    store
+        .run()
+        .args(["dlq", "list", "mail"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("is not a DLQ")
+                .and(predicate::str::contains("not dead letter"))
+                .and(predicate::str::contains("to: someone"))
+                .and(predicate::str::contains("?").not()),
+        );
+    let out = store
+        .run()
+        .args(["dlq", "list", "mail", "--format", "json"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["messages"][0]["state"], "not_dead_letter", "{doc}");
+    assert_eq!(doc["messages"][0]["value"], "to: someone", "{doc}");
+}
+
+#[test]
+fn bench_list_needs_no_url() {
+    Command::cargo_bin("conveyor")
+        .unwrap()
+        .env_remove("CONVEYOR_URL")
+        .args(["bench", "--list"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("produce/batch_100\n"));
+    let out = Command::cargo_bin("conveyor")
+        .unwrap()
+        .env_remove("CONVEYOR_URL")
+        .args(["bench", "--list", "--format", "json"])
+        .output()
+        .unwrap();
+    let names: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(names.iter().any(|n| n == "queue/batch_ack"), "{names:?}");
+}
+
+/// `group describe` and `group lag` write one JSON style: lower-case mode
+/// names, durations as `*_ms` integers.
+#[test]
+fn group_json_is_one_style() {
+    let store = Store::with_topic("jobs", 1);
+    store
+        .run()
+        .args([
+            "consume", "jobs", "--group", "w", "--mode", "queue", "--max", "0",
+        ])
+        .assert()
+        .success();
+    let json_of = |args: &[&str]| -> serde_json::Value {
+        let out = store.run().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let lag = json_of(&["group", "lag", "w", "--format", "json"]);
+    let describe = json_of(&["group", "describe", "w", "--format", "json"]);
+    assert_eq!(lag["mode"], "queue");
+    assert_eq!(describe["mode"], "queue");
+    let text = describe.to_string();
+    assert!(!text.contains("secs") && !text.contains("nanos"), "{text}");
+    assert!(!text.contains("\"Queue\""), "{text}");
+    assert_eq!(describe["config"]["mode"], "queue", "{text}");
+    assert_eq!(describe["config"]["start"], "earliest", "{text}");
+    assert_eq!(
+        describe["config"]["visibility_timeout_ms"], 30_000,
+        "{text}"
+    );
+}
+
+/// Commands that change topics answer in JSON when asked.
+#[test]
+fn topic_changes_answer_in_json() {
+    let store = Store::with_topic("t", 1);
+    let json_of = |args: &[&str]| -> serde_json::Value {
+        let out = store.run().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let grown = json_of(&[
+        "topic",
+        "add-partitions",
+        "t",
+        "--partitions",
+        "3",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(grown, serde_json::json!({"topic": "t", "partitions": 3}));
+    let deleted = json_of(&["topic", "delete", "t", "--format", "json"]);
+    assert_eq!(deleted, serde_json::json!({"topic": "t", "deleted": true}));
+}
+
+/// A script can tell failures apart by the exit status, listed in --help.
+#[test]
+fn exit_status_says_what_kind_of_failure() {
+    conveyor("memory://")
+        .args(["topic", "describe", "missing"])
+        .assert()
+        .code(3);
+    conveyor("memory://")
+        .args(["topic", "create", "bad name"])
+        .assert()
+        .code(5);
+    Command::cargo_bin("conveyor")
+        .unwrap()
+        .env_remove("CONVEYOR_URL")
+        .args(["topic", "list"])
+        .assert()
+        .code(2);
+    // Nothing listens on port 1: unavailable, worth a retry.
+    #[cfg(feature = "redis")]
+    conveyor("redis://127.0.0.1:1/?namespace=exit_code")
+        .args(["topic", "list"])
+        .assert()
+        .code(75);
+    Command::cargo_bin("conveyor")
+        .unwrap()
+        .arg("--help")
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("Exit status:")
+                .and(predicate::str::contains("75  unavailable"))
+                .and(predicate::str::contains("3   not found"))
+                .and(predicate::str::contains("JSON output")),
         );
 }

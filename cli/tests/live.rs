@@ -106,12 +106,12 @@ fn read_commands_work_while_another_process_writes() {
     conveyor(&url)
         .args(["topic", "create", "other"])
         .assert()
-        .code(1)
+        .code(6)
         .stderr(predicate::str::contains("locked"));
     conveyor(&format!("{url}&read_only=true"))
         .args(["topic", "create", "other"])
         .assert()
-        .code(1)
+        .code(6)
         .stderr(predicate::str::contains("read-only"));
     // ...and every read command works, while the log grows under it.
     conveyor(&url)

@@ -1,6 +1,7 @@
 //! `conveyor verify --url mmap:///dir`: a clean store exits 0 with its
-//! counts; a flipped byte in a sealed segment exits 1 with an error line
-//! naming the file; the store is not modified.
+//! counts; a flipped byte in a sealed segment is an error line naming the
+//! file and exit 8 (corrupt); the store is not modified;
+//! `--format json` prints the counts as one JSON document.
 // Test code: a failed unwrap is a failed test, with its line.
 #![allow(clippy::unwrap_used)]
 
@@ -59,14 +60,14 @@ fn clean_store_exits_0_with_counts() {
 }
 
 #[test]
-fn flipped_byte_in_a_sealed_segment_exits_1_naming_the_file() {
+fn flipped_byte_in_a_sealed_segment_exits_8_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let url = store(dir.path());
     let sealed = segments(dir.path()).remove(0);
     let mut bytes = std::fs::read(&sealed).unwrap();
     bytes[40] ^= 0x10;
     std::fs::write(&sealed, &bytes).unwrap();
-    conveyor(&url).arg("verify").assert().code(1).stderr(
+    conveyor(&url).arg("verify").assert().code(8).stderr(
         predicate::str::starts_with("conveyor: error: corrupt: ")
             .and(predicate::str::contains(sealed.display().to_string())),
     );
@@ -74,10 +75,31 @@ fn flipped_byte_in_a_sealed_segment_exits_1_naming_the_file() {
 }
 
 #[test]
+fn json_format_prints_the_counts_as_one_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = store(dir.path());
+    let out = conveyor(&url)
+        .args(["verify", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["ok"], true, "{doc}");
+    assert_eq!(doc["partitions"], 1, "{doc}");
+    assert_eq!(doc["records"], 40, "{doc}");
+    assert_eq!(doc["segments"], segments(dir.path()).len() as u64, "{doc}");
+    assert_eq!(doc["torn_tails"], serde_json::json!([]), "{doc}");
+}
+
+#[test]
 fn verify_refuses_other_schemes() {
     conveyor("memory://")
         .arg("verify")
         .assert()
-        .code(1)
+        .code(2)
         .stderr(predicate::str::contains("not an mmap:// URL"));
 }
