@@ -6,18 +6,47 @@ use conveyor_core::{Error, ErrorKind, Result};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 
 /// A multiplexed connection: a standalone server (reconnected by the
 /// connection manager) or a cluster (each command routed to its slot's
-/// master). Cheap to clone; clones share the socket(s). `Closed` is
-/// what a closed broker holds instead: its sockets are gone, and a call
-/// that still reaches the server fails as [`ErrorKind::Closed`].
+/// master). Cheap to clone; clones share the socket(s) and the count of
+/// [`Losses`]. `Closed` is what a closed broker holds instead: its
+/// sockets are gone, and a call that still reaches the server fails as
+/// [`ErrorKind::Closed`].
 #[derive(Clone)]
 pub(crate) enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Single(ConnectionManager, Losses),
+    Cluster(ClusterConnection, Losses),
     Closed,
+}
+
+/// How many calls on a connection and its clones failed for want of the
+/// server (a lost socket, a timeout, a server still loading). The driver
+/// reconnects after such a failure; the server on the other end may then
+/// be a restarted one with other settings, whichever call (a user's, or a
+/// background task's that nobody sees fail) met the loss. The settings
+/// check compares this count with the one it saw ([`crate::settings`]).
+#[derive(Clone, Default)]
+pub(crate) struct Losses(Arc<AtomicU64>);
+
+impl Losses {
+    fn note<T>(&self, r: &redis::RedisResult<T>) {
+        if r.as_ref().is_err_and(is_transient) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Conn {
+    /// [`Losses`] so far (0 for a closed broker's).
+    pub(crate) fn losses(&self) -> u64 {
+        match self {
+            Conn::Single(_, l) | Conn::Cluster(_, l) => l.0.load(Ordering::Relaxed),
+            Conn::Closed => 0,
+        }
+    }
 }
 
 /// The description of the driver error a `Conn::Closed` returns.
@@ -30,8 +59,8 @@ fn closed_error() -> redis::RedisError {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Single(c, l) => noted(l, c.req_packed_command(cmd)),
+            Conn::Cluster(c, l) => noted(l, c.req_packed_command(cmd)),
             Conn::Closed => Box::pin(async { Err(closed_error()) }),
         }
     }
@@ -43,19 +72,29 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Single(c, l) => noted(l, c.req_packed_commands(pipeline, offset, count)),
+            Conn::Cluster(c, l) => noted(l, c.req_packed_commands(pipeline, offset, count)),
             Conn::Closed => Box::pin(async { Err(closed_error()) }),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Single(c, _) => c.get_db(),
+            Conn::Cluster(c, _) => c.get_db(),
             Conn::Closed => 0,
         }
     }
+}
+
+/// `call`, counting its failure in `losses` if the server was lost.
+fn noted<'a, T: Send + 'a>(losses: &Losses, call: RedisFuture<'a, T>) -> RedisFuture<'a, T> {
+    let losses = losses.clone();
+    Box::pin(async move {
+        let r = call.await;
+        losses.note(&r);
+        r
+    })
 }
 
 /// The server-side code, one Lua file per step (`lua/*.lua`, each with its

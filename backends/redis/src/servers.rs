@@ -161,7 +161,7 @@ impl Servers {
                 .get_async_connection()
                 .await
                 .map_err(conn::during(&what))?;
-            Ok(Conn::Cluster(c))
+            Ok(Conn::Cluster(c, Default::default()))
         } else {
             let client = self.client(&self.seeds[0])?;
             let config = redis::aio::ConnectionManagerConfig::new()
@@ -172,7 +172,7 @@ impl Servers {
             let c = redis::aio::ConnectionManager::new_with_config(client, config)
                 .await
                 .map_err(conn::during(&what))?;
-            Ok(Conn::Single(c))
+            Ok(Conn::Single(c, Default::default()))
         }
     }
 

@@ -12,6 +12,7 @@ use crate::servers::Servers;
 use conveyor_core::backend::redact_url;
 use conveyor_core::{Durability, Error, ErrorKind, Result};
 use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The settings of one master, as read.
@@ -168,6 +169,10 @@ enum Verdict {
 pub(crate) struct Watch {
     durability: Durability,
     verdict: Mutex<Verdict>,
+    /// The main connection's [`crate::conn::Losses`] when the last check
+    /// that found the settings fine started: a loss since (the driver has
+    /// reconnected, maybe to a restarted server) makes the verdict unknown.
+    losses_at_check: AtomicU64,
     /// One check at a time; it also holds the cluster's master
     /// connections between checks.
     checking: tokio::sync::Mutex<Vec<(String, redis::aio::MultiplexedConnection)>>,
@@ -178,6 +183,7 @@ impl Watch {
         Watch {
             durability,
             verdict: Mutex::new(Verdict::Unknown),
+            losses_at_check: AtomicU64::new(0),
             checking: tokio::sync::Mutex::new(Vec::new()),
         }
     }
@@ -207,6 +213,7 @@ impl Watch {
         at_open: bool,
     ) -> Result<()> {
         let mut masters = self.checking.lock().await;
+        let losses = main.losses();
         let read = self.read_all(servers, main, timeout, &mut masters).await;
         let settings = match read {
             Ok(s) => s,
@@ -219,6 +226,7 @@ impl Watch {
         let found = settings.iter().find_map(|s| problem(s, self.durability));
         match found {
             None => {
+                self.losses_at_check.store(losses, Ordering::Relaxed);
                 *self.verdict.lock() = Verdict::Fine;
                 Ok(())
             }
@@ -274,7 +282,13 @@ impl Watch {
         main: &Conn,
         timeout: Duration,
     ) -> Result<()> {
-        let verdict = self.verdict.lock().clone();
+        let mut verdict = self.verdict.lock().clone();
+        if verdict == Verdict::Fine && main.losses() != self.losses_at_check.load(Ordering::Relaxed)
+        {
+            // A call (maybe a background one) lost the server since the
+            // check, and the driver reconnected: read the settings again.
+            verdict = Verdict::Unknown;
+        }
         match verdict {
             Verdict::Fine => Ok(()),
             Verdict::Wrong(p) => Err(Error::new(

@@ -386,6 +386,21 @@ async fn settings_changed_while_running_stop_sends_until_restored() {
 /// the next send read the settings first, so no receipt is issued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restarted_without_aof_is_checked_before_the_next_send() {
+    restarted_without_aof(Duration::ZERO).await;
+}
+
+/// The same, with the first send only after the connection manager has
+/// had time to reconnect in the background (it does as soon as the
+/// socket closes), so that no call fails on the lost connection: the
+/// partition the restarted server lost is what makes the next send
+/// check. (Were the wait too short for the reconnection, the case would
+/// check the path above instead; it cannot pass wrongly.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restarted_without_aof_is_checked_after_a_silent_reconnection() {
+    restarted_without_aof(Duration::from_secs(3)).await;
+}
+
+async fn restarted_without_aof(quiet: Duration) {
     let mut server = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
     let t = Topology::single(server.url());
     // Auto-create on: the restarted server has lost the topic, and a send
@@ -404,6 +419,7 @@ async fn a_server_restarted_without_aof_is_checked_before_the_next_send() {
     p.send("t", Record::new("before")).await.unwrap();
     server.kill();
     server.restart_with(&["--appendonly", "no"]);
+    tokio::time::sleep(quiet).await;
     let e = eventually("a send refused for appendonly=no", DEADLINE, || async {
         match p.send("t", Record::new("after")).await {
             Ok(r) => panic!("a receipt without the AOF: {r:?}"),
