@@ -1,8 +1,9 @@
 //! Queue-mode acks of one partition that are in flight at the same time,
 //! from any consumer of this broker in the same group, merged into one
-//! round trip with core's [`Merge`]: the first ack of a partition goes out
-//! at once; acks that arrive while it is on the wire wait and then go out
-//! together, as one pipeline ([`settle_acks`]). Every lease is still
+//! round trip with core's [`Merge`]: the first acks of a partition (up to
+//! [`MERGE_CALLS`]) go out at once; acks that arrive while those are on
+//! the wire wait and then go out together, as one pipeline
+//! ([`settle_acks`]). Every lease is still
 //! checked on the server, one at a time; this module only decides which
 //! acks share a round trip. It owns nothing else (no lease state lives in
 //! the process).
@@ -17,16 +18,24 @@ use std::time::Duration;
 /// At most this many acks share one pipeline.
 const MERGE_MAX: usize = 1000;
 
+/// At most this many pipelines of one partition's acks in flight: with
+/// up to four consumers acking one partition, each ack goes out at once
+/// (as `XACK`s from four raw consumers would); past that, acks wait for
+/// a pipeline to return and go out together. With one in flight, three
+/// of four consumers' acks waited for the fourth's round trip first.
+const MERGE_CALLS: usize = 4;
+
 /// (group, topic id, partition).
 type Key = (Arc<str>, u64, u32);
 
-/// The acks of each partition and group in flight, merged (one call in
-/// flight per partition: the multiplexed connection pipelines the rest).
+/// The acks of each partition and group in flight, merged (up to
+/// [`MERGE_CALLS`] calls in flight per partition; the multiplexed
+/// connection pipelines them).
 pub(crate) struct AckMerge(Arc<Merge<Key, (u64, String), i64>>);
 
 impl Default for AckMerge {
     fn default() -> Self {
-        AckMerge(Arc::new(Merge::new(MERGE_MAX, 1)))
+        AckMerge(Arc::new(Merge::new(MERGE_MAX, MERGE_CALLS)))
     }
 }
 
