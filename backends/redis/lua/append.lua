@@ -12,11 +12,16 @@
 -- ARGV[1] dedup window, ms
 -- ARGV[2] wake-up channel (PUBLISH after a write)
 -- ARGV[3] wake-up message
--- ARGV[4] number of records n; then 8 arguments per record:
---   idempotency key ("" = none), size (bytes, for retention), delivery
---   delay in ms from now, on the server's clock ("" = none; stored as an
---   absolute server time), addressed group ("" = every group), has key ("1"/"0"),
---   key, value, headers (Conveyor's header encoding)
+-- ARGV[4] number of records n; then per record a tag and its arguments:
+--   "v", value: a record of a value alone (no idempotency key, key,
+--     delay, group or headers; its size is the value's), two arguments
+--     where a full one takes nine: each argument is a string the server
+--     makes, and most records are such;
+--   "f" and 8 arguments: idempotency key ("" = none), size (bytes, for
+--     retention), delivery delay in ms from now, on the server's clock
+--     ("" = none; stored as an absolute server time), addressed group
+--     ("" = every group), has key ("1"/"0"), key, value, headers
+--     (Conveyor's header encoding)
 -- Returns, when no record carries an idempotency key, {first offset,
 -- timestamp} (the records got the offsets from the first on, in input
 -- order, and the one timestamp); else one "offset:timestamp" per record,
@@ -56,8 +61,8 @@ local added = 0
 local log = KEYS[2]
 local tail = '-' .. nows
 local call, argv = redis.call, ARGV
-for i = 0, n - 1 do
-  local b = 5 + i * 8
+-- A record of 8 arguments from argv[b] (tag "f").
+local function full(b)
   local idem = argv[b]
   local prior = false
   if idem ~= '' then
@@ -66,37 +71,50 @@ for i = 0, n - 1 do
   if prior then
     keyed = true
     out[#out + 1] = prior
+    return
+  end
+  local offs = fmt('%d', off)
+  local id = offs .. tail
+  if idem == '' and argv[b + 4] ~= '1' and argv[b + 2] == '' and argv[b + 3] == '' then
+    -- No key, no idempotency key, no delay, no group: headers only.
+    call('XADD', log, id, 's', argv[b + 1], 'v', argv[b + 6], 'h', argv[b + 7])
   else
+    local f = {'s', argv[b + 1], 'v', argv[b + 6], 'h', argv[b + 7]}
+    if argv[b + 4] == '1' then f[#f + 1] = 'k'; f[#f + 1] = argv[b + 5] end
+    if idem ~= '' then f[#f + 1] = 'i'; f[#f + 1] = idem end
+    if argv[b + 2] ~= '' then f[#f + 1] = 'd'; f[#f + 1] = fmt('%d', now + tonumber(argv[b + 2])) end
+    if argv[b + 3] ~= '' then f[#f + 1] = 'g'; f[#f + 1] = argv[b + 3] end
+    call('XADD', log, id, unpack(f))
+  end
+  if idem ~= '' then
+    local r = offs .. ':' .. nows
+    call('HSET', KEYS[3], idem, r)
+    call('ZADD', KEYS[4], nows, idem)
+    seen[idem] = r
+    keyed = true
+  end
+  out[#out + 1] = offs
+  off = off + 1
+  bytes = bytes + tonumber(argv[b + 1])
+  added = added + 1
+end
+
+local a = 5
+for _ = 1, n do
+  if argv[a] == 'v' then
+    -- A value alone: nothing to look up; stored as the value only (its
+    -- size is the value's), one field to parse on every read.
+    local v = argv[a + 1]
     local offs = fmt('%d', off)
-    local id = offs .. tail
-    if idem == '' and argv[b + 4] ~= '1' and argv[b + 2] == '' and argv[b + 3] == '' then
-      -- The common case: no key, no idempotency key, no delay, no group.
-      if argv[b + 7] == '' then
-        -- Nor headers: the size is the value's, and both fields are
-        -- left out (fewer strings to store, and to parse on every read).
-        call('XADD', log, id, 'v', argv[b + 6])
-      else
-        call('XADD', log, id, 's', argv[b + 1], 'v', argv[b + 6], 'h', argv[b + 7])
-      end
-    else
-      local f = {'s', argv[b + 1], 'v', argv[b + 6], 'h', argv[b + 7]}
-      if argv[b + 4] == '1' then f[#f + 1] = 'k'; f[#f + 1] = argv[b + 5] end
-      if idem ~= '' then f[#f + 1] = 'i'; f[#f + 1] = idem end
-      if argv[b + 2] ~= '' then f[#f + 1] = 'd'; f[#f + 1] = fmt('%d', now + tonumber(argv[b + 2])) end
-      if argv[b + 3] ~= '' then f[#f + 1] = 'g'; f[#f + 1] = argv[b + 3] end
-      call('XADD', log, id, unpack(f))
-    end
-    if idem ~= '' then
-      local r = offs .. ':' .. nows
-      call('HSET', KEYS[3], idem, r)
-      call('ZADD', KEYS[4], nows, idem)
-      seen[idem] = r
-      keyed = true
-    end
+    call('XADD', log, offs .. tail, 'v', v)
     out[#out + 1] = offs
     off = off + 1
-    bytes = bytes + tonumber(argv[b + 1])
+    bytes = bytes + #v
     added = added + 1
+    a = a + 2
+  else
+    full(a + 1)
+    a = a + 9
   end
 end
 if added > 0 then

@@ -135,7 +135,17 @@ impl Inner {
             let delay = r.deliver_at.map(|at| {
                 (at as i128 - sent_at as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64
             });
-            call.arg(r.idempotency_key.as_deref().unwrap_or(""))
+            let plain = r.idempotency_key.as_deref().is_none_or(str::is_empty)
+                && r.key.is_none()
+                && delay.is_none()
+                && r.headers.is_empty();
+            if plain {
+                // A value alone: two arguments, not nine (append.lua).
+                call.arg("v").arg(r.value.as_ref());
+                continue;
+            }
+            call.arg("f")
+                .arg(r.idempotency_key.as_deref().unwrap_or(""))
                 .arg(r.size())
                 .arg(delay.map_or_else(String::new, |d| d.to_string()))
                 .arg(dlq::addressed_to(&r.headers).unwrap_or(""))
