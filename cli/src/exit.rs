@@ -45,9 +45,10 @@ impl Exit {
     pub fn of(kind: ErrorKind) -> Exit {
         match kind {
             ErrorKind::TopicNotFound | ErrorKind::GroupNotFound => Exit::NotFound,
-            ErrorKind::TopicExists | ErrorKind::GroupModeMismatch | ErrorKind::WrongMode => {
-                Exit::Conflict
-            }
+            ErrorKind::TopicExists
+            | ErrorKind::GroupModeMismatch
+            | ErrorKind::GroupNotEmpty
+            | ErrorKind::WrongMode => Exit::Conflict,
             ErrorKind::InvalidArgument
             | ErrorKind::PartitionOutOfRange
             | ErrorKind::MessageTooLarge => Exit::Invalid,
