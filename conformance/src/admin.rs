@@ -22,7 +22,7 @@ const QUIET: Duration = Duration::from_millis(100);
 /// leases and its membership: it is no longer listed, has no lag, and a
 /// group joined later under the same name starts afresh."
 pub async fn delete_group_forgets_everything(backend: &dyn Backend) -> Result<()> {
-    let ctx = Ctx::open(backend).await?;
+    let mut ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("delgroup", 2).await?;
     let p = ctx.producer().await?;
     for i in 0..4 {
@@ -60,6 +60,15 @@ pub async fn delete_group_forgets_everything(backend: &dyn Backend) -> Result<()
         expect_kind(ctx.broker.group_lag(g).await, ErrorKind::GroupNotFound);
         expect_kind(ctx.broker.describe_group(g).await, ErrorKind::GroupNotFound);
         expect_kind(ctx.broker.delete_group(g).await, ErrorKind::GroupNotFound);
+    }
+
+    if ctx.broker.capabilities().persistent {
+        ctx.reopen().await?;
+        let listed = ctx.broker.list_groups().await?;
+        assert!(
+            !listed.contains(&stream) && !listed.contains(&queue),
+            "deleted groups are back after reopen: {listed:?}"
+        );
     }
 
     // Joined again: nothing of the old group is left.
