@@ -110,5 +110,6 @@ mod tests {
         assert_eq!(Exit::of(ErrorKind::Unavailable).code(), 75);
         assert_eq!(Exit::of(ErrorKind::TopicNotFound).code(), 3);
         assert_eq!(Exit::of(ErrorKind::Internal).code(), 1);
+        assert_eq!(Exit::of(ErrorKind::GroupNotEmpty), Exit::Conflict);
     }
 }
