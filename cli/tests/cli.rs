@@ -1142,25 +1142,21 @@ fn exit_status_says_what_kind_of_failure() {
 
 /// `n` dead letters of group `sender` on topic `mail`, made through the
 /// library (a queue group that gives up at once).
-fn dead_letters(store: &Store, n: usize) {
+fn dead_letters(store: &Store, n: usize) -> conveyor::Result<()> {
+    use conveyor::{DlqPolicy, GroupConfig, Record, TopicConfig};
+    use std::time::Duration;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
+        .expect("a runtime");
     rt.block_on(async {
-        use conveyor::{DlqPolicy, GroupConfig, Record, TopicConfig};
-        use std::time::Duration;
-        let broker = conveyor::open(&store.url()).await.unwrap();
-        broker
-            .create_topic("mail", TopicConfig::new(1))
-            .await
-            .unwrap();
-        let producer = broker.producer().await.unwrap();
+        let broker = conveyor::open(&store.url()).await?;
+        broker.create_topic("mail", TopicConfig::new(1)).await?;
+        let producer = broker.producer().await?;
         for i in 0..n {
             producer
                 .send("mail", Record::new(format!("to: nobody {i}")))
-                .await
-                .unwrap();
+                .await?;
         }
         let c = broker
             .consumer(
@@ -1168,20 +1164,18 @@ fn dead_letters(store: &Store, n: usize) {
                 &["mail"],
                 GroupConfig::queue().with_dlq(DlqPolicy::new(1)),
             )
-            .await
-            .unwrap();
+            .await?;
         let mut failed = 0;
         while failed < n {
-            for m in c.poll(n, Duration::from_secs(5)).await.unwrap() {
+            for m in c.poll(n, Duration::from_secs(5)).await? {
                 c.nack(&m, NackOptions::new().with_reason("mailbox unavailable"))
-                    .await
-                    .unwrap();
+                    .await?;
                 failed += 1;
             }
         }
-        c.close().await.unwrap();
-        broker.close().await.unwrap();
-    });
+        c.close().await?;
+        broker.close().await
+    })
 }
 
 #[test]
@@ -1245,7 +1239,7 @@ fn group_delete_removes_a_typo_group() {
 #[test]
 fn dlq_discard_one_then_purge_the_rest() {
     let store = Store::new();
-    dead_letters(&store, 3);
+    dead_letters(&store, 3).unwrap();
     store
         .run()
         .args(["dlq", "discard", "mail.sender.dlq", "0", "1"])

@@ -26,8 +26,11 @@ pub async fn delete_group_forgets_everything(backend: &dyn Backend) -> Result<()
     let topic = ctx.topic("delgroup", 2).await?;
     let p = ctx.producer().await?;
     for i in 0..4 {
-        p.send(&topic, Record::new(format!("{i}")).with_key(format!("k{i}")))
-            .await?;
+        p.send(
+            &topic,
+            Record::new(format!("{i}")).with_key(format!("k{i}")),
+        )
+        .await?;
     }
     let (stream, queue) = (unique("typo-stream"), unique("typo-queue"));
     let s = ctx
@@ -37,10 +40,7 @@ pub async fn delete_group_forgets_everything(backend: &dyn Backend) -> Result<()
     let read = poll_n(s.as_ref(), 4, WAIT).await?;
     s.commit_batch(&read).await?;
     s.close().await?;
-    let q = ctx
-        .broker
-        .consumer(&queue, &[&topic], queue_cfg())
-        .await?;
+    let q = ctx.broker.consumer(&queue, &[&topic], queue_cfg()).await?;
     let got = poll_n(q.as_ref(), 4, WAIT).await?;
     q.ack(&got[0]).await?;
     // One nacked (attempt 2 next time), the rest released at close.
@@ -80,15 +80,15 @@ pub async fn delete_group_forgets_everything(backend: &dyn Backend) -> Result<()
     assert!(again.iter().all(|m| m.attempt == 1));
     assert_eq!(ctx.broker.group_lag(&stream).await?.total_lag(), 4);
     s.close().await?;
-    let q = ctx
-        .broker
-        .consumer(&queue, &[&topic], queue_cfg())
-        .await?;
+    let q = ctx.broker.consumer(&queue, &[&topic], queue_cfg()).await?;
     let again = poll_exactly(q.as_ref(), 4, QUIET).await?;
     assert!(
         again.iter().all(|m| m.attempt == 1),
         "attempt counts start afresh: {:?}",
-        again.iter().map(|m| (m.position(), m.attempt)).collect::<Vec<_>>()
+        again
+            .iter()
+            .map(|m| (m.position(), m.attempt))
+            .collect::<Vec<_>>()
     );
     q.close().await?;
     Ok(())
@@ -99,16 +99,16 @@ pub async fn delete_group_forgets_everything(backend: &dyn Backend) -> Result<()
 pub async fn delete_group_refuses_live_members(backend: &dyn Backend) -> Result<()> {
     let ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("delbusy", 1).await?;
-    ctx.producer()
-        .await?
-        .send(&topic, Record::new("a"))
-        .await?;
+    ctx.producer().await?.send(&topic, Record::new("a")).await?;
     let group = unique("busy");
     let c = ctx
         .broker
         .consumer(&group, &[&topic], GroupConfig::stream())
         .await?;
-    let e = expect_kind(ctx.broker.delete_group(&group).await, ErrorKind::GroupNotEmpty);
+    let e = expect_kind(
+        ctx.broker.delete_group(&group).await,
+        ErrorKind::GroupNotEmpty,
+    );
     assert!(e.message().contains(&group), "names the group: {e}");
     assert!(ctx.broker.list_groups().await?.contains(&group));
     // The member goes on as if nothing happened.
@@ -146,8 +146,14 @@ pub async fn redrive_refuses_a_topic_that_is_not_a_dlq(backend: &dyn Backend) ->
     for i in 0..5 {
         p.send(&topic, Record::new(format!("{i}"))).await?;
     }
-    expect_kind(ctx.broker.redrive(&topic, None).await, ErrorKind::InvalidArgument);
-    expect_kind(ctx.broker.purge_dlq(&topic).await, ErrorKind::InvalidArgument);
+    expect_kind(
+        ctx.broker.redrive(&topic, None).await,
+        ErrorKind::InvalidArgument,
+    );
+    expect_kind(
+        ctx.broker.purge_dlq(&topic).await,
+        ErrorKind::InvalidArgument,
+    );
     expect_kind(
         ctx.broker.discard_dead_letter(&topic, 0, 2).await,
         ErrorKind::InvalidArgument,
@@ -163,7 +169,12 @@ pub async fn redrive_refuses_a_topic_that_is_not_a_dlq(backend: &dyn Backend) ->
     // An empty topic: nothing to redrive, and still no group.
     let empty = ctx.topic("emptydlq", 1).await?;
     assert_eq!(ctx.broker.redrive(&empty, None).await?, 0);
-    assert!(!ctx.broker.list_groups().await?.iter().any(|g| g == REDRIVE_GROUP));
+    assert!(!ctx
+        .broker
+        .list_groups()
+        .await?
+        .iter()
+        .any(|g| g == REDRIVE_GROUP));
     expect_kind(
         ctx.broker.redrive(&unique("missing"), None).await,
         ErrorKind::TopicNotFound,
@@ -183,7 +194,12 @@ fn queue_cfg() -> GroupConfig {
 async fn dead_letters(
     ctx: &Ctx<'_>,
     n: usize,
-) -> Result<(String, String, std::sync::Arc<dyn conveyor_core::Consumer>, String)> {
+) -> Result<(
+    String,
+    String,
+    std::sync::Arc<dyn conveyor_core::Consumer>,
+    String,
+)> {
     let topic = ctx.topic("dead", 1).await?;
     let p = ctx.producer().await?;
     for i in 0..n {
@@ -222,7 +238,11 @@ pub async fn purge_discards_every_waiting_dead_letter(backend: &dyn Backend) -> 
     assert_eq!(waiting(&ctx, &dlq).await?, 0, "no backlog after a purge");
     assert_eq!(ctx.broker.purge_dlq(&dlq).await?, 0, "each discarded once");
     let end_before = ctx.log_ends(&topic).await?;
-    assert_eq!(ctx.broker.redrive(&dlq, None).await?, 0, "nothing to redrive");
+    assert_eq!(
+        ctx.broker.redrive(&dlq, None).await?,
+        0,
+        "nothing to redrive"
+    );
     assert_eq!(ctx.log_ends(&topic).await?, end_before);
     poll_exactly(c.as_ref(), 0, QUIET).await?;
     assert_eq!(ctx.read_all(&dlq, 0).await?.len(), 3, "records stay");
@@ -260,9 +280,7 @@ pub async fn discard_one_dead_letter(backend: &dyn Backend) -> Result<()> {
     let mut got = values(&back);
     got.sort();
     assert_eq!(got, ["0", "2"], "the discarded one is not redriven");
-    assert!(back
-        .iter()
-        .all(|m| m.header_str(HEADER_OFFSET).is_none()));
+    assert!(back.iter().all(|m| m.header_str(HEADER_OFFSET).is_none()));
     assert_eq!(waiting(&ctx, &dlq).await?, 0, "redrive leaves no backlog");
     Ok(())
 }

@@ -508,7 +508,12 @@ pub trait BrokerExt: Broker {
     /// # Cancel safety
     /// Not cancel safe: dropped mid-call, the dead letter may or may not
     /// be discarded; call again (`InvalidArgument` once it was).
-    async fn discard_dead_letter(&self, dlq_topic: &str, partition: u32, offset: u64) -> Result<()> {
+    async fn discard_dead_letter(
+        &self,
+        dlq_topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<()> {
         crate::dlq::discard(self, dlq_topic, partition, offset).await
     }
 }

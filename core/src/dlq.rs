@@ -328,9 +328,7 @@ async fn holds_dead_letters<B: Broker + ?Sized>(
     let mut any = false;
     for p in d.partitions.iter().filter(|p| p.log_end > p.log_start) {
         any = true;
-        let first = broker
-            .fetch(dlq_topic, p.partition, p.log_start, 1)
-            .await?;
+        let first = broker.fetch(dlq_topic, p.partition, p.log_start, 1).await?;
         if let Some(m) = first.first().filter(|m| m.header(HEADER_TOPIC).is_none()) {
             return Err(not_a_dlq(dlq_topic, what, m.partition, m.offset));
         }
