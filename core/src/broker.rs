@@ -473,9 +473,11 @@ pub trait BrokerExt: Broker {
     /// ```
     ///
     /// # Errors
-    /// `TopicNotFound` for the DLQ topic; `InvalidArgument` for a message
-    /// without its origin headers (it stays in the DLQ); the errors of
-    /// `send` for the origin topic (the message stays in the DLQ).
+    /// `TopicNotFound` for the DLQ topic; `InvalidArgument` for a topic
+    /// that is not a DLQ (refused before any group is joined on it) and
+    /// for a message without its origin headers (it stays in the DLQ); the
+    /// errors of `send` for the origin topic (the message stays in the
+    /// DLQ).
     ///
     /// # Cancel safety
     /// Not cancel safe: dropped mid-call, a message may have been appended
