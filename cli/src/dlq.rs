@@ -39,13 +39,44 @@ pub enum DlqCommand {
         #[arg(long)]
         max: Option<usize>,
     },
+    /// Discard every dead letter of a DLQ topic still waiting for redrive
+    /// (none of them will be redriven). The records stay in the topic
+    /// until its retention removes them; `dlq list` shows them as `redriven` (settled).
+    #[command(
+        after_help = "Example:\n  conveyor dlq purge orders.events.sms.dlq\n\n\
+        A topic that is not a DLQ (its records have no conveyor.dlq.* headers) is refused \
+        (exit 5) and left untouched. --format json: {dlq_topic, discarded}."
+    )]
+    Purge {
+        /// The DLQ topic.
+        dlq_topic: String,
+    },
+    /// Discard one dead letter, by partition and offset (as `dlq list`
+    /// shows them: `dlq offset` is `partition@offset`): it will not be
+    /// redriven; the others stay waiting.
+    #[command(
+        after_help = "Example:\n  conveyor dlq discard orders.events.sms.dlq 0 17\n\n\
+        A record that is not a waiting dead letter (already redriven or discarded, not a dead \
+        letter, no such offset) exits 5. --format json: {dlq_topic, partition, offset, \
+        discarded: true}."
+    )]
+    Discard {
+        /// The DLQ topic.
+        dlq_topic: String,
+        /// The dead letter's partition in the DLQ topic.
+        partition: u32,
+        /// The dead letter's offset in the DLQ topic.
+        offset: u64,
+    },
 }
 
 impl DlqCommand {
     pub(crate) fn access(&self) -> Access {
         match self {
             DlqCommand::List { .. } => Access::Read,
-            DlqCommand::Redrive { .. } => Access::Write,
+            DlqCommand::Redrive { .. } | DlqCommand::Purge { .. } | DlqCommand::Discard { .. } => {
+                Access::Write
+            }
         }
     }
 }
@@ -211,6 +242,37 @@ pub async fn run(broker: &Arc<dyn Broker>, command: DlqCommand, format: Format) 
                 Format::Text => out(format!(
                     "redrove {} from `{dlq_topic}`",
                     count(moved as u64, "message")
+                ))?,
+            }
+        }
+        DlqCommand::Purge { dlq_topic } => {
+            let discarded = broker.purge_dlq(&dlq_topic).await.map_err(fail)?;
+            match format {
+                Format::Json => out_json(&json!({"dlq_topic": dlq_topic, "discarded": discarded}))?,
+                Format::Text => out(format!(
+                    "discarded {} from `{dlq_topic}`",
+                    count(discarded as u64, "dead letter")
+                ))?,
+            }
+        }
+        DlqCommand::Discard {
+            dlq_topic,
+            partition,
+            offset,
+        } => {
+            broker
+                .discard_dead_letter(&dlq_topic, partition, offset)
+                .await
+                .map_err(fail)?;
+            match format {
+                Format::Json => out_json(&json!({
+                    "dlq_topic": dlq_topic,
+                    "partition": partition,
+                    "offset": offset,
+                    "discarded": true,
+                }))?,
+                Format::Text => out(format!(
+                    "discarded dead letter {partition}@{offset} of `{dlq_topic}`"
                 ))?,
             }
         }

@@ -45,9 +45,10 @@ impl Exit {
     pub fn of(kind: ErrorKind) -> Exit {
         match kind {
             ErrorKind::TopicNotFound | ErrorKind::GroupNotFound => Exit::NotFound,
-            ErrorKind::TopicExists | ErrorKind::GroupModeMismatch | ErrorKind::WrongMode => {
-                Exit::Conflict
-            }
+            ErrorKind::TopicExists
+            | ErrorKind::GroupModeMismatch
+            | ErrorKind::GroupNotEmpty
+            | ErrorKind::WrongMode => Exit::Conflict,
             ErrorKind::InvalidArgument
             | ErrorKind::PartitionOutOfRange
             | ErrorKind::MessageTooLarge => Exit::Invalid,
@@ -109,5 +110,6 @@ mod tests {
         assert_eq!(Exit::of(ErrorKind::Unavailable).code(), 75);
         assert_eq!(Exit::of(ErrorKind::TopicNotFound).code(), 3);
         assert_eq!(Exit::of(ErrorKind::Internal).code(), 1);
+        assert_eq!(Exit::of(ErrorKind::GroupNotEmpty), Exit::Conflict);
     }
 }

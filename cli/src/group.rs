@@ -35,6 +35,15 @@ pub enum GroupCommand {
         /// Group name.
         group: String,
     },
+    /// Delete a group: its committed offsets, cursors, leases and
+    /// membership (the records stay). Refused while it has live members
+    /// (exit 4): stop them first, or wait for their session timeout.
+    #[command(after_help = "Example:\n  conveyor group delete typo-grp\n\n\
+        A group that does not exist exits 3. --format json: {group, deleted: true}.")]
+    Delete {
+        /// Group name.
+        group: String,
+    },
     /// Move a group's position (stream: committed offsets; queue: the
     /// cursor). Stop the group's members first.
     #[command(after_help = "Examples:\n  \
@@ -68,7 +77,9 @@ pub enum GroupCommand {
 impl GroupCommand {
     pub(crate) fn access(&self) -> Access {
         match self {
-            GroupCommand::ResetOffsets { dry_run: false, .. } => Access::Write,
+            GroupCommand::ResetOffsets { dry_run: false, .. } | GroupCommand::Delete { .. } => {
+                Access::Write
+            }
             _ => Access::Read,
         }
     }
@@ -163,6 +174,13 @@ pub async fn run(broker: &Arc<dyn Broker>, command: GroupCommand, format: Format
             }
         }
         GroupCommand::Describe { group } => describe(broker, &group, format).await?,
+        GroupCommand::Delete { group } => {
+            broker.delete_group(&group).await.map_err(fail)?;
+            match format {
+                Format::Json => out_json(&json!({"group": group, "deleted": true}))?,
+                Format::Text => out(format!("deleted group `{group}`"))?,
+            }
+        }
         GroupCommand::Lag { group } => {
             let lag = broker.group_lag(&group).await.map_err(fail)?;
             if format == Format::Json {

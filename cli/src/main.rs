@@ -13,6 +13,7 @@ mod group;
 mod message;
 mod migrate;
 mod output;
+mod ping;
 mod produce;
 mod time;
 mod topic;
@@ -89,6 +90,11 @@ enum Command {
     /// Create a postgres:// schema's tables, or bring them to this version
     /// (run as the schema's owner, before applications open it).
     Migrate,
+    /// One round trip to the store, for a readiness probe: exit 0 when it
+    /// answers, 75 when a server cannot be reached (retry later).
+    #[command(after_help = "Examples:\n  conveyor --url redis://cache:6379 ping\n  \
+        conveyor --url postgres://app@db/app ping --format json")]
+    Ping,
 }
 
 /// What a command does to the store, which decides how it is opened.
@@ -115,6 +121,7 @@ impl Command {
             Command::Bench(_) => Access::Create,
             Command::Verify(_) => Access::Read,
             Command::Migrate => Access::Create,
+            Command::Ping => Access::Read,
         }
     }
 
@@ -128,6 +135,7 @@ impl Command {
             Command::Bench(_) => "bench",
             Command::Verify(_) => "verify",
             Command::Migrate => "migrate",
+            Command::Ping => "ping",
         }
     }
 }
@@ -244,6 +252,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Bench(a) => bench::run(&broker, a, format, &url).await,
         Command::Verify(a) => verify::run(Some(&url), a, format).await,
         Command::Migrate => migrate::run(&url, format).await,
+        Command::Ping => ping::run(&broker, format).await,
     };
     let closed = broker.close().await.map_err(fail);
     outcome.and(closed)

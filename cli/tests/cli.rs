@@ -163,6 +163,10 @@ fn every_command_has_an_example_in_help() {
         vec!["group", "reset-offsets", "--help"],
         vec!["dlq", "list", "--help"],
         vec!["dlq", "redrive", "--help"],
+        vec!["dlq", "purge", "--help"],
+        vec!["dlq", "discard", "--help"],
+        vec!["group", "delete", "--help"],
+        vec!["ping", "--help"],
         vec!["bench", "--help"],
     ] {
         Command::cargo_bin("conveyor")
@@ -1134,4 +1138,193 @@ fn exit_status_says_what_kind_of_failure() {
                 .and(predicate::str::contains("3   not found"))
                 .and(predicate::str::contains("JSON output")),
         );
+}
+
+/// `n` dead letters of group `sender` on topic `mail`, made through the
+/// library (a queue group that gives up at once).
+fn dead_letters(store: &Store, n: usize) -> conveyor::Result<()> {
+    use conveyor::{DlqPolicy, GroupConfig, Record, TopicConfig};
+    use std::time::Duration;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let broker = conveyor::open(&store.url()).await?;
+        broker.create_topic("mail", TopicConfig::new(1)).await?;
+        let producer = broker.producer().await?;
+        for i in 0..n {
+            producer
+                .send("mail", Record::new(format!("to: nobody {i}")))
+                .await?;
+        }
+        let c = broker
+            .consumer(
+                "sender",
+                &["mail"],
+                GroupConfig::queue().with_dlq(DlqPolicy::new(1)),
+            )
+            .await?;
+        let mut failed = 0;
+        while failed < n {
+            for m in c.poll(n, Duration::from_secs(5)).await? {
+                c.nack(&m, NackOptions::new().with_reason("mailbox unavailable"))
+                    .await?;
+                failed += 1;
+            }
+        }
+        c.close().await?;
+        broker.close().await
+    })
+}
+
+#[test]
+fn group_delete_removes_a_typo_group() {
+    let store = Store::with_topic("events", 1);
+    store
+        .run()
+        .args(["produce", "events"])
+        .write_stdin("a\nb\n")
+        .assert()
+        .success();
+    store
+        .run()
+        .args(["consume", "events", "--group", "typo-grp", "--max", "1"])
+        .assert()
+        .success();
+    store
+        .run()
+        .args(["group", "list"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("typo-grp"));
+    store
+        .run()
+        .args(["group", "delete", "typo-grp"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("deleted group `typo-grp`"));
+    store
+        .run()
+        .args(["group", "list"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("typo-grp").not());
+    store
+        .run()
+        .args(["group", "lag", "typo-grp"])
+        .assert()
+        .code(3);
+    store
+        .run()
+        .args(["group", "delete", "typo-grp"])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("typo-grp"));
+    store
+        .run()
+        .args(["consume", "events", "--group", "other", "--max", "1"])
+        .assert()
+        .success();
+    let out = store
+        .run()
+        .args(["group", "delete", "other", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc, serde_json::json!({"group": "other", "deleted": true}));
+}
+
+#[test]
+fn dlq_discard_one_then_purge_the_rest() {
+    let store = Store::new();
+    dead_letters(&store, 3).unwrap();
+    store
+        .run()
+        .args(["dlq", "discard", "mail.sender.dlq", "0", "1"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("discarded dead letter 0@1"));
+    store
+        .run()
+        .args(["dlq", "discard", "mail.sender.dlq", "0", "1"])
+        .assert()
+        .code(5)
+        .stderr(predicate::str::contains("not waiting"));
+    let out = store
+        .run()
+        .args(["dlq", "purge", "mail.sender.dlq", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        doc,
+        serde_json::json!({"dlq_topic": "mail.sender.dlq", "discarded": 2})
+    );
+    store
+        .run()
+        .args(["dlq", "redrive", "mail.sender.dlq"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("redrove 0 messages"));
+    store
+        .run()
+        .args(["group", "lag", "conveyor.redrive"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("total lag 0"));
+}
+
+#[test]
+fn dlq_commands_refuse_a_topic_that_is_not_a_dlq() {
+    let store = Store::with_topic("mail", 1);
+    store
+        .run()
+        .args(["produce", "mail"])
+        .write_stdin("hello\n")
+        .assert()
+        .success();
+    for args in [
+        vec!["dlq", "redrive", "mail"],
+        vec!["dlq", "purge", "mail"],
+        vec!["dlq", "discard", "mail", "0", "0"],
+    ] {
+        store
+            .run()
+            .args(&args)
+            .assert()
+            .code(5)
+            .stderr(predicate::str::contains("not a DLQ topic"));
+    }
+    store
+        .run()
+        .args(["group", "list"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("conveyor.redrive").not());
+}
+
+#[test]
+fn ping_answers_with_exit_zero() {
+    conveyor("memory://")
+        .arg("ping")
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("ok: "));
+    let out = conveyor("memory://")
+        .args(["ping", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["ok"], serde_json::json!(true));
+    assert!(doc["round_trip_us"].is_u64(), "{doc}");
+    // A store that is not there is not ready.
+    let dir = tempfile::tempdir().unwrap();
+    conveyor(&format!("mmap://{}", dir.path().join("nothing").display()))
+        .arg("ping")
+        .assert()
+        .code(5);
 }

@@ -4,7 +4,8 @@
 //! `pub async fn case(backend: &dyn Backend) -> Result<()>` in a module
 //! named after the part of the contract it checks ([`topics`], [`produce`],
 //! [`delayed`], [`records`], [`stream`], [`queue`], [`dlq`], [`retention`],
-//! [`errors`], [`persistence`], [`idempotency`], [`lag`], [`model`]). A
+//! [`errors`], [`persistence`], [`idempotency`], [`lag`], [`model`],
+//! [`admin`]). A
 //! backend's `tests/conformance.rs` runs them all with one macro call, which
 //! expands to one `#[tokio::test]` per case, named `section::case`:
 //!
@@ -72,6 +73,7 @@
 // The suite is test code: a failed unwrap is a failed case, with its line.
 #![allow(clippy::unwrap_used)]
 
+pub mod admin;
 pub mod delayed;
 pub mod dlq;
 pub mod errors;
@@ -576,6 +578,14 @@ macro_rules! __for_each_case {
         $m!(model:
             model_check_stream,
             model_check_queue,
+        );
+        $m!(admin:
+            delete_group_forgets_everything,
+            delete_group_refuses_live_members,
+            ping_until_closed,
+            redrive_refuses_a_topic_that_is_not_a_dlq,
+            purge_discards_every_waiting_dead_letter,
+            discard_one_dead_letter,
         );
     };
 }

@@ -352,6 +352,9 @@ where
         broker.list_topics().await.unwrap_err().kind(),
         ErrorKind::Unavailable
     );
+    // A readiness probe says so too (§9).
+    let e = broker.ping().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "ping: {e}");
     proxy.refuse(false);
 
     // Black-holed while connections are open (a network partition): calls
@@ -378,6 +381,8 @@ where
     }
     let e = c.poll(1, Duration::from_millis(100)).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    let e = broker.ping().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "ping, black-holed: {e}");
     proxy.blackhole(false);
 
     // Back: sends work again (retrying, as a caller of a retriable error
@@ -394,6 +399,7 @@ where
         }
     };
     acked.insert((r.partition, r.offset));
+    broker.ping().await.unwrap();
     drop(proxy);
     let direct = direct.await.unwrap();
     for (partition, offset) in &acked {

@@ -382,6 +382,62 @@ pub trait Broker: Send + Sync + 'static {
     /// Not cancel safe: dropped mid-call, the broker is closed but may not
     /// have flushed (what `Durability` promised still holds).
     async fn close(&self) -> Result<()>;
+
+    /// Delete a consumer group: its committed offsets, queue-mode cursors
+    /// and leases (attempt counts included), and its membership, on every
+    /// topic (contract §4). Afterwards [`list_groups`](Broker::list_groups)
+    /// no longer shows it and [`group_lag`](Broker::group_lag) is
+    /// `GroupNotFound`; a group of the same name joined later starts
+    /// afresh (from its `StartFrom`, attempts at 1). The records are not
+    /// touched.
+    ///
+    /// A group with live members is refused, as Kafka refuses deleting a
+    /// non-empty group: close them, or wait for their session timeout,
+    /// and call again. A handle of a member that was already gone (silent
+    /// past its session timeout) is not brought back by deleting: its
+    /// later calls fail; join again with [`consumer`](Broker::consumer).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> conveyor::Result<()> {
+    /// use conveyor::prelude::*;
+    /// use conveyor::ErrorKind;
+    ///
+    /// let broker = conveyor::open("memory://").await?;
+    /// broker.create_topic("orders", TopicConfig::new(1)).await?;
+    /// let typo = broker.consumer("emial", &["orders"], GroupConfig::stream()).await?;
+    /// let refused = broker.delete_group("emial").await.unwrap_err();
+    /// assert_eq!(refused.kind(), ErrorKind::GroupNotEmpty);
+    /// typo.close().await?;
+    /// broker.delete_group("emial").await?;
+    /// assert!(broker.list_groups().await?.is_empty());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// `GroupNotFound`; `GroupNotEmpty` while the group has live members
+    /// (the message names them); `InvalidArgument` for a bad group name;
+    /// `ReadOnly` on a read-only broker.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the group may be deleted, or on
+    /// a server backend partly deleted (still listed); call again.
+    async fn delete_group(&self, group: &str) -> Result<()>;
+
+    /// A cheap round trip to the store, for a readiness probe: a server
+    /// backend asks its server (PostgreSQL `SELECT 1` on a pooled
+    /// connection; Redis `PING`, on Cluster to every master); an embedded
+    /// backend answers at once.
+    ///
+    /// # Errors
+    /// `Closed` after [`close`](Broker::close); `Unavailable` when the
+    /// server cannot be reached in the broker's timeout (retry later);
+    /// `Unauthenticated`, `PermissionDenied` as the backend maps them.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it changes nothing.
+    async fn ping(&self) -> Result<()>;
 }
 
 /// Conveniences over [`Broker`], implemented once for every backend.
@@ -417,9 +473,11 @@ pub trait BrokerExt: Broker {
     /// ```
     ///
     /// # Errors
-    /// `TopicNotFound` for the DLQ topic; `InvalidArgument` for a message
-    /// without its origin headers (it stays in the DLQ); the errors of
-    /// `send` for the origin topic (the message stays in the DLQ).
+    /// `TopicNotFound` for the DLQ topic; `InvalidArgument` for a topic
+    /// that is not a DLQ (refused before any group is joined on it) and
+    /// for a message without its origin headers (it stays in the DLQ); the
+    /// errors of `send` for the origin topic (the message stays in the
+    /// DLQ).
     ///
     /// # Cancel safety
     /// Not cancel safe: dropped mid-call, a message may have been appended
@@ -427,6 +485,38 @@ pub trait BrokerExt: Broker {
     /// (a duplicate, never a loss).
     async fn redrive(&self, dlq_topic: &str, max: Option<usize>) -> Result<usize> {
         crate::dlq::redrive(self, dlq_topic, max).await
+    }
+
+    /// Discard every dead letter of a DLQ topic still waiting for redrive
+    /// (contract §5); returns how many. See [`crate::dlq::purge`].
+    ///
+    /// # Errors
+    /// `TopicNotFound`; `InvalidArgument` if the topic is not a DLQ.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, some dead letters may be
+    /// discarded and the rest still waiting; call again.
+    async fn purge_dlq(&self, dlq_topic: &str) -> Result<usize> {
+        crate::dlq::purge(self, dlq_topic).await
+    }
+
+    /// Discard one dead letter of a DLQ topic, by partition and offset, so
+    /// no redrive moves it (contract §5). See [`crate::dlq::discard`].
+    ///
+    /// # Errors
+    /// `TopicNotFound`, `PartitionOutOfRange`; `InvalidArgument` if the
+    /// record is not a waiting dead letter.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the dead letter may or may not
+    /// be discarded; call again (`InvalidArgument` once it was).
+    async fn discard_dead_letter(
+        &self,
+        dlq_topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<()> {
+        crate::dlq::discard(self, dlq_topic, partition, offset).await
     }
 }
 

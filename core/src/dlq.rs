@@ -241,16 +241,20 @@ pub fn is_for_group(headers: &[Header], group: &str) -> bool {
 /// two may leave a duplicate. Messages that cannot be redriven (no origin
 /// header, origin topic deleted) stop the redrive with an error and stay in
 /// the DLQ.
+///
+/// A topic that is not a DLQ (a record at a partition's log start has no
+/// [`HEADER_TOPIC`]) is refused before the redrive group is joined, so no
+/// `conveyor.redrive` group is created on it; an empty topic redrives
+/// nothing and creates nothing either.
 pub async fn redrive<B: Broker + ?Sized>(
     broker: &B,
     dlq_topic: &str,
     max: Option<usize>,
 ) -> Result<usize> {
-    let config = GroupConfig::queue()
-        .with_visibility_timeout(Duration::from_secs(60))
-        .with_retry_backoff(RetryBackoff::none())
-        .with_dlq(crate::config::DlqPolicy::new(u32::MAX));
-    let consumer = broker.consumer(REDRIVE_GROUP, &[dlq_topic], config).await?;
+    if !holds_dead_letters(broker, dlq_topic, "redrive").await? {
+        return Ok(0);
+    }
+    let consumer = join_redrive_group(broker, dlq_topic).await?;
     let producer = broker.producer().await?;
     let limit = max.unwrap_or(usize::MAX);
     let mut moved = 0usize;
@@ -296,6 +300,176 @@ pub async fn redrive<B: Broker + ?Sized>(
     .await;
     consumer.close().await?;
     result.map(|()| moved)
+}
+
+/// The `conveyor.redrive` group's member on `dlq_topic`: queue mode, so
+/// each dead letter is settled once, by redrive or discard.
+async fn join_redrive_group<B: Broker + ?Sized>(
+    broker: &B,
+    dlq_topic: &str,
+) -> Result<std::sync::Arc<dyn crate::broker::Consumer>> {
+    let config = GroupConfig::queue()
+        .with_visibility_timeout(Duration::from_secs(60))
+        .with_retry_backoff(RetryBackoff::none())
+        .with_dlq(crate::config::DlqPolicy::new(u32::MAX));
+    broker.consumer(REDRIVE_GROUP, &[dlq_topic], config).await
+}
+
+/// Whether `dlq_topic` holds any record, after checking it is a DLQ: the
+/// record at each non-empty partition's log start must carry
+/// [`HEADER_TOPIC`]. Checked with `fetch` (no group), so a refused topic
+/// is left without a `conveyor.redrive` group.
+async fn holds_dead_letters<B: Broker + ?Sized>(
+    broker: &B,
+    dlq_topic: &str,
+    what: &str,
+) -> Result<bool> {
+    let d = broker.describe_topic(dlq_topic).await?;
+    let mut any = false;
+    for p in d.partitions.iter().filter(|p| p.log_end > p.log_start) {
+        any = true;
+        let first = broker.fetch(dlq_topic, p.partition, p.log_start, 1).await?;
+        if let Some(m) = first.first().filter(|m| m.header(HEADER_TOPIC).is_none()) {
+            return Err(not_a_dlq(dlq_topic, what, m.partition, m.offset));
+        }
+    }
+    Ok(any)
+}
+
+fn not_a_dlq(dlq_topic: &str, what: &str, partition: u32, offset: u64) -> Error {
+    Error::invalid(format!(
+        "{what} `{dlq_topic}`: not a DLQ topic (its record {partition}@{offset} has no \
+         `{HEADER_TOPIC}` header); {what} only takes a topic that failed messages were \
+         dead-lettered to"
+    ))
+}
+
+/// Discard every dead letter of `dlq_topic` still waiting for redrive:
+/// each is settled in the `conveyor.redrive` group without being sent
+/// anywhere, so a later redrive skips it and the DLQ's backlog (the
+/// redrive group's lag on it) drops to 0. Returns how many were
+/// discarded. The records stay in the DLQ topic until its retention
+/// removes them (a log cannot drop records in the middle); `fetch` and
+/// other groups still read them. Dead letters a concurrent redrive holds
+/// are not discarded (they are being redriven).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> conveyor::Result<()> {
+/// use conveyor::prelude::*;
+/// use conveyor::{DlqPolicy, NackOptions};
+/// use std::time::Duration;
+///
+/// let broker = conveyor::open("memory://").await?;
+/// broker.create_topic("mail", TopicConfig::new(1)).await?;
+/// broker.producer().await?.send("mail", Record::new("to: a@example.com")).await?;
+/// let sender = broker
+///     .consumer("sender", &["mail"], GroupConfig::queue().with_dlq(DlqPolicy::new(1)))
+///     .await?;
+/// let m = sender.poll(1, Duration::from_secs(1)).await?.remove(0);
+/// sender.nack(&m, NackOptions::new().with_reason("bad address")).await?;
+///
+/// assert_eq!(broker.purge_dlq("mail.sender.dlq").await?, 1);
+/// assert_eq!(broker.redrive("mail.sender.dlq", None).await?, 0, "nothing left to redrive");
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+/// `TopicNotFound`; `InvalidArgument` if `dlq_topic` is not a DLQ (then
+/// no group is created on it).
+pub async fn purge<B: Broker + ?Sized>(broker: &B, dlq_topic: &str) -> Result<usize> {
+    if !holds_dead_letters(broker, dlq_topic, "purge").await? {
+        return Ok(0);
+    }
+    let consumer = join_redrive_group(broker, dlq_topic).await?;
+    let result: Result<usize> = async {
+        let mut discarded = 0usize;
+        loop {
+            let batch = consumer.poll(256, Duration::from_millis(50)).await?;
+            if batch.is_empty() {
+                return Ok(discarded);
+            }
+            // Those whose lease was lost went to another redrive or purge.
+            discarded += consumer.ack_batch(&batch).await?.acked;
+        }
+    }
+    .await;
+    consumer.close().await?;
+    result
+}
+
+/// Discard one dead letter, the record at `offset` of `partition` of
+/// `dlq_topic`: it is settled in the `conveyor.redrive` group without
+/// being sent anywhere, so no redrive moves it (the other dead letters
+/// stay waiting). Like [`purge`], the record stays in the topic until
+/// retention removes it.
+///
+/// # Errors
+/// `TopicNotFound`; `PartitionOutOfRange`; `InvalidArgument` if the
+/// record is not a dead letter, is below the log start or past the log
+/// end, or is not waiting (already redriven or discarded, or held by a
+/// redrive running now).
+pub async fn discard<B: Broker + ?Sized>(
+    broker: &B,
+    dlq_topic: &str,
+    partition: u32,
+    offset: u64,
+) -> Result<()> {
+    let d = broker.describe_topic(dlq_topic).await?;
+    let Some(bounds) = d.partitions.iter().find(|p| p.partition == partition) else {
+        return Err(Error::partition_out_of_range(
+            dlq_topic,
+            partition,
+            d.config.partitions,
+        ));
+    };
+    let at = format!("`{dlq_topic}` {partition}@{offset}");
+    if offset < bounds.log_start || offset >= bounds.log_end {
+        return Err(Error::invalid(format!(
+            "discard {at}: no such record (the partition holds {}..{})",
+            bounds.log_start, bounds.log_end
+        )));
+    }
+    let record = broker.fetch(dlq_topic, partition, offset, 1).await?;
+    match record.first() {
+        Some(m) if m.offset == offset && m.header(HEADER_TOPIC).is_some() => {}
+        Some(m) if m.offset == offset => {
+            return Err(not_a_dlq(dlq_topic, "discard", partition, offset))
+        }
+        _ => {
+            return Err(Error::invalid(format!(
+                "discard {at}: no such record (removed by retention)"
+            )))
+        }
+    }
+    let consumer = join_redrive_group(broker, dlq_topic).await?;
+    // Lease until the one wanted comes; the others are released when the
+    // member leaves (their attempt count in this group is not used).
+    let result: Result<bool> = async {
+        loop {
+            let batch = consumer.poll(256, Duration::from_millis(50)).await?;
+            if batch.is_empty() {
+                return Ok(false);
+            }
+            if let Some(m) = batch
+                .iter()
+                .find(|m| m.partition == partition && m.offset == offset)
+            {
+                consumer.ack(m).await?;
+                return Ok(true);
+            }
+        }
+    }
+    .await;
+    consumer.close().await?;
+    if result? {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "discard {at}: not waiting (already redriven or discarded, or a redrive holds it now)"
+        )))
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,9 @@ pub enum ErrorKind {
     GroupNotFound,
     /// The group exists with another delivery mode.
     GroupModeMismatch,
+    /// The group still has live members, so it cannot be deleted: close
+    /// them (or wait out their session timeout) first.
+    GroupNotEmpty,
     /// The partition is outside the topic's partition range.
     PartitionOutOfRange,
     /// The record is larger than the topic's `max_message_bytes`.
@@ -71,6 +74,7 @@ impl ErrorKind {
             ErrorKind::TopicExists => "topic exists",
             ErrorKind::GroupNotFound => "group not found",
             ErrorKind::GroupModeMismatch => "group mode mismatch",
+            ErrorKind::GroupNotEmpty => "group not empty",
             ErrorKind::PartitionOutOfRange => "partition out of range",
             ErrorKind::MessageTooLarge => "message too large",
             ErrorKind::Fenced => "fenced",
@@ -205,6 +209,22 @@ impl Error {
         Error::new(
             ErrorKind::GroupNotFound,
             format!("group `{group}` does not exist"),
+        )
+    }
+
+    /// Shorthand for [`ErrorKind::GroupNotEmpty`]: `group` cannot be
+    /// deleted while these members (ids as the backend shows them in
+    /// `describe_group`) are live.
+    pub fn group_not_empty(group: &str, members: &[String]) -> Self {
+        Error::new(
+            ErrorKind::GroupNotEmpty,
+            format!(
+                "group `{group}` has {} live member{} ({}): close them, or wait for their \
+                 session timeout, then delete the group",
+                members.len(),
+                if members.len() == 1 { "" } else { "s" },
+                members.join(", ")
+            ),
         )
     }
 

@@ -848,6 +848,22 @@ impl Broker for PgBroker {
             .await
             .map_err(|e| Error::internal(format!("close the broker: {e}")))?
     }
+
+    async fn delete_group(&self, group: &str) -> Result<()> {
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                crate::admin::delete_group(&self.inner, group).await
+            })
+            .await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                crate::admin::ping(&self.inner).await
+            })
+            .await
+    }
 }
 
 /// Close `pool` and every connection it has, however long its users hold

@@ -270,6 +270,7 @@
 //! its data is appended again on its own, so only the faulty send fails.
 #![deny(missing_docs)]
 
+mod admin;
 mod broker;
 mod connect;
 mod consumer;

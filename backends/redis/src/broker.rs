@@ -1361,6 +1361,21 @@ impl Broker for RedisBroker {
         self.inner.settings.close().await;
         left
     }
+
+    async fn delete_group(&self, group: &str) -> Result<()> {
+        self.inner
+            .bounded(
+                Duration::ZERO,
+                crate::admin::delete_group(&self.inner, group),
+            )
+            .await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.inner
+            .bounded(Duration::ZERO, crate::admin::ping(&self.inner))
+            .await
+    }
 }
 
 impl Drop for Inner {

@@ -125,6 +125,7 @@ pub(crate) struct Scripts {
     pub queue_state: redis::Script,
     pub queue_seek: redis::Script,
     pub queue_migrate: redis::Script,
+    pub group_delete: redis::Script,
 }
 
 /// The scripts, hashed once per process.
@@ -150,6 +151,7 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     queue_state: redis::Script::new(include_str!("../lua/queue_state.lua")),
     queue_seek: redis::Script::new(include_str!("../lua/queue_seek.lua")),
     queue_migrate: redis::Script::new(include_str!("../lua/queue_migrate.lua")),
+    group_delete: redis::Script::new(include_str!("../lua/group_delete.lua")),
 });
 
 /// Is this driver error the server (or the network to it) being

@@ -544,6 +544,7 @@
 #![deny(missing_docs)]
 
 mod acks;
+mod admin;
 mod broker;
 mod conn;
 mod consumer;

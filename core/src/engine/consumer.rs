@@ -150,7 +150,13 @@ impl<S: LogStorage> EngineConsumer<S> {
     }
 
     fn vanished(&self) -> Error {
-        Error::internal(format!("group `{}` vanished", self.group))
+        Error::new(
+            ErrorKind::GroupNotFound,
+            format!(
+                "group `{}` was deleted while this member was gone: join it again",
+                self.group
+            ),
+        )
     }
 
     fn what(&self, m: &Message) -> String {

@@ -12,6 +12,7 @@ mod admin;
 mod consumer;
 mod dedup;
 mod group;
+mod group_admin;
 mod idempotency;
 mod lease;
 mod membership;
@@ -472,5 +473,15 @@ impl<S: LogStorage> Broker for Engine<S> {
             self.inner.persist().await?;
         }
         self.inner.storage.close().await
+    }
+
+    async fn delete_group(&self, group: &str) -> Result<()> {
+        self.inner
+            .check_writable(&format!("delete group `{group}`"))?;
+        self.inner.delete_group(group).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.inner.check_open()
     }
 }
