@@ -448,7 +448,7 @@ async fn run(args: Args) -> conveyor::Result<Summary> {
             suppressed.push(handler.duplicates());
             let runner = Runner::new(
                 consumer,
-                RunnerConfig::for_group(&channel_config)
+                RunnerConfig::default()
                     .with_concurrency(16)
                     .with_batch(64),
             )
