@@ -150,9 +150,7 @@ pub async fn inspection_never_changes_settings(backend: &dyn Backend) -> Result<
 /// members with the old settings are now refused and members with the
 /// new ones join; a lease taken after it uses the new visibility timeout
 /// and a failure the new `max_deliveries`; it survives a reopen.
-pub async fn alter_group_changes_settings_and_members_follow(
-    backend: &dyn Backend,
-) -> Result<()> {
+pub async fn alter_group_changes_settings_and_members_follow(backend: &dyn Backend) -> Result<()> {
     let mut ctx = Ctx::open(backend).await?;
     let topic = ctx.topic("gs-alter", 1).await?;
     let group = unique("g");
@@ -192,7 +190,11 @@ pub async fn alter_group_changes_settings_and_members_follow(
     // Not settled: the 400 ms lease expires and it comes again well within
     // WAIT (the old 30 s would not).
     let again = poll_n(b.as_ref(), 1, WAIT).await?;
-    assert_eq!(again.len(), 1, "redelivered after the new visibility timeout");
+    assert_eq!(
+        again.len(),
+        1,
+        "redelivered after the new visibility timeout"
+    );
     assert_eq!(again[0].attempt, 2);
     assert_eq!(
         b.nack(&again[0], NackOptions::new()).await?,
@@ -226,7 +228,10 @@ pub async fn alter_group_refuses_bad_changes(backend: &dyn Backend) -> Result<()
     let topic = ctx.topic("gs-alter-bad", 1).await?;
     expect_kind(
         ctx.broker
-            .alter_group(&unique("nobody"), GroupChanges::new().with_max_deliveries(3))
+            .alter_group(
+                &unique("nobody"),
+                GroupChanges::new().with_max_deliveries(3),
+            )
             .await,
         ErrorKind::GroupNotFound,
     );

@@ -264,9 +264,7 @@ async fn a_handler_slower_than_the_visibility_timeout_runs_exactly_once() {
     };
     // Two at a time, asking for up to 64 a poll: bounded prefetch leases
     // only the two that start.
-    let config = RunnerConfig::default()
-        .with_concurrency(2)
-        .with_batch(64);
+    let config = RunnerConfig::default().with_concurrency(2).with_batch(64);
     let stats = Runner::new(consumer, config)
         .run_until_idle(handler, Duration::from_millis(200))
         .await

@@ -18,8 +18,8 @@ use bytes::Bytes;
 use conveyor_core::backend::{assign, poll_until, validate, MemberPartition, MemberSubscription};
 use conveyor_core::dlq::{self, DeadLetter};
 use conveyor_core::{
-    BatchAck, Consumer, DeliveryMode, Error, ErrorKind, GroupConfig, JoinSettings, Message, NackOptions,
-    NackOutcome, Result, SeekTo, StartFrom, TopicConfig, TopicPartition,
+    BatchAck, Consumer, DeliveryMode, Error, ErrorKind, GroupConfig, JoinSettings, Message,
+    NackOptions, NackOutcome, Result, SeekTo, StartFrom, TopicConfig, TopicPartition,
 };
 use parking_lot::Mutex;
 use redis::Value;

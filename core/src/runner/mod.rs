@@ -89,8 +89,8 @@ use crate::config::{DeliveryMode, GroupConfig, RetryBackoff};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::Message;
 use dead_letters::DeadLetters;
-use lease_extension::LeaseExtension;
 use futures::future::{FutureExt, Shared};
+use lease_extension::LeaseExtension;
 use outage::Outage;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -456,9 +456,8 @@ impl Runner {
         let acks = Arc::new(AckBatcher::default());
         let mut pace = self.config.max_per_second.map(Pace::new);
         let config = self.config;
-        let extension = Arc::new(
-            LeaseExtension::new(&*self.consumer, self.config.visibility_timeout).await,
-        );
+        let extension =
+            Arc::new(LeaseExtension::new(&*self.consumer, self.config.visibility_timeout).await);
         tokio::pin!(shutdown);
         loop {
             // Reap finished tasks so errors surface.
@@ -836,7 +835,15 @@ impl Lane<'_> {
                     None => {}
                 }
             }
-            let then = match handle_one(self.consumer, self.handler, &message, self.config, self.extension).await {
+            let then = match handle_one(
+                self.consumer,
+                self.handler,
+                &message,
+                self.config,
+                self.extension,
+            )
+            .await
+            {
                 Ok(()) => self.ack(&message, false).await,
                 Err(failure) => {
                     self.counters.failed.fetch_add(1, Ordering::Relaxed);
