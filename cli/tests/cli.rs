@@ -370,9 +370,10 @@ fn described_config(store: &Store, group: &str) -> serde_json::Value {
         .run()
         .args(["group", "describe", group, "--format", "json"])
         .output()
-        .unwrap();
+        .expect("run conveyor group describe");
     assert!(out.status.success(), "{out:?}");
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("group describe prints JSON");
     doc["config"].clone()
 }
 
