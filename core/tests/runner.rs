@@ -1220,3 +1220,42 @@ async fn the_runner_extends_leases_by_the_groups_stored_timeout() {
     assert_eq!(stats.succeeded, 3);
     assert_eq!(stats.settle_refused, 0, "{stats:?}");
 }
+
+/// Issue 22: a runner's permanent failures go to the group's DLQ topic as
+/// stored now, not to the one in the config given to `with_dead_letters`
+/// (the DLQ topic was altered after the consumer joined).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_go_to_the_groups_stored_dlq_topic() {
+    let broker = broker_with("orders", 1, 0).await;
+    broker
+        .producer()
+        .await
+        .unwrap()
+        .send("orders", Record::new("not a number"))
+        .await
+        .unwrap();
+    let group = GroupConfig::queue().with_dlq(DlqPolicy::new(10));
+    let consumer = broker
+        .consumer("billing", &["orders"], group.clone())
+        .await
+        .unwrap();
+    broker
+        .alter_group(
+            "billing",
+            conveyor_core::GroupChanges::new().with_dlq_topic(Some("billing.dead".into())),
+        )
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let stats = Runner::new(consumer, RunnerConfig::default())
+        .with_dead_letters(Arc::new(broker.clone()), &group)
+        .run_until_idle(never_parses(runs.clone()), Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+    assert_eq!(dead_letters(&broker, "billing.dead").await.len(), 1);
+    assert!(broker
+        .fetch("orders.billing.dlq", 0, 0, 10)
+        .await
+        .is_err_and(|e| e.kind() == conveyor_core::ErrorKind::TopicNotFound));
+}

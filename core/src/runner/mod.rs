@@ -314,8 +314,11 @@ impl Runner {
     }
 
     /// Dead-letter [permanent](HandlerError::permanent) failures at once,
-    /// through `broker` (the one the consumer came from), to the DLQ
-    /// topic of `group` (the config the consumer joined with): by default
+    /// through `broker` (the one the consumer came from), to the group's
+    /// DLQ topic as stored when the failure happens
+    /// ([`Consumer::group_config`], so it follows an `alter_group`; the
+    /// `group` given here is used only if the consumer cannot report its
+    /// group's settings): by default
     /// `{topic}.{group}.dlq`, created when first needed, as the broker
     /// does for messages out of attempts. The DLQ record is the one the
     /// broker would write (`conveyor.dlq.*` headers, the handler's reason
@@ -883,7 +886,10 @@ impl Lane<'_> {
     async fn failed(&self, message: &Message, failure: HandlerError, stream: bool) -> Then {
         if failure.permanent {
             match self.dead_letters {
-                Some(dead_letters) => match dead_letters.send(message, &failure.reason).await {
+                Some(dead_letters) => match dead_letters
+                    .send(self.consumer, message, &failure.reason)
+                    .await
+                {
                     Ok(dlq) => {
                         self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(message = %message.position(), attempt = message.attempt, dlq = %dlq, reason = %failure, "permanent failure: dead-lettered");
