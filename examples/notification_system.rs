@@ -448,9 +448,7 @@ async fn run(args: Args) -> conveyor::Result<Summary> {
             suppressed.push(handler.duplicates());
             let runner = Runner::new(
                 consumer,
-                RunnerConfig::for_group(&channel_config)
-                    .with_concurrency(16)
-                    .with_batch(64),
+                RunnerConfig::default().with_concurrency(16).with_batch(64),
             )
             .with_dead_letters(broker.clone(), &channel_config);
             services.spawn(runner.run_until_cancelled(handler, stop.child_token()));

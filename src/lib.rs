@@ -92,6 +92,7 @@ pub use conveyor_core::{
     Record, Result, Retention, RetryBackoff, RetryingProducer, SeekTo, SendRetry, StartFrom,
     TopicConfig, TopicDescription, TopicPartition, MAX_REDELIVERY_DELAY,
 };
+pub use conveyor_core::{GroupChanges, JoinSettings};
 
 #[cfg(feature = "json")]
 pub use conveyor_core::json;

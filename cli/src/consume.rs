@@ -14,7 +14,7 @@ use crate::output::{out, progress, CliResult, Format};
 use crate::time::parse_timestamp;
 use crate::{fail, Access};
 use clap::{Args, ValueEnum};
-use conveyor::{Broker, Consumer, GroupConfig, Message, SeekTo, StartFrom};
+use conveyor::{Broker, Consumer, GroupConfig, JoinSettings, Message, SeekTo, StartFrom};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,7 +50,9 @@ pub struct ConsumeArgs {
     /// Topic to read.
     topic: String,
     /// Read as a member of this group, acking (queue) or committing
-    /// (stream) each message once printed.
+    /// (stream) each message once printed. Joins with the group's stored
+    /// settings and never changes them (a new group gets the defaults;
+    /// `conveyor group alter` changes them).
     #[arg(long)]
     group: Option<String>,
     /// Delivery mode of the group.
@@ -158,10 +160,13 @@ async fn through_group(
     args: &ConsumeArgs,
     format: Format,
 ) -> CliResult {
+    // Join with the group's settings (a new group gets the defaults): a
+    // tool never changes them; `conveyor group alter` does.
     let config = match args.mode {
         Mode::Stream => GroupConfig::stream(),
         Mode::Queue => GroupConfig::queue(),
-    };
+    }
+    .with_join_settings(JoinSettings::UseExisting);
     let config = match args.from {
         Some(From::End) => config.with_start(StartFrom::Latest),
         _ => config,

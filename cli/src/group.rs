@@ -1,11 +1,14 @@
 //! `conveyor group …`
 
 use crate::exit::Exit;
-use crate::output::{out, out_json, table, thousands, CliError, CliResult, Format};
-use crate::time::parse_timestamp;
+use crate::output::{human_duration, out, out_json, table, thousands, CliError, CliResult, Format};
+use crate::time::{parse_duration, parse_timestamp};
 use crate::{fail, Access};
 use clap::{Subcommand, ValueEnum};
-use conveyor::{Broker, DeliveryMode, GroupConfig, GroupLag, SeekTo, StartFrom};
+use conveyor::{
+    Broker, DeliveryMode, GroupChanges, GroupConfig, GroupLag, JoinSettings, RetryBackoff, SeekTo,
+    StartFrom,
+};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,14 +75,56 @@ pub enum GroupCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Change a group's settings (the only way to change them: a member
+    /// joining with other settings is refused). Running members follow:
+    /// new leases use the new visibility timeout, the next failure the new
+    /// max deliveries and backoff.
+    #[command(after_help = "Examples:\n  \
+        conveyor group alter billing --visibility-timeout 10s --max-deliveries 3\n  \
+        conveyor group alter email --retry-backoff 1s..5m --dlq-topic email.dead\n  \
+        conveyor group alter email --default-dlq-topic --format json")]
+    Alter {
+        /// Group name.
+        group: String,
+        /// New visibility timeout (queue mode): 30s, 1500ms, 5m.
+        #[arg(long, value_parser = parse_duration)]
+        visibility_timeout: Option<Duration>,
+        /// New session timeout: members silent this long are removed.
+        #[arg(long, value_parser = parse_duration)]
+        session_timeout: Option<Duration>,
+        /// New number of deliveries before a message is dead-lettered.
+        #[arg(long)]
+        max_deliveries: Option<u32>,
+        /// New DLQ topic.
+        #[arg(long, conflicts_with = "default_dlq_topic")]
+        dlq_topic: Option<String>,
+        /// Go back to the default DLQ topic, `{topic}.{group}.dlq`.
+        #[arg(long)]
+        default_dlq_topic: bool,
+        /// New retry backoff: `DELAY` (fixed) or `INITIAL..MAX` (doubling).
+        #[arg(long, value_parser = parse_backoff)]
+        retry_backoff: Option<RetryBackoff>,
+    },
+}
+
+/// Parse `--retry-backoff`: `1s` (fixed) or `100ms..30s` (exponential,
+/// doubling).
+fn parse_backoff(s: &str) -> Result<RetryBackoff, String> {
+    match s.split_once("..") {
+        Some((initial, max)) => Ok(RetryBackoff::exponential(
+            parse_duration(initial)?,
+            parse_duration(max)?,
+        )),
+        None => Ok(RetryBackoff::fixed(parse_duration(s)?)),
+    }
 }
 
 impl GroupCommand {
     pub(crate) fn access(&self) -> Access {
         match self {
-            GroupCommand::ResetOffsets { dry_run: false, .. } | GroupCommand::Delete { .. } => {
-                Access::Write
-            }
+            GroupCommand::ResetOffsets { dry_run: false, .. }
+            | GroupCommand::Delete { .. }
+            | GroupCommand::Alter { .. } => Access::Write,
             _ => Access::Read,
         }
     }
@@ -114,6 +159,30 @@ fn config_json(c: &GroupConfig) -> serde_json::Value {
             "multiplier": c.retry_backoff.multiplier,
         },
     })
+}
+
+/// A group's settings as text lines, indented as `describe` prints.
+fn settings_text(c: &GroupConfig) -> String {
+    let b = &c.retry_backoff;
+    [
+        format!("  visibility:  {}", human_duration(c.visibility_timeout)),
+        format!("  session:     {}", human_duration(c.session_timeout)),
+        format!(
+            "  dlq:         after {} deliveries, to {}",
+            c.dlq.max_deliveries,
+            c.dlq
+                .topic
+                .as_deref()
+                .map_or("{topic}.{group}.dlq".to_string(), |t| format!("`{t}`"))
+        ),
+        format!(
+            "  backoff:     {} growing x{} to {}",
+            human_duration(b.initial),
+            b.multiplier,
+            human_duration(b.max)
+        ),
+    ]
+    .join("\n")
 }
 
 /// A group's lag as JSON.
@@ -180,6 +249,47 @@ pub async fn run(broker: &Arc<dyn Broker>, command: GroupCommand, format: Format
                 Format::Json => out_json(&json!({"group": group, "deleted": true}))?,
                 Format::Text => out(format!("deleted group `{group}`"))?,
             }
+        }
+        GroupCommand::Alter {
+            group,
+            visibility_timeout,
+            session_timeout,
+            max_deliveries,
+            dlq_topic,
+            default_dlq_topic,
+            retry_backoff,
+        } => {
+            let mut changes = GroupChanges::new();
+            if let Some(d) = visibility_timeout {
+                changes = changes.with_visibility_timeout(d);
+            }
+            if let Some(d) = session_timeout {
+                changes = changes.with_session_timeout(d);
+            }
+            if let Some(n) = max_deliveries {
+                changes = changes.with_max_deliveries(n);
+            }
+            if let Some(t) = dlq_topic {
+                changes = changes.with_dlq_topic(Some(t));
+            }
+            if default_dlq_topic {
+                changes = changes.with_dlq_topic(None);
+            }
+            if let Some(b) = retry_backoff {
+                changes = changes.with_retry_backoff(b);
+            }
+            if changes.is_empty() {
+                return Err(CliError::usage(
+                    "say what to change: --visibility-timeout, --session-timeout, \
+                     --max-deliveries, --dlq-topic, --default-dlq-topic or --retry-backoff",
+                ));
+            }
+            let now = broker.alter_group(&group, changes).await.map_err(fail)?;
+            if format == Format::Json {
+                return out_json(&json!({ "group": group, "config": config_json(&now) }));
+            }
+            out(format!("group `{group}`: settings changed"))?;
+            out(settings_text(&now))?;
         }
         GroupCommand::Lag { group } => {
             let lag = broker.group_lag(&group).await.map_err(fail)?;
@@ -305,6 +415,9 @@ async fn describe(broker: &Arc<dyn Broker>, group: &str, format: Format) -> CliR
     out(format!("group `{}`", lag.group))?;
     out(format!("  mode:        {}", mode_name(lag.mode)))?;
     out(format!("  topics:      {}", topics.join(", ")))?;
+    if let Some(c) = &d.config {
+        out(settings_text(c))?;
+    }
     if lag.mode == DeliveryMode::Stream {
         out(format!("  generation:  {}", d.generation))?;
     }
@@ -363,10 +476,12 @@ async fn reset(
     wanted: &[u32],
     target: SeekTo,
 ) -> CliResult {
+    // Join with the group's settings: a tool never changes them.
     let config = match mode {
         DeliveryMode::Stream => GroupConfig::stream(),
         DeliveryMode::Queue => GroupConfig::queue(),
-    };
+    }
+    .with_join_settings(JoinSettings::UseExisting);
     let consumer = broker
         .consumer(group, &[topic], config)
         .await

@@ -161,6 +161,7 @@ fn every_command_has_an_example_in_help() {
         vec!["group", "describe", "--help"],
         vec!["group", "lag", "--help"],
         vec!["group", "reset-offsets", "--help"],
+        vec!["group", "alter", "--help"],
         vec!["dlq", "list", "--help"],
         vec!["dlq", "redrive", "--help"],
         vec!["dlq", "purge", "--help"],
@@ -365,6 +366,101 @@ fn queue_group_consume_acks() {
         .assert()
         .success()
         .stdout(predicate::str::contains("total lag 0").and(predicate::str::contains("in flight")));
+}
+
+/// The `config` object of `conveyor group describe GROUP --format json`.
+fn described_config(store: &Store, group: &str) -> serde_json::Value {
+    let out = store
+        .run()
+        .args(["group", "describe", group, "--format", "json"])
+        .output()
+        .expect("run conveyor group describe");
+    assert!(out.status.success(), "{out:?}");
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("group describe prints JSON");
+    doc["config"].clone()
+}
+
+/// Issue 22 §2: `consume --group` and `group reset-offsets` join with the
+/// group's settings and change nothing; `group alter` changes them.
+#[test]
+fn group_settings_change_only_by_alter() {
+    let store = Store::with_topic("orders", 1);
+    store
+        .run()
+        .args(["produce", "orders"])
+        .write_stdin("a\nb\n")
+        .assert()
+        .success();
+    let consume = |store: &Store| {
+        store
+            .run()
+            .args([
+                "consume",
+                "orders",
+                "--group",
+                "billing",
+                "--mode",
+                "queue",
+                "--max",
+                "1",
+                "--wait-ms",
+                "200",
+            ])
+            .assert()
+            .success();
+    };
+    consume(&store);
+    store
+        .run()
+        .args([
+            "group",
+            "alter",
+            "billing",
+            "--visibility-timeout",
+            "10s",
+            "--max-deliveries",
+            "3",
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("settings changed").and(predicate::str::contains("10 s")));
+    let altered = described_config(&store, "billing");
+    assert_eq!(altered["visibility_timeout_ms"], 10_000, "{altered}");
+    assert_eq!(altered["dlq"]["max_deliveries"], 3, "{altered}");
+    // A tool joining the group changes nothing.
+    consume(&store);
+    store
+        .run()
+        .args([
+            "group",
+            "reset-offsets",
+            "billing",
+            "orders",
+            "--to",
+            "earliest",
+        ])
+        .assert()
+        .success();
+    store
+        .run()
+        .args(["group", "lag", "billing"])
+        .assert()
+        .success();
+    assert_eq!(described_config(&store, "billing"), altered);
+    // Nothing to change is a usage error; an unknown group is reported.
+    store
+        .run()
+        .args(["group", "alter", "billing"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("say what to change"));
+    store
+        .run()
+        .args(["group", "alter", "nobody", "--max-deliveries", "2"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("nobody"));
 }
 
 #[test]

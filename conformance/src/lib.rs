@@ -78,6 +78,7 @@ pub mod delayed;
 pub mod dlq;
 pub mod errors;
 pub mod faulty;
+pub mod group_settings;
 pub mod idempotency;
 pub mod kill;
 pub mod lag;
@@ -540,6 +541,13 @@ macro_rules! __for_each_case {
             max_size_record_dead_letters_and_redrives,
             lease_expiry_dead_letters_without_polling,
             redrive_reaches_only_the_failing_group,
+        );
+        $m!(group_settings:
+            differing_member_is_refused_and_changes_nothing,
+            member_using_existing_settings_gets_the_groups,
+            inspection_never_changes_settings,
+            alter_group_changes_settings_and_members_follow,
+            alter_group_refuses_bad_changes,
         );
         $m!(retention:
             by_age,

@@ -276,13 +276,18 @@ pub trait Broker: Send + Sync + 'static {
     async fn producer(&self) -> Result<Arc<dyn Producer>>;
 
     /// Join `group` for `topics` as a new member. Creates the group on first
-    /// use with `config`; later joiners' settings apply, except mode and
-    /// start.
+    /// use with `config`. A group's settings belong to the group: a later
+    /// member never changes them. It must give the same settings (compared
+    /// by [`crate::group_settings::differences`]) or join with
+    /// [`JoinSettings::UseExisting`](crate::JoinSettings::UseExisting);
+    /// only [`alter_group`](Broker::alter_group) changes them.
     ///
     /// # Errors
     /// `GroupModeMismatch` if the group exists in the other mode;
-    /// `TopicNotFound` (unless auto-create is on); `InvalidArgument` for a
-    /// bad group name or config, or no topics.
+    /// `InvalidArgument` if it exists with other settings (the message
+    /// names each field, stored and given) and `config.join` is
+    /// `MustMatch`; `TopicNotFound` (unless auto-create is on);
+    /// `InvalidArgument` for a bad group name or config, or no topics.
     ///
     /// # Cancel safety
     /// Not cancel safe: dropped mid-call, a member may have joined and will
@@ -293,6 +298,49 @@ pub trait Broker: Send + Sync + 'static {
         topics: &[&str],
         config: GroupConfig,
     ) -> Result<Arc<dyn Consumer>>;
+
+    /// Change a group's settings explicitly (contract §4): the fields
+    /// `changes` names, nothing else. Running members follow: leases taken
+    /// from now on use the new visibility timeout, the next failure the
+    /// new `max_deliveries` and backoff, the next heartbeat the new session
+    /// timeout. Returns the settings now stored.
+    ///
+    /// The default implementation answers `Unsupported`; every backend of
+    /// this workspace implements it.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> conveyor::Result<()> {
+    /// use conveyor::prelude::*;
+    /// use conveyor::GroupChanges;
+    /// use std::time::Duration;
+    ///
+    /// let broker = conveyor::open("memory://").await?;
+    /// broker.create_topic("orders", TopicConfig::new(1)).await?;
+    /// let _fleet = broker.consumer("billing", &["orders"], GroupConfig::queue()).await?;
+    /// let now = broker
+    ///     .alter_group("billing", GroupChanges::new().with_visibility_timeout(Duration::from_secs(10)))
+    ///     .await?;
+    /// assert_eq!(now.visibility_timeout, Duration::from_secs(10));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// `GroupNotFound`; `InvalidArgument` for a bad group name, no change,
+    /// or settings that are not valid (zero timeouts or `max_deliveries`);
+    /// `ReadOnly` on a read-only broker.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped mid-call, the change may or may not be
+    /// stored; altering again with the same changes is safe.
+    async fn alter_group(&self, group: &str, changes: crate::GroupChanges) -> Result<GroupConfig> {
+        let _ = changes;
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("group `{group}`: this backend cannot alter a group's settings"),
+        ))
+    }
 
     /// Names of all groups, sorted.
     ///
@@ -816,6 +864,28 @@ pub trait Consumer: Send + Sync {
     /// # Cancel safety
     /// Cancel safe.
     async fn assignment(&self) -> Result<Vec<TopicPartition>>;
+
+    /// The group's settings as stored now (they may differ from the config
+    /// this member joined with if it joined with
+    /// [`JoinSettings::UseExisting`](crate::JoinSettings::UseExisting), or
+    /// if [`Broker::alter_group`] changed them since). The
+    /// [`Runner`](crate::runner::Runner) takes its lease extension from
+    /// here, so the settings are given once.
+    ///
+    /// The default implementation answers `Unsupported` (for wrappers);
+    /// every backend of this workspace implements it.
+    ///
+    /// # Errors
+    /// `GroupNotFound` if the group was deleted.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
+    async fn group_config(&self) -> Result<GroupConfig> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "this consumer cannot report its group's settings",
+        ))
+    }
 
     /// The group's current generation (stream mode; 0 in queue mode).
     ///

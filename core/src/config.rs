@@ -3,6 +3,7 @@
 //! Plain structs with `Default` and `with_*` builders. Validation of these
 //! values lives in [`crate::backend::validate`], run once before anything is written.
 
+pub use crate::group_settings::JoinSettings;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -261,8 +262,11 @@ impl RetryBackoff {
     }
 }
 
-/// A consumer group's configuration. The delivery mode is fixed when the
-/// group is first created.
+/// A consumer group's configuration. The member that creates the group
+/// sets it; the delivery mode and start are fixed then, the other settings
+/// change only by [`Broker::alter_group`](crate::Broker::alter_group). A
+/// later member must give the same settings, or join with
+/// [`JoinSettings::UseExisting`] to take the group's (contract §4).
 ///
 /// ```
 /// use conveyor::{DlqPolicy, GroupConfig};
@@ -288,6 +292,10 @@ pub struct GroupConfig {
     pub dlq: DlqPolicy,
     /// Delay before a nacked message (without its own delay) is redelivered.
     pub retry_backoff: RetryBackoff,
+    /// What these settings mean if the group already exists: they must
+    /// match (default), or the group's are used. Not stored.
+    #[serde(skip)]
+    pub join: JoinSettings,
 }
 
 impl Default for GroupConfig {
@@ -299,6 +307,7 @@ impl Default for GroupConfig {
             session_timeout: Duration::from_secs(10),
             dlq: DlqPolicy::default(),
             retry_backoff: RetryBackoff::default(),
+            join: JoinSettings::MustMatch,
         }
     }
 }
@@ -338,6 +347,12 @@ impl GroupConfig {
     /// Set the retry backoff.
     pub fn with_retry_backoff(mut self, backoff: RetryBackoff) -> Self {
         self.retry_backoff = backoff;
+        self
+    }
+    /// Say what these settings mean if the group already exists (default
+    /// [`JoinSettings::MustMatch`]).
+    pub fn with_join_settings(mut self, join: JoinSettings) -> Self {
+        self.join = join;
         self
     }
 }

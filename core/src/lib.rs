@@ -32,6 +32,7 @@ pub mod dlq;
 mod embedded;
 mod engine;
 pub mod error;
+pub mod group_settings;
 mod headers;
 #[cfg(feature = "json")]
 pub mod json;
@@ -104,6 +105,7 @@ pub use describe::{
     TopicDescription,
 };
 pub use error::{Error, ErrorKind, Result};
+pub use group_settings::{GroupChanges, JoinSettings};
 pub use partitioner::{murmur2, partition_for_key};
 pub use record::{DeliveryToken, Header, Message, Receipt, Record};
 pub use retrying_producer::{RetryingProducer, SendRetry};

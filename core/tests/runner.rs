@@ -264,9 +264,7 @@ async fn a_handler_slower_than_the_visibility_timeout_runs_exactly_once() {
     };
     // Two at a time, asking for up to 64 a poll: bounded prefetch leases
     // only the two that start.
-    let config = RunnerConfig::for_group(&group)
-        .with_concurrency(2)
-        .with_batch(64);
+    let config = RunnerConfig::default().with_concurrency(2).with_batch(64);
     let stats = Runner::new(consumer, config)
         .run_until_idle(handler, Duration::from_millis(200))
         .await
@@ -287,7 +285,7 @@ async fn a_timed_out_handler_is_nacked_with_the_reason() {
         .consumer("workers", &["stuck"], group.clone())
         .await
         .unwrap();
-    let config = RunnerConfig::for_group(&group).with_handler_timeout(Duration::from_millis(100));
+    let config = RunnerConfig::default().with_handler_timeout(Duration::from_millis(100));
     let stats = Runner::new(consumer, config)
         .run_until_idle(
             |_m: Message| async move {
@@ -326,7 +324,7 @@ async fn question_mark_on_any_error_keeps_its_text_for_the_dlq() {
         .consumer("parse", &["events"], group.clone())
         .await
         .unwrap();
-    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+    let stats = Runner::new(consumer, RunnerConfig::default())
         .run_until_idle(
             |m: Message| async move {
                 let _event: serde_json::Value = serde_json::from_slice(&m.value)?;
@@ -574,7 +572,7 @@ async fn a_timed_out_idempotent_handler_runs_again() {
         .consumer("workers", &["jobs"], group.clone())
         .await
         .unwrap();
-    let config = RunnerConfig::for_group(&group).with_handler_timeout(Duration::from_millis(300));
+    let config = RunnerConfig::default().with_handler_timeout(Duration::from_millis(300));
     let stats = Runner::new(consumer, config)
         .run_until_idle(handler, Duration::from_millis(500))
         .await
@@ -608,7 +606,7 @@ async fn a_panicked_idempotent_handler_runs_again() {
         .await
         .unwrap();
     // The panic is a failure like an `Err`: nacked, and the runner goes on.
-    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+    let stats = Runner::new(consumer, RunnerConfig::default())
         .run_until_idle(handler, Duration::from_millis(300))
         .await
         .unwrap();
@@ -631,7 +629,7 @@ async fn a_panic_is_nacked_with_its_text() {
         .consumer("workers", &["jobs"], group.clone())
         .await
         .unwrap();
-    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+    let stats = Runner::new(consumer, RunnerConfig::default())
         .run_until_idle(
             |m: Message| async move {
                 let n: Option<u32> = std::str::from_utf8(&m.value).unwrap().parse().ok();
@@ -705,7 +703,7 @@ async fn an_idempotent_handler_stopped_with_its_runner_runs_again() {
     // The service stops: its runner's future is dropped mid-handler (the
     // consumer goes with it, releasing the lease).
     let running = tokio::spawn(
-        Runner::new(consumer, RunnerConfig::for_group(&group)).run(handler, std::future::pending()),
+        Runner::new(consumer, RunnerConfig::default()).run(handler, std::future::pending()),
     );
     entered.notified().await;
     running.abort();
@@ -730,7 +728,7 @@ async fn an_idempotent_handler_stopped_with_its_runner_runs_again() {
         entered,
     );
     let duplicates = handler.duplicates();
-    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+    let stats = Runner::new(consumer, RunnerConfig::default())
         .run_until_idle(handler, Duration::from_millis(300))
         .await
         .unwrap();
@@ -799,7 +797,7 @@ async fn a_permanent_failure_goes_to_the_dlq_at_once_with_its_reason() {
         .await
         .unwrap();
     let runs = Arc::new(AtomicU64::new(0));
-    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+    let stats = Runner::new(consumer, RunnerConfig::default())
         .with_dead_letters(Arc::new(broker.clone()), &group)
         .run_until_idle(never_parses(runs.clone()), Duration::from_millis(300))
         .await
@@ -847,7 +845,7 @@ async fn a_permanent_failure_in_stream_mode_is_dead_lettered_and_the_partition_g
         .await
         .unwrap();
     let runs = Arc::new(AtomicU64::new(0));
-    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+    let stats = Runner::new(consumer, RunnerConfig::default())
         .with_dead_letters(Arc::new(broker.clone()), &group)
         .run_until_idle(never_parses(runs.clone()), Duration::from_millis(300))
         .await
@@ -873,7 +871,7 @@ async fn without_a_dlq_a_permanent_failure_is_retried_and_counted_when_dead_lett
         .await
         .unwrap();
     let runs = Arc::new(AtomicU64::new(0));
-    let stats = Runner::new(consumer, RunnerConfig::for_group(&group))
+    let stats = Runner::new(consumer, RunnerConfig::default())
         .run_until_idle(never_parses(runs.clone()), Duration::from_millis(300))
         .await
         .unwrap();
@@ -1174,4 +1172,90 @@ async fn a_dropped_handler_forgets_through_a_store_that_must_wait() {
     handler.handle(message).await.unwrap();
     assert_eq!(completed.load(Ordering::SeqCst), 1);
     assert_eq!(handler.duplicates().load(Ordering::SeqCst), 0);
+}
+
+/// Issue 22: the runner's lease extension has one source, the group's
+/// stored settings. A consumer joined with the 30 s default, the group
+/// then altered to 300 ms: a runner built with the defaults extends by
+/// 300 ms (every 100 ms), so a 1 s handler runs once; extending by the
+/// 30 s the consumer joined with (every 10 s) would let each lease expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_extends_leases_by_the_groups_stored_timeout() {
+    let broker = broker_with("altered", 1, 3).await;
+    let consumer = broker
+        .consumer("workers", &["altered"], GroupConfig::queue())
+        .await
+        .unwrap();
+    let visibility = Duration::from_millis(300);
+    broker
+        .alter_group(
+            "workers",
+            conveyor_core::GroupChanges::new().with_visibility_timeout(visibility),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        consumer.group_config().await.unwrap().visibility_timeout,
+        visibility
+    );
+    let runs = Arc::new(Mutex::new(HashMap::<u64, u32>::new()));
+    let handler = {
+        let runs = runs.clone();
+        move |m: Message| {
+            let runs = runs.clone();
+            async move {
+                *runs.lock().unwrap().entry(m.offset).or_default() += 1;
+                tokio::time::sleep(visibility * 3).await;
+                Ok::<(), HandlerError>(())
+            }
+        }
+    };
+    let stats = Runner::new(consumer, RunnerConfig::default().with_concurrency(3))
+        .run_until_idle(handler, Duration::from_millis(200))
+        .await
+        .unwrap();
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    assert!(runs.values().all(|n| *n == 1), "ran twice: {runs:?}");
+    assert_eq!(stats.succeeded, 3);
+    assert_eq!(stats.settle_refused, 0, "{stats:?}");
+}
+
+/// Issue 22: a runner's permanent failures go to the group's DLQ topic as
+/// stored now, not to the one in the config given to `with_dead_letters`
+/// (the DLQ topic was altered after the consumer joined).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_go_to_the_groups_stored_dlq_topic() {
+    let broker = broker_with("orders", 1, 0).await;
+    broker
+        .producer()
+        .await
+        .unwrap()
+        .send("orders", Record::new("not a number"))
+        .await
+        .unwrap();
+    let group = GroupConfig::queue().with_dlq(DlqPolicy::new(10));
+    let consumer = broker
+        .consumer("billing", &["orders"], group.clone())
+        .await
+        .unwrap();
+    broker
+        .alter_group(
+            "billing",
+            conveyor_core::GroupChanges::new().with_dlq_topic(Some("billing.dead".into())),
+        )
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let stats = Runner::new(consumer, RunnerConfig::default())
+        .with_dead_letters(Arc::new(broker.clone()), &group)
+        .run_until_idle(never_parses(runs.clone()), Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+    assert_eq!(dead_letters(&broker, "billing.dead").await.len(), 1);
+    assert!(broker
+        .fetch("orders.billing.dlq", 0, 0, 10)
+        .await
+        .is_err_and(|e| e.kind() == conveyor_core::ErrorKind::TopicNotFound));
 }

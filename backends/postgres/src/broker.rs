@@ -696,6 +696,19 @@ impl Broker for PgBroker {
             .await
     }
 
+    async fn alter_group(
+        &self,
+        group: &str,
+        changes: conveyor_core::GroupChanges,
+    ) -> Result<GroupConfig> {
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.inner.check_open()?;
+                crate::group_alter::alter_group(&self.inner, group, &changes).await
+            })
+            .await
+    }
+
     async fn list_groups(&self) -> Result<Vec<String>> {
         self.inner
             .bounded(Duration::ZERO, async move {

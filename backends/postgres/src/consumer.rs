@@ -236,6 +236,15 @@ async fn dead_letter(
 
 #[async_trait]
 impl Consumer for PgConsumer {
+    async fn group_config(&self) -> Result<GroupConfig> {
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.check_open()?;
+                PgConsumer::group_config(self).await
+            })
+            .await
+    }
+
     async fn poll(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
         self.inner
             .bounded(timeout, async move {

@@ -7,7 +7,7 @@ use crate::consumer::PgConsumer;
 use crate::error::during;
 use conveyor_core::backend::{assign, validate, MemberSubscription};
 use conveyor_core::{
-    DeliveryMode, Error, ErrorKind, GroupConfig, Result, StartFrom, TopicPartition,
+    DeliveryMode, Error, ErrorKind, GroupConfig, JoinSettings, Result, StartFrom, TopicPartition,
 };
 use sqlx::{PgConnection, Row};
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,16 +35,26 @@ pub(crate) async fn join(
     let mut tx = crate::tx::Tx::begin(&inner.pool)
         .await
         .map_err(during(&what))?;
-    sqlx::query(
+    // The creator's settings are stored; a later member never changes
+    // them (contract §4): it must bring the same ones, or join with the
+    // group's (`JoinSettings::UseExisting`).
+    let mut stored_config = config.clone();
+    stored_config.join = JoinSettings::MustMatch;
+    let created = sqlx::query(
         "INSERT INTO groups (name, mode, config, session_ms, visibility_ms, max_deliveries)
-         VALUES ($1, $2, $3, 0, 0, 0) ON CONFLICT (name) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
     )
     .bind(group)
     .bind(config.mode.name())
-    .bind(config_json(&config)?)
+    .bind(config_json(&stored_config)?)
+    .bind(millis(config.session_timeout))
+    .bind(millis(config.visibility_timeout))
+    .bind(config.dlq.max_deliveries.min(i32::MAX as u32) as i32)
     .execute(&mut *tx)
     .await
-    .map_err(during(&what))?;
+    .map_err(during(&what))?
+    .rows_affected()
+        == 1;
     let row = sqlx::query("SELECT mode, config FROM groups WHERE name = $1 FOR UPDATE")
         .bind(group)
         .fetch_one(&mut *tx)
@@ -60,23 +70,11 @@ pub(crate) async fn join(
             ),
         ));
     }
-    let stored: GroupConfig = serde_json::from_value(row.get(1))
+    let effective: GroupConfig = serde_json::from_value(row.get(1))
         .map_err(|e| Error::internal(format!("{what}: stored config is unreadable: {e}")))?;
-    // The latest member's settings apply; mode and start stay.
-    let mut effective = config.clone();
-    effective.start = stored.start;
-    sqlx::query(
-        "UPDATE groups SET config = $2, session_ms = $3, visibility_ms = $4, max_deliveries = $5
-         WHERE name = $1",
-    )
-    .bind(group)
-    .bind(config_json(&effective)?)
-    .bind(millis(effective.session_timeout))
-    .bind(millis(effective.visibility_timeout))
-    .bind(effective.dlq.max_deliveries.min(i32::MAX as u32) as i32)
-    .execute(&mut *tx)
-    .await
-    .map_err(during(&what))?;
+    if !created {
+        conveyor_core::group_settings::check_join(group, &effective, &config)?;
+    }
     let list: Vec<String> = names.iter().cloned().collect();
     let found: Vec<String> = sqlx::query_scalar("SELECT name FROM topics WHERE name = ANY($1)")
         .bind(&list)
@@ -150,7 +148,7 @@ pub(crate) async fn join(
 }
 
 /// Heartbeat of one member, and expiry of the silent ones; returns the
-/// group's session timeout (the latest joiner's setting). The fast path
+/// group's session timeout (as stored: the creator's, or `alter_group`'s). The fast path
 /// is one statement (this member is fresh, nobody expired); otherwise the
 /// group row is locked, silent members are removed (their leases
 /// released), this member joins again if `rejoin` and it was removed, and

@@ -276,6 +276,7 @@ mod connect;
 mod consumer;
 mod error;
 mod group;
+mod group_alter;
 mod produce;
 mod queries;
 mod retention;

@@ -1262,6 +1262,20 @@ impl Broker for RedisBroker {
             .await
     }
 
+    async fn alter_group(
+        &self,
+        group: &str,
+        changes: conveyor_core::GroupChanges,
+    ) -> Result<GroupConfig> {
+        self.inner.check_open()?;
+        self.inner
+            .bounded(
+                Duration::ZERO,
+                crate::group_alter::alter_group(&self.inner, group, &changes),
+            )
+            .await
+    }
+
     async fn list_groups(&self) -> Result<Vec<String>> {
         self.inner.check_open()?;
         self.inner

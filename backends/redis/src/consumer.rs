@@ -18,8 +18,8 @@ use bytes::Bytes;
 use conveyor_core::backend::{assign, poll_until, validate, MemberPartition, MemberSubscription};
 use conveyor_core::dlq::{self, DeadLetter};
 use conveyor_core::{
-    BatchAck, Consumer, DeliveryMode, Error, ErrorKind, GroupConfig, Message, NackOptions,
-    NackOutcome, Result, SeekTo, StartFrom, TopicConfig, TopicPartition,
+    BatchAck, Consumer, DeliveryMode, Error, ErrorKind, GroupConfig, JoinSettings, Message,
+    NackOptions, NackOutcome, Result, SeekTo, StartFrom, TopicConfig, TopicPartition,
 };
 use parking_lot::Mutex;
 use redis::Value;
@@ -72,32 +72,55 @@ pub(crate) async fn join(
         StartFrom::Latest => "latest",
         _ => "earliest",
     };
-    let got: Vec<Value> = SCRIPTS
-        .join
-        .key(&k.meta)
-        .key(&k.members)
-        .key(&k.subs)
-        .key(&k.topics)
-        .arg(config.mode.name())
-        .arg(start)
-        .arg(millis(config.session_timeout))
-        .arg(millis(config.visibility_timeout))
-        .arg(config.dlq.max_deliveries)
-        .arg(&config_json)
-        .arg(list.join(","))
-        .arg(new_member_id())
-        .invoke_async(&mut inner.conn())
-        .await
-        .map_err(|e| match (e.code(), e.detail()) {
-            (Some("MODE"), Some(mode)) => Error::new(
-                ErrorKind::GroupModeMismatch,
-                format!(
-                    "group `{group}` is a {mode}-mode group; cannot join it in {} mode",
-                    config.mode.name()
-                ),
-            ),
-            _ => map_err(&what, e),
-        })?;
+    // The group's settings are its own (contract §4): the script refuses
+    // a member whose config differs ("SETTINGS"); the fields are compared
+    // here, and a config that differs only in its JSON's spelling (another
+    // version's) joins with the group's.
+    let mut join = match config.join {
+        JoinSettings::MustMatch => "match",
+        JoinSettings::UseExisting => "existing",
+    };
+    let got: Vec<Value> = loop {
+        let joined = SCRIPTS
+            .join
+            .key(&k.meta)
+            .key(&k.members)
+            .key(&k.subs)
+            .key(&k.topics)
+            .arg(config.mode.name())
+            .arg(start)
+            .arg(millis(config.session_timeout))
+            .arg(millis(config.visibility_timeout))
+            .arg(config.dlq.max_deliveries)
+            .arg(&config_json)
+            .arg(list.join(","))
+            .arg(new_member_id())
+            .arg(join)
+            .invoke_async(&mut inner.conn())
+            .await;
+        match joined {
+            Ok(got) => break got,
+            Err(e) => match (e.code(), e.detail()) {
+                (Some("MODE"), Some(mode)) => {
+                    return Err(Error::new(
+                        ErrorKind::GroupModeMismatch,
+                        format!(
+                            "group `{group}` is a {mode}-mode group; cannot join it in {} mode",
+                            config.mode.name()
+                        ),
+                    ))
+                }
+                (Some("SETTINGS"), Some(stored)) if join == "match" => {
+                    let stored: GroupConfig = serde_json::from_str(stored).map_err(|e| {
+                        Error::internal(format!("{what}: stored config is unreadable: {e}"))
+                    })?;
+                    conveyor_core::group_settings::check_join(group, &stored, &config)?;
+                    join = "existing";
+                }
+                _ => return Err(map_err(&what, e)),
+            },
+        }
+    };
     let mut it = got.into_iter();
     let member = reply::uint(&it.next().unwrap_or_default())?;
     let stored_start = reply::string(it.next().unwrap_or_default())?;
@@ -525,6 +548,15 @@ async fn dead_letter(
 
 #[async_trait]
 impl Consumer for RedisConsumer {
+    async fn group_config(&self) -> Result<GroupConfig> {
+        self.inner
+            .bounded(Duration::ZERO, async move {
+                self.check_open()?;
+                RedisConsumer::group_config(self).await
+            })
+            .await
+    }
+
     async fn poll(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
         self.inner
             .bounded(timeout, async move {

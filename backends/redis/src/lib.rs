@@ -182,7 +182,7 @@
 //! runs. So reads are plain pipelines; the scripts that read, settle or
 //! keep membership (`queue_poll`, `queue_settle`, `queue_state`,
 //! `queue_dead`, `queue_seek`, `commit`, `commit_init`, `join`,
-//! `group_register`, `group_touch`, `heartbeat`, `rebalance`, `leave`,
+//! `group_register`, `group_alter`, `group_touch`, `heartbeat`, `rebalance`, `leave`,
 //! `retain`, `topic_delete`) declare `#!lua flags=allow-oom` (their writes are
 //! small, and settling and retention free memory), `find_time` declares
 //! `no-writes`, and `append.lua` declares `#!lua` with no flag, so a full
@@ -548,6 +548,7 @@ mod admin;
 mod broker;
 mod conn;
 mod consumer;
+mod group_alter;
 mod keys;
 mod migrate;
 mod produce;

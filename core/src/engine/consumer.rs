@@ -11,7 +11,7 @@ use super::{millis, persist, Inner, LogStorage, ReadRange, StateKey, MAX_POLL_BY
 use crate::broker::{
     BatchAck, Consumer, NackOptions, NackOutcome, TopicPartition, MAX_REDELIVERY_DELAY,
 };
-use crate::config::{DeliveryMode, SeekTo};
+use crate::config::{DeliveryMode, GroupConfig, SeekTo};
 use crate::dlq::{self, DeadLetter};
 use crate::error::{Error, ErrorKind, Result};
 use crate::now_ms;
@@ -700,6 +700,10 @@ fn min_due(a: Option<u64>, b: u64) -> u64 {
 
 #[async_trait]
 impl<S: LogStorage> Consumer for EngineConsumer<S> {
+    async fn group_config(&self) -> Result<GroupConfig> {
+        self.inner.group_settings(self.group())
+    }
+
     async fn poll(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
         self.check_open()?;
         if max == 0 {

@@ -2,6 +2,7 @@
 //! group lag.
 
 use super::*;
+use crate::config::JoinSettings;
 
 impl<S: LogStorage> Inner<S> {
     pub(super) async fn join(
@@ -26,23 +27,26 @@ impl<S: LogStorage> Inner<S> {
             if let Some(t) = names.iter().find(|t| !state.topics.contains_key(*t)) {
                 return Err(Error::topic_not_found(t));
             }
-            let g = state
-                .groups
-                .entry(group.to_string())
-                .or_insert_with(|| Group::new(group, config.clone()));
-            if g.config.mode != config.mode {
-                return Err(Error::new(
-                    ErrorKind::GroupModeMismatch,
-                    format!(
-                        "group `{group}` is a {:?}-mode group; cannot join it in {:?} mode",
-                        g.config.mode, config.mode
-                    ),
-                ));
+            if let Some(g) = state.groups.get(group) {
+                if g.config.mode != config.mode {
+                    return Err(Error::new(
+                        ErrorKind::GroupModeMismatch,
+                        format!(
+                            "group `{group}` is a {:?}-mode group; cannot join it in {:?} mode",
+                            g.config.mode, config.mode
+                        ),
+                    ));
+                }
+                // The group's settings are its own: a member never changes
+                // them, and one whose settings differ is told.
+                crate::group_settings::check_join(group, &g.config, &config)?;
             }
-            // The latest member's settings apply; mode and start stay.
+            let g = state.groups.entry(group.to_string()).or_insert_with(|| {
+                let mut stored = config.clone();
+                stored.join = JoinSettings::MustMatch;
+                Group::new(group, stored)
+            });
             let start = g.config.start;
-            g.config = config.clone();
-            g.config.start = start;
             // A topic new to the group starts where the group's `start` says.
             let new_topics: Vec<String> = names.difference(&g.topics).cloned().collect();
             for t in &new_topics {

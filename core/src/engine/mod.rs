@@ -13,6 +13,7 @@ mod consumer;
 mod dedup;
 mod group;
 mod group_admin;
+mod group_settings;
 mod idempotency;
 mod lease;
 mod membership;
@@ -367,6 +368,16 @@ impl<S: LogStorage> Broker for Engine<S> {
         self.inner
             .check_writable(&format!("join group `{group}`"))?;
         self.inner.join(group, topics, config).await
+    }
+
+    async fn alter_group(
+        &self,
+        group: &str,
+        changes: crate::group_settings::GroupChanges,
+    ) -> Result<GroupConfig> {
+        self.inner
+            .check_writable(&format!("alter group `{group}`"))?;
+        self.inner.alter_group(group, &changes).await
     }
 
     async fn list_groups(&self) -> Result<Vec<String>> {

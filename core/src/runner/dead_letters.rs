@@ -4,7 +4,7 @@
 //! producer API before the message is settled. It does not decide what is
 //! permanent, nor settle the message.
 
-use crate::broker::{Broker, Producer, ProducerExt};
+use crate::broker::{Broker, Consumer, Producer, ProducerExt};
 use crate::config::{DlqPolicy, TopicConfig};
 use crate::dlq::{dead_letter_record, DeadLetter};
 use crate::error::{Error, ErrorKind, Result};
@@ -34,14 +34,27 @@ impl DeadLetters {
 
     /// Append `message`'s DLQ record (built as the brokers build theirs)
     /// to its DLQ topic, creating the topic if needed; the topic's name.
-    pub(super) async fn send(&self, message: &Message, reason: &str) -> Result<String> {
+    /// The topic is the group's as stored now (`consumer`'s
+    /// [`Consumer::group_config`], so an `alter_group` of the DLQ topic
+    /// applies), or the policy given to the runner if it cannot say.
+    pub(super) async fn send(
+        &self,
+        consumer: &dyn Consumer,
+        message: &Message,
+        reason: &str,
+    ) -> Result<String> {
         let group = message.token().group().ok_or_else(|| {
             Error::invalid(format!(
                 "{} was read without a group: it cannot be dead-lettered",
                 message.position()
             ))
         })?;
-        let dlq = self.policy.topic_for(&message.topic, group);
+        let policy = match consumer.group_config().await {
+            Ok(config) => config.dlq,
+            Err(e) if e.kind() == ErrorKind::Unsupported => self.policy.clone(),
+            Err(e) => return Err(e),
+        };
+        let dlq = policy.topic_for(&message.topic, group);
         if !self.created.lock().contains(&dlq) {
             match self.broker.create_topic(&dlq, TopicConfig::new(1)).await {
                 Ok(()) => {}

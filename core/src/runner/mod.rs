@@ -13,10 +13,12 @@
 //!   again when a quarter of the handler slots are free (or one, below a
 //!   concurrency of 8), so a busy runner makes few, fuller polls.
 //! - **Lease extension**: in queue mode, while a handler runs, its lease
-//!   is extended by the visibility timeout every third of it
-//!   ([`RunnerConfig::visibility_timeout`], copied from the group by
-//!   [`RunnerConfig::for_group`]): a handler slower than the timeout still
-//!   runs once, and a crashed process's leases still expire.
+//!   is extended by the visibility timeout every third of it: the group's,
+//!   as stored ([`Consumer::group_config`], read when the runner starts and
+//!   every 10 s, so an `alter_group` reaches running runners), unless
+//!   [`RunnerConfig::visibility_timeout`] sets one. A handler slower than
+//!   the timeout still runs once, and a crashed process's leases still
+//!   expire.
 //! - **Handler timeout** ([`RunnerConfig::handler_timeout`]): a handler
 //!   running longer is dropped and its message nacked with the reason
 //!   "handler timed out after ...". A handler that panics is a failure
@@ -60,8 +62,9 @@
 //!     producer.send("orders", Record::new(format!(r#"{{"order":{i}}}"#))).await?;
 //! }
 //! let group = GroupConfig::queue().with_visibility_timeout(Duration::from_secs(30));
-//! let consumer = broker.consumer("email", &["orders"], group.clone()).await?;
-//! let config = RunnerConfig::for_group(&group)
+//! let consumer = broker.consumer("email", &["orders"], group).await?;
+//! // Leases are extended by the group's visibility timeout: given once.
+//! let config = RunnerConfig::default()
 //!     .with_concurrency(4)
 //!     .with_handler_timeout(Duration::from_secs(60));
 //! let stats = Runner::new(consumer, config)
@@ -87,6 +90,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::record::Message;
 use dead_letters::DeadLetters;
 use futures::future::{FutureExt, Shared};
+use lease_extension::LeaseExtension;
 use outage::Outage;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -98,6 +102,7 @@ use std::time::{Duration, Instant};
 mod dead_letters;
 mod handler;
 mod idempotent;
+mod lease_extension;
 mod outage;
 
 pub use handler::{Handler, HandlerError};
@@ -114,12 +119,12 @@ pub use tokio_util::sync::CancellationToken;
 /// use conveyor::GroupConfig;
 /// use std::time::Duration;
 ///
-/// let group = GroupConfig::queue().with_visibility_timeout(Duration::from_secs(60));
-/// let config = RunnerConfig::for_group(&group)
+/// // The lease extension follows the consumer's group: nothing to repeat.
+/// let config = RunnerConfig::default()
 ///     .with_concurrency(8)
 ///     .with_handler_timeout(Duration::from_secs(300))
 ///     .with_max_per_second(200);
-/// assert_eq!(config.visibility_timeout, Duration::from_secs(60));
+/// assert_eq!(config.visibility_timeout, None);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -132,12 +137,14 @@ pub struct RunnerConfig {
     pub batch: usize,
     /// How long one poll waits (default 500 ms).
     pub poll_timeout: Duration,
-    /// Queue mode: the group's visibility timeout (default 30 s, the
-    /// group default; [`RunnerConfig::for_group`] copies it). While a
-    /// handler runs, its lease is extended by this much every third of it
-    /// (SQS clients' visibility heartbeat), so a handler slower than the
-    /// timeout still runs once.
-    pub visibility_timeout: Duration,
+    /// Queue mode: while a handler runs, its lease is extended by this
+    /// much every third of it (SQS clients' visibility heartbeat), so a
+    /// handler slower than the timeout still runs once. `None` (default):
+    /// the group's visibility timeout as stored
+    /// ([`Consumer::group_config`]), read when the runner starts and every
+    /// 10 s; 30 s if the consumer cannot report it. Set it only to extend
+    /// by something other than the group's timeout.
+    pub visibility_timeout: Option<Duration>,
     /// Queue mode: extend the leases of running handlers (default on).
     pub extend_leases: bool,
     /// A handler running longer than this is dropped and its message
@@ -160,7 +167,7 @@ impl Default for RunnerConfig {
             concurrency: 16,
             batch: 64,
             poll_timeout: Duration::from_millis(500),
-            visibility_timeout: Duration::from_secs(30),
+            visibility_timeout: None,
             extend_leases: true,
             handler_timeout: None,
             max_per_second: None,
@@ -173,10 +180,17 @@ impl Default for RunnerConfig {
 }
 
 impl RunnerConfig {
-    /// The defaults, with the visibility timeout of the group the runner's
-    /// consumer was joined with.
+    /// The defaults. The runner reads the group's settings from its
+    /// consumer ([`Consumer::group_config`]), so `group` is not needed:
+    /// this is [`RunnerConfig::default`], which follows the group's stored
+    /// visibility timeout (also after an `alter_group`).
+    #[deprecated(
+        since = "0.2.0",
+        note = "the runner takes the group's settings from its consumer: use RunnerConfig::default()"
+    )]
     pub fn for_group(group: &crate::config::GroupConfig) -> Self {
-        RunnerConfig::default().with_visibility_timeout(group.visibility_timeout)
+        let _ = group;
+        RunnerConfig::default()
     }
     /// Set the number of handlers running at once (at least 1).
     pub fn with_concurrency(mut self, n: usize) -> Self {
@@ -193,10 +207,11 @@ impl RunnerConfig {
         self.poll_timeout = d;
         self
     }
-    /// Set the group's visibility timeout (queue mode: leases of running
-    /// handlers are extended by it every third of it).
+    /// Extend leases of running handlers by `d` (every third of it)
+    /// instead of the group's visibility timeout. `Duration::ZERO` turns
+    /// the extension off.
     pub fn with_visibility_timeout(mut self, d: Duration) -> Self {
-        self.visibility_timeout = d;
+        self.visibility_timeout = Some(d);
         self
     }
     /// Turn the automatic lease extension of running handlers on or off.
@@ -299,8 +314,11 @@ impl Runner {
     }
 
     /// Dead-letter [permanent](HandlerError::permanent) failures at once,
-    /// through `broker` (the one the consumer came from), to the DLQ
-    /// topic of `group` (the config the consumer joined with): by default
+    /// through `broker` (the one the consumer came from), to the group's
+    /// DLQ topic as stored when the failure happens
+    /// ([`Consumer::group_config`], so it follows an `alter_group`; the
+    /// `group` given here is used only if the consumer cannot report its
+    /// group's settings): by default
     /// `{topic}.{group}.dlq`, created when first needed, as the broker
     /// does for messages out of attempts. The DLQ record is the one the
     /// broker would write (`conveyor.dlq.*` headers, the handler's reason
@@ -441,6 +459,8 @@ impl Runner {
         let acks = Arc::new(AckBatcher::default());
         let mut pace = self.config.max_per_second.map(Pace::new);
         let config = self.config;
+        let extension =
+            Arc::new(LeaseExtension::new(&*self.consumer, self.config.visibility_timeout).await);
         tokio::pin!(shutdown);
         loop {
             // Reap finished tasks so errors surface.
@@ -500,6 +520,7 @@ impl Runner {
                     break;
                 }
             };
+            extension.refresh(&*self.consumer).await;
             if messages.is_empty() {
                 chains.retain(|_, c| c.peek().is_none());
                 continue;
@@ -520,6 +541,7 @@ impl Runner {
                 let rewinds = rewinds.clone();
                 let acks = acks.clone();
                 let dead_letters = dead_letters.clone();
+                let extension = extension.clone();
                 // Stream mode: a partition's lanes run one after another, in
                 // the order they were polled.
                 let (done, previous) = match lane.first() {
@@ -543,6 +565,7 @@ impl Runner {
                         acks: &acks,
                         dead_letters: dead_letters.as_deref(),
                         config: &config,
+                        extension: &extension,
                     };
                     lane_ctx.run(lane).await;
                     drop(done);
@@ -640,6 +663,7 @@ async fn handle_one(
     handler: &dyn Handler,
     message: &Message,
     config: &RunnerConfig,
+    extension: &LeaseExtension,
 ) -> Result<(), HandlerError> {
     // A panic is a failure like any other: the message is nacked with
     // the panic's text, and the runner goes on.
@@ -667,14 +691,18 @@ async fn handle_one(
         }
     };
     let queue = message.token().mode() == Some(DeliveryMode::Queue);
-    if !queue || !config.extend_leases || config.visibility_timeout.is_zero() {
+    if !queue || !config.extend_leases || extension.current().is_zero() {
         return work.await;
     }
     let heartbeat = async {
-        let every = config.visibility_timeout / 3;
         loop {
-            tokio::time::sleep(every).await;
-            if let Err(e) = consumer.extend(message, config.visibility_timeout).await {
+            // The group's timeout may change while the handler runs.
+            let by = extension.current();
+            if by.is_zero() {
+                return std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(by / 3).await;
+            if let Err(e) = consumer.extend(message, by).await {
                 tracing::warn!(message = %message.position(), error = %e, "lease extension refused");
                 return std::future::pending::<()>().await;
             }
@@ -781,6 +809,7 @@ struct Lane<'a> {
     acks: &'a AckBatcher,
     dead_letters: Option<&'a DeadLetters>,
     config: &'a RunnerConfig,
+    extension: &'a LeaseExtension,
 }
 
 /// After a message of a lane: go on with the next, or stop the lane (its
@@ -809,7 +838,15 @@ impl Lane<'_> {
                     None => {}
                 }
             }
-            let then = match handle_one(self.consumer, self.handler, &message, self.config).await {
+            let then = match handle_one(
+                self.consumer,
+                self.handler,
+                &message,
+                self.config,
+                self.extension,
+            )
+            .await
+            {
                 Ok(()) => self.ack(&message, false).await,
                 Err(failure) => {
                     self.counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -849,7 +886,10 @@ impl Lane<'_> {
     async fn failed(&self, message: &Message, failure: HandlerError, stream: bool) -> Then {
         if failure.permanent {
             match self.dead_letters {
-                Some(dead_letters) => match dead_letters.send(message, &failure.reason).await {
+                Some(dead_letters) => match dead_letters
+                    .send(self.consumer, message, &failure.reason)
+                    .await
+                {
                     Ok(dlq) => {
                         self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(message = %message.position(), attempt = message.attempt, dlq = %dlq, reason = %failure, "permanent failure: dead-lettered");
