@@ -400,6 +400,9 @@ async fn a_server_restarted_without_aof_is_checked_after_a_silent_reconnection()
     restarted_without_aof(Duration::from_secs(3)).await;
 }
 
+/// The body of the two cases above (a test's own body may unwrap; this
+/// helper does the same).
+#[allow(clippy::unwrap_used)]
 async fn restarted_without_aof(quiet: Duration) {
     let mut server = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
     let t = Topology::single(server.url());
