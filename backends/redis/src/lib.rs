@@ -515,6 +515,12 @@
 //!   11. `perf` on the read bench put most of the client's time in the
 //!   `redis` crate's reply parser and malloc; this is what lifted reads
 //!   from ~50% to ~75% of raw (raw stores one field).
+//! - **Then as `v` alone, the time in the entry id** (`N-<ms>`): 5 bulk
+//!   strings per entry, as raw's; reads 68% → 85% of raw. An append
+//!   passes such a record as two arguments (`v`, value) instead of nine:
+//!   produce 61% → 81% of raw. Up to four ack pipelines of a partition in
+//!   flight instead of one: ack each 58–63% → 91–106% of raw
+//!   (`docs/performance-notes.md`, the server-speed round).
 //!
 //! What is missed, and why:
 //!
