@@ -367,17 +367,7 @@ async fn records_of_the_old_entry_form_are_read_with_their_times() {
     for v in ["a", "b"] {
         p.send("t", Record::new(v)).await.unwrap();
     }
-    let id = common::raw_command(server.port, &format!("HGET {{{ns}/m}}:topics t")).unwrap();
-    let log = format!("{{{ns}/t{id}.0}}:log");
-    // The two records again, as the earlier version wrote them (the meta
-    // hash, with their end and bytes, stays as the appends left it).
-    for cmd in [
-        format!("DEL {log}"),
-        format!("XADD {log} 0-1 t 1000 v a"),
-        format!("XADD {log} 1-1 t 2000 s 1 v b"),
-    ] {
-        common::raw_command(server.port, &cmd).unwrap();
-    }
+    as_the_old_form(&server, ns, "t");
     let before = conveyor_core::now_ms();
     let new = p.send("t", Record::new("c")).await.unwrap();
     assert_eq!(new.offset, 2);
@@ -429,15 +419,7 @@ async fn records_of_the_old_entry_form_are_read_with_their_times() {
     for v in ["a", "b"] {
         p.send("r", Record::new(v)).await.unwrap();
     }
-    let id = common::raw_command(server.port, &format!("HGET {{{ns}/m}}:topics r")).unwrap();
-    let log = format!("{{{ns}/t{id}.0}}:log");
-    for cmd in [
-        format!("DEL {log}"),
-        format!("XADD {log} 0-1 t 1000 v a"),
-        format!("XADD {log} 1-1 t 2000 s 1 v b"),
-    ] {
-        common::raw_command(server.port, &cmd).unwrap();
-    }
+    as_the_old_form(&server, ns, "r");
     p.send("r", Record::new("c")).await.unwrap();
     // Describing a topic applies its retention first.
     let d = b.describe_topic("r").await.unwrap();
@@ -449,4 +431,21 @@ async fn records_of_the_old_entry_form_are_read_with_their_times() {
     let kept = b.fetch("r", 0, 0, 10).await.unwrap();
     assert_eq!(kept.iter().map(|m| m.offset).collect::<Vec<_>>(), [2]);
     b.close().await.unwrap();
+}
+
+/// Rewrite the two records `a` and `b` of `topic` (partition 0, offsets
+/// 0 and 1) as the earlier version wrote them: ids `N-1`, the times 1000
+/// and 2000 in a field `t`. The meta hash (end, bytes) stays as the
+/// appends left it.
+#[allow(clippy::unwrap_used)]
+fn as_the_old_form(server: &RedisServer, ns: &str, topic: &str) {
+    let id = common::raw_command(server.port, &format!("HGET {{{ns}/m}}:topics {topic}")).unwrap();
+    let log = format!("{{{ns}/t{id}.0}}:log");
+    for cmd in [
+        format!("DEL {log}"),
+        format!("XADD {log} 0-1 t 1000 v a"),
+        format!("XADD {log} 1-1 t 2000 s 1 v b"),
+    ] {
+        common::raw_command(server.port, &cmd).unwrap();
+    }
 }
