@@ -327,6 +327,181 @@ fn latency_of<'a>(results: &'a Results, backend: &str) -> Option<&'a LatencyRow>
         .find(|l| !l.raw && l.backend == backend)
 }
 
+/// A server backend's speed target: a share of its raw engine's rate on
+/// a workload (`at_least`), or, for latency (`workload` "latency/p50" or
+/// "latency/p99"), a multiple of the raw latency (`at_most`).
+struct Target {
+    backend: &'static str,
+    what: &'static str,
+    workload: &'static str,
+    at_least: f64,
+    at_most: f64,
+}
+
+/// The server backends' speed targets, each against the raw engine in
+/// the same run.
+const SERVER_TARGETS: &[Target] = &[
+    Target {
+        backend: "postgres",
+        what: "read",
+        workload: "read/from_start",
+        at_least: 0.30,
+        at_most: 0.0,
+    },
+    Target {
+        backend: "postgres",
+        what: "queue, 1 partition, ack each",
+        workload: "queue/single_ack_1p",
+        at_least: 0.60,
+        at_most: 0.0,
+    },
+    Target {
+        backend: "postgres",
+        what: "queue, 1 partition, batch ack",
+        workload: "queue/batch_ack_1p",
+        at_least: 0.40,
+        at_most: 0.0,
+    },
+    Target {
+        backend: "postgres",
+        what: "produce, batch 100",
+        workload: "produce/batch_100",
+        at_least: 0.60,
+        at_most: 0.0,
+    },
+    Target {
+        backend: "postgres",
+        what: "latency p50",
+        workload: "latency/p50",
+        at_least: 0.0,
+        at_most: 3.0,
+    },
+    Target {
+        backend: "postgres",
+        what: "latency p99",
+        workload: "latency/p99",
+        at_least: 0.0,
+        at_most: 2.5,
+    },
+    Target {
+        backend: "redis",
+        what: "queue, ack each",
+        workload: "queue/single_ack",
+        at_least: 0.70,
+        at_most: 0.0,
+    },
+    Target {
+        backend: "redis",
+        what: "queue, 1 partition, ack each",
+        workload: "queue/single_ack_1p",
+        at_least: 0.70,
+        at_most: 0.0,
+    },
+    Target {
+        backend: "redis",
+        what: "queue, batch ack",
+        workload: "queue/batch_ack",
+        at_least: 0.40,
+        at_most: 0.0,
+    },
+    Target {
+        backend: "redis",
+        what: "produce, batch 100",
+        workload: "produce/batch_100",
+        at_least: 0.70,
+        at_most: 0.0,
+    },
+    Target {
+        backend: "redis",
+        what: "read",
+        workload: "read/from_start",
+        at_least: 0.80,
+        at_most: 0.0,
+    },
+    Target {
+        backend: "redis",
+        what: "latency p50",
+        workload: "latency/p50",
+        at_least: 0.0,
+        at_most: 2.0,
+    },
+    Target {
+        backend: "redis",
+        what: "latency p99",
+        workload: "latency/p99",
+        at_least: 0.0,
+        at_most: 2.0,
+    },
+];
+
+/// The server backends against their speed targets (durability `none`),
+/// from this run's figures: met or missed, and by how much. Empty when
+/// no server backend ran with its raw engine.
+fn server_targets(results: &Results) -> String {
+    let mut rows = String::new();
+    for t in SERVER_TARGETS {
+        let (got, need, shown) = if let Some(p) = t.workload.strip_prefix("latency/") {
+            let pick = |l: &LatencyRow| if p == "p50" { l.p50_us } else { l.p99_us };
+            let (Some(ours), Some(raw)) = (
+                latency_of(results, t.backend),
+                results
+                    .latency
+                    .iter()
+                    .find(|l| l.raw && l.backend == t.backend),
+            ) else {
+                continue;
+            };
+            let x = pick(ours) / pick(raw);
+            (
+                -x,
+                -t.at_most,
+                format!(
+                    "{} against {}: **{x:.2}×** (at most {}×)",
+                    micros(pick(ours)),
+                    micros(pick(raw)),
+                    t.at_most
+                ),
+            )
+        } else {
+            let (Some(ours), Some(raw)) = (
+                rate_of(results, t.workload, "none", t.backend),
+                results
+                    .row(t.workload, "none", t.backend, true)
+                    .map(Row::per_second),
+            ) else {
+                continue;
+            };
+            let x = ours / raw;
+            (
+                x,
+                t.at_least,
+                format!(
+                    "{} against {}: **{:.0}%** (at least {:.0}%)",
+                    si(ours),
+                    si(raw),
+                    x * 100.0,
+                    t.at_least * 100.0
+                ),
+            )
+        };
+        let verdict = if got >= need { "met" } else { "**missed**" };
+        let _ = writeln!(
+            rows,
+            "| {} | {} (`{}`) | {shown} | {verdict} |",
+            t.backend, t.what, t.workload
+        );
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n## The server backends against their targets\n\n\
+Each beside its raw engine in this run (durability `none`; rates in messages per second). Why a missed target is \
+missed, with the profiles that show it: [`performance-notes.md`](performance-notes.md).\n\n\
+| backend | target | this run | |\n|---|---|---|---|\n{rows}"
+    )
+}
+
 /// What each backend is, whatever the numbers.
 fn nature(backend: &str) -> &'static str {
     match backend {
@@ -697,6 +872,7 @@ Measured on {generated} UTC; every figure below is one the command printed.\n\n"
     }
     md.push_str("## Which backend when\n\n");
     md.push_str(&which_when(results));
+    md.push_str(&server_targets(results));
     let _ = write!(
         md,
         "\n## How it was measured\n\n\
@@ -919,6 +1095,39 @@ mod tests {
             },
             ..Results::default()
         }
+    }
+
+    #[test]
+    fn server_targets_say_met_or_missed_and_by_how_much() {
+        let mut r = sample();
+        let t = server_targets(&r);
+        // Half the raw rate against a target of 70%; latency 3× against 2×.
+        assert!(
+            t.contains("| redis | queue, 1 partition, ack each (`queue/single_ack_1p`) | 100 K against 200 K: **50%** (at least 70%) | **missed** |"),
+            "{t}"
+        );
+        assert!(t.contains("**3.00×** (at most 2×) | **missed** |"), "{t}");
+        // Only targets with both figures in the run.
+        assert!(!t.contains("postgres"), "{t}");
+        r.rows.push(row(
+            "queue/single_ack_1p",
+            "none",
+            "postgres",
+            false,
+            1_000_000.0,
+        ));
+        r.rows.push(row(
+            "queue/single_ack_1p",
+            "none",
+            "postgres",
+            true,
+            1_500_000.0,
+        ));
+        let t = server_targets(&r);
+        assert!(t.contains("**150%** (at least 60%) | met |"), "{t}");
+        r.rows.clear();
+        r.latency.clear();
+        assert_eq!(server_targets(&r), "");
     }
 
     #[test]
