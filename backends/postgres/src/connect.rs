@@ -47,6 +47,22 @@ impl Target {
             shown,
             secrets,
         };
+        if let Some(k) = conveyor_option(url) {
+            // The driver would ignore it: a schema given here would open
+            // the default one instead, silently.
+            let instead = match k {
+                "durability" => "BrokerOptions::with_durability".to_string(),
+                "auto_create" => "BrokerOptions::with_auto_create_topics".to_string(),
+                "timeout_ms" => "PgOptions::with_timeout".to_string(),
+                k => format!("PgOptions::with_{k}"),
+            };
+            return Err(Error::invalid(format!(
+                "PostgreSQL connection URL `{}`: `{k}` is Conveyor's option, not the \
+                 connection's; give it as `{instead}`, or open the whole URL with \
+                 `conveyor_postgres::open_url` or `conveyor::open`",
+                target.shown
+            )));
+        }
         let mut options = PgConnectOptions::from_str(url).map_err(|e| {
             target.hide(Error::invalid(format!(
                 "PostgreSQL URL `{}` is not valid: {e}",
@@ -89,6 +105,24 @@ impl Target {
     }
 }
 
+/// The first of Conveyor's own URL options (`schema`, `migrate`, ...) in a
+/// connection URL's query, which the driver would not read.
+fn conveyor_option(url: &str) -> Option<&str> {
+    const OURS: &[&str] = &[
+        "schema",
+        "migrate",
+        "max_connections",
+        "timeout_ms",
+        "durability",
+        "auto_create",
+    ];
+    let query = url.split_once('?')?.1;
+    query
+        .split('&')
+        .map(|kv| kv.split_once('=').map_or(kv, |(k, _)| k))
+        .find(|k| OURS.contains(k))
+}
+
 /// `%XX` sequences decoded (invalid ones kept as they are).
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
@@ -129,6 +163,38 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
         let text = format!("{e} {e:?} {}", e.chain());
         assert!(!text.contains("p%40ss") && !text.contains("p@ss"), "{text}");
+    }
+
+    #[test]
+    fn conveyors_own_options_in_a_connection_url_are_refused_not_ignored() {
+        for (url, k, instead) in [
+            (
+                "postgres://u@h/db?schema=app",
+                "schema",
+                "PgOptions::with_schema",
+            ),
+            (
+                "postgres://u:pw@h/db?sslmode=disable&timeout_ms=5",
+                "timeout_ms",
+                "PgOptions::with_timeout",
+            ),
+            (
+                "postgres://u@h/db?durability=always",
+                "durability",
+                "BrokerOptions::with_durability",
+            ),
+        ] {
+            let e = Target::parse(url).err().expect("refused");
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{url}");
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("`{k}`")) && text.contains(instead),
+                "{text}"
+            );
+            assert!(!text.contains(":pw@"), "{text}");
+        }
+        // The connection's own options pass.
+        Target::parse("postgres://u@h/db?sslmode=disable&application_name=x").unwrap();
     }
 
     #[test]
