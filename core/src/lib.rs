@@ -72,6 +72,7 @@ pub mod backend {
     pub use crate::topic_cache::TopicCache;
     pub use crate::url::{
         parse_bool, parse_durability, redact as redact_url, url_password, BrokerUrl,
+        COMMON_OPTIONS as COMMON_URL_OPTIONS,
     };
     pub use crate::waiting::{poll_until, within};
 

@@ -10,6 +10,10 @@ use crate::config::{BrokerOptions, Durability};
 use crate::error::{Error, Result};
 use std::time::Duration;
 
+/// The options every backend's URL takes, parsed here into
+/// [`BrokerOptions`].
+pub const COMMON_OPTIONS: &[&str] = &["durability", "auto_create"];
+
 /// A broker URL with its common options parsed.
 ///
 /// ```
@@ -111,7 +115,7 @@ impl BrokerUrl {
     /// The error for a backend option that `backend` does not know;
     /// `known` lists the ones it does (the common ones are added).
     pub fn unknown_option(&self, backend: &str, name: &str, known: &[&str]) -> Error {
-        let mut all = vec!["durability", "auto_create"];
+        let mut all = COMMON_OPTIONS.to_vec();
         all.extend_from_slice(known);
         Error::invalid(format!(
             "broker URL option `{name}` is not known to the {backend} backend (known: {})",

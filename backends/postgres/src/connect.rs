@@ -108,19 +108,11 @@ impl Target {
 /// The first of Conveyor's own URL options (`schema`, `migrate`, ...) in a
 /// connection URL's query, which the driver would not read.
 fn conveyor_option(url: &str) -> Option<&str> {
-    const OURS: &[&str] = &[
-        "schema",
-        "migrate",
-        "max_connections",
-        "timeout_ms",
-        "durability",
-        "auto_create",
-    ];
     let query = url.split_once('?')?.1;
     query
         .split('&')
         .map(|kv| kv.split_once('=').map_or(kv, |(k, _)| k))
-        .find(|k| OURS.contains(k))
+        .find(|k| crate::url::is_conveyors_option(k))
 }
 
 /// `%XX` sequences decoded (invalid ones kept as they are).

@@ -8,7 +8,7 @@
 //! other query parameter is refused by name.
 
 use crate::{migrate, open, PgOptions};
-use conveyor_core::backend::BrokerUrl;
+use conveyor_core::backend::{BrokerUrl, COMMON_URL_OPTIONS};
 use conveyor_core::{Broker, Error, Result};
 use std::sync::Arc;
 
@@ -37,6 +37,13 @@ const CONNECTION_OPTIONS: &[&str] = &[
     "sslkey",
     "application_name",
 ];
+
+/// Whether `k` is an option Conveyor reads from a `postgres://` URL (its
+/// own or a common one), not one the connection passes to the driver.
+pub(crate) fn is_conveyors_option(k: &str) -> bool {
+    COMMON_URL_OPTIONS.contains(&k)
+        || (URL_OPTIONS.contains(&k) && !CONNECTION_OPTIONS.contains(&k))
+}
 
 /// The values `sslmode` takes (libpq's, but `allow`, which sqlx lacks).
 const SSL_MODES: &[&str] = &["disable", "prefer", "require", "verify-ca", "verify-full"];

@@ -105,9 +105,9 @@ impl Inner {
     /// Run one call of the public API with the broker's deadline (plus
     /// `extra`, a poll's own timeout): a server that stops answering is
     /// `Unavailable` after it, not a call that hangs forever. A full
-    /// server is named in its error; after any `Unavailable` (a lost
-    /// connection: the server may have restarted with other settings)
-    /// the next send reads the server's settings again before writing.
+    /// server is named in its error. (A lost connection makes the next
+    /// send read the server's settings again: the connection counts its
+    /// losses, whichever call met them; see `conn::Losses`.)
     pub(crate) async fn bounded<T>(
         &self,
         extra: Duration,
@@ -130,9 +130,6 @@ impl Inner {
                     1,
                 );
                 return Error::new(ErrorKind::Unavailable, named);
-            }
-            if !e.message().ends_with(settings::REFUSED) {
-                self.settings.unknown();
             }
             e
         })

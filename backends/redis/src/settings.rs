@@ -188,12 +188,6 @@ impl Watch {
         }
     }
 
-    /// Forget the verdict (a connection was lost): the next send checks
-    /// again before it writes.
-    pub(crate) fn unknown(&self) {
-        *self.verdict.lock() = Verdict::Unknown;
-    }
-
     /// Drop the master connections (the broker closes).
     pub(crate) async fn close(&self) {
         self.checking.lock().await.clear();
