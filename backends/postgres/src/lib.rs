@@ -372,9 +372,14 @@ pub(crate) fn millis(d: std::time::Duration) -> i64 {
 /// `application_name`), check that the schema is migrated (or migrate it,
 /// with [`PgOptions::migrate`]), and start the notification listener and
 /// the retention task. Without migration, opening creates nothing.
+/// Conveyor's own options (`schema`, `migrate`, `max_connections`,
+/// `timeout_ms`, `durability`, `auto_create`) go in `pg` and `options`,
+/// not in this URL: there they are refused, not ignored ([`open_url`] and
+/// `conveyor::open` take a whole broker URL).
 ///
 /// # Errors
-/// `InvalidArgument` for a bad URL or schema, a schema that is missing or
+/// `InvalidArgument` for a bad URL or schema, a Conveyor option in the
+/// connection URL, a schema that is missing or
 /// not migrated (the message names the schema and the command to run), a
 /// TLS setup that does not match the server; `Unauthenticated` if the
 /// server refuses the credentials; `PermissionDenied` if the role lacks a
