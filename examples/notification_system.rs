@@ -21,6 +21,15 @@
 //! ```
 //!
 //! Exits non-zero if any notification was lost or sent twice.
+//!
+//! With `--metrics 127.0.0.1:9898` it exports Conveyor's metrics for
+//! Prometheus at `http://127.0.0.1:9898/metrics` while it runs, and keeps
+//! serving them after the summary until stdin closes (Ctrl-D) or Ctrl-C:
+//!
+//! ```text
+//! cargo run --release --example notification_system -- --metrics 127.0.0.1:9898
+//! curl -s 127.0.0.1:9898/metrics | grep messaging_client_sent_messages
+//! ```
 
 use clap::Parser;
 use conveyor::prelude::*;
@@ -81,6 +90,10 @@ struct Args {
     /// No live view.
     #[arg(long)]
     quiet: bool,
+    /// Export Conveyor's metrics for Prometheus at `http://ADDR/metrics`,
+    /// and keep serving them after the summary until stdin closes.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -387,7 +400,31 @@ fn default_url() -> (String, Option<tempfile::TempDir>) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    if let Some(addr) = args.metrics {
+        // The application picks the exporter; Conveyor records through
+        // the `metrics` facade into whichever is installed.
+        let installed = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install();
+        if let Err(e) = installed {
+            eprintln!("notification_system: cannot serve metrics at {addr}: {e}");
+            return ExitCode::from(2);
+        }
+        conveyor::observe::metrics::describe();
+        eprintln!("metrics: http://{addr}/metrics");
+    }
+    let result = run(args.clone()).await;
+    if let Some(addr) = args.metrics {
+        eprintln!("serving http://{addr}/metrics until stdin closes (Ctrl-D) or Ctrl-C");
+        let stdin_closed = tokio::task::spawn_blocking(|| {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        });
+        tokio::select! {
+            _ = stdin_closed => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    match result {
         Ok(summary) if summary.ok => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
         Err(e) => {

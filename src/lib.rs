@@ -85,12 +85,13 @@
 
 pub use conveyor_core::backend::BrokerUrl;
 pub use conveyor_core::{
-    dlq, partitioner, prelude, runner, BatchAck, Broker, BrokerExt, BrokerOptions, Capabilities,
-    Consumer, ConsumerExt, DeliveryMode, DeliveryToken, DlqPolicy, Durability, Error, ErrorKind,
-    GroupConfig, GroupDescription, GroupLag, Header, IdempotencyStore, MemberDescription, Message,
-    NackOptions, NackOutcome, PartitionDescription, PartitionLag, Producer, ProducerExt, Receipt,
-    Record, Result, Retention, RetryBackoff, RetryingProducer, SeekTo, SendRetry, StartFrom,
-    TopicConfig, TopicDescription, TopicPartition, MAX_REDELIVERY_DELAY,
+    dlq, observe, partitioner, prelude, runner, BatchAck, Broker, BrokerExt, BrokerOptions,
+    Capabilities, Consumer, ConsumerExt, DeliveryMode, DeliveryToken, DlqPolicy, Durability, Error,
+    ErrorKind, GroupConfig, GroupDescription, GroupLag, Header, IdempotencyStore,
+    MemberDescription, Message, NackOptions, NackOutcome, PartitionDescription, PartitionLag,
+    Producer, ProducerExt, Receipt, Record, Result, Retention, RetryBackoff, RetryingProducer,
+    SeekTo, SendRetry, StartFrom, TopicConfig, TopicDescription, TopicPartition,
+    MAX_REDELIVERY_DELAY,
 };
 pub use conveyor_core::{GroupChanges, JoinSettings};
 
@@ -173,7 +174,8 @@ const DRIVERS: &[Driver] = &[
 ];
 
 /// Open a broker by URL (see the [crate docs](crate#urls)). The scheme
-/// picks the backend, which parses the rest of the URL.
+/// picks the backend, which parses the rest of the URL. The broker records
+/// metrics and spans ([`observe`]), labelled with the backend's name.
 ///
 /// # Errors
 /// `InvalidArgument` for a malformed URL, an unknown scheme or an option
@@ -200,7 +202,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Broker>> {
             ))
         })?;
     match (driver.open, driver.feature) {
-        (Some(open), _) => open(&url).await,
+        (Some(open), _) => Ok(observe::observe(open(&url).await?, driver.name)),
         (None, Some(feature)) => Err(Error::new(
             ErrorKind::Unsupported,
             format!(

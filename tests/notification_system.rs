@@ -119,3 +119,147 @@ fn notification_system_on_mmap() {
     let summary = run(&format!("mmap://{}", dir.path().display()));
     check(&summary);
 }
+
+/// A free port on 127.0.0.1 (free when this returns; the example binds it
+/// right after).
+fn free_local_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address")
+}
+
+/// `GET /metrics` over plain HTTP/1.0; `None` until the exporter answers.
+fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.to_owned())
+}
+
+/// The sum of the samples of metric `name` whose labels include every
+/// `key="value"` of `with` (Prometheus text format).
+fn sum(text: &str, name: &str, with: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let wanted = metric == name
+                && with
+                    .iter()
+                    .all(|(k, v)| labels.split(',').any(|l| l == format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// The example with `--metrics`: Prometheus scrapes it while it runs, and
+/// what the counters say afterwards is what happened (the example's own
+/// summary): every event and every redriven dead letter counted as sent,
+/// every dead letter counted as dead-lettered, every email processed.
+#[test]
+fn prometheus_metrics_match_what_the_example_did() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let addr = free_local_addr();
+    let mut child = Command::new(example_binary())
+        .args([
+            "--url",
+            "memory://",
+            "--events",
+            "2000",
+            "--workers",
+            "2",
+            "--crashes",
+            "6",
+            "--sms-permanent-failure-rate",
+            "0.01",
+            "--json",
+            "--quiet",
+            "--metrics",
+            &addr.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("example runs");
+    // The summary line comes when the workload is over; meanwhile, scrape.
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let mut scrapes_while_running = 0;
+    let summary = loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            Ok(line) if line.starts_with('{') => break line,
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if scrape(addr).is_some() {
+                    scrapes_while_running += 1;
+                }
+            }
+            Err(e) => {
+                let _ = child.kill();
+                panic!("the example ended without a summary: {e}");
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("no summary within 300 s");
+        }
+    };
+    let text = scrape(addr);
+    drop(child.stdin.take()); // the example exits when stdin closes
+    let status = child.wait().expect("example exits");
+    let text = text.expect("the exporter answers after the summary");
+    let summary: serde_json::Value = serde_json::from_str(&summary).expect("JSON summary");
+    check(&summary);
+    assert!(status.success(), "example failed: {summary}");
+    eprintln!("scraped {scrapes_while_running} times while the workload ran");
+    let n = |k: &str| summary[k].as_u64().expect(k) as f64;
+
+    let topic = [("messaging_destination_name", "orders.events")];
+    let sent = sum(&text, "messaging_client_sent_messages", &topic);
+    assert_eq!(
+        sent,
+        n("events_produced") + n("redriven"),
+        "sent = the burst + the redriven dead letters\n{text}"
+    );
+    let dead = sum(
+        &text,
+        "conveyor_messages_dead_lettered",
+        &[("messaging_consumer_group_name", "sms")],
+    );
+    assert_eq!(dead, n("dead_lettered"), "{text}");
+    assert!(dead > 0.0);
+    let email = [("messaging_consumer_group_name", "email")];
+    let processed = sum(&text, "messaging_process_duration_count", &email);
+    assert!(
+        processed >= n("sent_email"),
+        "every email was processed at least once: {processed}\n{text}"
+    );
+    let consumed = sum(&text, "messaging_client_consumed_messages", &email);
+    assert!(consumed >= processed, "{consumed} < {processed}");
+    for label in [
+        "messaging_system=\"memory\"",
+        "conveyor_consumer_lag{",
+        "messaging_client_operation_duration_count{",
+    ] {
+        assert!(text.contains(label), "no {label} in\n{text}");
+    }
+}

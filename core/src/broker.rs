@@ -887,6 +887,16 @@ pub trait Consumer: Send + Sync {
         ))
     }
 
+    /// What this member's metrics and spans are labelled with (its
+    /// backend and group), for code that opens its own spans
+    /// ([`crate::observe::process_span`]); the [`Runner`](crate::runner::Runner)
+    /// labels its `process` spans and metrics with it. `None` (the
+    /// default) for a consumer of a broker not wrapped by
+    /// [`crate::observe::observe`]; `conveyor::open` wraps every broker.
+    fn labels(&self) -> Option<crate::observe::Labels> {
+        None
+    }
+
     /// The group's current generation (stream mode; 0 in queue mode).
     ///
     /// # Errors

@@ -38,6 +38,7 @@ mod headers;
 pub mod json;
 mod member_partition;
 mod merge;
+pub mod observe;
 pub mod partitioner;
 pub mod record;
 mod retrying_producer;

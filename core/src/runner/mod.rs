@@ -87,6 +87,8 @@
 use crate::broker::{Broker, Consumer, NackOptions, NackOutcome};
 use crate::config::{DeliveryMode, GroupConfig, RetryBackoff};
 use crate::error::{Error, ErrorKind, Result};
+use crate::observe::metrics::{DEAD_LETTERED, HANDLER_TIMEOUTS};
+use crate::observe::{self, Labels};
 use crate::record::Message;
 use dead_letters::DeadLetters;
 use futures::future::{FutureExt, Shared};
@@ -98,6 +100,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 mod dead_letters;
 mod handler;
@@ -461,6 +464,11 @@ impl Runner {
         let config = self.config;
         let extension =
             Arc::new(LeaseExtension::new(&*self.consumer, self.config.visibility_timeout).await);
+        let labels = Arc::new(
+            self.consumer
+                .labels()
+                .unwrap_or_else(|| Labels::new("unknown", None)),
+        );
         tokio::pin!(shutdown);
         loop {
             // Reap finished tasks so errors surface.
@@ -542,6 +550,7 @@ impl Runner {
                 let acks = acks.clone();
                 let dead_letters = dead_letters.clone();
                 let extension = extension.clone();
+                let labels = labels.clone();
                 // Stream mode: a partition's lanes run one after another, in
                 // the order they were polled.
                 let (done, previous) = match lane.first() {
@@ -566,6 +575,7 @@ impl Runner {
                         dead_letters: dead_letters.as_deref(),
                         config: &config,
                         extension: &extension,
+                        labels: &labels,
                     };
                     lane_ctx.run(lane).await;
                     drop(done);
@@ -664,6 +674,7 @@ async fn handle_one(
     message: &Message,
     config: &RunnerConfig,
     extension: &LeaseExtension,
+    labels: &Labels,
 ) -> Result<(), HandlerError> {
     // A panic is a failure like any other: the message is nacked with
     // the panic's text, and the runner goes on.
@@ -682,6 +693,7 @@ async fn handle_one(
             Some(limit) => tokio::time::timeout(limit, caught)
                 .await
                 .unwrap_or_else(|_| {
+                    observe::metrics::count(HANDLER_TIMEOUTS, labels, &message.topic, 1);
                     Err(HandlerError::new(format!(
                         "handler timed out after {}",
                         duration_text(limit)
@@ -810,6 +822,8 @@ struct Lane<'a> {
     dead_letters: Option<&'a DeadLetters>,
     config: &'a RunnerConfig,
     extension: &'a LeaseExtension,
+    /// What its metrics and spans are labelled with.
+    labels: &'a Labels,
 }
 
 /// After a message of a lane: go on with the next, or stop the lane (its
@@ -838,24 +852,37 @@ impl Lane<'_> {
                     None => {}
                 }
             }
-            let then = match handle_one(
-                self.consumer,
-                self.handler,
-                &message,
-                self.config,
-                self.extension,
-            )
-            .await
-            {
-                Ok(()) => self.ack(&message, false).await,
-                Err(failure) => {
-                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(message = %message.position(), attempt = message.attempt, reason = %failure, permanent = failure.permanent, "handler failed");
-                    self.failed(&message, failure, stream).await
-                }
-            };
+            let span = observe::process_span(&message, Some(self.labels));
+            let then = self
+                .process(&message, stream, &span)
+                .instrument(span.clone())
+                .await;
             if matches!(then, Then::Stop) {
                 return;
+            }
+        }
+    }
+
+    /// Handle one message and settle it, in its `process` span.
+    async fn process(&self, message: &Message, stream: bool, span: &tracing::Span) -> Then {
+        let started = Instant::now();
+        let handled = handle_one(
+            self.consumer,
+            self.handler,
+            message,
+            self.config,
+            self.extension,
+            self.labels,
+        )
+        .await;
+        observe::metrics::process(self.labels, &message.topic, started, handled.is_err());
+        match handled {
+            Ok(()) => self.ack(message, false).await,
+            Err(failure) => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                observe::trace::failed(span, "handler");
+                tracing::warn!(message = %message.position(), attempt = message.attempt, reason = %failure, permanent = failure.permanent, "handler failed");
+                self.failed(message, failure, stream).await
             }
         }
     }
@@ -892,6 +919,7 @@ impl Lane<'_> {
                 {
                     Ok(dlq) => {
                         self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        observe::metrics::count(DEAD_LETTERED, self.labels, &message.topic, 1);
                         tracing::info!(message = %message.position(), attempt = message.attempt, dlq = %dlq, reason = %failure, "permanent failure: dead-lettered");
                         return self.ack(message, true).await;
                     }
