@@ -121,7 +121,10 @@ mod tests {
     use super::*;
 
     fn lags(items: &[(&str, u32, u64)]) -> Vec<(String, u32, u64)> {
-        items.iter().map(|(t, p, l)| (t.to_string(), *p, *l)).collect()
+        items
+            .iter()
+            .map(|(t, p, l)| (t.to_string(), *p, *l))
+            .collect()
     }
 
     #[test]
@@ -133,7 +136,10 @@ mod tests {
         }
         assert_eq!(h.len("email"), 6);
         let chart = h.chart("email");
-        assert_eq!(chart.t, vec![28_000, 30_000, 32_000, 34_000, 36_000, 38_000]);
+        assert_eq!(
+            chart.t,
+            vec![28_000, 30_000, 32_000, 34_000, 36_000, 38_000]
+        );
         assert_eq!(chart.series[0].lag.last(), Some(&Some(19)));
 
         // Samples older than the window drop even when fewer than the ring

@@ -51,9 +51,7 @@ pub fn is_loopback_host(host: &str) -> bool {
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),
     };
     name.eq_ignore_ascii_case("localhost")
-        || name
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Whether a state-changing request came from the dashboard's own page: a
@@ -83,12 +81,18 @@ mod tests {
             parse_listen(DEFAULT_LISTEN).unwrap(),
             "127.0.0.1:7878".parse().unwrap()
         );
-        assert_eq!(parse_listen("9000").unwrap(), "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(
+            parse_listen("9000").unwrap(),
+            "127.0.0.1:9000".parse().unwrap()
+        );
         assert_eq!(
             parse_listen("localhost:0").unwrap(),
             "127.0.0.1:0".parse().unwrap()
         );
-        assert_eq!(parse_listen("[::1]:80").unwrap(), "[::1]:80".parse().unwrap());
+        assert_eq!(
+            parse_listen("[::1]:80").unwrap(),
+            "[::1]:80".parse().unwrap()
+        );
         assert!(parse_listen("localhost:http").unwrap_err().contains("port"));
         assert!(parse_listen("example.com:80").is_err());
         assert!(parse_listen("").is_err());

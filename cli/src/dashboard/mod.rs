@@ -67,8 +67,8 @@ struct Source {
 
 impl Source {
     fn new(url: &str) -> Self {
-        let embedded = conveyor::BrokerUrl::parse(url)
-            .is_ok_and(|u| matches!(u.scheme(), "mmap" | "rocksdb"));
+        let embedded =
+            conveyor::BrokerUrl::parse(url).is_ok_and(|u| matches!(u.scheme(), "mmap" | "rocksdb"));
         Source {
             url: url.to_string(),
             embedded,

@@ -9,8 +9,8 @@
 
 use super::history::{Chart, LagHistory};
 use conveyor::dlq::{
-    HEADER_ATTEMPTS, HEADER_ERROR, HEADER_FAILED_AT, HEADER_GROUP, HEADER_OFFSET,
-    HEADER_PARTITION, HEADER_TOPIC, REDRIVE_GROUP,
+    HEADER_ATTEMPTS, HEADER_ERROR, HEADER_FAILED_AT, HEADER_GROUP, HEADER_OFFSET, HEADER_PARTITION,
+    HEADER_TOPIC, REDRIVE_GROUP,
 };
 use conveyor::{
     Broker, DlqPolicy, ErrorKind, GroupConfig, GroupLag, Header, MemberDescription,
@@ -225,7 +225,12 @@ pub fn dlq_topics(
 /// every retained record when it never redrove from it.
 pub fn waiting(dlq: &TopicDescription, redrive: Option<&GroupLag>) -> u64 {
     let mine: Vec<&PartitionLag> = redrive
-        .map(|r| r.partitions.iter().filter(|p| p.topic == dlq.name).collect())
+        .map(|r| {
+            r.partitions
+                .iter()
+                .filter(|p| p.topic == dlq.name)
+                .collect()
+        })
         .unwrap_or_default();
     if mine.is_empty() {
         return dlq.partitions.iter().map(|p| p.log_end - p.log_start).sum();

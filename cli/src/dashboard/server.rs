@@ -40,7 +40,10 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; conn
 /// The routes over a running dashboard.
 pub(crate) fn router(dashboard: Arc<Dashboard>) -> Router {
     Router::new()
-        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
         .route(
             "/dashboard.js",
             get(|| async { asset("text/javascript; charset=utf-8", DASHBOARD_JS) }),
@@ -140,7 +143,11 @@ fn redrive_request(
             "this dashboard is read-only: start it with --allow-redrive to redrive from the page",
         ));
     }
-    let get = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let get = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
     if !same_origin(get(header::ORIGIN), get(header::HOST)) {
         return Err(error(
             StatusCode::FORBIDDEN,
@@ -216,7 +223,10 @@ mod tests {
         ]);
         let body = br#"{"dlq_topic":"mail.sender.dlq"}"#;
         // Read-only: 403 whatever the request.
-        assert_eq!(status(redrive_request(false, &json, body)), StatusCode::FORBIDDEN);
+        assert_eq!(
+            status(redrive_request(false, &json, body)),
+            StatusCode::FORBIDDEN
+        );
         let ok = redrive_request(true, &json, body).unwrap();
         assert_eq!((ok.dlq_topic.as_str(), ok.max), ("mail.sender.dlq", None));
         let ok = redrive_request(true, &json, br#"{"dlq_topic":"d","max":3}"#).unwrap();
@@ -227,7 +237,10 @@ mod tests {
             (header::HOST, "127.0.0.1:7878"),
             (header::ORIGIN, "http://evil.example"),
         ]);
-        assert_eq!(status(redrive_request(true, &cross, body)), StatusCode::FORBIDDEN);
+        assert_eq!(
+            status(redrive_request(true, &cross, body)),
+            StatusCode::FORBIDDEN
+        );
         // A form post (no preflight) is not JSON.
         let form = headers(&[
             (header::CONTENT_TYPE, "text/plain"),
@@ -261,7 +274,10 @@ mod tests {
         assert_eq!(status_of(Exit::NotFound), StatusCode::NOT_FOUND);
         assert_eq!(status_of(Exit::Invalid), StatusCode::BAD_REQUEST);
         assert_eq!(status_of(Exit::Locked), StatusCode::CONFLICT);
-        assert_eq!(status_of(Exit::Unavailable), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            status_of(Exit::Unavailable),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(status_of(Exit::Failure), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }
