@@ -128,7 +128,6 @@ fn dashboard(url: &str, extra: &[&str]) -> (Killed, String) {
     let mut child = Command::new(cargo_bin("conveyor"))
         .env_remove("CONVEYOR_URL")
         .args(["--url", url, "dashboard", "--listen", "127.0.0.1:0"])
-        .args(["--interval", "300ms"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -261,6 +260,30 @@ fn cli_json(url: &str, args: &[&str]) -> Value {
 }
 
 #[test]
+fn a_non_loopback_address_or_a_missing_store_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("mmap://{}", dir.path().display());
+    let out = Command::new(cargo_bin("conveyor"))
+        .env_remove("CONVEYOR_URL")
+        .args(["--url", &url, "dashboard", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--allow-remote"), "{stderr}");
+    // No store at the path: said at once (exit 5), nothing created.
+    let out = Command::new(cargo_bin("conveyor"))
+        .env_remove("CONVEYOR_URL")
+        .args(["--url", &url, "dashboard", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("no conveyor-mmap store here"), "{stderr}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
 fn the_page_shows_lag_and_dead_letters_and_redrives_from_a_browser() {
     let started = Instant::now();
     let chromium = program(
@@ -277,8 +300,8 @@ fn the_page_shows_lag_and_dead_letters_and_redrives_from_a_browser() {
         .as_u64()
         .unwrap();
 
-    let (_read_only, read_only_base) = dashboard(&url, &[]);
-    let (_redrive, redrive_base) = dashboard(&url, &["--allow-redrive"]);
+    let (_read_only, read_only_base) = dashboard(&url, &["--interval", "300ms"]);
+    let (_redrive, redrive_base) = dashboard(&url, &["--interval", "300ms", "--allow-redrive"]);
     let port = free_port();
     let _driver = Killed(
         Command::new(&chromedriver)
@@ -447,4 +470,196 @@ fn the_page_shows_lag_and_dead_letters_and_redrives_from_a_browser() {
         .collect();
     assert_eq!(states, ["redriven", "redriven"]);
     eprintln!("browser test took {:?}", started.elapsed());
+}
+
+/// The README's screenshot (docs/images/dashboard.png), made again by
+///
+/// ```sh
+/// cargo test -p conveyor-cli --test dashboard -- --ignored readme_screenshot
+/// ```
+///
+/// A service-like workload owns an mmap:// store for a few minutes
+/// (CONVEYOR_DEMO_SECS, default 150): orders arrive faster than `billing`
+/// reads them for a while, then it catches up; `email` fails some for good
+/// (they go to its DLQ); `ledger` keeps up. The dashboard reads the store
+/// read-only beside it, and headless Chromium takes the picture
+/// (CONVEYOR_DASHBOARD_SCREENSHOT names the file).
+#[test]
+#[ignore = "makes the README's screenshot: minutes of workload"]
+fn readme_screenshot() {
+    let chromium = program(
+        "CHROMIUM",
+        &["chromium", "chromium-browser", "google-chrome"],
+        "chromium",
+    );
+    let secs: u64 = std::env::var("CONVEYOR_DEMO_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(150);
+    let shot = std::env::var("CONVEYOR_DASHBOARD_SCREENSHOT").unwrap_or_else(|_| {
+        format!(
+            "{}/../docs/images/dashboard.png",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("shop");
+    let url = format!("mmap://{}", store.display());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let broker = rt.block_on(async {
+        let broker = conveyor::open(&url).await.unwrap();
+        broker
+            .create_topic("orders", TopicConfig::new(4))
+            .await
+            .unwrap();
+        broker
+            .create_topic("payments", TopicConfig::new(2))
+            .await
+            .unwrap();
+        broker
+    });
+    let (_dashboard, base) = dashboard(
+        &url,
+        &["--allow-redrive", "--dlq-messages", "5", "--interval", "2s"],
+    );
+    let end = Instant::now() + Duration::from_secs(secs);
+    rt.block_on(async {
+        let producer = broker.producer().await.unwrap();
+        let orders = tokio::spawn({
+            let producer = producer.clone();
+            async move {
+                let mut i = 0u64;
+                while Instant::now() < end {
+                    let order = format!(
+                        "{{\"order\":\"ord-{i:05}\",\"customer\":\"c-{}\",\"total_cents\":{}}}",
+                        i % 97,
+                        1_000 + (i * 37) % 9_000
+                    );
+                    producer
+                        .send(
+                            "orders",
+                            Record::new(order).with_key(format!("c-{}", i % 97)),
+                        )
+                        .await
+                        .unwrap();
+                    if i.is_multiple_of(2) {
+                        producer
+                            .send(
+                                "payments",
+                                Record::new(format!("{{\"order\":\"ord-{i:05}\"}}")),
+                            )
+                            .await
+                            .unwrap();
+                    }
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                }
+            }
+        });
+        // Slow for the first 60% of the run, then catches up.
+        let billing = tokio::spawn({
+            let broker = broker.clone();
+            async move {
+                let c = broker
+                    .consumer("billing", &["orders"], GroupConfig::stream())
+                    .await
+                    .unwrap();
+                let slow_until = Instant::now() + Duration::from_secs(secs / 2);
+                while Instant::now() < end {
+                    let (max, pause) = if Instant::now() < slow_until {
+                        (8, 1_000)
+                    } else {
+                        (35, 500)
+                    };
+                    let batch = c.poll(max, Duration::from_millis(200)).await.unwrap();
+                    c.commit_batch(&batch).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                c.close().await.unwrap();
+            }
+        });
+        let email = tokio::spawn({
+            let broker = broker.clone();
+            async move {
+                let c = broker
+                    .consumer(
+                        "email",
+                        &["orders"],
+                        GroupConfig::queue().with_dlq(DlqPolicy::new(2)),
+                    )
+                    .await
+                    .unwrap();
+                let reasons = [
+                    "smtp 550 5.1.1: mailbox unavailable",
+                    "template `receipt` missing field `customer.email`",
+                    "smtp 451 4.7.1: try again later (greylisted)",
+                ];
+                while Instant::now() < end {
+                    for m in c.poll(50, Duration::from_millis(200)).await.unwrap() {
+                        if m.offset % 23 == 5 {
+                            let reason =
+                                reasons[(m.offset / 23 + u64::from(m.partition)) as usize % 3];
+                            let options = NackOptions::new()
+                                .with_delay(Duration::from_millis(500))
+                                .with_reason(reason);
+                            c.nack(&m, options).await.unwrap();
+                        } else {
+                            c.ack(&m).await.unwrap();
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                c.close().await.unwrap();
+            }
+        });
+        let ledger = tokio::spawn({
+            let broker = broker.clone();
+            async move {
+                let c = broker
+                    .consumer("ledger", &["payments"], GroupConfig::stream())
+                    .await
+                    .unwrap();
+                while Instant::now() < end {
+                    let batch = c.poll(100, Duration::from_millis(200)).await.unwrap();
+                    c.commit_batch(&batch).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                c.close().await.unwrap();
+            }
+        });
+        // The picture, a little before the end (the workload still runs).
+        tokio::time::sleep_until((end - Duration::from_secs(3)).into()).await;
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(&chromium)
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    "--disable-background-networking",
+                    "--hide-scrollbars",
+                    "--window-size=1400,1850",
+                    "--virtual-time-budget=4000",
+                ])
+                .arg(format!("--screenshot={shot}"))
+                .arg(&base)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for task in [orders, billing, email, ledger] {
+            task.await.unwrap();
+        }
+        broker.close().await.unwrap();
+    });
 }
