@@ -42,7 +42,13 @@ impl Drop for Killed {
 fn program(env: &str, names: &[&str], package: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);
-        assert!(p.is_file(), "{env}={} is not a file", p.display());
+        assert!(
+            p.is_file(),
+            "{env}={} is not a file: unset it to use {} from the PATH (`scripts/setup`, or \
+             `apt-get install {package}`, installs it)",
+            p.display(),
+            names[0]
+        );
         return p;
     }
     let path = std::env::var_os("PATH").unwrap_or_default();

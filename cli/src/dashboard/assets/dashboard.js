@@ -85,20 +85,23 @@ function chart(history) {
   const to = svg("text", { x: w - 4, y: h - 4, "text-anchor": "end" });
   to.textContent = "now";
   box.append(from, to);
-  const line = (values, cls, color) => {
+  const line = (values, cls, color, label) => {
     const points = [];
     values.forEach((v, i) => { if (v !== null && v !== undefined) points.push(`${x(t[i]).toFixed(1)},${y(v).toFixed(1)}`); });
     const p = svg("polyline", { class: cls, points: points.join(" ") });
     if (color) p.setAttribute("stroke", color);
+    const title = svg("title");
+    title.textContent = `${label}: lag ${num(values[values.length - 1])} now, at most ${num(Math.max(...values.map((v) => v || 0)))}`;
+    p.append(title);
     box.append(p);
   };
   series.forEach((s, i) => {
-    line(s.lag, "series", COLORS[i]);
+    line(s.lag, "series", COLORS[i], `${s.topic}/${s.partition}`);
     const sw = el("i");
     sw.style.background = COLORS[i];
     legend.append(el("span", {}, sw, `${s.topic}/${s.partition}`));
   });
-  line(history.total, "total");
+  line(history.total, "total", null, "total");
   return el("div", { class: "chart-box" }, box, legend);
 }
 
