@@ -152,25 +152,35 @@ fn dashboard(url: &str, extra: &[&str]) -> (Killed, String) {
     (Killed(child), base)
 }
 
-/// A raw HTTP/1.1 POST of JSON to the dashboard: status line and body.
-fn post_json(base: &str, path: &str, body: &str) -> (String, String) {
+/// A raw HTTP/1.1 request to the dashboard (`host`: the Host header, the
+/// dashboard's own address if `None`): the status line, the headers
+/// (lower case) and the body.
+fn http(
+    base: &str,
+    method: &str,
+    path: &str,
+    host: Option<&str>,
+    body: &str,
+) -> (String, String, String) {
     let authority = base.trim_start_matches("http://").trim_end_matches('/');
     let mut stream = TcpStream::connect(authority).unwrap();
     write!(
         stream,
-        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        host.unwrap_or(authority),
         body.len()
     )
     .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    let status = response.lines().next().unwrap_or("").to_string();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (
+        status.to_string(),
+        headers.to_ascii_lowercase(),
+        body.to_string(),
+    )
 }
 
 fn free_port() -> u16 {
@@ -319,13 +329,26 @@ fn the_page_shows_lag_and_dead_letters_and_redrives_from_a_browser() {
     );
 
     // Read-only: the endpoint refuses, whatever the page does.
-    let (status, body) = post_json(
+    let (status, _, body) = http(
         &read_only_base,
+        "POST",
         "/api/redrive",
+        None,
         r#"{"dlq_topic":"orders.mail.dlq"}"#,
     );
     assert!(status.contains(" 403 "), "{status} {body}");
     assert!(body.contains("--allow-redrive"), "{body}");
+    // The page forbids scripts from elsewhere and framing; a request for
+    // another host name (a rebinding page) is refused.
+    let (status, headers, _) = http(&redrive_base, "GET", "/", None, "");
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(
+        headers.contains("content-security-policy: default-src 'none'; script-src 'self';"),
+        "{headers}"
+    );
+    assert!(headers.contains("x-frame-options: deny"), "{headers}");
+    let (status, _, body) = http(&redrive_base, "GET", "/", Some("evil.example:80"), "");
+    assert!(status.contains(" 403 "), "{status} {body}");
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

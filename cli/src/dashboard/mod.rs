@@ -139,6 +139,28 @@ fn message(e: &CliError) -> String {
 }
 
 impl Dashboard {
+    /// A dashboard over `source` (whose URL is `url`) with `args`' settings,
+    /// nothing read yet.
+    fn new(source: Source, url: &conveyor::BrokerUrl, args: &DashboardArgs) -> Self {
+        let (latest, _) = watch::channel(Arc::new("{}".to_string()));
+        let overview = Overview {
+            url: url.redacted(),
+            backend: url.scheme().to_string(),
+            allow_redrive: args.allow_redrive,
+            interval_ms: u64::try_from(args.interval.as_millis()).unwrap_or(u64::MAX),
+            ..Overview::default()
+        };
+        Dashboard {
+            source,
+            allow_redrive: args.allow_redrive,
+            loopback_only: !args.allow_remote,
+            dlq_messages: args.dlq_messages,
+            state: Mutex::new((overview, LagHistory::new(args.history, args.interval))),
+            latest,
+            redriving: Mutex::new(()),
+        }
+    }
+
     /// Read the broker again: the overview (or, when that fails, the last
     /// one with the error) and one more sample of lag history.
     async fn refresh(&self) {
@@ -216,23 +238,7 @@ pub async fn run(url: &str, args: DashboardArgs) -> CliResult {
              nothing another process did (use mmap:///path or a server URL)"
         );
     }
-    let (latest, _) = watch::channel(Arc::new("{}".to_string()));
-    let overview = Overview {
-        url: parsed.redacted(),
-        backend: parsed.scheme().to_string(),
-        allow_redrive: args.allow_redrive,
-        interval_ms: u64::try_from(args.interval.as_millis()).unwrap_or(u64::MAX),
-        ..Overview::default()
-    };
-    let dashboard = Arc::new(Dashboard {
-        source,
-        allow_redrive: args.allow_redrive,
-        loopback_only: !args.allow_remote,
-        dlq_messages: args.dlq_messages,
-        state: Mutex::new((overview, LagHistory::new(args.history, args.interval))),
-        latest,
-        redriving: Mutex::new(()),
-    });
+    let dashboard = Arc::new(Dashboard::new(source, &parsed, &args));
     dashboard.refresh().await;
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -285,4 +291,123 @@ pub async fn run(url: &str, args: DashboardArgs) -> CliResult {
     poller.abort();
     dashboard.source.close().await;
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conveyor::prelude::*;
+    use conveyor::{DlqPolicy, NackOptions};
+
+    fn args(allow_redrive: bool) -> DashboardArgs {
+        DashboardArgs {
+            listen: listen::parse_listen(listen::DEFAULT_LISTEN).unwrap(),
+            allow_remote: false,
+            allow_redrive,
+            interval: Duration::from_secs(2),
+            history: Duration::from_secs(600),
+            dlq_messages: 10,
+        }
+    }
+
+    fn latest(d: &Dashboard) -> serde_json::Value {
+        serde_json::from_str(&d.latest.borrow()).unwrap()
+    }
+
+    /// The kept-broker path (server backends), on memory://: a refresh
+    /// reads members, lag and dead letters; a redrive moves them and the
+    /// next overview shows it.
+    #[tokio::test]
+    async fn a_refresh_shows_lag_members_and_dead_letters_and_a_redrive_moves_them() {
+        let url = conveyor::BrokerUrl::parse("memory://").unwrap();
+        let d = Dashboard::new(Source::new("memory://"), &url, &args(true));
+        let broker = d.source.open(Access::Read).await.unwrap();
+        broker
+            .create_topic("orders", TopicConfig::new(1))
+            .await
+            .unwrap();
+        let producer = broker.producer().await.unwrap();
+        for i in 0..5 {
+            producer
+                .send("orders", Record::new(format!("order {i}")))
+                .await
+                .unwrap();
+        }
+        let audit = broker
+            .consumer("audit", &["orders"], GroupConfig::stream())
+            .await
+            .unwrap();
+        let mail = broker
+            .consumer(
+                "mail",
+                &["orders"],
+                GroupConfig::queue().with_dlq(DlqPolicy::new(1)),
+            )
+            .await
+            .unwrap();
+        for m in mail.poll(2, Duration::from_secs(1)).await.unwrap() {
+            mail.nack(&m, NackOptions::new().with_reason("<i>bounced</i>"))
+                .await
+                .unwrap();
+        }
+
+        d.refresh().await;
+        let o = latest(&d);
+        assert_eq!(o["error"], serde_json::Value::Null, "{o}");
+        assert_eq!(o["url"], "memory://");
+        let groups = o["groups"].as_array().unwrap();
+        let names: Vec<&str> = groups
+            .iter()
+            .map(|g| g["group"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["audit", "mail"]);
+        assert_eq!(groups[0]["total_lag"], 5);
+        assert_eq!(groups[0]["mode"], "stream");
+        assert_eq!(groups[0]["members_visible"], true);
+        assert_eq!(groups[0]["members"].as_array().unwrap().len(), 1);
+        assert_eq!(groups[0]["history"]["t"].as_array().unwrap().len(), 1);
+        assert_eq!(groups[1]["total_lag"], 3, "2 dead-lettered, 3 left");
+        assert_eq!(groups[1]["dlq_topics"][0], "orders.mail.dlq");
+        let dlq = &o["dlqs"][0];
+        assert_eq!(dlq["topic"], "orders.mail.dlq");
+        assert_eq!(dlq["groups"][0], "mail");
+        assert_eq!(dlq["waiting"], 2);
+        assert_eq!(dlq["messages"][0]["error"], "<i>bounced</i>");
+        assert_eq!(dlq["messages"][0]["origin"], "orders/0@0");
+        assert_eq!(dlq["messages"][0]["attempts"], 1);
+        let dlq_topic = o["topics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["topic"] == "orders.mail.dlq")
+            .unwrap();
+        assert_eq!(dlq_topic["is_dlq"], true);
+
+        assert_eq!(d.redrive("orders.mail.dlq", None).await.unwrap(), 2);
+        let o = latest(&d);
+        assert_eq!(o["dlqs"][0]["waiting"], 0);
+        assert_eq!(o["dlqs"][0]["messages"].as_array().unwrap().len(), 0);
+        assert_eq!(o["groups"][1]["total_lag"], 5, "the two are back for mail");
+        assert_eq!(
+            o["groups"].as_array().unwrap().len(),
+            2,
+            "redrive's own group is not listed"
+        );
+        assert_eq!(o["groups"][0]["history"]["t"].as_array().unwrap().len(), 2);
+
+        // A topic that is not there, or not a DLQ: refused, nothing moved.
+        match d.redrive("nope", None).await {
+            Err(CliError::Failed { exit, .. }) => assert_eq!(exit, Exit::NotFound),
+            other => panic!("{other:?}"),
+        }
+        match d.redrive("orders", None).await {
+            Err(CliError::Failed { exit, message }) => {
+                assert_eq!(exit, Exit::Invalid, "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        audit.close().await.unwrap();
+        mail.close().await.unwrap();
+        d.source.close().await;
+    }
 }
