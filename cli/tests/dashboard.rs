@@ -405,6 +405,8 @@ fn the_page_shows_lag_and_dead_letters_and_redrives_from_a_browser() {
             )
             .await;
             assert_eq!(error, REASON);
+            let title = client.title().await.unwrap();
+            assert_eq!(title, "Conveyor · 2 behind · 2 dead letters");
             assert_eq!(
                 count(&client, "[data-dlq] td b, [data-dlq] td img").await,
                 0

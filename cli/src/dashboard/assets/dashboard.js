@@ -212,6 +212,9 @@ function render(o) {
   const dlqs = document.getElementById("dlqs");
   dlqs.replaceChildren(...(o.dlqs.length ? o.dlqs.map((d) => dlqSection(d, o.allow_redrive)) : [el("div", { class: "muted" }, "no DLQ topics")]));
   document.getElementById("topics").replaceChildren(o.topics.length ? topicsTable(o.topics) : el("div", { class: "muted" }, "no topics"));
+  const behind = o.groups.filter((g) => g.total_lag > 0).length;
+  const waiting = o.dlqs.reduce((n, d) => n + d.waiting, 0);
+  document.title = `Conveyor · ${behind} behind · ${num(waiting)} dead letters`;
   document.body.setAttribute("data-loaded", "true");
 }
 
