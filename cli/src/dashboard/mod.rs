@@ -49,9 +49,9 @@ pub struct DashboardArgs {
     /// How much lag history the chart keeps, in memory: 10m, 1h.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     history: Duration,
-    /// Show at most this many waiting dead letters per DLQ.
-    #[arg(long, default_value_t = 50)]
-    dlq_messages: usize,
+    /// Show at most this many waiting dead letters per DLQ (up to 1000).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(0..=1000))]
+    dlq_messages: u16,
 }
 
 /// Where the dashboard's broker comes from. An embedded store (mmap://,
@@ -154,7 +154,7 @@ impl Dashboard {
             source,
             allow_redrive: args.allow_redrive,
             loopback_only: !args.allow_remote,
-            dlq_messages: args.dlq_messages,
+            dlq_messages: usize::from(args.dlq_messages),
             state: Mutex::new((overview, LagHistory::new(args.history, args.interval))),
             latest,
             redriving: Mutex::new(()),
@@ -257,12 +257,8 @@ pub async fn run(url: &str, args: DashboardArgs) -> CliResult {
             }
         );
     }
-    let host = match local {
-        SocketAddr::V6(_) => format!("[{}]:{}", local.ip(), local.port()),
-        SocketAddr::V4(_) => local.to_string(),
-    };
     out(format!(
-        "conveyor dashboard: http://{host}/ for {} ({})",
+        "conveyor dashboard: http://{local}/ for {} ({})",
         parsed.redacted(),
         if args.allow_redrive {
             "redrive allowed"
