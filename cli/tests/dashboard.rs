@@ -356,135 +356,143 @@ fn the_page_shows_lag_and_dead_letters_and_redrives_from_a_browser() {
         .unwrap();
     rt.block_on(async {
         let client = browser(port, &chromium).await;
-        let outcome = async {
-            // The read-only page: lag and dead letters, no button.
-            client.goto(&read_only_base).await.unwrap();
-            wait_text(&client, "#access", "the read-only badge", |t| {
-                t == "read-only"
-            })
-            .await;
-            wait_text(
-                &client,
-                r#"[data-dlq="orders.mail.dlq"] .waiting"#,
-                "2 dead letters waiting",
-                |t| t == "2",
-            )
-            .await;
-            assert_eq!(count(&client, "button.redrive").await, 0, "read-only");
+        // The checks run as a task of their own, so that when one fails the
+        // session is still closed (chromedriver's browser would outlive it).
+        let checks = tokio::spawn({
+            let client = client.clone();
+            let (read_only_base, redrive_base) = (read_only_base.clone(), redrive_base.clone());
+            async move {
+                // The read-only page: lag and dead letters, no button.
+                client.goto(&read_only_base).await.unwrap();
+                wait_text(&client, "#access", "the read-only badge", |t| {
+                    t == "read-only"
+                })
+                .await;
+                wait_text(
+                    &client,
+                    r#"[data-dlq="orders.mail.dlq"] .waiting"#,
+                    "2 dead letters waiting",
+                    |t| t == "2",
+                )
+                .await;
+                assert_eq!(count(&client, "button.redrive").await, 0, "read-only");
 
-            // The page that may redrive.
-            client.goto(&redrive_base).await.unwrap();
-            let lag = wait_text(
-                &client,
-                r#"[data-group="billing"] .total-lag"#,
-                "billing's lag of 20",
-                |t| t == "20",
-            )
-            .await;
-            assert_eq!(lag, "20");
-            wait_text(
-                &client,
-                r#"[data-group="billing"] .badge.behind"#,
-                "billing shown behind",
-                |t| t == "behind",
-            )
-            .await;
-            // The dead letters: origin, attempts, and the error as text.
-            wait_text(
-                &client,
-                r#"[data-dlq="orders.mail.dlq"] .waiting"#,
-                "2 dead letters waiting",
-                |t| t == "2",
-            )
-            .await;
-            let error = wait_text(
-                &client,
-                r#"[data-dlq="orders.mail.dlq"] tr.dead-letter .error-text"#,
-                "the error",
-                |t| t == REASON,
-            )
-            .await;
-            assert_eq!(error, REASON);
-            let title = client.title().await.unwrap();
-            assert_eq!(title, "Conveyor · 2 behind · 2 dead letters");
-            assert_eq!(
-                count(&client, "[data-dlq] td b, [data-dlq] td img").await,
-                0
-            );
-            let origin = text(
-                &client,
-                r#"[data-dlq="orders.mail.dlq"] tr.dead-letter td:nth-child(2)"#,
-            )
-            .await
-            .unwrap();
-            assert!(origin.starts_with("orders/"), "{origin}");
-            // The chart draws once two samples are in.
-            wait_text(
-                &client,
-                r#"[data-group="billing"] .legend"#,
-                "the chart's legend",
-                |t| t.contains("orders/0"),
-            )
-            .await;
-            assert!(count(&client, r#"[data-group="billing"] svg polyline"#).await >= 2);
+                // The page that may redrive.
+                client.goto(&redrive_base).await.unwrap();
+                let lag = wait_text(
+                    &client,
+                    r#"[data-group="billing"] .total-lag"#,
+                    "billing's lag of 20",
+                    |t| t == "20",
+                )
+                .await;
+                assert_eq!(lag, "20");
+                wait_text(
+                    &client,
+                    r#"[data-group="billing"] .badge.behind"#,
+                    "billing shown behind",
+                    |t| t == "behind",
+                )
+                .await;
+                // The dead letters: origin, attempts, and the error as text.
+                wait_text(
+                    &client,
+                    r#"[data-dlq="orders.mail.dlq"] .waiting"#,
+                    "2 dead letters waiting",
+                    |t| t == "2",
+                )
+                .await;
+                let error = wait_text(
+                    &client,
+                    r#"[data-dlq="orders.mail.dlq"] tr.dead-letter .error-text"#,
+                    "the error",
+                    |t| t == REASON,
+                )
+                .await;
+                assert_eq!(error, REASON);
+                let title = client.title().await.unwrap();
+                assert_eq!(title, "Conveyor · 2 behind · 2 dead letters");
+                assert_eq!(
+                    count(&client, "[data-dlq] td b, [data-dlq] td img").await,
+                    0
+                );
+                let origin = text(
+                    &client,
+                    r#"[data-dlq="orders.mail.dlq"] tr.dead-letter td:nth-child(2)"#,
+                )
+                .await
+                .unwrap();
+                assert!(origin.starts_with("orders/"), "{origin}");
+                // The chart draws once two samples are in.
+                wait_text(
+                    &client,
+                    r#"[data-group="billing"] .legend"#,
+                    "the chart's legend",
+                    |t| t.contains("orders/0"),
+                )
+                .await;
+                assert!(count(&client, r#"[data-group="billing"] svg polyline"#).await >= 2);
 
-            // `mail` left 28 unread; the redriven two come back to it.
-            let mail_before: u64 = wait_text(
-                &client,
-                r#"[data-group="mail"] .total-lag"#,
-                "mail's lag",
-                |t| t.parse::<u64>().is_ok(),
-            )
-            .await
-            .parse()
-            .unwrap();
-            assert_eq!(mail_before, 28);
+                // `mail` left 28 unread; the redriven two come back to it.
+                let mail_before: u64 = wait_text(
+                    &client,
+                    r#"[data-group="mail"] .total-lag"#,
+                    "mail's lag",
+                    |t| t.parse::<u64>().is_ok(),
+                )
+                .await
+                .parse()
+                .unwrap();
+                assert_eq!(mail_before, 28);
 
-            // Redrive from the page. The page redraws on every refresh, so
-            // a click may land on a button just replaced: click again then.
-            let clicked = Instant::now();
-            loop {
-                let button = client
-                    .find(Locator::Css(
-                        r#"[data-dlq="orders.mail.dlq"] button.redrive"#,
-                    ))
-                    .await
-                    .unwrap();
-                match button.click().await {
-                    Ok(()) => break,
-                    Err(e) if clicked.elapsed() < DEADLINE => {
-                        eprintln!("click again: {e}");
+                // Redrive from the page. The page redraws on every refresh, so
+                // a click may land on a button just replaced: click again then.
+                let clicked = Instant::now();
+                loop {
+                    let button = client
+                        .find(Locator::Css(
+                            r#"[data-dlq="orders.mail.dlq"] button.redrive"#,
+                        ))
+                        .await
+                        .unwrap();
+                    match button.click().await {
+                        Ok(()) => break,
+                        Err(e) if clicked.elapsed() < DEADLINE => {
+                            eprintln!("click again: {e}");
+                        }
+                        Err(e) => panic!("cannot click the redrive button: {e}"),
                     }
-                    Err(e) => panic!("cannot click the redrive button: {e}"),
                 }
+                wait_text(&client, "#status", "the redrive's result", |t| {
+                    t.contains("Redrove")
+                })
+                .await;
+                assert_eq!(
+                    text(&client, "#status").await.unwrap(),
+                    "Redrove 2 dead letters from orders.mail.dlq."
+                );
+                wait_text(
+                    &client,
+                    r#"[data-dlq="orders.mail.dlq"] .waiting"#,
+                    "no dead letter waiting",
+                    |t| t == "0",
+                )
+                .await;
+                // Back in `orders`, addressed to `mail`: its lag grows by the two.
+                wait_text(
+                    &client,
+                    r#"[data-group="mail"] .total-lag"#,
+                    "mail's lag with the 2 redriven",
+                    |t| t == "30",
+                )
+                .await;
             }
-            wait_text(&client, "#status", "the redrive's result", |t| {
-                t.contains("Redrove")
-            })
-            .await;
-            assert_eq!(
-                text(&client, "#status").await.unwrap(),
-                "Redrove 2 dead letters from orders.mail.dlq."
-            );
-            wait_text(
-                &client,
-                r#"[data-dlq="orders.mail.dlq"] .waiting"#,
-                "no dead letter waiting",
-                |t| t == "0",
-            )
-            .await;
-            // Back in `orders`, addressed to `mail`: its lag grows by the two.
-            wait_text(
-                &client,
-                r#"[data-group="mail"] .total-lag"#,
-                "mail's lag with the 2 redriven",
-                |t| t == "30",
-            )
-            .await;
-        }
-        .await;
+        });
+        let outcome = checks.await;
         client.close().await.unwrap();
-        outcome
+        if let Err(failed) = outcome {
+            std::panic::resume_unwind(failed.into_panic());
+        }
     });
 
     // The store says the same, read on its own.
