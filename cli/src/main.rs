@@ -7,6 +7,7 @@
 
 mod bench;
 mod consume;
+mod dashboard;
 mod dlq;
 mod exit;
 mod group;
@@ -83,6 +84,16 @@ enum Command {
     /// Inspect and redrive dead-letter topics.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Serve a web page showing topics, groups with their lag, and DLQs
+    /// (read-only unless --allow-redrive), on 127.0.0.1:7878 by default.
+    #[command(after_help = "Examples:\n  \
+        conveyor --url mmap:///var/lib/app/queue dashboard\n  \
+        conveyor --url redis://cache:6379 dashboard --listen 127.0.0.1:9000 --allow-redrive\n\n\
+        An mmap:// or rocksdb:// store is read read-only at every refresh, so the dashboard runs \
+        beside the service that owns it; a redrive from the page opens it for writing for the \
+        redrive only, and is refused (409) while another process owns it. The page reads \
+        GET /api/overview (JSON); POST /api/redrive takes {\"dlq_topic\": ..., \"max\": N}.")]
+    Dashboard(dashboard::DashboardArgs),
     /// A producer/consumer throughput and latency run.
     Bench(bench::BenchArgs),
     /// Check every batch and state frame of an mmap:// store, read-only.
@@ -118,6 +129,7 @@ impl Command {
             Command::Consume(a) => a.access(),
             Command::Group(c) => c.access(),
             Command::Dlq(c) => c.access(),
+            Command::Dashboard(_) => Access::Read,
             Command::Bench(_) => Access::Create,
             Command::Verify(_) => Access::Read,
             Command::Migrate => Access::Create,
@@ -132,6 +144,7 @@ impl Command {
             Command::Consume(_) => "consume",
             Command::Group(_) => "group",
             Command::Dlq(_) => "dlq",
+            Command::Dashboard(_) => "dashboard",
             Command::Bench(_) => "bench",
             Command::Verify(_) => "verify",
             Command::Migrate => "migrate",
@@ -232,6 +245,11 @@ async fn run(cli: Cli) -> CliResult {
     if let Command::Migrate = command {
         return migrate::run(&url, cli.format).await;
     }
+    // `dashboard` opens its broker as it goes (an embedded store read-only
+    // at each refresh) and runs until Ctrl-C.
+    if let Command::Dashboard(a) = command {
+        return dashboard::run(&url, a).await;
+    }
     let access = command.access(&url);
     if url.starts_with("memory:") && access != Access::Read && !matches!(command, Command::Bench(_))
     {
@@ -249,6 +267,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Consume(a) => consume::run(&broker, a, format).await,
         Command::Group(c) => group::run(&broker, c, format).await,
         Command::Dlq(c) => dlq::run(&broker, c, format).await,
+        Command::Dashboard(a) => dashboard::run(&url, a).await,
         Command::Bench(a) => bench::run(&broker, a, format, &url).await,
         Command::Verify(a) => verify::run(Some(&url), a, format).await,
         Command::Migrate => migrate::run(&url, format).await,
