@@ -1,13 +1,13 @@
 //! Metrics and spans for every backend, written once: [`observe`] wraps a
 //! [`Broker`] so that its producers and consumers record
-//! [`metrics`](self::metrics) and open [`tracing`] spans around each call,
+//! [`metrics`] and open [`tracing`] spans around each call,
 //! and carry W3C trace context in the records' headers (`opentelemetry`
 //! feature). `conveyor::open` returns a broker wrapped this way; a broker
 //! built directly from a backend crate is wrapped with
 //! `conveyor::observe::observe(Arc::new(broker), "postgres")`.
 //!
 //! This module owns the wrapper and its gauge refresh; the names and
-//! labels are in [`metrics`](self::metrics) and [`trace`]. It changes no
+//! labels are in [`metrics`] and [`trace`]. It changes no
 //! behaviour: every call goes to the wrapped broker as it is, and the
 //! conformance suite runs on a wrapped broker too.
 //!
