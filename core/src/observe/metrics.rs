@@ -5,13 +5,21 @@
 //! what operators alert on beyond them. Durations are in seconds.
 //!
 //! The application installs the recorder (Prometheus, OpenTelemetry,
-//! StatsD, ...); with none installed, every call here is a no-op that
-//! allocates a few short label strings (measured in
-//! `docs/performance-notes.md`).
+//! StatsD, ...), **before it opens brokers**: a consumer registers the
+//! instruments of its per-message paths (ack, nack, commit, end-to-end
+//! delay) when it joins, and the runner those of its handler the first
+//! time it meets a topic, so each message costs an atomic update rather
+//! than a label set; instruments registered before the recorder was
+//! installed stay no-ops. Per-batch and rare recordings (sends, polls,
+//! errors, dead letters) build their labels each time. With no recorder
+//! every recording is a no-op; `docs/performance-notes.md` has the
+//! figures.
 
 use super::Labels;
 use crate::error::Error;
 use metrics::{Label, SharedString};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Counter: messages a producer sent (each acknowledged record of a
@@ -179,6 +187,49 @@ pub(crate) fn operation(
     metrics::histogram!(OPERATION_DURATION, labels).record(started.elapsed().as_secs_f64());
 }
 
+/// A consumer's instruments for one of its topics, registered once when
+/// it joins, so a message costs an atomic update (or nothing, without a
+/// recorder) instead of building labels. A recorder installed after the
+/// consumer was created does not see these (install it first).
+pub(crate) struct TopicInstruments {
+    ack: metrics::Histogram,
+    nack: metrics::Histogram,
+    commit: metrics::Histogram,
+    delay: metrics::Histogram,
+}
+
+impl TopicInstruments {
+    pub(crate) fn new(labels: &Labels, topic: &str) -> Self {
+        let duration = |op| {
+            let Set(set) = Set::of(labels).operation(op).topic(topic);
+            metrics::histogram!(OPERATION_DURATION, set)
+        };
+        let Set(delay) = Set::of(labels).topic(topic);
+        TopicInstruments {
+            ack: duration("ack"),
+            nack: duration("nack"),
+            commit: duration("commit"),
+            delay: metrics::histogram!(END_TO_END_DELAY, delay),
+        }
+    }
+
+    /// A successful settle (`ack`, `nack` or `commit`) took
+    /// `started.elapsed()`.
+    pub(crate) fn settled(&self, op: &'static str, started: Instant) {
+        let histogram = match op {
+            "ack" => &self.ack,
+            "nack" => &self.nack,
+            _ => &self.commit,
+        };
+        histogram.record(started.elapsed().as_secs_f64());
+    }
+
+    /// A message of this topic arrived `seconds` after its append.
+    pub(crate) fn delay(&self, seconds: f64) {
+        self.delay.record(seconds);
+    }
+}
+
 /// `n` messages of one partition received, `redelivered` of them again.
 pub(crate) fn consumed(labels: &Labels, topic: &str, partition: u32, n: u64, redelivered: u64) {
     let Set(set) = Set::of(labels).topic(topic).partition(partition);
@@ -188,12 +239,6 @@ pub(crate) fn consumed(labels: &Labels, topic: &str, partition: u32, n: u64, red
     metrics::counter!(CONSUMED_MESSAGES, set).increment(n);
 }
 
-/// The end-to-end delay of a received message.
-pub(crate) fn end_to_end_delay(labels: &Labels, topic: &str, seconds: f64) {
-    let Set(set) = Set::of(labels).topic(topic);
-    metrics::histogram!(END_TO_END_DELAY, set).record(seconds);
-}
-
 /// One of the per-topic counters ([`DEAD_LETTERED`], [`LEASE_EXTENSIONS`],
 /// [`HANDLER_TIMEOUTS`], [`FENCED`]) raised by `n`.
 pub(crate) fn count(name: &'static str, labels: &Labels, topic: &str, n: u64) {
@@ -201,13 +246,46 @@ pub(crate) fn count(name: &'static str, labels: &Labels, topic: &str, n: u64) {
     metrics::counter!(name, set).increment(n);
 }
 
-/// The runner's handler took `started.elapsed()` on a message of `topic`.
-pub(crate) fn process(labels: &Labels, topic: &str, started: Instant, failed: bool) {
-    let Set(set) = Set::of(labels)
-        .operation("process")
-        .topic(topic)
-        .error(failed.then_some("handler"));
-    metrics::histogram!(PROCESS_DURATION, set).record(started.elapsed().as_secs_f64());
+/// The runner's `messaging.process.duration` histograms, registered per
+/// topic the first time a message of it is handled (then an atomic
+/// update per message, not a label set).
+pub(crate) struct ProcessInstruments {
+    labels: Labels,
+    /// Per topic: the histogram of handled messages, and of failed ones.
+    topics: parking_lot::Mutex<HashMap<String, Arc<[metrics::Histogram; 2]>>>,
+}
+
+impl ProcessInstruments {
+    pub(crate) fn new(labels: Labels) -> Self {
+        ProcessInstruments {
+            labels,
+            topics: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The handler took `started.elapsed()` on a message of `topic`.
+    pub(crate) fn record(&self, topic: &str, started: Instant, failed: bool) {
+        let elapsed = started.elapsed().as_secs_f64();
+        let histograms = {
+            let mut topics = self.topics.lock();
+            match topics.get(topic) {
+                Some(h) => h.clone(),
+                None => {
+                    let make = |failed: bool| {
+                        let Set(set) = Set::of(&self.labels)
+                            .operation("process")
+                            .topic(topic)
+                            .error(failed.then_some("handler"));
+                        metrics::histogram!(PROCESS_DURATION, set)
+                    };
+                    let h = Arc::new([make(false), make(true)]);
+                    topics.insert(topic.to_owned(), h.clone());
+                    h
+                }
+            }
+        };
+        histograms[usize::from(failed)].record(elapsed);
+    }
 }
 
 /// The group went through `n` rebalances.

@@ -55,6 +55,7 @@ pub mod trace;
 
 pub use trace::process_span;
 
+use self::metrics::TopicInstruments;
 use crate::broker::{BatchAck, Broker, Capabilities, Consumer, IdempotencyStore, Producer};
 use crate::broker::{NackOptions, NackOutcome, TopicPartition};
 use crate::config::{GroupConfig, SeekTo, TopicConfig};
@@ -236,9 +237,15 @@ impl Broker for Observed {
         config: GroupConfig,
     ) -> Result<Arc<dyn Consumer>> {
         let inner = self.inner.consumer(group, topics, config).await?;
+        let labels = Labels::new(self.system, Some(group));
+        let instruments = topics
+            .iter()
+            .map(|t| (t.to_string(), TopicInstruments::new(&labels, t)))
+            .collect();
         Ok(Arc::new(ObservedConsumer {
             inner,
-            labels: Labels::new(self.system, Some(group)),
+            labels,
+            instruments,
             _gauges: self.gauge_refresh(group),
         }))
     }
@@ -334,6 +341,8 @@ impl Producer for ObservedProducer {
 struct ObservedConsumer {
     inner: Arc<dyn Consumer>,
     labels: Labels,
+    /// Per topic it reads, registered when it joined.
+    instruments: HashMap<String, TopicInstruments>,
     /// Keeps the group's gauges refreshed while this member lives.
     _gauges: Arc<GaugeRefresh>,
 }
@@ -341,10 +350,15 @@ struct ObservedConsumer {
 impl ObservedConsumer {
     /// Record a settle call's duration, and a `Fenced` refusal.
     fn settled<T>(&self, op: &'static str, topic: &str, started: Instant, r: &Result<T>) {
-        let error = r.as_ref().err();
-        metrics::operation(&self.labels, op, Some(topic), started, error);
-        if error.is_some_and(|e| e.kind() == ErrorKind::Fenced) {
-            metrics::count(metrics::FENCED, &self.labels, topic, 1);
+        match (r, self.instruments.get(topic)) {
+            (Ok(_), Some(instruments)) => instruments.settled(op, started),
+            (Ok(_), None) => metrics::operation(&self.labels, op, Some(topic), started, None),
+            (Err(e), _) => {
+                metrics::operation(&self.labels, op, Some(topic), started, Some(e));
+                if e.kind() == ErrorKind::Fenced {
+                    metrics::count(metrics::FENCED, &self.labels, topic, 1);
+                }
+            }
         }
     }
 }
@@ -372,8 +386,9 @@ impl Consumer for ObservedConsumer {
                     let counts = per_partition.entry((&m.topic, m.partition)).or_default();
                     counts.0 += 1;
                     counts.1 += u64::from(m.attempt > 1);
-                    let delay = now.saturating_sub(m.timestamp) as f64 / 1000.0;
-                    metrics::end_to_end_delay(&self.labels, &m.topic, delay);
+                    if let Some(instruments) = self.instruments.get(&m.topic) {
+                        instruments.delay(now.saturating_sub(m.timestamp) as f64 / 1000.0);
+                    }
                 }
                 for ((topic, partition), (n, again)) in per_partition {
                     metrics::consumed(&self.labels, topic, partition, n, again);
@@ -399,9 +414,8 @@ impl Consumer for ObservedConsumer {
         let mut topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
         topics.sort_unstable();
         topics.dedup();
-        let error = r.as_ref().err();
         for topic in topics {
-            metrics::operation(&self.labels, "ack", Some(topic), started, error);
+            self.settled("ack", topic, started, &r);
         }
         if let Ok(outcome) = &r {
             for (i, e) in &outcome.failed {

@@ -87,7 +87,7 @@
 use crate::broker::{Broker, Consumer, NackOptions, NackOutcome};
 use crate::config::{DeliveryMode, GroupConfig, RetryBackoff};
 use crate::error::{Error, ErrorKind, Result};
-use crate::observe::metrics::{DEAD_LETTERED, HANDLER_TIMEOUTS};
+use crate::observe::metrics::{ProcessInstruments, DEAD_LETTERED, HANDLER_TIMEOUTS};
 use crate::observe::{self, Labels};
 use crate::record::Message;
 use dead_letters::DeadLetters;
@@ -469,6 +469,7 @@ impl Runner {
                 .labels()
                 .unwrap_or_else(|| Labels::new("unknown", None)),
         );
+        let process = Arc::new(ProcessInstruments::new((*labels).clone()));
         tokio::pin!(shutdown);
         loop {
             // Reap finished tasks so errors surface.
@@ -551,6 +552,7 @@ impl Runner {
                 let dead_letters = dead_letters.clone();
                 let extension = extension.clone();
                 let labels = labels.clone();
+                let process = process.clone();
                 // Stream mode: a partition's lanes run one after another, in
                 // the order they were polled.
                 let (done, previous) = match lane.first() {
@@ -576,6 +578,7 @@ impl Runner {
                         config: &config,
                         extension: &extension,
                         labels: &labels,
+                        process: &process,
                     };
                     lane_ctx.run(lane).await;
                     drop(done);
@@ -824,6 +827,8 @@ struct Lane<'a> {
     extension: &'a LeaseExtension,
     /// What its metrics and spans are labelled with.
     labels: &'a Labels,
+    /// Its handler's durations.
+    process: &'a ProcessInstruments,
 }
 
 /// After a message of a lane: go on with the next, or stop the lane (its
@@ -875,7 +880,8 @@ impl Lane<'_> {
             self.labels,
         )
         .await;
-        observe::metrics::process(self.labels, &message.topic, started, handled.is_err());
+        self.process
+            .record(&message.topic, started, handled.is_err());
         match handled {
             Ok(()) => self.ack(message, false).await,
             Err(failure) => {
