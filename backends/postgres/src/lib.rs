@@ -282,10 +282,16 @@ mod queries;
 mod retention;
 mod schema;
 mod spare;
+mod transactional;
 mod tx;
 mod url;
 
 pub use broker::PgBroker;
+/// The sqlx this crate is built with: use its `PgPool`, `PgConnection`
+/// and `Transaction` with [`PgBroker::send_in`] and [`PgBroker::ack_in`],
+/// so the versions match.
+pub use sqlx;
+pub use transactional::{PgTransaction, Staged, Transactional, TxHandler};
 pub use url::{migrate_url, open_url, parse as parse_url, URL_OPTIONS, URL_SCHEMES};
 
 #[cfg(doc)]
@@ -392,6 +398,26 @@ pub(crate) fn millis(d: std::time::Duration) -> i64 {
 /// (they run in transactions).
 pub async fn open(url: &str, options: BrokerOptions, pg: PgOptions) -> Result<PgBroker> {
     PgBroker::open(url, options, pg).await
+}
+
+/// Open a broker on the database an application's own pool connects to:
+/// same server, database, credentials and TLS settings as `pool`, with
+/// connections of its own (up to [`PgOptions::max_connections`], using
+/// the broker's schema and durability; the application's connections are
+/// never changed). Then [`PgBroker::send_in`] and [`PgBroker::ack_in`]
+/// work in transactions of `pool`. Otherwise as [`open`].
+///
+/// # Errors
+/// As [`open`] (messages show the pool's user, host and database).
+///
+/// # Cancel safety
+/// As [`open`].
+pub async fn open_on(
+    pool: &sqlx::PgPool,
+    options: BrokerOptions,
+    pg: PgOptions,
+) -> Result<PgBroker> {
+    PgBroker::open_on(pool, options, pg).await
 }
 
 /// Create the schema (marked as Conveyor's, so [`PgBroker::drop_schema`]
