@@ -22,10 +22,13 @@ CREATE TABLE staged (
     -- is moved onto the server's clock against it, as `APPEND` does.
     sent_at bigint NOT NULL,
     -- The topic's dedup window when staged (for records with `idem`).
-    dedup_ms bigint NOT NULL
+    dedup_ms bigint NOT NULL,
+    -- The staging transaction: its records move together.
+    tx xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
--- The relay takes a partition's staged rows in staging order.
-CREATE INDEX staged_partition ON staged (topic_id, partition, id);
+-- The relay takes a partition's staged rows by transaction, then in
+-- staging order.
+CREATE INDEX staged_partition ON staged (topic_id, partition, tx, id);
 
 -- Wake the relays: one notification per inserting statement, delivered
 -- when the caller's transaction commits (never for a rollback).
@@ -41,9 +44,10 @@ $$;
 CREATE TRIGGER staged_notify AFTER INSERT ON staged
     FOR EACH STATEMENT EXECUTE FUNCTION notify_staged();
 
--- Move up to `p_max` committed staged records of (`p_topic`,
--- `p_partition`) into the log, in staging order; returns how many staged
--- rows were taken. The partition row is locked first, so relays of one
+-- Move the committed staged records of up to `p_max` transactions of
+-- (`p_topic`, `p_partition`) into the log, each transaction's records
+-- together and in staging order; returns how many staged rows were
+-- taken. The partition row is locked first, so relays of one
 -- partition (from any broker) and ordinary appends to it take turns, and
 -- the rows are read after the lock: a row is moved by exactly one relay.
 -- A record whose idempotency key was appended to the partition within
@@ -65,19 +69,21 @@ BEGIN
     END IF;
     WITH taken AS MATERIALIZED (
         DELETE FROM staged s
-         WHERE s.id IN (SELECT id FROM staged
+         WHERE s.topic_id = p_topic AND s.partition = p_partition
+           AND s.tx IN (SELECT DISTINCT tx FROM staged
                          WHERE topic_id = p_topic AND partition = p_partition
-                         ORDER BY id LIMIT p_max)
-        RETURNING s.id, s.key, s.value, s.headers, s.idem, s.deliver_at, s.size, s.sent_at,
+                         ORDER BY tx LIMIT p_max)
+        RETURNING s.tx, s.id, s.key, s.value, s.headers, s.idem, s.deliver_at, s.size, s.sent_at,
                   s.dedup_ms),
     fresh AS MATERIALIZED (
-        SELECT t.*, row_number() OVER (ORDER BY t.id) AS i
+        SELECT t.*, row_number() OVER (ORDER BY t.tx, t.id) AS i
           FROM taken t
          WHERE t.idem IS NULL
             OR (NOT EXISTS (SELECT 1 FROM records r
                              WHERE r.topic_id = p_topic AND r.partition = p_partition
                                AND r.idem = t.idem AND r.ts >= now_ms() - t.dedup_ms)
-                AND NOT EXISTS (SELECT 1 FROM taken u WHERE u.idem = t.idem AND u.id < t.id))),
+                AND NOT EXISTS (SELECT 1 FROM taken u
+                                WHERE u.idem = t.idem AND (u.tx, u.id) < (t.tx, t.id)))),
     n AS (SELECT count(*) AS cnt, coalesce(sum(f.size), 0) AS total FROM fresh f),
     p AS (
         UPDATE partitions q

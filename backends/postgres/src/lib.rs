@@ -58,6 +58,8 @@
 //!   (stream mode: member and generation per partition), `commits`
 //!   (stream mode), `queue_cursors` and `leases` (queue mode),
 //!   `idempotency` (the consumer-side [`IdempotencyStore`]).
+//! - `staged`: records sent inside an application's transaction
+//!   ([`PgBroker::send_in`]), waiting for the relay to append them.
 //!
 //! # How the rules hold in the server
 //!
@@ -113,6 +115,25 @@
 //!   the poll's statement finished. Expired leases on their last attempt
 //!   are dead-lettered by an idle poll and by each broker's sweep, in the
 //!   same transaction as the DLQ append.
+//! - **In the application's transaction** (docs/semantics.md §10).
+//!   [`PgBroker::send_in`] inserts the records into `staged` in the
+//!   caller's transaction: no lock, no offset, so a transaction held open
+//!   holds up nobody, and a rollback leaves nothing. Its commit notifies
+//!   `conveyor.<schema>` (`staged`), which wakes the relay of every broker
+//!   open on the schema (and each looks every 250 ms): per partition, one
+//!   statement, `relay_staged(...)` (`migrations/0003_staged.sql`), locks
+//!   the partition row as an append does, deletes the committed staged
+//!   rows of up to 1,000 transactions and appends them in (transaction,
+//!   staging) order, so each is appended once and offsets stay dense and
+//!   commit in order. [`PgBroker::ack_in`] is one statement in the
+//!   caller's transaction: a queue-mode lease `DELETE`, or a stream-mode
+//!   commit fenced by the delivery's generation (share lock on the owner
+//!   row until the caller's transaction ends) that never moves a commit
+//!   already past the message. These statements name the schema, so the
+//!   caller's `search_path` does not matter; [`open_on`] builds a broker
+//!   on the database an application's pool connects to, and
+//!   [`Transactional`] is the runner's handler that works in a
+//!   transaction.
 //! - **Seeking by timestamp** is a binary search over the offsets
 //!   (`offset_for_ts`, about 20 index probes for a million records):
 //!   timestamps never decrease within a partition, so appends keep no second

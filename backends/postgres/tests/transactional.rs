@@ -241,7 +241,15 @@ async fn a_reader_never_sees_a_late_lower_offset_while_transactions_commit_out_o
                     .map(|v| Record::new(v.clone()).with_partition(rng.gen_range(0..PARTITIONS)))
                     .collect();
                 let mut tx = pool.begin().await.unwrap();
-                broker.send_in(&mut *tx, "o", records).await.unwrap();
+                // In one call or one per record, with a pause between.
+                if rng.gen_bool(0.5) {
+                    broker.send_in(&mut *tx, "o", records).await.unwrap();
+                } else {
+                    for r in records {
+                        broker.send_in(&mut *tx, "o", vec![r]).await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..5))).await;
+                    }
+                }
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(0..60))).await;
                 if rng.gen_range(0..5) == 0 {
                     tx.rollback().await.unwrap();
@@ -344,6 +352,37 @@ async fn a_reader_never_sees_a_late_lower_offset_while_transactions_commit_out_o
     let mut log: Vec<String> = Vec::new();
     for p in 0..PARTITIONS {
         log.extend(read_all(&broker, "o", p).await.iter().map(text));
+    }
+    // Each transaction's records of a partition are contiguous and in the
+    // order sent.
+    for p in 0..PARTITIONS {
+        let mut at: BTreeMap<String, Vec<(u64, u32)>> = BTreeMap::new();
+        for m in read_all(&broker, "o", p).await {
+            let v = text(&m);
+            if let Some(rest) = v.strip_prefix("tx-") {
+                let (tx, j) = rest.rsplit_once('-').unwrap();
+                at.entry(tx.to_string())
+                    .or_default()
+                    .push((m.offset, j.parse().unwrap()));
+            }
+        }
+        for (tx, offsets) in at {
+            let first = offsets[0].0;
+            let js: Vec<u32> = offsets.iter().map(|o| o.1).collect();
+            let mut sorted = js.clone();
+            sorted.sort_unstable();
+            assert_eq!(
+                js, sorted,
+                "transaction {tx} in partition {p}: out of order"
+            );
+            for (k, (offset, _)) in offsets.iter().enumerate() {
+                assert_eq!(
+                    *offset,
+                    first + k as u64,
+                    "transaction {tx} in partition {p}: not contiguous {offsets:?} (seed {seed})"
+                );
+            }
+        }
     }
     let in_log: BTreeSet<String> = log.iter().cloned().collect();
     assert_eq!(

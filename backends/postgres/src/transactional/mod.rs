@@ -62,11 +62,12 @@ impl PgBroker {
     /// the broker's database; the statement names the broker's schema, so
     /// the connection's `search_path` does not matter. Records are
     /// validated and routed as `send_batch` does (contract §3). Nothing is
-    /// locked: a transaction left open holds up no other send, and the
-    /// records of a batch bound for one partition are appended together
-    /// and in order. A record with an idempotency key that was appended to
-    /// its partition within the topic's dedup window (or earlier in the
-    /// same move) is left out when the relay moves it.
+    /// locked: a transaction left open holds up no other send. The records
+    /// one transaction sends to a partition (over any number of calls) are
+    /// appended together, in the order they were sent, after those of
+    /// transactions appended before. A record with an idempotency key that
+    /// was appended to its partition within the topic's dedup window (or
+    /// earlier in the same move) is left out when the relay moves it.
     ///
     /// Returns one [`Staged`] per record, in input order (no offset yet:
     /// see [`Staged`]).

@@ -12,8 +12,9 @@ use crate::error::during;
 use conveyor_core::Result;
 use std::sync::Weak;
 
-/// Most staged records one `relay_staged` statement moves.
-const RELAY_MAX: i32 = 5_000;
+/// Most staging transactions one `relay_staged` statement moves (each
+/// transaction's records of the partition move together).
+const RELAY_MAX: i32 = 1_000;
 
 /// Most partitions with staged records looked at per round.
 const PARTITIONS_PER_ROUND: i64 = 1_000;
@@ -51,36 +52,41 @@ pub(crate) async fn run(inner: Weak<Inner>) {
 }
 
 /// Move every committed staged record into the log; how many staged rows
-/// were taken.
+/// were taken. One statement finds the partitions with staged rows, then
+/// one per partition moves them (each its own transaction, so a partition
+/// row is locked only while its own move runs); it looks again only if a
+/// move was cut at [`RELAY_MAX`] transactions (records committed meanwhile
+/// send their own notification). On a kept connection (see `spare`).
 pub(crate) async fn relay_all(inner: &Inner) -> Result<u64> {
+    let mut conn = inner.conn(|| "relay staged records".to_string()).await?;
     let mut total = 0u64;
     loop {
-        let parts: Vec<(i64, i32)> = sqlx::query_as(
+        let parts = sqlx::query_as::<_, (i64, i32)>(
             "SELECT DISTINCT topic_id, partition FROM staged ORDER BY topic_id, partition LIMIT $1",
         )
         .bind(PARTITIONS_PER_ROUND)
-        .fetch_all(&inner.pool)
+        .fetch_all(&mut *conn)
         .await
-        .map_err(during("find staged records"))?;
-        if parts.is_empty() {
-            return Ok(total);
-        }
-        let mut moved_now = 0u64;
+        .map_err(during("find staged records"));
+        let parts = conn.checked(parts)?;
+        let mut again = parts.len() as i64 == PARTITIONS_PER_ROUND;
         for (topic_id, partition) in parts {
-            let moved: i32 = sqlx::query_scalar("SELECT relay_staged($1, $2, $3)")
+            let moved = sqlx::query_scalar::<_, i32>("SELECT relay_staged($1, $2, $3)")
                 .bind(topic_id)
                 .bind(partition)
                 .bind(RELAY_MAX)
-                .fetch_one(&inner.pool)
+                .fetch_one(&mut *conn)
                 .await
                 .map_err(during(format!(
                     "move staged records of topic id {topic_id}/{partition} into the log"
-                )))?;
-            moved_now += moved.max(0) as u64;
+                )));
+            let moved = conn.checked(moved)?;
+            // At least one row per transaction taken: a move of RELAY_MAX
+            // rows or more may have left transactions behind.
+            again |= moved >= RELAY_MAX;
+            total += moved.max(0) as u64;
         }
-        total += moved_now;
-        if moved_now == 0 {
-            // Another relay took them between the two statements.
+        if !again {
             return Ok(total);
         }
     }
