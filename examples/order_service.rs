@@ -164,10 +164,7 @@ async fn child(url: &str, role: &str, prefix: &str) -> AnyResult<bool> {
         let stop = stop.clone();
         std::thread::spawn(move || {
             let mut line = String::new();
-            while std::io::stdin()
-                .read_line(&mut line)
-                .map_or(false, |n| n > 0)
-            {
+            while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
                 line.clear();
             }
             stop.cancel();
@@ -396,8 +393,8 @@ async fn run(args: &Args, seed: u64, prefix: &str, admin: &PgPool) -> AnyResult<
         spawn(&mut processes, &mut roles, role);
     }
     // Stop producing: kill every producer (an open transaction rolls back).
-    for id in 0..processes.len() {
-        if roles[id] == "producer" {
+    for (id, role) in roles.iter().enumerate() {
+        if *role == "producer" {
             processes.kill(id);
         }
     }

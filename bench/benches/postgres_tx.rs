@@ -123,7 +123,7 @@ impl Setup {
 }
 
 #[derive(Clone, Copy)]
-enum Send {
+enum SendHow {
     Plain,
     RowThenSend,
     SendIn,
@@ -131,18 +131,18 @@ enum Send {
 }
 
 /// One order (or none, for `Plain`) and its event, as `how` says.
-async fn send_one(s: &Setup, producer: &Arc<dyn Producer>, topic: &str, how: Send) {
+async fn send_one(s: &Setup, producer: &Arc<dyn Producer>, topic: &str, how: SendHow) {
     let value = bytes::Bytes::from(vec![7u8; VALUE]);
     let order = "INSERT INTO orders (amount) VALUES (1)";
     match how {
-        Send::Plain => {
+        SendHow::Plain => {
             producer.send(topic, Record::new(value)).await.unwrap();
         }
-        Send::RowThenSend => {
+        SendHow::RowThenSend => {
             sqlx::query(order).execute(&s.app).await.unwrap();
             producer.send(topic, Record::new(value)).await.unwrap();
         }
-        Send::SendIn => {
+        SendHow::SendIn => {
             let mut tx = s.app.begin().await.unwrap();
             sqlx::query(order).execute(&mut *tx).await.unwrap();
             s.broker
@@ -151,7 +151,7 @@ async fn send_one(s: &Setup, producer: &Arc<dyn Producer>, topic: &str, how: Sen
                 .unwrap();
             tx.commit().await.unwrap();
         }
-        Send::OutboxRaw => {
+        SendHow::OutboxRaw => {
             let mut tx = s.app.begin().await.unwrap();
             sqlx::query(order).execute(&mut *tx).await.unwrap();
             sqlx::query("INSERT INTO outbox (topic, payload) VALUES ($1, $2)")
@@ -173,13 +173,13 @@ fn pg_tx_send(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     let mut round = 0u64;
     for (name, how, tasks) in [
-        ("plain_send", Send::Plain, 1),
-        ("row_then_send", Send::RowThenSend, 1),
-        ("send_in", Send::SendIn, 1),
-        ("outbox_raw", Send::OutboxRaw, 1),
-        ("plain_send_16", Send::Plain, 16),
-        ("send_in_16", Send::SendIn, 16),
-        ("outbox_raw_16", Send::OutboxRaw, 16),
+        ("plain_send", SendHow::Plain, 1),
+        ("row_then_send", SendHow::RowThenSend, 1),
+        ("send_in", SendHow::SendIn, 1),
+        ("outbox_raw", SendHow::OutboxRaw, 1),
+        ("plain_send_16", SendHow::Plain, 16),
+        ("send_in_16", SendHow::SendIn, 16),
+        ("outbox_raw_16", SendHow::OutboxRaw, 16),
     ] {
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter_custom(|iters| {
@@ -215,8 +215,8 @@ fn pg_tx_send(c: &mut Criterion) {
     }
     // Until a stream-mode member has the record.
     for (name, how) in [
-        ("plain_send_visible", Send::Plain),
-        ("send_in_visible", Send::SendIn),
+        ("plain_send_visible", SendHow::Plain),
+        ("send_in_visible", SendHow::SendIn),
     ] {
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter_custom(|iters| {
@@ -258,7 +258,7 @@ fn pg_tx_send(c: &mut Criterion) {
 }
 
 #[derive(Clone, Copy)]
-enum Ack {
+enum AckHow {
     Plain,
     RowThenAck,
     AckIn,
@@ -273,10 +273,10 @@ fn pg_tx_ack(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     let mut round = 0u64;
     for (name, how) in [
-        ("plain_ack", Ack::Plain),
-        ("row_then_ack", Ack::RowThenAck),
-        ("ack_in", Ack::AckIn),
-        ("inbox_raw", Ack::InboxRaw),
+        ("plain_ack", AckHow::Plain),
+        ("row_then_ack", AckHow::RowThenAck),
+        ("ack_in", AckHow::AckIn),
+        ("inbox_raw", AckHow::InboxRaw),
     ] {
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter_custom(|iters| {
@@ -313,18 +313,18 @@ fn pg_tx_ack(c: &mut Criterion) {
                         let got = consumer.poll(100, Duration::from_millis(5)).await.unwrap();
                         for m in &got {
                             match how {
-                                Ack::Plain => consumer.ack(m).await.unwrap(),
-                                Ack::RowThenAck => {
+                                AckHow::Plain => consumer.ack(m).await.unwrap(),
+                                AckHow::RowThenAck => {
                                     sqlx::query(shipment).execute(&s.app).await.unwrap();
                                     consumer.ack(m).await.unwrap();
                                 }
-                                Ack::AckIn => {
+                                AckHow::AckIn => {
                                     let mut tx = s.app.begin().await.unwrap();
                                     sqlx::query(shipment).execute(&mut *tx).await.unwrap();
                                     assert!(s.broker.ack_in(&mut *tx, m).await.unwrap());
                                     tx.commit().await.unwrap();
                                 }
-                                Ack::InboxRaw => {
+                                AckHow::InboxRaw => {
                                     let mut tx = s.app.begin().await.unwrap();
                                     sqlx::query(shipment).execute(&mut *tx).await.unwrap();
                                     sqlx::query(

@@ -8,6 +8,9 @@
 //! handler writes each effect once. Each test works in a schema of its own
 //! (the application's tables live there too), dropped at the end.
 
+// Test code: a failed unwrap is a failed test, with its line.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use conveyor_core::prelude::*;
