@@ -771,6 +771,9 @@ async fn the_runner_with_a_transactional_handler_writes_each_effect_once() {
             .unwrap();
         assert_eq!(stats.succeeded, N as u64, "{group}: {stats:?}");
         assert_eq!(stats.failed, (N / 5) as u64, "{group}: {stats:?}");
+        // The runner did not ack what the handler settled (an ack of a
+        // settled queue-mode message would be refused).
+        assert_eq!(stats.settle_refused, 0, "{group}: {stats:?}");
         let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
             "SELECT id, count(*) FROM {effects} WHERE id LIKE $1 GROUP BY id"
         ))
