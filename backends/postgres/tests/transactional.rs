@@ -197,6 +197,18 @@ async fn a_rollback_leaves_nothing_visible_and_takes_no_offset() {
     assert_eq!(staged_left, 0);
     let end = broker.describe_topic("t").await.unwrap().partitions[0].log_end;
     assert_eq!(end, 2);
+    // On the pool itself (no transaction of the caller's): a statement of
+    // its own, appended once it returned.
+    broker
+        .send_in(&pool, "t", vec![Record::new("e")])
+        .await
+        .unwrap();
+    let all = eventually("the pool's record to be appended", || async {
+        let all = read_all(&broker, "t", 0).await;
+        (all.len() >= 3).then_some(all)
+    })
+    .await;
+    assert_eq!((all[2].offset, text(&all[2])), (2, "e".to_string()));
     reader.close().await.unwrap();
     broker.close().await.unwrap();
 }
