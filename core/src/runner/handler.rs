@@ -143,7 +143,10 @@ pub trait Handler: Send + Sync + 'static {
     /// Whether this handler settles each message itself when it succeeds
     /// (a transactional handler acks or commits in the same database
     /// transaction as its effects): the runner then does not ack it after
-    /// a success. A failure is nacked as for any handler. Default `false`.
+    /// a success, and such a handler must have settled every message it
+    /// returns `Ok` for. A failure is nacked as for any handler. Default
+    /// `false`, also for wrappers such as [`Idempotent`](super::Idempotent)
+    /// (a duplicate it skips is acked by the runner).
     fn settles_itself(&self) -> bool {
         false
     }

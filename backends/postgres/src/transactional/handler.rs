@@ -63,6 +63,13 @@ where
 /// already settled by a committed transaction (a redelivery after a
 /// commit whose answer was lost) is rolled back and counted as handled:
 /// its effects are there once.
+///
+/// Do not wrap it in `conveyor_core::runner::Idempotent`: the wrapper
+/// does not settle itself, so the runner would ack again what this
+/// handler settled (refused in queue mode, counted as `settle_refused`).
+/// The transaction already makes the writes happen once; for an event id
+/// of your own, call [`PgBroker::first_seen_in`] in the handler's
+/// transaction.
 pub struct Transactional<H> {
     broker: PgBroker,
     pool: PgPool,
