@@ -143,7 +143,7 @@ async fn app_pool(url: &str, prefix: &str, max: u32) -> AnyResult<PgPool> {
 async fn broker(pool: &PgPool, prefix: &str) -> AnyResult<PgBroker> {
     let pg = PgOptions::default()
         .with_schema(prefix)
-        .with_max_connections(4);
+        .with_max_connections(3);
     Ok(conveyor::postgres::open_on(pool, BrokerOptions::default(), pg).await?)
 }
 
@@ -170,7 +170,7 @@ async fn child(url: &str, role: &str, prefix: &str) -> AnyResult<bool> {
             stop.cancel();
         });
     }
-    let pool = app_pool(url, prefix, 8).await?;
+    let pool = app_pool(url, prefix, 3).await?;
     let broker = broker(&pool, prefix).await?;
     say("READY");
     let work = async {
@@ -256,7 +256,7 @@ async fn consume(
             Ok(tx)
         },
     );
-    Runner::new(consumer, RunnerConfig::default().with_concurrency(4))
+    Runner::new(consumer, RunnerConfig::default().with_concurrency(2))
         .run_until_cancelled(handler, stop.clone())
         .await?;
     Ok(())
@@ -321,7 +321,7 @@ async fn run(args: &Args, seed: u64, prefix: &str, admin: &PgPool) -> AnyResult<
     ] {
         sqlx::query(&ddl).execute(admin).await?;
     }
-    let pool = app_pool(&args.url, prefix, 4).await?;
+    let pool = app_pool(&args.url, prefix, 2).await?;
     let broker = broker(&pool, prefix).await?;
     broker.create_topic(TOPIC, TopicConfig::new(4)).await?;
 

@@ -77,7 +77,7 @@ where
 /// The application's pool (its own connections, `search_path` public).
 async fn app_pool() -> PgPool {
     sqlx::postgres::PgPoolOptions::new()
-        .max_connections(20)
+        .max_connections(12)
         .connect(&common::url())
         .await
         .expect("connect the application's pool")
