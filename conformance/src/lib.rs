@@ -85,6 +85,7 @@ pub mod lag;
 pub mod members;
 pub mod model;
 pub mod persistence;
+pub mod process;
 pub mod produce;
 pub mod proxy;
 pub mod queue;

@@ -148,15 +148,16 @@
 // Test code: a failed unwrap is a failed test, with its line.
 #![allow(clippy::unwrap_used)]
 
+use crate::process::Processes;
 use conveyor_core::prelude::*;
 use conveyor_core::{Broker, DlqPolicy, ErrorKind, GroupConfig, Message, Record, RetryBackoff};
 use conveyor_core::{Result, TopicConfig};
 use futures::future::BoxFuture;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::io::{BufRead, Write};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How a backend opens a broker isolated in `namespace` (a schema, a key
@@ -945,36 +946,19 @@ fn check_queue(run: &Run, s: &mut Summary, v: &mut Vec<String>) {
 
 // --------------------------------------------------------------- parent --
 
-/// The running children; kills and reaps whichever are left when dropped
-/// (a failed assertion included), so no child outlives its test.
+/// The running children (a [`Processes`], which kills and reaps whichever
+/// are left when dropped, a failed assertion included, so no child
+/// outlives its test) and what they said.
 struct Members {
-    children: Vec<Option<Child>>,
-    stdins: Vec<Option<ChildStdin>>,
-    stderr: Vec<Arc<Mutex<String>>>,
-    lines: mpsc::Receiver<Event>,
+    processes: Processes,
     events: Vec<Event>,
-    start: Instant,
-}
-
-impl Drop for Members {
-    fn drop(&mut self) {
-        for child in self.children.iter_mut().flatten() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 impl Members {
     fn spawn(namespace: &str, mode: Mode, start: Instant) -> Members {
-        let (tx, rx) = mpsc::channel();
         let mut members = Members {
-            children: Vec::new(),
-            stdins: Vec::new(),
-            stderr: Vec::new(),
-            lines: rx,
+            processes: Processes::new(start),
             events: Vec::new(),
-            start,
         };
         for id in 0..MEMBERS {
             let mut command = Command::new(std::env::current_exe().unwrap());
@@ -989,105 +973,55 @@ impl Members {
                 .env(CHILD_ENV, namespace)
                 .env(MODE_ENV, mode.name())
                 .env(MEMBER_ENV, id.to_string())
-                .env_remove(PARK_ENV)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
+                .env_remove(PARK_ENV);
             if id == VICTIM {
                 command.env(PARK_ENV, PARK_AFTER.to_string());
             }
-            let mut child = command.spawn().expect("spawn a member");
-            let stdout = child.stdout.take().unwrap();
-            let mut stderr = child.stderr.take().unwrap();
-            members.stdins.push(child.stdin.take());
-            members.children.push(Some(child));
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(stdout);
-                let mut buf = Vec::new();
-                loop {
-                    buf.clear();
-                    match r.read_until(b'\n', &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        // A line cut by the kill (no newline) says nothing.
-                        Ok(_) if buf.last() != Some(&b'\n') => break,
-                        Ok(_) => {}
-                    }
-                    let text = String::from_utf8_lossy(&buf);
-                    let (member, line) = match parse_line(&text) {
-                        None => continue,
-                        Some(Ok((member, line))) if member == id => (member, line),
-                        Some(Ok((member, _))) => {
-                            let text = format!("printed a line as member {member}: {text:?}");
-                            (id, Line::Failed(text))
-                        }
-                        Some(Err(e)) => (id, Line::Failed(format!("unreadable line: {e}"))),
-                    };
-                    let at = start.elapsed();
-                    if tx.send(Event { member, at, line }).is_err() {
-                        break;
-                    }
-                }
-            });
-            let log = Arc::new(Mutex::new(String::new()));
-            members.stderr.push(log.clone());
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stderr.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    if let Ok(mut log) = log.lock() {
-                        log.push_str(&String::from_utf8_lossy(&buf[..n]));
-                    }
-                }
-            });
+            let spawned = members.processes.spawn(command);
+            assert_eq!(spawned, id, "members are spawned in order");
         }
         members
     }
 
+    /// A child's line as an event (`None` for a line that is not ours).
+    fn event(line: crate::process::Line) -> Option<Event> {
+        let id = line.child;
+        let (member, line_of) = match parse_line(&line.text)? {
+            Ok((member, l)) if member == id => (member, l),
+            Ok((member, _)) => {
+                let text = format!("printed a line as member {member}: {:?}", line.text);
+                (id, Line::Failed(text))
+            }
+            Err(e) => (id, Line::Failed(format!("unreadable line: {e}"))),
+        };
+        Some(Event {
+            member,
+            at: line.at,
+            line: line_of,
+        })
+    }
+
     /// The end of every child's stderr so far, for a failure message.
     fn stderr_tails(&self) -> String {
-        let mut out = String::new();
-        for (id, log) in self.stderr.iter().enumerate() {
-            let log = log.lock().map(|l| l.clone()).unwrap_or_default();
-            let tail: String = log
-                .chars()
-                .rev()
-                .take(1500)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            if !tail.trim().is_empty() {
-                out.push_str(&format!("--- member {id} stderr (tail):\n{tail}\n"));
-            }
-        }
-        out
+        self.processes.stderr_tails()
     }
 
     /// Take the lines that arrive within `wait` (at least one wait for the
     /// first); fail at once on a member's `X` line.
     fn take(&mut self, wait: Duration) {
-        let mut next = match self.lines.recv_timeout(wait) {
-            Ok(event) => Some(event),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                // Every child's stdout is closed: nothing can arrive.
-                std::thread::sleep(wait);
-                None
+        let mut next = self.processes.recv_timeout(wait);
+        while let Some(line) = next {
+            if let Some(event) = Self::event(line) {
+                if let Line::Failed(text) = &event.line {
+                    panic!(
+                        "member {} reported: {text}\n{}",
+                        event.member,
+                        self.stderr_tails()
+                    );
+                }
+                self.events.push(event);
             }
-        };
-        while let Some(event) = next {
-            if let Line::Failed(text) = &event.line {
-                panic!(
-                    "member {} reported: {text}\n{}",
-                    event.member,
-                    self.stderr_tails()
-                );
-            }
-            self.events.push(event);
-            next = self.lines.try_recv().ok();
+            next = self.processes.try_recv();
         }
     }
 
@@ -1112,25 +1046,18 @@ impl Members {
 
     /// SIGKILL one member and reap it; returns when, from the start.
     fn kill(&mut self, id: usize) -> Duration {
-        let mut child = self.children[id].take().unwrap();
-        let at = self.start.elapsed();
-        child.kill().expect("SIGKILL the victim");
-        let status = child.wait().expect("reap the victim");
-        assert!(!status.success(), "the victim exited on its own");
-        self.stdins[id] = None;
-        at
+        self.processes
+            .kill(id)
+            .expect("the victim was running when killed")
     }
 
     /// Tell every live member to stop, wait for their `BYE` and a clean
     /// exit, and take every line left.
     fn stop(&mut self) {
-        let live: Vec<usize> = (0..MEMBERS)
-            .filter(|i| self.children[*i].is_some())
-            .collect();
+        let live: Vec<usize> = (0..MEMBERS).filter(|i| self.processes.alive(*i)).collect();
         for id in &live {
-            if let Some(mut stdin) = self.stdins[*id].take() {
-                let _ = stdin.write_all(b"@@ STOP\n");
-            }
+            self.processes.tell(*id, "@@ STOP");
+            self.processes.close_stdin(*id);
         }
         self.wait_until("the members' BYE", STEP, |events| {
             live.iter()
@@ -1138,14 +1065,12 @@ impl Members {
         });
         let started = Instant::now();
         for id in live {
-            let mut child = self.children[id].take().unwrap();
             let status = loop {
-                if let Some(status) = child.try_wait().expect("wait for a member") {
+                if let Some(status) = self.processes.try_wait(id) {
                     break status;
                 }
                 if started.elapsed() > STEP {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    self.processes.kill(id);
                     panic!("member {id} did not exit after BYE");
                 }
                 self.take(Duration::from_millis(20));
@@ -1157,9 +1082,13 @@ impl Members {
             );
         }
         // Every child is gone: the readers end at EOF.
-        while let Ok(event) = self.lines.recv_timeout(STEP) {
-            self.events.push(event);
-        }
+        let rest: Vec<Event> = self
+            .processes
+            .drain()
+            .into_iter()
+            .filter_map(Self::event)
+            .collect();
+        self.events.extend(rest);
     }
 }
 

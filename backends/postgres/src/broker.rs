@@ -56,6 +56,10 @@ pub(crate) struct Inner {
     pub spare: Arc<crate::spare::Spare>,
     /// Topics as last read, for sends (see [`Inner::topic_cached`]).
     topics: TopicCache<TopicRow>,
+    /// Wakes the relay of staged records (`transactional::relay`).
+    pub relay_wake: Arc<tokio::sync::Notify>,
+    /// The statements run on the caller's connection (`transactional`).
+    pub tx_sql: crate::transactional::Statements,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -164,11 +168,13 @@ impl Inner {
             .map_err(during(&what))?
             .ok_or_else(|| Error::topic_not_found(name))?;
         let id: i64 = row.get(0);
-        sqlx::query("DELETE FROM records WHERE topic_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(during(&what))?;
+        for table in ["records", "staged"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE topic_id = $1"))
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(during(&what))?;
+        }
         for table in ["owners", "commits", "queue_cursors", "leases"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE topic = $1"))
                 .bind(name)
@@ -431,11 +437,30 @@ impl std::fmt::Debug for PgBroker {
 
 impl PgBroker {
     pub(crate) async fn open(url: &str, options: BrokerOptions, pg: PgOptions) -> Result<PgBroker> {
+        let target = Target::parse(url)?;
+        Self::open_target(target, options, pg).await
+    }
+
+    /// Open a broker on the database `pool` connects to (see
+    /// [`crate::open_on`]).
+    pub(crate) async fn open_on(
+        pool: &PgPool,
+        options: BrokerOptions,
+        pg: PgOptions,
+    ) -> Result<PgBroker> {
+        let target = Target::from_options((*pool.connect_options()).clone());
+        Self::open_target(target, options, pg).await
+    }
+
+    async fn open_target(
+        target: Target,
+        options: BrokerOptions,
+        pg: PgOptions,
+    ) -> Result<PgBroker> {
         check_schema(&pg.schema)?;
         if pg.max_connections == 0 {
             return Err(Error::invalid("max_connections must be at least 1"));
         }
-        let target = Target::parse(url)?;
         let what = format!("open schema `{}`", pg.schema);
         // Every step of opening (connecting, TLS, authenticating,
         // migrating, checking) under the broker's deadline.
@@ -462,12 +487,18 @@ impl PgBroker {
                 crate::consumer::ACK_CALLS,
             )),
             topics: TopicCache::new(TOPIC_CACHE),
+            relay_wake: Arc::new(tokio::sync::Notify::new()),
+            tx_sql: crate::transactional::Statements::new(&pg.schema),
             tasks: Mutex::new(Vec::new()),
         });
         let listener = tokio::spawn(listen(Arc::downgrade(&inner)));
         let retention = tokio::spawn(crate::retention::run(Arc::downgrade(&inner)));
         let sweep = tokio::spawn(crate::consumer::sweep(Arc::downgrade(&inner)));
-        inner.tasks.lock().extend([listener, retention, sweep]);
+        let relay = tokio::spawn(crate::transactional::relay(Arc::downgrade(&inner)));
+        inner
+            .tasks
+            .lock()
+            .extend([listener, retention, sweep, relay]);
         Ok(PgBroker { inner })
     }
 
@@ -577,16 +608,25 @@ async fn listen(inner: Weak<Inner>) {
         }
         if let Some(i) = inner.upgrade() {
             i.wake();
+            i.relay_wake.notify_one();
         }
         loop {
             match listener.try_recv().await {
+                // A transaction that staged records committed: relay them.
+                Ok(Some(n)) if n.payload() == "staged" => match inner.upgrade() {
+                    Some(i) => i.relay_wake.notify_one(),
+                    None => return,
+                },
                 Ok(Some(_)) => match inner.upgrade() {
                     Some(i) => i.wake(),
                     None => return,
                 },
                 // The connection was lost; `try_recv` reconnects next time.
                 Ok(None) => match inner.upgrade() {
-                    Some(i) => i.wake(),
+                    Some(i) => {
+                        i.wake();
+                        i.relay_wake.notify_one();
+                    }
                     None => return,
                 },
                 Err(_) => break,

@@ -75,6 +75,24 @@ impl Target {
         Ok(Target { options, ..target })
     }
 
+    /// The options of a pool the application made (`open_on`): shown as
+    /// `postgres://user@host:port/db`; sqlx never puts the password in
+    /// its errors, so there is nothing to scrub.
+    pub fn from_options(options: PgConnectOptions) -> Target {
+        let shown = format!(
+            "postgres://{}@{}:{}/{}",
+            options.get_username(),
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or("")
+        );
+        Target {
+            options,
+            shown,
+            secrets: Vec::new(),
+        }
+    }
+
     /// `e` with the password scrubbed from its message.
     pub fn hide(&self, e: Error) -> Error {
         self.secrets

@@ -58,6 +58,8 @@
 //!   (stream mode: member and generation per partition), `commits`
 //!   (stream mode), `queue_cursors` and `leases` (queue mode),
 //!   `idempotency` (the consumer-side [`IdempotencyStore`]).
+//! - `staged`: records sent inside an application's transaction
+//!   ([`PgBroker::send_in`]), waiting for the relay to append them.
 //!
 //! # How the rules hold in the server
 //!
@@ -113,6 +115,25 @@
 //!   the poll's statement finished. Expired leases on their last attempt
 //!   are dead-lettered by an idle poll and by each broker's sweep, in the
 //!   same transaction as the DLQ append.
+//! - **In the application's transaction** (docs/semantics.md §10).
+//!   [`PgBroker::send_in`] inserts the records into `staged` in the
+//!   caller's transaction: no lock, no offset, so a transaction held open
+//!   holds up nobody, and a rollback leaves nothing. Its commit notifies
+//!   `conveyor.<schema>` (`staged`), which wakes the relay of every broker
+//!   open on the schema (and each looks every 250 ms): per partition, one
+//!   statement, `relay_staged(...)` (`migrations/0003_staged.sql`), locks
+//!   the partition row as an append does, deletes the committed staged
+//!   rows of up to 1,000 transactions and appends them in (transaction,
+//!   staging) order, so each is appended once and offsets stay dense and
+//!   commit in order. [`PgBroker::ack_in`] is one statement in the
+//!   caller's transaction: a queue-mode lease `DELETE`, or a stream-mode
+//!   commit fenced by the delivery's generation (share lock on the owner
+//!   row until the caller's transaction ends) that never moves a commit
+//!   already past the message. These statements name the schema, so the
+//!   caller's `search_path` does not matter; [`open_on`] builds a broker
+//!   on the database an application's pool connects to, and
+//!   [`Transactional`] is the runner's handler that works in a
+//!   transaction.
 //! - **Seeking by timestamp** is a binary search over the offsets
 //!   (`offset_for_ts`, about 20 index probes for a million records):
 //!   timestamps never decrease within a partition, so appends keep no second
@@ -282,10 +303,16 @@ mod queries;
 mod retention;
 mod schema;
 mod spare;
+mod transactional;
 mod tx;
 mod url;
 
 pub use broker::PgBroker;
+/// The sqlx this crate is built with: use its `PgPool`, `PgConnection`
+/// and `Transaction` with [`PgBroker::send_in`] and [`PgBroker::ack_in`],
+/// so the versions match.
+pub use sqlx;
+pub use transactional::{PgTransaction, Staged, Transactional, TxHandler};
 pub use url::{migrate_url, open_url, parse as parse_url, URL_OPTIONS, URL_SCHEMES};
 
 #[cfg(doc)]
@@ -392,6 +419,26 @@ pub(crate) fn millis(d: std::time::Duration) -> i64 {
 /// (they run in transactions).
 pub async fn open(url: &str, options: BrokerOptions, pg: PgOptions) -> Result<PgBroker> {
     PgBroker::open(url, options, pg).await
+}
+
+/// Open a broker on the database an application's own pool connects to:
+/// same server, database, credentials and TLS settings as `pool`, with
+/// connections of its own (up to [`PgOptions::max_connections`], using
+/// the broker's schema and durability; the application's connections are
+/// never changed). Then [`PgBroker::send_in`] and [`PgBroker::ack_in`]
+/// work in transactions of `pool`. Otherwise as [`open`].
+///
+/// # Errors
+/// As [`open`] (messages show the pool's user, host and database).
+///
+/// # Cancel safety
+/// As [`open`].
+pub async fn open_on(
+    pool: &sqlx::PgPool,
+    options: BrokerOptions,
+    pg: PgOptions,
+) -> Result<PgBroker> {
+    PgBroker::open_on(pool, options, pg).await
 }
 
 /// Create the schema (marked as Conveyor's, so [`PgBroker::drop_schema`]

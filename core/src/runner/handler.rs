@@ -139,6 +139,17 @@ pub trait Handler: Send + Sync + 'static {
     /// messages. A dropped handler's message comes again
     /// ([`Idempotent`](super::Idempotent) forgets its event id).
     async fn handle(&self, message: Message) -> Result<(), HandlerError>;
+
+    /// Whether this handler settles each message itself when it succeeds
+    /// (a transactional handler acks or commits in the same database
+    /// transaction as its effects): the runner then does not ack it after
+    /// a success, and such a handler must have settled every message it
+    /// returns `Ok` for. A failure is nacked as for any handler. Default
+    /// `false`, also for wrappers such as [`Idempotent`](super::Idempotent)
+    /// (a duplicate it skips is acked by the runner).
+    fn settles_itself(&self) -> bool {
+        false
+    }
 }
 
 #[async_trait]

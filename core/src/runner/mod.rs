@@ -883,6 +883,11 @@ impl Lane<'_> {
         self.process
             .record(&message.topic, started, handled.is_err());
         match handled {
+            // Settled by the handler (in its transaction): count it.
+            Ok(()) if self.handler.settles_itself() => {
+                self.counters.succeeded.fetch_add(1, Ordering::Relaxed);
+                Then::Next
+            }
             Ok(()) => self.ack(message, false).await,
             Err(failure) => {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
