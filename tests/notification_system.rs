@@ -2,52 +2,39 @@
 //! compiled-in embedded backend and checks its summary: nothing lost,
 //! nothing sent twice, dead letters redriven, loyalty points in order.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
-/// `cargo test` builds the package's examples next to the test binaries.
 fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target profile directory");
-    let bin = dir.join("examples").join(format!(
-        "notification_system{}",
-        std::env::consts::EXE_SUFFIX
-    ));
-    {
-        // `cargo test --test notification_system` does not build examples,
-        // and an old binary would test old code: always let cargo decide.
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "--example", "notification_system"]);
-        if dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("cargo runs");
-        assert!(status.success(), "building the example failed");
-    }
-    assert!(bin.exists(), "{} was not built", bin.display());
-    bin
+    common::example_binary("notification_system", &[])
+}
+
+/// The arguments of a small run on `url`: 2,000 events, 6 crashes, 1% of
+/// SMS numbers rejected (dead-lettered, then redriven), a JSON summary.
+fn small_run(url: &str) -> Vec<String> {
+    [
+        "--url",
+        url,
+        "--events",
+        "2000",
+        "--workers",
+        "2",
+        "--crashes",
+        "6",
+        "--sms-permanent-failure-rate",
+        "0.01",
+        "--json",
+        "--quiet",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn run(url: &str) -> serde_json::Value {
     let out = Command::new(example_binary())
-        .args([
-            "--url",
-            url,
-            "--events",
-            "2000",
-            "--workers",
-            "2",
-            "--crashes",
-            "6",
-            "--sms-permanent-failure-rate",
-            "0.01",
-            "--json",
-            "--quiet",
-        ])
+        .args(small_run(url))
         .output()
         .expect("example runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -174,22 +161,8 @@ fn prometheus_metrics_match_what_the_example_did() {
     use std::process::Stdio;
     let addr = free_local_addr();
     let mut child = Command::new(example_binary())
-        .args([
-            "--url",
-            "memory://",
-            "--events",
-            "2000",
-            "--workers",
-            "2",
-            "--crashes",
-            "6",
-            "--sms-permanent-failure-rate",
-            "0.01",
-            "--json",
-            "--quiet",
-            "--metrics",
-            &addr.to_string(),
-        ])
+        .args(small_run("memory://"))
+        .args(["--metrics", &addr.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

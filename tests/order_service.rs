@@ -4,38 +4,14 @@
 //! and consumers, every committed order has exactly one event, one
 //! shipment and one invoice, and nothing exists for a rolled-back order.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
-/// `cargo test` builds the package's examples next to the test binaries;
-/// this one needs the `postgres` feature, so it is built here.
+/// The example, built with the `postgres` feature it needs.
 fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target profile directory");
-    let bin = dir
-        .join("examples")
-        .join(format!("order_service{}", std::env::consts::EXE_SUFFIX));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args([
-        "build",
-        "-p",
-        "conveyor",
-        "--features",
-        "postgres",
-        "--example",
-        "order_service",
-    ]);
-    if dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("cargo runs");
-    assert!(status.success(), "building the example failed");
-    assert!(bin.exists(), "{} was not built", bin.display());
-    bin
+    common::example_binary("order_service", &["postgres"])
 }
 
 #[test]

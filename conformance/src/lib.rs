@@ -181,6 +181,14 @@ pub fn skip(case: &str, why: &str) {
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
+/// Whether at least `delay` passed since `at`, on the store's clock:
+/// deadlines (a nack delay, a lease, a delivery time) are kept in whole
+/// milliseconds (§2), so a call late in one millisecond may count from
+/// its start, up to 1 ms early by the test's finer clock.
+pub fn waited(at: std::time::Instant, delay: Duration) -> bool {
+    at.elapsed() + Duration::from_millis(1) >= delay
+}
+
 /// A name unique to this process and call: `{base}-{pid}-{n}-{random}`.
 pub fn unique(base: &str) -> String {
     let n = UNIQUE.fetch_add(1, Ordering::Relaxed);

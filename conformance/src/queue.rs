@@ -6,7 +6,7 @@
 //! quoted text is the rule a case checks. Each case's doc comment starts
 //! with the sections it checks.
 
-use crate::{expect_kind, nack_options, poll_exactly, poll_n, unique, Backend, Ctx, WAIT};
+use crate::{expect_kind, nack_options, poll_exactly, poll_n, unique, waited, Backend, Ctx, WAIT};
 use conveyor_core::prelude::*;
 use conveyor_core::NackOptions;
 use conveyor_core::{
@@ -189,7 +189,7 @@ pub async fn nack_with_delay(backend: &dyn Backend) -> Result<()> {
             again = poll_n(c.as_ref(), 1, WAIT).await?;
         }
         assert!(
-            at.elapsed() >= Duration::from_millis(250),
+            waited(at, Duration::from_millis(250)),
             "redelivered after {:?}, before the delay",
             at.elapsed()
         );
@@ -213,7 +213,7 @@ pub async fn lease_expiry_redelivers(backend: &dyn Backend) -> Result<()> {
     let first = poll_exactly(a.as_ref(), 1, Duration::ZERO).await?;
     let again = poll_n(b.as_ref(), 1, WAIT).await?;
     assert!(
-        at.elapsed() >= Duration::from_millis(200),
+        waited(at, Duration::from_millis(200)),
         "not before the timeout"
     );
     assert_eq!(again[0].offset, first[0].offset);
@@ -233,7 +233,7 @@ async fn leased_and_extended(c: &dyn Consumer, visibility: Duration) -> Result<M
         match c.extend(&m, Duration::from_secs(30)).await {
             Ok(()) => return Ok(m),
             Err(e) if e.kind() == ErrorKind::LeaseExpired => assert!(
-                leased_at.elapsed() >= visibility,
+                waited(leased_at, visibility),
                 "lease expired after {:?}, before its {visibility:?}",
                 leased_at.elapsed()
             ),

@@ -8,7 +8,8 @@
 //! with the sections it checks.
 
 use crate::{
-    eventually, expect_kind, nack_options, poll_exactly, poll_n, unique, values, Backend, Ctx, WAIT,
+    eventually, expect_kind, nack_options, poll_exactly, poll_n, unique, values, waited, Backend,
+    Ctx, WAIT,
 };
 use conveyor_core::prelude::*;
 use conveyor_core::NackOptions;
@@ -588,7 +589,7 @@ pub async fn nack_waits_for_backoff(backend: &dyn Backend) -> Result<()> {
         // already be past the delay), it is not before the delay.
         let early = c.poll(10, Duration::from_millis(100)).await?;
         assert!(
-            early.is_empty() || at.elapsed() >= Duration::from_millis(250),
+            early.is_empty() || waited(at, Duration::from_millis(250)),
             "redelivered before the delay: {early:?}"
         );
         let mut again = early;
@@ -596,10 +597,7 @@ pub async fn nack_waits_for_backoff(backend: &dyn Backend) -> Result<()> {
             let more = poll_n(c.as_ref(), 2 - again.len(), WAIT).await?;
             again.extend(more);
         }
-        assert!(
-            at.elapsed() >= Duration::from_millis(250),
-            "waited the delay"
-        );
+        assert!(waited(at, Duration::from_millis(250)), "waited the delay");
         assert_eq!(again[0].offset, 0);
         m = again[0].clone();
     }

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::Schema;
+
 use conveyor_conformance::proxy::FaultProxy;
 use conveyor_core::prelude::*;
 use conveyor_core::{BrokerOptions, Durability, ErrorKind, GroupConfig, Record, TopicConfig};
@@ -11,31 +13,6 @@ use conveyor_postgres::PgOptions;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Drops its schema at the end of the test, passed or failed.
-struct Schema(String);
-
-impl Schema {
-    fn new(prefix: &str) -> Self {
-        Schema(common::unique_schema(prefix))
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let schema = self.0.clone();
-        // A runtime of its own: the test's may be shutting down.
-        let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                rt.block_on(common::drop_schema(&schema));
-            }
-        })
-        .join();
-    }
-}
 
 /// §3: 8 producers append to one partition while a reader commits as it
 /// goes: the reader sees every offset exactly once, in order, and never a

@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::Schema;
+
 use conveyor_core::prelude::*;
 use conveyor_core::runner::{HandlerError, Runner, RunnerConfig};
 use conveyor_core::{
@@ -26,30 +28,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// Drops its schema at the end of the test, passed or failed.
-struct Schema(String);
-
-impl Schema {
-    fn new(prefix: &str) -> Self {
-        Schema(common::unique_schema(prefix))
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let schema = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                rt.block_on(common::drop_schema(&schema));
-            }
-        })
-        .join();
-    }
-}
 
 /// How long a condition may take on a loaded machine before the test
 /// fails.
@@ -81,6 +59,17 @@ async fn app_pool() -> PgPool {
         .connect(&common::url())
         .await
         .expect("connect the application's pool")
+}
+
+/// A test's schema, the application's pool, and a broker on the schema
+/// (migrated, default options).
+async fn setup(prefix: &str) -> (Schema, PgPool, PgBroker) {
+    let schema = Schema::new(prefix);
+    let pool = app_pool().await;
+    let broker = common::open(&schema.0, BrokerOptions::default())
+        .await
+        .unwrap();
+    (schema, pool, broker)
 }
 
 /// The application's table of effects, in the test's schema.
@@ -430,11 +419,7 @@ async fn a_reader_never_sees_a_late_lower_offset_while_transactions_commit_out_o
 /// records come after them once it commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_open_transaction_does_not_stall_other_producers() {
-    let schema = Schema::new("txlong");
-    let pool = app_pool().await;
-    let broker = common::open(&schema.0, BrokerOptions::default())
-        .await
-        .unwrap();
+    let (_schema, pool, broker) = setup("txlong").await;
     broker.create_topic("l", TopicConfig::new(1)).await.unwrap();
     let mut long = pool.begin().await.unwrap();
     broker
@@ -485,11 +470,7 @@ async fn a_long_open_transaction_does_not_stall_other_producers() {
 /// for good; a later settle of the same delivery says it was already.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_settle_in_a_rolled_back_transaction_leaves_the_message_to_be_delivered_again() {
-    let schema = Schema::new("txsettle");
-    let pool = app_pool().await;
-    let broker = common::open(&schema.0, BrokerOptions::default())
-        .await
-        .unwrap();
+    let (schema, pool, broker) = setup("txsettle").await;
     let effects = effects_table(&pool, &schema.0).await;
     broker.create_topic("s", TopicConfig::new(1)).await.unwrap();
     broker
@@ -633,11 +614,7 @@ async fn a_settle_in_a_rolled_back_transaction_leaves_the_message_to_be_delivere
 /// partition it kept goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_members_in_transaction_commit_fails_and_its_effects_roll_back() {
-    let schema = Schema::new("txfence");
-    let pool = app_pool().await;
-    let broker = common::open(&schema.0, BrokerOptions::default())
-        .await
-        .unwrap();
+    let (schema, pool, broker) = setup("txfence").await;
     let effects = effects_table(&pool, &schema.0).await;
     broker.create_topic("f", TopicConfig::new(2)).await.unwrap();
     let producer = broker.producer().await.unwrap();
@@ -709,11 +686,7 @@ async fn a_fenced_members_in_transaction_commit_fails_and_its_effects_roll_back(
 /// `first_seen_in` records a key only if its transaction commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_seen_in_a_transaction_counts_only_if_it_commits() {
-    let schema = Schema::new("txidem");
-    let pool = app_pool().await;
-    let broker = common::open(&schema.0, BrokerOptions::default())
-        .await
-        .unwrap();
+    let (_schema, pool, broker) = setup("txidem").await;
     let ttl = Duration::from_secs(60);
     let mut tx = pool.begin().await.unwrap();
     assert!(broker.first_seen_in(&mut *tx, "e-1", ttl).await.unwrap());
@@ -739,11 +712,7 @@ async fn first_seen_in_a_transaction_counts_only_if_it_commits() {
 /// effect and the group has nothing left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runner_with_a_transactional_handler_writes_each_effect_once() {
-    let schema = Schema::new("txrun");
-    let pool = app_pool().await;
-    let broker = common::open(&schema.0, BrokerOptions::default())
-        .await
-        .unwrap();
+    let (schema, pool, broker) = setup("txrun").await;
     let effects = effects_table(&pool, &schema.0).await;
     broker.create_topic("r", TopicConfig::new(2)).await.unwrap();
     const N: usize = 60;

@@ -68,3 +68,29 @@ pub async fn drop_schema(schema: &str) {
 pub async fn open_dyn(schema: &str, options: BrokerOptions) -> Result<Arc<dyn Broker>> {
     Ok(Arc::new(open(schema, options).await?))
 }
+
+/// A test's schema, dropped at the end of the test, passed or failed.
+pub struct Schema(pub String);
+
+impl Schema {
+    /// A fresh schema name starting with `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        Schema(unique_schema(prefix))
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let schema = self.0.clone();
+        // A runtime of its own: the test's may be shutting down.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(drop_schema(&schema));
+            }
+        })
+        .join();
+    }
+}
