@@ -7,6 +7,7 @@
 
 use crate::broker::{Broker, NackOptions, ProducerExt};
 use crate::config::{GroupConfig, RetryBackoff};
+use crate::describe::{GroupLag, PartitionLag, TopicDescription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::record::{Header, Record};
 use bytes::Bytes;
@@ -472,9 +473,60 @@ pub async fn discard<B: Broker + ?Sized>(
     }
 }
 
+/// How many dead letters of `dlq` wait to be redriven (or discarded):
+/// per partition, the lag of the redrive group ([`REDRIVE_GROUP`]) on
+/// it, or every retained record of a partition it never read. `redrive`
+/// is that group's lag, `None` if it does not exist yet.
+pub fn waiting(dlq: &TopicDescription, redrive: Option<&GroupLag>) -> u64 {
+    let mine: Vec<&PartitionLag> = redrive
+        .map(|r| {
+            r.partitions
+                .iter()
+                .filter(|p| p.topic == dlq.name)
+                .collect()
+        })
+        .unwrap_or_default();
+    if mine.is_empty() {
+        return dlq.partitions.iter().map(|p| p.log_end - p.log_start).sum();
+    }
+    dlq.partitions
+        .iter()
+        .map(|p| {
+            mine.iter()
+                .find(|l| l.partition == p.partition)
+                .map_or(p.log_end - p.log_start, |l| l.lag)
+        })
+        .sum()
+}
+
+/// [`waiting`] as the broker answers now: the dead letters of `dlq_topic`
+/// that wait, 0 if the topic does not exist (nothing was dead-lettered
+/// there yet).
+///
+/// # Errors
+/// The common ones of `describe_topic` and `group_lag`.
+///
+/// # Cancel safety
+/// Cancel safe: it only reads.
+pub async fn depth<B: Broker + ?Sized>(broker: &B, dlq_topic: &str) -> Result<u64> {
+    let described = match broker.describe_topic(dlq_topic).await {
+        Ok(d) => d,
+        Err(e) if e.kind() == ErrorKind::TopicNotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let redrive = match broker.group_lag(REDRIVE_GROUP).await {
+        Ok(lag) => Some(lag),
+        Err(e) if e.kind() == ErrorKind::GroupNotFound => None,
+        Err(e) => return Err(e),
+    };
+    Ok(waiting(&described, redrive.as_ref()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{DeliveryMode, TopicConfig};
+    use crate::describe::PartitionDescription;
 
     #[test]
     fn dead_letter_then_redrive_restores_headers() {
@@ -531,5 +583,37 @@ mod tests {
         let (_, twice) = redrive_record(again.key, again.value, &again.headers).unwrap();
         assert_eq!(twice.headers.len(), 5, "{:?}", twice.headers);
         assert_eq!(twice.headers[2], Header::new(HEADER_REDRIVE_ATTEMPTS, "2"));
+    }
+
+    #[test]
+    fn waiting_is_the_redrive_groups_lag_or_everything() {
+        let part = |partition, log_start, log_end| PartitionDescription {
+            partition,
+            log_start,
+            log_end,
+            bytes: 0,
+        };
+        let dlq = TopicDescription {
+            name: "q.g.dlq".into(),
+            config: TopicConfig::new(2),
+            partitions: vec![part(0, 0, 10), part(1, 2, 5)],
+        };
+        assert_eq!(waiting(&dlq, None), 13);
+        let lag = |topic: &str, partition, lag| PartitionLag {
+            topic: topic.into(),
+            partition,
+            committed: 0,
+            log_end: 0,
+            lag,
+            in_flight: 0,
+            available: 0,
+        };
+        let redrive = GroupLag {
+            group: REDRIVE_GROUP.into(),
+            mode: DeliveryMode::Queue,
+            partitions: vec![lag("q.g.dlq", 0, 4), lag("other.dlq", 1, 100)],
+        };
+        // Partition 1 was never redriven from: all 3 of its records wait.
+        assert_eq!(waiting(&dlq, Some(&redrive)), 4 + 3);
     }
 }

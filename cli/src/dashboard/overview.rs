@@ -221,30 +221,6 @@ pub fn dlq_topics(
     dlqs
 }
 
-/// How many dead letters of `dlq` wait: the redrive group's lag on it, or
-/// every retained record when it never redrove from it.
-pub fn waiting(dlq: &TopicDescription, redrive: Option<&GroupLag>) -> u64 {
-    let mine: Vec<&PartitionLag> = redrive
-        .map(|r| {
-            r.partitions
-                .iter()
-                .filter(|p| p.topic == dlq.name)
-                .collect()
-        })
-        .unwrap_or_default();
-    if mine.is_empty() {
-        return dlq.partitions.iter().map(|p| p.log_end - p.log_start).sum();
-    }
-    dlq.partitions
-        .iter()
-        .map(|p| {
-            mine.iter()
-                .find(|l| l.partition == p.partition)
-                .map_or(p.log_end - p.log_start, |l| l.lag)
-        })
-        .sum()
-}
-
 /// What a refresh read, before it is shaped into an [`Overview`].
 pub struct Gathered {
     topics: Vec<TopicDescription>,
@@ -389,7 +365,7 @@ async fn dlq_view(
         topic: d.name.clone(),
         groups,
         total: d.partitions.iter().map(|p| p.log_end - p.log_start).sum(),
-        waiting: waiting(d, redrive),
+        waiting: conveyor::dlq::waiting(d, redrive),
         messages: Vec::new(),
         error: None,
     };
@@ -433,7 +409,6 @@ async fn dlq_view(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use conveyor::{DeliveryMode, TopicConfig};
 
     #[test]
     fn previews_cut_at_a_character_and_say_so() {
@@ -510,37 +485,5 @@ mod tests {
                 ("redriven.from".to_string(), vec![]),
             ]
         );
-    }
-
-    #[test]
-    fn waiting_is_the_redrive_groups_lag_or_everything() {
-        let part = |partition, log_start, log_end| PartitionDescription {
-            partition,
-            log_start,
-            log_end,
-            bytes: 0,
-        };
-        let dlq = TopicDescription {
-            name: "q.g.dlq".into(),
-            config: TopicConfig::new(2),
-            partitions: vec![part(0, 0, 10), part(1, 2, 5)],
-        };
-        assert_eq!(waiting(&dlq, None), 13);
-        let lag = |topic: &str, partition, lag| PartitionLag {
-            topic: topic.into(),
-            partition,
-            committed: 0,
-            log_end: 0,
-            lag,
-            in_flight: 0,
-            available: 0,
-        };
-        let redrive = GroupLag {
-            group: REDRIVE_GROUP.into(),
-            mode: DeliveryMode::Queue,
-            partitions: vec![lag("q.g.dlq", 0, 4), lag("other.dlq", 1, 100)],
-        };
-        // Partition 1 was never redriven from: all 3 of its records wait.
-        assert_eq!(waiting(&dlq, Some(&redrive)), 4 + 3);
     }
 }

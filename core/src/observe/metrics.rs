@@ -64,6 +64,10 @@ pub const LAG: &str = "conveyor.consumer.lag";
 /// Gauge: queue-mode messages leased and not yet settled, per partition,
 /// refreshed on an interval. Labels as [`LAG`].
 pub const IN_FLIGHT: &str = "conveyor.consumer.in_flight";
+/// Gauge: dead letters of the group's messages of a topic that wait in
+/// its DLQ to be redriven (or discarded), refreshed on an interval.
+/// Labels: system, destination (the topic they failed on), group.
+pub const DLQ_DEPTH: &str = "conveyor.dlq.depth";
 /// Histogram (s): from a record's append time to its receipt by a
 /// consumer (end-to-end delay, on the broker's clock as the timestamp
 /// is). Labels: system, destination, group.
@@ -109,6 +113,7 @@ pub fn describe() {
     describe_counter!(REBALANCES, Unit::Count, "Group rebalances");
     describe_gauge!(LAG, Unit::Count, "Records not yet settled by the group");
     describe_gauge!(IN_FLIGHT, Unit::Count, "Messages leased, not yet settled");
+    describe_gauge!(DLQ_DEPTH, Unit::Count, "Dead letters waiting in the DLQ");
     describe_histogram!(
         END_TO_END_DELAY,
         Unit::Seconds,
@@ -299,4 +304,10 @@ pub(crate) fn lag(labels: &Labels, topic: &str, partition: u32, lag: u64, in_fli
     let Set(set) = Set::of(labels).topic(topic).partition(partition);
     metrics::gauge!(IN_FLIGHT, set.clone()).set(in_flight as f64);
     metrics::gauge!(LAG, set).set(lag as f64);
+}
+
+/// The dead letters of `topic`'s messages waiting in the group's DLQ.
+pub(crate) fn dlq_depth(labels: &Labels, topic: &str, n: u64) {
+    let Set(set) = Set::of(labels).topic(topic);
+    metrics::gauge!(DLQ_DEPTH, set).set(n as f64);
 }

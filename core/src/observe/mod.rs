@@ -24,9 +24,10 @@
 //!   `conveyor.lease.extensions` per extension.
 //! - **Per group**, on an interval ([`ObserveConfig::gauge_interval`],
 //!   10 s) while this process has a member of it: the lag and in-flight
-//!   gauges per partition, and `conveyor.group.rebalances` as the
-//!   generation moves. One `describe_group` per interval and group, not
-//!   per message.
+//!   gauges per partition, the DLQ depth per topic (dead letters waiting
+//!   to be redriven), and `conveyor.group.rebalances` as the generation
+//!   moves. One `describe_group` (and a DLQ's `describe_topic` and the
+//!   redrive group's lag) per interval and group, not per message.
 //! - **The runner** ([`Runner`](crate::runner::Runner)): a `process` span
 //!   per message (the child of its producer's span),
 //!   `messaging.process.duration`, `conveyor.handler.timeouts`, and dead
@@ -187,6 +188,23 @@ async fn refresh_gauges(broker: Weak<dyn Broker>, labels: Labels, interval: Dura
             Ok(described) => {
                 for p in &described.lag.partitions {
                     metrics::lag(&labels, &p.topic, p.partition, p.lag, p.in_flight);
+                }
+                if let Some(config) = &described.config {
+                    let mut topics: Vec<&str> = described
+                        .lag
+                        .partitions
+                        .iter()
+                        .map(|p| p.topic.as_str())
+                        .collect();
+                    topics.sort_unstable();
+                    topics.dedup();
+                    for topic in topics {
+                        let dlq = config.dlq.topic_for(topic, &group);
+                        match crate::dlq::depth(&*b, &dlq).await {
+                            Ok(n) => metrics::dlq_depth(&labels, topic, n),
+                            Err(e) => tracing::debug!(%dlq, error = %e, "DLQ depth not read"),
+                        }
+                    }
                 }
                 if let Some(before) = generation {
                     if described.generation > before {
