@@ -58,6 +58,12 @@ struct Args {
     /// with --quick, which has no time to write more).
     #[arg(long)]
     deep_records: Option<u64>,
+    /// Install a Prometheus metrics recorder (no endpoint) before opening
+    /// the brokers, so the figures include what recording metrics costs
+    /// (`conveyor::observe`; without it nothing is recorded). Send such a
+    /// run to a scratch `--out` and `--charts`, to compare with the page.
+    #[arg(long)]
+    metrics_recorder: bool,
 }
 
 fn main() {
@@ -74,6 +80,10 @@ fn run(mut args: Args) -> Result<(), String> {
         let results: Results =
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", from.display()))?;
         return publish(&results, &args, false);
+    }
+    if args.metrics_recorder {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
     }
     if args.quick {
         (args.warm_up, args.measurement, args.latency_seconds) = (0.05, 0.1, 0.3);

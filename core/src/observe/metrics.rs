@@ -170,10 +170,54 @@ fn error_type(e: &Error) -> &'static str {
     e.kind().as_str()
 }
 
-/// `n` messages sent to one partition.
-pub(crate) fn sent(system: &'static str, topic: &str, partition: u32, n: u64) {
-    let Set(labels) = Set::new(system).topic(topic).partition(partition);
-    metrics::counter!(SENT_MESSAGES, labels).increment(n);
+/// A producer's instruments for one topic: the send duration and the
+/// sent counter of each partition, registered at its first send there.
+pub(crate) struct SendInstruments {
+    system: &'static str,
+    topic: String,
+    duration: metrics::Histogram,
+    /// Per partition, grown as partitions are met.
+    sent: parking_lot::RwLock<Vec<metrics::Counter>>,
+}
+
+impl SendInstruments {
+    pub(crate) fn new(system: &'static str, topic: &str) -> Self {
+        let Set(set) = Set::new(system).operation("send").topic(topic);
+        SendInstruments {
+            system,
+            topic: topic.to_owned(),
+            duration: metrics::histogram!(OPERATION_DURATION, set),
+            sent: parking_lot::RwLock::new(Vec::new()),
+        }
+    }
+
+    /// A `send_batch` that started at `started` returned `receipts`.
+    pub(crate) fn sent(&self, receipts: &[crate::record::Receipt], started: Instant) {
+        self.duration.record(started.elapsed().as_secs_f64());
+        let mut per_partition: Vec<u64> = Vec::new();
+        for r in receipts {
+            let p = r.partition as usize;
+            if per_partition.len() <= p {
+                per_partition.resize(p + 1, 0);
+            }
+            per_partition[p] += 1;
+        }
+        if self.sent.read().len() < per_partition.len() {
+            let mut sent = self.sent.write();
+            while sent.len() < per_partition.len() {
+                let Set(set) = Set::new(self.system)
+                    .topic(&self.topic)
+                    .partition(sent.len() as u32);
+                sent.push(metrics::counter!(SENT_MESSAGES, set));
+            }
+        }
+        let sent = self.sent.read();
+        for (counter, n) in sent.iter().zip(per_partition) {
+            if n > 0 {
+                counter.increment(n);
+            }
+        }
+    }
 }
 
 /// A client call's duration (`destination` `None` for a poll).

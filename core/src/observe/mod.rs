@@ -56,7 +56,7 @@ pub mod trace;
 
 pub use trace::process_span;
 
-use self::metrics::TopicInstruments;
+use self::metrics::{SendInstruments, TopicInstruments};
 use crate::broker::{BatchAck, Broker, Capabilities, Consumer, IdempotencyStore, Producer};
 use crate::broker::{NackOptions, NackOutcome, TopicPartition};
 use crate::config::{GroupConfig, SeekTo, TopicConfig};
@@ -65,7 +65,7 @@ use crate::error::{ErrorKind, Result};
 use crate::record::{Message, Receipt, Record};
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::Instrument;
@@ -246,6 +246,7 @@ impl Broker for Observed {
         Ok(Arc::new(ObservedProducer {
             inner,
             system: self.system,
+            topics: parking_lot::RwLock::new(HashMap::new()),
         }))
     }
     async fn consumer(
@@ -316,6 +317,23 @@ impl Broker for Observed {
 struct ObservedProducer {
     inner: Arc<dyn Producer>,
     system: &'static str,
+    /// The instruments of each topic it sent to, registered at its first
+    /// send there.
+    topics: parking_lot::RwLock<HashMap<String, Arc<SendInstruments>>>,
+}
+
+impl ObservedProducer {
+    fn instruments(&self, topic: &str) -> Arc<SendInstruments> {
+        if let Some(i) = self.topics.read().get(topic) {
+            return i.clone();
+        }
+        let made = Arc::new(SendInstruments::new(self.system, topic));
+        self.topics
+            .write()
+            .entry(topic.to_owned())
+            .or_insert(made)
+            .clone()
+    }
 }
 
 #[async_trait]
@@ -331,20 +349,11 @@ impl Producer for ObservedProducer {
             .send_batch(topic, records)
             .instrument(span.clone())
             .await;
-        let labels = Labels::new(self.system, None);
         match &sent {
-            Ok(receipts) => {
-                let mut per_partition: BTreeMap<u32, u64> = BTreeMap::new();
-                for r in receipts {
-                    *per_partition.entry(r.partition).or_default() += 1;
-                }
-                for (partition, n) in per_partition {
-                    metrics::sent(self.system, topic, partition, n);
-                }
-                metrics::operation(&labels, "send", Some(topic), started, None);
-            }
+            Ok(receipts) => self.instruments(topic).sent(receipts, started),
             Err(e) => {
                 trace::failed(&span, e.kind().as_str());
+                let labels = Labels::new(self.system, None);
                 metrics::operation(&labels, "send", Some(topic), started, Some(e));
             }
         }
@@ -360,15 +369,24 @@ struct ObservedConsumer {
     inner: Arc<dyn Consumer>,
     labels: Labels,
     /// Per topic it reads, registered when it joined.
-    instruments: HashMap<String, TopicInstruments>,
+    instruments: Vec<(String, TopicInstruments)>,
     /// Keeps the group's gauges refreshed while this member lives.
     _gauges: Arc<GaugeRefresh>,
 }
 
 impl ObservedConsumer {
+    /// The instruments of `topic` (a consumer reads a few topics: a scan
+    /// beats hashing the name).
+    fn instruments_of(&self, topic: &str) -> Option<&TopicInstruments> {
+        self.instruments
+            .iter()
+            .find(|(t, _)| t == topic)
+            .map(|(_, i)| i)
+    }
+
     /// Record a settle call's duration, and a `Fenced` refusal.
     fn settled<T>(&self, op: &'static str, topic: &str, started: Instant, r: &Result<T>) {
-        match (r, self.instruments.get(topic)) {
+        match (r, self.instruments_of(topic)) {
             (Ok(_), Some(instruments)) => instruments.settled(op, started),
             (Ok(_), None) => metrics::operation(&self.labels, op, Some(topic), started, None),
             (Err(e), _) => {
@@ -399,12 +417,21 @@ impl Consumer for ObservedConsumer {
                 trace::link(&span, messages);
                 metrics::operation(&self.labels, "receive", None, started, None);
                 let now = now_ms();
-                let mut per_partition: BTreeMap<(&str, u32), (u64, u64)> = BTreeMap::new();
+                // A poll touches few partitions: a scan beats a map.
+                let mut per_partition: Vec<((&str, u32), (u64, u64))> = Vec::new();
                 for m in messages {
-                    let counts = per_partition.entry((&m.topic, m.partition)).or_default();
+                    let at = (m.topic.as_str(), m.partition);
+                    let i = match per_partition.iter().position(|(p, _)| *p == at) {
+                        Some(i) => i,
+                        None => {
+                            per_partition.push((at, (0, 0)));
+                            per_partition.len() - 1
+                        }
+                    };
+                    let counts = &mut per_partition[i].1;
                     counts.0 += 1;
                     counts.1 += u64::from(m.attempt > 1);
-                    if let Some(instruments) = self.instruments.get(&m.topic) {
+                    if let Some(instruments) = self.instruments_of(&m.topic) {
                         instruments.delay(now.saturating_sub(m.timestamp) as f64 / 1000.0);
                     }
                 }
