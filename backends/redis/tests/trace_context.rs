@@ -137,6 +137,7 @@ async fn process_spans_are_children_of_the_send_span_of_another_process_also_aft
         return;
     }
     let ns = common::unique_ns("tc");
+    let _cleanup = DropNamespace(ns.clone());
     let (exporter, provider) = record_spans();
     let broker = observed(&ns).await;
     broker
@@ -240,5 +241,23 @@ async fn process_spans_are_children_of_the_send_span_of_another_process_also_aft
         "each receive of the message links to its send span: {spans:#?}"
     );
     broker.close().await.unwrap();
-    common::drop_ns(&Topology::single(common::url()), &ns).await;
+}
+
+/// Deletes the test's namespace when the test ends, passed or failed.
+struct DropNamespace(String);
+
+impl Drop for DropNamespace {
+    fn drop(&mut self) {
+        let ns = self.0.clone();
+        // A runtime of its own: the test's may be shutting down.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(common::drop_ns(&Topology::single(common::url()), &ns));
+            }
+        })
+        .join();
+    }
 }
