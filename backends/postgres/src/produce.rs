@@ -60,6 +60,43 @@ pub(crate) async fn append(
     .await
 }
 
+/// Records as the column arrays an `unnest(..)` insert binds, one
+/// element per record in input order: key, value, encoded headers,
+/// idempotency key, delivery time and size. Written once for the append
+/// and for staging in the caller's transaction.
+pub(crate) struct Columns<'a> {
+    pub keys: Vec<Option<Vec<u8>>>,
+    pub values: Vec<&'a [u8]>,
+    pub headers: Vec<Vec<u8>>,
+    pub idems: Vec<Option<String>>,
+    pub deliver: Vec<Option<i64>>,
+    pub sizes: Vec<i64>,
+}
+
+impl<'a> Columns<'a> {
+    pub(crate) fn of(records: impl ExactSizeIterator<Item = &'a Record>) -> Self {
+        let n = records.len();
+        let mut c = Columns {
+            keys: Vec::with_capacity(n),
+            values: Vec::with_capacity(n),
+            headers: Vec::with_capacity(n),
+            idems: Vec::with_capacity(n),
+            deliver: Vec::with_capacity(n),
+            sizes: Vec::with_capacity(n),
+        };
+        for r in records {
+            c.keys.push(r.key.as_ref().map(|k| k.to_vec()));
+            c.values.push(r.value.as_ref());
+            c.headers.push(encode_headers(&r.headers));
+            c.idems.push(r.idempotency_key.clone());
+            c.deliver
+                .push(r.deliver_at.map(|t| t.min(i64::MAX as u64) as i64));
+            c.sizes.push(r.size() as i64);
+        }
+        c
+    }
+}
+
 /// [`append`] with each record's own send time.
 async fn append_sent(
     conn: &mut PgConnection,
@@ -73,34 +110,19 @@ async fn append_sent(
         return Ok(Vec::new());
     }
     let n = records.len();
-    let mut keys = Vec::with_capacity(n);
-    let mut values = Vec::with_capacity(n);
-    let mut headers = Vec::with_capacity(n);
-    let mut idems = Vec::with_capacity(n);
-    let mut deliver = Vec::with_capacity(n);
-    let mut sizes = Vec::with_capacity(n);
-    let mut total = 0i64;
-    for r in records {
-        keys.push(r.key.as_ref().map(|k| k.to_vec()));
-        values.push(r.value.as_ref());
-        headers.push(encode_headers(&r.headers));
-        idems.push(r.idempotency_key.clone());
-        deliver.push(r.deliver_at.map(|t| t.min(i64::MAX as u64) as i64));
-        let size = r.size() as i64;
-        sizes.push(size);
-        total += size;
-    }
+    let columns = Columns::of(records.iter().copied());
+    let total: i64 = columns.sizes.iter().sum();
     let row = sqlx::query(APPEND)
         .bind(topic_id)
         .bind(partition as i32)
         .bind(n as i64)
         .bind(total)
-        .bind(keys)
-        .bind(values)
-        .bind(headers)
-        .bind(idems)
-        .bind(deliver)
-        .bind(sizes)
+        .bind(columns.keys)
+        .bind(columns.values)
+        .bind(columns.headers)
+        .bind(columns.idems)
+        .bind(columns.deliver)
+        .bind(columns.sizes)
         .bind(
             sent_at
                 .iter()

@@ -67,7 +67,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 /// What a consumer's metrics and spans are labelled with: the backend and
@@ -399,13 +399,6 @@ impl ObservedConsumer {
     }
 }
 
-/// Milliseconds since the Unix epoch, by this machine's clock.
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 #[async_trait]
 impl Consumer for ObservedConsumer {
     async fn poll(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
@@ -416,7 +409,7 @@ impl Consumer for ObservedConsumer {
             Ok(messages) => {
                 trace::link(&span, messages);
                 metrics::operation(&self.labels, "receive", None, started, None);
-                let now = now_ms();
+                let now = crate::now_ms();
                 // A poll touches few partitions: a scan beats a map.
                 let mut per_partition: Vec<((&str, u32), (u64, u64))> = Vec::new();
                 for m in messages {

@@ -5,7 +5,7 @@
 //! open as long as it likes without holding up anyone's send.
 
 use crate::error::during;
-use conveyor_core::backend::encode_headers;
+use crate::produce::Columns;
 use conveyor_core::{Record, Result};
 use sqlx::PgExecutor;
 
@@ -43,33 +43,17 @@ pub(super) async fn stage<'e, E: PgExecutor<'e>>(
     sent_at: u64,
     dedup_ms: i64,
 ) -> Result<Vec<i64>> {
-    let n = rows.len();
-    let mut partitions = Vec::with_capacity(n);
-    let mut keys = Vec::with_capacity(n);
-    let mut values = Vec::with_capacity(n);
-    let mut headers = Vec::with_capacity(n);
-    let mut idems = Vec::with_capacity(n);
-    let mut deliver = Vec::with_capacity(n);
-    let mut sizes = Vec::with_capacity(n);
-    for row in rows {
-        let r = row.record;
-        partitions.push(row.partition as i32);
-        keys.push(r.key.as_ref().map(|k| k.to_vec()));
-        values.push(r.value.as_ref());
-        headers.push(encode_headers(&r.headers));
-        idems.push(r.idempotency_key.clone());
-        deliver.push(r.deliver_at.map(|t| t.min(i64::MAX as u64) as i64));
-        sizes.push(r.size() as i64);
-    }
+    let partitions: Vec<i32> = rows.iter().map(|r| r.partition as i32).collect();
+    let columns = Columns::of(rows.iter().map(|r| r.record));
     let mut ids: Vec<i64> = sqlx::query_scalar(sql)
         .bind(topic_id)
         .bind(partitions)
-        .bind(keys)
-        .bind(values)
-        .bind(headers)
-        .bind(idems)
-        .bind(deliver)
-        .bind(sizes)
+        .bind(columns.keys)
+        .bind(columns.values)
+        .bind(columns.headers)
+        .bind(columns.idems)
+        .bind(columns.deliver)
+        .bind(columns.sizes)
         .bind(sent_at.min(i64::MAX as u64) as i64)
         .bind(dedup_ms)
         .fetch_all(ex)
